@@ -1,0 +1,1 @@
+"""kubetune.operator: the kopf operator that runs training specs on Kubernetes."""

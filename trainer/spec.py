@@ -1,0 +1,271 @@
+"""The training spec: the one source of truth for what a kubetune run does.
+
+The same pydantic model is read from a local YAML file (`kubetune train job.yaml`), from a
+`FineTuneJob`'s `spec.training` on the cluster, and is turned into the CRD's OpenAPI schema by
+the operator. Field names are camelCase (the Kubernetes convention) and are spelled the same in
+YAML and in Python (`spec.train.maxSteps`), so what a user reads in a manifest is what a developer
+greps for in the code. Unknown keys, including snake_case spellings, are refused.
+
+Design rules that keep the CRD schema structural:
+- no unions of different types (a field is one type, optionally nullable);
+- enums are string literals;
+- every nested block is its own model with defaults, so a minimal spec stays a few lines.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Stage = Literal["pt", "sft"]
+"""Training stage. `pt`: continued pretraining on plain text; `sft`: instruction tuning."""
+
+Method = Literal["full", "freeze", "lora"]
+"""Which parameters are trained."""
+
+DatasetFormat = Literal["auto", "text", "alpaca", "sharegpt", "lmflow"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
+AttnImplementation = Literal["auto", "eager", "sdpa", "flash_attention_2"]
+Scheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+]
+MixStrategy = Literal["concat", "interleave_under", "interleave_over"]
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class SpecModel(BaseModel):
+    """Base for every spec block: unknown keys refused, field docstrings become descriptions."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_default=True,
+        use_attribute_docstrings=True,
+    )
+
+
+class ModelSpec(SpecModel):
+    """The base model to fine-tune."""
+
+    path: str = Field(min_length=1)
+    """Local directory, `s3://bucket/prefix`, Hugging Face hub id, or `builtin:tiny-llama` (a tiny
+    model built locally for demos and tests)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `path` is a hub id."""
+    tokenizer: str | None = None
+    """Tokenizer location when it differs from `path`."""
+    dtype: ModelDtype = "auto"
+    """Weights dtype when loading; `auto` follows `train.precision`."""
+    attnImplementation: AttnImplementation = "auto"
+    """`auto` picks flash_attention_2 when installed on a supported GPU, else sdpa, else eager."""
+    trustRemoteCode: bool = False
+    """Allow model code from the model repository to run. Off by default: it executes remote code."""
+
+
+class ColumnMap(SpecModel):
+    """Column names in the source data, when they differ from the format's defaults."""
+
+    text: str | None = None
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+    system: str | None = None
+    history: str | None = None
+    messages: str | None = None
+    tools: str | None = None
+
+
+class DatasetSpec(SpecModel):
+    """One dataset source."""
+
+    path: str = Field(min_length=1)
+    """A JSON/JSONL/Parquet/CSV file, a directory of them, an `s3://` URI, or a hub dataset id."""
+    format: DatasetFormat = "auto"
+    """`text` (plain text), `alpaca` (instruction/input/output), `sharegpt` (conversations),
+    `lmflow` (`{"type": "text_only"|"text2text", "instances": [...]}`); `auto` detects it."""
+    split: str = "train"
+    subset: str | None = None
+    """Configuration name of a hub dataset."""
+    columns: ColumnMap = Field(default_factory=ColumnMap)
+    weight: PositiveFloat | None = None
+    """Relative sampling weight when several datasets are mixed with an interleave strategy."""
+    maxSamples: PositiveInt | None = None
+    """Use at most this many examples from this source (for quick experiments)."""
+
+
+class DataSpec(SpecModel):
+    """What to train on and how it is turned into token sequences."""
+
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    evalDatasets: list[DatasetSpec] = Field(default_factory=list)
+    """Explicit evaluation sets. When empty, `evalSize` holds out part of the training data."""
+    evalSize: float = Field(0.0, ge=0)
+    """Held-out evaluation share: a fraction when < 1, a number of examples when >= 1."""
+    maxLength: int = Field(1024, ge=8)
+    """Maximum tokens per training sequence; longer examples are truncated."""
+    packing: bool | None = None
+    """Concatenate examples into full-length sequences. Default: on for `pt`, off for `sft`."""
+    template: str | None = None
+    """Chat template: a built-in name (see `kubetune templates`) or a Jinja string. Default: the
+    tokenizer's own `chat_template`, else the built-in `default`."""
+    maskPrompt: bool = True
+    """Exclude prompt tokens from the loss (labels -100) so only responses are learned."""
+    mixStrategy: MixStrategy = "concat"
+    """How several datasets are merged; interleave strategies honour each dataset's `weight`."""
+    streaming: bool = False
+    """Stream the data instead of loading it into memory (requires `train.maxSteps`)."""
+    numProc: PositiveInt | None = None
+    """Worker processes for tokenization."""
+    shuffle: bool = True
+
+
+class LoraSpec(SpecModel):
+    """LoRA adapter settings (PEFT)."""
+
+    rank: PositiveInt = 8
+    alpha: PositiveFloat | None = None
+    """Scaling numerator; default 2 x rank."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targetModules: list[str] = Field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt; `all-linear` targets every linear layer except the output head."""
+    modulesToSave: list[str] = Field(default_factory=list)
+    """Extra modules trained in full and saved with the adapter (e.g. `embed_tokens`, `lm_head`)."""
+
+
+class FreezeSpec(SpecModel):
+    """Which parameters stay trainable under `method: freeze`."""
+
+    trainableLayers: int = 2
+    """Train the last N decoder layers (a negative N trains the first |N|)."""
+    trainableModules: list[str] = Field(default_factory=list)
+    """Further parameter-name substrings to train (e.g. `norm`, `embed_tokens`, `lm_head`)."""
+
+    @model_validator(mode="after")
+    def _something_trainable(self) -> FreezeSpec:
+        if self.trainableLayers == 0 and not self.trainableModules:
+            raise ValueError(
+                "freeze leaves nothing trainable: set trainableLayers to a non-zero number "
+                "or list trainableModules"
+            )
+        return self
+
+
+class TrainSpec(SpecModel):
+    """Optimisation hyper-parameters."""
+
+    epochs: PositiveFloat = 3.0
+    maxSteps: PositiveInt | None = None
+    """Stop after this many optimizer steps (overrides `epochs`)."""
+    batchSize: PositiveInt = 4
+    """Sequences per device per step."""
+    gradientAccumulation: PositiveInt = 1
+    learningRate: PositiveFloat = 2e-4
+    scheduler: Scheduler = "cosine"
+    warmupRatio: float = Field(0.0, ge=0, lt=1)
+    warmupSteps: NonNegativeInt = 0
+    weightDecay: float = Field(0.0, ge=0)
+    maxGradNorm: float = Field(1.0, ge=0)
+    optimizer: str = "adamw_torch"
+    """Any `optim` name transformers accepts (e.g. `adamw_torch`, `adamw_8bit`, `sgd`)."""
+    seed: NonNegativeInt = 42
+    precision: Precision = "auto"
+    """`auto`: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."""
+    gradientCheckpointing: bool = False
+    evalEverySteps: PositiveInt | None = None
+    """Evaluate every N steps. Default: once per epoch. An evaluation also runs before training."""
+
+
+class CheckpointSpec(SpecModel):
+    """When checkpoints are written and how a restarted run resumes."""
+
+    everySteps: PositiveInt = 200
+    keepLast: PositiveInt = 2
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint in the output directory, if any;
+    `never`: start fresh; or a path to a specific checkpoint."""
+
+
+class OutputSpec(SpecModel):
+    """Where results go."""
+
+    path: str = "outputs/kubetune"
+    """Output directory (or `s3://` prefix): checkpoints, final model/adapter, metrics, loss.png."""
+    mergeAdapter: bool = False
+    """With LoRA, also save the adapter merged into the base model under `merged/`."""
+
+
+class StorageSpec(SpecModel):
+    """How `s3://` locations are reached. Credentials never go here: they come the standard AWS
+    way (environment, shared config, web identity/IRSA, instance role)."""
+
+    endpointUrl: str | None = None
+    """S3-compatible endpoint (MinIO, Ceph RGW); default: AWS, or `AWS_ENDPOINT_URL_S3`."""
+    region: str | None = None
+    pathStyle: bool = False
+    """Address buckets as `endpoint/bucket` rather than `bucket.endpoint` (most MinIO setups)."""
+    maxConcurrency: PositiveInt = 8
+    """Parallel transfers (files and multipart parts)."""
+    multipartThresholdMb: PositiveInt = 64
+    """Files above this size are transferred in parts."""
+    maxAttempts: PositiveInt = 8
+    """Attempts per request under boto3's adaptive retry mode."""
+    cacheDir: str | None = None
+    """Local cache for downloaded models and datasets; default `$KUBETUNE_CACHE` or
+    `~/.cache/kubetune`."""
+
+
+class LoggingSpec(SpecModel):
+    """What is reported during training."""
+
+    everySteps: PositiveInt = 10
+    reportTo: list[str] = Field(default_factory=list)
+    """Extra trackers for transformers (`tensorboard`, `wandb`, ...). Metrics JSONL is always on."""
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class TrainingSpec(SpecModel):
+    """A complete fine-tuning run. The only required blocks are `model` and `data`."""
+
+    name: str | None = None
+    """Run name; a FineTuneJob's metadata.name is used when unset."""
+    stage: Stage = "sft"
+    model: ModelSpec
+    data: DataSpec
+    method: Method = "lora"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    freeze: FreezeSpec = Field(default_factory=FreezeSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> TrainingSpec:
+        if self.data.streaming and self.train.maxSteps is None:
+            raise ValueError(
+                "data.streaming needs train.maxSteps: a streamed dataset has no known length, so "
+                "the number of steps cannot be derived from train.epochs"
+            )
+        if self.data.streaming and (self.data.evalSize and not self.data.evalDatasets):
+            raise ValueError(
+                "data.evalSize cannot split a streamed dataset: list data.evalDatasets instead"
+            )
+        return self
+
+    # Values derived from the spec live here so every consumer agrees on them.
+    @property
+    def packing_enabled(self) -> bool:
+        return self.data.packing if self.data.packing is not None else self.stage == "pt"
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.lora.alpha if self.lora.alpha is not None else 2.0 * self.lora.rank
+
+    def to_document(self) -> dict[str, Any]:
+        """The spec as it is written in YAML: camelCase keys, defaults filled in."""
+        return self.model_dump(mode="json")

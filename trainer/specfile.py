@@ -1,0 +1,133 @@
+"""Reading a spec from a file: a bare training spec or a kubetune custom resource.
+
+`kubetune train job.yaml` accepts exactly what `kubectl apply -f job.yaml` accepts. For a
+`FineTuneJob`/`AlignmentJob` manifest the training spec is `spec.training`; the cluster fields
+beside it (nodes, GPUs, image, ...) are the operator's business and are ignored locally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from kubetune.trainer.errors import SpecError, SpecErrors, validation_error_to_spec_errors
+from kubetune.trainer.spec import TrainingSpec
+
+API_GROUP = "kubetune.io"
+JOB_KINDS = ("FineTuneJob", "AlignmentJob")
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A validated spec and where it came from (for messages and the resolved-spec file)."""
+
+    spec: TrainingSpec
+    source: str
+    kind: str | None = None
+    """The custom resource kind when the file was a manifest, else None."""
+    field_prefix: str = ""
+    """Where the training spec sits in the file (`spec.training` for manifests)."""
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(str(path), "file not found.", "pass the path of a spec or manifest YAML file.")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(str(path), f"is not valid YAML{where}: {problem}.", "fix the YAML syntax.") from None
+
+
+def extract_training(document: Any, source: str) -> tuple[dict[str, Any], str | None, str]:
+    """Return (training spec dict, kind or None, field prefix) from a parsed document."""
+    if not isinstance(document, dict):
+        raise SpecError(source, "must be a YAML mapping (a spec or a kubetune manifest).")
+    api_version = document.get("apiVersion")
+    if api_version is None and "kind" not in document:
+        return document, None, ""
+    kind = document.get("kind")
+    if not (isinstance(api_version, str) and api_version.split("/")[0] == API_GROUP):
+        raise SpecError(
+            "apiVersion",
+            f"{api_version!r} is not a kubetune resource.",
+            f"use apiVersion {API_GROUP}/v1alpha1 with kind FineTuneJob or AlignmentJob, "
+            "or pass a bare training spec.",
+        )
+    if kind not in JOB_KINDS:
+        raise SpecError("kind", f"{kind!r} cannot be trained.", f"use one of {', '.join(JOB_KINDS)}.")
+    spec = document.get("spec")
+    if not isinstance(spec, dict) or not isinstance(spec.get("training"), dict):
+        raise SpecError("spec.training", "is required but missing.", "put the training spec under spec.training.")
+    training = dict(spec["training"])
+    name = (document.get("metadata") or {}).get("name")
+    if name and "name" not in training:
+        training["name"] = name
+    return training, kind, "spec.training"
+
+
+def parse_override(item: str) -> tuple[list[str | int], Any]:
+    """`train.maxSteps=10` -> (['train', 'maxSteps'], 10). Values are parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise SpecError("--set", f"{item!r} is not key=value.", "write e.g. --set train.learningRate=1e-4.")
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply `--set` overrides in order (dotted paths; integers index lists)."""
+    for item in overrides:
+        parts, value = parse_override(item)
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = parts[i + 1]
+            if isinstance(node, list):
+                if not isinstance(part, int) or part >= len(node):
+                    raise SpecError(f"--set {item}", f"index {part} is out of range.")
+                node = node[part]
+                continue
+            if part not in node or node[part] is None:
+                node[part] = [] if isinstance(nxt, int) else {}
+            node = node[part]
+        last = parts[-1]
+        if isinstance(node, list):
+            if not isinstance(last, int) or last > len(node):
+                raise SpecError(f"--set {item}", f"index {last} is out of range.")
+            if last == len(node):
+                node.append(value)
+            else:
+                node[last] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise SpecError(f"--set {item}", "its parent is not a mapping.")
+    return data
+
+
+def validate_training(data: Any, source: str = "", prefix: str = "") -> TrainingSpec:
+    """Validate a training-spec dict, raising SpecErrors with field paths on failure."""
+    if not isinstance(data, dict):
+        raise SpecError(prefix or "(spec)", "must be a mapping of training settings.")
+    try:
+        return TrainingSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecErrors(validation_error_to_spec_errors(exc, TrainingSpec, prefix), source) from None
+
+
+def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> LoadedSpec:
+    """Read, extract, override and validate a spec file."""
+    source = str(path)
+    document = read_yaml(path)
+    training, kind, prefix = extract_training(document, source)
+    training = apply_overrides(training, overrides)
+    return LoadedSpec(validate_training(training, source, prefix), source, kind, prefix)
