@@ -33,6 +33,12 @@ class SpecError(KubetuneError):
             text += f" Fix: {fix}"
         super().__init__(text)
 
+    def prefixed(self, prefix: str) -> SpecError:
+        """The same error with its field located inside a larger document (`spec.training`)."""
+        if not prefix:
+            return self
+        return SpecError(f"{prefix}.{self.field}" if self.field else prefix, self.problem, self.fix)
+
 
 def format_location(loc: Sequence[str | int], prefix: str = "") -> str:
     """`('data', 'datasets', 0, 'path')` -> `data.datasets[0].path`."""

@@ -192,8 +192,9 @@ class CheckpointSpec(SpecModel):
 class OutputSpec(SpecModel):
     """Where results go."""
 
-    path: str = "outputs/kubetune"
-    """Output directory (or `s3://` prefix): checkpoints, final model/adapter, metrics, loss.png."""
+    path: str | None = None
+    """Output directory (or `s3://` prefix): checkpoints, final model/adapter, metrics, loss.png.
+    Default: `outputs/<name>` (`outputs/kubetune` when the run has no name)."""
     mergeAdapter: bool = False
     """With LoRA, also save the adapter merged into the base model under `merged/`."""
 
@@ -261,6 +262,10 @@ class TrainingSpec(SpecModel):
     @property
     def packing_enabled(self) -> bool:
         return self.data.packing if self.data.packing is not None else self.stage == "pt"
+
+    @property
+    def output_path(self) -> str:
+        return self.output.path or f"outputs/{self.name or 'kubetune'}"
 
     @property
     def lora_alpha(self) -> float:

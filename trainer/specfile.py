@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
-
 from kubetune.trainer.errors import SpecError, SpecErrors, validation_error_to_spec_errors
 from kubetune.trainer.spec import TrainingSpec
+from pydantic import ValidationError
 
 API_GROUP = "kubetune.io"
 JOB_KINDS = ("FineTuneJob", "AlignmentJob")
@@ -92,10 +91,14 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         for i, part in enumerate(parts[:-1]):
             nxt = parts[i + 1]
             if isinstance(node, list):
-                if not isinstance(part, int) or part >= len(node):
+                if not isinstance(part, int) or part > len(node):
                     raise SpecError(f"--set {item}", f"index {part} is out of range.")
+                if part == len(node):  # one past the end appends a new item
+                    node.append([] if isinstance(nxt, int) else {})
                 node = node[part]
                 continue
+            if not isinstance(node, dict):
+                raise SpecError(f"--set {item}", f"{part!r} is inside a value that is not a mapping.")
             if part not in node or node[part] is None:
                 node[part] = [] if isinstance(nxt, int) else {}
             node = node[part]

@@ -1,1 +1,19 @@
+"""One small workflow per training stage, all driven by `kubetune.trainer.runner`.
 
+A stage module exposes `build_trainer(ctx) -> transformers.Trainer`; the runner owns everything
+shared (output session, resume, model loading, callbacks, saving).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+STAGE_MODULES = {
+    "pt": "kubetune.trainer.stages.causal_lm",
+    "sft": "kubetune.trainer.stages.causal_lm",
+}
+
+
+def stage_module(stage: str) -> ModuleType:
+    return importlib.import_module(STAGE_MODULES[stage])

@@ -1,0 +1,137 @@
+"""The training spec: defaults, validation messages, manifests vs bare specs, overrides, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune.trainer.cli import main
+from kubetune.trainer.errors import SpecErrors
+from kubetune.trainer.specfile import apply_overrides, load_spec, validate_training
+
+from .conftest import EXAMPLES
+
+MINIMAL = """\
+model:
+  path: builtin:tiny-llama
+data:
+  datasets:
+    - path: examples/data/demo_alpaca.json
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_minimal_spec_is_five_lines_and_fills_defaults(tmp_path):
+    assert len(MINIMAL.strip().splitlines()) == 5
+    spec = load_spec(write(tmp_path, MINIMAL)).spec
+    assert spec.stage == "sft" and spec.method == "lora"
+    assert spec.train.learningRate > 0 and spec.checkpoint.resume == "auto"
+    assert spec.packing_enabled is False
+    assert spec.model_copy(update={"stage": "pt"}).packing_enabled is True
+    assert spec.output_path == "outputs/kubetune"
+
+
+def test_manifest_and_bare_spec_resolve_to_the_same_config(tmp_path):
+    manifest = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    bare = dict(manifest["spec"]["training"], name=manifest["metadata"]["name"])
+    manifest["spec"]["nodes"] = 2  # cluster fields beside `training` are ignored locally
+    from_manifest = load_spec(write(tmp_path, yaml.safe_dump(manifest), "job.yaml"))
+    from_bare = load_spec(write(tmp_path, yaml.safe_dump(bare), "bare.yaml"))
+    assert from_manifest.kind == "FineTuneJob" and from_manifest.field_prefix == "spec.training"
+    assert from_bare.kind is None
+    assert from_manifest.spec.to_document() == from_bare.spec.to_document()
+    assert from_manifest.spec.name == "quickstart"
+
+
+def test_overrides_set_nested_values_and_list_items():
+    data = yaml.safe_load(MINIMAL)
+    apply_overrides(data, ["train.maxSteps=7", "data.datasets.0.format=alpaca", "data.datasets.1.path=x.jsonl", "lora.targetModules=[q_proj, v_proj]"])
+    spec = validate_training(data)
+    assert spec.train.maxSteps == 7
+    assert spec.data.datasets[0].format == "alpaca"
+    assert spec.data.datasets[1].path == "x.jsonl"
+    assert spec.lora.targetModules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "hint"),
+    [
+        ({"train": {"learning_rate": 1e-4}}, "train.learning_rate", "did you mean `learningRate`"),
+        ({"train": {"learningRate": -1}}, "train.learningRate", "greater than 0"),
+        ({"train": {"batchSize": "four"}}, "train.batchSize", "valid integer"),
+        ({"method": "qlora-ish"}, "method", "one of"),
+        ({"data": {"datasets": [{"path": "a.jsonl", "format": "yaml"}]}}, "data.datasets[0].format", "one of"),
+        ({"data": {"datasets": []}}, "data.datasets", "at least 1"),
+        ({"freeze": {"trainableLayers": 0}}, "freeze", "nothing trainable"),
+        ({"data": {"datasets": [{"path": "a.jsonl"}], "streaming": True}}, "(spec)", "train.maxSteps"),
+    ],
+)
+def test_bad_specs_name_the_field(patch, field, hint):
+    data = yaml.safe_load(MINIMAL)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key].update(value)
+        else:
+            data[key] = value
+    with pytest.raises(SpecErrors) as info:
+        validate_training(data)
+    message = str(info.value)
+    assert f"{field}:" in message, message
+    assert hint in message, message
+
+
+def test_missing_model_is_reported(tmp_path):
+    with pytest.raises(SpecErrors) as info:
+        validate_training({"data": {"datasets": [{"path": "a.jsonl"}]}})
+    assert "model: is required" in str(info.value)
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kubetune.trainer.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [
+        (MINIMAL.replace("builtin:tiny-llama", "builtin:tiny-llama\n  warp: 9"), "model.warp: unknown field"),
+        (MINIMAL + "train:\n  learningRate: -0.1\n", "train.learningRate: Input should be greater than 0"),
+        (MINIMAL + "train:\n  epochs: many\n", "train.epochs"),
+        (MINIMAL.replace("demo_alpaca.json", "missing.jsonl"), "data.datasets[0].path: dataset 'examples/data/missing.jsonl' does not exist"),
+        (MINIMAL + "      format: xml\n", "data.datasets[0].format: 'xml' is not a valid choice"),
+        (MINIMAL + "stage: rlhf\n", "stage: 'rlhf' is not a valid choice"),
+        ("model: [unclosed\n", "is not valid YAML"),
+    ],
+)
+def test_cli_rejects_bad_specs_with_exit_code_2_and_no_traceback(tmp_path, text, expect):
+    spec = write(tmp_path, text)
+    result = run_cli("validate", str(spec), cwd=EXAMPLES.parent)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expect in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3  # one paragraph, not a dump
+
+
+def test_cli_names_manifest_fields_with_their_full_path(tmp_path):
+    manifest = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    manifest["spec"]["training"]["train"]["learningRate"] = -1
+    result = run_cli("validate", str(write(tmp_path, yaml.safe_dump(manifest))), cwd=EXAMPLES.parent)
+    assert result.returncode == 2
+    assert "spec.training.train.learningRate" in result.stderr
+
+
+def test_validate_prints_the_resolved_spec(capsys, monkeypatch):
+    monkeypatch.chdir(EXAMPLES.parent)
+    assert main(["validate", "examples/quickstart.yaml", "--print", "--set", "train.maxSteps=3"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["train"]["maxSteps"] == 3
+    assert resolved["name"] == "quickstart"
+    assert validate_training(resolved).to_document() == resolved  # the resolved spec round-trips

@@ -1,0 +1,131 @@
+"""`kubetune ...`: a thin shell over library functions.
+
+Subcommands of other parts of kubetune (the operator's `crds`, `operator`, ...) are plugins
+registered under the `kubetune.cli` entry-point group, so this module never imports them.
+Every user error ends as one paragraph on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+
+from kubetune.trainer.errors import KubetuneError, SpecError, SpecErrors
+
+log = logging.getLogger("kubetune")
+
+
+def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="a training spec YAML, or a FineTuneJob/AlignmentJob manifest")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set train.maxSteps=10 (repeatable; paths relative to the training spec)",
+    )
+
+
+def _load(args: argparse.Namespace):
+    from kubetune.trainer.preflight import preflight
+    from kubetune.trainer.specfile import load_spec
+
+    loaded = load_spec(args.file, args.overrides)
+    preflight(loaded.spec, loaded.field_prefix, loaded.source)
+    return loaded
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from kubetune.trainer.runner import EXIT_INTERRUPTED, run
+
+    loaded = _load(args)
+    try:
+        result = run(loaded.spec)
+    except SpecError as err:
+        raise SpecErrors([err.prefixed(loaded.field_prefix)], loaded.source) from None
+    if result.interrupted:
+        print(f"Interrupted at step {result.global_step}; checkpoint saved in {result.output_dir}. "
+              "Run the same command again to resume.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
+    evals = ", ".join(f"{k}={v:.4g}" for k, v in result.eval_metrics.items() if k == "eval_loss")
+    print(f"Done: {result.global_step} steps in {result.runtime_seconds:.0f}s{resumed}. "
+          f"Output: {loaded.spec.output_path}" + (f" ({evals})" if evals else ""))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    if args.print:
+        import yaml
+
+        print(yaml.safe_dump(loaded.spec.to_document(), sort_keys=False), end="")
+    else:
+        what = f"{loaded.kind} " if loaded.kind else ""
+        print(f"{loaded.source}: valid {what}training spec (stage {loaded.spec.stage}, method {loaded.spec.method}).")
+    return 0
+
+
+def cmd_templates(args: argparse.Namespace) -> int:
+    from kubetune.trainer.data.templates import TEMPLATES
+
+    for name in sorted(TEMPLATES):
+        print(name)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from kubetune.trainer.spec import TrainingSpec
+
+    print(json.dumps(TrainingSpec.model_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetune",
+        description="Fine-tune and serve LLMs locally or on Kubernetes, from one spec.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="run a training spec or FineTuneJob manifest on this machine (or under torchrun)")
+    _add_spec_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("validate", help="check a spec or manifest without running it")
+    _add_spec_arguments(p)
+    p.add_argument("--print", action="store_true", help="print the resolved spec with every default filled in")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("templates", help="list the built-in chat templates")
+    p.set_defaults(func=cmd_templates)
+
+    p = sub.add_parser("schema", help="print the training spec's JSON schema")
+    p.set_defaults(func=cmd_schema)
+
+    for ep in entry_points(group="kubetune.cli"):
+        try:
+            register: Callable[[argparse._SubParsersAction], None] = ep.load()
+        except ImportError as exc:  # an optional part that is not installed
+            log.debug("kubetune.cli plugin %s unavailable: %s", ep.name, exc)
+            continue
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KubetuneError as err:
+        print(f"kubetune: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("kubetune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

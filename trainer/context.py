@@ -1,0 +1,19 @@
+"""What the runner hands to a stage: everything loaded and decided, nothing left to parse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.trainer.spec import TrainingSpec
+
+
+@dataclass
+class RunContext:
+    spec: TrainingSpec
+    model: Any
+    tokenizer: Any
+    data: Any
+    """A `kubetune.trainer.data.DataBundle` (train, eval, stats)."""
+    training_args: Any
+    callbacks: list[Any] = field(default_factory=list)

@@ -1,0 +1,131 @@
+"""Loading the base model and tokenizer named by `spec.model`, wherever they live.
+
+`model.path` may be a local directory, an `s3://` prefix (downloaded once into the cache by the
+storage layer), a hub id, or `builtin:<name>`. Device-dependent choices (precision, attention
+kernel) are made here, once, and logged, so a run's log says what actually ran.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+from kubetune.trainer.errors import SpecError
+from kubetune.trainer.models.builtin import is_builtin, resolve_builtin
+from kubetune.trainer.spec import ModelSpec, StorageSpec, TrainingSpec
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_location(location: str, storage: StorageSpec, field: str) -> str:
+    """A local path for builtin, local and S3 locations; hub ids are returned unchanged."""
+    if is_builtin(location):
+        return str(resolve_builtin(location, field))
+    if location.startswith("s3://"):
+        from kubetune.trainer.storage import localize
+
+        return str(localize(location, storage, field=field))
+    path = Path(location).expanduser()
+    if path.exists():
+        return str(path)
+    if location.startswith((".", "/", "~")) or location.count("/") > 1:
+        raise SpecError(field, f"{location!r} does not exist.", "point it at a model directory, an s3:// URI or a hub id.")
+    return location  # a hub id such as `meta-llama/Llama-3.2-1B`
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pick_precision(requested: str) -> str:
+    """`auto`: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    import torch
+
+    if requested != "auto":
+        if requested == "fp16" and not cuda_available():
+            raise SpecError("train.precision", "fp16 mixed precision needs a GPU.", "use auto, fp32 or bf16 on CPU.")
+        return requested
+    if cuda_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def pick_attn_implementation(requested: str) -> str:
+    """`auto`: flash_attention_2 when installed on an Ampere+ GPU, else sdpa."""
+    if requested != "auto":
+        if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise SpecError(
+                "model.attnImplementation",
+                "flash_attention_2 was requested but the flash-attn package is not installed.",
+                "install kubetune[gpu] on a GPU machine, or use auto/sdpa.",
+            )
+        return requested
+    import torch
+
+    if (
+        importlib.util.find_spec("flash_attn") is not None
+        and torch.cuda.is_available()
+        and torch.cuda.get_device_capability()[0] >= 8
+    ):
+        choice = "flash_attention_2"
+    else:
+        choice = "sdpa"
+    log.info("attention implementation: %s (model.attnImplementation=auto)", choice)
+    return choice
+
+
+def load_tokenizer(model: ModelSpec, storage: StorageSpec):
+    """The tokenizer, with a pad token (eos when the model has none) and right padding."""
+    from transformers import AutoTokenizer
+
+    field = "model.tokenizer" if model.tokenizer else "model.path"
+    location = resolve_location(model.tokenizer or model.path, storage, field)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            location, revision=model.revision, trust_remote_code=model.trustRemoteCode
+        )
+    except (OSError, ValueError) as exc:
+        raise SpecError(field, f"no tokenizer could be loaded from {location!r} ({_first_line(exc)}).",
+                        "check the path or hub id, and that the hub is reachable (HF_HUB_OFFLINE).") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(spec: TrainingSpec, precision: str, *, extra_kwargs: dict[str, Any] | None = None):
+    """The causal LM in the dtype that fits the precision, with the chosen attention kernel."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype_name = DTYPES.get(spec.model.dtype) or PRECISION_DTYPE[precision]
+    if precision in ("bf16", "fp16") and spec.method in ("full", "freeze") and spec.model.dtype == "auto":
+        # Mixed precision keeps fp32 master weights for fully trained parameters.
+        dtype_name = "float32"
+    location = resolve_location(spec.model.path, spec.storage, "model.path")
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, dtype_name),
+        "attn_implementation": pick_attn_implementation(spec.model.attnImplementation),
+        "revision": spec.model.revision,
+        "trust_remote_code": spec.model.trustRemoteCode,
+    }
+    kwargs.update(extra_kwargs or {})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise SpecError("model.path", f"no model could be loaded from {location!r} ({_first_line(exc)}).",
+                        "check the path or hub id, and that the hub is reachable (HF_HUB_OFFLINE).") from None
+    log.info("loaded %s (%s, %s)", location, dtype_name, kwargs["attn_implementation"])
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,209 @@
+"""The training entry point: spec in, trained model and metrics out.
+
+This is what `kubetune train` runs on a laptop, under `torchrun`, and inside a FineTuneJob pod.
+Everything device- or cluster-specific (precision, attention kernel, DDP backend, where the
+output lives) is decided here from the spec and the environment, then handed to a stage
+workflow (`kubetune.trainer.stages`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubetune.trainer.callbacks import CheckpointRecorder, GracefulStop, MetricsWriter, StatusReporter
+from kubetune.trainer.errors import SpecError
+from kubetune.trainer.spec import TrainingSpec
+
+log = logging.getLogger(__name__)
+
+RESOLVED_SPEC_FILE = "kubetune-spec.yaml"
+LOSS_PLOT_FILE = "loss.png"
+EXIT_INTERRUPTED = 143
+"""Exit code after a graceful stop on SIGTERM (128 + 15): the job is retried and resumes."""
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    global_step: int
+    interrupted: bool = False
+    resumed_from: str | None = None
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    runtime_seconds: float = 0.0
+
+
+def world_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the torchrun environment (0, 0, 1 standalone)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def configure_logging(level: str) -> None:
+    import transformers
+
+    rank = world_info()[0]
+    logging.basicConfig(
+        level=getattr(logging, level.upper()) if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    transformers.logging.set_verbosity(getattr(logging, level.upper()) if rank == 0 else logging.ERROR)
+
+
+def resolve_resume(spec: TrainingSpec, session) -> str | None:
+    """The checkpoint to resume from, per `checkpoint.resume`."""
+    resume = spec.checkpoint.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        session.remove_incomplete_checkpoints()
+        latest = session.latest_checkpoint()
+        return str(latest) if latest else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise SpecError("checkpoint.resume", f"{resume!r} is not a checkpoint directory (no trainer_state.json).",
+                        "use auto, never, or the path of a checkpoint-N directory.")
+    return str(path)
+
+
+def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, has_eval: bool):
+    from transformers import TrainingArguments
+
+    from kubetune.trainer.models.loader import cuda_available
+
+    t = spec.train
+    eval_strategy = "no"
+    if has_eval:
+        eval_strategy = "steps" if t.evalEverySteps else "epoch"
+    warmup: float = t.warmupSteps if t.warmupSteps else t.warmupRatio
+    world_size = world_info()[2]
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=t.epochs,
+        max_steps=t.maxSteps or -1,
+        per_device_train_batch_size=t.batchSize,
+        per_device_eval_batch_size=t.batchSize,
+        gradient_accumulation_steps=t.gradientAccumulation,
+        learning_rate=t.learningRate,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=warmup,
+        weight_decay=t.weightDecay,
+        max_grad_norm=t.maxGradNorm,
+        optim=t.optimizer,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=False,  # applied by the method, which knows about adapters
+        eval_strategy=eval_strategy,
+        eval_steps=t.evalEverySteps,
+        save_strategy="steps",
+        save_steps=spec.checkpoint.everySteps,
+        save_total_limit=spec.checkpoint.keepLast,
+        logging_steps=spec.logging.everySteps,
+        logging_first_step=True,
+        report_to=spec.logging.reportTo or "none",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        ddp_backend=None if cuda_available() or world_size == 1 else "gloo",
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+        dataloader_num_workers=0,
+        disable_tqdm=world_info()[0] != 0,
+        run_name=spec.name,
+    )
+
+
+def save_final(trainer, spec: TrainingSpec, tokenizer, output_dir: Path) -> None:
+    """Final model (or adapter) with its tokenizer and the resolved spec, in the output root."""
+    trainer.save_model(str(output_dir))
+    if not trainer.is_world_process_zero():
+        return
+    tokenizer.save_pretrained(str(output_dir))
+    (output_dir / RESOLVED_SPEC_FILE).write_text(yaml.safe_dump(spec.to_document(), sort_keys=False))
+    if spec.method == "lora" and spec.output.mergeAdapter:
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(str(output_dir / "merged"))
+        tokenizer.save_pretrained(str(output_dir / "merged"))
+
+
+def run(spec: TrainingSpec) -> RunResult:
+    """Train according to `spec`. Returns after saving; raises KubetuneError on bad input."""
+    import torch
+    import transformers
+
+    from kubetune.trainer.context import RunContext
+    from kubetune.trainer.data import apply_template, build_datasets
+    from kubetune.trainer.models.loader import load_model, load_tokenizer, pick_precision
+    from kubetune.trainer.models.methods import apply_method
+    from kubetune.trainer.plots import plot_loss
+    from kubetune.trainer.stages import stage_module
+    from kubetune.trainer.storage import open_output
+
+    started = time.time()
+    configure_logging(spec.logging.level)
+    rank = world_info()[0]
+    transformers.set_seed(spec.train.seed)
+    precision = pick_precision(spec.train.precision)
+    session = open_output(spec.output_path, spec.storage)
+    output_dir = session.local_dir
+    resume_from = resolve_resume(spec, session)
+
+    tokenizer = load_tokenizer(spec.model, spec.storage)
+    template = apply_template(tokenizer, spec.data.template)
+    log.info("chat template: %s", template)
+    data = build_datasets(spec, tokenizer)
+    model = load_model(spec, precision)
+    model = apply_method(model, spec)
+
+    args = build_training_args(spec, output_dir, precision, has_eval=data.eval is not None)
+    metrics = MetricsWriter(output_dir)
+    checkpoints = CheckpointRecorder(session)
+    status = StatusReporter(session, metrics, checkpoints)
+    stop = GracefulStop()
+    ctx = RunContext(spec=spec, model=model, tokenizer=tokenizer, data=data, training_args=args,
+                     callbacks=[metrics, checkpoints, status, stop])
+    trainer = stage_module(spec.stage).build_trainer(ctx)
+
+    if rank == 0:
+        (output_dir / RESOLVED_SPEC_FILE).write_text(yaml.safe_dump(spec.to_document(), sort_keys=False))
+        metrics.write({"event": "start", "time": time.time(), "resumedFrom": resume_from, "precision": precision,
+                       "worldSize": args.world_size, "data": data.stats})
+    stop.install()
+    try:
+        if resume_from is None and data.eval is not None:
+            trainer.evaluate()  # the baseline every later eval loss is compared against
+        trainer.train(resume_from_checkpoint=resume_from)
+    except BaseException as exc:
+        if rank == 0:
+            session.write_status(status.snapshot(trainer.state, phase="Failed", message=f"{type(exc).__name__}: {exc}"[:500]))
+        raise
+    finally:
+        stop.uninstall()
+
+    state = trainer.state
+    if stop.requested:
+        # The checkpoint was saved by the trainer on the way out; make sure it is durable.
+        if rank == 0:
+            session.write_status(status.snapshot(state, phase="Interrupted"))
+            session.finalize()
+        return RunResult(output_dir, state.global_step, interrupted=True, resumed_from=resume_from,
+                         runtime_seconds=time.time() - started)
+
+    eval_metrics: dict[str, float] = {}
+    if data.eval is not None:
+        eval_metrics = trainer.evaluate()
+    save_final(trainer, spec, tokenizer, output_dir)
+    if rank == 0:
+        metrics.write({"event": "end", "step": state.global_step, "time": time.time(), **eval_metrics})
+        plot_loss(metrics.path, output_dir / LOSS_PLOT_FILE, title=spec.name or "")
+        session.write_status(status.snapshot(state, phase="Succeeded", outputUri=spec.output_path))
+        session.finalize()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return RunResult(output_dir, state.global_step, resumed_from=resume_from, eval_metrics=eval_metrics,
+                     runtime_seconds=time.time() - started)
