@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kubetune.trainer.storage import OutputSession
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from kubetune.trainer.storage import OutputSession
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
+
 from kubetune.trainer.errors import SpecError, SpecErrors, validation_error_to_spec_errors
 from kubetune.trainer.spec import TrainingSpec
-from pydantic import ValidationError
 
 API_GROUP = "kubetune.io"
 JOB_KINDS = ("FineTuneJob", "AlignmentJob")

@@ -84,8 +84,9 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 def build_tiny_llama(directory: str | Path, *, vocab_size: int, seed: int = 0, **config_kwargs) -> Path:
     """Build and save a randomly initialised tiny Llama and its tokenizer into `directory`."""
     import torch
-    from kubetune.trainer.demo import demo_corpus
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kubetune.trainer.demo import demo_corpus
 
     directory = Path(directory)
     tokenizer = train_tokenizer(demo_corpus(), vocab_size)
