@@ -234,16 +234,29 @@ class TrainingSpec(SpecModel):
     name: str | None = None
     """Run name; a FineTuneJob's metadata.name is used when unset."""
     stage: Stage = "sft"
+    """`pt`: continued pretraining on plain text (packed); `sft`: instruction tuning on
+    conversations with the prompt masked from the loss."""
     model: ModelSpec
+    """The base model (and tokenizer) to start from."""
     data: DataSpec
+    """Training (and evaluation) data."""
     method: Method = "lora"
+    """`full`: every weight; `freeze`: only the layers/modules in `freeze`; `lora`: low-rank
+    adapters configured by `lora` (the base stays frozen)."""
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    """Adapter settings, used when `method` is `lora`."""
     freeze: FreezeSpec = Field(default_factory=FreezeSpec)
+    """Trainable layers/modules, used when `method` is `freeze`."""
     train: TrainSpec = Field(default_factory=TrainSpec)
+    """Optimisation hyper-parameters, precision, evaluation cadence."""
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    """Checkpoint cadence, retention and resume."""
     output: OutputSpec = Field(default_factory=OutputSpec)
+    """Where the model, checkpoints and metrics go."""
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    """Log cadence, level and extra trackers."""
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    """S3 endpoint and transfer settings for `s3://` locations."""
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> TrainingSpec:
