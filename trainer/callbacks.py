@@ -38,6 +38,8 @@ class MetricsWriter(TrainerCallback):
         self._last_time: float | None = None
         self.tokens_per_second: float | None = None
         self.last_loss: float | None = None
+        self.last_eval: dict[str, float] = {}
+        self.last_eval_step: int | None = None
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
@@ -62,6 +64,9 @@ class MetricsWriter(TrainerCallback):
                 self.tokens_per_second = rate
             self._last_time, self._last_tokens = now, tokens
             self.last_loss = logs["loss"]
+        if "eval_loss" in logs:
+            self.last_eval = {k: v for k, v in logs.items() if k.startswith("eval_")}
+            self.last_eval_step = state.global_step
         self.write(record)
 
 

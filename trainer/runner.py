@@ -51,7 +51,10 @@ def configure_logging(level: str) -> None:
         level=getattr(logging, level.upper()) if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
     )
-    transformers.logging.set_verbosity(getattr(logging, level.upper()) if rank == 0 else logging.ERROR)
+    # transformers' own info logs (every file it saves) drown ours; show them only when debugging.
+    transformers.logging.set_verbosity(logging.DEBUG if level == "debug" and rank == 0 else logging.WARNING)
+    transformers.logging.disable_default_handler()
+    transformers.logging.enable_propagation()
 
 
 def resolve_resume(spec: TrainingSpec, session) -> str | None:
@@ -112,6 +115,7 @@ def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, ha
         ddp_backend=None if cuda_available() or world_size == 1 else "gloo",
         ddp_find_unused_parameters=False if world_size > 1 else None,
         dataloader_num_workers=0,
+        dataloader_pin_memory=cuda_available(),
         disable_tqdm=world_info()[0] != 0,
         run_name=spec.name,
     )
@@ -140,6 +144,7 @@ def run(spec: TrainingSpec) -> RunResult:
     from kubetune.trainer.models.loader import load_model, load_tokenizer, pick_precision
     from kubetune.trainer.models.methods import apply_method
     from kubetune.trainer.plots import plot_loss
+    from kubetune.trainer.samples import SAMPLES_FILE, generate_samples, record_samples, sample_prompts
     from kubetune.trainer.stages import stage_module
     from kubetune.trainer.storage import open_output
 
@@ -172,10 +177,13 @@ def run(spec: TrainingSpec) -> RunResult:
         (output_dir / RESOLVED_SPEC_FILE).write_text(yaml.safe_dump(spec.to_document(), sort_keys=False))
         metrics.write({"event": "start", "time": time.time(), "resumedFrom": resume_from, "precision": precision,
                        "worldSize": args.world_size, "data": data.stats})
+    prompts = sample_prompts(data.eval, spec.logging.samples) if rank == 0 else []
     stop.install()
     try:
-        if resume_from is None and data.eval is not None:
-            trainer.evaluate()  # the baseline every later eval loss is compared against
+        if resume_from is None:
+            if data.eval is not None:
+                trainer.evaluate()  # the baseline every later eval loss is compared against
+            record_samples(output_dir / SAMPLES_FILE, "before", 0, generate_samples(trainer.model, tokenizer, prompts))
         trainer.train(resume_from_checkpoint=resume_from)
     except BaseException as exc:
         if rank == 0:
@@ -193,16 +201,16 @@ def run(spec: TrainingSpec) -> RunResult:
         return RunResult(output_dir, state.global_step, interrupted=True, resumed_from=resume_from,
                          runtime_seconds=time.time() - started)
 
-    eval_metrics: dict[str, float] = {}
-    if data.eval is not None:
-        eval_metrics = trainer.evaluate()
+    if data.eval is not None and metrics.last_eval_step != state.global_step:
+        trainer.evaluate()  # the final model's eval loss, unless the schedule just ran it
     save_final(trainer, spec, tokenizer, output_dir)
     if rank == 0:
-        metrics.write({"event": "end", "step": state.global_step, "time": time.time(), **eval_metrics})
+        record_samples(output_dir / SAMPLES_FILE, "after", state.global_step, generate_samples(trainer.model, tokenizer, prompts))
+        metrics.write({"event": "end", "step": state.global_step, "time": time.time()})
         plot_loss(metrics.path, output_dir / LOSS_PLOT_FILE, title=spec.name or "")
         session.write_status(status.snapshot(state, phase="Succeeded", outputUri=spec.output_path))
         session.finalize()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return RunResult(output_dir, state.global_step, resumed_from=resume_from, eval_metrics=eval_metrics,
+    return RunResult(output_dir, state.global_step, resumed_from=resume_from, eval_metrics=metrics.last_eval,
                      runtime_seconds=time.time() - started)

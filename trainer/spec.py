@@ -226,6 +226,9 @@ class LoggingSpec(SpecModel):
     reportTo: list[str] = Field(default_factory=list)
     """Extra trackers for transformers (`tensorboard`, `wandb`, ...). Metrics JSONL is always on."""
     level: Literal["debug", "info", "warning", "error"] = "info"
+    samples: NonNegativeInt = 3
+    """Greedy generations on this many held-out prompts before and after training, logged and
+    written to `samples.jsonl` (sft with an eval split; 0 turns it off)."""
 
 
 class TrainingSpec(SpecModel):

@@ -1,0 +1,64 @@
+"""A few greedy generations on held-out prompts, before and after training.
+
+They make "is it learning?" visible in the log and in `samples.jsonl` without a separate eval
+run. Prompts are recovered from tokenized eval rows: the tokens before the first labelled one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+def sample_prompts(eval_rows, count: int) -> list[list[int]]:
+    """Prompt token ids of the first `count` eval rows that have a masked prompt."""
+    prompts: list[list[int]] = []
+    if eval_rows is None or count <= 0:
+        return prompts
+    for row in eval_rows:
+        if "position_ids" in row:
+            break  # packed rows hold several examples; no single prompt to show
+        labels = row["labels"]
+        first = next((i for i, label in enumerate(labels) if label != -100), None)
+        if first:
+            prompts.append(list(row["input_ids"][:first]))
+        if len(prompts) >= count:
+            break
+    return prompts
+
+
+def generate_samples(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 32) -> list[dict[str, Any]]:
+    import torch
+
+    if not prompts:
+        return []
+    was_training = model.training
+    model.eval()
+    results = []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for ids in prompts:
+            input_ids = torch.tensor([ids], device=device)
+            output = model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+            completion = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
+            results.append({"prompt": tokenizer.decode(ids, skip_special_tokens=True), "completion": completion.strip()})
+    if was_training:
+        model.train()
+    return results
+
+
+def record_samples(path: Path, when: str, step: int, samples: list[dict[str, Any]]) -> None:
+    with Path(path).open("a") as handle:
+        for sample in samples:
+            handle.write(json.dumps({"when": when, "step": step, **sample}) + "\n")
+    for sample in samples:
+        log.info("sample (%s, step %d): %r -> %r", when, step, sample["prompt"][-80:], sample["completion"])
