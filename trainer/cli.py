@@ -67,6 +67,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from kubetune.trainer.export import export_merged
+
+    out = export_merged(args.adapter, args.out, base=args.base, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    print(f"Merged model written to {out}")
+    return 0
+
+
 def cmd_templates(args: argparse.Namespace) -> int:
     from kubetune.trainer.data.templates import TEMPLATES
 
@@ -97,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_arguments(p)
     p.add_argument("--print", action="store_true", help="print the resolved spec with every default filled in")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("export", help="merge a LoRA/QLoRA adapter into its base model and save a standalone model")
+    p.add_argument("adapter", help="the training output directory (or s3:// prefix) holding the adapter")
+    p.add_argument("--out", required=True, help="directory or s3:// prefix for the merged model")
+    p.add_argument("--base", help="base model location (default: the one the adapter was trained on)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the merged weights")
+    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 2GB")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("templates", help="list the built-in chat templates")
     p.set_defaults(func=cmd_templates)

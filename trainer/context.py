@@ -17,3 +17,5 @@ class RunContext:
     """A `kubetune.trainer.data.DataBundle` (train, eval, stats)."""
     training_args: Any
     callbacks: list[Any] = field(default_factory=list)
+    optimizers: tuple[Any, Any] = (None, None)
+    """(optimizer, scheduler) when the method builds its own (LoRA+); None lets Trainer build them."""

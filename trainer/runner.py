@@ -9,7 +9,6 @@ workflow (`kubetune.trainer.stages`).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from kubetune.trainer.callbacks import CheckpointRecorder, GracefulStop, MetricsWriter, StatusReporter
+from kubetune.trainer.distributed import world_info
 from kubetune.trainer.errors import SpecError
 from kubetune.trainer.spec import TrainingSpec
 
@@ -36,11 +36,6 @@ class RunResult:
     resumed_from: str | None = None
     eval_metrics: dict[str, float] = field(default_factory=dict)
     runtime_seconds: float = 0.0
-
-
-def world_info() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from the torchrun environment (0, 0, 1 standalone)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def configure_logging(level: str) -> None:
@@ -76,7 +71,9 @@ def resolve_resume(spec: TrainingSpec, session) -> str | None:
 def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, has_eval: bool):
     from transformers import TrainingArguments
 
+    from kubetune.trainer.distributed import deepspeed_config
     from kubetune.trainer.models.loader import cuda_available
+    from kubetune.trainer.models.methods import optimizer_settings
 
     t = spec.train
     eval_strategy = "no"
@@ -96,7 +93,8 @@ def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, ha
         warmup_steps=warmup,
         weight_decay=t.weightDecay,
         max_grad_norm=t.maxGradNorm,
-        optim=t.optimizer,
+        **optimizer_settings(spec),
+        deepspeed=deepspeed_config(spec.distributed.deepspeed) if spec.distributed.deepspeed else None,
         seed=t.seed,
         data_seed=t.seed,
         bf16=precision == "bf16",
@@ -121,6 +119,19 @@ def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, ha
     )
 
 
+def with_trainable_embeddings(spec: TrainingSpec, model) -> TrainingSpec:
+    """With adapters, new token rows must train and be saved: add the embedding and output
+    head to `lora.modulesToSave` (a no-op for full/freeze, where the rows train anyway)."""
+    if not spec.uses_lora:
+        return spec
+    names = set(spec.lora.modulesToSave)
+    wanted = [model.get_input_embeddings(), model.get_output_embeddings()]
+    for name, module in model.named_modules():
+        if any(module is w for w in wanted if w is not None):
+            names.add(name.split(".")[-1])
+    return spec.model_copy(update={"lora": spec.lora.model_copy(update={"modulesToSave": sorted(names)})})
+
+
 def save_final(trainer, spec: TrainingSpec, tokenizer, output_dir: Path) -> None:
     """Final model (or adapter) with its tokenizer and the resolved spec, in the output root."""
     trainer.save_model(str(output_dir))
@@ -128,10 +139,10 @@ def save_final(trainer, spec: TrainingSpec, tokenizer, output_dir: Path) -> None
         return
     tokenizer.save_pretrained(str(output_dir))
     (output_dir / RESOLVED_SPEC_FILE).write_text(yaml.safe_dump(spec.to_document(), sort_keys=False))
-    if spec.method == "lora" and spec.output.mergeAdapter:
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(str(output_dir / "merged"))
-        tokenizer.save_pretrained(str(output_dir / "merged"))
+    if spec.uses_lora and spec.output.mergeAdapter:
+        from kubetune.trainer.export import export_merged
+
+        export_merged(str(output_dir), str(output_dir / "merged"), storage=spec.storage)
 
 
 def run(spec: TrainingSpec) -> RunResult:
@@ -142,7 +153,8 @@ def run(spec: TrainingSpec) -> RunResult:
     from kubetune.trainer.context import RunContext
     from kubetune.trainer.data import apply_template, build_datasets
     from kubetune.trainer.models.loader import load_model, load_tokenizer, pick_precision
-    from kubetune.trainer.models.methods import apply_method
+    from kubetune.trainer.models.methods import apply_method, loraplus_optimizer
+    from kubetune.trainer.models.vocab import extend_tokenizer, resize_embeddings
     from kubetune.trainer.plots import plot_loss
     from kubetune.trainer.samples import SAMPLES_FILE, generate_samples, record_samples, sample_prompts
     from kubetune.trainer.stages import stage_module
@@ -160,17 +172,22 @@ def run(spec: TrainingSpec) -> RunResult:
     tokenizer = load_tokenizer(spec.model, spec.storage)
     template = apply_template(tokenizer, spec.data.template)
     log.info("chat template: %s", template)
+    added_tokens = extend_tokenizer(spec, tokenizer) if spec.vocab.enabled else []
     data = build_datasets(spec, tokenizer)
     model = load_model(spec, precision)
+    if added_tokens:
+        resize_embeddings(model, len(tokenizer), spec.vocab.noiseStd, spec.train.seed)
+        spec = with_trainable_embeddings(spec, model)
     model = apply_method(model, spec)
 
     args = build_training_args(spec, output_dir, precision, has_eval=data.eval is not None)
+    optimizers = (loraplus_optimizer(model, spec, args), None) if spec.uses_lora and spec.lora.loraplusRatio else (None, None)
     metrics = MetricsWriter(output_dir)
     checkpoints = CheckpointRecorder(session)
     status = StatusReporter(session, metrics, checkpoints)
     stop = GracefulStop()
     ctx = RunContext(spec=spec, model=model, tokenizer=tokenizer, data=data, training_args=args,
-                     callbacks=[metrics, checkpoints, status, stop])
+                     callbacks=[metrics, checkpoints, status, stop], optimizers=optimizers)
     trainer = stage_module(spec.stage).build_trainer(ctx)
 
     if rank == 0:

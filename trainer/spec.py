@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Stage = Literal["pt", "sft"]
 """Training stage. `pt`: continued pretraining on plain text; `sft`: instruction tuning."""
 
-Method = Literal["full", "freeze", "lora"]
-"""Which parameters are trained."""
+Method = Literal["full", "freeze", "lora", "qlora", "galore"]
+"""Which parameters are trained, and how."""
 
 DatasetFormat = Literal["auto", "text", "alpaca", "sharegpt", "lmflow"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -48,6 +48,27 @@ class SpecModel(BaseModel):
     )
 
 
+class RopeScalingSpec(SpecModel):
+    """RoPE scaling for contexts longer than the model was trained on."""
+
+    type: Literal["linear", "dynamic", "yarn", "llama3"] = "linear"
+    """`linear` (position interpolation), `dynamic` (NTK-aware), `yarn`, `llama3`."""
+    factor: float | None = Field(None, ge=1)
+    """Context multiplier. Default: ceil(data.maxLength / the model's context length)."""
+
+
+class QuantizationSpec(SpecModel):
+    """Weight quantisation of the frozen base under `method: qlora` (bitsandbytes)."""
+
+    bits: Literal[4, 8] = 4
+    quantType: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type; NF4 is the QLoRA paper's normal-float format."""
+    doubleQuant: bool = True
+    """Quantise the quantisation constants too (saves ~0.4 bit per parameter)."""
+    computeDtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the 4-bit matmuls compute in; `auto` follows the training precision."""
+
+
 class ModelSpec(SpecModel):
     """The base model to fine-tune."""
 
@@ -64,6 +85,11 @@ class ModelSpec(SpecModel):
     """`auto` picks flash_attention_2 when installed on a supported GPU, else sdpa, else eager."""
     trustRemoteCode: bool = False
     """Allow model code from the model repository to run. Off by default: it executes remote code."""
+    ropeScaling: RopeScalingSpec | None = None
+    """Extend the context window (position interpolation). Saved into the model's config."""
+    ligerKernel: bool = False
+    """Use Liger's fused Triton kernels (RMSNorm, SwiGLU, fused linear cross-entropy) when the
+    `liger-kernel` package and a GPU are present; ignored with a warning otherwise."""
 
 
 class ColumnMap(SpecModel):
@@ -134,6 +160,14 @@ class LoraSpec(SpecModel):
     """Module names to adapt; `all-linear` targets every linear layer except the output head."""
     modulesToSave: list[str] = Field(default_factory=list)
     """Extra modules trained in full and saved with the adapter (e.g. `embed_tokens`, `lm_head`)."""
+    useDora: bool = False
+    """DoRA: weight-decomposed LoRA (a learned magnitude vector per output feature)."""
+    useRslora: bool = False
+    """rsLoRA: scale by alpha/sqrt(rank) instead of alpha/rank (stable at high ranks)."""
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    """Adapter initialisation: PiSSA/OLoRA start from the principal components / QR of the weights."""
+    loraplusRatio: PositiveFloat | None = None
+    """LoRA+: the B matrices learn at `learningRate x loraplusRatio` (the paper suggests 16)."""
 
 
 class FreezeSpec(SpecModel):
@@ -152,6 +186,71 @@ class FreezeSpec(SpecModel):
                 "or list trainableModules"
             )
         return self
+
+
+class FullSpec(SpecModel):
+    """Options for `method: full` (and `galore`)."""
+
+    frozenModules: list[str] = Field(default_factory=list)
+    """Parameter-name substrings kept frozen (e.g. `embed_tokens` to keep the embeddings fixed)."""
+
+
+class GaloreSpec(SpecModel):
+    """GaLore (gradient low-rank projection) for `method: galore`: full-parameter training with
+    optimizer states in a low-rank subspace."""
+
+    rank: PositiveInt = 16
+    updateInterval: PositiveInt = 200
+    """Steps between recomputing the projection."""
+    scale: PositiveFloat = 0.25
+    targetModules: list[str] = Field(default_factory=lambda: ["attn", "mlp"])
+    """Module-name substrings whose weights get GaLore; the rest use plain AdamW."""
+    layerwise: bool = False
+    """Per-layer optimizer steps (lower memory; no gradient accumulation, single process only)."""
+
+
+class DeepSpeedSpec(SpecModel):
+    """DeepSpeed ZeRO, generated from these settings unless `config` points at a JSON file."""
+
+    stage: Literal[0, 1, 2, 3] = 2
+    offloadOptimizer: bool = False
+    """Keep optimizer states in CPU memory."""
+    offloadParams: bool = False
+    """Keep parameters in CPU memory (stage 3 only)."""
+    config: str | None = None
+    """A DeepSpeed JSON config used as-is (batch sizes and precision set to `auto` are filled in)."""
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage3(self) -> DeepSpeedSpec:
+        if self.offloadParams and self.stage != 3:
+            raise ValueError("offloadParams needs stage 3: ZeRO-1/2 do not partition parameters")
+        return self
+
+
+class DistributedSpec(SpecModel):
+    """Multi-GPU / multi-node strategy. Plain DDP when nothing is set."""
+
+    deepspeed: DeepSpeedSpec | None = None
+
+
+class VocabSpec(SpecModel):
+    """Vocabulary extension: new tokens added to the tokenizer, new embedding rows initialised to
+    the mean of the old ones (plus small noise)."""
+
+    addTokens: list[str] = Field(default_factory=list)
+    tokensFile: str | None = None
+    """A text file with one new token per line."""
+    trainCorpus: list[str] = Field(default_factory=list)
+    """Text/JSONL files to train a BPE tokenizer on; its tokens missing from the current
+    vocabulary are added (LMFlow's tokenizer merging)."""
+    trainVocabSize: PositiveInt = 1000
+    """Vocabulary size of the tokenizer trained on `trainCorpus`."""
+    noiseStd: float = Field(0.01, ge=0)
+    """Std of the noise added to new rows, relative to the old rows' std."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.addTokens or self.tokensFile or self.trainCorpus)
 
 
 class TrainSpec(SpecModel):
@@ -247,9 +346,19 @@ class TrainingSpec(SpecModel):
     """`full`: every weight; `freeze`: only the layers/modules in `freeze`; `lora`: low-rank
     adapters configured by `lora` (the base stays frozen)."""
     lora: LoraSpec = Field(default_factory=LoraSpec)
-    """Adapter settings, used when `method` is `lora`."""
+    """Adapter settings, used when `method` is `lora` or `qlora`."""
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    """Base-model quantisation, used when `method` is `qlora`."""
     freeze: FreezeSpec = Field(default_factory=FreezeSpec)
     """Trainable layers/modules, used when `method` is `freeze`."""
+    full: FullSpec = Field(default_factory=FullSpec)
+    """Frozen modules, used when `method` is `full` or `galore`."""
+    galore: GaloreSpec = Field(default_factory=GaloreSpec)
+    """GaLore optimizer settings, used when `method` is `galore`."""
+    vocab: VocabSpec = Field(default_factory=VocabSpec)
+    """Tokens to add to the vocabulary before training."""
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    """DeepSpeed ZeRO settings for multi-GPU/multi-node runs."""
     train: TrainSpec = Field(default_factory=TrainSpec)
     """Optimisation hyper-parameters, precision, evaluation cadence."""
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
@@ -268,6 +377,11 @@ class TrainingSpec(SpecModel):
                 "data.streaming needs train.maxSteps: a streamed dataset has no known length, so "
                 "the number of steps cannot be derived from train.epochs"
             )
+        if self.method == "galore" and self.galore.layerwise and self.train.gradientAccumulation > 1:
+            raise ValueError(
+                "galore.layerwise steps each layer during backward, so it cannot accumulate "
+                "gradients: set train.gradientAccumulation to 1 or galore.layerwise to false"
+            )
         if self.data.streaming and (self.data.evalSize and not self.data.evalDatasets):
             raise ValueError(
                 "data.evalSize cannot split a streamed dataset: list data.evalDatasets instead"
@@ -282,6 +396,10 @@ class TrainingSpec(SpecModel):
     @property
     def output_path(self) -> str:
         return self.output.path or f"outputs/{self.name or 'kubetune'}"
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method in ("lora", "qlora")
 
     @property
     def lora_alpha(self) -> float:

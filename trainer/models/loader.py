@@ -100,22 +100,62 @@ def load_tokenizer(model: ModelSpec, storage: StorageSpec):
     return tokenizer
 
 
+def quantization_config(spec: TrainingSpec, compute_dtype: str):
+    """bitsandbytes settings for `method: qlora` (4-bit NF4 + double quantisation, or 8-bit)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SpecError("method", "qlora needs the bitsandbytes package, which is not installed.", "pip install 'kubetune[quant]'.")
+    q = spec.quantization
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = DTYPES.get(q.computeDtype) or compute_dtype
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quantType,
+        bnb_4bit_use_double_quant=q.doubleQuant,
+        bnb_4bit_compute_dtype=getattr(torch, dtype),
+    )
+
+
+def load_config(spec: TrainingSpec, location: str):
+    """The model config with spec-driven changes (RoPE scaling) applied before weights load."""
+    from transformers import AutoConfig
+
+    from kubetune.trainer.models.rope import apply_rope_scaling
+
+    try:
+        config = AutoConfig.from_pretrained(location, revision=spec.model.revision, trust_remote_code=spec.model.trustRemoteCode)
+    except (OSError, ValueError) as exc:
+        raise SpecError("model.path", f"no model config could be loaded from {location!r} ({_first_line(exc)}).",
+                        "check the path or hub id, and that the hub is reachable (HF_HUB_OFFLINE).") from None
+    return apply_rope_scaling(config, spec)
+
+
 def load_model(spec: TrainingSpec, precision: str, *, extra_kwargs: dict[str, Any] | None = None):
     """The causal LM in the dtype that fits the precision, with the chosen attention kernel."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype_name = DTYPES.get(spec.model.dtype) or PRECISION_DTYPE[precision]
-    if precision in ("bf16", "fp16") and spec.method in ("full", "freeze") and spec.model.dtype == "auto":
+    if precision in ("bf16", "fp16") and spec.method in ("full", "freeze", "galore") and spec.model.dtype == "auto":
         # Mixed precision keeps fp32 master weights for fully trained parameters.
         dtype_name = "float32"
     location = resolve_location(spec.model.path, spec.storage, "model.path")
     kwargs: dict[str, Any] = {
+        "config": load_config(spec, location),
         "dtype": getattr(torch, dtype_name),
         "attn_implementation": pick_attn_implementation(spec.model.attnImplementation),
         "revision": spec.model.revision,
         "trust_remote_code": spec.model.trustRemoteCode,
     }
+    if spec.method == "qlora":
+        kwargs["quantization_config"] = quantization_config(spec, PRECISION_DTYPE[precision])
+        if cuda_available():
+            from kubetune.trainer.distributed import world_info
+
+            kwargs["device_map"] = {"": world_info()[1]}
     kwargs.update(extra_kwargs or {})
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
@@ -123,7 +163,21 @@ def load_model(spec: TrainingSpec, precision: str, *, extra_kwargs: dict[str, An
         raise SpecError("model.path", f"no model could be loaded from {location!r} ({_first_line(exc)}).",
                         "check the path or hub id, and that the hub is reachable (HF_HUB_OFFLINE).") from None
     log.info("loaded %s (%s, %s)", location, dtype_name, kwargs["attn_implementation"])
+    if spec.model.ligerKernel:
+        apply_liger(model)
     return model
+
+
+def apply_liger(model) -> bool:
+    """Swap in Liger's fused kernels where the package and a GPU are present."""
+    if importlib.util.find_spec("liger_kernel") is None or not cuda_available():
+        log.warning("model.ligerKernel is set but liger-kernel or a GPU is missing: using the standard kernels")
+        return False
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model)
+    log.info("applied Liger kernels")
+    return True
 
 
 def _first_line(exc: BaseException) -> str:

@@ -50,37 +50,103 @@ def apply_freeze(model, spec: TrainingSpec) -> None:
         raise SpecError("freeze.trainableModules", f"{missing} match no parameter name.", "use substrings of the model's parameter names, e.g. norm, embed_tokens, lm_head.")
 
 
-def apply_lora(model, spec: TrainingSpec):
-    from peft import LoraConfig, TaskType, get_peft_model
+def lora_config(spec: TrainingSpec):
+    """PEFT LoraConfig from the spec, variants included (DoRA, rsLoRA, PiSSA/OLoRA init)."""
+    from peft import LoraConfig, TaskType
 
     target = spec.lora.targetModules
-    config = LoraConfig(
+    init: bool | str = True if spec.lora.init == "default" else spec.lora.init
+    return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=spec.lora.rank,
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora.dropout,
         target_modules="all-linear" if target == ["all-linear"] else target,
         modules_to_save=spec.lora.modulesToSave or None,
+        use_dora=spec.lora.useDora,
+        use_rslora=spec.lora.useRslora,
+        init_lora_weights=init,
     )
+
+
+def apply_lora(model, spec: TrainingSpec):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if spec.method == "qlora":
+        # Casts norms to fp32 and enables input grads so the frozen 4/8-bit base backpropagates.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=spec.train.gradientCheckpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     try:
-        return get_peft_model(model, config)
+        return get_peft_model(model, lora_config(spec))
     except ValueError as exc:
         raise SpecError("lora.targetModules", f"{exc}", "list module names that exist in the model (e.g. q_proj, v_proj) or use all-linear.") from None
 
 
+def apply_full(model, spec: TrainingSpec) -> None:
+    """Everything trains except parameters named in `full.frozenModules`."""
+    patterns = spec.full.frozenModules
+    matched: set[str] = set()
+    for name, param in model.named_parameters():
+        hits = [p for p in patterns if p in name]
+        matched.update(hits)
+        param.requires_grad_(not hits)
+    missing = [p for p in patterns if p not in matched]
+    if missing:
+        raise SpecError("full.frozenModules", f"{missing} match no parameter name.", "use substrings of the model's parameter names, e.g. embed_tokens, norm.")
+
+
 def apply_method(model, spec: TrainingSpec):
-    """Mark trainable parameters (or wrap with adapters) according to `spec.method`."""
-    if spec.method == "full":
-        for param in model.parameters():
-            param.requires_grad_(True)
+    """Mark trainable parameters (or wrap with adapters) according to `spec.method`.
+
+    `galore` trains like `full`; what differs is its optimizer (see `optimizer_settings`)."""
+    if spec.method in ("full", "galore"):
+        apply_full(model, spec)
     elif spec.method == "freeze":
         apply_freeze(model, spec)
-    elif spec.method == "lora":
+    elif spec.uses_lora:
         model = apply_lora(model, spec)
-    if spec.train.gradientCheckpointing:
+    if spec.train.gradientCheckpointing and spec.method != "qlora":  # qlora: done by k-bit preparation
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     trainable, total = count_parameters(model)
     log.info("method %s: %s of %s parameters trainable (%.2f%%)", spec.method, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
+
+
+OPTIMIZER_ALIASES = {"adamw_8bit": "adamw_bnb_8bit", "adam8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+
+
+def optimizer_settings(spec: TrainingSpec) -> dict:
+    """TrainingArguments fields that select the optimizer (8-bit AdamW, GaLore, ...)."""
+    import importlib.util
+
+    name = OPTIMIZER_ALIASES.get(spec.train.optimizer, spec.train.optimizer)
+    if ("bnb" in name or "8bit" in name) and importlib.util.find_spec("bitsandbytes") is None:
+        raise SpecError("train.optimizer", f"{spec.train.optimizer} needs bitsandbytes, which is not installed.", "pip install 'kubetune[quant]'.")
+    if spec.method != "galore":
+        return {"optim": name}
+    if importlib.util.find_spec("galore_torch") is None:
+        raise SpecError("method", "galore needs the galore-torch package, which is not installed.", "pip install 'kubetune[galore]'.")
+    g = spec.galore
+    base = {"adamw_torch": "galore_adamw", "adamw_bnb_8bit": "galore_adamw_8bit", "adafactor": "galore_adafactor"}.get(name, "galore_adamw")
+    return {
+        "optim": base + ("_layerwise" if g.layerwise else ""),
+        "optim_target_modules": g.targetModules,
+        "optim_args": f"rank={g.rank}, update_proj_gap={g.updateInterval}, scale={g.scale}",
+    }
+
+
+def loraplus_optimizer(model, spec: TrainingSpec, training_args):
+    """LoRA+: one optimizer whose parameter groups give the B matrices `lr x loraplusRatio`."""
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
+
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)
+    optimizer_kwargs.pop("lr", None)
+    return create_loraplus_optimizer(
+        model, optimizer_cls, lr=spec.train.learningRate, loraplus_lr_ratio=spec.lora.loraplusRatio,
+        weight_decay=spec.train.weightDecay, **optimizer_kwargs,
+    )

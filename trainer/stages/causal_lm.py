@@ -21,4 +21,5 @@ def build_trainer(ctx: RunContext) -> Trainer:
         data_collator=make_collator(ctx.tokenizer, ctx.spec),
         processing_class=ctx.tokenizer,
         callbacks=ctx.callbacks,
+        optimizers=ctx.optimizers,
     )
