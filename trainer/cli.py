@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the training spec's JSON schema")
     p.set_defaults(func=cmd_schema)
 
+    from kubetune.trainer.storage.cli import add_parser as add_storage_parser
+
+    add_storage_parser(sub)
+
     for ep in entry_points(group="kubetune.cli"):
         try:
             register: Callable[[argparse._SubParsersAction], None] = ep.load()

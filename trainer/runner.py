@@ -61,7 +61,12 @@ def resolve_resume(spec: TrainingSpec, session) -> str | None:
         session.remove_incomplete_checkpoints()
         latest = session.latest_checkpoint()
         return str(latest) if latest else None
-    path = Path(resume)
+    if resume.startswith("s3://"):
+        from kubetune.trainer.storage import localize
+
+        path = localize(resume, spec.storage, field="checkpoint.resume")
+    else:
+        path = Path(resume)
     if not (path / "trainer_state.json").is_file():
         raise SpecError("checkpoint.resume", f"{resume!r} is not a checkpoint directory (no trainer_state.json).",
                         "use auto, never, or the path of a checkpoint-N directory.")
@@ -165,7 +170,7 @@ def run(spec: TrainingSpec) -> RunResult:
     rank = world_info()[0]
     transformers.set_seed(spec.train.seed)
     precision = pick_precision(spec.train.precision)
-    session = open_output(spec.output_path, spec.storage)
+    session = open_output(spec.output_path, spec.storage, keep_last=spec.checkpoint.keepLast)
     output_dir = session.local_dir
     resume_from = resolve_resume(spec, session)
 
@@ -205,6 +210,7 @@ def run(spec: TrainingSpec) -> RunResult:
     except BaseException as exc:
         if rank == 0:
             session.write_status(status.snapshot(trainer.state, phase="Failed", message=f"{type(exc).__name__}: {exc}"[:500]))
+            session.close()  # let queued checkpoint uploads finish: they are what a retry resumes from
         raise
     finally:
         stop.uninstall()

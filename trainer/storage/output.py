@@ -1,4 +1,9 @@
-"""Local implementation of the storage interface (S3 support extends it)."""
+"""The storage interface and its local implementation; `s3output.S3OutputSession` extends it.
+
+Completion rule, the same locally and in S3: a checkpoint is complete when its manifest
+(`kubetune-manifest.json`: step, and per file its size and SHA-256) exists and every listed file
+is present with that size. The manifest is always written last.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Any
 
 from kubetune.trainer.errors import SpecError
 from kubetune.trainer.spec import StorageSpec
+from kubetune.trainer.storage.uri import is_s3
 
 MANIFEST_NAME = "kubetune-manifest.json"
 """Written last into a checkpoint: its presence (and matching sizes) marks the checkpoint complete."""
@@ -21,10 +27,22 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def localize(location: str, settings: StorageSpec | None = None, *, field: str) -> Path:
-    """Return a local path for an input location; it must exist."""
+    """Return a local path for an input location (a model directory, a dataset file or directory).
+
+    `s3://` locations are downloaded once into the cache (see `cache.py`); a second call with
+    unchanged objects downloads nothing. Local paths must exist.
+    """
+    if is_s3(location):
+        from kubetune.trainer.storage.cache import localize_s3
+
+        return localize_s3(location, settings, field=field)
     path = Path(location).expanduser()
     if not path.exists():
-        raise SpecError(field, f"{location!r} does not exist.", "check the path (relative paths are resolved from the current directory).")
+        raise SpecError(
+            field,
+            f"{location!r} does not exist.",
+            "check the path (relative paths are resolved from the current directory).",
+        )
     return path
 
 
@@ -39,13 +57,26 @@ def _sha256(path: Path) -> str:
 def write_manifest(checkpoint: Path, step: int) -> dict[str, Any]:
     """Record every file of a checkpoint (size, sha256) and write the manifest last, atomically."""
     files = {}
-    for file in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+    for file in checkpoint_files(checkpoint):
         files[file.relative_to(checkpoint).as_posix()] = {"size": file.stat().st_size, "sha256": _sha256(file)}
     manifest = {"step": step, "files": files, "createdAt": time.time()}
+    save_manifest(checkpoint, manifest)
+    return manifest
+
+
+def checkpoint_files(checkpoint: Path) -> list[Path]:
+    """The files a manifest covers: everything but the manifest itself and temp files."""
+    return sorted(
+        p for p in checkpoint.rglob("*")
+        if p.is_file() and p.name != MANIFEST_NAME and not p.name.endswith(".tmp")
+    )
+
+
+def save_manifest(checkpoint: Path, manifest: dict[str, Any]) -> None:
+    """Write a manifest atomically (temp file + rename), so a reader never sees half of it."""
     tmp = checkpoint / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, checkpoint / MANIFEST_NAME)
-    return manifest
 
 
 def read_manifest(checkpoint: Path) -> dict[str, Any] | None:
@@ -74,13 +105,31 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 
 class OutputSession:
-    """Owns a run's output directory: checkpoints, resume, status, final artifacts."""
+    """Owns a run's output directory: checkpoints, resume, status, final artifacts.
 
-    def __init__(self, location: str, settings: StorageSpec | None = None):
+    `local_dir` is where the trainer writes (its `output_dir`). `keep_last` is accepted for the
+    S3 session's retention; locally, transformers' `save_total_limit` already rotates checkpoints.
+    """
+
+    def __init__(
+        self,
+        location: str,
+        settings: StorageSpec | None = None,
+        *,
+        keep_last: int | None = None,
+        local_dir: Path | None = None,
+    ):
         self.location = location
         self.settings = settings or StorageSpec()
-        self.local_dir = Path(location).expanduser()
+        self.keep_last = keep_last
+        self.local_dir = local_dir if local_dir is not None else Path(location).expanduser()
         self.local_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def last_checkpoint_uri(self) -> str | None:
+        """Where the newest complete checkpoint is stored (for status.json)."""
+        latest = OutputSession.latest_checkpoint(self)
+        return str(latest) if latest else None
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint; incomplete ones (no valid manifest) are skipped."""
@@ -93,25 +142,43 @@ class OutputSession:
         """Called right after the trainer finished writing a checkpoint."""
         write_manifest(path, step)
 
-    def remove_incomplete_checkpoints(self) -> list[Path]:
+    def remove_incomplete_checkpoints(self) -> list[Path | str]:
         """Delete checkpoints that never got a manifest (a run killed mid-save); keep the rest."""
-        removed = []
+        removed: list[Path | str] = []
         for _step, path in list_checkpoints(self.local_dir):
             if read_manifest(path) is None:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
         return removed
 
-    def write_status(self, status: dict[str, Any]) -> None:
+    def write_status(self, status: dict[str, Any], *, force: bool = False) -> None:
+        """Write `status.json` atomically (`force` matters for S3: upload now, not throttled)."""
+        self._write_local_status(status)
+
+    def _write_local_status(self, status: dict[str, Any]) -> str:
+        text = json.dumps(status, indent=1, default=str)
         tmp = self.local_dir / (STATUS_NAME + ".tmp")
-        tmp.write_text(json.dumps(status, indent=1, default=str))
+        tmp.write_text(text)
         os.replace(tmp, self.local_dir / STATUS_NAME)
+        return text
 
     def finalize(self) -> None:
-        """Block until every output is durably stored (no-op locally)."""
+        """Block until every output is durably stored and verified (no-op locally)."""
+
+    def close(self) -> None:
+        """Release background resources without raising (the failure path); no-op locally."""
+
+    def __enter__(self) -> OutputSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def open_output(location: str, settings: StorageSpec | None = None) -> OutputSession:
-    if location.startswith("s3://"):
-        raise SpecError("output.path", "s3:// outputs are not available in this build.", "use a local path.")
-    return OutputSession(location, settings)
+def open_output(location: str, settings: StorageSpec | None = None, *, keep_last: int | None = None) -> OutputSession:
+    """The output session for a local directory or an `s3://` prefix."""
+    if is_s3(location):
+        from kubetune.trainer.storage.s3output import S3OutputSession
+
+        return S3OutputSession(location, settings, keep_last=keep_last)
+    return OutputSession(location, settings, keep_last=keep_last)

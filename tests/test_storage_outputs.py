@@ -1,0 +1,204 @@
+"""Outputs to S3: background checkpoint uploads, manifest last, resume from S3, retention, status,
+finalize."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from kubetune.trainer.spec import StorageSpec
+from kubetune.trainer.storage import open_output
+from kubetune.trainer.storage.client import StorageError
+from kubetune.trainer.storage.output import MANIFEST_NAME
+from kubetune.trainer.storage.s3output import S3OutputSession
+from tests.storage_fixtures import *  # noqa: F403
+from tests.storage_fixtures import DELAY_S, S3Env
+
+
+def _write_checkpoint(root: Path, step: int, size: int = 200_000) -> Path:
+    path = root / f"checkpoint-{step}"
+    (path / "sub").mkdir(parents=True, exist_ok=True)
+    (path / "model.safetensors").write_bytes(hashlib.sha256(str(step).encode()).digest() * (size // 32))
+    (path / "sub" / "state.json").write_text(json.dumps({"step": step}))
+    return path
+
+
+def _session(s3: S3Env, prefix: str = "runs/a", settings: StorageSpec | None = None, **kw) -> S3OutputSession:
+    if "status_interval" in kw:
+        return S3OutputSession(s3.uri(prefix), settings or s3.settings(), **kw)
+    session = open_output(s3.uri(prefix), settings or s3.settings(), **kw)
+    assert isinstance(session, S3OutputSession)
+    return session
+
+
+def test_checkpoint_uploads_in_background_with_manifest_last(s3: S3Env) -> None:
+    session = _session(s3)
+    assert str(session.local_dir).startswith(str(s3.cache))
+    ckpt = _write_checkpoint(session.local_dir, 10)
+    s3.proxy.add_fault("delay", times=1, method="PUT", path_contains="checkpoint-10/model.safetensors")
+    started = time.monotonic()
+    session.checkpoint_saved(ckpt, 10)
+    assert time.monotonic() - started < DELAY_S / 2, "checkpoint_saved blocked on the upload"
+    session.wait()
+
+    puts = [r.path for r in s3.proxy.requests if r.method == "PUT" and "checkpoint-10/" in r.path]
+    assert puts[-1].endswith(f"checkpoint-10/{MANIFEST_NAME}")
+    assert len(puts) == 3
+    manifest = json.loads(s3.get(f"runs/a/checkpoint-10/{MANIFEST_NAME}"))
+    assert manifest["step"] == 10
+    body = s3.get("runs/a/checkpoint-10/model.safetensors")
+    assert manifest["files"]["model.safetensors"] == {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert set(manifest["files"]) == {"model.safetensors", "sub/state.json"}
+    assert (ckpt / MANIFEST_NAME).is_file()  # complete locally too
+    assert session.last_checkpoint_uri == s3.uri("runs/a/checkpoint-10")
+    session.finalize()
+    session.close()
+
+
+def test_resume_from_s3_on_empty_disk_ignores_incomplete(s3: S3Env, tmp_path: Path) -> None:
+    first = _session(s3)
+    for step in (10, 20):
+        first.checkpoint_saved(_write_checkpoint(first.local_dir, step), step)
+    first.finalize()
+    first.close()
+    # A run killed mid-upload: files of checkpoint-30 but no manifest.
+    s3.put("runs/a/checkpoint-30/model.safetensors", b"partial")
+    # A corrupt one: manifest present, sizes right, content not (must fail verification).
+    s3.put("runs/a/checkpoint-40/model.safetensors", b"x" * 8)
+    s3.put(
+        f"runs/a/checkpoint-40/{MANIFEST_NAME}",
+        json.dumps({"step": 40, "files": {"model.safetensors": {"size": 8, "sha256": "0" * 64}}}),
+    )
+
+    fresh = _session(s3, settings=s3.settings(cacheDir=str(tmp_path / "empty-disk")))
+    assert not any(fresh.local_dir.iterdir())
+    latest = fresh.latest_checkpoint()
+    assert latest == fresh.local_dir / "checkpoint-20"
+    original = _write_checkpoint(tmp_path / "expected", 20)
+    assert (latest / "model.safetensors").read_bytes() == (original / "model.safetensors").read_bytes()
+    assert json.loads((latest / "sub" / "state.json").read_text()) == {"step": 20}
+    assert (latest / MANIFEST_NAME).is_file()
+    assert not list(fresh.local_dir.glob(".kubetune-*"))  # no staging leftovers
+    assert fresh.last_checkpoint_uri == s3.uri("runs/a/checkpoint-20")
+
+    removed = fresh.remove_incomplete_checkpoints()
+    assert set(removed) == {s3.uri("runs/a/checkpoint-30"), s3.uri("runs/a/checkpoint-40")}
+    assert not s3.keys("runs/a/checkpoint-30") and not s3.keys("runs/a/checkpoint-40")
+    assert s3.keys("runs/a/checkpoint-10") and s3.keys("runs/a/checkpoint-20")
+    # A second call finds the local copy and downloads nothing more.
+    gets = s3.proxy.count("GET", "/checkpoint-20/", objects_only=True)
+    assert fresh.latest_checkpoint() == latest
+    assert s3.proxy.count("GET", "/checkpoint-20/", objects_only=True) == gets
+    fresh.close()
+
+
+def test_no_checkpoint_anywhere(s3: S3Env) -> None:
+    session = _session(s3, "runs/empty")
+    assert session.latest_checkpoint() is None
+    session.close()
+
+
+def test_retention_in_s3_survives_local_rotation(s3: S3Env) -> None:
+    session = _session(s3, keep_last=2)
+    s3.proxy.add_fault("delay", times=1, method="PUT", path_contains="checkpoint-1/")
+    for step in (1, 2, 3, 4):
+        path = _write_checkpoint(session.local_dir, step)
+        session.checkpoint_saved(path, step)
+        if step >= 3:  # what transformers' save_total_limit=2 does, possibly mid-upload
+            shutil.rmtree(session.local_dir / f"checkpoint-{step - 2}")
+    session.finalize()
+    names = sorted({key.split("/")[2] for key in s3.keys("runs/a/checkpoint-")})
+    assert names == ["checkpoint-3", "checkpoint-4"]
+    for step in (3, 4):
+        manifest = json.loads(s3.get(f"runs/a/checkpoint-{step}/{MANIFEST_NAME}"))
+        assert set(manifest["files"]) == {"model.safetensors", "sub/state.json"}
+    session.close()
+
+
+def test_finalize_uploads_outputs_and_status(s3: S3Env) -> None:
+    session = _session(s3, status_interval=3600)
+    session.checkpoint_saved(_write_checkpoint(session.local_dir, 5), 5)
+    (session.local_dir / "adapter").mkdir()
+    (session.local_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"w" * 1000)
+    (session.local_dir / "metrics.jsonl").write_text('{"step": 5, "loss": 1.0}\n')
+    (session.local_dir / "loss.png").write_bytes(b"\x89PNG fake")
+    session.write_status({"phase": "Running", "step": 1}, force=True)
+    status = json.loads(s3.get("runs/a/status.json"))
+    assert status["phase"] == "Running" and status["step"] == 1
+    session.write_status({"phase": "Running", "step": 2})  # throttled: not uploaded yet
+    time.sleep(0.2)
+    assert json.loads(s3.get("runs/a/status.json"))["step"] == 1
+    assert json.loads((session.local_dir / "status.json").read_text())["step"] == 2
+
+    session.finalize()
+    assert s3.get("runs/a/adapter/adapter_model.safetensors") == b"w" * 1000
+    assert s3.get("runs/a/metrics.jsonl") == b'{"step": 5, "loss": 1.0}\n'
+    assert s3.get("runs/a/loss.png") == b"\x89PNG fake"
+    final = json.loads(s3.get("runs/a/status.json"))
+    assert final["step"] == 2 and final["lastCheckpoint"] == s3.uri("runs/a/checkpoint-5")
+    assert not [k for k in s3.keys("runs/a/") if ".kubetune-" in k or k.endswith(".tmp")]
+    session.close()
+
+
+def test_finalize_waits_for_a_slow_checkpoint_upload(s3: S3Env) -> None:
+    session = _session(s3)
+    s3.proxy.add_fault("delay", times=1, method="PUT", path_contains="checkpoint-7/model")
+    session.checkpoint_saved(_write_checkpoint(session.local_dir, 7), 7)
+    assert not s3.keys(f"runs/a/checkpoint-7/{MANIFEST_NAME}")
+    session.finalize()
+    assert s3.keys(f"runs/a/checkpoint-7/{MANIFEST_NAME}")
+    session.close()
+
+
+def test_finalize_raises_when_uploads_fail(s3: S3Env) -> None:
+    session = _session(s3, settings=s3.settings(maxAttempts=2))
+    s3.proxy.add_fault("500", times=None, method="PUT", path_contains="checkpoint-9/model")
+    session.checkpoint_saved(_write_checkpoint(session.local_dir, 9), 9)
+    (session.local_dir / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(StorageError) as info:
+        session.finalize()
+    assert s3.uri("runs/a/checkpoint-9") in str(info.value)
+    assert not s3.keys(f"runs/a/checkpoint-9/{MANIFEST_NAME}")  # never marked complete
+    assert s3.get("runs/a/metrics.jsonl") == b"{}\n"  # the rest still went up
+    session.close()
+
+
+def test_resumed_local_checkpoint_missing_in_s3_is_uploaded(s3: S3Env) -> None:
+    session = _session(s3)
+    path = _write_checkpoint(session.local_dir, 3)
+    from kubetune.trainer.storage.output import write_manifest
+
+    write_manifest(path, 3)  # complete locally, never reached S3 (killed mid-upload)
+    assert session.latest_checkpoint() == path
+    session.finalize()
+    assert s3.keys(f"runs/a/checkpoint-3/{MANIFEST_NAME}")
+    session.close()
+
+
+def test_phase_change_uploads_status_at_once_with_the_s3_checkpoint(s3: S3Env) -> None:
+    session = _session(s3, status_interval=3600)
+    session.write_status({"phase": "Running", "step": 1}, force=True)
+    path = _write_checkpoint(session.local_dir, 4)
+    session.checkpoint_saved(path, 4)
+    session.wait()
+    # Throttled, but the phase changed: uploaded now. A local lastCheckpoint is replaced by the URI.
+    session.write_status({"phase": "Failed", "step": 4, "lastCheckpoint": str(path), "message": "boom"})
+    remote = json.loads(s3.get("runs/a/status.json"))
+    assert remote["phase"] == "Failed" and remote["message"] == "boom"
+    assert remote["lastCheckpoint"] == s3.uri("runs/a/checkpoint-4")
+    session.close()
+
+
+def test_upload_directory(s3: S3Env, tmp_path: Path) -> None:
+    from kubetune.trainer.storage.transfer import upload_directory
+
+    (tmp_path / "m" / "sub").mkdir(parents=True)
+    (tmp_path / "m" / "a.json").write_text("{}")
+    (tmp_path / "m" / "sub" / "b.bin").write_bytes(b"b" * 10)
+    assert upload_directory(tmp_path / "m", s3.uri("exports/m"), s3.settings()) == (2, 12)
+    assert s3.keys("exports/") == ["exports/m/a.json", "exports/m/sub/b.bin"]

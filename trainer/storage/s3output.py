@@ -1,0 +1,444 @@
+"""The output session for an `s3://` output prefix: background checkpoint uploads, resume from S3,
+retention in S3, status.json, and a `finalize()` that only returns once everything is stored.
+
+The trainer writes into `local_dir` (a staging directory in the cache, keyed by the URI). Object
+layout under the output prefix mirrors it:
+    <prefix>/checkpoint-<step>/...                  checkpoint files
+    <prefix>/checkpoint-<step>/kubetune-manifest.json  uploaded LAST: marks the checkpoint complete
+    <prefix>/status.json, metrics.jsonl, loss.png, adapter/model files, ...
+
+Crash safety: a checkpoint's manifest object is deleted before (re)uploading its files and put
+only after every file uploaded and verified, and retention deletes the manifest before the files;
+so at every instant an S3 checkpoint with a manifest is whole. `latest_checkpoint()` trusts only
+those (and re-checks sizes against the listing and SHA-256s after download).
+
+`checkpoint_saved` snapshots the checkpoint with hard links before returning, because
+transformers' own rotation (`save_total_limit`) may delete the local directory while its upload
+is still running; the hashing and uploading then happen on a background thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kubetune.trainer.errors import KubetuneError, SpecError
+from kubetune.trainer.spec import StorageSpec
+from kubetune.trainer.storage.cache import cache_root
+from kubetune.trainer.storage.client import StorageError, get_client, is_not_found, redact, translate
+from kubetune.trainer.storage.output import (
+    CHECKPOINT_RE,
+    MANIFEST_NAME,
+    STATUS_NAME,
+    OutputSession,
+    checkpoint_files,
+    list_checkpoints,
+    read_manifest,
+    save_manifest,
+)
+from kubetune.trainer.storage.transfer import (
+    PART_MARKER,
+    Digests,
+    ObjectInfo,
+    Transfers,
+    file_digests,
+    list_objects,
+)
+from kubetune.trainer.storage.uri import S3Uri
+
+log = logging.getLogger("kubetune.storage")
+
+WORK_PREFIX = ".kubetune-"
+"""Names in `local_dir` starting with this are the session's own scratch space, never uploaded."""
+STATUS_INTERVAL_S = 15.0
+
+
+def _hardlink_tree(source: Path, target: Path) -> None:
+    """Snapshot a directory cheaply: hard links (copies where links are not possible)."""
+    for file in checkpoint_files(source):
+        dest = target / file.relative_to(source)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(file, dest)
+        except OSError:
+            shutil.copy2(file, dest)
+
+
+class S3OutputSession(OutputSession):
+    """See the module docstring. Thread-safe for the calls a training loop makes."""
+
+    def __init__(
+        self,
+        location: str,
+        settings: StorageSpec | None = None,
+        *,
+        keep_last: int | None = None,
+        status_interval: float = STATUS_INTERVAL_S,
+    ):
+        settings = settings or StorageSpec()
+        parsed = S3Uri.parse(location, "output.path")
+        self.uri = S3Uri(parsed.bucket, parsed.prefix)
+        digest = hashlib.sha256(str(self.uri).encode()).hexdigest()[:12]
+        local = cache_root(settings) / "outputs" / f"{parsed.name}-{digest}"
+        super().__init__(location, settings, keep_last=keep_last, local_dir=local)
+        self.client = get_client(settings)
+        self.status_interval = status_interval
+        self._probe()
+        self._transfers = Transfers(settings, self.client)
+        self._checkpoint_pool = ThreadPoolExecutor(1, thread_name_prefix="kubetune-ckpt-upload")
+        self._status_pool = ThreadPoolExecutor(1, thread_name_prefix="kubetune-status")
+        self._lock = threading.Lock()
+        self._pending: list[Future[None]] = []
+        self._errors: list[KubetuneError] = []
+        self._in_flight: set[str] = set()
+        self._rejected: set[str] = set()
+        self._last_uri: str | None = None
+        self._status: dict[str, Any] | None = None
+        self._status_queued = False
+        self._status_uploaded_at = 0.0
+        self._closed = False
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _probe(self) -> None:
+        """Fail fast (before any training) when the bucket is missing or not ours to use."""
+        try:
+            list_objects(self.client, self.uri.bucket, self.uri.prefix, max_keys=1)
+        except Exception as exc:
+            raise translate(exc, str(self.uri), field="output.path", action="write to") from None
+
+    def _key(self, *parts: str) -> S3Uri:
+        return self.uri.join(*parts)
+
+    def _fail(self, exc: BaseException, uri: str, action: str) -> KubetuneError:
+        error = translate(exc, uri, field="output.path", action=action)
+        log.error("%s", error)
+        with self._lock:
+            self._errors.append(error)
+        return error
+
+    def _raise_permanent(self) -> None:
+        """Surface a permanent background failure at the next call (training stops early)."""
+        with self._lock:
+            permanent = [e for e in self._errors if isinstance(e, SpecError)]
+        if permanent:
+            raise permanent[0]
+
+    @property
+    def last_checkpoint_uri(self) -> str | None:
+        return self._last_uri
+
+    def _remote_checkpoints(self) -> dict[str, dict[str, Any]]:
+        """{name: {"step", "manifest": bool, "objects": {relative key: ObjectInfo}}} under the prefix."""
+        found: dict[str, dict[str, Any]] = {}
+        for info in list_objects(self.client, self.uri.bucket, self.uri.prefix):
+            name, _, rest = self.uri.relative(info.key).partition("/")
+            match = CHECKPOINT_RE.match(name)
+            if not match or not rest:
+                continue
+            entry = found.setdefault(name, {"step": int(match.group(1)), "manifest": False, "objects": {}})
+            if rest == MANIFEST_NAME:
+                entry["manifest"] = True
+            else:
+                entry["objects"][rest] = info
+        return found
+
+    def _delete_keys(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            response = self.client.delete_objects(Bucket=self.uri.bucket, Delete={"Objects": batch, "Quiet": True})
+            if response.get("Errors"):
+                first = response["Errors"][0]
+                raise StorageError(f"cannot delete s3://{self.uri.bucket}/{first.get('Key')}: {first.get('Code')}.")
+
+    def _delete_checkpoint(self, name: str, entry: dict[str, Any]) -> None:
+        """Manifest first: a half-deleted checkpoint must already look incomplete."""
+        self.client.delete_object(Bucket=self.uri.bucket, Key=self._key(name, MANIFEST_NAME).key)
+        self._delete_keys([info.key for info in entry["objects"].values()])
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def checkpoint_saved(self, path: Path, step: int) -> None:
+        """Snapshot the checkpoint (hard links) and upload it in the background; returns at once."""
+        self._raise_permanent()
+        path = Path(path)
+        name = path.name if CHECKPOINT_RE.match(path.name) else f"checkpoint-{step}"
+        snapshot = self.local_dir / f"{WORK_PREFIX}upload" / f"{name}-{uuid.uuid4().hex[:8]}"
+        _hardlink_tree(path, snapshot)
+        with self._lock:
+            self._in_flight.add(name)
+            future = self._checkpoint_pool.submit(self._upload_checkpoint, path, snapshot, name, step)
+            self._pending.append(future)
+
+    def _upload_checkpoint(self, original: Path, snapshot: Path, name: str, step: int) -> None:
+        target = str(self._key(name))
+        try:
+            files: dict[str, Any] = {}
+            digests: dict[str, Digests] = {}
+            for file in checkpoint_files(snapshot):
+                relative = file.relative_to(snapshot).as_posix()
+                digests[relative] = file_digests(file, self.settings)
+                files[relative] = {"size": digests[relative].size, "sha256": digests[relative].sha256}
+            manifest = {"step": step, "files": files, "createdAt": time.time()}
+            manifest_uri = self._key(name, MANIFEST_NAME)
+            # Re-uploading a step (after a resume) must not leave an old manifest vouching for new files.
+            self.client.delete_object(Bucket=manifest_uri.bucket, Key=manifest_uri.key)
+            futures = [
+                (self._transfers.start_upload(snapshot / rel, self._key(name, rel), d), rel, d)
+                for rel, d in digests.items()
+            ]
+            for future, _, _ in futures:
+                future.result()
+            for _, rel, d in futures:
+                self._transfers.verify_upload(self._key(name, rel), d)
+            body = json.dumps(manifest, indent=1).encode()
+            self.client.put_object(Bucket=manifest_uri.bucket, Key=manifest_uri.key, Body=body)
+            if original.is_dir():
+                with contextlib.suppress(OSError):
+                    save_manifest(original, manifest)
+            with self._lock:
+                self._last_uri = target
+            log.info("checkpoint %s uploaded (%d files)", target, len(files))
+            self._apply_retention()
+        except Exception as exc:
+            self._fail(exc, target, "upload checkpoint to")
+        finally:
+            shutil.rmtree(snapshot, ignore_errors=True)
+            with self._lock:
+                self._in_flight.discard(name)
+
+    def _apply_retention(self) -> None:
+        """Keep the newest `keep_last` complete checkpoints in S3 (independent of local rotation)."""
+        if not self.keep_last:
+            return
+        remote = self._remote_checkpoints()
+        complete = sorted((e["step"], n) for n, e in remote.items() if e["manifest"])
+        for _step, name in complete[: -self.keep_last]:
+            log.info("retention: deleting %s", self._key(name))
+            self._delete_checkpoint(name, remote[name])
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint, local or in S3 (downloaded into `local_dir`), else None.
+
+        A local checkpoint that is complete but missing in S3 (killed mid-upload) is queued for
+        upload, so S3 catches up with what the run resumes from."""
+        local = super().latest_checkpoint()
+        local_step = int(CHECKPOINT_RE.match(local.name).group(1)) if local else -1  # type: ignore[union-attr]
+        try:
+            remote = self._remote_checkpoints()
+        except Exception as exc:
+            raise translate(exc, str(self.uri), field="output.path", action="list checkpoints in") from None
+        candidates = sorted(((e["step"], n) for n, e in remote.items() if e["manifest"]), reverse=True)
+        for step, name in candidates:
+            if step <= local_step:
+                break
+            try:
+                path = self._download_checkpoint(name, remote[name])
+            except StorageError as exc:
+                log.warning("skipping checkpoint %s: %s", self._key(name), exc)
+                self._rejected.add(name)
+                continue
+            self._last_uri = str(self._key(name))
+            return path
+        if local is not None:
+            if local.name in remote and remote[local.name]["manifest"]:
+                self._last_uri = str(self._key(local.name))
+            else:
+                self.checkpoint_saved(local, local_step)
+        return local
+
+    def _download_checkpoint(self, name: str, entry: dict[str, Any]) -> Path:
+        manifest = self._read_remote_manifest(name)
+        if manifest is None:
+            raise StorageError(f"{self._key(name, MANIFEST_NAME)} is missing or not a valid manifest.")
+        items: list[tuple[ObjectInfo, Path, str | None]] = []
+        staging = self.local_dir / f"{WORK_PREFIX}download-{name}-{uuid.uuid4().hex[:8]}"
+        for rel, meta in manifest.get("files", {}).items():
+            info = entry["objects"].get(rel)
+            if info is None or info.size != meta["size"]:
+                raise StorageError(f"{self._key(name, rel)} is missing or has the wrong size.")
+            items.append((info, staging / rel, meta["sha256"]))
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            log.info("downloading checkpoint %s", self._key(name))
+            self._transfers.download_verified(items, self.uri.bucket, f"download {name}")
+            save_manifest(staging, manifest)
+            final = self.local_dir / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            return final
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def remove_incomplete_checkpoints(self) -> list[Path | str]:
+        """Delete incomplete checkpoints locally and in S3 (not those this session is uploading),
+        and those `latest_checkpoint()` rejected as corrupt."""
+        removed = super().remove_incomplete_checkpoints()
+        with self._lock:
+            in_flight = set(self._in_flight)
+        if not in_flight:
+            for scratch in self.local_dir.glob(f"{WORK_PREFIX}*"):
+                shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            for name, entry in self._remote_checkpoints().items():
+                if name in in_flight:
+                    continue
+                if name in self._rejected or not entry["manifest"] or not self._remote_complete(name, entry):
+                    log.info("removing incomplete checkpoint %s", self._key(name))
+                    self._delete_checkpoint(name, entry)
+                    removed.append(str(self._key(name)))
+        except KubetuneError:
+            raise
+        except Exception as exc:
+            raise translate(exc, str(self.uri), field="output.path", action="clean up") from None
+        return removed
+
+    def _read_remote_manifest(self, name: str) -> dict[str, Any] | None:
+        uri = self._key(name, MANIFEST_NAME)
+        try:
+            manifest = json.loads(self.client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read())
+        except ValueError:
+            return None
+        except Exception as exc:
+            if is_not_found(exc):
+                return None
+            raise
+        return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
+
+    def _remote_complete(self, name: str, entry: dict[str, Any]) -> bool:
+        """A manifest that parses and lists only files present in S3 with their recorded sizes."""
+        manifest = self._read_remote_manifest(name)
+        if manifest is None:
+            return False
+        objects = entry["objects"]
+        return all(rel in objects and objects[rel].size == meta.get("size") for rel, meta in manifest["files"].items())
+
+    # -- status -------------------------------------------------------------------------------
+
+    def write_status(self, status: dict[str, Any], *, force: bool = False) -> None:
+        """Write status.json locally now; upload it at most every `status_interval` seconds in the
+        background, or right away (blocking) with `force=True` (use it for final phases).
+        A change of `phase` (e.g. to Failed/Succeeded) is uploaded at once, as with `force`.
+        `lastCheckpoint` is set to the newest complete checkpoint's S3 URI at upload time (a
+        caller's local path or None is replaced: the operator can only read S3), so it is current
+        even for a status written while a checkpoint upload was running."""
+        status = dict(status)
+        status.setdefault("updatedAt", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        with self._lock:
+            force = force or (self._status is not None and status.get("phase") != self._status.get("phase"))
+            self._status = status
+            due = time.monotonic() - self._status_uploaded_at >= self.status_interval
+            queue = not force and due and not self._status_queued and not self._closed
+            if queue:
+                self._status_queued = True
+        self._write_local_status(self._render_status(status))
+        if force:
+            self._upload_status(raise_errors=False)
+        elif queue:
+            self._status_pool.submit(self._upload_status)
+
+    def _render_status(self, status: dict[str, Any]) -> dict[str, Any]:
+        rendered = dict(status)
+        if self._last_uri and not str(rendered.get("lastCheckpoint") or "").startswith("s3://"):
+            rendered["lastCheckpoint"] = self._last_uri
+        return json.loads(redact(json.dumps(rendered, default=str)))
+
+    def _upload_status(self, raise_errors: bool = False) -> None:
+        with self._lock:
+            status, self._status_queued = self._status, False
+            self._status_uploaded_at = time.monotonic()
+        if status is None:
+            return
+        text = self._write_local_status(self._render_status(status))
+        uri = self._key(STATUS_NAME)
+        try:
+            self.client.put_object(
+                Bucket=uri.bucket, Key=uri.key, Body=text.encode(), ContentType="application/json"
+            )
+        except Exception as exc:
+            error = translate(exc, str(uri), field="output.path", action="write status to")
+            if raise_errors:
+                raise error from None
+            log.warning("%s", error)
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Block until the checkpoint uploads queued so far are done (they may have failed)."""
+        with self._lock:
+            pending = list(self._pending)
+        for future in pending:
+            future.result()
+
+    def finalize(self) -> None:
+        """Upload everything else in `local_dir`, wait for every upload, verify, and raise if any
+        failed: only after this returns may the run report success."""
+        self.wait()
+        files = [
+            p for p in sorted(self.local_dir.rglob("*"))
+            if p.is_file() and self._is_final_output(p.relative_to(self.local_dir))
+        ]
+        started: list[tuple[Any, S3Uri, Digests]] = []
+        for file in files:
+            uri = self._key(file.relative_to(self.local_dir).as_posix())
+            digests = file_digests(file, self.settings)
+            started.append((self._transfers.start_upload(file, uri, digests), uri, digests))
+        for future, uri, digests in started:
+            try:
+                future.result()
+                self._transfers.verify_upload(uri, digests)
+            except Exception as exc:
+                self._fail(exc, str(uri), "upload")
+        self._status_pool.submit(lambda: None).result()  # a queued status upload goes first
+        try:
+            self._upload_status(raise_errors=True)
+        except KubetuneError as exc:
+            with self._lock:
+                self._errors.append(exc)
+        with self._lock:
+            errors = list(self._errors)
+        if errors:
+            permanent = [e for e in errors if isinstance(e, SpecError)]
+            if len(errors) == 1 or permanent:
+                raise (permanent or errors)[0]
+            listed = "; ".join(str(e) for e in errors[:5])
+            raise StorageError(f"{len(errors)} uploads to {self.uri} failed: {listed}")
+        log.info("all outputs stored under %s (%d files)", self.uri, len(files))
+
+    @staticmethod
+    def _is_final_output(relative: Path) -> bool:
+        top = relative.parts[0]
+        if CHECKPOINT_RE.match(top) and len(relative.parts) > 1:
+            return False  # handled (and verified) by the checkpoint uploads
+        if top.startswith(WORK_PREFIX) or relative.name == STATUS_NAME:
+            return False
+        return not (relative.name.endswith(".tmp") or PART_MARKER in relative.name)
+
+    def close(self) -> None:
+        """Wait for queued uploads (so completed checkpoints land), then stop; never raises."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        with contextlib.suppress(Exception):
+            self.wait()
+        with contextlib.suppress(Exception):
+            self._upload_status()
+        self._checkpoint_pool.shutdown(wait=True)
+        self._status_pool.shutdown(wait=True)
+        with contextlib.suppress(Exception):
+            self._transfers.close()
+
+
+__all__ = ["S3OutputSession", "list_checkpoints", "read_manifest"]

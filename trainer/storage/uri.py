@@ -1,0 +1,78 @@
+"""`s3://bucket/key` URIs: parsing, joining, and mapping keys to safe local paths.
+
+Kept free of boto3 so the spec checker and the CLI can validate locations without a client.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from kubetune.trainer.errors import SpecError
+
+SCHEME = "s3://"
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,254}$")
+"""Lenient bucket check: AWS rules plus the underscores some S3-compatible stores allow."""
+
+
+def is_s3(location: str | object) -> bool:
+    """True for `s3://...` strings; local paths (str or Path) are False."""
+    return isinstance(location, str) and location.startswith(SCHEME)
+
+
+@dataclass(frozen=True)
+class S3Uri:
+    """A bucket and a key (the key may be empty, or a prefix ending in `/`)."""
+
+    bucket: str
+    key: str = ""
+
+    @classmethod
+    def parse(cls, uri: str, field: str = "") -> S3Uri:
+        """Parse and validate; a malformed URI is a `SpecError` naming `field`."""
+        if not is_s3(uri):
+            raise SpecError(field, f"{uri!r} is not an s3:// URI.", "write it as s3://bucket/prefix.")
+        bucket, _, key = uri[len(SCHEME) :].partition("/")
+        if not bucket or not _BUCKET_RE.match(bucket):
+            raise SpecError(
+                field,
+                f"{uri!r} has no valid bucket name.",
+                "write it as s3://bucket/prefix (bucket names are lower-case letters, digits, '.' and '-').",
+            )
+        return cls(bucket, key)
+
+    def __str__(self) -> str:
+        return f"{SCHEME}{self.bucket}/{self.key}"
+
+    @property
+    def prefix(self) -> str:
+        """The key as a directory prefix: empty (the whole bucket) or ending in `/`."""
+        return self.key if not self.key or self.key.endswith("/") else self.key + "/"
+
+    @property
+    def name(self) -> str:
+        """Last path component (the bucket for a bucket root)."""
+        return PurePosixPath(self.key.rstrip("/")).name or self.bucket
+
+    def join(self, *parts: str) -> S3Uri:
+        """A key below this one: `S3Uri('b', 'out').join('ckpt-1', 'a.bin')` -> `s3://b/out/ckpt-1/a.bin`."""
+        key = self.prefix + "/".join(p.strip("/") for p in parts if p.strip("/"))
+        return S3Uri(self.bucket, key)
+
+    def relative(self, key: str) -> str:
+        """`key` relative to this prefix (callers pass keys listed under it)."""
+        return key[len(self.prefix) :]
+
+
+def safe_relative_path(relative_key: str, uri: str, field: str) -> PurePosixPath:
+    """A key below a prefix as a relative local path, refusing keys that would escape the target
+    directory (`..`, absolute paths): S3 allows any key, the local disk must not be overwritten."""
+    path = PurePosixPath(relative_key)
+    if not relative_key or path.is_absolute() or any(part in ("..", ".") for part in path.parts):
+        raise SpecError(
+            field,
+            f"object key {relative_key!r} under {uri} cannot be stored as a local file.",
+            "rename the object (keys with '..' or a leading '/' are refused).",
+        )
+    return path
