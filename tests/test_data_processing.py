@@ -1,0 +1,380 @@
+"""Tokenization, prompt masking, truncation, packing and collation, checked on decoded text."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pytest
+import torch
+
+from kubetune.trainer.data import TEMPLATES, apply_template, build_datasets, make_collator
+from kubetune.trainer.data.templates import describe_templates
+from kubetune.trainer.spec import TrainingSpec
+
+datasets.disable_progress_bars()
+IGNORE = -100
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def make_spec(path: str, **data: Any) -> TrainingSpec:
+    stage = data.pop("stage", "sft")
+    return TrainingSpec.model_validate(
+        {
+            "stage": stage,
+            "model": {"path": "builtin:tiny-llama"},
+            "data": {"datasets": [{"path": path}], **data},
+        }
+    )
+
+
+@pytest.fixture
+def tok(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def trained_runs(tok: Any, row: dict[str, Any]) -> list[str]:
+    """The decoded text of each contiguous run of labelled tokens."""
+    runs, current = [], []
+    for token, label in zip(row["input_ids"], row["labels"], strict=True):
+        if label != IGNORE:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(tok.decode(current))
+            current = []
+    if current:
+        runs.append(tok.decode(current))
+    return runs
+
+
+def prompt_text(tok: Any, row: dict[str, Any]) -> str:
+    return tok.decode(
+        [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label == IGNORE]
+    )
+
+
+SINGLE = [{"instruction": "What is the opposite of hot?", "output": "The opposite of hot is cold."}]
+ANSWER = "The opposite of hot is cold."
+
+
+@pytest.mark.parametrize(
+    ("template", "trained"),
+    [
+        ("default", f" {ANSWER}</s>"),
+        ("chatml", f"{ANSWER}<|im_end|></s>"),
+        ("llama3", f"{ANSWER}<|eot_id|></s>"),
+        ("alpaca", f"{ANSWER}</s>"),
+        ("vicuna", f" {ANSWER}</s>"),
+    ],
+)
+def test_prompt_masking_per_template(tmp_path: Path, tok: Any, template: str, trained: str) -> None:
+    bundle = build_datasets(make_spec(write_jsonl(tmp_path / "a.jsonl", SINGLE), template=template), tok)
+    row = bundle.train[0]
+    assert bundle.stats["template"] == template
+    assert trained_runs(tok, row) == [trained]
+    # the prompt is exactly what inference renders with add_generation_prompt, token for token
+    messages = [{"role": "user", "content": SINGLE[0]["instruction"]}]
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert "What is the opposite of hot?" in prompt_text(tok, row)
+    assert (
+        row["input_ids"][: row["labels"].index(next(x for x in row["labels"] if x != IGNORE))]
+        == tok(prompt, add_special_tokens=False)["input_ids"]
+    )
+
+
+def test_templates_are_listed_and_end_answers_with_eos(tok: Any) -> None:
+    assert {"default", "chatml", "llama3", "alpaca", "vicuna"} <= set(TEMPLATES)
+    assert [name for name, _ in describe_templates()] == list(TEMPLATES)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    for name in TEMPLATES:
+        assert apply_template(tok, name) == name
+        rendered = tok.apply_chat_template(messages, tokenize=False)
+        assert rendered.rstrip().endswith("</s>"), name
+
+
+def test_apply_template_default_tokenizer_and_custom(tok: Any) -> None:
+    assert tok.chat_template is None
+    assert apply_template(tok, None) == "default"
+    assert tok.chat_template == TEMPLATES["default"]
+    assert apply_template(tok, None) == "tokenizer"  # now the tokenizer has one: kept
+    custom = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert apply_template(tok, custom) == "custom" and tok.chat_template == custom
+
+
+def test_multi_turn_trains_every_assistant_turn(tmp_path: Path, tok: Any) -> None:
+    conversation = {
+        "system": "Be short.",
+        "conversations": [
+            {"from": "human", "value": "Say one."},
+            {"from": "gpt", "value": "One."},
+            {"from": "human", "value": "Say two."},
+            {"from": "gpt", "value": "Two."},
+            {"from": "human", "value": "Say three."},
+            {"from": "gpt", "value": "Three."},
+        ],
+    }
+    bundle = build_datasets(make_spec(write_jsonl(tmp_path / "s.jsonl", [conversation])), tok)
+    row = bundle.train[0]
+    assert trained_runs(tok, row) == [" One.</s>", " Two.</s>", " Three.</s>"]
+    prompt = prompt_text(tok, row)
+    for text in ("Be short.", "Say one.", "Say two.", "Say three."):
+        assert text in prompt
+    assert "One." not in prompt
+
+
+def test_mask_prompt_false_and_text_rows_train_everything(tmp_path: Path, tok: Any) -> None:
+    path = write_jsonl(tmp_path / "a.jsonl", SINGLE)
+    row = build_datasets(make_spec(path, maskPrompt=False), tok).train[0]
+    assert row["labels"] == row["input_ids"]
+    assert tok.decode(row["input_ids"]).startswith("<s>User: What is")
+
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "plain words here"}])
+    row = build_datasets(make_spec(text), tok).train[0]
+    assert row["labels"] == row["input_ids"]
+    assert tok.decode(row["input_ids"]) == "plain words here</s>"
+
+
+def test_non_prefix_stable_template_falls_back_to_locating_answers(tmp_path: Path, tok: Any) -> None:
+    # the generation prompt ("Bot>") differs from how answers are rendered ("Answer: ...")
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+        "{% else %}Answer: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}Bot>{% endif %}"
+    )
+    bundle = build_datasets(make_spec(write_jsonl(tmp_path / "a.jsonl", SINGLE), template=template), tok)
+    assert trained_runs(tok, bundle.train[0]) == [f"{ANSWER}</s>"]
+
+
+def test_truncation_keeps_part_of_the_answer(tmp_path: Path, tok: Any) -> None:
+    long_prompt = "words " * 200 + "What is the opposite of hot?"
+    long_answer = " ".join(f"item{i}" for i in range(200))
+    rows = [
+        {"instruction": long_prompt, "output": "cold"},
+        {"instruction": "List items.", "output": long_answer},
+        {"instruction": long_prompt, "output": long_answer},
+    ]
+    bundle = build_datasets(
+        make_spec(write_jsonl(tmp_path / "a.jsonl", rows), maxLength=64, shuffle=False), tok
+    )
+    assert bundle.stats["train"]["truncated"] == 3
+    long_prompt_row, long_answer_row, both_row = (bundle.train[i] for i in range(3))
+    for row in (long_prompt_row, long_answer_row, both_row):
+        assert len(row["input_ids"]) == 64
+    # long prompt: the whole answer is kept; the prompt keeps bos and its end (the question)
+    assert trained_runs(tok, long_prompt_row) == [" cold</s>"]
+    assert long_prompt_row["input_ids"][0] == tok.bos_token_id
+    assert prompt_text(tok, long_prompt_row).endswith("What is the opposite of hot?\nAssistant:")
+    # long answer: the prompt is whole, the answer is cut at the end
+    assert prompt_text(tok, long_answer_row) == "<s>User: List items.\nAssistant:"
+    assert long_answer.startswith(trained_runs(tok, long_answer_row)[0].strip())
+    # both long: the answer keeps at least half of the sequence
+    assert sum(label != IGNORE for label in both_row["labels"]) >= 32
+
+
+def test_examples_without_trainable_tokens_are_dropped(tmp_path: Path, tok: Any) -> None:
+    rows = [
+        {"conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"}]},
+        {"conversations": [{"from": "human", "value": "only a question"}]},
+    ]
+    bundle = build_datasets(make_spec(write_jsonl(tmp_path / "s.jsonl", rows)), tok)
+    assert len(bundle.train) == 1
+    assert bundle.stats["train"]["droppedNoLabels"] == 1
+
+
+def test_pt_without_packing_truncates(tmp_path: Path, tok: Any) -> None:
+    docs = [{"text": "short doc"}, {"text": "long " * 100}]
+    bundle = build_datasets(
+        make_spec(
+            write_jsonl(tmp_path / "t.jsonl", docs), stage="pt", packing=False, maxLength=16, shuffle=False
+        ),
+        tok,
+    )
+    first, second = bundle.train[0], bundle.train[1]
+    assert tok.decode(first["input_ids"]) == "short doc</s>" and first["labels"] == first["input_ids"]
+    assert len(second["input_ids"]) == 16 and "position_ids" not in second
+    assert bundle.stats["train"]["truncated"] == 1
+
+
+def test_pt_packing_fills_rows_and_loses_only_the_tail(tmp_path: Path, tok: Any) -> None:
+    docs = [{"text": f"Document {i}: " + "the quick brown fox " * (i % 7 + 1)} for i in range(60)]
+    spec = make_spec(write_jsonl(tmp_path / "t.jsonl", docs), stage="pt", maxLength=48, shuffle=False)
+    assert spec.packing_enabled
+    bundle = build_datasets(spec, tok)
+    stream = []
+    for doc in docs:
+        stream += tok(doc["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    rows = list(bundle.train)
+    assert all(len(r["input_ids"]) == 48 for r in rows)
+    packed = [t for r in rows for t in r["input_ids"]]
+    assert len(packed) == len(stream) - len(stream) % 48  # only the tail is lost
+    assert packed == stream[: len(packed)]
+    for row in rows:
+        positions = row["position_ids"]
+        assert positions[0] == 0
+        for i in range(1, 48):
+            starts_doc = row["input_ids"][i - 1] == tok.eos_token_id
+            assert positions[i] == (0 if starts_doc else positions[i - 1] + 1)
+            assert (row["labels"][i] == IGNORE) == starts_doc
+            if not starts_doc:
+                assert row["labels"][i] == row["input_ids"][i]
+
+
+def test_pt_packing_eval_keeps_the_tail(tmp_path: Path, tok: Any) -> None:
+    docs = [{"text": f"doc {i} " + "word " * 5} for i in range(40)]
+    spec = make_spec(write_jsonl(tmp_path / "t.jsonl", docs), stage="pt", maxLength=64, evalSize=10)
+    bundle = build_datasets(spec, tok)
+    assert bundle.eval is not None
+    assert bundle.stats["eval"]["packedTokens"] == bundle.stats["eval"]["tokens"]
+    assert len(bundle.eval[len(bundle.eval) - 1]["input_ids"]) <= 64
+
+
+def test_pt_with_too_little_data_for_one_packed_row(tmp_path: Path, tok: Any) -> None:
+    from kubetune.trainer.errors import SpecError
+
+    with pytest.raises(SpecError) as err:
+        build_datasets(make_spec(write_jsonl(tmp_path / "t.jsonl", [{"text": "tiny"}]), stage="pt"), tok)
+    assert err.value.field == "data.maxLength"
+
+
+def sft_rows(n: int) -> list[dict[str, str]]:
+    return [
+        {"instruction": f"What is {a} plus {b}?", "output": f"{a} plus {b} is {a + b}." + " Yes." * (a % 4)}
+        for a, b in ((i % 10, (i * 3) % 10) for i in range(n))
+    ]
+
+
+def test_sft_packing_restarts_positions_and_keeps_examples(tmp_path: Path, tok: Any) -> None:
+    path = write_jsonl(tmp_path / "a.jsonl", sft_rows(40))
+    plain = build_datasets(make_spec(path, maxLength=96), tok).train
+    packed_bundle = build_datasets(make_spec(path, maxLength=96, packing=True), tok)
+    packed = packed_bundle.train
+    assert len(packed) < len(plain)
+    examples = []
+    for row in packed:
+        assert len(row["input_ids"]) <= 96
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+        assert starts[0] == 0 and len(starts) >= 2
+        for a, b in itertools.pairwise(starts):
+            assert row["position_ids"][a:b] == list(range(b - a))
+            assert row["labels"][a] == IGNORE
+            examples.append((tuple(row["input_ids"][a:b]), tuple(row["labels"][a + 1 : b])))
+    expected = sorted((tuple(r["input_ids"]), tuple(r["labels"][1:])) for r in plain)
+    assert sorted(examples) == expected
+
+
+def test_packed_logits_match_each_example_alone(tmp_path: Path, tok: Any, tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = write_jsonl(tmp_path / "a.jsonl", sft_rows(12))
+    spec = make_spec(path, maxLength=128, packing=True)
+    rows = list(build_datasets(spec, tok).train)
+    batch = make_collator(tok, spec)(rows[:2])  # padded packed batch: no attention_mask
+    assert "attention_mask" not in batch and "position_ids" in batch
+    assert batch["use_cache"] is False  # else transformers skips packed-sequence detection
+    for impl in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir, attn_implementation=impl, dtype=torch.float32
+        )
+        model.train()  # as under Trainer (the tiny model has no dropout), config.use_cache left True
+        assert model.config.use_cache
+        with torch.no_grad():
+            logits = model(**batch).logits
+            naive = model(input_ids=batch["input_ids"][:1]).logits  # no position_ids: one causal sequence
+        checked = 0
+        for b, row in enumerate(rows[:2]):
+            positions = row["position_ids"]
+            starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+            for a, e in itertools.pairwise(starts):
+                with torch.no_grad():
+                    alone = model(input_ids=torch.tensor([row["input_ids"][a:e]])).logits[0]
+                torch.testing.assert_close(logits[b, a:e], alone, atol=1e-4, rtol=0)
+                checked += 1
+        assert checked >= 4
+        # the check is meaningful: without restarting positions the second example differs
+        a, e = [i for i, p in enumerate(rows[0]["position_ids"]) if p == 0][1:3]
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([rows[0]["input_ids"][a:e]])).logits[0]
+        assert (naive[0, a:e] - alone).abs().max() > 1e-3
+
+
+def test_collator_pads_unpacked_rows(tok: Any) -> None:
+    spec = make_spec("unused.jsonl")
+    collate = make_collator(tok, spec)
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    pad = tok.pad_token_id
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert "position_ids" not in batch
+
+
+def test_collator_packed_rows_padded_and_flattened(tok: Any) -> None:
+    rows = [
+        {"input_ids": [1, 2, 3, 4], "labels": [-100, 2, -100, 4], "position_ids": [0, 1, 0, 1]},
+        {"input_ids": [5, 6], "labels": [-100, 6], "position_ids": [0, 1]},
+    ]
+    padded = make_collator(tok, make_spec("unused.jsonl", packing=True))(rows)
+    assert "attention_mask" not in padded
+    assert padded["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
+    assert padded["labels"].tolist()[1] == [-100, 6, -100, -100]
+    flat = make_collator(tok, make_spec("unused.jsonl"), flatten_packed=True)(rows)
+    assert flat["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6]]
+    assert flat["position_ids"].tolist() == [[0, 1, 0, 1, 0, 1]]
+    assert flat["use_cache"] is False and "attention_mask" not in flat
+
+
+def test_deterministic_for_a_seed(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    path = write_jsonl(tmp_path / "a.jsonl", sft_rows(50))
+
+    def ids(seed: int) -> list[list[int]]:
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        spec = make_spec(path, evalSize=0.2)
+        spec.train.seed = seed
+        return build_datasets(spec, tokenizer).train["input_ids"]
+
+    assert ids(1) == ids(1)
+    assert ids(1) != ids(2)
+
+
+STRICT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + (eos_token if m['role'] == 'assistant' else '') }}"
+    "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def test_template_that_rejects_the_data(tmp_path: Path, tok: Any) -> None:
+    from kubetune.trainer.errors import SpecError
+
+    plain = {"instruction": "Hi?", "output": "Hello."}
+    with_system = {**plain, "system": "Be kind."}
+    bundle = build_datasets(
+        make_spec(write_jsonl(tmp_path / "a.jsonl", [plain, with_system, plain]), template=STRICT_TEMPLATE),
+        tok,
+    )
+    assert len(bundle.train) == 2 and bundle.stats["train"]["droppedNoLabels"] == 1
+    assert trained_runs(tok, bundle.train[0]) == ["Hello.</s>"]
+    with pytest.raises(SpecError) as err:
+        build_datasets(
+            make_spec(write_jsonl(tmp_path / "b.jsonl", [with_system]), template=STRICT_TEMPLATE), tok
+        )
+    assert err.value.field == "data.template" and "System role not supported" in str(err.value)
+
+
+def test_pt_on_conversations_renders_the_template_and_trains_everything(tmp_path: Path, tok: Any) -> None:
+    spec = make_spec(write_jsonl(tmp_path / "a.jsonl", SINGLE), stage="pt", packing=False)
+    row = build_datasets(spec, tok).train[0]
+    assert row["labels"] == row["input_ids"]
+    assert tok.decode(row["input_ids"]) == f"<s>User: What is the opposite of hot?\nAssistant: {ANSWER}</s>"
