@@ -37,6 +37,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from kubetune.trainer.distributed import world_info
     from kubetune.trainer.runner import EXIT_INTERRUPTED, run
 
     loaded = _load(args)
@@ -44,6 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = run(loaded.spec)
     except SpecError as err:
         raise SpecErrors([err.prefixed(loaded.field_prefix)], loaded.source) from None
+    if world_info()[0] != 0:
+        return EXIT_INTERRUPTED if result.interrupted else 0  # rank 0 reports for the job
     if result.interrupted:
         print(f"Interrupted at step {result.global_step}; checkpoint saved in {result.output_dir}. "
               "Run the same command again to resume.", file=sys.stderr)
@@ -76,10 +79,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_templates(args: argparse.Namespace) -> int:
-    from kubetune.trainer.data.templates import TEMPLATES
+    from kubetune.trainer.data import describe_templates
 
-    for name in sorted(TEMPLATES):
-        print(name)
+    for name, description in describe_templates():
+        print(f"{name:10} {description}")
     return 0
 
 

@@ -16,6 +16,8 @@ class RunContext:
     data: Any
     """A `kubetune.trainer.data.DataBundle` (train, eval, stats)."""
     training_args: Any
+    data_collator: Any
+    """Batches rows (and counts tokens for throughput); the stage passes it to its Trainer."""
     callbacks: list[Any] = field(default_factory=list)
     optimizers: tuple[Any, Any] = (None, None)
     """(optimizer, scheduler) when the method builds its own (LoRA+); None lets Trainer build them."""

@@ -39,7 +39,6 @@ def deepspeed_config(ds: DeepSpeedSpec) -> dict[str, Any]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
         "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
         "zero_allow_untested_optimizer": True,

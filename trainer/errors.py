@@ -33,6 +33,10 @@ class SpecError(KubetuneError):
             text += f" Fix: {fix}"
         super().__init__(text)
 
+    def __reduce__(self):
+        # Picklable, so an error raised in a datasets worker process reaches the user intact.
+        return (type(self), (self.field, self.problem, self.fix))
+
     def prefixed(self, prefix: str) -> SpecError:
         """The same error with its field located inside a larger document (`spec.training`)."""
         if not prefix:

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from kubetune.trainer.callbacks import CheckpointRecorder, GracefulStop, MetricsWriter, StatusReporter
+from kubetune.trainer.callbacks import (
+    CheckpointRecorder,
+    GracefulStop,
+    MetricsWriter,
+    StatusReporter,
+    TokenCounter,
+)
 from kubetune.trainer.distributed import world_info
 from kubetune.trainer.errors import SpecError
 from kubetune.trainer.spec import TrainingSpec
@@ -113,7 +119,6 @@ def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, ha
         logging_steps=spec.logging.everySteps,
         logging_first_step=True,
         report_to=spec.logging.reportTo or "none",
-        include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         ddp_backend=None if cuda_available() or world_size == 1 else "gloo",
         ddp_find_unused_parameters=False if world_size > 1 else None,
@@ -139,6 +144,8 @@ def with_trainable_embeddings(spec: TrainingSpec, model) -> TrainingSpec:
 
 def save_final(trainer, spec: TrainingSpec, tokenizer, output_dir: Path) -> None:
     """Final model (or adapter) with its tokenizer and the resolved spec, in the output root."""
+    unwrapped = getattr(trainer.model, "get_base_model", lambda: trainer.model)()
+    unwrapped.config.use_cache = True  # the saved model is for inference
     trainer.save_model(str(output_dir))
     if not trainer.is_world_process_zero():
         return
@@ -156,7 +163,7 @@ def run(spec: TrainingSpec) -> RunResult:
     import transformers
 
     from kubetune.trainer.context import RunContext
-    from kubetune.trainer.data import apply_template, build_datasets
+    from kubetune.trainer.data import apply_template, build_datasets, make_collator
     from kubetune.trainer.models.loader import load_model, load_tokenizer, pick_precision
     from kubetune.trainer.models.methods import apply_method, loraplus_optimizer
     from kubetune.trainer.models.vocab import extend_tokenizer, resize_embeddings
@@ -184,27 +191,37 @@ def run(spec: TrainingSpec) -> RunResult:
         resize_embeddings(model, len(tokenizer), spec.vocab.noiseStd, spec.train.seed)
         spec = with_trainable_embeddings(spec, model)
     model = apply_method(model, spec)
+    # A KV cache is useless in training and, when present, transformers skips the packed-sequence
+    # detection that keeps packed examples from attending to each other.
+    model.config.use_cache = False
 
     args = build_training_args(spec, output_dir, precision, has_eval=data.eval is not None)
     optimizers = (loraplus_optimizer(model, spec, args), None) if spec.uses_lora and spec.lora.loraplusRatio else (None, None)
-    metrics = MetricsWriter(output_dir)
+    flash = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
+    counter = TokenCounter(make_collator(tokenizer, spec, flatten_packed=flash))
+    metrics = MetricsWriter(output_dir, counter)
     checkpoints = CheckpointRecorder(session)
     status = StatusReporter(session, metrics, checkpoints)
     stop = GracefulStop()
     ctx = RunContext(spec=spec, model=model, tokenizer=tokenizer, data=data, training_args=args,
-                     callbacks=[metrics, checkpoints, status, stop], optimizers=optimizers)
+                     callbacks=[metrics, checkpoints, status, stop], optimizers=optimizers,
+                     data_collator=counter)
     trainer = stage_module(spec.stage).build_trainer(ctx)
 
     if rank == 0:
         (output_dir / RESOLVED_SPEC_FILE).write_text(yaml.safe_dump(spec.to_document(), sort_keys=False))
         metrics.write({"event": "start", "time": time.time(), "resumedFrom": resume_from, "precision": precision,
                        "worldSize": args.world_size, "data": data.stats})
-    prompts = sample_prompts(data.eval, spec.logging.samples) if rank == 0 else []
+    deepspeed = spec.distributed.deepspeed
+    # Generating on one rank needs the whole model there: not so with ZeRO-partitioned weights.
+    prompts = sample_prompts(data.eval, spec.logging.samples) if rank == 0 and deepspeed is None else []
     stop.install()
     try:
         if resume_from is None:
-            if data.eval is not None:
-                trainer.evaluate()  # the baseline every later eval loss is compared against
+            if data.eval is not None and (deepspeed is None or deepspeed.stage == 3):
+                # The baseline every later eval loss is compared against. (transformers cannot
+                # evaluate before training under ZeRO-0/1/2: the engine does not exist yet.)
+                trainer.evaluate()
             record_samples(output_dir / SAMPLES_FILE, "before", 0, generate_samples(trainer.model, tokenizer, prompts))
         trainer.train(resume_from_checkpoint=resume_from)
     except BaseException as exc:

@@ -57,6 +57,8 @@ def generate_samples(model, tokenizer, prompts: list[list[int]], max_new_tokens:
 
 
 def record_samples(path: Path, when: str, step: int, samples: list[dict[str, Any]]) -> None:
+    if not samples:
+        return
     with Path(path).open("a") as handle:
         for sample in samples:
             handle.write(json.dumps({"when": when, "step": step, **sample}) + "\n")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from transformers import Trainer
 
 from kubetune.trainer.context import RunContext
-from kubetune.trainer.data import make_collator
 
 
 def build_trainer(ctx: RunContext) -> Trainer:
@@ -18,7 +17,7 @@ def build_trainer(ctx: RunContext) -> Trainer:
         args=ctx.training_args,
         train_dataset=ctx.data.train,
         eval_dataset=ctx.data.eval,
-        data_collator=make_collator(ctx.tokenizer, ctx.spec),
+        data_collator=ctx.data_collator,
         processing_class=ctx.tokenizer,
         callbacks=ctx.callbacks,
         optimizers=ctx.optimizers,
