@@ -1,0 +1,112 @@
+"""`kubetune crds` and `kubetune operator`: the operator's subcommands, registered into the main
+CLI through the `kubetune.cli` entry point. kopf is imported only when the operator runs, so
+`kubetune train` never loads it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    crds = subparsers.add_parser(
+        "crds",
+        help="write the CustomResourceDefinitions (generated from the spec models)",
+        description="Write the CRDs of FineTuneJob and AlignmentJob. Without --out, print them as one "
+        "multi-document YAML stream (for `kubetune crds | kubectl apply -f -`).",
+    )
+    crds.add_argument("--out", metavar="DIR", help="write one file per CRD into DIR (e.g. crds/)")
+    crds.add_argument("--check", action="store_true", help="with --out: exit 1 if the files there are stale")
+    crds.set_defaults(func=cmd_crds)
+
+    op = subparsers.add_parser(
+        "operator",
+        help="run the kubetune operator (kopf) against the current cluster",
+        description="Reconcile FineTuneJobs and AlignmentJobs into training pods. Uses the in-cluster "
+        "service account, else $KUBECONFIG.",
+    )
+    scope = op.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[], metavar="NS",
+                       help="watch this namespace (repeatable; globs like team-* work)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster (the default)")
+    peering = op.add_mutually_exclusive_group()
+    peering.add_argument("--standalone", action="store_true",
+                         help="no peering: only for a single replica (never run two like this)")
+    peering.add_argument("--peering", metavar="NAME", default=None,
+                         help="kopf peering object shared by the replicas, so only one acts (default: kopf's)")
+    op.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    op.add_argument("--liveness", metavar="URL", default=None,
+                    help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    op.add_argument("--trainer-image", default=None, help="default image of the training pods")
+    op.add_argument("--reconcile-interval", type=float, default=None, metavar="SECONDS",
+                    help="how often a running job's Job and status.json are observed (default 10)")
+    op.add_argument("--webhook-port", type=int, default=None, help="serve the validating admission webhook on this port")
+    op.add_argument("--webhook-host", default=None, help="the webhook's hostname as the API server reaches it")
+    op.add_argument("--webhook-cert", default=None, help="TLS certificate file of the webhook server")
+    op.add_argument("--webhook-key", default=None, help="TLS private key file of the webhook server")
+    op.add_argument("--webhook-managed", default=None, metavar="NAME",
+                    help="let the operator create/update the ValidatingWebhookConfiguration NAME")
+    op.add_argument("-v", "--verbose", action="store_true")
+    op.add_argument("--debug", action="store_true")
+    op.set_defaults(func=cmd_operator)
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    from kubetune.operator.resources import crd_files
+
+    files = crd_files()
+    if not args.out:
+        if args.check:
+            print("--check needs --out DIR", file=sys.stderr)
+            return 2
+        sys.stdout.write("---\n".join(files.values()))
+        return 0
+    out = Path(args.out)
+    if args.check:
+        stale = [name for name, text in files.items() if not (out / name).is_file() or (out / name).read_text() != text]
+        for name in stale:
+            print(f"stale: {out / name} (run `kubetune crds --out {out}`)", file=sys.stderr)
+        return 1 if stale else 0
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text)
+        print(out / name)
+    return 0
+
+
+def operator_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The handler module's settings, from the flags (read when it is imported)."""
+    env: dict[str, str] = {}
+    if args.trainer_image:
+        env["KUBETUNE_TRAINER_IMAGE"] = args.trainer_image
+    if args.reconcile_interval is not None:
+        env["KUBETUNE_RECONCILE_INTERVAL"] = str(args.reconcile_interval)
+    if args.webhook_port is not None:
+        env["KUBETUNE_WEBHOOK_PORT"] = str(args.webhook_port)
+        for flag, name in ((args.webhook_host, "HOST"), (args.webhook_cert, "CERT"), (args.webhook_key, "KEY"),
+                           (args.webhook_managed, "MANAGED")):
+            if flag:
+                env[f"KUBETUNE_WEBHOOK_{name}"] = flag
+    return env
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    os.environ.update(operator_environment(args))
+    import kopf
+
+    kopf.configure(verbose=args.verbose, debug=args.debug)
+    import kubetune.operator.handlers  # noqa: F401  (registers the handlers)
+
+    namespaces = list(args.namespace)
+    kopf.run(
+        standalone=args.standalone,
+        peering_name=args.peering,
+        priority=args.priority,
+        liveness_endpoint=args.liveness,
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+    )
+    return 0

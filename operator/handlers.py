@@ -1,0 +1,193 @@
+"""The kopf handlers: thin shells over `reconcile.py`.
+
+Run with `kubetune operator` (or `kopf run -m kubetune.operator.handlers`). Every handler calls
+one function, `reconcile_object`, which reads the resource fresh, observes its children, lets
+the pure `reconcile()` decide, and carries out the plan. Change handlers (create, update,
+resume) and Job events (the Job controller updating a Job's status) react at once; a timer
+observes in-flight jobs and the trainer's status.json every `KUBETUNE_RECONCILE_INTERVAL`
+seconds. There is no delete handler: the children carry owner references, so Kubernetes'
+garbage collector removes them with the resource (outputs in S3 are never touched). kopf puts
+its finalizer on the resources because of the timer and removes it at deletion.
+
+Environment (set by `kubetune operator` from its flags):
+- KUBETUNE_TRAINER_IMAGE: default image of the training pods;
+- KUBETUNE_RECONCILE_INTERVAL: seconds between observations of a job in flight (default 10);
+- KUBETUNE_KOPF_EVENTS=0: do not let kopf post its own log events (ours are always posted);
+- KUBETUNE_WEBHOOK_PORT / _HOST / _CERT / _KEY / _MANAGED: serve the validating admission
+  webhook (and let kopf manage its ValidatingWebhookConfiguration when _MANAGED is set).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+import kopf
+
+from kubetune.operator.kube import Kube
+from kubetune.operator.reconcile import Observed, needs_trainer_status, reconcile, status_patch
+from kubetune.operator.render.common import MANAGED_BY, child_names, is_owned_by, selector_labels
+from kubetune.operator.render.training import RenderOptions
+from kubetune.operator.resources import GROUP, KINDS, TERMINAL_PHASES, TRAINING_KINDS, VERSION
+from kubetune.operator.status import read_trainer_status
+from kubetune.operator.validation import AdmissionRefused, admit, validate_resource
+from kubetune.trainer.errors import SpecErrors
+
+log = logging.getLogger("kubetune.operator")
+
+INTERVAL = float(os.environ.get("KUBETUNE_RECONCILE_INTERVAL", "10"))
+TRAINING_PLURALS = [KINDS[k].plural for k in TRAINING_KINDS]
+
+_state: dict[str, Any] = {}
+_locks: dict[tuple[str, str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.enabled = _flag("KUBETUNE_KOPF_EVENTS", True)
+    settings.scanning.disabled = not _flag("KUBETUNE_KOPF_SCANNING", True)
+    settings.watching.server_timeout = int(os.environ.get("KUBETUNE_WATCH_TIMEOUT", "300"))
+    port = os.environ.get("KUBETUNE_WEBHOOK_PORT")
+    if port:
+        settings.admission.server = kopf.WebhookServer(
+            addr=os.environ.get("KUBETUNE_WEBHOOK_ADDR", "0.0.0.0"),
+            port=int(port),
+            host=os.environ.get("KUBETUNE_WEBHOOK_HOST") or None,
+            certfile=os.environ.get("KUBETUNE_WEBHOOK_CERT") or None,
+            pkeyfile=os.environ.get("KUBETUNE_WEBHOOK_KEY") or None,
+            insecure=_flag("KUBETUNE_WEBHOOK_INSECURE", False),
+        )
+        managed = os.environ.get("KUBETUNE_WEBHOOK_MANAGED")
+        if managed:
+            settings.admission.managed = managed
+    _state["kube"] = Kube()
+    _state["options"] = RenderOptions(
+        default_image=os.environ.get("KUBETUNE_TRAINER_IMAGE") or RenderOptions.default_image
+    )
+
+
+def _lock(kind: str, namespace: str, name: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault((kind, namespace, name), threading.Lock())
+
+
+def _storage_settings(cr: dict[str, Any]) -> Any:
+    """StorageSpec for reading status.json: the job's training.storage, with the cluster-level
+    endpoint as a fallback. Credentials are the operator's own (its environment / identity)."""
+    from kubetune.trainer.spec import StorageSpec
+
+    spec = cr.get("spec") or {}
+    raw = dict(((spec.get("training") or {}).get("storage")) or {})
+    endpoint = (spec.get("storage") or {}).get("endpoint")
+    if endpoint and not raw.get("endpointUrl"):
+        raw["endpointUrl"] = endpoint
+    try:
+        return StorageSpec.model_validate(raw)
+    except Exception:
+        return StorageSpec()
+
+
+def observe(kube: Kube, cr: dict[str, Any]) -> Observed:
+    kind, meta = cr["kind"], cr["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    names = child_names(kind, name)
+    status = cr.get("status") or {}
+    jobs = [j for j in kube.list("Job", namespace, selector_labels(kind, name)) if is_owned_by(j, cr)]
+    observed = Observed(
+        jobs=jobs,
+        config_map=kube.get("ConfigMap", namespace, names.config_map),
+        service=kube.get("Service", namespace, names.service),
+    )
+    started = bool(status.get("trainingHash")) or bool(jobs)
+    if not started and status.get("phase") not in TERMINAL_PHASES:
+        try:
+            spec = validate_resource(cr)
+        except SpecErrors:
+            spec = None
+        if spec is not None:
+            if spec.storage.secretRef is not None:
+                secret = kube.get("Secret", namespace, spec.storage.secretRef.name, metadata_only=True)
+                observed.secret_found = secret is not None
+            for field in ("baseModelFrom", "rewardModelFrom"):
+                ref = getattr(spec, field, None)
+                if ref is not None:
+                    observed.references[field] = kube.get(ref.kind, namespace, ref.name)
+    location = needs_trainer_status(cr)
+    if location:
+        observed.trainer_status = read_trainer_status(location, _storage_settings(cr))
+    return observed
+
+
+def reconcile_object(kind: str, namespace: str, name: str, kube: Kube | None = None, options: RenderOptions | None = None) -> None:
+    """Read, observe, decide, act — for one resource, one thread at a time."""
+    kube = kube or _state["kube"]
+    options = options or _state["options"]
+    with _lock(kind, namespace, name):
+        cr = kube.get(kind, namespace, name)
+        if cr is None or (cr.get("metadata") or {}).get("deletionTimestamp"):
+            return
+        cr.setdefault("metadata", {}).setdefault("namespace", namespace)
+        cr.setdefault("kind", kind)
+        if not _in_flight(cr.get("status") or {}):
+            return
+        plan = reconcile(cr, observe(kube, cr), options=options)
+        for obj in plan.create:
+            _, created = kube.create(obj)
+            log.info("%s %s/%s: %s %s", kind, namespace, name,
+                     "created" if created else "found existing", f"{obj['kind']} {obj['metadata']['name']}")
+        for child_kind, child_name, patch in plan.patch:
+            kube.patch(child_kind, namespace, child_name, patch)
+        patch = status_patch(cr.get("status"), plan.status)
+        if patch:
+            kube.patch(kind, namespace, name, {"status": patch}, subresource="status")
+        for event in plan.events:
+            kube.post_event(cr, event.type, event.reason, event.message)
+
+
+def _on_change(body: kopf.Body, name: str, namespace: str, **_: Any) -> None:
+    reconcile_object(body["kind"], namespace, name)
+
+
+def _in_flight(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") not in TERMINAL_PHASES or (
+        status.get("phase") == "Failed" and status.get("reason") == "InvalidSpec"
+    )
+
+
+def _on_job_event(body: kopf.Body, namespace: str, **_: Any) -> None:
+    """A Job of ours changed (the Job controller updated its status): reconcile its owner now
+    rather than at the next timer tick."""
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") in TRAINING_KINDS and ref.get("controller"):
+            reconcile_object(ref["kind"], namespace, ref["name"])
+
+
+def _admit(body: kopf.Body, old: Any, operation: str | None, warnings: list[str], **_: Any) -> None:
+    """Validating admission: refuse a bad spec with the message `kubetune validate` prints."""
+    try:
+        warnings.extend(admit(operation, dict(old) if old else None, dict(body)))
+    except AdmissionRefused as exc:
+        raise kopf.AdmissionError(str(exc), code=422) from None
+
+
+kopf.on.event("batch", "v1", "jobs", id="job-changed", labels={"app.kubernetes.io/managed-by": MANAGED_BY})(_on_job_event)
+
+for _plural in TRAINING_PLURALS:
+    kopf.on.create(GROUP, VERSION, _plural, id="reconcile-create")(_on_change)
+    kopf.on.update(GROUP, VERSION, _plural, id="reconcile-update", field="spec")(_on_change)
+    kopf.on.resume(GROUP, VERSION, _plural, id="reconcile-resume")(_on_change)
+    kopf.timer(GROUP, VERSION, _plural, id="observe", interval=INTERVAL, when=_in_flight)(_on_change)
+    if os.environ.get("KUBETUNE_WEBHOOK_PORT"):  # kopf refuses admission handlers without a server
+        kopf.on.validate(GROUP, VERSION, _plural, id="validate-spec", operations=["CREATE", "UPDATE"])(_admit)

@@ -1,0 +1,165 @@
+"""A small dict-in, dict-out Kubernetes client for the handlers (the only I/O of the operator
+besides reading status.json). Built on the official client's ApiClient for authentication, but
+bodies stay plain JSON: the same dicts the renderers produce and the tests assert on."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import socket
+import uuid
+from typing import Any
+
+from kubetune.operator.resources import GROUP, KINDS, VERSION
+
+log = logging.getLogger("kubetune.operator")
+
+_CORE = {"ConfigMap": "configmaps", "Service": "services", "Secret": "secrets", "Event": "events", "Pod": "pods"}
+_BATCH = {"Job": "jobs"}
+MERGE_PATCH = "application/merge-patch+json"
+PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+def collection_path(kind: str, namespace: str) -> str:
+    if kind in _CORE:
+        return f"/api/v1/namespaces/{namespace}/{_CORE[kind]}"
+    if kind in _BATCH:
+        return f"/apis/batch/v1/namespaces/{namespace}/{_BATCH[kind]}"
+    if kind in KINDS:
+        return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{KINDS[kind].plural}"
+    raise KeyError(f"unknown kind {kind}")
+
+
+def object_path(kind: str, namespace: str, name: str, subresource: str | None = None) -> str:
+    path = f"{collection_path(kind, namespace)}/{name}"
+    return f"{path}/{subresource}" if subresource else path
+
+
+def load_api_client() -> Any:
+    """An ApiClient from the in-cluster service account, else $KUBECONFIG / ~/.kube/config."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+        return client.ApiClient()
+    except config.ConfigException:
+        pass
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+class Kube:
+    def __init__(self, api_client: Any | None = None):
+        self.api = api_client or load_api_client()
+        self.instance = socket.gethostname()
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        accept: str = "application/json",
+        query: list[tuple[str, str]] | None = None,
+    ) -> dict[str, Any]:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            response = self.api.call_api(
+                path,
+                method,
+                query_params=query or [],
+                header_params={"Content-Type": content_type, "Accept": accept},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
+            )
+        except ApiException as exc:
+            raise KubeError(exc.status or 0, (exc.body or exc.reason or "").strip()[:500]) from None
+        data = response.data
+        return json.loads(data) if data else {}
+
+    # -- generic verbs -----------------------------------------------------------------
+    def get(self, kind: str, namespace: str, name: str, *, metadata_only: bool = False) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", object_path(kind, namespace, name), accept=PARTIAL_METADATA if metadata_only else "application/json")
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list(self, kind: str, namespace: str, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        query = []
+        if labels:
+            query.append(("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(labels.items()))))
+        items = self._call("GET", collection_path(kind, namespace), query=query).get("items") or []
+        if labels:  # do not rely on the server's filtering
+            items = [i for i in items if all(((i.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in labels.items())]
+        return items
+
+    def create(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Create; when it already exists, return the existing object (created=False)."""
+        meta = body["metadata"]
+        try:
+            return self._call("POST", collection_path(body["kind"], meta["namespace"]), body), True
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+        existing = self.get(body["kind"], meta["namespace"], meta["name"])
+        return existing or {}, False
+
+    def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any], *, subresource: str | None = None) -> dict[str, Any]:
+        return self._call("PATCH", object_path(kind, namespace, name, subresource), patch, content_type=MERGE_PATCH)
+
+    def delete(self, kind: str, namespace: str, name: str, *, propagation: str = "Background") -> bool:
+        try:
+            self._call("DELETE", object_path(kind, namespace, name), {"propagationPolicy": propagation})
+            return True
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    # -- events ------------------------------------------------------------------------
+    def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event on `obj` (explicit unique name: no reliance on generateName).
+        Best effort: a failure is logged, never raised."""
+        meta = obj.get("metadata") or {}
+        namespace = meta.get("namespace") or "default"
+        now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta.get('name')}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion"),
+                "kind": obj.get("kind"),
+                "name": meta.get("name"),
+                "namespace": namespace,
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1000],
+            "source": {"component": "kubetune-operator"},
+            "reportingComponent": "kubetune.io/operator",
+            "reportingInstance": self.instance[:128],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self._call("POST", collection_path("Event", namespace), event)
+        except Exception as exc:  # events must never break reconciling
+            log.warning("could not post event %s on %s/%s: %s", reason, namespace, meta.get("name"), exc)

@@ -1,0 +1,458 @@
+"""The decision logic of the training kinds, as plain functions over dicts.
+
+`reconcile(cr, observed, now)` looks at a FineTuneJob/AlignmentJob and what exists around it
+(its Jobs, ConfigMap, Service, the S3 Secret, referenced jobs, the trainer's status.json) and
+returns a `Plan`: objects to create, patches, the new status and the events to post. The kopf
+handlers only gather the observations and carry the plan out, so every rule here is tested
+without a cluster, and running it twice on the same world changes nothing (idempotent: an
+operator restart in the middle creates no duplicates, children are found by name and owner).
+
+Lifecycle:
+- invalid spec -> Failed (InvalidSpec), until the spec is fixed;
+- missing Secret or referenced job -> Pending with DependenciesReady=False (waits);
+  a referenced job that failed -> Failed (ReferenceFailed);
+- start: ConfigMap (the resolved spec, never changed afterwards), headless Service, Job attempt 1;
+- Job active -> Running; Job complete -> Succeeded;
+- Job failed: exit code 2 (podFailurePolicy) -> Failed (ConfigError); deadline -> Failed;
+  otherwise the whole gang restarts as attempt n+1 (a new Job; the trainer resumes from the last
+  complete checkpoint) while attempts <= backoffLimit, else Failed (BackoffLimitExceeded);
+- `suspend: true` suspends the Job (pods stop, saving a checkpoint on SIGTERM) -> Suspended;
+- spec.training changed after start -> SpecValid=False (TrainingSpecImmutable) + a Warning
+  event; the job keeps training the original spec.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.operator.render.common import (
+    ANNOTATION_ATTEMPT,
+    ANNOTATION_TRAINING_HASH,
+    LABEL_ATTEMPT,
+    child_names,
+)
+from kubetune.operator.render.training import (
+    RenderOptions,
+    render_config_map,
+    render_job,
+    render_service,
+    training_hash,
+)
+from kubetune.operator.resources import TERMINAL_PHASES, ClusterFields
+from kubetune.operator.status import (
+    COND_FAILED,
+    COND_RUNNING,
+    COND_SUCCEEDED,
+    COND_SUSPENDED,
+    FAILED,
+    PENDING,
+    READY_TO_START,
+    RUNNING,
+    SPEC_VALID,
+    SUCCEEDED,
+    SUSPENDED,
+    now_iso,
+    parse_time,
+    progress_from_trainer,
+    set_condition,
+)
+from kubetune.operator.validation import validate_resource
+from kubetune.trainer.errors import SpecErrors
+
+REFERENCE_FIELDS = ("baseModelFrom", "rewardModelFrom")
+
+
+@dataclass
+class Observed:
+    """What the handler saw around the custom resource."""
+
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    """batch/v1 Jobs owned by the resource (every attempt still present)."""
+    config_map: dict[str, Any] | None = None
+    service: dict[str, Any] | None = None
+    secret_found: bool | None = None
+    """None when no Secret is referenced."""
+    references: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    """baseModelFrom/rewardModelFrom -> the referenced resource, or None when it does not exist."""
+    trainer_status: dict[str, Any] | None = None
+    """The trainer's status.json, when readable."""
+
+
+@dataclass
+class Event:
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    status: dict[str, Any]
+    create: list[dict[str, Any]] = field(default_factory=list)
+    patch: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    """(kind, name, merge patch) for existing children."""
+    events: list[Event] = field(default_factory=list)
+
+
+def job_attempt(job: dict[str, Any]) -> int:
+    meta = job.get("metadata") or {}
+    raw = (meta.get("annotations") or {}).get(ANNOTATION_ATTEMPT) or (meta.get("labels") or {}).get(LABEL_ATTEMPT)
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return 0
+
+
+def job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def output_uri_of(body: dict[str, Any]) -> str:
+    """Where a training resource's outputs are: the trainer's report, else its spec."""
+    status = body.get("status") or {}
+    if status.get("outputUri"):
+        return status["outputUri"]
+    training = (body.get("spec") or {}).get("training") or {}
+    name = training.get("name") or (body.get("metadata") or {}).get("name") or "kubetune"
+    return (training.get("output") or {}).get("path") or f"outputs/{name}"
+
+
+class _Reconciler:
+    def __init__(self, cr: dict[str, Any], observed: Observed, now: datetime.datetime, options: RenderOptions):
+        self.cr = cr
+        self.obs = observed
+        self.now = now
+        self.ts = now_iso(now)
+        self.options = options
+        self.kind = cr["kind"]
+        self.meta = cr.get("metadata") or {}
+        self.name = self.meta["name"]
+        self.namespace = self.meta.get("namespace") or "default"
+        self.generation = self.meta.get("generation")
+        self.status: dict[str, Any] = copy.deepcopy(cr.get("status") or {})
+        self.plan = Plan(status=self.status)
+        self.names = child_names(self.kind, self.name)
+
+    # -- helpers -------------------------------------------------------------------------
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.plan.events.append(Event(type_, reason, message))
+
+    def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
+        """Set the phase; an event is posted when the phase or its reason changes."""
+        if self.status.get("phase") != phase or self.status.get("reason") != reason:
+            self.event(event_type, reason, message)
+        self.status.update(phase=phase, reason=reason, message=message)
+
+    def condition(self, type_: str, value: bool, reason: str, message: str = "") -> bool:
+        return set_condition(self.status, type_, value, reason, message, now=self.ts, generation=self.generation)
+
+    def drop_condition(self, type_: str) -> None:
+        conditions = [c for c in self.status.get("conditions") or [] if c.get("type") != type_]
+        if conditions:
+            self.status["conditions"] = conditions
+        else:
+            self.status.pop("conditions", None)
+
+    def finish(self, phase: str, reason: str, message: str) -> None:
+        event_type = "Normal" if phase == SUCCEEDED else "Warning"
+        self.transition(phase, reason, message, event_type)
+        self.status.setdefault("completionTime", self.ts)
+        self.condition(COND_SUCCEEDED if phase == SUCCEEDED else COND_FAILED, True, reason, message)
+        if self.status.get("startTime"):
+            self.condition(COND_RUNNING, False, reason, "the job has finished")
+
+    # -- the rules -----------------------------------------------------------------------
+    def run(self) -> Plan:
+        phase = self.status.get("phase")
+        retry_invalid = (
+            phase == FAILED
+            and self.status.get("reason") == "InvalidSpec"
+            and self.generation != self.status.get("observedGeneration")
+        )
+        if phase in TERMINAL_PHASES and not retry_invalid:
+            return self.plan
+        try:
+            spec = validate_resource(self.cr)
+        except SpecErrors as exc:
+            self.condition(SPEC_VALID, False, "InvalidSpec", str(exc))
+            self.finish(FAILED, "InvalidSpec", str(exc))
+            self.status["observedGeneration"] = self.generation
+            return self.plan
+        if retry_invalid:
+            self.drop_condition(COND_FAILED)
+            self.status.pop("completionTime", None)
+        self.status["observedGeneration"] = self.generation
+        current_hash = training_hash((self.cr.get("spec") or {}).get("training"))
+        self.adopt()
+        started_hash = self.status.get("trainingHash")
+        if started_hash and started_hash != current_hash:
+            message = (
+                "spec.training changed after the job started; the change is ignored and the job "
+                "keeps training the original spec. Revert it, or create a new job."
+            )
+            if self.condition(SPEC_VALID, False, "TrainingSpecImmutable", message):
+                self.event("Warning", "TrainingSpecImmutable", message)
+        else:
+            self.condition(SPEC_VALID, True, "Valid", "the spec is valid")
+
+        if not started_hash:
+            references = self.dependencies(spec)
+            if references is None:
+                return self.plan
+            self.start(spec, references, current_hash)
+            return self.plan
+        self.ensure_support_objects(spec, current_hash)
+        self.follow_job(spec)
+        return self.plan
+
+    def adopt(self) -> None:
+        """Pick up children that exist although the status does not know them (an operator
+        restart between creating them and writing the status)."""
+        attempts = [job_attempt(j) for j in self.obs.jobs]
+        if attempts and max(attempts) > (self.status.get("attempts") or 0):
+            self.status["attempts"] = max(attempts)
+            self.status["jobName"] = self.names.job(max(attempts))
+        if not self.status.get("trainingHash") and (self.obs.jobs or self.obs.config_map):
+            annotations = ((self.obs.config_map or {}).get("metadata") or {}).get("annotations") or {}
+            self.status["trainingHash"] = annotations.get(ANNOTATION_TRAINING_HASH) or training_hash(
+                (self.cr.get("spec") or {}).get("training")
+            )
+            self.status.setdefault("startTime", self.ts)
+            self.status.setdefault("outputUri", output_uri_of(self.cr))
+
+    def dependencies(self, spec: ClusterFields) -> dict[str, str] | None:
+        """Resolved references, or None after setting why the job cannot start yet."""
+        ref = spec.storage.secretRef
+        if ref is not None and self.obs.secret_found is False:
+            return self.blocked(
+                "SecretNotFound",
+                f"Secret {ref.name!r} (spec.storage.secretRef) does not exist in namespace "
+                f"{self.namespace}; create it with the S3 credentials.",
+            )
+        references: dict[str, str] = {}
+        for name in REFERENCE_FIELDS:
+            wanted = getattr(spec, name, None)
+            if wanted is None:
+                continue
+            target = self.obs.references.get(name)
+            label = f"spec.{name}: {wanted.kind} {wanted.name!r}"
+            if target is None:
+                return self.blocked("ReferenceNotFound", f"{label} does not exist in namespace {self.namespace}.")
+            tstatus = target.get("status") or {}
+            tphase = tstatus.get("phase")
+            if tphase == FAILED:
+                message = f"{label} failed ({tstatus.get('reason') or 'Failed'}): {tstatus.get('message') or ''}".strip()
+                self.condition(READY_TO_START, False, "ReferenceFailed", message)
+                self.finish(FAILED, "ReferenceFailed", message)
+                return None
+            if tphase != SUCCEEDED:
+                percent = (tstatus.get("progress") or {}).get("percent")
+                detail = f"{tphase or 'Pending'}" + (f", {percent}%" if percent is not None else "")
+                return self.blocked("WaitingForReference", f"waiting for {label} to succeed (now {detail}).", "Normal")
+            references[name] = output_uri_of(target)
+        self.condition(READY_TO_START, True, "Ready", "dependencies are available")
+        return references
+
+    def blocked(self, reason: str, message: str, event_type: str = "Warning") -> None:
+        self.condition(READY_TO_START, False, reason, message)
+        self.transition(PENDING, reason, message, event_type)
+        return None
+
+    def deadline_left(self, spec: ClusterFields) -> int | None:
+        if spec.activeDeadlineSeconds is None:
+            return None
+        started = parse_time(self.status.get("startTime")) or self.now
+        return spec.activeDeadlineSeconds - int((self.now - started).total_seconds())
+
+    def start(self, spec: ClusterFields, references: dict[str, str], current_hash: str) -> None:
+        self.status.update(startTime=self.ts, trainingHash=current_hash, attempts=1)
+        self.status["outputUri"] = output_uri_of(self.cr)
+        for name, uri in references.items():
+            self.status["baseModelUri" if name == "baseModelFrom" else "rewardModelUri"] = uri
+        if self.obs.config_map is None:
+            self.plan.create.append(
+                render_config_map(self.cr, spec, namespace=self.namespace, references=references)
+            )
+        if self.obs.service is None:
+            self.plan.create.append(render_service(self.cr, namespace=self.namespace, options=self.options))
+        self.create_job(spec, 1)
+        gpus = f" x {spec.gpusPerNode} GPUs" if spec.gpusPerNode else " (no GPUs)"
+        self.transition(PENDING, "JobCreated", f"created Job {self.names.job(1)}: {spec.nodes} node(s){gpus}")
+        self.condition(COND_RUNNING, False, "PodsStarting", "waiting for the pods to start")
+
+    def create_job(self, spec: ClusterFields, attempt: int) -> None:
+        self.plan.create.append(
+            render_job(
+                self.cr, spec, attempt=attempt, namespace=self.namespace, options=self.options,
+                active_deadline_seconds=self.deadline_left(spec),
+            )
+        )
+        self.status["attempts"] = attempt
+        self.status["jobName"] = self.names.job(attempt)
+
+    def ensure_support_objects(self, spec: ClusterFields, current_hash: str) -> None:
+        """Recreate a ConfigMap/Service someone deleted (the ConfigMap only while the training
+        spec is unchanged: it must hold the spec the job started with)."""
+        if self.obs.service is None:
+            self.plan.create.append(render_service(self.cr, namespace=self.namespace, options=self.options))
+        if self.obs.config_map is None and self.status.get("trainingHash") == current_hash:
+            references = {}
+            if self.status.get("baseModelUri"):
+                references["baseModelFrom"] = self.status["baseModelUri"]
+            if self.status.get("rewardModelUri"):
+                references["rewardModelFrom"] = self.status["rewardModelUri"]
+            self.plan.create.append(render_config_map(self.cr, spec, namespace=self.namespace, references=references))
+
+    def current_job(self) -> dict[str, Any] | None:
+        attempt = self.status.get("attempts") or 0
+        for job in self.obs.jobs:
+            if job_attempt(job) == attempt:
+                return job
+        return None
+
+    def follow_job(self, spec: ClusterFields) -> None:
+        attempt = self.status.get("attempts") or 1
+        job = self.current_job()
+        trainer = self.obs.trainer_status
+        if trainer is not None and self.fresh(trainer):
+            progress = progress_from_trainer(trainer)
+            if progress:
+                self.status["progress"] = progress
+            if isinstance(trainer.get("outputUri"), str):
+                self.status["outputUri"] = trainer["outputUri"]
+        else:
+            trainer = None
+        left = self.deadline_left(spec)
+        if job is None:
+            if trainer is not None and trainer.get("phase") == SUCCEEDED:
+                self.finish(SUCCEEDED, "Completed", "training completed (the Job is gone; status.json says Succeeded)")
+                return
+            if left is not None and left <= 0:
+                self.finish(FAILED, "DeadlineExceeded", f"activeDeadlineSeconds ({spec.activeDeadlineSeconds}) exceeded")
+                return
+            # Deleted by someone (or never created after a crash): recreate this attempt.
+            self.create_job(spec, attempt)
+            self.transition(PENDING, "JobCreated", f"created Job {self.names.job(attempt)} (attempt {attempt})")
+            return
+
+        if job_condition(job, "Complete"):
+            self.finish(SUCCEEDED, "Completed", f"training completed in attempt {attempt}")
+            self.status.setdefault("completionTime", job.get("status", {}).get("completionTime") or self.ts)
+            return
+        failed = job_condition(job, "Failed")
+        if failed:
+            self.attempt_failed(spec, attempt, failed, left)
+            return
+
+        job_suspended = bool((job.get("spec") or {}).get("suspend"))
+        if spec.suspend:
+            if not job_suspended:
+                self.plan.patch.append(("Job", self.names.job(attempt), {"spec": {"suspend": True}}))
+            self.condition(COND_SUSPENDED, True, "Suspended", "spec.suspend is true")
+            self.condition(COND_RUNNING, False, "Suspended", "the job is suspended")
+            self.transition(SUSPENDED, "Suspended", "suspended: the pods are stopped (each saves a checkpoint on SIGTERM)")
+            return
+        if job_suspended:
+            self.plan.patch.append(("Job", self.names.job(attempt), {"spec": {"suspend": False}}))
+            self.condition(COND_SUSPENDED, False, "Resumed", "spec.suspend is false")
+            self.transition(PENDING, "Resumed", "resumed: the pods restart from the last complete checkpoint")
+            return
+        if self.status.get("phase") == SUSPENDED:
+            self.condition(COND_SUSPENDED, False, "Resumed", "spec.suspend is false")
+
+        jstatus = job.get("status") or {}
+        active = int(jstatus.get("active") or 0)
+        if active > 0:
+            ready = jstatus.get("ready")
+            detail = f"{active}/{spec.nodes} pods active" + (f", {ready} ready" if ready is not None else "")
+            self.condition(COND_RUNNING, True, "PodsRunning", detail)
+            self.transition(RUNNING, "Training", f"attempt {attempt}: {detail}")
+        else:
+            self.condition(COND_RUNNING, False, "PodsStarting", "waiting for the pods to start")
+            if self.status.get("phase") not in (PENDING, RUNNING):
+                self.transition(PENDING, "PodsStarting", f"attempt {attempt}: waiting for the pods to start")
+
+    def fresh(self, trainer: dict[str, Any]) -> bool:
+        """A status.json from this run, not a previous run that wrote to the same location."""
+        updated = trainer.get("updatedAt")
+        started = parse_time(self.status.get("startTime"))
+        if not isinstance(updated, int | float) or isinstance(updated, bool) or started is None:
+            return True
+        return updated >= started.timestamp() - 5
+
+    def attempt_failed(self, spec: ClusterFields, attempt: int, failed: dict[str, Any], left: int | None) -> None:
+        reason = failed.get("reason") or "Failed"
+        detail = failed.get("message") or reason
+        if reason == "PodFailurePolicy":
+            self.finish(
+                FAILED,
+                "ConfigError",
+                f"the trainer refused its configuration (exit code 2): {detail}. See the pod logs "
+                f"(kubectl logs job/{self.names.job(attempt)}); a retry cannot fix it.",
+            )
+            return
+        if reason == "DeadlineExceeded" or (left is not None and left <= 0):
+            self.finish(FAILED, "DeadlineExceeded", f"activeDeadlineSeconds ({spec.activeDeadlineSeconds}) exceeded")
+            return
+        if attempt > spec.backoffLimit:
+            self.finish(
+                FAILED,
+                "BackoffLimitExceeded",
+                f"attempt {attempt} failed ({reason}: {detail}); backoffLimit {spec.backoffLimit} reached.",
+            )
+            return
+        self.create_job(spec, attempt + 1)
+        self.condition(COND_RUNNING, False, "Restarting", f"attempt {attempt} failed: {reason}")
+        self.transition(
+            PENDING,
+            "Restarting",
+            f"attempt {attempt} failed ({reason}: {detail}); restarting the whole gang as attempt "
+            f"{attempt + 1} from the last complete checkpoint.",
+            "Warning",
+        )
+
+
+def reconcile(
+    cr: dict[str, Any],
+    observed: Observed,
+    now: datetime.datetime | None = None,
+    options: RenderOptions | None = None,
+) -> Plan:
+    """Decide what to do for one training resource (pure: no I/O)."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    return _Reconciler(cr, observed, now, options or RenderOptions()).run()
+
+
+def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any] | None:
+    """A merge patch turning status `old` into `new` (None for removed keys), or None when
+    nothing changed."""
+    old = old or {}
+    if old == new:
+        return None
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if before == value:
+            continue
+        if isinstance(before, dict) and isinstance(value, dict):
+            patch[key] = status_patch(before, value)
+        else:
+            patch[key] = value
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
+
+
+def needs_trainer_status(cr: dict[str, Any]) -> str | None:
+    """The output location to read status.json from, when the job is in flight."""
+    status = cr.get("status") or {}
+    if status.get("phase") in TERMINAL_PHASES or not status.get("trainingHash"):
+        return None
+    return status.get("outputUri") or output_uri_of(cr)

@@ -1,0 +1,111 @@
+"""Names, labels and owner references shared by every rendered child (pure functions)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.operator.resources import API_VERSION, KINDS
+
+MANAGED_BY = "kubetune-operator"
+LABEL_KIND = "kubetune.io/kind"
+LABEL_NAME = "kubetune.io/name"
+LABEL_ATTEMPT = "kubetune.io/attempt"
+ANNOTATION_ATTEMPT = "kubetune.io/attempt"
+ANNOTATION_TRAINING_HASH = "kubetune.io/training-hash"
+
+_SHORT = {"FineTuneJob": "ftj", "AlignmentJob": "alj", "InferenceService": "isvc"}
+_LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+JOB_NAME_MAX = 52
+"""An Indexed Job's pods get the hostname `<job>-<index>`, which must stay a DNS label (63)."""
+
+
+def _digest(text: str, length: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def dns_label(base: str, suffix: str = "", max_len: int = 63) -> str:
+    """A DNS-1035 label from a resource name (which may be longer or contain dots): lowercase,
+    starts with a letter, at most `max_len` characters; shortened names get a hash so two long
+    names never collide."""
+    name = re.sub(r"[^a-z0-9-]+", "-", base.lower()).strip("-") or "x"
+    if not name[0].isalpha():
+        name = "k" + name
+    full = f"{name}-{suffix}" if suffix else name
+    if name == base and len(full) <= max_len:
+        return full
+    tail = f"-{_digest(base)}" + (f"-{suffix}" if suffix else "")
+    return name[: max_len - len(tail)].rstrip("-") + tail
+
+
+def label_value(value: str) -> str:
+    """A valid label value (<= 63 characters) for a name; long names are shortened with a hash."""
+    if len(value) <= 63 and _LABEL_VALUE_RE.match(value):
+        return value
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", value).strip("-_.")
+    tail = "-" + _digest(value)
+    return cleaned[: 63 - len(tail)].rstrip("-_.") + tail
+
+
+@dataclass(frozen=True)
+class ChildNames:
+    """The deterministic names of a training resource's children."""
+
+    base: str
+    config_map: str
+    service: str
+
+    def job(self, attempt: int) -> str:
+        return f"{self.base}-a{attempt}"
+
+
+def child_names(kind: str, name: str) -> ChildNames:
+    # Leave room for "-a<attempt>" (up to 4 digits) in the Job name.
+    base = dns_label(name, _SHORT[kind], max_len=JOB_NAME_MAX - 6)
+    return ChildNames(base=base, config_map=f"{base}-config", service=base)
+
+
+def selector_labels(kind: str, name: str) -> dict[str, str]:
+    """The labels that select a resource's pods (the headless Service's selector)."""
+    return {
+        LABEL_KIND: KINDS[kind].singular,
+        LABEL_NAME: label_value(name),
+    }
+
+
+def labels_for(kind: str, name: str, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "kubetune",
+        "app.kubernetes.io/instance": label_value(name),
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        **selector_labels(kind, name),
+    }
+
+
+def owner_reference(cr: dict[str, Any]) -> dict[str, Any]:
+    """Owner reference to the custom resource: deleting it garbage-collects the children."""
+    meta = cr.get("metadata") or {}
+    return {
+        "apiVersion": cr.get("apiVersion") or API_VERSION,
+        "kind": cr["kind"],
+        "name": meta["name"],
+        "uid": meta.get("uid") or "",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def is_owned_by(obj: dict[str, Any], cr: dict[str, Any]) -> bool:
+    """Whether `obj` is controlled by `cr` (by uid when both have one, else by kind and name)."""
+    meta = cr.get("metadata") or {}
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") != cr.get("kind") or ref.get("name") != meta.get("name"):
+            continue
+        if meta.get("uid") and ref.get("uid") and ref["uid"] != meta["uid"]:
+            continue
+        return True
+    return False

@@ -1,0 +1,357 @@
+"""FineTuneJob / AlignmentJob -> ConfigMap + headless Service + Indexed batch/v1 Job.
+
+The pod runs exactly what a user runs locally: `kubetune train /etc/kubetune/job.yaml`, where
+job.yaml is the resolved custom resource (defaults filled in, references resolved), under
+torchrun with a static rendezvous: `--nnodes`, `--nproc-per-node`, the node rank from the
+Indexed Job's completion index, and the master at pod 0's stable DNS name
+(`<job>-0.<service>.<namespace>.svc`, through the headless Service and the pods' `subdomain`).
+No SSH, no hostfile, no shell: every command is an argument list, and the only `$(...)` in it
+are Kubernetes' own expansions of environment variables the operator defines.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from kubetune.operator.render.common import (
+    ANNOTATION_ATTEMPT,
+    ANNOTATION_TRAINING_HASH,
+    LABEL_ATTEMPT,
+    child_names,
+    labels_for,
+    owner_reference,
+    selector_labels,
+)
+from kubetune.operator.resources import (
+    BASE_MODEL_PLACEHOLDER,
+    AlignmentJobSpec,
+    ClusterFields,
+    validate_spec,
+)
+
+CONTAINER = "trainer"
+CONFIG_DIR = "/etc/kubetune"
+JOB_FILE = "job.yaml"
+MASTER_PORT = 29500
+CONFIG_ERROR_EXIT_CODE = 2
+"""The trainer's exit code for a wrong spec (kubetune.trainer.errors.EXIT_CONFIG_ERROR): the Job
+fails at once instead of restarting a gang that cannot succeed."""
+RUN_AS_USER = 1000
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Operator-wide settings that shape the children (from the operator's flags)."""
+
+    default_image: str = "ghcr.io/kubetune/kubetune-trainer:0.1.0"
+    master_port: int = MASTER_PORT
+    run_as_user: int = RUN_AS_USER
+
+
+def training_hash(training: Any) -> str:
+    """A stable hash of spec.training (key order does not matter)."""
+    text = json.dumps(training, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _meta(cr: dict[str, Any], name: str, component: str, namespace: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": namespace,
+        "labels": labels_for(cr["kind"], cr["metadata"]["name"], component),
+        "ownerReferences": [owner_reference(cr)],
+    }
+
+
+def _namespace(cr: dict[str, Any], namespace: str | None) -> str:
+    return namespace or cr["metadata"].get("namespace") or "default"
+
+
+def resolved_manifest(
+    cr: dict[str, Any], spec: ClusterFields, references: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The custom resource as the pod's job.yaml: defaults filled in, the run named after the
+    resource, model references replaced by the referenced jobs' output URIs. `kubetune train`
+    reads it like any manifest (it uses `spec.training` and ignores the cluster fields)."""
+    references = references or {}
+    body = spec.model_dump(mode="json", exclude_none=True)
+    training = {"name": body["training"].get("name") or cr["metadata"]["name"], **body["training"]}
+    training["name"] = training["name"] or cr["metadata"]["name"]
+    body["training"] = training
+    annotations = {}
+    if isinstance(spec, AlignmentJobSpec):
+        for field in ("baseModelFrom", "rewardModelFrom"):
+            ref = getattr(spec, field)
+            body.pop(field, None)
+            if ref is not None:
+                annotations[f"kubetune.io/{field}"] = f"{ref.kind}/{ref.name}"
+        if training["model"]["path"] == BASE_MODEL_PLACEHOLDER:
+            training["model"]["path"] = references.get("baseModelFrom", BASE_MODEL_PLACEHOLDER)
+        if "rewardModelFrom" in references:
+            training.setdefault("rewardModel", {})["path"] = references["rewardModelFrom"]
+    metadata: dict[str, Any] = {"name": cr["metadata"]["name"]}
+    if cr["metadata"].get("namespace"):
+        metadata["namespace"] = cr["metadata"]["namespace"]
+    if annotations:
+        metadata["annotations"] = annotations
+    return {"apiVersion": cr.get("apiVersion"), "kind": cr["kind"], "metadata": metadata, "spec": body}
+
+
+def render_config_map(
+    cr: dict[str, Any],
+    spec: ClusterFields,
+    *,
+    namespace: str | None = None,
+    references: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The ConfigMap holding job.yaml. Created once when the job starts and never updated, so
+    every attempt trains the same spec."""
+    ns = _namespace(cr, namespace)
+    names = child_names(cr["kind"], cr["metadata"]["name"])
+    manifest = resolved_manifest(cr, spec, references)
+    meta = _meta(cr, names.config_map, "config", ns)
+    meta["annotations"] = {ANNOTATION_TRAINING_HASH: training_hash((cr.get("spec") or {}).get("training"))}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta,
+        "data": {JOB_FILE: yaml.safe_dump(manifest, sort_keys=False)},
+    }
+
+
+def render_service(cr: dict[str, Any], *, namespace: str | None = None, options: RenderOptions | None = None) -> dict[str, Any]:
+    """The headless Service that gives every pod a stable DNS name (`<pod hostname>.<service>`),
+    published before the pods are ready so rank 0 is resolvable while the gang starts."""
+    options = options or RenderOptions()
+    ns = _namespace(cr, namespace)
+    names = child_names(cr["kind"], cr["metadata"]["name"])
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(cr, names.service, "rendezvous", ns),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {**selector_labels(cr["kind"], cr["metadata"]["name"]), "app.kubernetes.io/component": "trainer"},
+            "ports": [{"name": "dist", "port": options.master_port, "targetPort": options.master_port, "protocol": "TCP"}],
+        },
+    }
+
+
+def _env(name: str, value: Any) -> dict[str, Any]:
+    return {"name": name, "value": str(value)}
+
+
+def _trainer_env(
+    cr: dict[str, Any], spec: ClusterFields, *, master_addr: str, attempt: int, namespace: str, options: RenderOptions
+) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {
+            "name": "KUBETUNE_NODE_RANK",
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}},
+        },
+        _env("KUBETUNE_NNODES", spec.nodes),
+        _env("KUBETUNE_MASTER_ADDR", master_addr),
+        _env("KUBETUNE_MASTER_PORT", options.master_port),
+        _env("KUBETUNE_ATTEMPT", attempt),
+        _env("KUBETUNE_RESOURCE", f"{cr['kind'].lower()}/{cr['metadata']['name']}"),
+        _env("KUBETUNE_NAMESPACE", namespace),
+        _env("PYTHONUNBUFFERED", "1"),
+        # Read-only root filesystem: every cache and home lives on an emptyDir.
+        _env("HOME", "/tmp/home"),
+        _env("XDG_CACHE_HOME", "/cache"),
+        _env("KUBETUNE_CACHE", "/cache/kubetune"),
+        _env("HF_HOME", "/cache/huggingface"),
+        _env("TRITON_CACHE_DIR", "/cache/triton"),
+        _env("TORCH_EXTENSIONS_DIR", "/cache/torch_extensions"),
+        _env("MPLCONFIGDIR", "/tmp/matplotlib"),
+        # NCCL: fail fast (the gang restarts from a checkpoint) rather than hang on a dead peer.
+        _env("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+        _env("NCCL_DEBUG", "WARN"),
+        _env("OMP_NUM_THREADS", "1"),
+    ]
+    if spec.gpusPerNode == 0:
+        env.append(_env("DS_ACCELERATOR", "cpu"))
+    if spec.storage.endpoint:
+        env.append(_env("AWS_ENDPOINT_URL_S3", spec.storage.endpoint))
+    ref = spec.storage.secretRef
+    if ref is not None:
+        keys = [("AWS_ACCESS_KEY_ID", ref.accessKeyIdKey, False), ("AWS_SECRET_ACCESS_KEY", ref.secretAccessKeyKey, False)]
+        if ref.sessionTokenKey:
+            keys.append(("AWS_SESSION_TOKEN", ref.sessionTokenKey, True))
+        for var, key, optional in keys:
+            selector: dict[str, Any] = {"name": ref.name, "key": key}
+            if optional:
+                selector["optional"] = True
+            env.append({"name": var, "valueFrom": {"secretKeyRef": selector}})
+    # The user's variables win over the defaults above (same name -> replaced).
+    user = [e.model_dump(mode="json", exclude_none=True) for e in spec.env]
+    user_names = {e["name"] for e in user}
+    return [e for e in env if e["name"] not in user_names] + user
+
+
+def torchrun_args(spec: ClusterFields, *, master_port: int = MASTER_PORT) -> list[str]:
+    """The trainer container's arguments (its command is `torchrun`). Kubernetes expands the
+    `$(VAR)` references from the container's own environment; no shell is involved."""
+    return [
+        f"--nnodes={spec.nodes}",
+        f"--nproc-per-node={max(1, spec.gpusPerNode)}",
+        "--node-rank=$(KUBETUNE_NODE_RANK)",
+        "--master-addr=$(KUBETUNE_MASTER_ADDR)",
+        f"--master-port={master_port}",
+        "--max-restarts=0",
+        "--no-python",
+        "kubetune",
+        "train",
+        f"{CONFIG_DIR}/{JOB_FILE}",
+    ]
+
+
+def render_job(
+    cr: dict[str, Any],
+    spec: ClusterFields,
+    *,
+    attempt: int,
+    namespace: str | None = None,
+    options: RenderOptions | None = None,
+    active_deadline_seconds: int | None = None,
+    suspend: bool | None = None,
+) -> dict[str, Any]:
+    """The Indexed Job of one attempt: one pod per node, all-or-nothing. `backoffLimit: 0`: any
+    failed pod fails the attempt, and the operator restarts the whole gang as a new attempt (a
+    lone replacement pod could never rejoin a running torchrun gang)."""
+    options = options or RenderOptions()
+    ns = _namespace(cr, namespace)
+    name = cr["metadata"]["name"]
+    names = child_names(cr["kind"], name)
+    job_name = names.job(attempt)
+    master_addr = "127.0.0.1" if spec.nodes == 1 else f"{job_name}-0.{names.service}.{ns}.svc"
+    resources: dict[str, Any] = {
+        "requests": dict(spec.resources.requests),
+        "limits": dict(spec.resources.limits),
+    }
+    if spec.gpusPerNode > 0:
+        resources["requests"][spec.gpuResource] = spec.gpusPerNode
+        resources["limits"][spec.gpuResource] = spec.gpusPerNode
+    resources = {k: v for k, v in resources.items() if v}
+    pod_labels = {**labels_for(cr["kind"], name, "trainer"), LABEL_ATTEMPT: str(attempt)}
+    shm: dict[str, Any] = {"medium": "Memory"}
+    if spec.shmSize is not None:
+        shm["sizeLimit"] = spec.shmSize
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image or options.default_image,
+        "command": ["torchrun"],
+        "args": torchrun_args(spec, master_port=options.master_port),
+        "workingDir": "/workspace",
+        "env": _trainer_env(cr, spec, master_addr=master_addr, attempt=attempt, namespace=ns, options=options),
+        "ports": [{"name": "dist", "containerPort": options.master_port, "protocol": "TCP"}],
+        "volumeMounts": [
+            {"name": "job-config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": "/cache"},
+            {"name": "workspace", "mountPath": "/workspace"},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": spec.readOnlyRootFilesystem,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if resources:
+        container["resources"] = resources
+    if spec.imagePullPolicy:
+        container["imagePullPolicy"] = spec.imagePullPolicy
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": names.service,
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": spec.terminationGracePeriodSeconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": options.run_as_user,
+            "runAsGroup": options.run_as_user,
+            "fsGroup": options.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "job-config", "configMap": {"name": names.config_map}},
+            {"name": "dshm", "emptyDir": shm},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "workspace", "emptyDir": {}},
+        ],
+    }
+    if spec.serviceAccountName:
+        pod_spec["serviceAccountName"] = spec.serviceAccountName
+    if spec.priorityClassName:
+        pod_spec["priorityClassName"] = spec.priorityClassName
+    if spec.nodeSelector:
+        pod_spec["nodeSelector"] = dict(spec.nodeSelector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(mode="json", exclude_none=True) for t in spec.tolerations]
+    if spec.affinity:
+        pod_spec["affinity"] = copy.deepcopy(spec.affinity)
+
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": spec.nodes,
+        "parallelism": spec.nodes,
+        "backoffLimit": 0,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [CONFIG_ERROR_EXIT_CODE]},
+                }
+            ]
+        },
+        "suspend": spec.suspend if suspend is None else suspend,
+        "template": {
+            "metadata": {
+                "labels": pod_labels,
+                "annotations": {"kubectl.kubernetes.io/default-container": CONTAINER},
+            },
+            "spec": pod_spec,
+        },
+    }
+    deadline = active_deadline_seconds if active_deadline_seconds is not None else spec.activeDeadlineSeconds
+    if deadline is not None:
+        job_spec["activeDeadlineSeconds"] = max(1, int(deadline))
+    if spec.ttlSecondsAfterFinished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttlSecondsAfterFinished
+    meta = _meta(cr, job_name, "trainer", ns)
+    meta["labels"][LABEL_ATTEMPT] = str(attempt)
+    meta["annotations"] = {ANNOTATION_ATTEMPT: str(attempt)}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def render_training(
+    cr: dict[str, Any],
+    *,
+    attempt: int = 1,
+    namespace: str | None = None,
+    options: RenderOptions | None = None,
+    references: dict[str, str] | None = None,
+    active_deadline_seconds: int | None = None,
+) -> list[dict[str, Any]]:
+    """Every child of a training resource for one attempt: ConfigMap, Service, Job."""
+    spec = validate_spec(cr["kind"], cr.get("spec"))
+    return [
+        render_config_map(cr, spec, namespace=namespace, references=references),
+        render_service(cr, namespace=namespace, options=options),
+        render_job(
+            cr, spec, attempt=attempt, namespace=namespace, options=options,
+            active_deadline_seconds=active_deadline_seconds,
+        ),
+    ]

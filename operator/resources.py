@@ -1,0 +1,547 @@
+"""The custom resources: pydantic models for FineTuneJob and AlignmentJob, and CRD generation.
+
+`spec.training` of both kinds IS the trainer's `TrainingSpec`; beside it sit the cluster fields
+(nodes, GPUs, image, scheduling, S3 credentials, retries). The CRDs in `crds/` are generated
+from these models (`kubetune crds`), so the API server refuses type errors with the same rules
+the trainer applies, and the operator's admission webhook reports semantic errors in the same
+words `kubetune validate` uses.
+
+Kubernetes pass-through types (resources, tolerations, affinity, env) are typed only as far as
+the operator needs them; the rest is left to the API server's own validation of the pods.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic.json_schema import GenerateJsonSchema
+from pydantic_core import to_jsonable_python
+
+from kubetune.trainer import spec as trainer_spec
+from kubetune.trainer.spec import TrainingSpec
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+CATEGORY = "kubetune"
+
+ALIGNMENT_STAGES = ("rm", "dpo", "ppo", "raft", "grpo")
+"""Stages an AlignmentJob runs (enforced once the trainer's spec knows them)."""
+
+GPU_RESOURCE = "nvidia.com/gpu"
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+PHASES: tuple[str, ...] = get_args(Phase)
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+Quantity = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True})]
+"""A Kubernetes quantity (`8`, `"64Gi"`, `"500m"`)."""
+AnyObject = Annotated[dict[str, Any], WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})]
+"""A Kubernetes object passed through as is (validated by the API server where it lands)."""
+
+
+class CrModel(BaseModel):
+    """Base for the CR models: camelCase names, unknown keys refused, docstrings as descriptions."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Cluster fields
+
+
+class ResourceRequirements(CrModel):
+    """Compute resources of each training pod (besides the GPUs, which come from `gpusPerNode`)."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    """E.g. `{cpu: 16, memory: 200Gi, ephemeral-storage: 500Gi}`."""
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+    """E.g. `{memory: 200Gi}`."""
+
+    @model_validator(mode="after")
+    def _no_gpus_here(self) -> ResourceRequirements:
+        for block in (self.requests, self.limits):
+            for name in block:
+                if name.endswith("/gpu"):
+                    raise ValueError(f"{name} is set by gpusPerNode (and gpuResource); remove it from resources")
+        return self
+
+
+class Toleration(CrModel):
+    """A pod toleration (core/v1 Toleration)."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = None
+
+
+class EnvVar(CrModel):
+    """An environment variable of the trainer container (core/v1 EnvVar)."""
+
+    name: str = Field(min_length=1)
+    value: str | None = None
+    valueFrom: AnyObject | None = None
+    """A core/v1 EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef)."""
+
+
+class SecretRef(CrModel):
+    """A Secret in the job's namespace holding S3 credentials. Its values reach the pods through
+    `secretKeyRef` environment variables; they are never copied into any object."""
+
+    name: str = Field(min_length=1)
+    accessKeyIdKey: str = "AWS_ACCESS_KEY_ID"
+    """Key of the access key id in the Secret."""
+    secretAccessKeyKey: str = "AWS_SECRET_ACCESS_KEY"
+    """Key of the secret access key in the Secret."""
+    sessionTokenKey: str | None = None
+    """Key of an optional session token in the Secret."""
+
+
+class ClusterStorage(CrModel):
+    """How the pods reach S3. Without `secretRef` they use the pod's identity (IRSA, workload
+    identity, instance role)."""
+
+    secretRef: SecretRef | None = None
+    endpoint: str | None = None
+    """S3-compatible endpoint for the pods (`AWS_ENDPOINT_URL_S3`), e.g. `http://minio.minio:9000`;
+    `spec.training.storage.endpointUrl` takes precedence when set."""
+
+
+class ClusterFields(CrModel):
+    """Where and how the training runs on the cluster (shared by the training kinds)."""
+
+    nodes: int = Field(1, ge=1, le=1024)
+    """Pods (machines) in the gang; each runs one torchrun agent. Indexed Job: parallelism =
+    completions = nodes."""
+    gpusPerNode: int = Field(1, ge=0, le=64)
+    """GPUs requested by each pod; torchrun starts this many processes per pod (at least one)."""
+    gpuResource: str = GPU_RESOURCE
+    """Extended resource name of the GPUs (e.g. `amd.com/gpu`)."""
+    image: str | None = None
+    """Trainer image; default: the operator's `--trainer-image`."""
+    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    shmSize: Quantity | None = None
+    """Size limit of `/dev/shm` (a memory emptyDir); default: no limit beyond the pod's memory."""
+    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    affinity: AnyObject | None = None
+    """A core/v1 Affinity for the training pods."""
+    priorityClassName: str | None = None
+    serviceAccountName: str | None = None
+    """Service account of the pods (e.g. one annotated for IRSA to reach S3 without a Secret)."""
+    storage: ClusterStorage = Field(default_factory=ClusterStorage)
+    env: list[EnvVar] = Field(default_factory=list)
+    """Extra environment variables for the trainer container (override the operator's defaults)."""
+    backoffLimit: int = Field(3, ge=0, le=100)
+    """Gang restarts after a failure: the whole gang restarts as a new attempt from the last
+    complete checkpoint, at most this many times (so at most backoffLimit + 1 attempts). A
+    configuration error (trainer exit code 2) fails the job at once."""
+    activeDeadlineSeconds: int | None = Field(None, ge=1)
+    """Wall-clock limit for the whole job, across attempts."""
+    ttlSecondsAfterFinished: int | None = Field(None, ge=0)
+    """Delete the finished Job and its pods after this many seconds (the custom resource, its
+    status and the outputs stay)."""
+    terminationGracePeriodSeconds: int = Field(300, ge=0)
+    """Time a pod gets on SIGTERM (preemption, node drain, suspend) to save and upload a checkpoint."""
+    readOnlyRootFilesystem: bool = True
+    """Run with a read-only root filesystem (writable emptyDirs at /tmp, /cache and /workspace)."""
+    suspend: bool = False
+    """Suspend the job: its pods are stopped (each saves a checkpoint on SIGTERM); clearing it
+    resumes from the last complete checkpoint."""
+
+
+# --------------------------------------------------------------------------------------------
+# The kinds
+
+
+class FineTuneJobSpec(ClusterFields):
+    """A fine-tuning run on the cluster: the trainer's spec plus where and how it runs."""
+
+    training: TrainingSpec
+    """The training spec: exactly what `kubetune train` reads from a file."""
+
+
+class ModelRef(CrModel):
+    """A reference to another job in the same namespace whose output is used as a model."""
+
+    fineTuneJob: str | None = None
+    """Name of a FineTuneJob."""
+    alignmentJob: str | None = None
+    """Name of an AlignmentJob (e.g. the `rm` stage that trained a reward model)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelRef:
+        if (self.fineTuneJob is None) == (self.alignmentJob is None):
+            raise ValueError("set exactly one of fineTuneJob or alignmentJob")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "FineTuneJob" if self.fineTuneJob else "AlignmentJob"
+
+    @property
+    def name(self) -> str:
+        return self.fineTuneJob or self.alignmentJob or ""
+
+
+BASE_MODEL_PLACEHOLDER = "kubetune-ref://"
+"""model.path while an AlignmentJob's base model comes from a reference (replaced at start)."""
+
+
+class AlignmentJobSpec(ClusterFields):
+    """An alignment stage (rm, dpo, ppo, raft, grpo) on the cluster, usually starting from the
+    output of a FineTuneJob."""
+
+    training: TrainingSpec
+    """The training spec. With `baseModelFrom`, leave `training.model.path` out: the referenced
+    job's output is filled in when this job starts."""
+    baseModelFrom: ModelRef | None = None
+    """Start from the output of this job; this job waits (Pending) until it has Succeeded."""
+    rewardModelFrom: ModelRef | None = None
+    """Use the output of this job as the reward model (ppo); waited for like `baseModelFrom`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _placeholder_model_path(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("baseModelFrom"):
+            return data
+        training = data.get("training")
+        if not isinstance(training, dict):
+            return data
+        model = training.get("model")
+        if model is None:
+            model = {}
+        if isinstance(model, dict) and model.get("path") is None:
+            data = {**data, "training": {**training, "model": {**model, "path": BASE_MODEL_PLACEHOLDER}}}
+        return data
+
+    @model_validator(mode="after")
+    def _alignment_rules(self) -> AlignmentJobSpec:
+        if self.baseModelFrom and self.training.model.path != BASE_MODEL_PLACEHOLDER:
+            raise ValueError("set either training.model.path or baseModelFrom, not both")
+        stages = [s for s in ALIGNMENT_STAGES if s in get_args(trainer_spec.Stage)]
+        if stages and self.training.stage not in stages:
+            raise ValueError(
+                f"an AlignmentJob runs an alignment stage ({', '.join(stages)}), not "
+                f"{self.training.stage!r}; use a FineTuneJob for it"
+            )
+        if self.rewardModelFrom and "rewardModel" not in TrainingSpec.model_fields:
+            raise ValueError("rewardModelFrom needs a training spec with a rewardModel block (not in this version)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Status
+
+
+class StatusModel(BaseModel):
+    """Status blocks: written by the operator only; no defaults (the API server would apply them)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class Condition(StatusModel):
+    """A standard condition (metav1.Condition)."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    lastTransitionTime: Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+    observedGeneration: int | None = None
+
+
+class TrainingProgress(StatusModel):
+    """Training progress, read from the trainer's status.json in the output location."""
+
+    step: int | None = None
+    totalSteps: int | None = None
+    percent: float | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    """Latest training loss."""
+    evalLoss: float | None = None
+    tokensPerSecond: float | None = None
+    etaSeconds: float | None = None
+    lastCheckpoint: str | None = None
+    """URI of the newest complete checkpoint."""
+    state: str | None = None
+    """The trainer's own state (e.g. loading, training, saving, done)."""
+    updatedAt: str | None = None
+    """When the trainer last wrote its status."""
+
+
+class TrainingJobStatus(StatusModel):
+    """Status of a training kind (FineTuneJob, AlignmentJob)."""
+
+    phase: Phase | None = None
+    """Pending, Running, Succeeded, Failed or Suspended."""
+    reason: str | None = None
+    """A CamelCase reason for the phase."""
+    message: str | None = None
+    observedGeneration: int | None = None
+    attempts: int | None = None
+    """Gang attempts started so far (1 + restarts)."""
+    startTime: str | None = None
+    completionTime: str | None = None
+    jobName: str | None = None
+    """The batch/v1 Job of the current attempt."""
+    outputUri: str | None = None
+    """Where the outputs are (the trainer's output location)."""
+    trainingHash: str | None = None
+    """Hash of spec.training when the job started: the training spec is immutable afterwards."""
+    conditions: list[Condition] | None = None
+    progress: TrainingProgress | None = None
+
+
+class AlignmentJobStatus(TrainingJobStatus):
+    """Status of an AlignmentJob."""
+
+    baseModelUri: str | None = None
+    """The base model resolved from `baseModelFrom`."""
+    rewardModelUri: str | None = None
+    """The reward model resolved from `rewardModelFrom`."""
+
+
+# --------------------------------------------------------------------------------------------
+# CRD generation
+
+
+class _Generator(GenerateJsonSchema):
+    """Emit defaults from default factories too (`{}` for nested blocks, so the API server
+    applies their own defaults recursively)."""
+
+    def get_default_value(self, schema: Any) -> Any:
+        if "default_factory" in schema and not schema.get("default_factory_takes_data"):
+            value = schema["default_factory"]()
+            return {} if isinstance(value, BaseModel) else to_jsonable_python(value)
+        return super().get_default_value(schema)
+
+
+_DROP_KEYS = {"title", "$defs", "discriminator", "examples"}
+
+
+def _structural(node: Any, defs: dict[str, Any]) -> Any:
+    """JSON Schema from pydantic -> a Kubernetes structural schema (OpenAPI v3 subset)."""
+    if isinstance(node, list):
+        return [_structural(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    # Inline references; the field's own description/default win over the model's.
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node.pop("$ref").split("/")[-1]])
+        node = {**target, **node}
+    if "allOf" in node and len(node["allOf"]) == 1:
+        inner = node.pop("allOf")[0]
+        node = {**_structural(inner, defs), **node}
+    # `X | None` -> X with nullable: true.
+    for key in ("anyOf", "oneOf"):
+        options = node.get(key)
+        if isinstance(options, list) and any(o == {"type": "null"} for o in options):
+            rest = [o for o in options if o != {"type": "null"}]
+            node.pop(key)
+            if len(rest) == 1:
+                node = {**_structural(rest[0], defs), **node}
+            else:
+                node[key] = rest
+            node["nullable"] = True
+    if node.get("default", 0) is None:
+        node.pop("default")
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        value = node.get(bound)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            node[plain] = value
+            node[bound] = True
+    extra = node.get("additionalProperties")
+    if extra is False:
+        node.pop("additionalProperties")
+    elif extra is True or extra == {}:
+        node.pop("additionalProperties")
+        node["x-kubernetes-preserve-unknown-fields"] = True
+    if node.get("description"):
+        node["description"] = " ".join(node["description"].split())
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROP_KEYS:
+            continue
+        if key == "properties":
+            out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties", "anyOf", "oneOf", "allOf", "not"):
+            out[key] = _structural(value, defs)
+        else:
+            out[key] = value
+    untyped = not any(out.get(k) for k in ("type", "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string"))
+    if untyped and "properties" in out:
+        out["type"] = "object"
+    return out
+
+
+def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The structural OpenAPI v3 schema of a model (references inlined, nullable, defaults)."""
+    raw = model.model_json_schema(schema_generator=_Generator)
+    return _structural(raw, raw.get("$defs", {}))
+
+
+class KindInfo(BaseModel):
+    """Everything about one custom resource kind the operator serves."""
+
+    kind: str
+    plural: str
+    singular: str
+    short_names: list[str]
+    spec_model: Any
+    status_model: Any
+    printer_columns: list[dict[str, Any]]
+    description: str
+
+    @property
+    def crd_name(self) -> str:
+        return f"{self.plural}.{GROUP}"
+
+
+_TRAINING_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent", "description": "Percent of training steps done."},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "Nodes", "type": "integer", "jsonPath": ".spec.nodes", "priority": 1},
+    {"name": "GPUs/Node", "type": "integer", "jsonPath": ".spec.gpusPerNode", "priority": 1},
+    {"name": "Attempts", "type": "integer", "jsonPath": ".status.attempts", "priority": 1},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+KINDS: dict[str, KindInfo] = {
+    "FineTuneJob": KindInfo(
+        kind="FineTuneJob",
+        plural="finetunejobs",
+        singular="finetunejob",
+        short_names=["ftj"],
+        spec_model=FineTuneJobSpec,
+        status_model=TrainingJobStatus,
+        printer_columns=_TRAINING_COLUMNS,
+        description="A fine-tuning run (pt, sft) on one or more GPU nodes, driven by the kubetune operator.",
+    ),
+    "AlignmentJob": KindInfo(
+        kind="AlignmentJob",
+        plural="alignmentjobs",
+        singular="alignmentjob",
+        short_names=["alj"],
+        spec_model=AlignmentJobSpec,
+        status_model=AlignmentJobStatus,
+        printer_columns=_TRAINING_COLUMNS,
+        description="An alignment run (rm, dpo, ppo, raft, grpo), usually from a FineTuneJob's output.",
+    ),
+    # InferenceService (issue 8) registers here with its own spec/status models.
+}
+TRAINING_KINDS = ("FineTuneJob", "AlignmentJob")
+
+
+def kind_by_plural(plural: str) -> KindInfo:
+    for info in KINDS.values():
+        if info.plural == plural:
+            return info
+    raise KeyError(plural)
+
+
+def _open_schema(info: KindInfo) -> dict[str, Any]:
+    spec = structural_schema(info.spec_model)
+    if info.kind == "AlignmentJob":
+        # With baseModelFrom, training.model.path is filled in by the operator.
+        model = spec["properties"]["training"]["properties"]["model"]
+        model["required"] = [r for r in model.get("required", []) if r != "path"] or None
+        if model["required"] is None:
+            model.pop("required")
+    status = structural_schema(info.status_model)
+    return {
+        "type": "object",
+        "description": info.description,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+    }
+
+
+def crd(kind: str) -> dict[str, Any]:
+    """The apiextensions.k8s.io/v1 CustomResourceDefinition of a kind."""
+    info = KINDS[kind]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": info.crd_name,
+            "labels": {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/part-of": "kubetune"},
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": info.kind,
+                "listKind": f"{info.kind}List",
+                "plural": info.plural,
+                "singular": info.singular,
+                "shortNames": list(info.short_names),
+                "categories": [CATEGORY],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": copy.deepcopy(info.printer_columns),
+                    "schema": {"openAPIV3Schema": _open_schema(info)},
+                }
+            ],
+        },
+    }
+
+
+GENERATED_HEADER = "# Generated by `kubetune crds` from kubetune/operator/resources.py. Do not edit.\n"
+
+
+def crd_files() -> dict[str, str]:
+    """File name -> YAML text for every CRD (what `kubetune crds --out crds/` writes)."""
+    files = {}
+    for kind, info in KINDS.items():
+        text = yaml.safe_dump(crd(kind), sort_keys=False, width=100, allow_unicode=True)
+        files[f"{info.plural}.yaml"] = GENERATED_HEADER + text
+    return files
+
+
+def validate_spec(kind: str, spec: Any) -> ClusterFields:
+    """Validate a CR's spec with its model; raises pydantic's ValidationError."""
+    model = KINDS[kind].spec_model
+    return model.model_validate(spec if spec is not None else {})
+
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "KINDS",
+    "PHASES",
+    "TERMINAL_PHASES",
+    "TRAINING_KINDS",
+    "VERSION",
+    "AlignmentJobSpec",
+    "AlignmentJobStatus",
+    "Condition",
+    "FineTuneJobSpec",
+    "TrainingJobStatus",
+    "crd",
+    "crd_files",
+    "structural_schema",
+]
