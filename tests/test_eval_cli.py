@@ -1,0 +1,77 @@
+"""`kubetune eval` and the metrics behind it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kubetune.trainer.evaluate import corpus_bleu, exact_match, generation_scores, run_evaluation
+from kubetune.trainer.evaluate.metrics import lcs_length, rouge_l, rouge_n, rouge_tokens
+from kubetune.trainer.infer.cli import main as cli_main
+
+from .test_infer_helpers import build_adapter, capitals_data, trained_model
+
+
+def test_metrics_match_the_reference_implementations():
+    """Values computed with sacreBLEU 2.6 and rouge-score 0.1.2 for the same inputs."""
+    ref = "The capital of France is Paris."
+    assert corpus_bleu([ref], [ref]) == pytest.approx(100.0)
+    assert corpus_bleu(["The capital is Paris."], [ref]) == pytest.approx(33.51600230178196)
+    assert corpus_bleu(["Paris"], [ref]) == 0.0
+    assert exact_match("the capital of france is Paris", ref) == 1.0
+    assert exact_match("Paris", ref) == 0.0
+    p, r = rouge_tokens("the cat sat on the mat"), rouge_tokens("the cat was on the mat")
+    assert rouge_n(p, r, 1) == pytest.approx(5 / 6)
+    assert rouge_n(p, r, 2) == pytest.approx(3 / 5)
+    assert lcs_length(p, r) == 5 and rouge_l(p, r) == pytest.approx(5 / 6)
+    assert rouge_tokens("北京是首都") == ["北", "京", "是", "首", "都"]
+    scores = generation_scores(["The capital is Paris.", ref], [ref, ref])
+    assert scores["exact_match"] == 50.0 and 0 < scores["bleu4"] < 100 and scores["rougeL"] > scores["rouge2"]
+
+
+def _eval(model: str, out, capsys, *extra: str) -> dict:
+    code = cli_main(["eval", model, "--data", str(capitals_data()), "--out", str(out), "--max-tokens", "16", *extra])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "| perplexity |" in captured.out and "exact_match" in captured.out
+    results = json.loads((out / "eval_results.json").read_text())["results"]
+    return {r["task"]: r["metrics"] for r in results}
+
+
+def test_training_improves_eval_metrics(tmp_path, capsys):
+    """The acceptance check: after a short training run, perplexity is lower and exact match is
+    higher than for the untrained model, on the same data, through the CLI."""
+    before = _eval("builtin:tiny-llama", tmp_path / "before", capsys)
+    after = _eval(str(trained_model()), tmp_path / "after", capsys)
+    assert after["perplexity"]["perplexity"] < 0.2 * before["perplexity"]["perplexity"]
+    assert after["generation"]["exact_match"] > before["generation"]["exact_match"]
+    assert after["generation"]["rougeL"] > before["generation"]["rougeL"] + 20
+    table = (tmp_path / "after" / "eval_results.md").read_text()
+    assert table.startswith("| model | dataset | task |") and "capitals" in table
+    predictions = [json.loads(line) for line in (tmp_path / "after" / "eval_predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 24 and all({"prompt", "prediction", "reference"} <= set(p) for p in predictions)
+
+
+def test_choice_task_and_adapters(tmp_path, tiny_model_dir):
+    data = tmp_path / "mc.jsonl"
+    rows = [{"question": "Capital of France?", "choices": ["Paris", "Oslo", "Lima"], "answer": "A"},
+            {"question": "Capital of Peru?", "choices": ["Paris", "Oslo", "Lima"], "answer": "C"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = run_evaluation(str(trained_model()), str(data), tasks=["choice"])
+    assert report.results[0].samples == 2 and 0 <= report.metric("choice", "accuracy") <= 100
+    adapter = build_adapter("evaladapter", tiny_model_dir, seed=5)
+    base = run_evaluation(str(tiny_model_dir), str(capitals_data()), tasks=["perplexity"], max_samples=8)
+    tuned = run_evaluation(str(adapter), str(capitals_data()), tasks=["perplexity"], max_samples=8)
+    assert tuned.results[0].model == "evaladapter"  # a LoRA output is evaluated as its adapter
+    assert tuned.metric("perplexity", "perplexity") != base.metric("perplexity", "perplexity")
+
+
+def test_eval_bad_inputs(tmp_path, capsys):
+    assert cli_main(["eval", str(tmp_path / "missing"), "--data", str(capitals_data())]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["eval", "builtin:tiny-llama", "--data", str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kubetune: ") and "Traceback" not in err
+    assert cli_main(["eval", "builtin:tiny-llama", "--data", str(capitals_data()), "--model-name", "nope"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,268 @@
+"""`kubetune serve` through the official `openai` client, on 127.0.0.1: models, chat, streaming,
+n, adapters by name, errors in OpenAI's shape, batching of concurrent streams, disconnects,
+metrics, probes, API-key auth and graceful draining."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import openai
+import pytest
+import uvicorn
+
+from kubetune.trainer.infer import create_engine
+from kubetune.trainer.infer.loading import AdapterRef
+from kubetune.trainer.infer.server import ServerConfig, create_app
+
+from .test_infer_helpers import build_adapter
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(app, **uvicorn_kwargs):
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_kwargs))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict | str]:
+    request = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, raw = response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read().decode()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    adapter = build_adapter("support", tiny_model_dir, seed=11)
+    engine = create_engine(str(tiny_model_dir), engine="transformers", served_name="tiny", adapters=[AdapterRef("support", str(adapter))])
+    app = create_app(engine, config=ServerConfig(max_batch_size=16, batch_wait_s=0.02))
+    with running(app) as (url, _server):
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+HI = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_models_lists_base_and_adapter(client):
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["tiny", "support"]
+    assert client.models.retrieve("support").id == "support"
+
+
+def test_chat_completion(client):
+    response = client.chat.completions.create(model="tiny", messages=HI, max_tokens=8, temperature=0)
+    choice = response.choices[0]
+    assert response.object == "chat.completion" and response.model == "tiny"
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert response.usage.completion_tokens <= 8 and response.usage.prompt_tokens > 5
+    again = client.chat.completions.create(model="tiny", messages=HI, max_tokens=8, temperature=0)
+    assert again.choices[0].message.content == choice.message.content  # greedy is deterministic
+
+
+def test_streamed_chat_arrives_in_chunks(client):
+    stream = client.chat.completions.create(model="tiny", messages=HI, max_tokens=24, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    arrivals, pieces, finish, usage = [], [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+                arrivals.append(time.monotonic())
+            finish = choice.finish_reason or finish
+    assert len(pieces) >= 5, pieces
+    assert arrivals[-1] - arrivals[0] > 0  # incremental, not one burst at the end
+    assert finish == "length" and usage.completion_tokens == 24
+    plain = client.chat.completions.create(model="tiny", messages=HI, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    assert "".join(pieces) == plain.choices[0].message.content
+
+
+def test_completion_with_n_and_seed(client):
+    kwargs = {"model": "tiny", "prompt": "The capital of", "max_tokens": 10, "temperature": 1.0, "seed": 5, "n": 2}
+    response = client.completions.create(**kwargs)
+    assert response.object == "text_completion" and len(response.choices) == 2
+    assert [c.index for c in response.choices] == [0, 1]
+    texts = [c.text for c in response.choices]
+    assert texts[0] != texts[1]  # the two samples use different seeds
+    assert [c.text for c in client.completions.create(**kwargs).choices] == texts  # reproducible
+    stopped = client.completions.create(model="tiny", prompt="The capital of", max_tokens=30, temperature=0, stop=["a"])
+    assert "a" not in stopped.choices[0].text
+
+
+def test_adapter_selected_by_model_name(client):
+    args = {"messages": HI, "max_tokens": 10, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    base = client.chat.completions.create(model="tiny", **args).choices[0].message.content
+    tuned = client.chat.completions.create(model="support", **args)
+    assert tuned.model == "support"
+    assert tuned.choices[0].message.content != base
+
+
+def test_errors_have_openai_shape(client, server):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "capital " * 400}])
+    assert info.value.code == "context_length_exceeded" and "maximum context length is 256" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=HI, max_tokens=250)
+    assert info.value.code == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=HI)
+    assert info.value.code == "model_not_found" and "tiny, support" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=HI, temperature=7)
+    assert info.value.param == "temperature"
+    url = server[0]
+    status, body = http("POST", url + "/v1/chat/completions", b'{"model": "tiny", "messages": [')
+    assert status == 400 and body["error"]["code"] == "invalid_json" and body["error"]["type"] == "invalid_request_error"
+    status, body = http("POST", url + "/v1/completions", json.dumps({"model": "tiny"}).encode())
+    assert status == 400 and body["error"]["param"] == "prompt"
+    status, body = http("POST", url + "/v1/chat/completions", json.dumps({"model": "tiny", "messages": []}).encode())
+    assert status == 400 and "error" in body
+    status, body = http("GET", url + "/v1/nope")
+    assert status == 404 and "error" in body
+
+
+def _stream_once(client, max_tokens=32):
+    started = time.monotonic()
+    chunks = 0
+    for chunk in client.chat.completions.create(model="tiny", messages=HI, max_tokens=max_tokens, temperature=0.8,
+                                                stream=True, extra_body={"ignore_eos": True}):
+        chunks += sum(1 for c in chunk.choices if c.delta.content)
+    return time.monotonic() - started, chunks
+
+
+def test_concurrent_streams_are_batched(client, server):
+    _stream_once(client)  # warm up
+    single = min(_stream_once(client)[0] for _ in range(2))
+    started = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda _: _stream_once(client), range(16)))
+    total = time.monotonic() - started
+    assert all(chunks >= 5 for _, chunks in results)
+    assert total < 0.5 * 16 * single, (total, single)
+    _, metrics = http("GET", server[0] + "/metrics")
+    batch_sum = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("kubetune_batch_size_sum")))
+    batch_count = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("kubetune_batch_size_count")))
+    assert batch_sum / batch_count > 1.5  # requests really ran together
+
+
+def _metric(url: str, name: str) -> float:
+    _, text = http("GET", url + "/metrics")
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_disconnect_frees_the_slot(client, server):
+    url, _ = server
+    before = _metric(url, "kubetune_sequences_cancelled_total")
+    stream = client.chat.completions.create(model="tiny", messages=HI, max_tokens=230, stream=True,
+                                            extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 10
+    while _metric(url, "kubetune_requests_in_flight") or _metric(url, "kubetune_requests_running"):
+        assert time.monotonic() < deadline, "the cancelled request kept its slot"
+        time.sleep(0.05)
+    # It left the batch early (cancelled), not by running to its 230 tokens.
+    assert _metric(url, "kubetune_sequences_cancelled_total") == before + 1
+    _, text = http("GET", url + "/metrics")
+    assert 'status="499"' in text
+
+
+def test_probes_and_metrics(server, client):
+    url, _ = server
+    assert http("GET", url + "/health") == (200, {"status": "ok"})
+    status, body = http("GET", url + "/ready")
+    assert status == 200 and body["models"] == ["tiny", "support"]
+    client.chat.completions.create(model="support", messages=HI, max_tokens=4)
+    _, text = http("GET", url + "/metrics")
+    for name in ("kubetune_requests_total", "kubetune_generation_tokens_total", "kubetune_request_duration_seconds_bucket",
+                 "kubetune_queue_depth", "kubetune_requests_in_flight", "kubetune_model_ready 1.0"):
+        assert name in text, name
+    assert 'kubetune_requests_total{endpoint="chat",model="support",status="200"}' in text
+    assert 'status="404"' in text  # the unknown-model request was counted too
+
+
+def test_api_key_and_background_loading(tiny_model_dir, monkeypatch):
+    loaded = threading.Event()
+
+    def slow_loader():
+        loaded.wait(10)
+        return create_engine(str(tiny_model_dir), engine="transformers")
+
+    app = create_app(loader=slow_loader, config=ServerConfig(api_key="s3cret"))
+    with running(app) as (url, _):
+        assert http("GET", url + "/health")[0] == 200
+        assert http("GET", url + "/ready")[0] == 503  # alive, not ready while the model loads
+        loaded.set()
+        deadline = time.monotonic() + 30
+        while http("GET", url + "/ready")[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in good.models.list()] == [tiny_model_dir.name]
+        bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        assert http("GET", url + "/metrics")[0] == 200  # scraping needs no key
+
+
+def test_graceful_shutdown_drains_in_flight(tiny_model_dir):
+    engine = create_engine(str(tiny_model_dir), engine="transformers")
+    app = create_app(engine, config=ServerConfig(drain_timeout_s=20))
+    with running(app, timeout_graceful_shutdown=20) as (url, server):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        result = {}
+
+        def call():
+            result["response"] = client.completions.create(model=tiny_model_dir.name, prompt="Hello", max_tokens=120,
+                                                           extra_body={"ignore_eos": True})
+
+        worker = threading.Thread(target=call)
+        worker.start()
+        deadline = time.monotonic() + 10
+        while not _metric(url, "kubetune_requests_in_flight"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.should_exit = True  # what SIGTERM does
+        worker.join(30)
+    assert result["response"].choices[0].finish_reason == "length"
+    assert result["response"].usage.completion_tokens == 120

@@ -1,0 +1,264 @@
+"""`kubetune generate`, `kubetune chat` and `kubetune serve`.
+
+`register(subparsers)` adds the three commands to kubetune's parser (entry point or a direct call
+from `kubetune.trainer.cli`); `python -m kubetune.trainer.infer.cli ...` runs them standalone.
+Heavy modules load inside the commands, so `kubetune --help` stays fast. User errors are
+`KubetuneError`s: one paragraph on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kubetune.trainer.errors import KubetuneError
+
+log = logging.getLogger("kubetune")
+
+
+# ---------------------------------------------------------------------------------------------
+# shared arguments
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("model", help="model directory, s3:// prefix, hub id, builtin:tiny-llama, or a LoRA training output")
+    g.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="a LoRA adapter (output dir or s3:// prefix) served as model NAME on the same base (repeatable)")
+    g.add_argument("--base", help="base model of a LoRA output (default: the one in its kubetune-spec.yaml)")
+    g.add_argument("--served-model-name", help="name of the base model in requests and /v1/models (default: its directory name)")
+    g.add_argument("--engine", default="auto", choices=["auto", "transformers", "vllm"],
+                   help="auto: vllm when installed on a GPU machine, else transformers")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (transformers engine)")
+    g.add_argument("--max-model-len", type=int, help="cap the context length (default: the model's, RoPE scaling included)")
+    g.add_argument("--template", help="override the chat template: a built-in name (kubetune templates) or a Jinja string")
+    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--draft-model", help="speculative decoding with this smaller draft model (same tokenizer)")
+    g.add_argument("--prompt-lookup", type=int, metavar="N",
+                   help="speculative decoding without a draft: propose N tokens by n-gram lookup in the prompt")
+    g.add_argument("--num-assistant-tokens", type=int, help="tokens the draft model proposes per step")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: float, max_tokens: int | None) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"new tokens at most (default: {max_tokens or 'up to the context'})")
+    g.add_argument("--temperature", type=float, default=temperature, help=f"0 is greedy (default: {temperature})")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--seed", type=int)
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from kubetune.trainer.infer.params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          stop=list(args.stop), seed=args.seed).validate()
+
+
+def adapters_from_args(args: argparse.Namespace) -> list:
+    from kubetune.trainer.infer.loading import parse_adapter_arg
+
+    return [parse_adapter_arg(value) for value in args.adapter]
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from kubetune.trainer.errors import SpecError
+
+    if args.draft_model and args.prompt_lookup:
+        raise SpecError("--draft-model", "a draft model and prompt lookup cannot be combined.", "pick one of them.")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        raise SpecError("--prompt-lookup", "must be at least 1.")
+    return {"engine": args.engine, "adapters": adapters_from_args(args), "base": args.base,
+            "served_name": args.served_model_name, "dtype": args.dtype, "max_model_len": args.max_model_len,
+            "trust_remote_code": args.trust_remote_code, "draft": args.draft_model, "prompt_lookup": args.prompt_lookup,
+            "num_assistant_tokens": args.num_assistant_tokens,
+            **({"device": args.device} if args.engine != "vllm" else {})}
+
+
+def load_engine(args: argparse.Namespace):
+    from kubetune.trainer.infer.engine import create_engine
+
+    engine = create_engine(args.model, **engine_kwargs(args))
+    if args.template:
+        engine.set_template(args.template)
+    return engine
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kubetune.trainer.infer.batch import generate_file
+
+    _quiet_libraries()
+    params = sampling_from_args(args)
+    engine = load_engine(args)
+    count = generate_file(engine, args.data, args.out, params, format=args.format, model=args.model_name,
+                          batch_size=args.batch_size, max_samples=args.max_samples, progress=not args.quiet)
+    print(f"Wrote {count} generations to {args.out}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from kubetune.trainer.infer.params import Sequence
+
+    _quiet_libraries()
+    params = sampling_from_args(args)
+    engine = load_engine(args)
+    adapter = engine.adapter_for(args.model_name)
+    interactive = sys.stdin.isatty()
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    if interactive:
+        print(f"Chatting with {args.model_name or engine.base_name} ({engine.name}). /reset clears the history, "
+              "/exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        ids = engine.encode_chat(history, args.model_name)
+        # Keep the conversation within the context: forget the oldest turns first.
+        first = 1 if history[0]["role"] == "system" else 0
+        while len(history) - first > 1 and len(ids) + (params.max_tokens or 1) > engine.context_length:
+            del history[first]
+            ids = engine.encode_chat(history, args.model_name)
+
+        def show(event) -> None:
+            if event.text:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+
+        seq = Sequence(prompt_ids=ids, params=params, adapter=adapter, lstrip=True, emit=show)
+        engine.check_length(len(ids), params)
+        engine.run([seq])
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": seq.text})
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kubetune.trainer.infer.engine import pick_engine
+
+    if pick_engine(args.engine) == "vllm":
+        return _exec_vllm(args)
+    from kubetune.trainer.infer.server import ServerConfig, serve
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    config = ServerConfig(max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000.0,
+                          max_queue=args.max_queue, api_key=api_key or None, drain_timeout_s=args.drain_timeout)
+    kwargs = {**engine_kwargs(args), "engine": "transformers"}
+    return serve(args.model, host=args.host, port=args.port, config=config, log_level=args.log_level,
+                 template=args.template, **kwargs)
+
+
+def _exec_vllm(args: argparse.Namespace) -> int:
+    from kubetune.trainer.infer.vllm_engine import server_command
+
+    argv = server_command(args.model, host=args.host, port=args.port, adapters=adapters_from_args(args),
+                          served_name=args.served_model_name, max_model_len=args.max_model_len, dtype=args.dtype,
+                          api_key_env=args.api_key_env, draft=args.draft_model, prompt_lookup=args.prompt_lookup,
+                          num_speculative_tokens=args.num_assistant_tokens or 4,
+                          tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
+                          gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_batch_size,
+                          extra_args=args.vllm_arg)
+    if args.template:
+        print("kubetune: --template is ignored with the vllm engine (vLLM uses the tokenizer's chat template)", file=sys.stderr)
+    print("exec: " + " ".join(argv), file=sys.stderr, flush=True)
+    if args.dry_run:
+        return 0
+    os.execv(argv[0], argv)  # replaces this process: signals (SIGTERM drain) go straight to vLLM
+    return 0  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------------
+# registration
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="generate outputs for every prompt of a dataset into a JSONL file")
+    add_model_arguments(p)
+    p.add_argument("--data", required=True, help="dataset file, directory or s3:// prefix (text, alpaca, sharegpt, lmflow)")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "alpaca", "sharegpt", "lmflow"])
+    p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument("--model-name", help="which served model generates (an adapter name; default: the base)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-samples", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_sampling_arguments(p, temperature=0.0, max_tokens=256)
+    p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser("chat", help="chat with a model in the terminal (streaming, multi-turn; reads stdin)")
+    add_model_arguments(p)
+    p.add_argument("--model-name", help="which served model answers (an adapter name; default: the base)")
+    p.add_argument("--system", help="system prompt")
+    add_sampling_arguments(p, temperature=0.7, max_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    p = subparsers.add_parser("serve", help="serve a model (and LoRA adapters) over an OpenAI-compatible HTTP API")
+    add_model_arguments(p)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together (vLLM: --max-num-seqs)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill once a request arrives")
+    p.add_argument("--max-queue", type=int, default=1024, help="waiting sequences before requests get 503")
+    p.add_argument("--api-key-env", default="KUBETUNE_API_KEY",
+                   help="environment variable holding the API key; when it is set, /v1 requires 'Authorization: Bearer KEY'")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    v = p.add_argument_group("vllm engine")
+    v.add_argument("--tensor-parallel-size", type=int)
+    v.add_argument("--quantization")
+    v.add_argument("--gpu-memory-utilization", type=float)
+    v.add_argument("--vllm-arg", action="append", default=[], help="extra argument passed to vLLM's server (repeatable)")
+    v.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
+    p.set_defaults(func=cmd_serve)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubetune")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    register(sub)
+    from kubetune.trainer.evaluate.cli import register as register_eval
+
+    register_eval(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KubetuneError as err:
+        print(f"kubetune: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("kubetune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,450 @@
+"""`kubetune serve`: an OpenAI-compatible HTTP server (FastAPI on uvicorn).
+
+Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both with
+`stream: true` as server-sent events in OpenAI's chunk format), `GET /health` (liveness: the
+process answers), `GET /ready` (readiness: the model is loaded), `GET /metrics` (Prometheus).
+
+The model loads in the background after the socket opens, so liveness holds while a big model
+loads and readiness turns on when it can serve. Requests become `Sequence`s in the scheduler's
+queue and run in batches on the engine thread (see `scheduler.py`); streamed text flows back to
+each handler through an asyncio queue. A client that disconnects cancels its sequences, which
+leave the batch at the next step. With `KUBETUNE_API_KEY` (or `--api-key-env NAME`) set, the
+`/v1` endpoints require `Authorization: Bearer <key>`; probes and metrics stay open. On SIGTERM
+uvicorn stops accepting connections and waits (`--drain-timeout`) for in-flight requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kubetune.trainer.errors import KubetuneError
+from kubetune.trainer.infer.engine import Engine, UnknownModel
+from kubetune.trainer.infer.metrics import ServerMetrics
+from kubetune.trainer.infer.params import Event, InvalidRequest, SamplingParams, Sequence
+from kubetune.trainer.infer.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from kubetune.trainer.infer.scheduler import Overloaded, Scheduler
+from kubetune.trainer.spec import StorageSpec
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "KUBETUNE_API_KEY"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.body = error_body(message, type=type, param=param, code=code)
+
+
+@dataclass
+class ServerConfig:
+    max_batch_size: int = 16
+    batch_wait_s: float = 0.01
+    max_queue: int = 1024
+    api_key: str | None = None
+    drain_timeout_s: float = 30.0
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    engine: Engine | None = None
+    scheduler: Scheduler | None = None
+    load_error: BaseException | None = None
+    loaded: threading.Event = field(default_factory=threading.Event)
+    on_load_error: Callable[[BaseException], None] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self.scheduler = Scheduler(engine, max_batch_size=self.config.max_batch_size, batch_wait_s=self.config.batch_wait_s,
+                                   max_queue=self.config.max_queue, metrics=self.metrics).start()
+        self.engine = engine
+        self.metrics.ready.set(1)
+        self.loaded.set()
+
+
+def create_app(engine: Engine | None = None, *, loader: Callable[[], Engine] | None = None,
+               config: ServerConfig | None = None, on_load_error: Callable[[BaseException], None] | None = None):
+    """The ASGI app. Pass a loaded `engine`, or a `loader` that builds one in the background."""
+    if (engine is None) == (loader is None):
+        raise ValueError("pass exactly one of engine and loader")
+    state = ServerState(config=config or ServerConfig(), on_load_error=on_load_error)
+
+    def load_in_background() -> None:
+        try:
+            state.attach(loader())  # type: ignore[misc]
+        except BaseException as exc:
+            state.load_error = exc
+            state.loaded.set()
+            log.error("model loading failed: %s", exc)
+            if state.on_load_error is not None:
+                state.on_load_error(exc)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if engine is not None:
+            state.attach(engine)
+        else:
+            threading.Thread(target=load_in_background, name="kubetune-loader", daemon=True).start()
+        yield
+        # uvicorn has stopped accepting and waited for open requests; finish what is queued.
+        state.metrics.ready.set(0)
+        if state.scheduler is not None:
+            await asyncio.to_thread(state.scheduler.stop, state.config.drain_timeout_s)
+        if state.engine is not None:
+            state.engine.close()
+
+    app = FastAPI(title="kubetune", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.kubetune = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail), code=str(exc.status_code)), status_code=exc.status_code)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def check_auth(request: Request) -> None:
+        key = state.config.api_key
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    def ready_engine() -> Engine:
+        if state.load_error is not None:
+            raise ApiError(503, f"the model failed to load: {state.load_error}", type="server_error", code="model_load_failed")
+        if state.engine is None or state.scheduler is None:
+            raise ApiError(503, "the model is still loading; retry shortly.", type="server_error", code="model_loading")
+        return state.engine
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise ApiError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+        return body
+
+    def parse(model_cls, body: dict[str, Any]):
+        from pydantic import ValidationError
+
+        try:
+            return model_cls.model_validate(body)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            loc = ".".join(str(p) for p in err["loc"]) or None
+            raise ApiError(400, f"Invalid value for '{loc}': {err['msg']}.", param=loc, code="invalid_value") from None
+
+    def translate(exc: Exception) -> ApiError:
+        if isinstance(exc, UnknownModel):
+            return ApiError(404, f"The model `{exc.name}` does not exist. Available models: {', '.join(exc.known)}.", param="model", code="model_not_found")
+        if isinstance(exc, InvalidRequest):
+            message = exc.problem + (f" Please {exc.fix}" if exc.fix and exc.code else (f" Fix: {exc.fix}" if exc.fix else ""))
+            return ApiError(400, message, param=exc.param, code=exc.code or "invalid_value")
+        if isinstance(exc, Overloaded):
+            return ApiError(503, f"The server is overloaded: {exc}. Retry later.", type="server_error", code="overloaded")
+        if isinstance(exc, KubetuneError):
+            return ApiError(400, str(exc))
+        raise exc
+
+    # -- probes, metrics, models -----------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if state.engine is not None and state.scheduler is not None and state.load_error is None:
+            return {"status": "ready", "models": state.engine.model_names}
+        status = "failed" if state.load_error is not None else "loading"
+        return JSONResponse({"status": status, "error": str(state.load_error) if state.load_error else None}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        eng = ready_engine()
+        created = int(time.time())
+        data = [{"id": eng.base_name, "object": "model", "created": created, "owned_by": "kubetune",
+                 "root": eng.base_name, "parent": None}]
+        data += [{"id": name, "object": "model", "created": created, "owned_by": "kubetune", "root": path,
+                  "parent": eng.base_name} for name, path in eng.adapters.items()]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str, request: Request):
+        check_auth(request)
+        eng = ready_engine()
+        try:
+            eng.adapter_for(name)
+        except UnknownModel as exc:
+            raise translate(exc) from None
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "kubetune"}
+
+    # -- generation ------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, "completions")
+
+    async def handle(request: Request, endpoint: str):
+        started = time.monotonic()
+        model_label = "unknown"
+        try:
+            check_auth(request)
+            body = await read_json(request)
+            req = parse(ChatCompletionRequest if endpoint == "chat" else CompletionRequest, body)
+            eng = ready_engine()
+            try:
+                adapter = eng.adapter_for(req.model)
+                model_label = req.model
+                params = req.sampling()
+                if endpoint == "chat":
+                    messages = [m.as_template_message() for m in req.messages]
+                    prompts = [eng.encode_chat(messages, req.model, tools=req.tools)]
+                else:
+                    prompts = [p if isinstance(p, list) else eng.encode_text(p) for p in req.prompts()]
+                for ids in prompts:
+                    if any(not isinstance(t, int) or t < 0 or t >= len(eng.tokenizer) for t in ids):
+                        raise InvalidRequest("prompt", "the prompt holds token ids outside the vocabulary.")
+                    eng.check_length(len(ids), params, "messages" if endpoint == "chat" else "prompt")
+                run = Run(state, endpoint, req, prompts, params, adapter, lstrip=endpoint == "chat")
+                run.submit()
+            except (KubetuneError, Overloaded) as exc:
+                raise translate(exc) from None
+        except ApiError as exc:
+            state.metrics.requests.labels(model_label, endpoint, str(exc.status)).inc()
+            state.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+            raise
+        if req.stream:
+            return StreamingResponse(run.stream(request, started), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(await run.collect(request, started))
+
+    @app.get("/")
+    async def root():
+        return PlainTextResponse("kubetune OpenAI-compatible server: see /v1/models\n")
+
+    return app
+
+
+class Run:
+    """One request's sequences (n per prompt) and the events flowing back from the engine."""
+
+    def __init__(self, state: ServerState, endpoint: str, req: Any, prompts: list[list[int]], params: SamplingParams,
+                 adapter: str | None, *, lstrip: bool):
+        self.state = state
+        self.endpoint = endpoint
+        self.req = req
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.sequences: list[Sequence] = []
+        for p_index, ids in enumerate(prompts):
+            for j in range(req.n):
+                index = p_index * req.n + j
+                seq = Sequence(prompt_ids=ids, params=params.for_choice(j), adapter=adapter, lstrip=lstrip,
+                               emit=self._emitter(index), tag=index)
+                self.sequences.append(seq)
+        self.prompt_tokens = sum(len(ids) for ids in prompts)
+        self.completion_tokens = 0
+        self.status = "200"
+
+    def _emitter(self, index: int):
+        def emit(event: Event) -> None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+
+        return emit
+
+    def submit(self) -> None:
+        self.state.scheduler.submit(self.sequences)  # type: ignore[union-attr]
+        self.state.metrics.in_flight.inc()
+
+    def cancel(self) -> None:
+        for seq in self.sequences:
+            seq.cancelled.set()
+
+    def _finish_metrics(self, started: float) -> None:
+        m = self.state.metrics
+        m.in_flight.dec()
+        m.requests.labels(self.req.model, self.endpoint, self.status).inc()
+        m.latency.labels(self.endpoint).observe(time.monotonic() - started)
+        m.prompt_tokens.labels(self.req.model).inc(self.prompt_tokens)
+        m.generation_tokens.labels(self.req.model).inc(self.completion_tokens)
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    async def _next(self, request: Any, poll_s: float = 0.5) -> tuple[int, Event] | None:
+        """The next event; None when the client has gone away."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.events.get(), poll_s)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return None
+
+    async def collect(self, request: Any, started: float) -> dict[str, Any]:
+        texts = {seq.tag: "" for seq in self.sequences}
+        reasons: dict[int, str] = {}
+        error: str | None = None
+        try:
+            while len(reasons) < len(self.sequences):
+                item = await self._next(request)
+                if item is None:
+                    self.status = "499"
+                    self.cancel()
+                    break
+                index, event = item
+                texts[index] += event.text
+                self.completion_tokens += event.tokens
+                if event.finish_reason is not None:
+                    reasons[index] = event.finish_reason
+                    error = error or event.error
+        finally:
+            self.cancel()
+            if error:
+                self.status = "500"
+            self._finish_metrics(started)
+        if error:
+            raise ApiError(500, f"generation failed: {error}", type="server_error")
+        model = self.req.model
+        if self.endpoint == "chat":
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+                        "finish_reason": reasons.get(i, "stop")} for i in sorted(texts)]
+            return {"id": self.id, "object": "chat.completion", "created": self.created, "model": model,
+                    "choices": choices, "usage": self.usage(), "system_fingerprint": None}
+        choices = [{"index": i, "text": self._echo(i) + texts[i], "logprobs": None, "finish_reason": reasons.get(i, "stop")}
+                   for i in sorted(texts)]
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": model,
+                "choices": choices, "usage": self.usage(), "system_fingerprint": None}
+
+    def _echo(self, index: int) -> str:
+        if self.endpoint != "completions" or not self.req.echo:
+            return ""
+        seq = self.sequences[index]
+        return self.state.engine.tokenizer.decode(seq.prompt_ids, skip_special_tokens=True)  # type: ignore[union-attr]
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        obj = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
+        payload: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": self.req.model,
+                                   "choices": choices, "system_fingerprint": None}
+        if usage is not None:
+            payload["usage"] = usage
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    async def stream(self, request: Any, started: float) -> AsyncIterator[str]:
+        chat = self.endpoint == "chat"
+        finished: set[int] = set()
+        first_token = True
+        try:
+            for seq in self.sequences:
+                if chat:
+                    yield self._chunk([{"index": seq.tag, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}])
+                elif self.req.echo:
+                    yield self._chunk([{"index": seq.tag, "text": self._echo(seq.tag), "logprobs": None, "finish_reason": None}])
+            while len(finished) < len(self.sequences):
+                item = await self._next(request)
+                if item is None:
+                    self.status = "499"
+                    return
+                index, event = item
+                self.completion_tokens += event.tokens
+                if event.error:
+                    self.status = "500"
+                    yield f"data: {json.dumps(error_body(f'generation failed: {event.error}', type='server_error'))}\n\n"
+                    return
+                if event.text:
+                    if first_token:
+                        first_token = False
+                        self.state.metrics.ttft.labels(self.endpoint).observe(time.monotonic() - started)
+                    piece = {"delta": {"content": event.text}} if chat else {"text": event.text}
+                    yield self._chunk([{"index": index, **piece, "logprobs": None, "finish_reason": None}])
+                if event.finish_reason is not None:
+                    finished.add(index)
+                    piece = {"delta": {}} if chat else {"text": ""}
+                    yield self._chunk([{"index": index, **piece, "logprobs": None, "finish_reason": event.finish_reason}])
+            if self.req.include_usage:
+                yield self._chunk([], usage=self.usage())
+            yield "data: [DONE]\n\n"
+        finally:
+            # Normal end, an error, or the client went away (the generator is cancelled or closed):
+            # either way the sequences must leave the batch now.
+            if len(finished) < len(self.sequences) and self.status == "200":
+                self.status = "499"  # client closed the request
+            self.cancel()
+            self._finish_metrics(started)
+
+
+def serve(model: str, *, host: str = "0.0.0.0", port: int = 8000, config: ServerConfig | None = None,
+          log_level: str = "info", template: str | None = None, **engine_kwargs: Any) -> int:
+    """Run the server until SIGINT/SIGTERM (blocking). Returns the exit code."""
+    import uvicorn
+
+    from kubetune.trainer.infer.engine import create_engine
+
+    failure: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_error(exc: BaseException) -> None:
+        failure.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    if not model.startswith(("s3://", "builtin:")):
+        # Fail fast (exit 2, before listening) on a local path that is not there.
+        from kubetune.trainer.infer.loading import resolve_path
+
+        resolve_path(model, engine_kwargs.get("storage") or StorageSpec(), "model")
+
+    def load() -> Engine:
+        engine = create_engine(model, **engine_kwargs)
+        if template:
+            engine.set_template(template)
+        return engine
+
+    config = config or ServerConfig()
+    app = create_app(loader=load, config=config, on_load_error=on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=int(config.drain_timeout_s) or None,
+                                           access_log=log_level == "debug"))
+    server.run()
+    if failure:
+        exc = failure[0]
+        if isinstance(exc, KubetuneError):
+            raise exc
+        raise KubetuneError(f"the model failed to load: {type(exc).__name__}: {exc}")
+    return 0
