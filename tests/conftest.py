@@ -16,6 +16,9 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Keep builtin models and downloads out of the user's ~/.cache (one per test session)."""
     cache = Path(os.environ.get("KUBETUNE_TEST_CACHE") or tmp_path_factory.mktemp("kubetune-cache"))
     os.environ["KUBETUNE_CACHE"] = str(cache)
+    # Subprocesses run `python -m kubetune...` from the repository root, where the `operator/`
+    # folder would shadow the standard library module; safe-path mode keeps cwd off sys.path.
+    os.environ["PYTHONSAFEPATH"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

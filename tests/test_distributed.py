@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 def torchrun(spec_path: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-         "-m", "kubetune.trainer.cli", "train", str(spec_path)],
+         "--no-python", str(Path(sys.executable).parent / "kubetune"), "train", str(spec_path)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
     )

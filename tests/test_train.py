@@ -150,7 +150,7 @@ def test_torchrun_two_processes(tmp_path):
     out = Path(spec["output"]["path"])
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "kubetune.trainer.cli", "train", str(spec_path)],
+         "--no-python", str(Path(sys.executable).parent / "kubetune"), "train", str(spec_path)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

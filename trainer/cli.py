@@ -48,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if world_info()[0] != 0:
         return EXIT_INTERRUPTED if result.interrupted else 0  # rank 0 reports for the job
     if result.interrupted:
-        print(f"Interrupted at step {result.global_step}; checkpoint saved in {result.output_dir}. "
+        print(f"Interrupted at step {result.global_step}; checkpoint saved in {loaded.spec.output_path}. "
               "Run the same command again to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
     resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""

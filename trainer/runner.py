@@ -157,8 +157,45 @@ def save_final(trainer, spec: TrainingSpec, tokenizer, output_dir: Path) -> None
         export_merged(str(output_dir), str(output_dir / "merged"), storage=spec.storage)
 
 
+def public_location(spec: TrainingSpec, local_path: str | None) -> str | None:
+    """A checkpoint's location as the user knows it: under the output URI, not the local cache."""
+    if local_path is None:
+        return None
+    if spec.output_path.startswith("s3://"):
+        return f"{spec.output_path.rstrip('/')}/{Path(local_path).name}"
+    return local_path
+
+
 def run(spec: TrainingSpec) -> RunResult:
-    """Train according to `spec`. Returns after saving; raises KubetuneError on bad input."""
+    """Train according to `spec`. Returns after saving; raises KubetuneError on bad input.
+
+    Whatever fails, from a wrong model URI to a crash mid-training, rank 0 leaves a Failed
+    status.json with the reason (the operator shows it) and lets queued uploads finish.
+    """
+    from kubetune.trainer.storage import open_output
+
+    started = time.time()
+    configure_logging(spec.logging.level)
+    rank = world_info()[0]
+    session = open_output(spec.output_path, spec.storage, keep_last=spec.checkpoint.keepLast)
+    progress: dict = {}
+    try:
+        return _train(spec, session, started, progress)
+    except BaseException as exc:
+        if rank == 0:
+            message = f"{type(exc).__name__}: {exc}"[:500]
+            if "status" in progress:
+                failed = progress["status"].snapshot(progress["trainer"].state, phase="Failed", message=message)
+            else:
+                failed = {"phase": "Failed", "message": message, "updatedAt": time.time()}
+            session.write_status(failed, force=True)
+        raise
+    finally:
+        if rank == 0:
+            session.close()  # waits for queued checkpoint uploads: what a retry resumes from
+
+
+def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunResult:
     import torch
     import transformers
 
@@ -170,17 +207,13 @@ def run(spec: TrainingSpec) -> RunResult:
     from kubetune.trainer.plots import plot_loss
     from kubetune.trainer.samples import SAMPLES_FILE, generate_samples, record_samples, sample_prompts
     from kubetune.trainer.stages import stage_module
-    from kubetune.trainer.storage import open_output
 
-    started = time.time()
-    configure_logging(spec.logging.level)
     rank = world_info()[0]
     transformers.set_seed(spec.train.seed)
     precision = pick_precision(spec.train.precision)
-    session = open_output(spec.output_path, spec.storage, keep_last=spec.checkpoint.keepLast)
     output_dir = session.local_dir
-    resume_from = resolve_resume(spec, session)
 
+    # Inputs first: a wrong model or data location fails before any checkpoint is downloaded.
     tokenizer = load_tokenizer(spec.model, spec.storage)
     template = apply_template(tokenizer, spec.data.template)
     log.info("chat template: %s", template)
@@ -196,6 +229,9 @@ def run(spec: TrainingSpec) -> RunResult:
     model.config.use_cache = False
 
     args = build_training_args(spec, output_dir, precision, has_eval=data.eval is not None)
+    # One process per node cleans up and downloads the checkpoint; the others then find it local.
+    with args.main_process_first(local=True, desc="resolving the checkpoint to resume from"):
+        resume_from = resolve_resume(spec, session)
     optimizers = (loraplus_optimizer(model, spec, args), None) if spec.uses_lora and spec.lora.loraplusRatio else (None, None)
     flash = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
     counter = TokenCounter(make_collator(tokenizer, spec, flatten_packed=flash))
@@ -207,10 +243,12 @@ def run(spec: TrainingSpec) -> RunResult:
                      callbacks=[metrics, checkpoints, status, stop], optimizers=optimizers,
                      data_collator=counter)
     trainer = stage_module(spec.stage).build_trainer(ctx)
+    progress.update(status=status, trainer=trainer)
+    resumed = public_location(spec, resume_from)
 
     if rank == 0:
         (output_dir / RESOLVED_SPEC_FILE).write_text(yaml.safe_dump(spec.to_document(), sort_keys=False))
-        metrics.write({"event": "start", "time": time.time(), "resumedFrom": resume_from, "precision": precision,
+        metrics.write({"event": "start", "time": time.time(), "resumedFrom": resumed, "precision": precision,
                        "worldSize": args.world_size, "data": data.stats})
     deepspeed = spec.distributed.deepspeed
     # Generating on one rank needs the whole model there: not so with ZeRO-partitioned weights.
@@ -224,11 +262,6 @@ def run(spec: TrainingSpec) -> RunResult:
                 trainer.evaluate()
             record_samples(output_dir / SAMPLES_FILE, "before", 0, generate_samples(trainer.model, tokenizer, prompts))
         trainer.train(resume_from_checkpoint=resume_from)
-    except BaseException as exc:
-        if rank == 0:
-            session.write_status(status.snapshot(trainer.state, phase="Failed", message=f"{type(exc).__name__}: {exc}"[:500]))
-            session.close()  # let queued checkpoint uploads finish: they are what a retry resumes from
-        raise
     finally:
         stop.uninstall()
 
@@ -236,9 +269,9 @@ def run(spec: TrainingSpec) -> RunResult:
     if stop.requested:
         # The checkpoint was saved by the trainer on the way out; make sure it is durable.
         if rank == 0:
-            session.write_status(status.snapshot(state, phase="Interrupted"))
+            session.write_status(status.snapshot(state, phase="Interrupted"), force=True)
             session.finalize()
-        return RunResult(output_dir, state.global_step, interrupted=True, resumed_from=resume_from,
+        return RunResult(output_dir, state.global_step, interrupted=True, resumed_from=resumed,
                          runtime_seconds=time.time() - started)
 
     if data.eval is not None and metrics.last_eval_step != state.global_step:
@@ -252,5 +285,5 @@ def run(spec: TrainingSpec) -> RunResult:
         session.finalize()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return RunResult(output_dir, state.global_step, resumed_from=resume_from, eval_metrics=metrics.last_eval,
+    return RunResult(output_dir, state.global_step, resumed_from=resumed, eval_metrics=metrics.last_eval,
                      runtime_seconds=time.time() - started)
