@@ -262,6 +262,18 @@ class S3Env:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
+    def upload_tree(self, local: Path, prefix: str) -> list[str]:
+        """Upload a file, or every file under a directory, below `prefix` (directly, not through
+        the proxy). Returns the keys."""
+        local = Path(local)
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        keys = []
+        for file in files:
+            key = prefix.rstrip("/") + "/" + (file.name if file == local else file.relative_to(local).as_posix())
+            self.client.upload_file(str(file), self.bucket, key)
+            keys.append(key)
+        return keys
+
 
 @pytest.fixture
 def s3(moto_endpoint: str, fault_proxy: FaultProxy, tmp_path: Path) -> Iterator[S3Env]:

@@ -15,6 +15,11 @@ those (and re-checks sizes against the listing and SHA-256s after download).
 `checkpoint_saved` snapshots the checkpoint with hard links before returning, because
 transformers' own rotation (`save_total_limit`) may delete the local directory while its upload
 is still running; the hashing and uploading then happen on a background thread.
+
+Run logs (`metrics.jsonl`, `samples.jsonl`) are appended to by every attempt of a job, so that the
+curve covers the whole job. With an S3 output the next attempt usually runs on an empty disk:
+a copy of the logs taken when a checkpoint is saved is uploaded after that checkpoint's manifest,
+and a session that finds no local logs restores them from the prefix before the run appends.
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ log = logging.getLogger("kubetune.storage")
 WORK_PREFIX = ".kubetune-"
 """Names in `local_dir` starting with this are the session's own scratch space, never uploaded."""
 STATUS_INTERVAL_S = 15.0
+SUCCEEDED = "Succeeded"
+RUN_LOGS = ("metrics.jsonl", "samples.jsonl")
+"""Append-only files of a run (callbacks.METRICS_FILE, samples.SAMPLES_FILE): restored on a fresh disk."""
 
 
 def _hardlink_tree(source: Path, target: Path) -> None:
@@ -94,6 +102,8 @@ class S3OutputSession(OutputSession):
         self.client = get_client(settings)
         self.status_interval = status_interval
         self._probe()
+        if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes the logs
+            self._restore_run_logs()
         self._transfers = Transfers(settings, self.client)
         self._checkpoint_pool = ThreadPoolExecutor(1, thread_name_prefix="kubetune-ckpt-upload")
         self._status_pool = ThreadPoolExecutor(1, thread_name_prefix="kubetune-status")
@@ -116,6 +126,24 @@ class S3OutputSession(OutputSession):
             list_objects(self.client, self.uri.bucket, self.uri.prefix, max_keys=1)
         except Exception as exc:
             raise translate(exc, str(self.uri), field="output.path", action="write to") from None
+
+    def _restore_run_logs(self) -> None:
+        """Bring back the run logs of earlier attempts when this disk has none (a new pod)."""
+        for name in RUN_LOGS:
+            local = self.local_dir / name
+            if local.exists():
+                continue
+            uri = self._key(name)
+            try:
+                body = self.client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
+            except Exception as exc:
+                if is_not_found(exc):
+                    continue
+                raise translate(exc, str(uri), field="output.path", action="read") from None
+            tmp = local.with_name(name + ".tmp")
+            tmp.write_bytes(body)
+            os.replace(tmp, local)
+            log.info("restored %s from %s (earlier attempts of this run)", name, uri)
 
     def _key(self, *parts: str) -> S3Uri:
         return self.uri.join(*parts)
@@ -175,12 +203,28 @@ class S3OutputSession(OutputSession):
         name = path.name if CHECKPOINT_RE.match(path.name) else f"checkpoint-{step}"
         snapshot = self.local_dir / f"{WORK_PREFIX}upload" / f"{name}-{uuid.uuid4().hex[:8]}"
         _hardlink_tree(path, snapshot)
+        logs = snapshot.with_name(snapshot.name + "-logs")
+        for log_name in RUN_LOGS:  # copies, not links: the originals keep growing
+            if (self.local_dir / log_name).is_file():
+                logs.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(self.local_dir / log_name, logs / log_name)
         with self._lock:
             self._in_flight.add(name)
-            future = self._checkpoint_pool.submit(self._upload_checkpoint, path, snapshot, name, step)
+            future = self._checkpoint_pool.submit(self._upload_checkpoint, path, snapshot, name, step, logs)
             self._pending.append(future)
 
-    def _upload_checkpoint(self, original: Path, snapshot: Path, name: str, step: int) -> None:
+    def _upload_run_logs(self, logs: Path) -> None:
+        """The run logs as of a checkpoint, after its manifest: what a resume from it continues."""
+        for file in sorted(logs.glob("*")) if logs.is_dir() else []:
+            uri = self._key(file.name)
+            try:
+                self._transfers.upload_file(file, uri)
+            except Exception as exc:  # not fatal: finalize() uploads the complete logs again
+                log.warning("%s", translate(exc, str(uri), field="output.path", action="upload"))
+
+    def _upload_checkpoint(
+        self, original: Path, snapshot: Path, name: str, step: int, logs: Path | None = None
+    ) -> None:
         target = str(self._key(name))
         try:
             files: dict[str, Any] = {}
@@ -209,11 +253,15 @@ class S3OutputSession(OutputSession):
             with self._lock:
                 self._last_uri = target
             log.info("checkpoint %s uploaded (%d files)", target, len(files))
+            if logs is not None:
+                self._upload_run_logs(logs)
             self._apply_retention()
         except Exception as exc:
             self._fail(exc, target, "upload checkpoint to")
         finally:
             shutil.rmtree(snapshot, ignore_errors=True)
+            if logs is not None:
+                shutil.rmtree(logs, ignore_errors=True)
             with self._lock:
                 self._in_flight.discard(name)
 
@@ -329,7 +377,9 @@ class S3OutputSession(OutputSession):
     def write_status(self, status: dict[str, Any], *, force: bool = False) -> None:
         """Write status.json locally now; upload it at most every `status_interval` seconds in the
         background, or right away (blocking) with `force=True` (use it for final phases).
-        A change of `phase` (e.g. to Failed/Succeeded) is uploaded at once, as with `force`.
+        A change of `phase` (e.g. to Failed/Interrupted) is uploaded at once, as with `force`;
+        except `Succeeded`, which is only written locally here: `finalize()` uploads it once every
+        output is stored and verified, or replaces it with `Failed` if that did not happen.
         `lastCheckpoint` is set to the newest complete checkpoint's S3 URI at upload time (a
         caller's local path or None is replaced: the operator can only read S3), so it is current
         even for a status written while a checkpoint upload was running."""
@@ -354,9 +404,11 @@ class S3OutputSession(OutputSession):
             rendered["lastCheckpoint"] = self._last_uri
         return json.loads(redact(json.dumps(rendered, default=str)))
 
-    def _upload_status(self, raise_errors: bool = False) -> None:
+    def _upload_status(self, raise_errors: bool = False, *, final: bool = False) -> None:
         with self._lock:
             status, self._status_queued = self._status, False
+            if status is not None and status.get("phase") == SUCCEEDED and not final:
+                return  # success is published by finalize() only, after every upload verified
             self._status_uploaded_at = time.monotonic()
         if status is None:
             return
@@ -401,19 +453,21 @@ class S3OutputSession(OutputSession):
             except Exception as exc:
                 self._fail(exc, str(uri), "upload")
         self._status_pool.submit(lambda: None).result()  # a queued status upload goes first
-        try:
-            self._upload_status(raise_errors=True)
-        except KubetuneError as exc:
-            with self._lock:
-                self._errors.append(exc)
         with self._lock:
             errors = list(self._errors)
         if errors:
             permanent = [e for e in errors if isinstance(e, SpecError)]
             if len(errors) == 1 or permanent:
-                raise (permanent or errors)[0]
-            listed = "; ".join(str(e) for e in errors[:5])
-            raise StorageError(f"{len(errors)} uploads to {self.uri} failed: {listed}")
+                error: KubetuneError = (permanent or errors)[0]
+            else:
+                listed = "; ".join(str(e) for e in errors[:5])
+                error = StorageError(f"{len(errors)} uploads to {self.uri} failed: {listed}")
+            with self._lock:  # the run must not be reported as a success
+                if self._status is not None and self._status.get("phase") == SUCCEEDED:
+                    self._status = {**self._status, "phase": "Failed", "message": str(error)[:500]}
+            self._upload_status(raise_errors=False)
+            raise error
+        self._upload_status(raise_errors=True, final=True)
         log.info("all outputs stored under %s (%d files)", self.uri, len(files))
 
     @staticmethod
