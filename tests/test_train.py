@@ -161,3 +161,15 @@ def test_torchrun_two_processes(tmp_path):
     assert json.loads((out / "status.json").read_text())["phase"] == "Succeeded"
     losses = [r for r in read_metrics(out) if "loss" in r]
     assert losses and losses[-1]["step"] == 4
+
+
+def test_eval_block_evaluates_the_final_model(tmp_path):
+    spec = small_spec(tmp_path, train={"maxSteps": 30, "learningRate": 3e-3})
+    spec["eval"] = {"tasks": ["perplexity", "generation"], "maxSamples": 8, "maxNewTokens": 16}
+    result = run(validate_training(spec))
+    records = read_metrics(result.output_dir)
+    evaluation = next(r for r in records if r.get("event") == "eval")
+    tasks = {r["task"] for r in evaluation["results"]}
+    assert tasks == {"perplexity", "generation"}
+    assert (result.output_dir / "eval" / "eval_results.json").is_file()
+    assert (result.output_dir / "eval" / "eval_results.md").read_text().strip()

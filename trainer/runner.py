@@ -157,6 +157,18 @@ def save_final(trainer, spec: TrainingSpec, tokenizer, output_dir: Path) -> None
         export_merged(str(output_dir), str(output_dir / "merged"), storage=spec.storage)
 
 
+def final_evaluation(spec: TrainingSpec, output_dir: Path) -> dict:
+    """`spec.eval`: evaluate the saved model the way `kubetune eval` would."""
+    from kubetune.trainer.evaluate import run_evaluation
+
+    assert spec.eval is not None
+    datasets = spec.eval.datasets or spec.data.evalDatasets or spec.data.datasets
+    report = run_evaluation(str(output_dir), list(datasets), tasks=list(spec.eval.tasks), max_samples=spec.eval.maxSamples,
+                            max_new_tokens=spec.eval.maxNewTokens, output_dir=output_dir / "eval", storage=spec.storage)
+    log.info("final evaluation:\n%s", report.to_markdown())
+    return report.to_dict()
+
+
 def public_location(spec: TrainingSpec, local_path: str | None) -> str | None:
     """A checkpoint's location as the user knows it: under the output URI, not the local cache."""
     if local_path is None:
@@ -279,6 +291,8 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
     save_final(trainer, spec, tokenizer, output_dir)
     if rank == 0:
         record_samples(output_dir / SAMPLES_FILE, "after", state.global_step, generate_samples(trainer.model, tokenizer, prompts))
+        if spec.eval is not None:
+            metrics.write({"event": "eval", "step": state.global_step, **final_evaluation(spec, output_dir)})
         metrics.write({"event": "end", "step": state.global_step, "time": time.time()})
         plot_loss(metrics.path, output_dir / LOSS_PLOT_FILE, title=spec.name or "")
         session.write_status(status.snapshot(state, phase="Succeeded", outputUri=spec.output_path))

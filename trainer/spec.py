@@ -330,6 +330,19 @@ class LoggingSpec(SpecModel):
     written to `samples.jsonl` (sft with an eval split; 0 turns it off)."""
 
 
+class EvalSpec(SpecModel):
+    """An evaluation of the final model, run at the end of training (`kubetune eval` on the
+    output). Results go to `<output>/eval/` and into metrics.jsonl."""
+
+    datasets: list[DatasetSpec] = Field(default_factory=list)
+    """Datasets to evaluate on. Default: `data.evalDatasets`, else the training datasets."""
+    tasks: list[Literal["perplexity", "generation", "choice"]] = Field(default_factory=lambda: ["perplexity", "generation"])
+    """`perplexity`, `generation` (exact match, ROUGE-1/2/L, BLEU-4), `choice` (multiple choice)."""
+    maxSamples: PositiveInt | None = 200
+    """Evaluate on at most this many examples per dataset."""
+    maxNewTokens: PositiveInt = 64
+
+
 class TrainingSpec(SpecModel):
     """A complete fine-tuning run. The only required blocks are `model` and `data`."""
 
@@ -369,6 +382,8 @@ class TrainingSpec(SpecModel):
     """Log cadence, level and extra trackers."""
     storage: StorageSpec = Field(default_factory=StorageSpec)
     """S3 endpoint and transfer settings for `s3://` locations."""
+    eval: EvalSpec | None = None
+    """Evaluate the final model when training ends (off unless set)."""
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> TrainingSpec:
