@@ -7,30 +7,16 @@ does not carry (RoPE scaling, extended vocabulary).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
 from pathlib import Path
-
-import yaml
 
 from kubetune.trainer.errors import SpecError
 from kubetune.trainer.runner import RESOLVED_SPEC_FILE
 from kubetune.trainer.spec import StorageSpec
 
 log = logging.getLogger(__name__)
-
-
-def _adapter_base(adapter_dir: Path) -> str:
-    try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    except (OSError, ValueError):
-        raise SpecError("adapter", f"{str(adapter_dir)!r} holds no adapter_config.json.", "pass a LoRA output directory.") from None
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise SpecError("--base", "the adapter does not name its base model.", "pass --base PATH.")
-    return base
 
 
 def export_merged(adapter: str, out: str, *, base: str | None = None, dtype: str = "float32",
@@ -40,14 +26,16 @@ def export_merged(adapter: str, out: str, *, base: str | None = None, dtype: str
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kubetune.trainer.infer.loading import adapter_base
     from kubetune.trainer.models.loader import load_config, resolve_location
-    from kubetune.trainer.specfile import validate_training
 
     storage = storage or StorageSpec()
     adapter_dir = Path(resolve_location(adapter, storage, "adapter"))
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise SpecError("adapter", f"{str(adapter_dir)!r} holds no adapter_config.json.", "pass a LoRA output directory.")
+    saved_base, spec = adapter_base(adapter_dir)
     spec_file = adapter_dir / RESOLVED_SPEC_FILE
-    spec = validate_training(yaml.safe_load(spec_file.read_text()), str(spec_file)) if spec_file.is_file() else None
-    base_location = resolve_location(base or (spec.model.path if spec else _adapter_base(adapter_dir)), storage, "--base")
+    base_location = resolve_location(base or saved_base, storage, "--base")
     config = load_config(spec, base_location) if spec else None
     model = AutoModelForCausalLM.from_pretrained(base_location, config=config, dtype=getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)

@@ -15,8 +15,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kubetune.trainer.errors import KubetuneError
-
 log = logging.getLogger("kubetune")
 
 
@@ -243,21 +241,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kubetune")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    register(sub)
-    from kubetune.trainer.evaluate.cli import register as register_eval
+    """`kubetune ...` itself: these commands are registered there through the plugin group."""
+    from kubetune.trainer.cli import main as kubetune_main
 
-    register_eval(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KubetuneError as err:
-        print(f"kubetune: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("kubetune: interrupted", file=sys.stderr)
-        return 130
+    return kubetune_main(argv)
 
 
 if __name__ == "__main__":
