@@ -135,3 +135,18 @@ def test_validate_prints_the_resolved_spec(capsys, monkeypatch):
     assert resolved["train"]["maxSteps"] == 3
     assert resolved["name"] == "quickstart"
     assert validate_training(resolved).to_document() == resolved  # the resolved spec round-trips
+
+
+def test_alignment_job_with_base_model_from_validates_but_does_not_train_locally(tmp_path, capsys):
+    manifest = {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "AlignmentJob", "metadata": {"name": "dpo"},
+        "spec": {"baseModelFrom": {"fineTuneJob": "sft"}, "training": {"data": yaml.safe_load(MINIMAL)["data"]}},
+    }
+    path = write(tmp_path, yaml.safe_dump(manifest))
+    loaded = load_spec(path)
+    assert loaded.spec.model.path == "kubetune-ref://fineTuneJob/sft"
+    assert main(["validate", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "spec.training.model.path" in err and "--set model.path=" in err

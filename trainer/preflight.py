@@ -11,6 +11,7 @@ from pathlib import Path
 from kubetune.trainer.errors import SpecError, SpecErrors
 from kubetune.trainer.models.builtin import BUILTINS, PREFIX, is_builtin
 from kubetune.trainer.spec import DatasetSpec, TrainingSpec
+from kubetune.trainer.specfile import REFERENCE_SCHEME
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow")
 
@@ -25,7 +26,7 @@ def looks_like_local_path(location: str) -> bool:
 
 
 def _check_location(location: str, field: str, what: str) -> SpecError | None:
-    if location.startswith("s3://"):
+    if location.startswith(("s3://", REFERENCE_SCHEME)):
         return None
     if is_builtin(location):
         name = location[len(PREFIX):]

@@ -19,6 +19,8 @@ from kubetune.trainer.errors import SpecError, SpecErrors, validation_error_to_s
 from kubetune.trainer.spec import TrainingSpec
 
 API_GROUP = "kubetune.io"
+REFERENCE_SCHEME = "kubetune-ref://"
+"""`model.path` of an AlignmentJob whose base model is another job's output (`baseModelFrom`)."""
 JOB_KINDS = ("FineTuneJob", "AlignmentJob")
 
 
@@ -68,6 +70,13 @@ def extract_training(document: Any, source: str) -> tuple[dict[str, Any], str | 
     if not isinstance(spec, dict) or not isinstance(spec.get("training"), dict):
         raise SpecError("spec.training", "is required but missing.", "put the training spec under spec.training.")
     training = dict(spec["training"])
+    reference = spec.get("baseModelFrom")
+    model = training.get("model")
+    if kind == "AlignmentJob" and isinstance(reference, dict) and (not isinstance(model, dict) or "path" not in model):
+        # The operator fills model.path from the referenced job's output when it starts; until
+        # then the spec is valid with a reference that only `kubetune train` refuses to load.
+        ref_kind, ref_name = next(iter(reference.items()), ("job", "?"))
+        training["model"] = {**(model if isinstance(model, dict) else {}), "path": f"{REFERENCE_SCHEME}{ref_kind}/{ref_name}"}
     name = (document.get("metadata") or {}).get("name")
     if name and "name" not in training:
         training["name"] = name

@@ -15,6 +15,7 @@ from typing import Any
 from kubetune.trainer.errors import SpecError
 from kubetune.trainer.models.builtin import is_builtin, resolve_builtin
 from kubetune.trainer.spec import ModelSpec, StorageSpec, TrainingSpec
+from kubetune.trainer.specfile import REFERENCE_SCHEME
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,9 @@ PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def resolve_location(location: str, storage: StorageSpec, field: str) -> str:
     """A local path for builtin, local and S3 locations; hub ids are returned unchanged."""
+    if location.startswith(REFERENCE_SCHEME):
+        raise SpecError(field, f"comes from another job's output ({location[len(REFERENCE_SCHEME):]}), which only the operator resolves.",
+                        "to run it here, pass that job's output location: --set model.path=outputs/NAME (or its s3:// URI).")
     if is_builtin(location):
         return str(resolve_builtin(location, field))
     if location.startswith("s3://"):
