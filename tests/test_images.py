@@ -1,0 +1,188 @@
+"""The Dockerfiles in images/ (they cannot be built here: no Docker engine). Checked instead:
+every package they pip-install is one pyproject.toml declares, at a version its specifier
+allows; extras exist; entrypoints are console scripts or importable modules; images are
+multi-stage/non-root as promised; and the slim operator image really needs no torch."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = ROOT / "images"
+DOCKERFILES = sorted(IMAGES.glob("*.Dockerfile"))
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+BUILD_TOOLS = {"pip", "setuptools", "wheel", "packaging", "ninja"}
+"""Installed only to build (not runtime dependencies of kubetune)."""
+PIP_OPTIONS_WITH_VALUE = {"--index-url", "-i", "--extra-index-url", "-r", "--requirement", "-c", "--constraint", "-f", "--find-links"}
+
+
+def _declared() -> dict[str, Requirement]:
+    reqs = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
+    for extra in PYPROJECT["project"]["optional-dependencies"].values():
+        reqs += [Requirement(r) for r in extra if not r.startswith("kubetune")]
+    out: dict[str, Requirement] = {}
+    for req in reqs:
+        out.setdefault(canonicalize_name(req.name), req)
+    return out
+
+
+def _logical_lines(text: str) -> list[str]:
+    return [line.strip() for line in re.sub(r"\\\n", " ", text).splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def _args(lines: list[str]) -> dict[str, str]:
+    defaults: dict[str, str] = {}
+    for line in lines:
+        match = re.match(r"ARG\s+(\w+)=(\S+)", line)
+        if match:
+            defaults.setdefault(match.group(1), match.group(2))
+    return defaults
+
+
+def _expand(text: str, args: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), text)
+
+
+def pip_installs(dockerfile: Path) -> list[str]:
+    """Every requirement token of every `pip install` in a Dockerfile, build args expanded."""
+    lines = _logical_lines(dockerfile.read_text())
+    args = _args(lines)
+    tokens: list[str] = []
+    for line in lines:
+        if not line.startswith("RUN"):
+            continue
+        for command in re.split(r"&&|;", line[3:]):
+            words = shlex.split(_expand(command, args))
+            words = [w for w in words if "=" not in w or not re.match(r"^[A-Z_]+=", w)]  # env prefixes
+            if words[:2] != ["pip", "install"]:
+                continue
+            skip = False
+            for word in words[2:]:
+                if skip:
+                    skip = False
+                elif word in PIP_OPTIONS_WITH_VALUE:
+                    skip = True
+                elif not word.startswith("-"):
+                    tokens.append(word)
+    return tokens
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_pip_installs_match_pyproject(dockerfile: Path) -> None:
+    declared = _declared()
+    extras = set(PYPROJECT["project"]["optional-dependencies"])
+    tokens = pip_installs(dockerfile)
+    assert tokens, f"{dockerfile.name} installs nothing?"
+    assert any(t.startswith("/src") for t in tokens), f"{dockerfile.name} does not install kubetune"
+    for token in tokens:
+        assert "${" not in token, f"{dockerfile.name}: unresolved build arg in {token}"
+        if token.startswith("/src"):
+            wanted = set(re.findall(r"\[(.*)\]", token)[0].split(",")) if "[" in token else set()
+            assert wanted <= extras, f"{dockerfile.name}: extras {wanted - extras} are not in pyproject.toml"
+            continue
+        req = Requirement(token)
+        name = canonicalize_name(req.name)
+        if name in BUILD_TOOLS:
+            continue
+        assert name in declared, f"{dockerfile.name} installs {req.name}, which pyproject.toml does not declare"
+        pins = [s for s in req.specifier if s.operator == "=="]
+        assert pins, f"{dockerfile.name}: {token} is not pinned (==)"
+        version = pins[0].version
+        assert declared[name].specifier.contains(version, prereleases=True), (
+            f"{dockerfile.name} pins {req.name}=={version}, outside pyproject.toml's {declared[name]}"
+        )
+
+
+def test_trainer_image_installs_the_training_stack() -> None:
+    names = {canonicalize_name(Requirement(t).name) for t in pip_installs(IMAGES / "trainer.Dockerfile") if not t.startswith("/src")}
+    assert {"torch", "deepspeed", "bitsandbytes", "flash-attn", "galore-torch"} <= names
+    text = (IMAGES / "trainer.Dockerfile").read_text()
+    assert re.search(r"^FROM nvidia/cuda:\$\{CUDA_VERSION\}-cudnn-devel", text, re.M)
+    assert "ARG TORCH_VERSION=" in text and "ARG CUDA_VERSION=" in text and "ARG TORCH_CUDA=" in text
+
+
+def test_vllm_image_is_the_vllm_base_plus_kubetune() -> None:
+    text = (IMAGES / "vllm.Dockerfile").read_text()
+    lines = _logical_lines(text)
+    args = _args(lines)
+    base = next(_expand(line, args) for line in lines if line.startswith("FROM"))
+    assert base.startswith("FROM vllm/vllm-openai:v")
+    version = base.rsplit(":v", 1)[1]
+    assert _declared()["vllm"].specifier.contains(version), f"vLLM {version} is outside pyproject.toml's gpu extra"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_are_pinned_non_root_and_run_kubetune(dockerfile: Path) -> None:
+    lines = _logical_lines(dockerfile.read_text())
+    args = _args(lines)
+    for line in lines:
+        if line.startswith("FROM"):
+            image = _expand(line.split()[1], args)
+            assert ":" in image and not image.endswith(":latest"), f"{dockerfile.name}: unpinned base {image}"
+    users = [line.split()[1] for line in lines if line.startswith("USER")]
+    assert users and users[-1].split(":")[0] not in ("0", "root"), f"{dockerfile.name} runs as root"
+    entrypoint = [line for line in lines if line.startswith("ENTRYPOINT")]
+    assert entrypoint == ['ENTRYPOINT ["kubetune"]'], entrypoint
+    assert "kubetune" in PYPROJECT["project"]["scripts"], "kubetune is not a console script"
+    if dockerfile.name != "vllm.Dockerfile":  # the vLLM base image is single-stage by nature
+        assert sum(line.startswith("FROM") for line in lines) >= 2, f"{dockerfile.name} is not multi-stage"
+
+
+def test_entrypoints_the_operator_uses_exist() -> None:
+    """`kubetune` (console script) and `python -m kubetune.operator.fetch` (the inference init
+    step) — the commands the rendered pods run inside these images."""
+    import importlib.util
+
+    target = PYPROJECT["project"]["scripts"]["kubetune"]
+    module, func = target.split(":")
+    assert callable(getattr(__import__(module, fromlist=[func]), func))
+    assert importlib.util.find_spec("kubetune.operator.fetch") is not None
+    assert shutil.which("kubetune", path=str(Path(sys.executable).parent)), "console script not installed"
+
+
+def test_operator_runs_without_the_training_stack() -> None:
+    """The operator image installs kubetune --no-deps plus a few packages: importing the
+    operator (and the fetch step) must not need torch, transformers & co."""
+    blocked = ["torch", "transformers", "peft", "trl", "datasets", "accelerate", "pyarrow", "matplotlib",
+               "tokenizers", "safetensors", "deepspeed", "bitsandbytes"]
+    code = (
+        "import sys\n"
+        f"for m in {blocked!r}: sys.modules[m] = None\n"
+        "import kubetune.operator.handlers, kubetune.operator.fetch\n"
+        "from kubetune.trainer.cli import main\n"
+        "try:\n    main(['operator', '--help'])\nexcept SystemExit as e:\n    sys.exit(e.code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # And what the operator image installs is exactly what it imports (besides kubetune).
+    names = {canonicalize_name(Requirement(t).name) for t in pip_installs(IMAGES / "operator.Dockerfile") if not t.startswith("/src")}
+    assert names == {"kopf", "kubernetes", "pydantic", "pyyaml", "boto3", "numpy", "tqdm"}
+
+
+def test_chart_and_operator_defaults_name_these_images() -> None:
+    import yaml
+
+    from kubetune.operator.render.training import RenderOptions
+
+    version = PYPROJECT["project"]["version"]
+    chart = yaml.safe_load((ROOT / "charts/kubetune/Chart.yaml").read_text())
+    values = yaml.safe_load((ROOT / "charts/kubetune/values.yaml").read_text())
+    assert chart["appVersion"] == version
+    make = (IMAGES / "Makefile").read_text()
+    registry = re.search(r"^REGISTRY \?= (\S+)", make, re.M).group(1)
+    assert values["image"]["repository"] == f"{registry}/kubetune-operator"
+    assert values["jobs"]["trainerImage"] == f"{registry}/kubetune-trainer:{version}" == RenderOptions.default_image
+    if shutil.which("make"):
+        out = subprocess.run(["make", "-s", "-C", str(IMAGES), "print"], capture_output=True, text=True, check=True).stdout.split()
+        assert out == [f"{registry}/kubetune-{name}:{version}" for name in ("trainer", "vllm", "operator")]
