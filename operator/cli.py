@@ -41,6 +41,8 @@ def register(subparsers: Any) -> None:
     op.add_argument("--liveness", metavar="URL", default=None,
                     help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("--trainer-image", default=None, help="default image of the training pods")
+    op.add_argument("--gpu-memory-gib", type=float, default=None, metavar="GIB",
+                    help="GPU memory for jobs without spec.gpuMemoryGiB; jobs that cannot fit are refused")
     op.add_argument("--reconcile-interval", type=float, default=None, metavar="SECONDS",
                     help="how often a running job's Job and status.json are observed (default 10)")
     op.add_argument("--webhook-port", type=int, default=None, help="serve the validating admission webhook on this port")
@@ -82,6 +84,8 @@ def operator_environment(args: argparse.Namespace) -> dict[str, str]:
     env: dict[str, str] = {}
     if args.trainer_image:
         env["KUBETUNE_TRAINER_IMAGE"] = args.trainer_image
+    if args.gpu_memory_gib is not None:
+        env["KUBETUNE_GPU_MEMORY_GIB"] = str(args.gpu_memory_gib)
     if args.reconcile_interval is not None:
         env["KUBETUNE_RECONCILE_INTERVAL"] = str(args.reconcile_interval)
     if args.webhook_port is not None:

@@ -9,6 +9,9 @@ operator restart in the middle creates no duplicates, children are found by name
 
 Lifecycle:
 - invalid spec -> Failed (InvalidSpec), until the spec is fixed;
+- a spec whose memory estimate exceeds spec.gpuMemoryGiB (or the operator's default) on
+  nodes x gpusPerNode -> Failed (InsufficientGPUMemory, saying what would fit) before anything
+  is created, until the spec is changed;
 - missing Secret or referenced job -> Pending with DependenciesReady=False (waits);
   a referenced job that failed -> Failed (ReferenceFailed);
 - start: ConfigMap (the resolved spec, never changed afterwards), headless Service, Job attempt 1;
@@ -59,10 +62,11 @@ from kubetune.operator.status import (
     progress_from_trainer,
     set_condition,
 )
-from kubetune.operator.validation import validate_resource
+from kubetune.operator.validation import memory_refusal, validate_resource
 from kubetune.trainer.errors import SpecErrors
 
 REFERENCE_FIELDS = ("baseModelFrom", "rewardModelFrom")
+INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
 
 
 @dataclass
@@ -172,7 +176,7 @@ class _Reconciler:
         phase = self.status.get("phase")
         retry_invalid = (
             phase == FAILED
-            and self.status.get("reason") == "InvalidSpec"
+            and self.status.get("reason") in ("InvalidSpec", INSUFFICIENT_GPU_MEMORY)
             and self.generation != self.status.get("observedGeneration")
         )
         if phase in TERMINAL_PHASES and not retry_invalid:
@@ -202,6 +206,12 @@ class _Reconciler:
             self.condition(SPEC_VALID, True, "Valid", "the spec is valid")
 
         if not started_hash:
+            # Refused before anything is scheduled: a job that cannot fit would only OOM later.
+            refusal = memory_refusal(spec, self.cr)
+            if refusal:
+                self.condition(SPEC_VALID, False, INSUFFICIENT_GPU_MEMORY, refusal)
+                self.finish(FAILED, INSUFFICIENT_GPU_MEMORY, refusal)
+                return self.plan
             references = self.dependencies(spec)
             if references is None:
                 return self.plan

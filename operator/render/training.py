@@ -172,6 +172,10 @@ def _trainer_env(
         _env("TRITON_CACHE_DIR", "/cache/triton"),
         _env("TORCH_EXTENSIONS_DIR", "/cache/torch_extensions"),
         _env("MPLCONFIGDIR", "/tmp/matplotlib"),
+        # On SIGTERM torchrun forwards the signal to the trainers, then SIGKILLs them after this
+        # many seconds (default 30, too short to save and upload a large checkpoint): give them
+        # the pod's grace period, less a margin for torchrun itself to exit.
+        _env("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", shutdown_timeout(spec.terminationGracePeriodSeconds)),
         # NCCL: fail fast (the gang restarts from a checkpoint) rather than hang on a dead peer.
         _env("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
         _env("NCCL_DEBUG", "WARN"),
@@ -195,6 +199,16 @@ def _trainer_env(
     user = [e.model_dump(mode="json", exclude_none=True) for e in spec.env]
     user_names = {e["name"] for e in user}
     return [e for e in env if e["name"] not in user_names] + user
+
+
+SHUTDOWN_MARGIN_SECONDS = 10
+
+
+def shutdown_timeout(grace_period_seconds: int) -> int:
+    """Seconds torchrun waits for its trainers after forwarding SIGTERM: the pod's grace period
+    less a margin (at least 1), so the trainers' checkpoint upload, not the kubelet's SIGKILL,
+    decides when the pod ends."""
+    return max(1, grace_period_seconds - SHUTDOWN_MARGIN_SECONDS)
 
 
 def torchrun_args(spec: ClusterFields, *, master_port: int = MASTER_PORT) -> list[str]:
