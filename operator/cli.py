@@ -15,7 +15,7 @@ def register(subparsers: Any) -> None:
     crds = subparsers.add_parser(
         "crds",
         help="write the CustomResourceDefinitions (generated from the spec models)",
-        description="Write the CRDs of FineTuneJob and AlignmentJob. Without --out, print them as one "
+        description="Write the CRDs of FineTuneJob, AlignmentJob and InferenceService. Without --out, print them as one "
         "multi-document YAML stream (for `kubetune crds | kubectl apply -f -`).",
     )
     crds.add_argument("--out", metavar="DIR", help="write one file per CRD into DIR (e.g. crds/)")
@@ -41,6 +41,7 @@ def register(subparsers: Any) -> None:
     op.add_argument("--liveness", metavar="URL", default=None,
                     help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("--trainer-image", default=None, help="default image of the training pods")
+    op.add_argument("--server-image", default=None, help="default image of InferenceService pods (default: the trainer image)")
     op.add_argument("--gpu-memory-gib", type=float, default=None, metavar="GIB",
                     help="GPU memory for jobs without spec.gpuMemoryGiB; jobs that cannot fit are refused")
     op.add_argument("--reconcile-interval", type=float, default=None, metavar="SECONDS",
@@ -84,6 +85,8 @@ def operator_environment(args: argparse.Namespace) -> dict[str, str]:
     env: dict[str, str] = {}
     if args.trainer_image:
         env["KUBETUNE_TRAINER_IMAGE"] = args.trainer_image
+    if args.server_image:
+        env["KUBETUNE_SERVER_IMAGE"] = args.server_image
     if args.gpu_memory_gib is not None:
         env["KUBETUNE_GPU_MEMORY_GIB"] = str(args.gpu_memory_gib)
     if args.reconcile_interval is not None:

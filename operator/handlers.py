@@ -59,6 +59,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.enabled = _flag("KUBETUNE_KOPF_EVENTS", True)
     settings.scanning.disabled = not _flag("KUBETUNE_KOPF_SCANNING", True)
     settings.watching.server_timeout = int(os.environ.get("KUBETUNE_WATCH_TIMEOUT", "300"))
+    # A resource deleted while its timer's handler runs: re-check every second (kopf's default is
+    # 60 s) whether the timer has exited, so the finalizer goes and the deletion completes promptly.
+    settings.background.cancellation_polling = 1.0
     port = os.environ.get("KUBETUNE_WEBHOOK_PORT")
     if port:
         settings.admission.server = kopf.WebhookServer(
@@ -191,3 +194,35 @@ for _plural in TRAINING_PLURALS:
     kopf.timer(GROUP, VERSION, _plural, id="observe", interval=INTERVAL, when=_in_flight)(_on_change)
     if os.environ.get("KUBETUNE_WEBHOOK_PORT"):  # kopf refuses admission handlers without a server
         kopf.on.validate(GROUP, VERSION, _plural, id="validate-spec", operations=["CREATE", "UPDATE"])(_admit)
+
+
+# -- InferenceService (issue 8): the decision logic is kubetune.operator.serving -------------
+
+SERVICE_KIND = "InferenceService"
+
+
+def _on_service_change(name: str, namespace: str, **_: Any) -> None:
+    """Create/update/resume of an InferenceService, and a timer that follows its Deployment and
+    notices when a referenced training job has succeeded."""
+    from kubetune.operator.serving import reconcile_service_object
+
+    with _lock(SERVICE_KIND, namespace, name):
+        reconcile_service_object(_state["kube"], namespace, name)
+
+
+def _on_deployment_event(body: kopf.Body, namespace: str, **_: Any) -> None:
+    """A Deployment of ours changed (rollout progress, replicas ready): update the status now."""
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == SERVICE_KIND and ref.get("controller"):
+            _on_service_change(name=ref["name"], namespace=namespace)
+
+
+kopf.on.event("apps", "v1", "deployments", id="deployment-changed",
+              labels={"app.kubernetes.io/managed-by": MANAGED_BY})(_on_deployment_event)
+_service_plural = KINDS[SERVICE_KIND].plural
+kopf.on.create(GROUP, VERSION, _service_plural, id="reconcile-create")(_on_service_change)
+kopf.on.update(GROUP, VERSION, _service_plural, id="reconcile-update", field="spec")(_on_service_change)
+kopf.on.resume(GROUP, VERSION, _service_plural, id="reconcile-resume")(_on_service_change)
+kopf.timer(GROUP, VERSION, _service_plural, id="observe", interval=INTERVAL)(_on_service_change)
+if os.environ.get("KUBETUNE_WEBHOOK_PORT"):
+    kopf.on.validate(GROUP, VERSION, _service_plural, id="validate-spec", operations=["CREATE", "UPDATE"])(_admit)

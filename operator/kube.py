@@ -18,6 +18,8 @@ log = logging.getLogger("kubetune.operator")
 
 _CORE = {"ConfigMap": "configmaps", "Service": "services", "Secret": "secrets", "Event": "events", "Pod": "pods"}
 _BATCH = {"Job": "jobs"}
+_APPS = {"Deployment": "deployments"}
+_AUTOSCALING = {"HorizontalPodAutoscaler": "horizontalpodautoscalers"}
 MERGE_PATCH = "application/merge-patch+json"
 PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
@@ -33,6 +35,10 @@ def collection_path(kind: str, namespace: str) -> str:
         return f"/api/v1/namespaces/{namespace}/{_CORE[kind]}"
     if kind in _BATCH:
         return f"/apis/batch/v1/namespaces/{namespace}/{_BATCH[kind]}"
+    if kind in _APPS:
+        return f"/apis/apps/v1/namespaces/{namespace}/{_APPS[kind]}"
+    if kind in _AUTOSCALING:
+        return f"/apis/autoscaling/v2/namespaces/{namespace}/{_AUTOSCALING[kind]}"
     if kind in KINDS:
         return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{KINDS[kind].plural}"
     raise KeyError(f"unknown kind {kind}")

@@ -122,6 +122,13 @@ class ClusterFields(CrModel):
     """GPUs requested by each pod; torchrun starts this many processes per pod (at least one)."""
     gpuResource: str = GPU_RESOURCE
     """Extended resource name of the GPUs (e.g. `amd.com/gpu`)."""
+    gpuMemoryGiB: float | None = Field(None, gt=0, le=4096)
+    """Memory of one GPU in GiB (e.g. 80 for an H100 80GB). With it (or the operator's
+    `--gpu-memory-gib` default) a job whose memory estimate (`kubetune estimate`) exceeds it
+    on nodes x gpusPerNode is refused, with what would fit."""
+    modelParameters: str | None = Field(None, pattern=r"^\s*\d+(\.\d+)?\s*[kKmMbBtT]?\s*$")
+    """Parameter count of the base model (e.g. `7B`, `350M`) for the memory estimate, when
+    `training.model.path` names no known architecture (a private S3 or hub model)."""
     image: str | None = None
     """Trainer image; default: the operator's `--trainer-image`."""
     imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] | None = None
@@ -237,6 +244,191 @@ class AlignmentJobSpec(ClusterFields):
 
 
 # --------------------------------------------------------------------------------------------
+# InferenceService (issue 8)
+
+_SERVED_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""A model name clients send (`"model": NAME`): no `/`, `:` or `=` (it is passed as NAME=URI)."""
+_LOCATION = r"^[^\s-][^\s]*$"
+"""A model location: no whitespace and no leading `-` (it is an argument of the pod's command)."""
+
+
+class ModelSource(CrModel):
+    """Where a model or adapter comes from: a URI, or the output of a training job."""
+
+    uri: Annotated[str, Field(pattern=_LOCATION)] | None = None
+    """An `s3://` prefix holding the model (or a path inside the image)."""
+    fromJob: ModelRef | None = None
+    """The output of this FineTuneJob/AlignmentJob (same namespace); the service stays Pending
+    until that job has Succeeded."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if (self.uri is None) == (self.fromJob is None):
+            raise ValueError("set exactly one of uri or fromJob")
+        return self
+
+
+class ServedModel(ModelSource):
+    """The base model (a full model, or a LoRA output, served on the base it was trained from)."""
+
+    name: Annotated[str, Field(pattern=_SERVED_NAME)] | None = None
+    """The model name clients send; default: the resource's name."""
+
+
+class AdapterSource(ModelSource):
+    """A LoRA adapter served on the same base under its own model name."""
+
+    name: Annotated[str, Field(pattern=_SERVED_NAME)]
+    """The model name clients send to use this adapter."""
+
+
+class EngineArgs(CrModel):
+    """Engine settings (the `kubetune serve` flags of the same names)."""
+
+    maxModelLen: int | None = Field(None, ge=1)
+    """Cap the context length (default: the model's)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$")
+    """vLLM quantization method (e.g. `awq`, `gptq`, `fp8`)."""
+    draftModel: Annotated[str, Field(pattern=_LOCATION)] | None = None
+    """Speculative decoding: an `s3://` URI of a smaller draft model with the same tokenizer
+    (fetched and cached like the model)."""
+    numSpeculativeTokens: int | None = Field(None, ge=1, le=16)
+    """Tokens the draft model proposes per step."""
+    maxBatchSize: int | None = Field(None, ge=1)
+    """Sequences decoded together (vLLM: `--max-num-seqs`)."""
+    gpuMemoryUtilization: float | None = Field(None, gt=0, le=1)
+    """vLLM: fraction of GPU memory for weights and KV cache."""
+    extraArgs: list[str] = Field(default_factory=list)
+    """vLLM: more arguments for vLLM's server, passed as is (e.g. `--enable-prefix-caching`)."""
+
+
+ScalingMetric = Literal["cpu", "requestsInFlight", "queueDepth"]
+SCALING_DEFAULT_TARGETS = {"cpu": 80, "requestsInFlight": 8, "queueDepth": 4}
+
+
+class Autoscaling(CrModel):
+    """How the HorizontalPodAutoscaler scales between minReplicas and maxReplicas."""
+
+    metric: ScalingMetric = "requestsInFlight"
+    """cpu (utilization of the CPU request), requestsInFlight (`kubetune_requests_in_flight` per
+    pod) or queueDepth (`kubetune_queue_depth` per pod); the last two through the Prometheus
+    adapter."""
+    target: int | None = Field(None, ge=1)
+    """Target per pod: percent for cpu (default 80), requests for requestsInFlight (default 8),
+    waiting sequences for queueDepth (default 4)."""
+    scaleDownStabilizationSeconds: int = Field(300, ge=0, le=3600)
+    """Scale down only after the load has been lower for this long (model pods start slowly)."""
+
+    @property
+    def effective_target(self) -> int:
+        return self.target if self.target is not None else SCALING_DEFAULT_TARGETS[self.metric]
+
+
+class ModelCache(CrModel):
+    """Where the init container caches model and adapters. The cache is keyed by each object's
+    ETag: a pod that finds the same version there downloads nothing."""
+
+    type: Literal["emptyDir", "hostPath", "pvc"] = "emptyDir"
+    """emptyDir: per pod (survives container restarts); hostPath: per node (shared by the
+    replicas on a node and by later pods); pvc: a (ReadWriteMany) volume shared by all."""
+    path: str | None = Field(None, pattern=r"^/")
+    """hostPath: the directory on the node (default /var/cache/kubetune); must be writable by
+    the pods' user (uid 1000)."""
+    claimName: str | None = None
+    """pvc: the PersistentVolumeClaim in the service's namespace."""
+    sizeLimit: Quantity | None = None
+    """emptyDir: size limit."""
+
+    @model_validator(mode="after")
+    def _fields_of_type(self) -> ModelCache:
+        if self.type == "pvc" and not self.claimName:
+            raise ValueError("cache type pvc needs claimName")
+        if self.type != "pvc" and self.claimName:
+            raise ValueError("claimName is only for cache type pvc")
+        if self.type != "hostPath" and self.path:
+            raise ValueError("path is only for cache type hostPath")
+        return self
+
+
+class InferenceServiceSpec(CrModel):
+    """An OpenAI-compatible endpoint: one base model plus LoRA adapters, autoscaled."""
+
+    model: ServedModel
+    adapters: list[AdapterSource] = Field(default_factory=list, max_length=64)
+    """LoRA adapters on the same base, each served under its own name."""
+    engine: Literal["vllm", "transformers"] = "vllm"
+    """vllm (vLLM's OpenAI server; the image must contain vLLM) or transformers (`kubetune serve`)."""
+    image: str | None = None
+    """Server image; default: the operator's `--server-image` (else its trainer image)."""
+    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    gpus: int = Field(1, ge=0, le=64)
+    """GPUs per replica."""
+    gpuResource: str = GPU_RESOURCE
+    tensorParallelSize: int | None = Field(None, ge=1, le=64)
+    """vLLM tensor parallelism (default: gpus)."""
+    replicas: int | None = Field(None, ge=0)
+    """Replicas when autoscaling is off (minReplicas == maxReplicas); `kubectl scale` sets it.
+    Default: minReplicas."""
+    minReplicas: int = Field(1, ge=1, le=1000)
+    maxReplicas: int | None = Field(None, ge=1, le=1000)
+    """Above minReplicas: a HorizontalPodAutoscaler scales in between. Default: minReplicas (no
+    autoscaling)."""
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    engineArgs: EngineArgs = Field(default_factory=EngineArgs)
+    cache: ModelCache = Field(default_factory=ModelCache)
+    port: int = Field(8000, ge=1024, le=65535)
+    """Container port of the server (the Service listens on 80)."""
+    serviceType: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    affinity: AnyObject | None = None
+    priorityClassName: str | None = None
+    serviceAccountName: str | None = None
+    storage: ClusterStorage = Field(default_factory=ClusterStorage)
+    env: list[EnvVar] = Field(default_factory=list)
+    """Extra environment variables of the server container (e.g. KUBETUNE_API_KEY from a Secret
+    to require an API key)."""
+    shmSize: Quantity | None = None
+    """Size limit of `/dev/shm` (vLLM tensor parallelism uses shared memory)."""
+    terminationGracePeriodSeconds: int = Field(60, ge=10, le=3600)
+    """Time a pod gets to drain in-flight requests when it stops (rollout, scale-down)."""
+    startupTimeoutSeconds: int = Field(1800, ge=60, le=14400)
+    """How long the server may take to load the model before the pod is restarted (after the
+    init container's download)."""
+    readOnlyRootFilesystem: bool = True
+
+    @model_validator(mode="after")
+    def _serving_rules(self) -> InferenceServiceSpec:
+        if self.maxReplicas is not None and self.maxReplicas < self.minReplicas:
+            raise ValueError(f"maxReplicas ({self.maxReplicas}) is below minReplicas ({self.minReplicas})")
+        names = [a.name for a in self.adapters]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"adapter names must be unique: {', '.join(duplicates)}")
+        if self.model.name and self.model.name in names:
+            raise ValueError(f"adapter name {self.model.name!r} is the base model's name")
+        if self.engine != "vllm":
+            for name, value in (("tensorParallelSize", self.tensorParallelSize and self.tensorParallelSize > 1),
+                                ("engineArgs.quantization", self.engineArgs.quantization),
+                                ("engineArgs.gpuMemoryUtilization", self.engineArgs.gpuMemoryUtilization),
+                                ("engineArgs.extraArgs", self.engineArgs.extraArgs)):
+                if value:
+                    raise ValueError(f"{name} needs engine vllm")
+        if self.tensorParallelSize and self.gpus and self.tensorParallelSize > self.gpus:
+            raise ValueError(f"tensorParallelSize ({self.tensorParallelSize}) exceeds gpus ({self.gpus})")
+        if self.autoscaled and self.autoscaling.metric == "cpu" and "cpu" not in self.resources.requests:
+            raise ValueError("autoscaling on cpu needs resources.requests.cpu (utilization is relative to it)")
+        return self
+
+    @property
+    def autoscaled(self) -> bool:
+        """A HorizontalPodAutoscaler manages the replicas."""
+        return self.maxReplicas is not None and self.maxReplicas > self.minReplicas
+
+
+# --------------------------------------------------------------------------------------------
 # Status
 
 
@@ -307,6 +499,47 @@ class AlignmentJobStatus(TrainingJobStatus):
     """The base model resolved from `baseModelFrom`."""
     rewardModelUri: str | None = None
     """The reward model resolved from `rewardModelFrom`."""
+
+
+ServingPhase = Literal["Pending", "Deploying", "Ready", "Failed"]
+SERVING_PHASES: tuple[str, ...] = get_args(ServingPhase)
+
+
+class ServedAdapter(StatusModel):
+    """An adapter being served."""
+
+    name: str
+    uri: str
+
+
+class InferenceServiceStatus(StatusModel):
+    """Status of an InferenceService."""
+
+    phase: ServingPhase | None = None
+    """Pending (waiting for a job or Secret), Deploying (no replica ready yet), Ready, Failed."""
+    reason: str | None = None
+    message: str | None = None
+    observedGeneration: int | None = None
+    url: str | None = None
+    """OpenAI base URL inside the cluster."""
+    replicas: int | None = None
+    """Pods of the Deployment (the scale subresource's status replicas)."""
+    readyReplicas: int | None = None
+    updatedReplicas: int | None = None
+    desiredReplicas: int | None = None
+    """What the autoscaler (or spec.replicas) asks for."""
+    selector: str | None = None
+    """Label selector of the pods (the scale subresource's selector)."""
+    engine: str | None = None
+    deploymentName: str | None = None
+    model: str | None = None
+    """Served name of the base model."""
+    modelUri: str | None = None
+    """Where the base model comes from (references resolved)."""
+    adapters: list[ServedAdapter] | None = None
+    servedModels: list[str] | None = None
+    """Every model name the endpoint answers to (base first)."""
+    conditions: list[Condition] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,6 +635,8 @@ class KindInfo(BaseModel):
     status_model: Any
     printer_columns: list[dict[str, Any]]
     description: str
+    scale: dict[str, str] | None = None
+    """The scale subresource (`kubectl scale`, HPAs), when the kind has one."""
 
     @property
     def crd_name(self) -> str:
@@ -440,7 +675,31 @@ KINDS: dict[str, KindInfo] = {
         printer_columns=_TRAINING_COLUMNS,
         description="An alignment run (rm, dpo, ppo, raft, grpo), usually from a FineTuneJob's output.",
     ),
-    # InferenceService (issue 8) registers here with its own spec/status models.
+    "InferenceService": KindInfo(
+        kind="InferenceService",
+        plural="inferenceservices",
+        singular="inferenceservice",
+        short_names=["kisvc"],  # not `isvc`: that is KServe's
+        spec_model=InferenceServiceSpec,
+        status_model=InferenceServiceStatus,
+        printer_columns=[
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+            {"name": "Desired", "type": "integer", "jsonPath": ".status.desiredReplicas"},
+            {"name": "URL", "type": "string", "jsonPath": ".status.url"},
+            {"name": "Models", "type": "string", "jsonPath": ".status.servedModels", "priority": 1},
+            {"name": "Engine", "type": "string", "jsonPath": ".spec.engine", "priority": 1},
+            {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+        description="An autoscaled OpenAI-compatible endpoint serving a model and its LoRA adapters "
+        "(vLLM or kubetune serve), driven by the kubetune operator.",
+        scale={
+            "specReplicasPath": ".spec.replicas",
+            "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector",
+        },
+    ),
 }
 TRAINING_KINDS = ("FineTuneJob", "AlignmentJob")
 
@@ -460,6 +719,10 @@ def _open_schema(info: KindInfo) -> dict[str, Any]:
         model["required"] = [r for r in model.get("required", []) if r != "path"] or None
         if model["required"] is None:
             model.pop("required")
+        training = spec["properties"]["training"]
+        training["required"] = [r for r in training.get("required", []) if r != "model"]
+        if not training["required"]:
+            training.pop("required")
     status = structural_schema(info.status_model)
     return {
         "type": "object",
@@ -501,7 +764,7 @@ def crd(kind: str) -> dict[str, Any]:
                     "name": VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": {"status": {}, **({"scale": dict(info.scale)} if info.scale else {})},
                     "additionalPrinterColumns": copy.deepcopy(info.printer_columns),
                     "schema": {"openAPIV3Schema": _open_schema(info)},
                 }
@@ -540,6 +803,8 @@ __all__ = [
     "AlignmentJobStatus",
     "Condition",
     "FineTuneJobSpec",
+    "InferenceServiceSpec",
+    "InferenceServiceStatus",
     "TrainingJobStatus",
     "crd",
     "crd_files",

@@ -202,7 +202,7 @@ def test_cli_crds_writes_and_checks(tmp_path: Path) -> None:
     from kubetune.trainer.cli import main
 
     assert main(["crds", "--out", str(tmp_path)]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["alignmentjobs.yaml", "finetunejobs.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alignmentjobs.yaml", "finetunejobs.yaml", "inferenceservices.yaml"]
     assert main(["crds", "--out", str(tmp_path), "--check"]) == 0
     (tmp_path / "finetunejobs.yaml").write_text("stale")
     assert main(["crds", "--out", str(tmp_path), "--check"]) == 1
@@ -213,7 +213,8 @@ def test_cli_crds_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["crds"]) == 0
     docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
-    assert sorted(d["metadata"]["name"] for d in docs) == ["alignmentjobs.kubetune.io", "finetunejobs.kubetune.io"]
+    assert sorted(d["metadata"]["name"] for d in docs) == ["alignmentjobs.kubetune.io", "finetunejobs.kubetune.io",
+                                                                      "inferenceservices.kubetune.io"]
 
 
 def test_cli_registers_operator_without_importing_kopf() -> None:

@@ -1,0 +1,434 @@
+"""The decision logic of InferenceService, as plain functions over dicts (plus its thin I/O shell).
+
+`reconcile_service(cr, observed, now)` looks at an InferenceService and what exists around it
+(its Deployment, Service and HPA, the S3 Secret, the training jobs it references) and returns a
+`ServingPlan`: objects to create, merge patches, deletions, the new status and the events. The
+kopf handlers (`handlers.py`) call `reconcile_service_object`, which observes, decides and acts;
+running it twice on the same world changes nothing.
+
+Lifecycle:
+- invalid spec -> Failed (InvalidSpec); the children, if any, are left as they are;
+- a missing Secret or a referenced job that does not exist / has not Succeeded -> Pending with
+  DependenciesReady=False (WaitingForReference names the job and its phase); a referenced job
+  that Failed -> Failed (ReferenceFailed). A service that is already deployed keeps serving
+  what it serves while a change waits for its references;
+- dependencies ready: Deployment + Service (+ HPA when minReplicas < maxReplicas) are created;
+- a spec change (model, adapters, engine arguments, resources, ...) patches the Deployment's pod
+  template: a rolling update with maxUnavailable 0 (no capacity lost). Adding an adapter is such
+  a change: the new pods serve the longer list (`kubetune serve --adapter ...`, with vLLM
+  `--lora-modules`). Restart-free loading through vLLM's runtime LoRA API is not used: it
+  would need the operator to reach every pod and the adapters to be fetched inside running
+  pods, and a pod restarted later would not know them; a rolling update gives the same result
+  without downtime, at the cost of re-loading the base (from the node's cache);
+- minReplicas == maxReplicas: no HPA, `spec.replicas` (what `kubectl scale` sets through the
+  scale subresource) or minReplicas sets the Deployment's replicas; otherwise the HPA owns them;
+- status: phase Deploying until a replica is ready, then Ready (Progressing=True during a
+  rollout); a Deployment past its progress deadline -> Failed (ProgressDeadlineExceeded);
+  url, replicas/readyReplicas/desiredReplicas, selector, the served model and adapter names,
+  conditions, observedGeneration;
+- deleting the InferenceService deletes its children through their owner references.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.operator.reconcile import Event, output_uri_of
+from kubetune.operator.render.common import is_owned_by
+from kubetune.operator.render.inference import (
+    ANNOTATION_SPEC_HASH,
+    KIND,
+    ResolvedModels,
+    ServingOptions,
+    render_deployment,
+    render_hpa,
+    render_service,
+    selector_string,
+    served_name,
+    service_names,
+    url_of,
+)
+from kubetune.operator.resources import InferenceServiceSpec, ModelRef
+from kubetune.operator.status import (
+    FAILED,
+    PENDING,
+    READY_TO_START,
+    SPEC_VALID,
+    now_iso,
+    set_condition,
+)
+from kubetune.operator.validation import validate_resource
+from kubetune.trainer.errors import SpecErrors
+
+log = logging.getLogger("kubetune.operator")
+
+DEPLOYING, READY = "Deploying", "Ready"
+COND_READY = "Ready"
+"""At least one replica is available (serving)."""
+COND_PROGRESSING = "Progressing"
+"""A rollout is in progress (True) or complete (False, reason RolloutComplete)."""
+CHILD_KINDS = ("Deployment", "Service", "HorizontalPodAutoscaler")
+
+
+@dataclass
+class ServingObserved:
+    """What the handler saw around the InferenceService."""
+
+    deployment: dict[str, Any] | None = None
+    service: dict[str, Any] | None = None
+    hpa: dict[str, Any] | None = None
+    secret_found: bool | None = None
+    """None when no Secret is referenced."""
+    references: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    """`Kind/name` of each referenced job -> the job, or None when it does not exist."""
+    foreign: list[str] = field(default_factory=list)
+    """Children's names taken by objects this resource does not own."""
+
+
+@dataclass
+class ServingPlan:
+    status: dict[str, Any]
+    create: list[dict[str, Any]] = field(default_factory=list)
+    patch: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    """(kind, name, merge patch) for existing children."""
+    delete: list[tuple[str, str]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+def reference_key(ref: ModelRef) -> str:
+    return f"{ref.kind}/{ref.name}"
+
+
+def references_of(spec: InferenceServiceSpec) -> list[tuple[str, ModelRef]]:
+    """(field path, reference) of every job the service uses."""
+    out = []
+    if spec.model.fromJob is not None:
+        out.append(("spec.model.fromJob", spec.model.fromJob))
+    for i, adapter in enumerate(spec.adapters):
+        if adapter.fromJob is not None:
+            out.append((f"spec.adapters[{i}].fromJob", adapter.fromJob))
+    return out
+
+
+def merge_diff(old: Any, new: Any) -> Any:
+    """A JSON merge patch turning `old` into `new` (keys only in `old` -> None)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return copy.deepcopy(new)
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = copy.deepcopy(value)
+        elif old[key] != value:
+            patch[key] = merge_diff(old[key], value)
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
+
+
+def _hash_of(obj: dict[str, Any] | None) -> str | None:
+    return (((obj or {}).get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
+
+
+def _true(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_:
+            return cond
+    return None
+
+
+class _ServiceReconciler:
+    def __init__(self, cr: dict[str, Any], observed: ServingObserved, now: datetime.datetime, options: ServingOptions):
+        self.cr = cr
+        self.obs = observed
+        self.ts = now_iso(now)
+        self.options = options
+        self.meta = cr.get("metadata") or {}
+        self.name = self.meta["name"]
+        self.namespace = self.meta.get("namespace") or "default"
+        self.generation = self.meta.get("generation")
+        self.status: dict[str, Any] = copy.deepcopy(cr.get("status") or {})
+        self.plan = ServingPlan(status=self.status)
+        self.child, _ = service_names(self.name)
+
+    # -- helpers -------------------------------------------------------------------------
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.plan.events.append(Event(type_, reason, message))
+
+    def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
+        if self.status.get("phase") != phase or self.status.get("reason") != reason:
+            self.event(event_type, reason, message)
+        self.status.update(phase=phase, reason=reason, message=message)
+
+    def condition(self, type_: str, value: bool, reason: str, message: str = "") -> bool:
+        return set_condition(self.status, type_, value, reason, message, now=self.ts, generation=self.generation)
+
+    # -- the rules -----------------------------------------------------------------------
+    def run(self) -> ServingPlan:
+        self.status["observedGeneration"] = self.generation
+        try:
+            spec: InferenceServiceSpec = validate_resource(self.cr)  # type: ignore[assignment]
+        except SpecErrors as exc:
+            self.condition(SPEC_VALID, False, "InvalidSpec", str(exc))
+            self.transition(FAILED, "InvalidSpec", str(exc), "Warning")
+            self.follow_deployment(phase_override=False)
+            return self.plan
+        self.condition(SPEC_VALID, True, "Valid", "the spec is valid")
+        if self.obs.foreign:
+            message = (f"{', '.join(self.obs.foreign)} exist(s) but belong(s) to something else; delete or rename "
+                       "it, or give this InferenceService another name.")
+            self.condition(READY_TO_START, False, "NameConflict", message)
+            self.transition(FAILED, "NameConflict", message, "Warning")
+            return self.plan
+        models = self.dependencies(spec)
+        if models is None:
+            if self.obs.deployment is not None:
+                # Already serving: keep serving the current version; the change waits.
+                self.follow_deployment(phase_override=False)
+            return self.plan
+        self.ensure_children(spec, models)
+        self.served_status(spec, models)
+        self.follow_deployment(phase_override=True)
+        return self.plan
+
+    def dependencies(self, spec: InferenceServiceSpec) -> ResolvedModels | None:
+        ref = spec.storage.secretRef
+        if ref is not None and self.obs.secret_found is False:
+            return self.blocked(
+                "SecretNotFound",
+                f"Secret {ref.name!r} (spec.storage.secretRef) does not exist in namespace {self.namespace}; "
+                "create it with the S3 credentials.",
+            )
+        resolved: dict[str, str] = {}
+        waiting: list[str] = []
+        for path, wanted in references_of(spec):
+            key = reference_key(wanted)
+            target = self.obs.references.get(key)
+            label = f"{path}: {wanted.kind} {wanted.name!r}"
+            if target is None:
+                return self.blocked("ReferenceNotFound", f"{label} does not exist in namespace {self.namespace}.")
+            tstatus = target.get("status") or {}
+            tphase = tstatus.get("phase")
+            if tphase == FAILED:
+                message = f"{label} failed ({tstatus.get('reason') or 'Failed'}): {tstatus.get('message') or ''}".strip()
+                self.condition(READY_TO_START, False, "ReferenceFailed", message)
+                if self.obs.deployment is None:
+                    self.transition(FAILED, "ReferenceFailed", message, "Warning")
+                return None
+            if tphase != "Succeeded":
+                percent = (tstatus.get("progress") or {}).get("percent")
+                detail = f"{tphase or 'Pending'}" + (f", {percent}%" if percent is not None else "")
+                waiting.append(f"{label} (now {detail})")
+                continue
+            resolved[key] = output_uri_of(target)
+        if waiting:
+            return self.blocked("WaitingForReference", "waiting for " + "; ".join(waiting) + " to succeed.", "Normal")
+        self.condition(READY_TO_START, True, "Ready", "model, adapters and credentials are available")
+
+        def location(source: Any) -> str:
+            return source.uri if source.uri is not None else resolved[reference_key(source.fromJob)]
+
+        return ResolvedModels(location(spec.model), {a.name: location(a) for a in spec.adapters})
+
+    def blocked(self, reason: str, message: str, event_type: str = "Warning") -> None:
+        changed = self.condition(READY_TO_START, False, reason, message)
+        if self.obs.deployment is None:
+            self.transition(PENDING, reason, message, event_type)
+        elif changed:
+            self.event(event_type, reason, f"the update waits (the current version keeps serving): {message}")
+        return None
+
+    def ensure_children(self, spec: InferenceServiceSpec, models: ResolvedModels) -> None:
+        deployment = render_deployment(self.cr, spec, models, self.options)
+        observed = self.obs.deployment
+        if observed is None:
+            self.plan.create.append(deployment)
+        else:
+            patch: dict[str, Any] = {}
+            if _hash_of(observed) != _hash_of(deployment):
+                current = {k: v for k, v in (observed.get("spec") or {}).items() if k != "replicas"}
+                wanted = {k: v for k, v in deployment["spec"].items() if k != "replicas"}
+                patch = {
+                    "metadata": {"labels": deployment["metadata"]["labels"],
+                                 "annotations": deployment["metadata"]["annotations"]},
+                    "spec": merge_diff(current, wanted),
+                }
+                self.event("Normal", "RollingUpdate", f"updating Deployment {self.child}: {self.change_summary(spec, models)}")
+            if not spec.autoscaled and (observed.get("spec") or {}).get("replicas") != deployment["spec"]["replicas"]:
+                patch.setdefault("spec", {})["replicas"] = deployment["spec"]["replicas"]
+                self.event("Normal", "Scaled", f"replicas set to {deployment['spec']['replicas']}")
+            if patch:
+                self.plan.patch.append(("Deployment", self.child, patch))
+
+        service = render_service(self.cr, spec)
+        if self.obs.service is None:
+            self.plan.create.append(service)
+        elif _hash_of(self.obs.service) != _hash_of(service):
+            # Only the fields we manage (the API server owns clusterIP, nodePorts, ...).
+            self.plan.patch.append(("Service", self.child, {
+                "metadata": {"labels": service["metadata"]["labels"], "annotations": service["metadata"]["annotations"]},
+                "spec": {k: service["spec"][k] for k in ("type", "selector", "ports")},
+            }))
+
+        hpa = render_hpa(self.cr, spec)
+        if hpa is None and self.obs.hpa is not None:
+            self.plan.delete.append(("HorizontalPodAutoscaler", self.child))
+            self.event("Normal", "AutoscalingOff", "minReplicas == maxReplicas: HPA deleted, spec.replicas sets the replicas")
+        elif hpa is not None and self.obs.hpa is None:
+            self.plan.create.append(hpa)
+            if observed is not None:
+                self.event("Normal", "AutoscalingOn", f"HPA created: {spec.minReplicas}-{spec.maxReplicas} replicas")
+        elif hpa is not None and _hash_of(self.obs.hpa) != _hash_of(hpa):
+            self.plan.patch.append(("HorizontalPodAutoscaler", self.child, {
+                "metadata": {"labels": hpa["metadata"]["labels"], "annotations": hpa["metadata"]["annotations"]},
+                "spec": merge_diff((self.obs.hpa or {}).get("spec") or {}, hpa["spec"]),
+            }))
+        if observed is None:
+            kinds = "Deployment, Service" + (", HPA" if hpa is not None else "")
+            self.event("Normal", "Created", f"created {kinds} {self.child}")
+
+    def change_summary(self, spec: InferenceServiceSpec, models: ResolvedModels) -> str:
+        before = {a.get("name"): a.get("uri") for a in self.status.get("adapters") or []}
+        parts = []
+        added = [n for n in models.adapters if n not in before]
+        removed = [n for n in before if n not in models.adapters]
+        changed = [n for n in models.adapters if n in before and before[n] != models.adapters[n]]
+        if added:
+            parts.append("adapters added: " + ", ".join(added))
+        if removed:
+            parts.append("adapters removed: " + ", ".join(removed))
+        if changed:
+            parts.append("adapters changed: " + ", ".join(changed))
+        if self.status.get("modelUri") and self.status["modelUri"] != models.model:
+            parts.append(f"model {self.status['modelUri']} -> {models.model}")
+        return "; ".join(parts) or "pod template changed"
+
+    def served_status(self, spec: InferenceServiceSpec, models: ResolvedModels) -> None:
+        base = served_name(self.cr, spec)
+        self.status.update(
+            url=url_of(self.cr),
+            selector=selector_string(self.name),
+            engine=spec.engine,
+            deploymentName=self.child,
+            model=base,
+            modelUri=models.model,
+            servedModels=[base, *models.adapters],
+        )
+        if models.adapters:
+            self.status["adapters"] = [{"name": n, "uri": u} for n, u in models.adapters.items()]
+        else:
+            self.status.pop("adapters", None)
+
+    def follow_deployment(self, *, phase_override: bool) -> None:
+        dep = self.obs.deployment
+        if dep is None:
+            if phase_override:
+                self.transition(DEPLOYING, "Created", f"created Deployment {self.child}; waiting for the first replica")
+                self.condition(COND_READY, False, "Deploying", "no replica is ready yet")
+            return
+        dspec, dstatus = dep.get("spec") or {}, dep.get("status") or {}
+        replicas = int(dstatus.get("replicas") or 0)
+        ready = int(dstatus.get("readyReplicas") or 0)
+        available = int(dstatus.get("availableReplicas") or 0)
+        updated = int(dstatus.get("updatedReplicas") or 0)
+        wanted = int(dspec.get("replicas") if dspec.get("replicas") is not None else 1)
+        desired = wanted
+        if self.obs.hpa is not None:
+            desired = int((self.obs.hpa.get("status") or {}).get("desiredReplicas") or wanted)
+        self.status.update(replicas=replicas, readyReplicas=ready, updatedReplicas=updated, desiredReplicas=desired)
+        if not phase_override:
+            return
+        generation = (dep.get("metadata") or {}).get("generation")
+        seen = dstatus.get("observedGeneration")
+        rolled = (generation is None or (seen is not None and seen >= generation)) and updated >= wanted and replicas <= wanted
+        progressing = _true(dep, "Progressing") or {}
+        if progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
+            message = (f"Deployment {self.child} made no progress: {progressing.get('message') or ''} "
+                       f"(see `kubectl describe pods -l {selector_string(self.name)}`)").strip()
+            self.condition(COND_PROGRESSING, False, "ProgressDeadlineExceeded", message)
+            self.condition(COND_READY, available > 0, "ReplicasAvailable" if available else "NoReplicaReady",
+                           f"{ready}/{wanted} replicas ready")
+            self.transition(FAILED, "ProgressDeadlineExceeded", message, "Warning")
+            return
+        if rolled:
+            self.condition(COND_PROGRESSING, False, "RolloutComplete", f"{updated}/{wanted} replicas up to date")
+        else:
+            self.condition(COND_PROGRESSING, True, "RollingUpdate", f"{updated}/{wanted} replicas updated, {ready} ready")
+        if available > 0:
+            self.condition(COND_READY, True, "ReplicasAvailable", f"{ready}/{wanted} replicas ready")
+            detail = f"{ready}/{wanted} replicas ready" + ("" if rolled else f", rolling update ({updated} updated)")
+            self.transition(READY, "Serving", f"serving {', '.join(self.status.get('servedModels') or [])}: {detail}")
+        else:
+            self.condition(COND_READY, False, "NoReplicaReady", f"0/{wanted} replicas ready")
+            self.transition(DEPLOYING, "PodsStarting",
+                            f"waiting for a replica to download and load the model (0/{wanted} ready)")
+
+
+def reconcile_service(
+    cr: dict[str, Any],
+    observed: ServingObserved,
+    now: datetime.datetime | None = None,
+    options: ServingOptions | None = None,
+) -> ServingPlan:
+    """Decide what to do for one InferenceService (pure: no I/O)."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    return _ServiceReconciler(cr, observed, now, options or ServingOptions()).run()
+
+
+# --------------------------------------------------------------------------------------------
+# The I/O shell (called by the kopf handlers)
+
+
+def observe_service(kube: Any, cr: dict[str, Any]) -> ServingObserved:
+    meta = cr["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    child, _ = service_names(name)
+    observed = ServingObserved()
+    for kind, attr in zip(CHILD_KINDS, ("deployment", "service", "hpa"), strict=True):
+        obj = kube.get(kind, namespace, child)
+        if obj is not None and not is_owned_by(obj, cr):
+            observed.foreign.append(f"{kind} {child}")
+            obj = None
+        setattr(observed, attr, obj)
+    try:
+        spec: InferenceServiceSpec = validate_resource(cr)  # type: ignore[assignment]
+    except SpecErrors:
+        return observed
+    if spec.storage.secretRef is not None:
+        observed.secret_found = kube.get("Secret", namespace, spec.storage.secretRef.name, metadata_only=True) is not None
+    for _, ref in references_of(spec):
+        key = reference_key(ref)
+        if key not in observed.references:
+            observed.references[key] = kube.get(ref.kind, namespace, ref.name)
+    return observed
+
+
+def reconcile_service_object(kube: Any, namespace: str, name: str, options: ServingOptions | None = None) -> None:
+    """Read, observe, decide, act — for one InferenceService."""
+    from kubetune.operator.reconcile import status_patch
+
+    cr = kube.get(KIND, namespace, name)
+    if cr is None or (cr.get("metadata") or {}).get("deletionTimestamp"):
+        return
+    cr.setdefault("metadata", {}).setdefault("namespace", namespace)
+    cr.setdefault("kind", KIND)
+    plan = reconcile_service(cr, observe_service(kube, cr), options=options or ServingOptions.from_environment())
+    for obj in plan.create:
+        _, created = kube.create(obj)
+        log.info("%s %s/%s: %s %s %s", KIND, namespace, name, "created" if created else "found existing",
+                 obj["kind"], obj["metadata"]["name"])
+    for kind, child, patch in plan.patch:
+        kube.patch(kind, namespace, child, patch)
+    for kind, child in plan.delete:
+        with contextlib.suppress(Exception):
+            kube.delete(kind, namespace, child)
+    patch = status_patch(cr.get("status"), plan.status)
+    if patch:
+        kube.patch(KIND, namespace, name, {"status": patch}, subresource="status")
+    for event in plan.events:
+        kube.post_event(cr, event.type, event.reason, event.message)

@@ -1,0 +1,425 @@
+"""InferenceService: the CRD, the pure renderer (Deployment, Service, HPA) and the pure decision
+logic (`kubetune.operator.serving.reconcile_service`), without a cluster."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import re
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from kubetune.operator.render.inference import (
+    ResolvedModels,
+    ServingOptions,
+    render_inference,
+    selector_string,
+)
+from kubetune.operator.resources import InferenceServiceStatus, crd
+from kubetune.operator.serving import ServingObserved, merge_diff, reconcile_service
+from kubetune.operator.validation import admit, validate_resource
+from kubetune.trainer.errors import SpecErrors
+from tests.test_operator_crds import _to_jsonschema
+
+K8S_VERSION = kubernetes_validate.latest_version()
+NOW = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
+
+EXAMPLE_ISVC: dict[str, Any] = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "InferenceService",
+    "metadata": {"name": "llama-chat", "namespace": "ml", "uid": "isvc-uid", "generation": 1},
+    "spec": {
+        "model": {"uri": "s3://models/llama-3-8b-instruct"},
+        "adapters": [
+            {"name": "support", "uri": "s3://outputs/support-lora"},
+            {"name": "legal", "fromJob": {"fineTuneJob": "legal-sft"}},
+        ],
+        "engine": "vllm",
+        "gpus": 2,
+        "resources": {"requests": {"cpu": 8, "memory": "64Gi"}, "limits": {"memory": "64Gi"}},
+        "minReplicas": 1,
+        "maxReplicas": 4,
+        "autoscaling": {"metric": "requestsInFlight", "target": 16},
+        "engineArgs": {"maxModelLen": 8192, "dtype": "bfloat16", "quantization": "fp8",
+                       "extraArgs": ["--enable-prefix-caching"]},
+        "cache": {"type": "hostPath", "path": "/mnt/nvme/kubetune-cache"},
+        "storage": {"secretRef": {"name": "s3-creds"}, "endpoint": "http://minio.minio:9000"},
+        "nodeSelector": {"nvidia.com/gpu.product": "H100-SXM"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    },
+}
+MODELS = ResolvedModels("s3://models/llama-3-8b-instruct",
+                        {"support": "s3://outputs/support-lora", "legal": "s3://outputs/legal-sft"})
+
+
+def _cr(**spec: Any) -> dict[str, Any]:
+    cr = copy.deepcopy(EXAMPLE_ISVC)
+    cr["spec"].update(spec)
+    return cr
+
+
+def _by_kind(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["kind"]: o for o in objs}
+
+
+def _pod(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _by_kind(objs)["Deployment"]["spec"]["template"]["spec"]
+
+
+# -- CRD ----------------------------------------------------------------------------------------
+
+
+def test_crd_scale_subresource_columns_and_names() -> None:
+    body = crd("InferenceService")
+    assert kubernetes_validate.validate(body, K8S_VERSION, strict=True)
+    names = body["spec"]["names"]
+    assert names["shortNames"] == ["kisvc"] and names["categories"] == ["kubetune"]
+    version = body["spec"]["versions"][0]
+    assert version["subresources"] == {
+        "status": {},
+        "scale": {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+                  "labelSelectorPath": ".status.selector"},
+    }
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Phase"] == ".status.phase" and columns["URL"] == ".status.url"
+    assert columns["Ready"] == ".status.readyReplicas" and columns["Age"] == ".metadata.creationTimestamp"
+    validator = jsonschema.Draft4Validator(_to_jsonschema(version["schema"]["openAPIV3Schema"]))
+    validator.validate(EXAMPLE_ISVC)
+    bad = _cr(engine="tgi")
+    assert any("is not one of" in e.message for e in validator.iter_errors(bad))
+
+
+def test_status_schema_accepts_what_the_operator_writes() -> None:
+    plan = reconcile_service(EXAMPLE_ISVC, _observed(deployment=_deployment(ready=1)), NOW)
+    InferenceServiceStatus.model_validate(plan.status)
+    version = crd("InferenceService")["spec"]["versions"][0]
+    jsonschema.Draft4Validator(_to_jsonschema(version["schema"]["openAPIV3Schema"])).validate(
+        {**EXAMPLE_ISVC, "status": plan.status}
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"model": {"uri": "s3://m", "fromJob": {"fineTuneJob": "x"}}}, "exactly one of uri or fromJob"),
+        ({"model": {"uri": "--trust-remote-code"}}, "spec.model.uri"),
+        ({"adapters": [{"name": "a", "uri": "s3://a"}, {"name": "a", "uri": "s3://b"}]}, "unique"),
+        ({"adapters": [{"name": "a/b", "uri": "s3://a"}]}, "spec.adapters[0].name"),
+        ({"minReplicas": 3, "maxReplicas": 2}, "below minReplicas"),
+        ({"engine": "transformers"}, "needs engine vllm"),
+        ({"tensorParallelSize": 4}, "exceeds gpus"),
+        ({"autoscaling": {"metric": "cpu"}, "resources": {}}, "resources.requests.cpu"),
+        ({"cache": {"type": "pvc"}}, "claimName"),
+    ],
+)
+def test_invalid_specs_are_refused_with_the_field(change: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(SpecErrors) as info:
+        validate_resource(_cr(**change))
+    assert fragment in str(info.value)
+
+
+def test_admission_accepts_and_refuses() -> None:
+    assert admit("CREATE", None, EXAMPLE_ISVC) == []
+    from kubetune.operator.validation import AdmissionRefused
+
+    with pytest.raises(AdmissionRefused, match="maxReplicas"):
+        admit("UPDATE", EXAMPLE_ISVC, _cr(maxReplicas=0))
+
+
+# -- rendering ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {},
+        {"engine": "transformers", "gpus": 0, "adapters": [], "minReplicas": 2, "maxReplicas": 2, "engineArgs": {},
+         "cache": {}, "resources": {}, "storage": {}, "nodeSelector": {}, "tolerations": []},
+        {"autoscaling": {"metric": "cpu"}, "cache": {"type": "pvc", "claimName": "models"}, "serviceType": "LoadBalancer",
+         "shmSize": "16Gi", "priorityClassName": "serving", "serviceAccountName": "irsa", "imagePullPolicy": "Always",
+         "engineArgs": {"draftModel": "s3://models/llama-68m", "numSpeculativeTokens": 5},
+         "storage": {"secretRef": {"name": "s3", "sessionTokenKey": "token"}},
+         "env": [{"name": "KUBETUNE_API_KEY", "valueFrom": {"secretKeyRef": {"name": "api", "key": "key"}}}]},
+        {"autoscaling": {"metric": "queueDepth"}, "cache": {"type": "emptyDir", "sizeLimit": "100Gi"}},
+    ],
+)
+def test_every_child_validates_against_kubernetes_schemas(spec: dict[str, Any]) -> None:
+    objs = render_inference(_cr(**spec), MODELS)
+    for obj in objs:
+        assert kubernetes_validate.validate(obj, K8S_VERSION, strict=True), obj["kind"]
+    kinds = [o["kind"] for o in objs]
+    autoscaled = (spec.get("maxReplicas", 4) or 0) > spec.get("minReplicas", 1)
+    assert kinds == ["Deployment", "Service"] + (["HorizontalPodAutoscaler"] if autoscaled else [])
+
+
+@pytest.mark.parametrize(
+    ("autoscaling", "metric"),
+    [
+        ({"metric": "requestsInFlight", "target": 16},
+         {"type": "Pods", "pods": {"metric": {"name": "kubetune_requests_in_flight"},
+                                   "target": {"type": "AverageValue", "averageValue": "16"}}}),
+        ({"metric": "queueDepth"},
+         {"type": "Pods", "pods": {"metric": {"name": "kubetune_queue_depth"},
+                                   "target": {"type": "AverageValue", "averageValue": "4"}}}),
+        ({"metric": "cpu"},
+         {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}),
+    ],
+)
+def test_hpa_targets_the_deployment_and_the_metric(autoscaling: dict[str, Any], metric: dict[str, Any]) -> None:
+    objs = _by_kind(render_inference(_cr(autoscaling=autoscaling), MODELS))
+    hpa, deployment = objs["HorizontalPodAutoscaler"], objs["Deployment"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert hpa["spec"]["minReplicas"] == 1 and hpa["spec"]["maxReplicas"] == 4
+    assert hpa["spec"]["metrics"] == [metric]
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+    # The metric the HPA reads is one the pods export, and Prometheus scrapes the pods.
+    template = deployment["spec"]["template"]
+    assert template["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    if metric["type"] == "Pods":
+        from kubetune.trainer.infer.metrics import ServerMetrics
+
+        exported = ServerMetrics().render()[0].decode()
+        assert metric["pods"]["metric"]["name"] in exported
+
+
+def test_no_hpa_when_min_equals_max_and_replicas_from_spec() -> None:
+    objs = _by_kind(render_inference(_cr(minReplicas=2, maxReplicas=None, replicas=5), MODELS))
+    assert "HorizontalPodAutoscaler" not in objs
+    assert objs["Deployment"]["spec"]["replicas"] == 5
+    objs = _by_kind(render_inference(_cr(minReplicas=3, maxReplicas=3), MODELS))
+    assert objs["Deployment"]["spec"]["replicas"] == 3
+
+
+def test_pod_commands_are_argument_lists_without_shell() -> None:
+    pod = _pod(render_inference(_cr(), MODELS))
+    (fetch,) = pod["initContainers"]
+    (server,) = pod["containers"]
+    assert fetch["command"] == ["python", "-m", "kubetune.operator.fetch"]
+    assert fetch["args"] == ["--model", "s3://models/llama-3-8b-instruct",
+                             "--adapter", "support=s3://outputs/support-lora",
+                             "--adapter", "legal=s3://outputs/legal-sft"]
+    assert server["command"] == ["kubetune"]
+    assert server["args"] == [
+        "serve", "s3://models/llama-3-8b-instruct", "--engine", "vllm", "--served-model-name", "llama-chat",
+        "--host", "0.0.0.0", "--port", "8000", "--dtype", "bfloat16", "--drain-timeout", "50",
+        "--adapter", "support=s3://outputs/support-lora", "--adapter", "legal=s3://outputs/legal-sft",
+        "--max-model-len", "8192", "--tensor-parallel-size", "2", "--quantization", "fp8",
+        "--vllm-arg=--enable-prefix-caching",
+    ]
+    for container in (fetch, server):
+        text = json.dumps(container["command"])
+        assert not any(word in text for word in ('"sh"', '"bash"', '"-c"'))
+        env = {e["name"] for e in container["env"]}
+        for arg in container["args"]:
+            for var in re.findall(r"\$\((\w+)\)", arg):
+                assert var in env
+
+
+def test_the_serve_arguments_parse_with_kubetune_serve() -> None:
+    """The server container's args are what `kubetune serve` accepts."""
+    from kubetune.trainer.cli import build_parser
+
+    for spec in ({}, {"engine": "transformers", "gpus": 0, "engineArgs": {"draftModel": "s3://d", "numSpeculativeTokens": 3}}):
+        (server,) = _pod(render_inference(_cr(**spec), MODELS))["containers"]
+        args = build_parser().parse_args(server["args"])
+        assert args.model == "s3://models/llama-3-8b-instruct"
+        assert args.adapter == ["support=s3://outputs/support-lora", "legal=s3://outputs/legal-sft"]
+        assert args.engine == spec.get("engine", "vllm")
+    assert args.draft_model == "s3://d" and args.num_assistant_tokens == 3
+
+
+def test_probes_drain_rollout_and_security() -> None:
+    objs = _by_kind(render_inference(_cr(), MODELS))
+    deployment = objs["Deployment"]
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    pod = deployment["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    assert server["startupProbe"]["httpGet"]["path"] == "/health"
+    assert server["startupProbe"]["failureThreshold"] * server["startupProbe"]["periodSeconds"] >= 1800
+    assert server["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert server["readinessProbe"]["httpGet"]["path"] == "/health"  # vLLM answers once loaded
+    transformers = _pod(render_inference(_cr(engine="transformers", gpus=1, engineArgs={}), MODELS))["containers"][0]
+    assert transformers["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert server["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+    assert pod["terminationGracePeriodSeconds"] == 60
+    assert int(server["args"][server["args"].index("--drain-timeout") + 1]) + 5 < 60
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    for container in (server, pod["initContainers"][0]):
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert "nvidia.com/gpu" not in json.dumps(pod["initContainers"][0].get("resources", {}))
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+    assert volumes[mounts["/var/cache/kubetune"]]["hostPath"] == {"path": "/mnt/nvme/kubetune-cache", "type": "DirectoryOrCreate"}
+    for path in ("/tmp", "/cache", "/dev/shm"):
+        assert "emptyDir" in volumes[mounts[path]]
+    env = {e["name"]: e for e in server["env"]}
+    assert env["KUBETUNE_CACHE"]["value"] == "/var/cache/kubetune"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio.minio:9000"
+
+
+def test_service_selects_the_pods_and_names_are_deterministic() -> None:
+    objs = _by_kind(render_inference(_cr(), MODELS))
+    service, deployment = objs["Service"], objs["Deployment"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    assert selector_string("llama-chat") == ",".join(f"{k}={v}" for k, v in sorted(service["spec"]["selector"].items()))
+    for obj in objs.values():
+        assert obj["metadata"]["name"] == "llama-chat-isvc"
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert ref["kind"] == "InferenceService" and ref["uid"] == "isvc-uid" and ref["controller"] is True
+    assert render_inference(_cr(), MODELS) == render_inference(_cr(), MODELS)
+    options = ServingOptions(default_image="registry/kubetune-server:9")
+    assert _pod(render_inference(_cr(), MODELS, options))["containers"][0]["image"] == "registry/kubetune-server:9"
+
+
+def test_hostile_values_stay_single_arguments() -> None:
+    cr = _cr(model={"uri": "s3://x/$(reboot);`halt`"}, engineArgs={"extraArgs": ["--x; rm -rf /"]})
+    pod = _pod(render_inference(cr, ResolvedModels("s3://x/$(reboot);`halt`")))
+    server = pod["containers"][0]
+    assert "s3://x/$(reboot);`halt`" in server["args"]  # one argv element; no shell ever parses it
+    assert "--vllm-arg=--x; rm -rf /" in server["args"]
+
+
+# -- decision logic -----------------------------------------------------------------------------
+
+
+def _job(phase: str | None, name: str = "legal-sft", output: str = "s3://outputs/legal-sft") -> dict[str, Any]:
+    return {"kind": "FineTuneJob", "metadata": {"name": name}, "spec": {"training": {"output": {"path": output}}},
+            "status": {"phase": phase} if phase else {}}
+
+
+def _deployment(ready: int = 0, replicas: int = 1, updated: int | None = None, cr: dict[str, Any] | None = None,
+                **status: Any) -> dict[str, Any]:
+    objs = _by_kind(render_inference(cr or EXAMPLE_ISVC, MODELS))
+    dep = objs["Deployment"]
+    dep["metadata"]["generation"] = 1
+    dep["status"] = {"observedGeneration": 1, "replicas": replicas, "readyReplicas": ready, "availableReplicas": ready,
+                     "updatedReplicas": replicas if updated is None else updated, **status}
+    return dep
+
+
+def _observed(**kwargs: Any) -> ServingObserved:
+    objs = _by_kind(render_inference(EXAMPLE_ISVC, MODELS))
+    base: dict[str, Any] = {"secret_found": True, "references": {"FineTuneJob/legal-sft": _job("Succeeded")}}
+    if "deployment" in kwargs:
+        base.update(service=objs["Service"], hpa=objs["HorizontalPodAutoscaler"])
+    base.update(kwargs)
+    return ServingObserved(**base)
+
+
+def _cond(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+@pytest.mark.parametrize(
+    ("job", "reason", "phase"),
+    [
+        (None, "ReferenceNotFound", "Pending"),
+        (_job("Running"), "WaitingForReference", "Pending"),
+        (_job(None), "WaitingForReference", "Pending"),
+        (_job("Failed"), "ReferenceFailed", "Failed"),
+    ],
+)
+def test_reference_not_succeeded_keeps_the_service_pending(job: Any, reason: str, phase: str) -> None:
+    plan = reconcile_service(EXAMPLE_ISVC, _observed(references={"FineTuneJob/legal-sft": job}), NOW)
+    assert plan.create == [] and plan.patch == []
+    assert plan.status["phase"] == phase and plan.status["reason"] == reason
+    cond = _cond(plan.status, "DependenciesReady")
+    assert cond["status"] == "False" and "spec.adapters[1].fromJob: FineTuneJob 'legal-sft'" in cond["message"]
+    assert [e.reason for e in plan.events] == [reason]
+
+
+def test_missing_secret_waits() -> None:
+    plan = reconcile_service(EXAMPLE_ISVC, _observed(secret_found=False), NOW)
+    assert plan.create == [] and plan.status["reason"] == "SecretNotFound"
+
+
+def test_succeeded_reference_creates_children_with_its_output() -> None:
+    plan = reconcile_service(EXAMPLE_ISVC, _observed(), NOW)
+    assert [o["kind"] for o in plan.create] == ["Deployment", "Service", "HorizontalPodAutoscaler"]
+    server = plan.create[0]["spec"]["template"]["spec"]["containers"][0]
+    assert "legal=s3://outputs/legal-sft" in server["args"]
+    status = plan.status
+    assert status["phase"] == "Deploying" and status["observedGeneration"] == 1
+    assert status["url"] == "http://llama-chat-isvc.ml.svc/v1"
+    assert status["servedModels"] == ["llama-chat", "support", "legal"]
+    assert status["adapters"][1] == {"name": "legal", "uri": "s3://outputs/legal-sft"}
+    assert status["selector"] == selector_string("llama-chat")
+    assert _cond(status, "DependenciesReady")["status"] == "True"
+
+
+def test_ready_and_idempotent() -> None:
+    plan = reconcile_service(EXAMPLE_ISVC, _observed(deployment=_deployment(ready=1)), NOW)
+    assert plan.create == plan.patch == plan.delete == []
+    assert plan.status["phase"] == "Ready" and plan.status["readyReplicas"] == 1 and plan.status["replicas"] == 1
+    assert _cond(plan.status, "Ready")["status"] == "True"
+    assert _cond(plan.status, "Progressing")["reason"] == "RolloutComplete"
+    again = reconcile_service({**EXAMPLE_ISVC, "status": plan.status}, _observed(deployment=_deployment(ready=1)), NOW)
+    assert again.status == plan.status and again.events == []
+
+
+def test_adding_an_adapter_rolls_the_deployment() -> None:
+    status = reconcile_service(EXAMPLE_ISVC, _observed(deployment=_deployment(ready=1)), NOW).status
+    cr = _cr(adapters=[*EXAMPLE_ISVC["spec"]["adapters"], {"name": "sales", "uri": "s3://outputs/sales"}])
+    cr["status"] = status
+    plan = reconcile_service(cr, _observed(deployment=_deployment(ready=1)), NOW)
+    ((kind, name, patch),) = plan.patch
+    assert (kind, name) == ("Deployment", "llama-chat-isvc")
+    assert "replicas" not in patch["spec"]  # the HPA owns the replicas
+    (server,) = patch["spec"]["template"]["spec"]["containers"]
+    assert "sales=s3://outputs/sales" in server["args"]
+    assert plan.status["servedModels"] == ["llama-chat", "support", "legal", "sales"]
+    assert any(e.reason == "RollingUpdate" and "adapters added: sales" in e.message for e in plan.events)
+
+
+def test_turning_autoscaling_off_deletes_the_hpa_and_scale_sets_replicas() -> None:
+    cr = _cr(maxReplicas=None, replicas=3)
+    plan = reconcile_service(cr, _observed(deployment=_deployment(ready=1)), NOW)
+    assert ("HorizontalPodAutoscaler", "llama-chat-isvc") in plan.delete
+    ((_, _, patch),) = plan.patch
+    assert patch["spec"]["replicas"] == 3
+
+
+def test_progress_deadline_fails_and_rollout_is_reported() -> None:
+    stuck = _deployment(ready=0, conditions=[{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                                              "message": "ReplicaSet has timed out progressing."}])
+    plan = reconcile_service(EXAMPLE_ISVC, _observed(deployment=stuck), NOW)
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "ProgressDeadlineExceeded"
+    rolling = _deployment(ready=1, replicas=2, updated=1)
+    plan = reconcile_service(EXAMPLE_ISVC, _observed(deployment=rolling), NOW)
+    assert plan.status["phase"] == "Ready" and _cond(plan.status, "Progressing")["status"] == "True"
+
+
+def test_deployed_service_keeps_serving_while_a_new_reference_waits() -> None:
+    status = reconcile_service(EXAMPLE_ISVC, _observed(deployment=_deployment(ready=1)), NOW).status
+    cr = _cr(adapters=[*EXAMPLE_ISVC["spec"]["adapters"], {"name": "new", "fromJob": {"fineTuneJob": "new-sft"}}])
+    cr["status"] = status
+    refs = {"FineTuneJob/legal-sft": _job("Succeeded"), "FineTuneJob/new-sft": _job("Running", "new-sft")}
+    plan = reconcile_service(cr, _observed(deployment=_deployment(ready=1), references=refs), NOW)
+    assert plan.patch == [] and plan.create == []
+    assert plan.status["phase"] == "Ready"
+    assert _cond(plan.status, "DependenciesReady")["reason"] == "WaitingForReference"
+
+
+def test_invalid_spec_fails_without_touching_children() -> None:
+    cr = _cr(minReplicas=5, maxReplicas=2)
+    plan = reconcile_service(cr, _observed(deployment=_deployment(ready=1)), NOW)
+    assert plan.status["reason"] == "InvalidSpec" and plan.patch == plan.create == plan.delete == []
+
+
+def test_merge_diff() -> None:
+    assert merge_diff({"a": 1, "b": {"c": 1, "d": 2}, "e": [1]}, {"a": 1, "b": {"c": 2}, "e": [2]}) == {
+        "b": {"c": 2, "d": None}, "e": [2]}
+    assert yaml.safe_load(yaml.safe_dump(merge_diff({}, {"x": 1}))) == {"x": 1}
