@@ -41,6 +41,7 @@ def register(subparsers: Any) -> None:
     op.add_argument("--liveness", metavar="URL", default=None,
                     help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("--trainer-image", default=None, help="default image of the training pods")
+    op.add_argument("--metrics-port", type=int, default=None, help="serve the operator's Prometheus metrics on this port")
     op.add_argument("--server-image", default=None, help="default image of InferenceService pods (default: the trainer image)")
     op.add_argument("--gpu-memory-gib", type=float, default=None, metavar="GIB",
                     help="GPU memory for jobs without spec.gpuMemoryGiB; jobs that cannot fit are refused")
@@ -85,6 +86,8 @@ def operator_environment(args: argparse.Namespace) -> dict[str, str]:
     env: dict[str, str] = {}
     if args.trainer_image:
         env["KUBETUNE_TRAINER_IMAGE"] = args.trainer_image
+    if args.metrics_port is not None:
+        env["KUBETUNE_METRICS_PORT"] = str(args.metrics_port)
     if args.server_image:
         env["KUBETUNE_SERVER_IMAGE"] = args.server_image
     if args.gpu_memory_gib is not None:

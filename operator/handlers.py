@@ -13,6 +13,7 @@ Environment (set by `kubetune operator` from its flags):
 - KUBETUNE_TRAINER_IMAGE: default image of the training pods;
 - KUBETUNE_RECONCILE_INTERVAL: seconds between observations of a job in flight (default 10);
 - KUBETUNE_KOPF_EVENTS=0: do not let kopf post its own log events (ours are always posted);
+- KUBETUNE_METRICS_PORT: serve the operator's Prometheus metrics on this port;
 - KUBETUNE_WEBHOOK_PORT / _HOST / _CERT / _KEY / _MANAGED: serve the validating admission
   webhook (and let kopf manage its ValidatingWebhookConfiguration when _MANAGED is set).
 """
@@ -27,6 +28,7 @@ from typing import Any
 import kopf
 
 from kubetune.operator.kube import Kube
+from kubetune.operator.metrics import record_phase, timed_reconcile
 from kubetune.operator.reconcile import Observed, needs_trainer_status, reconcile, status_patch
 from kubetune.operator.render.common import MANAGED_BY, child_names, is_owned_by, selector_labels
 from kubetune.operator.render.training import RenderOptions
@@ -75,6 +77,11 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         managed = os.environ.get("KUBETUNE_WEBHOOK_MANAGED")
         if managed:
             settings.admission.managed = managed
+    metrics_port = os.environ.get("KUBETUNE_METRICS_PORT")
+    if metrics_port:
+        from kubetune.operator.metrics import serve
+
+        serve(int(metrics_port))
     _state["kube"] = Kube()
     _state["options"] = RenderOptions(
         default_image=os.environ.get("KUBETUNE_TRAINER_IMAGE") or RenderOptions.default_image
@@ -137,15 +144,18 @@ def reconcile_object(kind: str, namespace: str, name: str, kube: Kube | None = N
     """Read, observe, decide, act — for one resource, one thread at a time."""
     kube = kube or _state["kube"]
     options = options or _state["options"]
-    with _lock(kind, namespace, name):
+    with _lock(kind, namespace, name), timed_reconcile(kind):
         cr = kube.get(kind, namespace, name)
         if cr is None or (cr.get("metadata") or {}).get("deletionTimestamp"):
+            record_phase(kind, namespace, name, None)
             return
         cr.setdefault("metadata", {}).setdefault("namespace", namespace)
         cr.setdefault("kind", kind)
         if not _in_flight(cr.get("status") or {}):
+            record_phase(kind, namespace, name, (cr.get("status") or {}).get("phase"))
             return
         plan = reconcile(cr, observe(kube, cr), options=options)
+        record_phase(kind, namespace, name, plan.status.get("phase") or (cr.get("status") or {}).get("phase"))
         for obj in plan.create:
             _, created = kube.create(obj)
             log.info("%s %s/%s: %s %s", kind, namespace, name,
@@ -206,7 +216,7 @@ def _on_service_change(name: str, namespace: str, **_: Any) -> None:
     notices when a referenced training job has succeeded."""
     from kubetune.operator.serving import reconcile_service_object
 
-    with _lock(SERVICE_KIND, namespace, name):
+    with _lock(SERVICE_KIND, namespace, name), timed_reconcile(SERVICE_KIND):
         reconcile_service_object(_state["kube"], namespace, name)
 
 

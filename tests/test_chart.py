@@ -372,10 +372,6 @@ def test_namespaced_rbac_needs_namespaces(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # the operator accepts what the chart passes it
 
-KNOWN_MISSING_FLAGS = ("--metrics-port",)
-"""Flags the chart passes that `kubetune operator` does not have yet (see the strict xfail below)."""
-
-
 def _operator_args(objects: list[dict[str, Any]]) -> list[str]:
     return one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
 
@@ -390,22 +386,21 @@ def test_operator_parses_the_chart_args(defaults: dict[str, Any], renders: dict[
     from kubetune.operator.cli import operator_environment
 
     for result in (defaults, *renders.values()):
-        args = [a for a in _operator_args(result["objects"]) if not a.startswith(KNOWN_MISSING_FLAGS)]
-        parsed = _parse(args)
+        parsed = _parse(_operator_args(result["objects"]))
         assert parsed.func.__name__ == "cmd_operator"
         env = operator_environment(parsed)
         assert env["KUBETUNE_TRAINER_IMAGE"].endswith("trainer:0.1.0")
-    webhook = _parse([a for a in _operator_args(renders["namespaced-values.yaml"]["objects"]) if not a.startswith(KNOWN_MISSING_FLAGS)])
+    webhook = _parse(_operator_args(renders["namespaced-values.yaml"]["objects"]))
     assert webhook.webhook_port == 9443 and webhook.webhook_cert == "/etc/kubetune/webhook/tls.crt"
     assert webhook.namespace == ["team-a", "team-b"] and webhook.peering == "kubetune"
 
 
-@pytest.mark.xfail(strict=True, reason="`kubetune operator` has no metrics endpoint yet (issue 7: operator metrics); "
-                   "the chart's metrics/ServiceMonitor toggle passes --metrics-port for when it does")
-def test_operator_parses_the_metrics_flag(renders: dict[str, dict[str, Any]]) -> None:
-    with pytest.raises(SystemExit):
-        _parse(_operator_args(renders["namespaced-values.yaml"]["objects"]))
-    pytest.fail("argparse refused --metrics-port")  # unreachable once the flag exists
+def test_operator_serves_metrics_on_the_port_the_chart_passes(renders: dict[str, dict[str, Any]]) -> None:
+    from kubetune.operator.cli import operator_environment
+
+    args = _operator_args(renders["namespaced-values.yaml"]["objects"])
+    port = next(a.split("=", 1)[1] for a in args if a.startswith("--metrics-port="))
+    assert operator_environment(_parse(args))["KUBETUNE_METRICS_PORT"] == port
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,6 +520,7 @@ async def _scenario(api: Any, cluster: Any, support: Any) -> None:
                 "gpusPerNode": 8,
                 "baseModelFrom": {"fineTuneJob": "rbac"},
                 "training": {
+                    "stage": "dpo",
                     "data": {"datasets": [{"path": "s3://data/prefs.jsonl"}]},
                     "output": {"path": "s3://outputs/rbac-dpo"},
                 },

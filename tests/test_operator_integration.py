@@ -287,7 +287,7 @@ async def test_alignment_job_waits_for_its_finetunejob(api: Api) -> None:
             "spec": {
                 "nodes": 1, "gpusPerNode": 8,
                 "baseModelFrom": {"fineTuneJob": "base"},
-                "training": {"model": {}, "data": {"datasets": [{"path": "s3://data/prefs.jsonl"}]},
+                "training": {"stage": "dpo", "model": {}, "data": {"datasets": [{"path": "s3://data/prefs.jsonl"}]},
                              "output": {"path": "s3://outputs/dpo"}},
             },
         })

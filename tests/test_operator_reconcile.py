@@ -177,6 +177,7 @@ def _alignment(**refs: Any) -> dict[str, Any]:
     cr = _cr(**refs)
     cr["kind"] = "AlignmentJob"
     cr["metadata"]["name"] = "dpo"
+    cr["spec"]["training"]["stage"] = "dpo"
     del cr["spec"]["training"]["model"]["path"]
     return cr
 

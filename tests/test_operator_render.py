@@ -209,6 +209,7 @@ def test_alignment_job_yaml_resolves_base_model_reference(tmp_path: Path) -> Non
     cr = _cr()
     cr["kind"] = "AlignmentJob"
     cr["metadata"]["name"] = "dpo"
+    cr["spec"]["training"]["stage"] = "dpo"
     cr["spec"]["baseModelFrom"] = {"fineTuneJob": "llama-sft"}
     del cr["spec"]["training"]["model"]["path"]
     objs = _by_kind(render_training(cr, references={"baseModelFrom": "s3://outputs/llama-sft"}))
