@@ -224,6 +224,13 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
     transformers.set_seed(spec.train.seed)
     precision = pick_precision(spec.train.precision)
     output_dir = session.local_dir
+    stage = stage_module(spec.stage)
+    # Optional stage hooks: `preflight(spec) -> spec` checks what only the stage knows about
+    # (reward functions import, reward/reference models exist) before anything is loaded;
+    # `load_model(spec, precision, tokenizer)` replaces the causal-LM loader (reward models);
+    # `sample_prompts(eval_rows, count)` finds prompts in the stage's own eval rows.
+    if hasattr(stage, "preflight"):
+        spec = stage.preflight(spec)
 
     # Inputs first: a wrong model or data location fails before any checkpoint is downloaded.
     tokenizer = load_tokenizer(spec.model, spec.storage)
@@ -231,7 +238,7 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
     log.info("chat template: %s", template)
     added_tokens = extend_tokenizer(spec, tokenizer) if spec.vocab.enabled else []
     data = build_datasets(spec, tokenizer)
-    model = load_model(spec, precision)
+    model = stage.load_model(spec, precision, tokenizer) if hasattr(stage, "load_model") else load_model(spec, precision)
     if added_tokens:
         resize_embeddings(model, len(tokenizer), spec.vocab.noiseStd, spec.train.seed)
         spec = with_trainable_embeddings(spec, model)
@@ -254,7 +261,7 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
     ctx = RunContext(spec=spec, model=model, tokenizer=tokenizer, data=data, training_args=args,
                      callbacks=[metrics, checkpoints, status, stop], optimizers=optimizers,
                      data_collator=counter)
-    trainer = stage_module(spec.stage).build_trainer(ctx)
+    trainer = stage.build_trainer(ctx)
     progress.update(status=status, trainer=trainer)
     resumed = public_location(spec, resume_from)
 
@@ -264,7 +271,8 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
                        "worldSize": args.world_size, "data": data.stats})
     deepspeed = spec.distributed.deepspeed
     # Generating on one rank needs the whole model there: not so with ZeRO-partitioned weights.
-    prompts = sample_prompts(data.eval, spec.logging.samples) if rank == 0 and deepspeed is None else []
+    find_prompts = getattr(stage, "sample_prompts", sample_prompts)
+    prompts = find_prompts(data.eval, spec.logging.samples) if rank == 0 and deepspeed is None else []
     stop.install()
     try:
         if resume_from is None:

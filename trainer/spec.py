@@ -18,13 +18,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Stage = Literal["pt", "sft"]
-"""Training stage. `pt`: continued pretraining on plain text; `sft`: instruction tuning."""
+Stage = Literal["pt", "sft", "rm", "dpo"]
+"""Training stage. `pt`: continued pretraining on plain text; `sft`: instruction tuning; `rm`: a
+reward model on preference pairs; `dpo`: direct preference optimisation (and its variants)."""
 
 Method = Literal["full", "freeze", "lora", "qlora", "galore"]
 """Which parameters are trained, and how."""
 
-DatasetFormat = Literal["auto", "text", "alpaca", "sharegpt", "lmflow"]
+DatasetFormat = Literal["auto", "text", "alpaca", "sharegpt", "lmflow", "preference", "hh", "unpaired"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 AttnImplementation = Literal["auto", "eager", "sdpa", "flash_attention_2"]
@@ -103,6 +104,16 @@ class ColumnMap(SpecModel):
     history: str | None = None
     messages: str | None = None
     tools: str | None = None
+    prompt: str | None = None
+    """Preference/RL data: the prompt (a string, or a list of turns)."""
+    chosen: str | None = None
+    """Preference data: the preferred answer (a string, a turn, or a list of turns)."""
+    rejected: str | None = None
+    """Preference data: the dispreferred answer."""
+    completion: str | None = None
+    """Unpaired preference data: the answer that `label` judges."""
+    label: str | None = None
+    """Unpaired preference data: true when `completion` is desirable."""
 
 
 class DatasetSpec(SpecModel):
@@ -112,7 +123,10 @@ class DatasetSpec(SpecModel):
     """A JSON/JSONL/Parquet/CSV file, a directory of them, an `s3://` URI, or a hub dataset id."""
     format: DatasetFormat = "auto"
     """`text` (plain text), `alpaca` (instruction/input/output), `sharegpt` (conversations),
-    `lmflow` (`{"type": "text_only"|"text2text", "instances": [...]}`); `auto` detects it."""
+    `lmflow` (`{"type": "text_only"|"text2text", "instances": [...]}`); preference data for `rm`/`dpo`:
+    `preference` (prompt or instruction/input or conversations, plus `chosen` and `rejected`),
+    `hh` (HH-RLHF: two whole dialogues `chosen`/`rejected` sharing a prefix), `unpaired`
+    (prompt, `completion`, boolean `label`); `auto` detects it."""
     split: str = "train"
     subset: str | None = None
     """Configuration name of a hub dataset."""
@@ -253,6 +267,26 @@ class VocabSpec(SpecModel):
         return bool(self.addTokens or self.tokensFile or self.trainCorpus)
 
 
+PreferenceLoss = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
+
+
+class DpoSpec(SpecModel):
+    """Preference optimisation for `stage: dpo` (TRL's DPOTrainer)."""
+
+    lossType: PreferenceLoss = "sigmoid"
+    """`sigmoid` (DPO), `ipo`, `hinge` (SLiC), `robust` (noisy labels, uses `labelSmoothing`),
+    `simpo` (reference-free: length-normalised log-likelihood margin minus `simpoGamma`)."""
+    beta: PositiveFloat = 0.1
+    """Strength of the implicit KL penalty (IPO: the regularisation tau). SimPO wants ~2."""
+    labelSmoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Assumed probability that a preference label is flipped (cDPO / robust DPO)."""
+    simpoGamma: float = Field(0.5, ge=0)
+    """SimPO's target reward margin gamma (`lossType: simpo` only)."""
+    referenceModel: str | None = None
+    """Reference policy (path or `s3://` URI). Default: the model being trained, as it starts; with
+    LoRA that is the base with adapters disabled, so no second copy is loaded."""
+
+
 class TrainSpec(SpecModel):
     """Optimisation hyper-parameters."""
 
@@ -384,6 +418,8 @@ class TrainingSpec(SpecModel):
     """S3 endpoint and transfer settings for `s3://` locations."""
     eval: EvalSpec | None = None
     """Evaluate the final model when training ends (off unless set)."""
+    dpo: DpoSpec = Field(default_factory=DpoSpec)
+    """Loss variant, beta and reference model, used when `stage` is `dpo`."""
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> TrainingSpec:
@@ -397,6 +433,8 @@ class TrainingSpec(SpecModel):
                 "galore.layerwise steps each layer during backward, so it cannot accumulate "
                 "gradients: set train.gradientAccumulation to 1 or galore.layerwise to false"
             )
+        if self.stage in ("rm", "dpo") and self.data.streaming:
+            raise ValueError(f"data.streaming is not supported for stage {self.stage}: set it to false")
         if self.data.streaming and (self.data.evalSize and not self.data.evalDatasets):
             raise ValueError(
                 "data.evalSize cannot split a streamed dataset: list data.evalDatasets instead"
@@ -406,6 +444,8 @@ class TrainingSpec(SpecModel):
     # Values derived from the spec live here so every consumer agrees on them.
     @property
     def packing_enabled(self) -> bool:
+        if self.stage not in ("pt", "sft"):
+            return False  # preference pairs and RL prompts are never packed
         return self.data.packing if self.data.packing is not None else self.stage == "pt"
 
     @property

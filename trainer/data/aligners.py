@@ -16,6 +16,7 @@ and a processor for its stage, without touching the existing ones.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -35,7 +36,16 @@ CHAT_FEATURES = Features(
         "text": Value("string"),
     }
 )
-"""Schema of the internal form every aligner produces."""
+"""Schema of the internal form every chat/text aligner produces."""
+
+MESSAGES = datasets.List({"role": Value("string"), "content": Value("string")})
+PREFERENCE_FEATURES = Features({"prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES, "tools": Value("string")})
+"""Internal form of pairwise preference data (`rm`, `dpo`): the prompt turns (ending with a user
+or tool turn), then the preferred and the dispreferred continuation (one or more turns, the first
+an assistant turn)."""
+UNPAIRED_FEATURES = Features({"prompt": MESSAGES, "completion": MESSAGES, "label": Value("bool"), "tools": Value("string")})
+"""Internal form of unpaired (KTO-style) preference data: one continuation and whether it is
+desirable."""
 
 SHAREGPT_ROLES = {
     "human": "user",
@@ -181,6 +191,20 @@ class AlpacaAligner(Aligner):
         return _chat(messages)
 
 
+def _turn(turn: Any) -> dict[str, str]:
+    """One ShareGPT (`from`/`value`) or OpenAI (`role`/`content`) turn -> an internal message."""
+    if not isinstance(turn, dict):
+        raise InvalidRow("each turn must be an object with from/value or role/content")
+    speaker = turn.get("from") if turn.get("from") is not None else turn.get("role")
+    if speaker is None:
+        raise InvalidRow("a turn has neither `from` nor `role`")
+    role = SHAREGPT_ROLES.get(str(speaker).lower())
+    if role is None:
+        raise InvalidRow(f"unknown speaker {speaker!r} (known: {', '.join(SHAREGPT_ROLES)})")
+    content = turn.get("value") if turn.get("value") is not None else turn.get("content")
+    return {"role": role, "content": _text(content)}
+
+
 class ShareGPTAligner(Aligner):
     """`{"conversations": [{"from": "human", "value": ...}, ...], "system"?, "tools"?}`, also with
     `role`/`content` keys (OpenAI messages) and a `messages` column."""
@@ -198,18 +222,7 @@ class ShareGPTAligner(Aligner):
                 raise InvalidRow(f"column {cols['messages']!r} is a string, not a list of turns") from None
         if not isinstance(turns, list) or not turns:
             raise InvalidRow(f"column {cols['messages']!r} must be a non-empty list of turns")
-        messages = []
-        for turn in turns:
-            if not isinstance(turn, dict):
-                raise InvalidRow("each turn must be an object with from/value or role/content")
-            speaker = turn.get("from") if turn.get("from") is not None else turn.get("role")
-            if speaker is None:
-                raise InvalidRow("a turn has neither `from` nor `role`")
-            role = SHAREGPT_ROLES.get(str(speaker).lower())
-            if role is None:
-                raise InvalidRow(f"unknown speaker {speaker!r} (known: {', '.join(SHAREGPT_ROLES)})")
-            content = turn.get("value") if turn.get("value") is not None else turn.get("content")
-            messages.append({"role": role, "content": _text(content)})
+        messages = [_turn(turn) for turn in turns]
         system = _text(row.get(cols["system"])) if cols.get("system") else ""
         if system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
@@ -258,17 +271,195 @@ class LMFlowAligner(Aligner):
         )
 
 
+# --- Preference data (rm, dpo) -------------------------------------------------------------------
+
+HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant|System):[ \t]?")
+HH_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
+
+
+def _maybe_json_turns(value: Any) -> Any:
+    """Turns stored as a JSON string (CSV/Parquet exports) are decoded; other strings stay text."""
+    if isinstance(value, str) and value.strip().startswith(("[", "{")):
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            return value
+        if isinstance(decoded, dict) or (isinstance(decoded, list) and decoded and all(isinstance(t, dict) for t in decoded)):
+            return decoded
+    return value
+
+
+def _turns(value: Any, default_role: str, what: str) -> list[dict[str, str]]:
+    """A cell holding a string (one turn of `default_role`), a turn object, or a list of turns."""
+    value = _maybe_json_turns(value)
+    if isinstance(value, str):
+        if not value.strip():
+            raise InvalidRow(f"`{what}` is empty")
+        return [{"role": default_role, "content": value}]
+    if isinstance(value, dict):
+        return [_turn(value)]
+    if isinstance(value, list) and value:
+        return [_turn(turn) for turn in value]
+    raise InvalidRow(f"`{what}` must be a string, a turn or a non-empty list of turns, got {type(value).__name__}")
+
+
+def _prompt_turns(row: dict[str, Any], cols: dict[str, str | None]) -> list[dict[str, str]]:
+    """The prompt of a preference row: a string (plus `input` on a new line) or a list of turns,
+    with an optional `system` column; it must not end with an assistant turn."""
+    value = _maybe_json_turns(row.get(cols["prompt"]) if cols.get("prompt") else None)
+    extra = _text(row.get(cols["input"])) if cols.get("input") else ""
+    if isinstance(value, str):
+        text = "\n".join(part for part in (value, extra) if part)
+        if not text.strip():
+            raise InvalidRow("the prompt is empty")
+        messages = [{"role": "user", "content": text}]
+    else:
+        messages = _turns(value, "user", cols.get("prompt") or "prompt")
+    system = _text(row.get(cols["system"])) if cols.get("system") else ""
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    if messages[-1]["role"] == "assistant":
+        raise InvalidRow("the prompt ends with an assistant turn (the answers belong in chosen/rejected)")
+    return messages
+
+
+def _answer(value: Any, what: str) -> list[dict[str, str]]:
+    turns = _turns(value, "assistant", what)
+    if turns[0]["role"] != "assistant":
+        raise InvalidRow(f"`{what}` must start with an assistant turn, not {turns[0]['role']!r}")
+    return turns
+
+
+def parse_hh(text: str) -> list[dict[str, str]]:
+    """An HH-RLHF transcript (`\\n\\nHuman: ...\\n\\nAssistant: ...`) -> turns."""
+    parts = HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise InvalidRow("an HH-RLHF dialogue must be `Human: ...` / `Assistant: ...` turns")
+    return [{"role": HH_ROLES[speaker], "content": content.strip()} for speaker, content in zip(parts[1::2], parts[2::2], strict=True)]
+
+
+class PreferenceAligner(Aligner):
+    """Pairwise preferences: `{"prompt"|"instruction"(+"input")|"conversations", "chosen",
+    "rejected", "system"?}`. The prompt is a string or a list of ShareGPT/OpenAI turns; `chosen`
+    and `rejected` are strings (one assistant answer), turn objects or lists of turns
+    (LlamaFactory's sharegpt ranking format, TRL's conversational format)."""
+
+    name = "preference"
+    defaults = {
+        "prompt": ("prompt", "instruction", "question", "conversations", "messages"),
+        "input": ("input",),
+        "system": ("system",),
+        "chosen": ("chosen",),
+        "rejected": ("rejected",),
+        "tools": ("tools",),
+    }
+    required = ("prompt", "chosen", "rejected")
+    features = PREFERENCE_FEATURES
+
+    def align_row(self, row: dict[str, Any], cols: dict[str, str | None]) -> dict[str, Any]:
+        prompt = _prompt_turns(row, cols)
+        chosen = _answer(row.get(cols["chosen"]), "chosen")
+        rejected = _answer(row.get(cols["rejected"]), "rejected")
+        tools = _tools(row.get(cols["tools"])) if cols.get("tools") else None
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": tools}
+
+
+class HHAligner(Aligner):
+    """HH-RLHF style: `{"chosen": dialogue, "rejected": dialogue}`, two whole conversations that
+    share a prefix (Anthropic's `\\n\\nHuman:`/`\\n\\nAssistant:` transcripts, or lists of turns, i.e.
+    TRL's implicit-prompt format). The shared turns become the prompt; the answers start at the
+    first assistant turn where the two differ."""
+
+    name = "hh"
+    defaults = {"chosen": ("chosen",), "rejected": ("rejected",), "tools": ("tools",)}
+    required = ("chosen", "rejected")
+    features = PREFERENCE_FEATURES
+
+    @staticmethod
+    def _dialogue(value: Any, what: str) -> list[dict[str, str]]:
+        value = _maybe_json_turns(value)
+        if isinstance(value, str) and HH_TURN.search(value):
+            return parse_hh(value)
+        return _turns(value, "assistant", what)
+
+    def align_row(self, row: dict[str, Any], cols: dict[str, str | None]) -> dict[str, Any]:
+        chosen = self._dialogue(row.get(cols["chosen"]), "chosen")
+        rejected = self._dialogue(row.get(cols["rejected"]), "rejected")
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        split = min(shared, len(chosen) - 1, len(rejected) - 1)
+        while split > 0 and not (chosen[split]["role"] == rejected[split]["role"] == "assistant"):
+            split -= 1
+        if split == 0 or chosen[split:] == rejected[split:]:
+            raise InvalidRow("the two dialogues share no prompt, or do not differ in an assistant turn")
+        tools = _tools(row.get(cols["tools"])) if cols.get("tools") else None
+        return {"prompt": chosen[:split], "chosen": chosen[split:], "rejected": rejected[split:], "tools": tools}
+
+
+class UnpairedAligner(Aligner):
+    """Unpaired (KTO-style) preferences: `{"prompt", "completion", "label": bool}`."""
+
+    name = "unpaired"
+    defaults = {
+        "prompt": ("prompt", "instruction", "question", "conversations", "messages"),
+        "input": ("input",),
+        "system": ("system",),
+        "completion": ("completion", "response", "output"),
+        "label": ("label", "kto_tag"),
+        "tools": ("tools",),
+    }
+    required = ("prompt", "completion", "label")
+    features = UNPAIRED_FEATURES
+
+    def align_row(self, row: dict[str, Any], cols: dict[str, str | None]) -> dict[str, Any]:
+        label = row.get(cols["label"])
+        if isinstance(label, str) and label.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            label = label.strip().lower() in ("true", "1", "yes")
+        if not isinstance(label, bool | int) or (isinstance(label, int) and label not in (0, 1)):
+            raise InvalidRow(f"`label` must be a boolean, got {label!r}")
+        return {
+            "prompt": _prompt_turns(row, cols),
+            "completion": _answer(row.get(cols["completion"]), "completion"),
+            "label": bool(label),
+            "tools": _tools(row.get(cols["tools"])) if cols.get("tools") else None,
+        }
+
+
 ALIGNERS: dict[str, Aligner] = {
     a.name: a for a in (LMFlowAligner(), ShareGPTAligner(), AlpacaAligner(), TextAligner())
 }
-"""Known formats; `format: auto` tries them in this order (most specific first)."""
+"""Chat/text formats; `format: auto` tries them in this order (most specific first)."""
+
+PREFERENCE_ALIGNERS: dict[str, Aligner] = {a.name: a for a in (PreferenceAligner(), HHAligner())}
+"""Pairwise preference formats (stages rm, dpo), in `auto` order."""
+UNPAIRED_ALIGNERS: dict[str, Aligner] = {a.name: a for a in (UnpairedAligner(),)}
+
+DATA_KINDS: dict[str, dict[str, Aligner]] = {
+    "chat": ALIGNERS,
+    "pairwise": PREFERENCE_ALIGNERS,
+    "unpaired": UNPAIRED_ALIGNERS,
+}
+"""What a stage trains on -> the formats that can provide it."""
+KIND_NEEDS = {
+    "pairwise": "pairwise preference data: `chosen` and `rejected` answers plus a prompt "
+    "(`prompt`/`instruction`/`conversations`) — format `preference` — or two whole dialogues "
+    "`chosen`/`rejected` — format `hh`",
+    "unpaired": "unpaired preference data: `prompt`, `completion` and a boolean `label` (format `unpaired`)",
+}
 
 
-def detect_format(source: LoadedSource, columns: ColumnMap, *, field: str) -> str:
+def detect_format(source: LoadedSource, columns: ColumnMap, *, field: str, kind: str = "chat") -> str:
     """The first format whose columns are present, or a SpecError listing what was found."""
-    for name, aligner in ALIGNERS.items():
+    for name, aligner in DATA_KINDS[kind].items():
         if aligner.detect(source, columns):
             return name
+    if kind != "chat":
+        raise SpecError(
+            f"{field}.format",
+            f"this stage needs {KIND_NEEDS[kind]}, but the data has columns {sorted(source.columns)}.",
+            "add the missing column(s), or map your column names with `columns` (e.g. columns.rejected).",
+        )
     raise SpecError(
         f"{field}.format",
         f"cannot detect the format of data with columns {sorted(source.columns)}.",
@@ -317,16 +508,25 @@ def _row_fn(aligner: Aligner, cols: dict[str, str | None]) -> Callable[[dict[str
 
 
 def align_source(
-    source: LoadedSource, spec: DatasetSpec, *, field: str
+    source: LoadedSource, spec: DatasetSpec, *, field: str, kind: str = "chat"
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, dict[str, Any]]:
     """Align one loaded source; returns the internal-form dataset and its stats.
 
-    Rows that do not fit the format are skipped and counted (`invalid`), but the first row must
-    fit: a format that does not match the data at all is a spec error, not a silent empty set.
+    `kind` is what the stage trains on (`chat`, `pairwise`, `unpaired`); only formats of that kind
+    are accepted. Rows that do not fit the format are skipped and counted (`invalid`), but the
+    first row must fit: a format that does not match the data at all is a spec error, not a
+    silent empty set.
     """
     _check_column_map(source, spec.columns, field=field)
-    name = detect_format(source, spec.columns, field=field) if spec.format == "auto" else spec.format
-    aligner = ALIGNERS[name]
+    name = detect_format(source, spec.columns, field=field, kind=kind) if spec.format == "auto" else spec.format
+    if name not in DATA_KINDS[kind]:
+        wanted = KIND_NEEDS.get(kind, "conversations or text (formats " + ", ".join(ALIGNERS) + ")")
+        raise SpecError(
+            f"{field}.format",
+            f"format {name!r} does not fit this stage, which needs {wanted}.",
+            f"use one of: {', '.join(DATA_KINDS[kind])} (or auto).",
+        )
+    aligner = DATA_KINDS[kind][name]
     cols = aligner.resolve(source, spec.columns, field=field)
     try:
         aligner.align_row(source.first_row, cols)
@@ -359,6 +559,8 @@ def align_source(
                 "fix the data or `format`.",
             )
     else:
+        if kind != "chat":
+            raise SpecError("data.streaming", "preference data cannot be streamed.", "set data.streaming: false.")
         data = data.map(_row_fn(aligner, cols)).select_columns(list(aligner.features))
         data = data.cast(aligner.features).filter(
             lambda row: bool(row["messages"]) or row["text"] is not None

@@ -20,7 +20,14 @@ import pyarrow.compute as pc
 from kubetune.trainer.data.aligners import align_source
 from kubetune.trainer.data.loader import load_source
 from kubetune.trainer.data.packing import pack_concat, pack_greedy
-from kubetune.trainer.data.processors import IGNORE_INDEX, PROCESSORS, ProcessorConfig, check_template
+from kubetune.trainer.data.processors import (
+    IGNORE_INDEX,
+    LM_STAGES,
+    PROCESSORS,
+    STAGE_DATA,
+    ProcessorConfig,
+    check_template,
+)
 from kubetune.trainer.data.templates import apply_template
 from kubetune.trainer.errors import SpecError
 from kubetune.trainer.spec import DatasetSpec, TrainingSpec
@@ -112,7 +119,7 @@ def _load_all(
     for index, source in enumerate(sources):
         where = f"{prefix}[{index}]"
         raw = load_source(source, field=where, streaming=spec.data.streaming, storage=spec.storage)
-        aligned, info = align_source(raw, source, field=where)
+        aligned, info = align_source(raw, source, field=where, kind=STAGE_DATA[spec.stage])
         loaded.append(aligned)
         stats.append(info)
     return loaded, stats
@@ -203,6 +210,8 @@ def tokenize(
         max_length=spec.data.maxLength, mask_prompt=spec.data.maskPrompt, extra={"packing": packing}
     )
     processor = PROCESSORS[spec.stage](tokenizer, cfg)
+    if spec.stage not in LM_STAGES:
+        return _tokenize_rows(ds, spec, processor, cfg, tokenizer, is_eval=is_eval, num_proc=num_proc)
     if spec.stage == "pt":
         packer = pack_concat(spec.data.maxLength, drop_tail=not is_eval)
     else:
@@ -270,4 +279,36 @@ def tokenize(
         stats["packedRows"] = len(ds)
         packed_labels = pc.list_flatten(ds.data.column("labels")) if len(ds) else labels[:0]
         stats["packedTokens"] = len(packed_labels)
+    return ds, stats
+
+
+def _tokenize_rows(
+    ds: AnyDataset, spec: TrainingSpec, processor: Any, cfg: ProcessorConfig, tokenizer: Any, *, is_eval: bool,
+    num_proc: int | None,
+) -> tuple[AnyDataset, dict[str, Any]]:
+    """Tokenization for the stages with their own columns (preference pairs, RL prompts)."""
+    name = "eval" if is_eval else "train"
+    assert isinstance(ds, datasets.Dataset)  # streaming is refused for these stages by the spec
+    check_template(tokenizer, ds.select(range(min(len(ds), TEMPLATE_CHECK_ROWS))))
+    before = len(ds)
+    ds = ds.map(
+        processor,
+        batched=True,
+        batch_size=BATCH_SIZE,
+        remove_columns=ds.column_names,
+        num_proc=num_proc if num_proc and before >= MIN_ROWS_PER_PROC else None,
+        keep_in_memory=True,
+        new_fingerprint=_fingerprint(ds._fingerprint, "tokenize", spec.stage, cfg, tokenizer.chat_template),
+        desc=f"Tokenizing {name}",
+    )
+    truncated = int(pc.sum(ds.data.column("truncated")).as_py() or 0) if len(ds) else 0
+    ds = ds.remove_columns(["truncated"])
+    stats: dict[str, Any] = {"examples": len(ds), "dropped": before - len(ds), "truncated": truncated}
+    if len(ds) == 0:
+        raise SpecError(
+            "data.evalDatasets" if is_eval and spec.data.evalDatasets else "data.datasets",
+            f"every {name} example was dropped after templating ({before} rows): preference pairs need "
+            "two different non-empty answers, prompts a user turn.",
+            "check the data.",
+        )
     return ds, stats

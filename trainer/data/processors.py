@@ -281,11 +281,12 @@ def check_template(tokenizer: Any, rows: Iterable[dict[str, Any]], *, field: str
     that fail are dropped and counted."""
     renderer = None
     for row in rows:
-        if not row["messages"]:
+        messages = first_conversation(row)
+        if not messages:
             continue
         renderer = renderer or ChatRenderer(tokenizer)
         try:
-            renderer.spans(row["messages"], row["tools"])
+            renderer.spans(messages, row["tools"])
         except Exception as exc:
             raise SpecError(
                 field,
@@ -295,5 +296,148 @@ def check_template(tokenizer: Any, rows: Iterable[dict[str, Any]], *, field: str
         return
 
 
-PROCESSORS: dict[str, type[Processor]] = {"pt": PretrainProcessor, "sft": SupervisedProcessor}
+def split_prompt(renderer: ChatRenderer, prompt: list[dict[str, str]], answer: list[dict[str, str]], tools: Any) -> tuple[str, str]:
+    """(prompt text, answer text) of a conversation: the prompt exactly as inference renders it
+    (generation prompt included), the answer the rest of the rendered conversation (through its
+    end-of-turn/eos). Falls back to the common prefix for templates that are not prefix-stable."""
+    prompt_text = renderer.render(prompt, tools, add_generation_prompt=True)
+    full = renderer.render_conversation(prompt + answer, tools)
+    cut = len(prompt_text) if full.startswith(prompt_text) else _common_prefix(prompt_text, full)
+    return full[:cut], full[cut:]
+
+
+def fit_pair(prompt: list[int], answers: list[list[int]], cfg: ProcessorConfig, bos_id: int | None) -> tuple[list[int], list[list[int]], bool]:
+    """Fit prompt + the longest answer into `max_length`: answers keep at least
+    `min_response_share` of it (cut at the end), the prompt keeps its last tokens (after bos)."""
+    limit = cfg.max_length
+    longest = max(len(a) for a in answers)
+    if len(prompt) + longest <= limit:
+        return prompt, answers, False
+    keep_answer = min(longest, max(limit - len(prompt), int(limit * cfg.min_response_share)))
+    keep_prompt = limit - keep_answer
+    head = 1 if bos_id is not None and prompt and prompt[0] == bos_id and keep_prompt > 1 else 0
+    prompt = prompt[:head] + prompt[len(prompt) - (keep_prompt - head):] if keep_prompt > head else prompt[:keep_prompt]
+    return prompt, [a[:keep_answer] for a in answers], True
+
+
+class PairwiseProcessor(Processor):
+    """`rm`/`dpo`: a preference pair -> `prompt_ids`, `chosen_ids`, `rejected_ids` (the answers
+    without the prompt). Prompt and answers are tokenized separately, like the SFT masking, so
+    the prompt tokens are exactly the ones inference produces. Pairs whose answers are identical
+    or empty after templating are dropped."""
+
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        tok = self.tokenizer
+        renderer = ChatRenderer(tok)
+        texts: list[tuple[str, str, str]] = []
+        for prompt, chosen, rejected, tools in zip(batch["prompt"], batch["chosen"], batch["rejected"], batch["tools"], strict=True):
+            tools_value = renderer.parse_tools(tools)
+            try:
+                prompt_text, chosen_text = split_prompt(renderer, prompt, chosen, tools_value)
+                _, rejected_text = split_prompt(renderer, prompt, rejected, tools_value)
+            except Exception:  # the template rejects this conversation: dropped and counted
+                continue
+            if chosen_text.strip() and rejected_text.strip() and chosen_text != rejected_text:
+                texts.append((prompt_text, chosen_text, rejected_text))
+        flat = [t for triple in texts for t in triple]
+        encoded = tok(flat, add_special_tokens=False, verbose=False)["input_ids"] if flat else []
+        out: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "truncated": []}
+        for i in range(len(texts)):
+            prompt_ids, (chosen_ids, rejected_ids), truncated = fit_pair(
+                encoded[3 * i], [encoded[3 * i + 1], encoded[3 * i + 2]], self.cfg, tok.bos_token_id
+            )
+            out["prompt_ids"].append(prompt_ids)
+            out["chosen_ids"].append(chosen_ids)
+            out["rejected_ids"].append(rejected_ids)
+            out["truncated"].append(truncated)
+        return out
+
+
+class UnpairedProcessor(Processor):
+    """Unpaired preferences -> `prompt_ids`, `completion_ids`, `label`."""
+
+    columns = ("prompt_ids", "completion_ids", "label")
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        tok = self.tokenizer
+        renderer = ChatRenderer(tok)
+        out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "label": [], "truncated": []}
+        for prompt, completion, label, tools in zip(batch["prompt"], batch["completion"], batch["label"], batch["tools"], strict=True):
+            try:
+                prompt_text, completion_text = split_prompt(renderer, prompt, completion, renderer.parse_tools(tools))
+            except Exception:
+                continue
+            if not completion_text.strip():
+                continue
+            ids = tok([prompt_text, completion_text], add_special_tokens=False, verbose=False)["input_ids"]
+            prompt_ids, (completion_ids,), truncated = fit_pair(ids[0], [ids[1]], self.cfg, tok.bos_token_id)
+            out["prompt_ids"].append(prompt_ids)
+            out["completion_ids"].append(completion_ids)
+            out["label"].append(bool(label))
+            out["truncated"].append(truncated)
+        return out
+
+
+class PromptProcessor(Processor):
+    """For generating stages (RAFT/GRPO, not wired to a stage yet): conversations -> prompts to generate from. The prompt is everything before
+    the last assistant turn (or the whole conversation when it ends with a user turn); that turn's
+    text is kept as `reference` for reward functions. Outputs `prompt` (the rendered text, with the
+    generation prompt), `prompt_ids`, `prompt_messages` (JSON) and `reference`."""
+
+    columns = ("prompt", "prompt_ids", "prompt_messages", "reference")
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        tok = self.tokenizer
+        renderer = ChatRenderer(tok)
+        out: dict[str, list] = {name: [] for name in (*self.columns, "truncated")}
+        for messages, tools in zip(batch["messages"], batch["tools"], strict=True):
+            if not messages:
+                continue  # plain text has no prompt to answer
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            if last is None:
+                prompt, reference = list(messages), None
+            else:
+                prompt, reference = messages[:last], messages[last]["content"]
+            if not prompt or prompt[-1]["role"] == "assistant":
+                continue
+            try:
+                text = renderer.render(prompt, renderer.parse_tools(tools), add_generation_prompt=True)
+            except Exception:
+                continue
+            ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+            truncated = len(ids) > self.cfg.max_length
+            if truncated:  # keep the end of the prompt: the question and the assistant header
+                ids = ids[len(ids) - self.cfg.max_length:]
+                text = tok.decode(ids)
+            out["prompt"].append(text)
+            out["prompt_ids"].append(ids)
+            out["prompt_messages"].append(json.dumps(prompt, ensure_ascii=False))
+            out["reference"].append(reference)
+            out["truncated"].append(truncated)
+        return out
+
+
+PROCESSORS: dict[str, type[Processor]] = {
+    "pt": PretrainProcessor,
+    "sft": SupervisedProcessor,
+    "rm": PairwiseProcessor,
+    "dpo": PairwiseProcessor,
+}
 """Stage -> processor class."""
+
+STAGE_DATA: dict[str, str] = {"pt": "chat", "sft": "chat", "rm": "pairwise", "dpo": "pairwise"}
+"""Stage -> the kind of data it trains on (`chat`, `pairwise`, `unpaired`; see aligners.DATA_KINDS)."""
+LM_STAGES = ("pt", "sft")
+"""Stages whose rows are `input_ids`/`labels` (packed or not); the others have their own columns."""
+
+
+def first_conversation(row: dict[str, Any]) -> list[dict[str, str]] | None:
+    """The conversation of an internal-form row of any kind, for checking the template on."""
+    if row.get("messages"):
+        return row["messages"]
+    if row.get("prompt"):
+        answer = row.get("chosen") or row.get("completion") or []
+        return list(row["prompt"]) + list(answer)
+    return None

@@ -1,0 +1,128 @@
+"""Alignment stages end to end on the tiny model: rm learns the synthetic preference task, dpo
+(and reference-free SimPO) move a SFT model towards the chosen answers, LoRA dpo uses the base
+with adapters disabled as its reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kubetune.trainer.data.demo_preferences import demo_preferences
+from kubetune.trainer.runner import run
+from kubetune.trainer.specfile import validate_training
+
+from .test_train import DEMO, read_metrics
+
+pytestmark = pytest.mark.slow
+
+HELD_OUT = 40
+
+
+@pytest.fixture(scope="session")
+def preference_files(tmp_path_factory) -> tuple[Path, Path]:
+    """The demo preference pairs, split once into train and held-out files."""
+    rows = demo_preferences()
+    directory = tmp_path_factory.mktemp("prefs")
+    train, held_out = directory / "train.jsonl", directory / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[HELD_OUT:]))
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows[:HELD_OUT]))
+    return train, held_out
+
+
+@pytest.fixture(scope="session")
+def sft_model(tmp_path_factory) -> Path:
+    """A few dozen SFT steps on the demo task: the policy the alignment stages start from."""
+    out = tmp_path_factory.mktemp("sft") / "out"
+    spec = {"name": "sft", "model": {"path": "builtin:tiny-llama"}, "method": "full",
+            "data": {"datasets": [{"path": DEMO, "format": "alpaca"}], "maxLength": 48},
+            "train": {"maxSteps": 40, "batchSize": 16, "learningRate": 3e-3},
+            "checkpoint": {"everySteps": 1000}, "logging": {"everySteps": 10, "samples": 0}, "output": {"path": str(out)}}
+    run(validate_training(spec))
+    return out
+
+
+def stage_spec(stage: str, model: Path, files: tuple[Path, Path], out: Path, **blocks) -> dict:
+    spec = {"name": stage, "stage": stage, "model": {"path": str(model)}, "method": "full",
+            "data": {"datasets": [{"path": str(files[0])}], "evalDatasets": [{"path": str(files[1])}], "maxLength": 48},
+            "train": {"maxSteps": 20, "batchSize": 16, "learningRate": 2e-4},
+            "checkpoint": {"everySteps": 1000}, "logging": {"everySteps": 5, "samples": 2}, "output": {"path": str(out)}}
+    for key, value in blocks.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return spec
+
+
+def preference_stats(model_dir: Path, pairs_file: Path) -> tuple[float, float]:
+    """(mean of log p(chosen) - log p(rejected), share of pairs where chosen is likelier) on held-out pairs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kubetune.trainer.data.aligners import PreferenceAligner
+    from kubetune.trainer.data.processors import PairwiseProcessor, ProcessorConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    aligner = PreferenceAligner()
+    rows = [aligner.align_row(json.loads(line), {"prompt": "instruction", "input": None, "system": None, "chosen": "chosen",
+                                                  "rejected": "rejected", "tools": None})
+            for line in pairs_file.read_text().splitlines()]
+    tokens = PairwiseProcessor(tokenizer, ProcessorConfig(max_length=64))({k: [r[k] for r in rows] for k in rows[0]})
+
+    def logp(prompt: list[int], answer: list[int]) -> float:
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1:-1]
+        return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(answer)[:, None]).sum())
+
+    margins = [logp(p, c) - logp(p, r) for p, c, r in zip(tokens["prompt_ids"], tokens["chosen_ids"], tokens["rejected_ids"], strict=True)]
+    return sum(margins) / len(margins), sum(m > 0 for m in margins) / len(margins)
+
+
+def test_reward_model_ranks_held_out_pairs(tmp_path, sft_model, preference_files):
+    from transformers import AutoModelForSequenceClassification
+
+    spec = stage_spec("rm", sft_model, preference_files, tmp_path / "rm",
+                      train={"maxSteps": 300, "learningRate": 1e-3, "evalEverySteps": 150}, logging={"samples": 0})
+    result = run(validate_training(spec))
+    evals = [r for r in read_metrics(result.output_dir) if "eval_accuracy" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 300
+    assert evals[-1]["eval_accuracy"] >= 0.9, evals
+    assert evals[-1]["eval_margin"] > evals[0]["eval_margin"]
+    model = AutoModelForSequenceClassification.from_pretrained(result.output_dir)  # loadable by path
+    assert model.config.num_labels == 1
+    assert json.loads((result.output_dir / "status.json").read_text())["phase"] == "Succeeded"
+
+
+@pytest.mark.parametrize(("loss", "blocks"), [
+    ("sigmoid", {"dpo": {"lossType": "sigmoid", "beta": 0.1}}),
+    ("simpo", {"dpo": {"lossType": "simpo", "beta": 2.0, "simpoGamma": 0.5}}),
+])
+def test_dpo_prefers_chosen_more_than_the_sft_model(tmp_path, sft_model, preference_files, loss, blocks):
+    before_margin, before_rate = preference_stats(sft_model, preference_files[1])
+    result = run(validate_training(stage_spec("dpo", sft_model, preference_files, tmp_path / loss,
+                                              train={"maxSteps": 60, "learningRate": 1e-3}, **blocks)))
+    after_margin, after_rate = preference_stats(result.output_dir, preference_files[1])
+    assert after_margin > before_margin + 1.0, (before_margin, after_margin)
+    assert after_rate >= before_rate + 0.1, (before_rate, after_rate)
+    records = read_metrics(result.output_dir)
+    assert any("eval_rewards/accuracies" in r for r in records)
+    assert any(r.get("when") == "after" for r in map(json.loads, (result.output_dir / "samples.jsonl").read_text().splitlines()))
+
+
+def test_lora_dpo_uses_the_base_with_adapters_disabled(tmp_path, sft_model, preference_files, monkeypatch):
+    from safetensors.torch import load_file
+
+    from kubetune.trainer.stages import dpo
+
+    built = []
+    original = dpo.build_trainer
+    monkeypatch.setattr(dpo, "build_trainer", lambda ctx: built.append(original(ctx)) or built[-1])
+    spec = stage_spec("dpo", sft_model, preference_files, tmp_path / "lora", method="lora", lora={"rank": 4},
+                      train={"maxSteps": 6, "learningRate": 1e-3}, logging={"samples": 0})
+    result = run(validate_training(spec))
+    trainer = built[0]
+    assert trainer.ref_model is None and list(trainer.model.peft_config) == ["default"]  # no model or adapter copy
+    adapter = load_file(str(result.output_dir / "adapter_model.safetensors"))
+    assert adapter and all(".ref." not in name for name in adapter)
+    assert not (result.output_dir / "model.safetensors").exists()
