@@ -87,3 +87,20 @@ def test_export_rejects_a_directory_without_an_adapter(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["export", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_vocabulary_from_a_trained_corpus_adds_domain_words(tmp_path, tiny_model_dir):
+    from kubetune.trainer.models.vocab import extend_tokenizer
+
+    corpus = tmp_path / "domain.txt"
+    words = ["kubernetesoperator", "finetunejob", "inferenceservice"]
+    corpus.write_text("\n".join(f"the {w} reconciles the {w} again and again" for w in words * 30))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    before = len(tokenizer)
+    spec = validate_training({"model": {"path": "builtin:tiny-llama"}, "data": {"datasets": [{"path": "x.jsonl"}]},
+                              "vocab": {"trainCorpus": [str(corpus)], "trainVocabSize": 400}})
+    added = extend_tokenizer(spec, tokenizer)
+    assert set(words) <= set(added), added
+    assert len(tokenizer) == before + len(added)
+    for word in words:
+        assert len(tokenizer.encode(word, add_special_tokens=False)) == 1

@@ -131,3 +131,19 @@ def test_local_paths_unchanged(tmp_path: Path) -> None:
     assert list(iter_jsonl(str(tmp_path))) == [{"a": 1}]
     with pytest.raises(SpecError, match="does not exist"):
         localize(str(tmp_path / "nope"), None, field="f")
+
+
+def test_streamed_s3_dataset_feeds_the_data_pipeline_without_downloading(s3: S3Env) -> None:
+    from kubetune.trainer.data.loader import load_source
+    from kubetune.trainer.spec import DatasetSpec
+
+    rows = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(1200)]
+    s3.put("big/part-0.jsonl", "".join(json.dumps(r) + "\n" for r in rows[:600]))
+    s3.put("big/part-1.jsonl", "".join(json.dumps(r) + "\n" for r in rows[600:]))
+    loaded = load_source(DatasetSpec(path=s3.uri("big/")), field="data.datasets[0]", streaming=True, storage=s3.settings())
+    assert loaded.columns == ["instruction", "output"]
+    assert list(loaded.dataset) == rows
+    assert not (s3.cache / "s3").exists()  # read with ranged GETs; nothing was downloaded into the cache
+    with pytest.raises(SpecError, match="no JSONL or Parquet rows"):
+        s3.put("empty/readme.txt", "nothing here")
+        load_source(DatasetSpec(path=s3.uri("empty/")), field="data.datasets[1]", streaming=True, storage=s3.settings())

@@ -57,7 +57,9 @@ def load_source(
     source: DatasetSpec, *, field: str, streaming: bool = False, storage: StorageSpec | None = None
 ) -> LoadedSource:
     """Load one dataset source; `field` is its spec location, e.g. `data.datasets[0]`."""
-    if is_local(source.path):
+    if streaming and source.path.startswith("s3://"):
+        loaded = _stream_s3(source.path, field=field, storage=storage)
+    elif is_local(source.path):
         location = source.path[len("file://") :] if source.path.startswith("file://") else source.path
         local = localize(location, storage, field=f"{field}.path")
         loaded = _load_local(local, field=field, streaming=streaming)
@@ -240,6 +242,31 @@ def _lmflow_type(types: set[str | None], field: str) -> str | None:
             f"{field}.path", f"unsupported LMFlow type {kind!r}.", f"use one of {', '.join(LMFLOW_TYPES)}."
         )
     return kind
+
+
+def _s3_rows(location: str, field: str, storage: StorageSpec | None) -> Iterator[dict[str, Any]]:
+    """Rows of every JSONL/Parquet object under `location`, read with ranged GETs (no download)."""
+    from kubetune.trainer.storage.stream import iter_jsonl, iter_parquet_batches
+    from kubetune.trainer.storage.stream import list_files as list_objects
+
+    for uri in list_objects(location, storage, field=f"{field}.path", suffixes=(".jsonl", ".parquet")):
+        if uri.endswith(".parquet"):
+            for batch in iter_parquet_batches(uri, storage, field=f"{field}.path"):
+                yield from batch.to_pylist()
+        else:
+            yield from iter_jsonl(uri, storage, field=f"{field}.path")
+
+
+def _stream_s3(location: str, *, field: str, storage: StorageSpec | None) -> LoadedSource:
+    """`data.streaming` on an `s3://` JSONL/Parquet source: rows stream from S3, nothing is cached."""
+    first = next(_s3_rows(location, field, storage), None)
+    if first is None:
+        raise SpecError(f"{field}.path", f"{location!r} holds no JSONL or Parquet rows to stream.",
+                        "point it at .jsonl/.parquet objects (other formats: turn streaming off to download them).")
+    dataset = datasets.IterableDataset.from_generator(
+        _s3_rows, gen_kwargs={"location": location, "field": field, "storage": storage}
+    )
+    return LoadedSource(dataset, list(first), first, None)
 
 
 def _load_local(path: Path, *, field: str, streaming: bool) -> LoadedSource:
