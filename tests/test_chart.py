@@ -392,6 +392,7 @@ def test_operator_parses_the_chart_args(defaults: dict[str, Any], renders: dict[
         assert env["KUBETUNE_TRAINER_IMAGE"].endswith("trainer:0.1.0")
     webhook = _parse(_operator_args(renders["namespaced-values.yaml"]["objects"]))
     assert webhook.webhook_port == 9443 and webhook.webhook_cert == "/etc/kubetune/webhook/tls.crt"
+    assert operator_environment(webhook)["KUBETUNE_SERVER_IMAGE"] == "registry.example.com/kubetune/vllm:0.1.0"
     assert webhook.namespace == ["team-a", "team-b"] and webhook.peering == "kubetune"
 
 
