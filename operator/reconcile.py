@@ -127,7 +127,29 @@ def output_uri_of(body: dict[str, Any]) -> str:
     return (training.get("output") or {}).get("path") or f"outputs/{name}"
 
 
-class _Reconciler:
+class StatusDecisions:
+    """Phase transitions (with their events) and conditions, shared by the training and serving
+    reconcilers. Subclasses set `status`, `plan` (with `.events`), `ts` and `generation`."""
+
+    status: dict[str, Any]
+    plan: Any
+    ts: str
+    generation: Any
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.plan.events.append(Event(type_, reason, message))
+
+    def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
+        """Set the phase; an event is posted when the phase or its reason changes."""
+        if self.status.get("phase") != phase or self.status.get("reason") != reason:
+            self.event(event_type, reason, message)
+        self.status.update(phase=phase, reason=reason, message=message)
+
+    def condition(self, type_: str, value: bool, reason: str, message: str = "") -> bool:
+        return set_condition(self.status, type_, value, reason, message, now=self.ts, generation=self.generation)
+
+
+class _Reconciler(StatusDecisions):
     def __init__(self, cr: dict[str, Any], observed: Observed, now: datetime.datetime, options: RenderOptions):
         self.cr = cr
         self.obs = observed
@@ -144,18 +166,6 @@ class _Reconciler:
         self.names = child_names(self.kind, self.name)
 
     # -- helpers -------------------------------------------------------------------------
-    def event(self, type_: str, reason: str, message: str) -> None:
-        self.plan.events.append(Event(type_, reason, message))
-
-    def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
-        """Set the phase; an event is posted when the phase or its reason changes."""
-        if self.status.get("phase") != phase or self.status.get("reason") != reason:
-            self.event(event_type, reason, message)
-        self.status.update(phase=phase, reason=reason, message=message)
-
-    def condition(self, type_: str, value: bool, reason: str, message: str = "") -> bool:
-        return set_condition(self.status, type_, value, reason, message, now=self.ts, generation=self.generation)
-
     def drop_condition(self, type_: str) -> None:
         conditions = [c for c in self.status.get("conditions") or [] if c.get("type") != type_]
         if conditions:

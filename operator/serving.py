@@ -38,7 +38,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.operator.reconcile import Event, output_uri_of
+from kubetune.operator.reconcile import Event, StatusDecisions, output_uri_of
 from kubetune.operator.render.common import is_owned_by
 from kubetune.operator.render.inference import (
     ANNOTATION_SPEC_HASH,
@@ -60,7 +60,6 @@ from kubetune.operator.status import (
     READY_TO_START,
     SPEC_VALID,
     now_iso,
-    set_condition,
 )
 from kubetune.operator.validation import validate_resource
 from kubetune.trainer.errors import SpecErrors
@@ -142,7 +141,7 @@ def _true(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
     return None
 
 
-class _ServiceReconciler:
+class _ServiceReconciler(StatusDecisions):
     def __init__(self, cr: dict[str, Any], observed: ServingObserved, now: datetime.datetime, options: ServingOptions):
         self.cr = cr
         self.obs = observed
@@ -155,18 +154,6 @@ class _ServiceReconciler:
         self.status: dict[str, Any] = copy.deepcopy(cr.get("status") or {})
         self.plan = ServingPlan(status=self.status)
         self.child, _ = service_names(self.name)
-
-    # -- helpers -------------------------------------------------------------------------
-    def event(self, type_: str, reason: str, message: str) -> None:
-        self.plan.events.append(Event(type_, reason, message))
-
-    def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
-        if self.status.get("phase") != phase or self.status.get("reason") != reason:
-            self.event(event_type, reason, message)
-        self.status.update(phase=phase, reason=reason, message=message)
-
-    def condition(self, type_: str, value: bool, reason: str, message: str = "") -> bool:
-        return set_condition(self.status, type_, value, reason, message, now=self.ts, generation=self.generation)
 
     # -- the rules -----------------------------------------------------------------------
     def run(self) -> ServingPlan:

@@ -109,3 +109,21 @@ def is_owned_by(obj: dict[str, Any], cr: dict[str, Any]) -> bool:
             continue
         return True
     return False
+
+
+def storage_env(storage: Any) -> list[dict[str, Any]]:
+    """S3 endpoint and credentials for a pod: credentials only as secretKeyRef, never inlined."""
+    env: list[dict[str, Any]] = []
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": str(storage.endpoint)})
+    ref = storage.secretRef
+    if ref is not None:
+        keys = [("AWS_ACCESS_KEY_ID", ref.accessKeyIdKey, False), ("AWS_SECRET_ACCESS_KEY", ref.secretAccessKeyKey, False)]
+        if ref.sessionTokenKey:
+            keys.append(("AWS_SESSION_TOKEN", ref.sessionTokenKey, True))
+        for var, key, optional in keys:
+            selector: dict[str, Any] = {"name": ref.name, "key": key}
+            if optional:
+                selector["optional"] = True
+            env.append({"name": var, "valueFrom": {"secretKeyRef": selector}})
+    return env

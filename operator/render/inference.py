@@ -56,7 +56,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.operator.render.common import child_names, labels_for, owner_reference, selector_labels
+from kubetune.operator.render.common import (
+    child_names,
+    labels_for,
+    owner_reference,
+    selector_labels,
+    storage_env,
+)
 from kubetune.operator.resources import InferenceServiceSpec, validate_spec
 
 KIND = "InferenceService"
@@ -142,23 +148,6 @@ def _env(name: str, value: Any) -> dict[str, Any]:
     return {"name": name, "value": str(value)}
 
 
-def _storage_env(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = []
-    if spec.storage.endpoint:
-        env.append(_env("AWS_ENDPOINT_URL_S3", spec.storage.endpoint))
-    ref = spec.storage.secretRef
-    if ref is not None:
-        keys = [("AWS_ACCESS_KEY_ID", ref.accessKeyIdKey, False), ("AWS_SECRET_ACCESS_KEY", ref.secretAccessKeyKey, False)]
-        if ref.sessionTokenKey:
-            keys.append(("AWS_SESSION_TOKEN", ref.sessionTokenKey, True))
-        for var, key, optional in keys:
-            selector: dict[str, Any] = {"name": ref.name, "key": key}
-            if optional:
-                selector["optional"] = True
-            env.append({"name": var, "valueFrom": {"secretKeyRef": selector}})
-    return env
-
-
 def _common_env(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
     return [
         _env("PYTHONUNBUFFERED", "1"),
@@ -174,7 +163,7 @@ def _common_env(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
         _env("NUMBA_CACHE_DIR", "/cache/numba"),
         _env("OUTLINES_CACHE_DIR", "/cache/outlines"),
         _env("MPLCONFIGDIR", "/tmp/matplotlib"),
-        *_storage_env(spec),
+        *storage_env(spec.storage),
     ]
 
 

@@ -27,6 +27,7 @@ from kubetune.operator.render.common import (
     labels_for,
     owner_reference,
     selector_labels,
+    storage_env,
 )
 from kubetune.operator.resources import (
     BASE_MODEL_PLACEHOLDER,
@@ -183,18 +184,7 @@ def _trainer_env(
     ]
     if spec.gpusPerNode == 0:
         env.append(_env("DS_ACCELERATOR", "cpu"))
-    if spec.storage.endpoint:
-        env.append(_env("AWS_ENDPOINT_URL_S3", spec.storage.endpoint))
-    ref = spec.storage.secretRef
-    if ref is not None:
-        keys = [("AWS_ACCESS_KEY_ID", ref.accessKeyIdKey, False), ("AWS_SECRET_ACCESS_KEY", ref.secretAccessKeyKey, False)]
-        if ref.sessionTokenKey:
-            keys.append(("AWS_SESSION_TOKEN", ref.sessionTokenKey, True))
-        for var, key, optional in keys:
-            selector: dict[str, Any] = {"name": ref.name, "key": key}
-            if optional:
-                selector["optional"] = True
-            env.append({"name": var, "valueFrom": {"secretKeyRef": selector}})
+    env.extend(storage_env(spec.storage))
     # The user's variables win over the defaults above (same name -> replaced).
     user = [e.model_dump(mode="json", exclude_none=True) for e in spec.env]
     user_names = {e["name"] for e in user}
