@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from dataclasses import dataclass
@@ -127,3 +128,19 @@ def storage_env(storage: Any) -> list[dict[str, Any]]:
                 selector["optional"] = True
             env.append({"name": var, "valueFrom": {"secretKeyRef": selector}})
     return env
+
+
+def scheduling_fields(spec: Any) -> dict[str, Any]:
+    """Pod-spec fields a resource passes through to its pods: identity, priority, placement."""
+    fields: dict[str, Any] = {}
+    if spec.serviceAccountName:
+        fields["serviceAccountName"] = spec.serviceAccountName
+    if spec.priorityClassName:
+        fields["priorityClassName"] = spec.priorityClassName
+    if spec.nodeSelector:
+        fields["nodeSelector"] = dict(spec.nodeSelector)
+    if spec.tolerations:
+        fields["tolerations"] = [t.model_dump(mode="json", exclude_none=True) for t in spec.tolerations]
+    if spec.affinity:
+        fields["affinity"] = copy.deepcopy(spec.affinity)
+    return fields

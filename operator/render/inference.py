@@ -60,6 +60,7 @@ from kubetune.operator.render.common import (
     child_names,
     labels_for,
     owner_reference,
+    scheduling_fields,
     selector_labels,
     storage_env,
 )
@@ -336,16 +337,7 @@ def render_deployment(
             {"name": "dshm", "emptyDir": shm},
         ],
     }
-    if spec.serviceAccountName:
-        pod_spec["serviceAccountName"] = spec.serviceAccountName
-    if spec.priorityClassName:
-        pod_spec["priorityClassName"] = spec.priorityClassName
-    if spec.nodeSelector:
-        pod_spec["nodeSelector"] = dict(spec.nodeSelector)
-    if spec.tolerations:
-        pod_spec["tolerations"] = [t.model_dump(mode="json", exclude_none=True) for t in spec.tolerations]
-    if spec.affinity:
-        pod_spec["affinity"] = copy.deepcopy(spec.affinity)
+    pod_spec.update(scheduling_fields(spec))
     pod_labels = labels_for(KIND, name, COMPONENT)
     deployment_spec: dict[str, Any] = {
         "replicas": desired_replicas(spec),

@@ -11,7 +11,6 @@ are Kubernetes' own expansions of environment variables the operator defines.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from kubetune.operator.render.common import (
     child_names,
     labels_for,
     owner_reference,
+    scheduling_fields,
     selector_labels,
     storage_env,
 )
@@ -296,16 +296,7 @@ def render_job(
             {"name": "workspace", "emptyDir": {}},
         ],
     }
-    if spec.serviceAccountName:
-        pod_spec["serviceAccountName"] = spec.serviceAccountName
-    if spec.priorityClassName:
-        pod_spec["priorityClassName"] = spec.priorityClassName
-    if spec.nodeSelector:
-        pod_spec["nodeSelector"] = dict(spec.nodeSelector)
-    if spec.tolerations:
-        pod_spec["tolerations"] = [t.model_dump(mode="json", exclude_none=True) for t in spec.tolerations]
-    if spec.affinity:
-        pod_spec["affinity"] = copy.deepcopy(spec.affinity)
+    pod_spec.update(scheduling_fields(spec))
 
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
