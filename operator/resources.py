@@ -202,7 +202,7 @@ BASE_MODEL_PLACEHOLDER = "kubetune-ref://"
 
 
 class AlignmentJobSpec(ClusterFields):
-    """An alignment stage (rm, dpo, ppo, raft, grpo) on the cluster, usually starting from the
+    """An alignment stage (rm, dpo) on the cluster, usually starting from the
     output of a FineTuneJob."""
 
     training: TrainingSpec
@@ -673,7 +673,7 @@ KINDS: dict[str, KindInfo] = {
         spec_model=AlignmentJobSpec,
         status_model=AlignmentJobStatus,
         printer_columns=_TRAINING_COLUMNS,
-        description="An alignment run (rm, dpo, ppo, raft, grpo), usually from a FineTuneJob's output.",
+        description="An alignment run (rm, dpo), usually from a FineTuneJob's output.",
     ),
     "InferenceService": KindInfo(
         kind="InferenceService",

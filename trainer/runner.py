@@ -143,14 +143,14 @@ def with_trainable_embeddings(spec: TrainingSpec, model) -> TrainingSpec:
 
 
 def save_final(trainer, spec: TrainingSpec, tokenizer, output_dir: Path) -> None:
-    """Final model (or adapter) with its tokenizer and the resolved spec, in the output root."""
+    """Final model (or adapter) with its tokenizer in the output root (the resolved spec is
+    already there: rank 0 writes it when the run starts)."""
     unwrapped = getattr(trainer.model, "get_base_model", lambda: trainer.model)()
     unwrapped.config.use_cache = True  # the saved model is for inference
     trainer.save_model(str(output_dir))
     if not trainer.is_world_process_zero():
         return
     tokenizer.save_pretrained(str(output_dir))
-    (output_dir / RESOLVED_SPEC_FILE).write_text(yaml.safe_dump(spec.to_document(), sort_keys=False))
     if spec.uses_lora and spec.output.mergeAdapter:
         from kubetune.trainer.export import export_merged
 

@@ -144,3 +144,14 @@ def scheduling_fields(spec: Any) -> dict[str, Any]:
     if spec.affinity:
         fields["affinity"] = copy.deepcopy(spec.affinity)
     return fields
+
+
+def pod_security_context(uid: int) -> dict[str, Any]:
+    """Every kubetune pod runs as a fixed non-root user with the runtime's default seccomp profile."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }

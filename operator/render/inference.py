@@ -60,6 +60,7 @@ from kubetune.operator.render.common import (
     child_names,
     labels_for,
     owner_reference,
+    pod_security_context,
     scheduling_fields,
     selector_labels,
     storage_env,
@@ -321,13 +322,7 @@ def render_deployment(
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": spec.terminationGracePeriodSeconds,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": options.run_as_user,
-            "runAsGroup": options.run_as_user,
-            "fsGroup": options.run_as_user,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(options.run_as_user),
         "initContainers": [fetcher],
         "containers": [server],
         "volumes": [

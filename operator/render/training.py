@@ -25,6 +25,7 @@ from kubetune.operator.render.common import (
     child_names,
     labels_for,
     owner_reference,
+    pod_security_context,
     scheduling_fields,
     selector_labels,
     storage_env,
@@ -280,13 +281,7 @@ def render_job(
         "subdomain": names.service,
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": spec.terminationGracePeriodSeconds,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": options.run_as_user,
-            "runAsGroup": options.run_as_user,
-            "fsGroup": options.run_as_user,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(options.run_as_user),
         "containers": [container],
         "volumes": [
             {"name": "job-config", "configMap": {"name": names.config_map}},
