@@ -162,11 +162,12 @@ def reconcile_object(kind: str, namespace: str, name: str, kube: Kube | None = N
                      "created" if created else "found existing", f"{obj['kind']} {obj['metadata']['name']}")
         for child_kind, child_name, patch in plan.patch:
             kube.patch(child_kind, namespace, child_name, patch)
+        # Events before the status: whoever sees the new status can also find its events.
+        for event in plan.events:
+            kube.post_event(cr, event.type, event.reason, event.message)
         patch = status_patch(cr.get("status"), plan.status)
         if patch:
             kube.patch(kind, namespace, name, {"status": patch}, subresource="status")
-        for event in plan.events:
-            kube.post_event(cr, event.type, event.reason, event.message)
 
 
 def _on_change(body: kopf.Body, name: str, namespace: str, **_: Any) -> None:

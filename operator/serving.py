@@ -414,8 +414,8 @@ def reconcile_service_object(kube: Any, namespace: str, name: str, options: Serv
     for kind, child in plan.delete:
         with contextlib.suppress(Exception):
             kube.delete(kind, namespace, child)
+    for event in plan.events:  # before the status, as for training jobs
+        kube.post_event(cr, event.type, event.reason, event.message)
     patch = status_patch(cr.get("status"), plan.status)
     if patch:
         kube.patch(KIND, namespace, name, {"status": patch}, subresource="status")
-    for event in plan.events:
-        kube.post_event(cr, event.type, event.reason, event.message)
