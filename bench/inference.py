@@ -7,7 +7,9 @@ Part 1 decodes the same prompts greedily with plain decoding, with a draft model
 generation) and with prompt lookup, checks the outputs are identical, and reports tokens/s and the
 speed-up. Part 2 starts the OpenAI-compatible server on 127.0.0.1 and streams chat completions
 from 1, 4 and 16 concurrent clients with the official `openai` client, reporting aggregate
-generated tokens/s, mean latency and time to first token. Results go to bench/results/ as JSON
+generated tokens/s, mean latency and time to first token. The server batches continuously (a
+request joins the running batch at the next token step), so a client's time to first token does
+not depend on how far the others' requests have got. Results go to bench/results/ as JSON
 and Markdown. On the tiny model the draft is as big as the target, so expect no speed-up there:
 speculative decoding pays off when the draft is much smaller than the target.
 """
@@ -73,15 +75,14 @@ def free_port() -> int:
 
 def bench_server(model: str, tokens: int, levels: list[int], requests_per_client: int) -> list[dict]:
     import openai
-    import uvicorn
 
     from kubetune.trainer.infer import create_engine
-    from kubetune.trainer.infer.server import ServerConfig, create_app
+    from kubetune.trainer.infer.server import ServerConfig, create_app, make_server
 
     engine = create_engine(model, engine="transformers")
     app = create_app(engine, config=ServerConfig(max_batch_size=max(levels), batch_wait_s=0.01))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = make_server(app, host="127.0.0.1", port=port, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

@@ -1,5 +1,6 @@
-"""The generation library and `kubetune generate`/`chat`: batching, sampling, speculative decoding,
-adapters, RoPE scaling, and clear errors for bad inputs."""
+"""The generation library and `kubetune generate`/`chat`: batching (continuous: sequences join a
+running batch), sampling, speculative decoding, adapters, RoPE scaling, LoRA outputs used with
+their adapter, JSONL to S3, and clear errors for bad inputs."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import pytest
 
 from kubetune.trainer.errors import SpecError
 from kubetune.trainer.infer import SamplingParams, Sequence, create_engine
+from kubetune.trainer.infer.batch import load_examples
 from kubetune.trainer.infer.cli import main as infer_main
+from kubetune.trainer.infer.decode import DecodeBatch
 from kubetune.trainer.infer.transformers_engine import greedy_reference
+from tests.storage_fixtures import *  # noqa: F403
 
 from .test_infer_helpers import build_adapter, capitals_data, foreign_adapter, trained_model
 
@@ -37,6 +41,55 @@ def test_batched_decoding_matches_generate(trained_engine):
         assert seq.token_ids == reference[: len(seq.token_ids)]
         assert seq.finish_reason == ("stop" if len(seq.token_ids) < len(reference) or reference[-1] in eng.eos_ids else "length")
     assert sequences[0].text.strip().startswith("The capital of")
+
+
+def test_sequences_join_a_running_batch(trained_engine):
+    """Continuous batching: sequences admitted while others are decoding (prompts shorter and
+    longer than the running cache) finish on their own schedule, and each produces exactly the
+    tokens it produces alone: greedy ones model.generate's, a seeded sampled one its own draw."""
+    eng = trained_engine
+
+    def seq(question, max_tokens, **kw):
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **{"temperature": 0, **kw})
+        return Sequence(prompt_ids=eng.encode_chat([{"role": "user", "content": question}]), params=params)
+
+    long, short, sampled = seq(QUESTIONS[0], 30), seq(QUESTIONS[1], 4), seq(QUESTIONS[3], 8, temperature=1.2, seed=4)
+    batch = DecodeBatch(eng)
+    batch.admit([long])
+    finished = [s for _ in range(6) for s in batch.step()]
+    batch.admit([short])  # its prompt is shorter than the running cache
+    finished += batch.step()
+    batch.admit([sampled])  # its prompt is longer
+    while batch:
+        finished += batch.step()
+    assert finished == [short, sampled, long]
+    for s in (long, short):
+        assert s.token_ids == greedy_reference(eng.model, eng.tokenizer, s.prompt_ids, s.params.max_tokens, eos_token_id=None)
+    alone = seq(QUESTIONS[3], 8, temperature=1.2, seed=4)
+    eng.run([alone])
+    assert sampled.token_ids == alone.token_ids and sampled.finish_reason == "length"
+
+
+def test_sliding_window_cache_admits_only_into_an_empty_batch(tmp_path, tiny_tokenizer):
+    """A model whose cache is not plain full attention (Mistral's sliding window) cannot have
+    caches merged: newcomers wait for the batch to empty, and decoding stays exact."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=6, max_position_embeddings=128)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "sw")
+    tiny_tokenizer.save_pretrained(tmp_path / "sw")
+    eng = create_engine(str(tmp_path / "sw"), engine="transformers")
+    sequences = [Sequence(prompt_ids=eng.encode_text(t), params=SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+                 for t in ("Hello there, how are you my friend?", "Hi")]
+    batch = DecodeBatch(eng)
+    batch.admit(sequences)
+    assert not batch.can_admit
+    while batch:
+        batch.step()
+    assert batch.can_admit
+    for seq in sequences:
+        assert seq.token_ids == greedy_reference(eng.model, eng.tokenizer, seq.prompt_ids, 10, eos_token_id=None)
 
 
 def test_speculative_decoding_is_exactly_greedy(trained_engine):
@@ -149,6 +202,30 @@ def test_chat_cli_is_multi_turn(monkeypatch, capsys):
     lines = [line for line in captured.out.splitlines() if line.strip()]
     assert len(lines) == 2 and all(line.startswith("The capital of ") for line in lines)
     assert "history cleared" in captured.err
+
+
+def test_lora_output_uses_its_adapter_and_jsonl_goes_to_s3(s3, tiny_model_dir, monkeypatch, capsys):
+    """`generate` and `chat` on a LoRA output directory answer with the adapter (not the bare
+    base), and `generate --out s3://...` uploads the JSONL (a prefix gets generations.jsonl)."""
+    adapter = build_adapter("alpha", tiny_model_dir, seed=1)
+    eng = create_engine(str(adapter), engine="transformers")
+    assert eng.default_model == "alpha"
+    params = SamplingParams(temperature=0, max_tokens=6)
+    examples = load_examples(str(capitals_data()), max_samples=2)
+    tuned = [c.text for c in eng.generate([e.messages for e in examples], params, model="alpha")]
+    assert tuned != [c.text for c in eng.generate([e.messages for e in examples], params)]  # the adapter matters
+    s3_flags = ["--endpoint-url", s3.proxy.url, "--path-style"]
+    code = infer_main(["generate", str(adapter), "--data", str(capitals_data()), "--max-samples", "2", "--max-tokens", "6",
+                       "--out", s3.uri("runs/preds/"), "--quiet", *s3_flags])
+    assert code == 0, capsys.readouterr().err
+    assert f"by alpha to {s3.uri('runs/preds/generations.jsonl')}" in capsys.readouterr().out
+    rows = [json.loads(line) for line in s3.get("runs/preds/generations.jsonl").decode().splitlines()]
+    assert [r["model"] for r in rows] == ["alpha", "alpha"] and [r["output"] for r in rows] == tuned
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Capital of France?\n"))
+    assert infer_main(["chat", str(adapter), "--temperature", "0", "--max-tokens", "6"]) == 0
+    expected = eng.generate([[{"role": "user", "content": "Capital of France?"}]], params, model="alpha")[0].text
+    assert capsys.readouterr().out.strip() == expected.strip()
 
 
 @pytest.mark.parametrize(

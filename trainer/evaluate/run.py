@@ -278,10 +278,9 @@ def run_evaluation(
     storage = storage or StorageSpec()
     if isinstance(model, Engine):
         eng = model
-        label = served_model or eng.base_name
     else:
         eng = create_engine(model, engine=engine, adapters=adapters, storage=storage, **load_kwargs)
-        label = served_model or (next(iter(eng.adapters)) if eng.adapters and not adapters else eng.base_name)
+    label = served_model or eng.default_model  # a LoRA output directory is evaluated with its adapter
     selected = None if label == eng.base_name else label
     eng.adapter_for(selected)  # UnknownModel early
     sources = data if isinstance(data, list) else [data]

@@ -5,7 +5,14 @@ Heavy modules (torch, transformers, FastAPI) are imported lazily by the function
 """
 
 from kubetune.trainer.infer.engine import ENGINES, Engine, UnknownModel, create_engine, pick_engine
-from kubetune.trainer.infer.params import Completion, Event, InvalidRequest, SamplingParams, Sequence
+from kubetune.trainer.infer.params import (
+    Completion,
+    Event,
+    InvalidRequest,
+    SamplingParams,
+    Sequence,
+    TokenLogprob,
+)
 
 __all__ = [
     "ENGINES",
@@ -15,6 +22,7 @@ __all__ = [
     "InvalidRequest",
     "SamplingParams",
     "Sequence",
+    "TokenLogprob",
     "UnknownModel",
     "create_engine",
     "pick_engine",

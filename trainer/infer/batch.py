@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from kubetune.trainer.errors import SpecError
@@ -135,12 +134,14 @@ def generate_examples(engine: Any, examples: list[Example], params: SamplingPara
 def generate_file(engine: Any, data: str, out: str, params: SamplingParams, *, format: str = "auto",
                   model: str | None = None, batch_size: int = 8, max_samples: int | None = None,
                   storage: StorageSpec | None = None, progress: bool = True) -> int:
-    """`kubetune generate`: write one JSON line per example; returns the number written."""
+    """`kubetune generate`: write one JSON line per example to a file or `s3://` object; returns
+    the number written. `model` None generates with what the engine was loaded from (a LoRA output
+    directory: its adapter)."""
+    from kubetune.trainer.infer.output import open_output
+
     examples = load_examples(data, format=format, max_samples=max_samples, storage=storage)
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    served = model or engine.base_name
-    with out_path.open("w") as handle:
+    served = model or engine.default_model
+    with open_output(out, storage) as handle:
         def write(batch: list[Sequence]) -> None:
             for seq in batch:
                 example = examples[seq.tag]
@@ -152,5 +153,5 @@ def generate_file(engine: Any, data: str, out: str, params: SamplingParams, *, f
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             handle.flush()
 
-        generate_examples(engine, examples, params, model=model, batch_size=batch_size, progress=progress, on_batch=write)
+        generate_examples(engine, examples, params, model=served, batch_size=batch_size, progress=progress, on_batch=write)
     return len(examples)

@@ -44,6 +44,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", metavar="SIZE",
                    help="vllm engine: KV cache size, e.g. 1G (vLLM's --kv-cache-memory-bytes; on CPU instead of "
                         "reserving 92%% of the node's RAM)")
+    s3 = parser.add_argument_group("S3 endpoint for s3:// locations (default: AWS, or AWS_ENDPOINT_URL_S3)")
+    s3.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://minio:9000")
+    s3.add_argument("--region", help="bucket region (default: AWS_REGION / shared config)")
+    s3.add_argument("--path-style", action="store_true", help="address buckets as endpoint/bucket")
+
+
+def storage_from_args(args: argparse.Namespace):
+    """Where `s3://` models, adapters, datasets and outputs are reached (credentials: the AWS way)."""
+    from kubetune.trainer.spec import StorageSpec
+
+    return StorageSpec(endpointUrl=args.endpoint_url, region=args.region, pathStyle=args.path_style)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: float, max_tokens: int | None) -> None:
@@ -79,7 +90,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"engine": args.engine, "adapters": adapters_from_args(args), "base": args.base,
             "served_name": args.served_model_name, "dtype": args.dtype, "max_model_len": args.max_model_len,
             "trust_remote_code": args.trust_remote_code, "draft": args.draft_model, "prompt_lookup": args.prompt_lookup,
-            "num_assistant_tokens": args.num_assistant_tokens,
+            "num_assistant_tokens": args.num_assistant_tokens, "storage": storage_from_args(args),
             **({"device": args.device} if args.engine != "vllm" else {"kv_cache_memory": args.kv_cache_memory})}
 
 
@@ -108,13 +119,19 @@ def _quiet_libraries() -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from kubetune.trainer.infer.batch import generate_file
+    from kubetune.trainer.infer.output import s3_target
+    from kubetune.trainer.storage.uri import is_s3
 
     _quiet_libraries()
     params = sampling_from_args(args)
+    out = str(s3_target(args.out)) if is_s3(args.out) else args.out  # a malformed URI fails before loading
     engine = load_engine(args)
-    count = generate_file(engine, args.data, args.out, params, format=args.format, model=args.model_name,
-                          batch_size=args.batch_size, max_samples=args.max_samples, progress=not args.quiet)
-    print(f"Wrote {count} generations to {args.out}")
+    model = args.model_name or engine.default_model  # a LoRA output directory generates with its adapter
+    engine.adapter_for(model)
+    count = generate_file(engine, args.data, out, params, format=args.format, model=model,
+                          batch_size=args.batch_size, max_samples=args.max_samples, storage=storage_from_args(args),
+                          progress=not args.quiet)
+    print(f"Wrote {count} generations by {model} to {out}")
     return 0
 
 
@@ -124,11 +141,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     _quiet_libraries()
     params = sampling_from_args(args)
     engine = load_engine(args)
-    adapter = engine.adapter_for(args.model_name)
+    model = args.model_name or engine.default_model  # a LoRA output directory chats with its adapter
+    adapter = engine.adapter_for(model)
     interactive = sys.stdin.isatty()
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     if interactive:
-        print(f"Chatting with {args.model_name or engine.base_name} ({engine.name}). /reset clears the history, "
+        print(f"Chatting with {model} ({engine.name}). /reset clears the history, "
               "/exit or Ctrl-D quits.", file=sys.stderr)
     while True:
         if interactive:
@@ -146,12 +164,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("(history cleared)", file=sys.stderr)
             continue
         history.append({"role": "user", "content": text})
-        ids = engine.encode_chat(history, args.model_name)
+        ids = engine.encode_chat(history, model)
         # Keep the conversation within the context: forget the oldest turns first.
         first = 1 if history[0]["role"] == "system" else 0
         while len(history) - first > 1 and len(ids) + (params.max_tokens or 1) > engine.context_length:
             del history[first]
-            ids = engine.encode_chat(history, args.model_name)
+            ids = engine.encode_chat(history, model)
 
         def show(event) -> None:
             if event.text:
@@ -178,7 +196,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _quiet_libraries()
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     config = ServerConfig(max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000.0,
-                          max_queue=args.max_queue, api_key=api_key or None, drain_timeout_s=args.drain_timeout)
+                          max_queue=args.max_queue, api_key=api_key or None, drain_timeout_s=args.drain_timeout,
+                          drain_delay_s=args.drain_delay)
     kwargs = {**engine_kwargs(args), "engine": "transformers"}
     return serve(args.model, host=args.host, port=args.port, config=config, log_level=args.log_level,
                  template=args.template, **kwargs)
@@ -194,7 +213,8 @@ def _exec_vllm(args: argparse.Namespace) -> int:
                           tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
                           gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
                           max_num_seqs=args.max_batch_size, template=args.template,
-                          trust_remote_code=args.trust_remote_code, extra_args=args.vllm_arg)
+                          trust_remote_code=args.trust_remote_code, extra_args=args.vllm_arg,
+                          storage=storage_from_args(args))
     _hint_cpu_memory(args)
     print("exec: " + shlex.join(argv), file=sys.stderr, flush=True)
     if args.dry_run:
@@ -225,8 +245,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--data", required=True, help="dataset file, directory or s3:// prefix (text, alpaca, sharegpt, lmflow)")
     p.add_argument("--format", default="auto", choices=["auto", "text", "alpaca", "sharegpt", "lmflow"])
-    p.add_argument("--out", required=True, help="output JSONL file")
-    p.add_argument("--model-name", help="which served model generates (an adapter name; default: the base)")
+    p.add_argument("--out", required=True, help="output JSONL file or s3:// URI (a prefix ending in / gets generations.jsonl)")
+    p.add_argument("--model-name", help="which loaded model generates (an adapter name; default: the adapter of a LoRA "
+                                        "output, else the base)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-samples", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -235,7 +256,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("chat", help="chat with a model in the terminal (streaming, multi-turn; reads stdin)")
     add_model_arguments(p)
-    p.add_argument("--model-name", help="which served model answers (an adapter name; default: the base)")
+    p.add_argument("--model-name", help="which loaded model answers (an adapter name; default: the adapter of a LoRA "
+                                        "output, else the base)")
     p.add_argument("--system", help="system prompt")
     add_sampling_arguments(p, temperature=0.7, max_tokens=512)
     p.set_defaults(func=cmd_chat)
@@ -250,6 +272,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key-env", default="KUBETUNE_API_KEY",
                    help="environment variable holding the API key; when it is set, /v1 requires 'Authorization: Bearer KEY'")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
+    p.add_argument("--drain-delay", type=float, default=0.0,
+                   help="seconds to keep accepting requests after SIGTERM while /ready answers 503 (for load balancers "
+                        "without a preStop delay)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     v = p.add_argument_group("vllm engine")
     v.add_argument("--tensor-parallel-size", type=int)

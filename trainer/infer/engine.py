@@ -60,12 +60,17 @@ class Engine(ABC):
 
     name = "base"
     supports_batching = True
+    supports_logprobs = False
+    """Whether sequences with `SamplingParams.logprobs` get their tokens' logprobs."""
 
     def __init__(self, *, base_name: str, adapters: dict[str, str], templates: dict[str, str | None],
-                 context_length: int, tokenizer: Any):
+                 context_length: int, tokenizer: Any, default_model: str | None = None):
         from kubetune.trainer.data.templates import TEMPLATES
 
         self.base_name = base_name
+        self.default_model = default_model or base_name
+        """What the loaded location itself is: the adapter's name for a LoRA output directory, else
+        the base. `kubetune generate`/`chat` use it unless `--model-name` picks another."""
         self.adapters = dict(adapters)
         self.context_length = context_length
         self.tokenizer = tokenizer
@@ -109,6 +114,18 @@ class Engine(ABC):
         except Exception as exc:  # the template raised (e.g. roles in an order it refuses)
             raise InvalidRequest("messages", f"the chat template rejected the conversation: {exc}.") from None
 
+    def template_supports_tools(self, model: str | None = None) -> bool:
+        """Whether the chat template of `model` renders a `tools` list (else tools would be dropped
+        silently; the server refuses them instead)."""
+        import jinja2
+        from jinja2 import meta
+
+        template = self.templates[model or self.base_name] or ""
+        try:
+            return "tools" in meta.find_undeclared_variables(jinja2.Environment().parse(template))
+        except jinja2.TemplateError:
+            return "tools" in template
+
     def encode_chat(self, messages: list[dict[str, Any]], model: str | None = None, tools: Any = None) -> list[int]:
         return self.tokenizer(self.render_chat(messages, model, tools), add_special_tokens=False)["input_ids"]
 
@@ -118,18 +135,24 @@ class Engine(ABC):
     def check_length(self, prompt_tokens: int, params: SamplingParams, param: str = "messages") -> int:
         """The max new tokens for a prompt; InvalidRequest when it cannot fit the context."""
         room = self.context_length - prompt_tokens
-        if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
-            wanted = prompt_tokens + (params.max_tokens or 1)
+        if room < (1 if params.max_tokens != 0 else 0) or (params.max_tokens is not None and params.max_tokens > room):
+            new = params.max_tokens if params.max_tokens is not None else 1
             raise InvalidRequest(
                 param,
                 f"This model's maximum context length is {self.context_length} tokens. However, you requested "
-                f"{wanted} tokens ({prompt_tokens} in the {param}, {params.max_tokens or 1} in the completion).",
+                f"{prompt_tokens + new} tokens ({prompt_tokens} in the {param}, {new} in the completion).",
                 "reduce the length of the prompt or of max_tokens.",
                 code="context_length_exceeded",
             )
-        return params.max_tokens or room
+        return params.max_tokens if params.max_tokens is not None else room
 
     # -- generation ------------------------------------------------------------------------
+    def open_batch(self) -> Any:
+        """A running batch that sequences can join between decode steps (continuous batching:
+        `admit(sequences)`, `step() -> finished`, `can_admit`, `fail_all(error)`, `len()`), or None
+        when the engine only runs whole batches through `run()`."""
+        return None
+
     @abstractmethod
     def run(self, sequences: list[Sequence]) -> None:
         """Generate every sequence (blocking); fills `text`, `token_ids`, `finish_reason` and calls

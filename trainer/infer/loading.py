@@ -56,6 +56,9 @@ class LoadedModel:
     context_length: int = 2048
     location: str = ""
     """Local directory of the base model."""
+    default_model: str | None = None
+    """The served name of what `location` pointed at: the adapter's for a LoRA output, else None
+    (the base). Generation without an explicit model name uses it."""
 
     @property
     def names(self) -> list[str]:
@@ -116,10 +119,10 @@ def adapter_base(adapter_dir: Path) -> tuple[str, Any]:
     return base, None
 
 
-def resolve_path(location: str, storage: StorageSpec, field: str) -> Path | str:
-    from kubetune.trainer.models.loader import resolve_location
+def resolve_path(location: str, storage: StorageSpec, field: str, *, merge_adapters: bool = False) -> Path | str:
+    from kubetune.trainer.models.loader import resolve_location, resolve_model_location
 
-    resolved = resolve_location(location, storage, field)
+    resolved = (resolve_model_location if merge_adapters else resolve_location)(location, storage, field)
     path = Path(resolved)
     return path if path.exists() else resolved
 
@@ -179,6 +182,7 @@ def load_model(
     device = pick_device(device)
     local = resolve_path(location, storage, "model")
     spec = None
+    default_model: str | None = None
     tokenizer_dir: Path | str = local
     if isinstance(local, Path) and is_adapter_dir(local):
         # The tokenizer saved with the adapter is the one it was trained with (chat template, added tokens).
@@ -186,8 +190,11 @@ def load_model(
         base_location, spec = adapter_base(local)
         base_location = base or base_location
         adapters.insert(0, AdapterRef(name=served_name or default_name(location, spec), location=str(local)))
+        default_model = adapters[0].name
         served_name = None
-        base_local = resolve_path(base_location, storage, "--base")
+        # A pipeline step's adapter sits on the previous step's output, itself maybe an adapter:
+        # that base is the previous adapter merged into its own base (as the step trained on it).
+        base_local = resolve_path(base_location, storage, "--base", merge_adapters=True)
         base_name = default_name(base_location)
         if not has_tokenizer(local):
             tokenizer_dir = base_local
@@ -259,7 +266,8 @@ def load_model(
         context = min(context, max_model_len) if context else max_model_len
     log.info("loaded %s on %s (%s); serving %s", base_local, device, torch_dtype, ", ".join([base_name, *adapter_dirs]))
     return LoadedModel(model=model, tokenizer=tokenizer, base_name=base_name, adapters={k: str(v) for k, v in adapter_dirs.items()},
-                       templates=templates, context_length=int(context), location=str(base_local))
+                       templates=templates, context_length=int(context), location=str(base_local),
+                       default_model=default_model)
 
 
 def _attach_adapters(model, adapter_dirs: dict[str, Path], base_location: str):

@@ -3,7 +3,7 @@
 Names an HPA (through the Prometheus adapter) scales on:
 - `kubetune_requests_in_flight`: HTTP generation requests being handled (queued or running);
 - `kubetune_queue_depth`: sequences waiting for a batch slot;
-- `kubetune_requests_running`: sequences in the batch being decoded.
+- `kubetune_requests_running`: sequences in the running batch (continuous batching).
 Each app gets its own registry, so several servers (tests) in one process do not collide.
 """
 
@@ -36,7 +36,7 @@ class ServerMetrics:
                                registry=r)
         self.queue_depth = Gauge("kubetune_queue_depth", "Sequences waiting for a batch slot.", registry=r)
         self.running = Gauge("kubetune_requests_running", "Sequences in the batch being decoded.", registry=r)
-        self.batch_size = Histogram("kubetune_batch_size", "Sequences per decoded batch.",
+        self.batch_size = Histogram("kubetune_batch_size", "Sequences in the batch per decode step.",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.cancelled = Counter("kubetune_sequences_cancelled", "Sequences stopped early because their client went away.",
                                  registry=r)

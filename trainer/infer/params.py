@@ -14,6 +14,7 @@ from typing import Any
 from kubetune.trainer.errors import SpecError
 
 MAX_STOP_SEQUENCES = 4
+MAX_TOP_LOGPROBS = 20
 
 
 class InvalidRequest(SpecError):
@@ -42,14 +43,22 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     ignore_eos: bool = False
+    logprobs: int | None = None
+    """Record the log-probability of every generated token and of this many most likely
+    alternatives (0: the chosen token only; None: off). Values are of the model's own distribution,
+    before temperature, top-p and penalties, as in OpenAI's API."""
+    prompt_logprobs: int | None = None
+    """Also score the prompt: the logprob of every prompt token after the first, with this many
+    alternatives (None: off). With it, `max_tokens` 0 only scores the prompt."""
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
     def validate(self) -> SamplingParams:
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise InvalidRequest("max_tokens", f"must be at least 1, got {self.max_tokens}.")
+        if self.max_tokens is not None and self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise InvalidRequest("max_tokens", f"must be at least 1, got {self.max_tokens}.",
+                                 "0 is allowed only to score a prompt (echo with logprobs).")
         if not 0 <= self.temperature <= 2:
             raise InvalidRequest("temperature", f"must be between 0 and 2, got {self.temperature}.")
         if not 0 < self.top_p <= 1:
@@ -63,6 +72,10 @@ class SamplingParams:
             raise InvalidRequest("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(self.stop)}.")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop", "stop sequences must be non-empty strings.")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+                raise InvalidRequest(name, f"must be between 0 and {MAX_TOP_LOGPROBS}, got {value}.")
         return self
 
     def for_choice(self, index: int) -> SamplingParams:
@@ -70,6 +83,16 @@ class SamplingParams:
         if self.seed is None or index == 0:
             return self
         return SamplingParams(**{**self.__dict__, "seed": self.seed + index})
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of one generated token, and the `top` alternatives (id, logprob) at its
+    position, most likely first (empty unless `SamplingParams.logprobs` > 0)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -82,6 +105,8 @@ class Event:
     finish_reason: str | None = None
     """`stop` (eos or a stop string), `length` (max_tokens / context), `cancelled`, `error`."""
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """With `SamplingParams.logprobs` set: one entry per token counted in `tokens`."""
 
 
 @dataclass
@@ -101,6 +126,11 @@ class Sequence:
     # results, filled by the engine
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per `token_ids` entry when `params.logprobs` is set."""
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """One entry per prompt token when `params.prompt_logprobs` is set (the first is None); filled
+    when the sequence is prefilled, before its first event."""
     finish_reason: str | None = None
     tag: Any = None
 

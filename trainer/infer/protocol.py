@@ -10,7 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kubetune.trainer.infer.params import InvalidRequest, SamplingParams
+from kubetune.trainer.infer.params import MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
+
+MAX_BEST_OF = 16
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
@@ -37,8 +39,6 @@ class _Request(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     ignore_eos: bool = False
     """Extension (as in vLLM): keep generating past the end-of-sequence token (benchmarks)."""
-    logprobs: Any = None
-    best_of: int | None = None
 
     @field_validator("stop")
     @classmethod
@@ -48,15 +48,25 @@ class _Request(BaseModel):
         return [value] if isinstance(value, str) else value
 
     def sampling(self) -> SamplingParams:
-        if self.logprobs:
-            raise InvalidRequest("logprobs", "logprobs are not supported by this server.", "leave logprobs unset.")
-        if self.best_of not in (None, 1):
-            raise InvalidRequest("best_of", "best_of is not supported by this server.", "use n instead.")
         return SamplingParams(
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             stop=list(self.stop or []), seed=self.seed, frequency_penalty=self.frequency_penalty,
-            presence_penalty=self.presence_penalty, ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty, ignore_eos=self.ignore_eos, logprobs=self.logprob_count(),
+            prompt_logprobs=self.prompt_logprob_count(),
         ).validate()
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per token to report (0: the chosen token only; None: no logprobs)."""
+        return None
+
+    def prompt_logprob_count(self) -> int | None:
+        """Alternatives per prompt token to report (None: the prompt is not scored)."""
+        return None
+
+    @property
+    def samples_per_prompt(self) -> int:
+        """Sequences generated per prompt (`best_of` for completions, else `n`)."""
+        return self.n
 
     @property
     def include_usage(self) -> bool:
@@ -68,8 +78,11 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
-    def as_template_message(self) -> dict[str, str]:
+    def as_template_message(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
             parts = []
@@ -80,13 +93,21 @@ class ChatMessage(BaseModel):
                 parts.append(str(part.get("text") or ""))
             content = "".join(parts)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        message: dict[str, Any] = {"role": role, "content": content or ""}
+        # Tool-use turns keep their fields for templates that render them.
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def sampling(self) -> SamplingParams:
         params = super().sampling()
@@ -94,13 +115,50 @@ class ChatCompletionRequest(_Request):
             params.max_tokens = self.max_completion_tokens
         return params
 
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs", "top_logprobs needs logprobs set to true.", "send logprobs: true as well.")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def offered_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the template should show the model (none with `tool_choice: "none"`)."""
+        if self.tool_choice == "none":
+            return None
+        if self.tool_choice not in (None, "auto"):
+            # The reply is free text: nothing makes the model call a tool, so promising it would be wrong.
+            raise InvalidRequest("tool_choice", "forcing a tool call is not supported.",
+                                 'use "auto" or "none", and ask for the tool in the messages.')
+        return self.tools or None
+
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    """OpenAI's default for completions is 16 tokens."""
+    max_tokens: int | None = Field(16, ge=0)
+    """OpenAI's default for completions is 16 tokens; 0 (with echo and logprobs) only scores the prompt."""
     echo: bool = False
     suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    """The chosen token's logprob and this many alternatives per position (OpenAI: up to 5)."""
+    best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF)
+    """Generate this many per prompt and return the `n` with the highest mean token logprob."""
+
+    def prompt_logprob_count(self) -> int | None:
+        return self.logprobs if self.echo else None
+
+    def logprob_count(self) -> int | None:
+        if self.best_of is not None and self.best_of > 1 and self.logprobs is None:
+            return 0  # ranking needs the chosen tokens' logprobs, even when the client did not ask for them
+        return self.logprobs
+
+    @property
+    def samples_per_prompt(self) -> int:
+        if self.best_of is None:
+            return self.n
+        if self.best_of < self.n:
+            raise InvalidRequest("best_of", f"best_of ({self.best_of}) must be at least n ({self.n}).")
+        if self.stream and self.best_of > self.n:
+            raise InvalidRequest("best_of", "best_of cannot be used with stream.", "leave best_of unset when streaming.")
+        return self.best_of
 
     def prompts(self) -> list[str | list[int]]:
         prompt = self.prompt

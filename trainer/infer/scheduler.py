@@ -1,11 +1,20 @@
-"""The server's scheduler: requests wait in a queue and run in batches on one engine thread.
+"""The server's scheduler: requests wait in a queue; one engine thread decodes them in batches.
 
-Handlers submit `Sequence`s from the event loop; a single worker thread owns the model. When the
-engine is free it takes every waiting sequence (up to `max_batch_size`), after waiting at most
-`batch_wait_s` for a batch to fill, and runs them together: the transformers engine decodes them
-as one padded batch, so 16 concurrent clients cost little more than one. Cancelled sequences
-(clients that went away) are dropped from the queue before they run and leave a running batch at
-the next step. `stop()` lets the queue drain before the worker exits (graceful shutdown).
+Handlers submit `Sequence`s from the event loop; a single worker thread owns the model.
+
+With an engine that supports it (the transformers engine without speculative decoding) scheduling
+is iteration-level (continuous batching, as in Orca and vLLM): the worker runs one decode step at
+a time for the running batch and, before every step, admits waiting sequences into the free slots
+(up to `max_batch_size` running). A request that arrives while others are generating starts at
+the next step, and a finished or cancelled sequence frees its slot at once. When the batch is
+empty the worker waits for work, then up to `batch_wait_s` more for requests that arrive together.
+
+Other engines (speculative decoding, vLLM's offline engine) run whole batches: whatever is waiting
+when the engine is free, up to `max_batch_size`, through `engine.run()`.
+
+Cancelled sequences (clients that went away) are dropped from the queue before they run and leave
+a running batch at the next step. `stop()` lets queued and running sequences finish before the
+worker exits (graceful shutdown).
 """
 
 from __future__ import annotations
@@ -81,39 +90,88 @@ class Scheduler:
             self.metrics.queue_depth.set(len(self._queue))
             self.metrics.running.set(self._running)
 
-    # -- the worker ------------------------------------------------------------------------
-    def _take_batch(self) -> list[Sequence] | None:
+    # -- taking work -----------------------------------------------------------------------
+    def _take(self, room: int, *, wait: bool) -> list[Sequence] | None:
+        """Up to `room` waiting sequences (cancelled ones are finished and skipped). With `wait`
+        (nothing is running) block until work arrives, then give requests that arrive together a
+        short window to join; returns None once stopping with nothing left to do."""
         with self._cond:
-            while not self._queue:
-                if self._stopping:
-                    return None
-                self._cond.wait()
-            # A short window lets requests that arrive together run together.
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(self._queue) < self.max_batch_size and not self._stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            batch: list[Sequence] = []
-            while self._queue and len(batch) < self.max_batch_size:
+            if wait:
+                while not self._queue:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                deadline = time.monotonic() + self.batch_wait_s
+                while len(self._queue) < room and not self._stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            taken: list[Sequence] = []
+            while self._queue and len(taken) < room:
                 seq = self._queue.popleft()
                 if seq.cancelled.is_set():
                     _finish(seq, "cancelled")
                     self._count_cancelled([seq])
                     continue
-                batch.append(seq)
-            self._running = len(batch)
+                taken.append(seq)
             self._update_gauges()
-            return batch
+            return taken
 
+    def _set_running(self, count: int) -> None:
+        with self._cond:
+            self._running = count
+            self._update_gauges()
+
+    # -- the worker ------------------------------------------------------------------------
     def _loop(self) -> None:
+        batch = self.engine.open_batch()
+        if batch is None:
+            self._loop_whole_batches()
+        else:
+            self._loop_continuous(batch)
+
+    def _loop_continuous(self, batch: Any) -> None:
+        """Iteration-level scheduling: admit waiting sequences before every decode step."""
         while True:
-            batch = self._take_batch()
+            room = self.max_batch_size - len(batch) if batch.can_admit else 0
+            new = self._take(room, wait=not batch) if room else []
+            if new is None:
+                return
+            if new:
+                try:
+                    batch.admit(new)
+                except Exception as exc:  # the newcomers' prefill failed; the running rows are intact
+                    log.exception("prefill failed")
+                    for seq in new:
+                        if seq.finish_reason is None:
+                            _finish(seq, "error", f"{type(exc).__name__}: {exc}")
+                self._count_cancelled([seq for seq in new if seq.finish_reason is not None])
+            if not batch:
+                continue
+            self._set_running(len(batch))
+            if self.metrics is not None:
+                self.metrics.batch_size.observe(len(batch))
+            running = batch.sequences
+            try:
+                batch.advance()
+                self._set_running(len(batch))  # finished rows have left: their slots are free now
+                batch.forward()
+            except Exception as exc:  # one failed step must not kill the server
+                log.exception("generation failed")
+                batch.fail_all(f"{type(exc).__name__}: {exc}")
+            self._count_cancelled([seq for seq in running if seq.finish_reason is not None])
+            self._set_running(len(batch))
+
+    def _loop_whole_batches(self) -> None:
+        """Engines without a running batch: take what waits, run it to the end, repeat."""
+        while True:
+            batch = self._take(self.max_batch_size, wait=True)
             if batch is None:
                 return
             if not batch:
                 continue
+            self._set_running(len(batch))
             if self.metrics is not None:
                 self.metrics.batch_size.observe(len(batch))
             try:
@@ -125,9 +183,7 @@ class Scheduler:
                         _finish(seq, "error", f"{type(exc).__name__}: {exc}")
             finally:
                 self._count_cancelled(batch)
-                with self._cond:
-                    self._running = 0
-                    self._update_gauges()
+                self._set_running(0)
 
     def _count_cancelled(self, sequences: list[Sequence]) -> None:
         if self.metrics is not None:

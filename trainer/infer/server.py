@@ -2,14 +2,18 @@
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both with
 `stream: true` as server-sent events in OpenAI's chunk format), `GET /health` (liveness: the
-process answers), `GET /ready` (readiness: the model is loaded), `GET /metrics` (Prometheus).
+process answers), `GET /ready` (readiness: the model is loaded and the server is not draining),
+`GET /metrics` (Prometheus).
 
 The model loads in the background after the socket opens, so liveness holds while a big model
 loads and readiness turns on when it can serve. Requests become `Sequence`s in the scheduler's
-queue and run in batches on the engine thread (see `scheduler.py`); streamed text flows back to
-each handler through an asyncio queue. A client that disconnects cancels its sequences, which
-leave the batch at the next step. With `KUBETUNE_API_KEY` (or `--api-key-env NAME`) set, the
-`/v1` endpoints require `Authorization: Bearer <key>`; probes and metrics stay open. On SIGTERM
+queue and join the running batch on the engine thread at the next token step (continuous
+batching, see `scheduler.py`); streamed text, and logprobs when asked for, flow back to each
+handler through an asyncio queue. `best_of` generates extra samples and returns the `n` with the
+highest mean token logprob. A client that disconnects cancels its sequences, which leave the
+batch at the next step. With `KUBETUNE_API_KEY` (or `--api-key-env NAME`) set, the `/v1`
+endpoints require `Authorization: Bearer <key>`; probes and metrics stay open. On SIGTERM
+readiness turns off at once (`DrainingServer`), the server keeps serving for `--drain-delay`, then
 uvicorn stops accepting connections and waits (`--drain-timeout`) for in-flight requests.
 """
 
@@ -27,14 +31,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kubetune.trainer.errors import KubetuneError
 from kubetune.trainer.infer.engine import Engine, UnknownModel
+from kubetune.trainer.infer.logprobs import LogprobFormatter, mean_logprob
 from kubetune.trainer.infer.metrics import ServerMetrics
-from kubetune.trainer.infer.params import Event, InvalidRequest, SamplingParams, Sequence
+from kubetune.trainer.infer.params import Event, InvalidRequest, SamplingParams, Sequence, TokenLogprob
 from kubetune.trainer.infer.protocol import ChatCompletionRequest, CompletionRequest, error_body
 from kubetune.trainer.infer.scheduler import Overloaded, Scheduler
 from kubetune.trainer.spec import StorageSpec
@@ -59,6 +65,11 @@ class ServerConfig:
     max_queue: int = 1024
     api_key: str | None = None
     drain_timeout_s: float = 30.0
+    """After the listener closes, how long in-flight requests get to finish."""
+    drain_delay_s: float = 0.0
+    """After SIGTERM, how long to keep accepting requests while /ready says 503, so that load
+    balancers that follow readiness stop routing here first (0: stop accepting at once, as with a
+    Kubernetes preStop sleep that already covers it)."""
 
 
 @dataclass
@@ -70,12 +81,20 @@ class ServerState:
     load_error: BaseException | None = None
     loaded: threading.Event = field(default_factory=threading.Event)
     on_load_error: Callable[[BaseException], None] | None = None
+    draining: threading.Event = field(default_factory=threading.Event)
+    """Set on SIGTERM: readiness turns off while in-flight requests finish."""
+
+    def begin_drain(self) -> None:
+        """Stop reporting ready (the Service stops routing here); requests are still served."""
+        self.draining.set()
+        self.metrics.ready.set(0)
 
     def attach(self, engine: Engine) -> None:
         self.scheduler = Scheduler(engine, max_batch_size=self.config.max_batch_size, batch_wait_s=self.config.batch_wait_s,
                                    max_queue=self.config.max_queue, metrics=self.metrics).start()
         self.engine = engine
-        self.metrics.ready.set(1)
+        if not self.draining.is_set():
+            self.metrics.ready.set(1)
         self.loaded.set()
 
 
@@ -177,6 +196,8 @@ def create_app(engine: Engine | None = None, *, loader: Callable[[], Engine] | N
 
     @app.get("/ready")
     async def ready():
+        if state.draining.is_set():
+            return JSONResponse({"status": "draining", "error": None}, status_code=503)
         if state.engine is not None and state.scheduler is not None and state.load_error is None:
             return {"status": "ready", "models": state.engine.model_names}
         status = "failed" if state.load_error is not None else "loading"
@@ -229,9 +250,18 @@ def create_app(engine: Engine | None = None, *, loader: Callable[[], Engine] | N
                 adapter = eng.adapter_for(req.model)
                 model_label = req.model
                 params = req.sampling()
+                if (params.logprobs is not None or params.prompt_logprobs is not None) and not eng.supports_logprobs:
+                    param = "logprobs" if req.logprobs not in (None, False) else "best_of"
+                    raise InvalidRequest(param, f"{param} needs token logprobs, which are not computed with "
+                                         "speculative decoding.", "serve without --draft-model/--prompt-lookup.")
                 if endpoint == "chat":
                     messages = [m.as_template_message() for m in req.messages]
-                    prompts = [eng.encode_chat(messages, req.model, tools=req.tools)]
+                    tools = req.offered_tools()
+                    if tools and not eng.template_supports_tools(req.model):
+                        raise InvalidRequest("tools", f"the chat template of {req.model!r} does not render tools, so the "
+                                             "model would never see them.", "send the request without tools, or serve "
+                                             "the model with a template that uses `tools` (--template).")
+                    prompts = [eng.encode_chat(messages, req.model, tools=tools)]
                 else:
                     prompts = [p if isinstance(p, list) else eng.encode_text(p) for p in req.prompts()]
                 for ids in prompts:
@@ -259,7 +289,7 @@ def create_app(engine: Engine | None = None, *, loader: Callable[[], Engine] | N
 
 
 class Run:
-    """One request's sequences (n per prompt) and the events flowing back from the engine."""
+    """One request's sequences (`n`, or `best_of`, per prompt) and the events flowing back from the engine."""
 
     def __init__(self, state: ServerState, endpoint: str, req: Any, prompts: list[list[int]], params: SamplingParams,
                  adapter: str | None, *, lstrip: bool):
@@ -270,10 +300,14 @@ class Run:
         self.events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
+        self.per_prompt = req.samples_per_prompt
+        self.returned = req.n
+        """Choices returned per prompt: `n` (the best of `per_prompt` when `best_of` > n)."""
+        self.report_logprobs = bool(req.logprobs) if endpoint == "chat" else req.logprobs is not None
         self.sequences: list[Sequence] = []
         for p_index, ids in enumerate(prompts):
-            for j in range(req.n):
-                index = p_index * req.n + j
+            for j in range(self.per_prompt):
+                index = p_index * self.per_prompt + j
                 seq = Sequence(prompt_ids=ids, params=params.for_choice(j), adapter=adapter, lstrip=lstrip,
                                emit=self._emitter(index), tag=index)
                 self.sequences.append(seq)
@@ -307,6 +341,29 @@ class Run:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
+    @property
+    def echo_logprobs(self) -> bool:
+        """Completions with `echo` and `logprobs`: the prompt's tokens are scored and listed first."""
+        return self.endpoint == "completions" and self.report_logprobs and bool(self.req.echo)
+
+    def _formatter(self, seq: Sequence) -> LogprobFormatter | None:
+        if not self.report_logprobs:
+            return None
+        # With echo the listed tokens start at the prompt's first one (offset 0 of the echoed text).
+        return LogprobFormatter(self.state.engine.tokenizer, [] if self.echo_logprobs else seq.prompt_ids)  # type: ignore[union-attr]
+
+    def _logprobs(self, formatter: LogprobFormatter | None, entries: list[TokenLogprob] | None, *,
+                  prompt_of: Sequence | None = None) -> dict[str, Any] | None:
+        """A choice's (or chunk's) `logprobs` object, or None when the request did not ask for them.
+        `prompt_of`: list that sequence's prompt tokens first (echo)."""
+        if formatter is None:
+            return None
+        if self.endpoint == "chat":
+            return {"content": formatter.chat(entries or []), "refusal": None}
+        if prompt_of is not None:
+            return formatter.completion(entries or [], prompt=prompt_of.prompt_ids, prompt_entries=prompt_of.prompt_logprobs)
+        return formatter.completion(entries or [])
+
     async def _next(self, request: Any, poll_s: float = 0.5) -> tuple[int, Event] | None:
         """The next event; None when the client has gone away."""
         while True:
@@ -315,6 +372,18 @@ class Run:
             except TimeoutError:
                 if await request.is_disconnected():
                     return None
+
+    def _chosen(self) -> list[Sequence]:
+        """The sequences to return: all of them, or per prompt the `n` of `best_of` with the
+        highest mean token logprob (OpenAI's "best" for `best_of`), in generation order."""
+        if self.per_prompt == self.returned:
+            return self.sequences
+        chosen: list[Sequence] = []
+        for start in range(0, len(self.sequences), self.per_prompt):
+            group = self.sequences[start:start + self.per_prompt]
+            best = sorted(group, key=lambda seq: mean_logprob(seq.logprobs), reverse=True)[: self.returned]
+            chosen += sorted(best, key=lambda seq: seq.tag)
+        return chosen
 
     async def collect(self, request: Any, started: float) -> dict[str, Any]:
         texts = {seq.tag: "" for seq in self.sequences}
@@ -341,15 +410,20 @@ class Run:
         if error:
             raise ApiError(500, f"generation failed: {error}", type="server_error")
         model = self.req.model
-        if self.endpoint == "chat":
-            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
-                        "finish_reason": reasons.get(i, "stop")} for i in sorted(texts)]
-            return {"id": self.id, "object": "chat.completion", "created": self.created, "model": model,
-                    "choices": choices, "usage": self.usage(), "system_fingerprint": None}
-        choices = [{"index": i, "text": self._echo(i) + texts[i], "logprobs": None, "finish_reason": reasons.get(i, "stop")}
-                   for i in sorted(texts)]
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": model,
-                "choices": choices, "usage": self.usage(), "system_fingerprint": None}
+        choices = []
+        for i, seq in enumerate(self._chosen()):
+            logprobs = self._logprobs(self._formatter(seq), (seq.logprobs or [])[: len(seq.token_ids)],
+                                      prompt_of=seq if self.echo_logprobs else None)
+            reason = reasons.get(seq.tag, "stop")
+            if self.endpoint == "chat":
+                choices.append({"index": i, "message": {"role": "assistant", "content": texts[seq.tag]},
+                                "logprobs": logprobs, "finish_reason": reason})
+            else:
+                choices.append({"index": i, "text": self._echo(seq.tag) + texts[seq.tag], "logprobs": logprobs,
+                                "finish_reason": reason})
+        obj = "chat.completion" if self.endpoint == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": model, "choices": choices,
+                "usage": self.usage(), "system_fingerprint": None}
 
     def _echo(self, index: int) -> str:
         if self.endpoint != "completions" or not self.req.echo:
@@ -369,12 +443,14 @@ class Run:
         chat = self.endpoint == "chat"
         finished: set[int] = set()
         first_token = True
+        formatters = {seq.tag: self._formatter(seq) for seq in self.sequences}
+        echo_pending = {seq.tag for seq in self.sequences} if self.echo_logprobs else set()
         try:
             for seq in self.sequences:
                 if chat:
                     yield self._chunk([{"index": seq.tag, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}])
-                elif self.req.echo:
+                elif self.req.echo and not echo_pending:
                     yield self._chunk([{"index": seq.tag, "text": self._echo(seq.tag), "logprobs": None, "finish_reason": None}])
             while len(finished) < len(self.sequences):
                 item = await self._next(request)
@@ -383,16 +459,23 @@ class Run:
                     return
                 index, event = item
                 self.completion_tokens += event.tokens
+                if index in echo_pending and not event.error:
+                    # The prompt's logprobs exist once the sequence is prefilled, i.e. by its first event.
+                    echo_pending.discard(index)
+                    seq = self.sequences[index]
+                    yield self._chunk([{"index": index, "text": self._echo(index), "finish_reason": None,
+                                        "logprobs": self._logprobs(formatters[index], [], prompt_of=seq)}])
                 if event.error:
                     self.status = "500"
                     yield f"data: {json.dumps(error_body(f'generation failed: {event.error}', type='server_error'))}\n\n"
                     return
-                if event.text:
+                logprobs = self._logprobs(formatters[index], event.logprobs) if event.logprobs else None
+                if event.text or logprobs:
                     if first_token:
                         first_token = False
                         self.state.metrics.ttft.labels(self.endpoint).observe(time.monotonic() - started)
                     piece = {"delta": {"content": event.text}} if chat else {"text": event.text}
-                    yield self._chunk([{"index": index, **piece, "logprobs": None, "finish_reason": None}])
+                    yield self._chunk([{"index": index, **piece, "logprobs": logprobs, "finish_reason": None}])
                 if event.finish_reason is not None:
                     finished.add(index)
                     piece = {"delta": {}} if chat else {"text": ""}
@@ -409,15 +492,53 @@ class Run:
             self._finish_metrics(started)
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, with readiness off from the first SIGTERM/SIGINT on.
+
+    The first signal marks the server draining at once (`/ready` 503, `kubetune_model_ready` 0)
+    and, after `drain_delay_s` of still accepting requests, does what uvicorn does: stop
+    listening, give in-flight requests `drain_timeout_s`, then run the app's shutdown (the
+    scheduler finishes what is queued). A second signal skips the rest of the delay; a SIGINT after
+    that quits at once, as in uvicorn.
+    """
+
+    def __init__(self, config: uvicorn.Config, state: ServerState):
+        super().__init__(config)
+        self.state = state
+        self._delayed: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.state.draining.is_set():  # a second signal: stop accepting now
+            if self._delayed is not None:
+                self._delayed.cancel()
+            super().handle_exit(sig, frame)
+            return
+        self.state.begin_drain()
+        delay = self.state.config.drain_delay_s
+        if delay <= 0:
+            log.info("draining: not ready any more, closing the listener")
+            super().handle_exit(sig, frame)
+            return
+        log.info("draining: not ready any more, closing the listener in %gs", delay)
+        self._delayed = threading.Timer(delay, super().handle_exit, args=(sig, None))
+        self._delayed.daemon = True
+        self._delayed.start()
+
+
+def make_server(app: Any, **uvicorn_kwargs: Any) -> DrainingServer:
+    """A uvicorn server for an app from `create_app` that drains the Kubernetes way."""
+    state: ServerState = app.state.kubetune
+    uvicorn_kwargs.setdefault("timeout_graceful_shutdown", int(state.config.drain_timeout_s) or None)
+    return DrainingServer(uvicorn.Config(app, **uvicorn_kwargs), state)
+
+
 def serve(model: str, *, host: str = "0.0.0.0", port: int = 8000, config: ServerConfig | None = None,
           log_level: str = "info", template: str | None = None, **engine_kwargs: Any) -> int:
     """Run the server until SIGINT/SIGTERM (blocking). Returns the exit code."""
-    import uvicorn
-
     from kubetune.trainer.infer.engine import create_engine
 
     failure: list[BaseException] = []
-    server: uvicorn.Server | None = None
+    server: DrainingServer | None = None
 
     def on_load_error(exc: BaseException) -> None:
         failure.append(exc)
@@ -438,9 +559,7 @@ def serve(model: str, *, host: str = "0.0.0.0", port: int = 8000, config: Server
 
     config = config or ServerConfig()
     app = create_app(loader=load, config=config, on_load_error=on_load_error)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=int(config.drain_timeout_s) or None,
-                                           access_log=log_level == "debug"))
+    server = make_server(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
     server.run()
     if failure:
         exc = failure[0]

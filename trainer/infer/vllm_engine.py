@@ -59,6 +59,8 @@ class VLLMPlan:
     max_lora_rank: int = 8
     template_dir: str = ""
     """Where the chat template vLLM applies was saved (an adapter output's own, else the tokenizer's)."""
+    default_model: str | None = None
+    """The adapter's served name when the model location is a LoRA output (generation uses it by default)."""
 
     def __post_init__(self) -> None:
         self.template_dir = self.template_dir or self.tokenizer
@@ -71,9 +73,11 @@ def plan(model: str, *, adapters: list[AdapterRef] | None = None, base: str | No
     adapters = list(adapters or [])
     local = resolve_path(model, storage, "model")
     tokenizer = template_dir = str(local)
+    default_model = None
     if isinstance(local, Path) and is_adapter_dir(local):
         base_location, spec = adapter_base(local)
         adapters.insert(0, AdapterRef(served_name or default_name(model, spec), str(local)))
+        default_model = adapters[0].name
         base_location = base or base_location
         base_local = resolve_path(base_location, storage, "--base")
         served_name = default_name(base_location)
@@ -97,7 +101,8 @@ def plan(model: str, *, adapters: list[AdapterRef] | None = None, base: str | No
         with contextlib.suppress(OSError, ValueError):
             rank = max(rank, int(json.loads((path / "adapter_config.json").read_text()).get("r", 8)))
     return VLLMPlan(model=str(local), tokenizer=tokenizer, served_name=served_name or default_name(model),
-                    adapters=resolved, max_lora_rank=rank, template_dir=template_dir)
+                    adapters=resolved, max_lora_rank=rank, template_dir=template_dir,
+                    default_model=default_model)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -255,7 +260,7 @@ class VLLMEngine(Engine):
         templates = {p.served_name: template_of(p.model, None) or template_of(p.template_dir, tokenizer)}
         templates.update({name: template_of(path, tokenizer) for name, path in p.adapters.items()})
         super().__init__(base_name=p.served_name, adapters=p.adapters, templates=templates,
-                         context_length=context_length, tokenizer=tokenizer)
+                         context_length=context_length, tokenizer=tokenizer, default_model=p.default_model)
         self.llm = llm
         self.plan = p
         self._lora_ids = {name: i + 1 for i, name in enumerate(p.adapters)}
