@@ -6,8 +6,10 @@ twice, each in a fresh process so peak memory is the method's own:
   - through a plain `transformers.Trainer` with PEFT / bitsandbytes / GaLore set up by hand,
     on the same tokenized data (the baseline: what the toolkit would cost over doing it yourself).
 Throughput is tokens per second of the training loop (the trainer's `train_runtime`, which
-excludes loading and saving). The model FLOPs utilisation is 6 * N * tokens/s over a measured
-matmul peak of the same device. One table is printed (the shape of LlamaFactory's Table 3) and
+excludes loading and saving). The model FLOPs utilisation is the method's model FLOPs per token
+times tokens/s over a measured matmul peak of the same device: 2N forward + 2N for the gradients
+of the activations + 2N_t for the weight gradients (N parameters, N_t trainable), i.e. the usual
+6N for full fine-tuning but ~4N for LoRA/freeze, which compute no gradient for frozen weights. One table is printed (the shape of LlamaFactory's Table 3) and
 written to bench/results/methods.{json,md}.
 
     python bench/methods.py                 # CPU here: a ~3.5M-parameter Llama, a few minutes
@@ -167,6 +169,13 @@ def count_tokens(spec_doc: dict) -> int:
     return int(spec.train.maxSteps * spec.train.batchSize * mean_length)
 
 
+def model_flops_per_token(total: int, trainable: int) -> float:
+    """Forward (2N) + activation gradients (2N) + weight gradients (2N_t): 6N only when everything
+    trains. (Activation gradients are needed down to the first trainable layer; counting them
+    everywhere slightly overstates freeze with only the last layers trainable.)"""
+    return 4 * total + 2 * trainable
+
+
 def matmul_peak_flops() -> float:
     """Measured dense matmul FLOP/s of this device (fp32 on CPU, bf16 on GPU)."""
     import torch
@@ -240,7 +249,7 @@ def main() -> None:
             "tokens_per_second": round(tps, 1), "baseline_tokens_per_second": round(base_tps, 1),
             "throughput_ratio": round(tps / base_tps, 3), "final_loss": round(ours["final_loss"], 4),
             "baseline_final_loss": round(base["final_loss"], 4),
-            "mfu_percent": round(100 * 6 * ours["total"] * tps / peak, 2),
+            "mfu_percent": round(100 * model_flops_per_token(ours["total"], ours["trainable"]) * tps / peak, 2),
         })
     import torch
 

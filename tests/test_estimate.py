@@ -352,3 +352,27 @@ def test_the_estimate_and_the_admission_check_do_not_import_torch():
     code = ("import sys, kubetune.trainer.estimate, kubetune.operator.validation; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120).returncode == 0
+
+
+def test_alignment_stages_count_their_frozen_models_and_longer_batches() -> None:
+    """DPO with full fine-tuning keeps a frozen reference copy (LoRA does not: adapters off);
+    pairs double the sequences; PPO adds a reward model and trains on every sample's answer."""
+    from kubetune.trainer.estimate import estimate
+    from kubetune.trainer.specfile import validate_training
+
+    def spec(**extra):
+        return validate_training({"model": {"path": "meta-llama/Llama-2-7b-hf"}, "data": {"datasets": [{"path": "d.jsonl"}], "maxLength": 1024},
+                                  "train": {"batchSize": 1, "precision": "bf16"}, **extra})
+
+    sft = estimate(spec(method="full"), gpus_per_node=8, params="7B")
+    dpo = estimate(spec(stage="dpo", method="full"), gpus_per_node=8, params="7B")
+    assert dpo.components["frozen models"] == pytest.approx(sft.components["weights"] * 2 / 3)  # an fp32 copy: 4 of the policy's 6 bytes/param (which add autocast's 16-bit copies)
+    assert dpo.components["activations"] == pytest.approx(2 * sft.components["activations"])
+    lora_dpo = estimate(spec(stage="dpo", method="lora"), gpus_per_node=8, params="7B")
+    assert "frozen models" not in lora_dpo.components
+    simpo = estimate(spec(stage="dpo", method="full", dpo={"lossType": "simpo"}), gpus_per_node=8, params="7B")
+    assert "frozen models" not in simpo.components
+    ppo = estimate(spec(stage="ppo", method="full", reward={"model": "s3://rm"}, generation={"maxNewTokens": 1024, "samplesPerPrompt": 2}),
+                   gpus_per_node=8, params="7B")
+    assert ppo.components["frozen models"] == pytest.approx(2 * dpo.components["frozen models"])  # reference + reward model
+    assert ppo.components["activations"] > 3.9 * sft.components["activations"]  # 2 samples x twice the length

@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               "Run the same command again to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
     resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
-    evals = ", ".join(f"{k}={v:.4g}" for k, v in result.eval_metrics.items() if k == "eval_loss")
+    evals = ", ".join(f"{k}={v:.4g}" for k, v in result.eval_metrics.items() if k in ("eval_loss", "eval_reward"))
     print(f"Done: {result.global_step} steps in {result.runtime_seconds:.0f}s{resumed}. "
           f"Output: {loaded.spec.output_path}" + (f" ({evals})" if evals else ""))
     return 0
@@ -66,7 +66,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(loaded.spec.to_document(), sort_keys=False), end="")
     else:
         what = f"{loaded.kind} " if loaded.kind else ""
-        print(f"{loaded.source}: valid {what}training spec (stage {loaded.spec.stage}, method {loaded.spec.method}).")
+        spec = loaded.spec
+        stages = " -> ".join(step.stage for step in spec.pipeline) if spec.pipeline else spec.stage
+        print(f"{loaded.source}: valid {what}training spec ({'pipeline' if spec.pipeline else 'stage'} {stages}, method {spec.method}).")
     return 0
 
 

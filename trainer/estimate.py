@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.trainer.errors import SpecError
-from kubetune.trainer.spec import TrainingSpec
+from kubetune.trainer.spec import ROLLOUT_STAGES, TrainingSpec
 
 GIB = 1024**3
 GPU_OVERHEAD_GIB = 0.75
@@ -503,8 +503,14 @@ def estimate(
         if ranks == 1 and ds.stage >= 1:
             notes.append("ZeRO partitions across ranks: with one GPU only offloading saves memory")
 
+    # -- the training stage: sequences per row, frozen companion models ---------------------------
+    sequences, seq_len = _stage_sequences(spec)
+    frozen = _frozen_models(spec, total * weight_b if method != "qlora" else weights)
+    if frozen:
+        notes.append(f"stage {spec.stage} keeps {frozen / GIB:.1f} GiB of frozen models (reference/reward) per GPU")
+
     # -- activations -------------------------------------------------------------------------------
-    tokens = spec.train.batchSize * spec.data.maxLength
+    tokens = sequences * seq_len
     h, a, k, d, inter = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate
     mlp_elems = (4 * inter) * shape.active_experts if shape.gated_mlp else 3 * inter * shape.active_experts
     per_token_layer = (6 * h + 3 * a * d + 2 * k * d + mlp_elems) * act_bytes
@@ -515,7 +521,7 @@ def estimate(
                       for n in _targets(spec.lora.targetModules, linear_names))
         per_token_layer += fan_ins * (act_bytes + 1)
     if spec.model.attnImplementation == "eager":
-        per_token_layer += a * spec.data.maxLength * (4 + act_bytes)
+        per_token_layer += a * seq_len * (4 + act_bytes)
     if spec.train.gradientCheckpointing:
         residual_b = 4 if (mixed and weight_b == 4) else act_bytes
         layer_acts = tokens * (layers * h * residual_b + per_token_layer)
@@ -525,6 +531,8 @@ def estimate(
     activations = layer_acts + loss_acts
 
     components = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations}
+    if frozen:
+        components["frozen models"] = frozen
     # Gradients are freed after every optimizer step (`zero_grad(set_to_none=True)`) and created
     # during backward as the activations are freed, so the two peak at different moments, unless
     # they persist: accumulated over micro-batches, DDP's reducer buckets, DeepSpeed's flat buffers.
@@ -539,6 +547,32 @@ def estimate(
         components=components, shape=shape, ranks=ranks, parameters=round(total), trainable=round(trainable),
         precision=precision, device=device, cpu_offload_bytes=cpu_offload, working_set_bytes=working_set, notes=notes,
     )
+
+
+def _stage_sequences(spec: TrainingSpec) -> tuple[int, int]:
+    """(sequences per device per step, tokens per sequence) the stage's forward pass holds:
+    preference stages run chosen and rejected (KTO: matched and mismatched) in one batch; rollout
+    stages train on prompt + `maxNewTokens` answers, PPO on every sample of every prompt."""
+    sequences, seq_len = spec.train.batchSize, spec.data.maxLength
+    if spec.stage in ("rm", "dpo", "kto"):
+        sequences *= 2
+    if spec.stage in ROLLOUT_STAGES:
+        seq_len += spec.generation.maxNewTokens
+        if spec.stage == "ppo":
+            sequences *= spec.generation.samplesPerPrompt
+    return sequences, seq_len
+
+
+def _frozen_models(spec: TrainingSpec, model_bytes: float) -> float:
+    """Frozen copies next to the policy: the reference for dpo/kto/ppo/grpo(beta > 0) unless LoRA
+    provides it by disabling adapters (or the loss is reference-free), and a reward model (assumed
+    the policy's size; with LoRA assumed to be an adapter on the same base, which shares it)."""
+    reference_free = spec.stage == "dpo" and spec.dpo.lossType in ("simpo", "orpo")
+    needs_reference = spec.stage in ("dpo", "kto", "ppo") or (spec.stage == "grpo" and spec.grpo.beta > 0)
+    frozen = model_bytes if needs_reference and not reference_free and not spec.uses_lora else 0.0
+    if spec.stage in ROLLOUT_STAGES and spec.reward.model and not spec.uses_lora:
+        frozen += model_bytes
+    return frozen
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def export_merged(adapter: str, out: str, *, base: str | None = None, dtype: str
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kubetune.trainer.infer.loading import adapter_base
-    from kubetune.trainer.models.loader import load_config, resolve_location
+    from kubetune.trainer.models.loader import load_config, resolve_location, resolve_model_location
 
     storage = storage or StorageSpec()
     adapter_dir = Path(resolve_location(adapter, storage, "adapter"))
@@ -35,7 +35,7 @@ def export_merged(adapter: str, out: str, *, base: str | None = None, dtype: str
         raise SpecError("adapter", f"{str(adapter_dir)!r} holds no adapter_config.json.", "pass a LoRA output directory.")
     saved_base, spec = adapter_base(adapter_dir)
     spec_file = adapter_dir / RESOLVED_SPEC_FILE
-    base_location = resolve_location(base or saved_base, storage, "--base")
+    base_location = resolve_model_location(base or saved_base, storage, "--base")
     config = load_config(spec, base_location) if spec else None
     model = AutoModelForCausalLM.from_pretrained(base_location, config=config, dtype=getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)

@@ -1,4 +1,4 @@
-"""The loss curve written at the end of every run (`loss.png`)."""
+"""The loss curve written at the end of every run (`loss.png`; with a reward panel for RL stages)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss(metrics_path: Path, out_path: Path, title: str = "") -> Path | None:
-    """Training loss per logging step and eval loss per evaluation, on one chart."""
+    """Training loss per logging step and eval loss per evaluation, on one chart; for the stages
+    that learn from rewards (ppo, raft, grpo), a second panel with the reward curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,19 +30,29 @@ def plot_loss(metrics_path: Path, out_path: Path, title: str = "") -> Path | Non
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    rewards = [(r["step"], r["reward"]) for r in records if "reward" in r]
+    eval_rewards = [(r["step"], r["eval_reward"]) for r in records if "eval_reward" in r]
     if not train and not evals:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", color="tab:orange")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title or "kubetune training")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    panels = 2 if rewards or eval_rewards else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), dpi=110, squeeze=False)
+    _panel(axes[0][0], title or "kubetune training", "loss", [
+        (train, "-", "train loss", "tab:blue"), (evals, "o-", "eval loss", "tab:orange")])
+    if panels == 2:
+        _panel(axes[0][1], "reward", "reward", [
+            (rewards, "-", "reward (samples)", "tab:green"), (eval_rewards, "o-", "eval reward (greedy, held out)", "tab:red")])
     fig.tight_layout()
     fig.savefig(out_path)
     plt.close(fig)
     return out_path
+
+
+def _panel(ax, title: str, ylabel: str, series: list[tuple[list, str, str, str]]) -> None:
+    for points, style, label, color in series:
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label, color=color)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kubetune.trainer.errors import SpecError, SpecErrors
 from kubetune.trainer.models.builtin import BUILTINS, PREFIX, is_builtin
-from kubetune.trainer.spec import DatasetSpec, TrainingSpec
+from kubetune.trainer.spec import ROLLOUT_STAGES, DatasetSpec, TrainingSpec
 from kubetune.trainer.specfile import REFERENCE_SCHEME
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow")
@@ -48,6 +48,39 @@ def _dataset_errors(datasets: list[DatasetSpec], prefix: str) -> list[SpecError]
     return errors
 
 
+def _reward_errors(spec: TrainingSpec, prefix: str = "", produced: frozenset[str] = frozenset()) -> list[SpecError]:
+    """A reward function must import; a reward or reference model must exist (unless an earlier
+    pipeline step produces it)."""
+    errors: list[SpecError] = []
+    if spec.stage in ROLLOUT_STAGES and spec.reward.function:
+        from kubetune.trainer.rewards import import_function
+
+        try:
+            import_function(spec.reward.function, f"{prefix}reward.function")
+        except SpecError as err:
+            errors.append(err)
+    for location, field, what in ((spec.reward.model if spec.stage in ROLLOUT_STAGES else None, "reward.model", "reward model"),
+                                  (spec.dpo.referenceModel if spec.stage == "dpo" else None, "dpo.referenceModel", "reference model")):
+        if location and location not in produced:
+            err = _check_location(location, f"{prefix}{field}", what)
+            if err:
+                errors.append(err)
+    return errors
+
+
+def _pipeline_errors(spec: TrainingSpec) -> list[SpecError]:
+    errors: list[SpecError] = []
+    produced: set[str] = set()
+    for index, step in enumerate(spec.pipeline_specs()):
+        prefix = f"pipeline[{index}]."
+        if spec.pipeline[index].data is not None:
+            errors += _dataset_errors(step.data.datasets, f"{prefix}data.datasets")
+            errors += _dataset_errors(step.data.evalDatasets, f"{prefix}data.evalDatasets")
+        errors += _reward_errors(step, prefix, frozenset(produced))
+        produced.add(step.output_path)
+    return errors
+
+
 def preflight(spec: TrainingSpec, field_prefix: str = "", source: str | None = None) -> None:
     """Raise SpecErrors listing every problem found (all at once, so one edit fixes them)."""
     errors: list[SpecError] = []
@@ -59,6 +92,7 @@ def preflight(spec: TrainingSpec, field_prefix: str = "", source: str | None = N
             errors.append(err)
     errors += _dataset_errors(spec.data.datasets, "data.datasets")
     errors += _dataset_errors(spec.data.evalDatasets, "data.evalDatasets")
+    errors += _pipeline_errors(spec) if spec.pipeline else _reward_errors(spec)
     if spec.data.template is not None and "{" not in spec.data.template:
         from kubetune.trainer.data.templates import TEMPLATES
 

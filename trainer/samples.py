@@ -16,6 +16,13 @@ log = logging.getLogger(__name__)
 SAMPLES_FILE = "samples.jsonl"
 
 
+def prompt_column_prompts(eval_rows, count: int) -> list[list[int]]:
+    """For stages whose rows carry their prompt as `prompt_ids` (dpo, kto, ppo, raft, grpo)."""
+    if eval_rows is None or count <= 0:
+        return []
+    return [list(row["prompt_ids"]) for row in eval_rows.select(range(min(count, len(eval_rows))))]
+
+
 def sample_prompts(eval_rows, count: int) -> list[list[int]]:
     """Prompt token ids of the first `count` eval rows that have a masked prompt."""
     prompts: list[list[int]] = []

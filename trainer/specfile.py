@@ -77,6 +77,11 @@ def extract_training(document: Any, source: str) -> tuple[dict[str, Any], str | 
         # then the spec is valid with a reference that only `kubetune train` refuses to load.
         ref_kind, ref_name = next(iter(reference.items()), ("job", "?"))
         training["model"] = {**(model if isinstance(model, dict) else {}), "path": f"{REFERENCE_SCHEME}{ref_kind}/{ref_name}"}
+    reward_reference = spec.get("rewardModelFrom")
+    reward = training.get("reward")
+    if kind == "AlignmentJob" and isinstance(reward_reference, dict) and (not isinstance(reward, dict) or not reward.get("model")):
+        ref_kind, ref_name = next(iter(reward_reference.items()), ("job", "?"))
+        training["reward"] = {**(reward if isinstance(reward, dict) else {}), "model": f"{REFERENCE_SCHEME}{ref_kind}/{ref_name}"}
     name = (document.get("metadata") or {}).get("name")
     if name and "name" not in training:
         training["name"] = name

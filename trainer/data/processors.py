@@ -381,7 +381,7 @@ class UnpairedProcessor(Processor):
 
 
 class PromptProcessor(Processor):
-    """For generating stages (RAFT/GRPO, not wired to a stage yet): conversations -> prompts to generate from. The prompt is everything before
+    """For the generating stages (ppo, raft, grpo): conversations -> prompts to generate from. The prompt is everything before
     the last assistant turn (or the whole conversation when it ends with a user turn); that turn's
     text is kept as `reference` for reward functions. Outputs `prompt` (the rendered text, with the
     generation prompt), `prompt_ids`, `prompt_messages` (JSON) and `reference`."""
@@ -424,10 +424,15 @@ PROCESSORS: dict[str, type[Processor]] = {
     "sft": SupervisedProcessor,
     "rm": PairwiseProcessor,
     "dpo": PairwiseProcessor,
+    "kto": UnpairedProcessor,
+    "ppo": PromptProcessor,
+    "raft": PromptProcessor,
+    "grpo": PromptProcessor,
 }
 """Stage -> processor class."""
 
-STAGE_DATA: dict[str, str] = {"pt": "chat", "sft": "chat", "rm": "pairwise", "dpo": "pairwise"}
+STAGE_DATA: dict[str, str] = {"pt": "chat", "sft": "chat", "rm": "pairwise", "dpo": "pairwise", "kto": "unpaired",
+                              "ppo": "chat", "raft": "chat", "grpo": "chat"}
 """Stage -> the kind of data it trains on (`chat`, `pairwise`, `unpaired`; see aligners.DATA_KINDS)."""
 LM_STAGES = ("pt", "sft")
 """Stages whose rows are `input_ids`/`labels` (packed or not); the others have their own columns."""

@@ -42,6 +42,49 @@ def resolve_location(location: str, storage: StorageSpec, field: str) -> str:
     return location  # a hub id such as `meta-llama/Llama-3.2-1B`
 
 
+def resolve_model_location(location: str, storage: StorageSpec, field: str) -> str:
+    """Like `resolve_location`, but a LoRA output directory (the previous stage of a pipeline, or
+    an AlignmentJob's `baseModelFrom` a LoRA FineTuneJob) becomes its adapter merged into its base:
+    the next stage trains (and, for DPO/PPO, refers to) the model the previous stage produced.
+    The merge is cached by the adapter's content, so ranks and retries share one copy."""
+    resolved = resolve_location(location, storage, field)
+    adapter_dir = Path(resolved)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        return resolved
+    return str(merged_adapter(adapter_dir, storage))
+
+
+def merged_adapter(adapter_dir: Path, storage: StorageSpec) -> Path:
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    from kubetune.trainer.export import export_merged
+    from kubetune.trainer.storage.cache import cache_root
+
+    digest = hashlib.sha256()
+    for file in sorted(p for p in adapter_dir.iterdir() if p.is_file()):
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    target = cache_root(storage) / "merged" / digest.hexdigest()[:24]
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".merging-", dir=target.parent))
+    try:
+        export_merged(str(adapter_dir), str(scratch / "model"), storage=storage)
+        try:
+            os.replace(scratch / "model", target)  # atomic: a reader never sees half a model
+        except OSError:
+            if not (target / "config.json").is_file():  # not another rank's finished copy
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log.info("merged the adapter %s into its base for this stage (%s)", adapter_dir, target)
+    return target
+
+
 def cuda_available() -> bool:
     import torch
 
@@ -146,7 +189,7 @@ def load_model(spec: TrainingSpec, precision: str, *, extra_kwargs: dict[str, An
     if precision in ("bf16", "fp16") and spec.method in ("full", "freeze", "galore") and spec.model.dtype == "auto":
         # Mixed precision keeps fp32 master weights for fully trained parameters.
         dtype_name = "float32"
-    location = resolve_location(spec.model.path, spec.storage, "model.path")
+    location = resolve_model_location(spec.model.path, spec.storage, "model.path")
     kwargs: dict[str, Any] = {
         "config": load_config(spec, location),
         "dtype": getattr(torch, dtype_name),

@@ -57,7 +57,8 @@ def lora_config(spec: TrainingSpec):
     target = spec.lora.targetModules
     init: bool | str = True if spec.lora.init == "default" else spec.lora.init
     return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        # A reward model is a sequence classifier: PEFT must wrap it as one (and save its head).
+        task_type=TaskType.SEQ_CLS if spec.stage == "rm" else TaskType.CAUSAL_LM,
         r=spec.lora.rank,
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora.dropout,

@@ -16,6 +16,10 @@ STAGE_MODULES = {
     "sft": "kubetune.trainer.stages.causal_lm",
     "rm": "kubetune.trainer.stages.rm",
     "dpo": "kubetune.trainer.stages.dpo",
+    "kto": "kubetune.trainer.stages.kto",
+    "ppo": "kubetune.trainer.stages.ppo",
+    "raft": "kubetune.trainer.stages.raft",
+    "grpo": "kubetune.trainer.stages.grpo",
 }
 
 

@@ -11,6 +11,11 @@ The policy learns to prefer `chosen` over `rejected` relative to a frozen refere
   instead of computed (zero for rejected, gamma/beta per token for chosen), so no reference model is
   loaded or run.
 
+- `orpo` (ORPO, Hong et al. 2024) is reference-free and needs no SFT stage first: the chosen
+  answer's NLL plus `beta` x -log sigmoid(log odds(chosen) - log odds(rejected)), with length-
+  normalised log-probabilities. TRL keeps it in `trl.experimental.orpo`; kubetune feeds it its own
+  tokenized pairs (the experimental API may change with TRL: the version is pinned).
+
 The reference is the model as training starts: a frozen copy for `full`/`freeze`, and for LoRA
 the same base with the adapters disabled (no second copy in memory). `dpo.referenceModel` loads
 another one instead. Pairs are tokenized by kubetune (`PairwiseProcessor`) with the run's chat
@@ -25,12 +30,16 @@ from typing import Any
 
 from kubetune.trainer.context import RunContext
 from kubetune.trainer.errors import SpecError
+from kubetune.trainer.samples import prompt_column_prompts
 from kubetune.trainer.spec import TrainingSpec
+
+sample_prompts = prompt_column_prompts
+"""The runner's hook: prompts for the before/after samples come from the rows' `prompt_ids`."""
 
 log = logging.getLogger(__name__)
 
 TRL_LOSS = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust", "simpo": "sigmoid_norm"}
-REFERENCE_FREE = ("simpo",)
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 def preflight(spec: TrainingSpec) -> TrainingSpec:
@@ -45,12 +54,6 @@ def preflight(spec: TrainingSpec) -> TrainingSpec:
     if spec.dpo.lossType == "robust" and spec.dpo.labelSmoothing == 0:
         log.info("dpo.lossType robust with labelSmoothing 0 is plain DPO")
     return spec
-
-
-def sample_prompts(eval_rows, count: int) -> list[list[int]]:
-    if eval_rows is None or count <= 0:
-        return []
-    return [list(row["prompt_ids"]) for row in eval_rows.select(range(min(count, len(eval_rows))))]
 
 
 def _trainer_class():
@@ -102,6 +105,55 @@ def load_reference(spec: TrainingSpec, model) -> Any:
     return reference
 
 
+def _orpo_trainer_class():
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.orpo import ORPOTrainer
+
+    from kubetune.trainer.data.processors import IGNORE_INDEX
+
+    class OddsRatioTrainer(ORPOTrainer):
+        """ORPOTrainer on kubetune-tokenized pairs (prompt_ids, chosen_ids, rejected_ids)."""
+
+        def tokenize_row(self, feature, model=None) -> dict:
+            if "prompt_ids" not in feature:
+                return super().tokenize_row(feature, model)
+            prompt = list(feature["prompt_ids"])
+            row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for name in ("chosen", "rejected"):
+                answer = list(feature[f"{name}_ids"])
+                row[f"{name}_input_ids"] = prompt + answer
+                row[f"{name}_attention_mask"] = [1] * (len(prompt) + len(answer))
+                row[f"{name}_labels"] = [IGNORE_INDEX] * len(prompt) + answer
+            return row
+
+    return OddsRatioTrainer
+
+
+def build_orpo_trainer(ctx: RunContext):
+    from trl.experimental.orpo import ORPOConfig
+
+    from kubetune.trainer.stages._trl import trl_config
+
+    d = ctx.spec.dpo
+    args = trl_config(ORPOConfig, ctx.training_args, beta=d.beta, max_length=ctx.spec.data.maxLength * 2,
+                      max_completion_length=None, disable_dropout=True)
+
+    def drop_text(ds):
+        return None if ds is None else ds.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+
+    return _orpo_trainer_class()(
+        model=ctx.model,
+        args=args,
+        train_dataset=drop_text(ctx.data.train),
+        eval_dataset=drop_text(ctx.data.eval),
+        processing_class=ctx.tokenizer,
+        callbacks=ctx.callbacks,
+        optimizers=ctx.optimizers,
+    )
+
+
 def build_trainer(ctx: RunContext):
     from peft import PeftModel
     from trl import DPOConfig
@@ -111,6 +163,8 @@ def build_trainer(ctx: RunContext):
 
     spec = ctx.spec
     d = spec.dpo
+    if d.lossType == "orpo":
+        return build_orpo_trainer(ctx)
     reference_free = d.lossType in REFERENCE_FREE
     args = trl_config(
         DPOConfig, ctx.training_args,

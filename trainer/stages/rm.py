@@ -40,7 +40,7 @@ def load_model(spec: TrainingSpec, precision: str, tokenizer):
     dtype_name = loader.DTYPES.get(spec.model.dtype) or loader.PRECISION_DTYPE[precision]
     if precision in ("bf16", "fp16") and spec.method in ("full", "freeze", "galore") and spec.model.dtype == "auto":
         dtype_name = "float32"  # fp32 master weights under mixed precision
-    location = loader.resolve_location(spec.model.path, spec.storage, "model.path")
+    location = loader.resolve_model_location(spec.model.path, spec.storage, "model.path")
     config = loader.load_config(spec, location)
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
@@ -68,7 +68,6 @@ def sample_prompts(eval_rows, count: int) -> list:
 
 
 def build_trainer(ctx: RunContext):
-    from peft import PeftModel
     from trl import RewardConfig, RewardTrainer
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
@@ -85,9 +84,6 @@ def build_trainer(ctx: RunContext):
     args = trl_config(RewardConfig, ctx.training_args, max_length=None, disable_dropout=True, center_rewards_coefficient=None)
     collator = DataCollatorForPreference(pad_token_id=ctx.tokenizer.pad_token_id)
     model = ctx.model
-    if isinstance(model, PeftModel):
-        # RewardTrainer wants a sequence-classification PeftModel; the runner's adapter is generic.
-        model.peft_config["default"].task_type = "SEQ_CLS"
     return RewardTrainer(
         model=model,
         args=args,
