@@ -12,9 +12,14 @@ Lifecycle:
 - a spec whose memory estimate exceeds spec.gpuMemoryGiB (or the operator's default) on
   nodes x gpusPerNode -> Failed (InsufficientGPUMemory, saying what would fit) before anything
   is created, until the spec is changed;
-- missing Secret or referenced job -> Pending with DependenciesReady=False (waits);
+- missing Secret (spec.storage.secretRef, else the operator's default --default-s3-secret) or
+  referenced job -> Pending with DependenciesReady=False (waits; see `references.py`);
   a referenced job that failed -> Failed (ReferenceFailed);
 - start: ConfigMap (the resolved spec, never changed afterwards), headless Service, Job attempt 1;
+- with an `s3://` `data.cache` (and no streaming) a one-pod CPU-only prepare Job comes first:
+  it tokenizes the datasets once into the cache (`kubetune prepare`) while the resource stays
+  Pending (Preparing, DataPrepared=False); when it completes (DataPrepared=True) the training Job
+  is created, and its failure fails the resource (PrepareFailed). Gang restarts never rerun it;
 - Job active -> Running; Job complete -> Succeeded;
 - Job failed: exit code 2 (podFailurePolicy) -> Failed (ConfigError); deadline -> Failed;
   otherwise the whole gang restarts as attempt n+1 (a new Job; the trainer resumes from the last
@@ -31,6 +36,12 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.operator.references import (
+    REFERENCE_FAILED,
+    DependencyChecks,
+    output_uri_of,
+    training_references,
+)
 from kubetune.operator.render.common import (
     ANNOTATION_ATTEMPT,
     ANNOTATION_TRAINING_HASH,
@@ -39,8 +50,10 @@ from kubetune.operator.render.common import (
 )
 from kubetune.operator.render.training import (
     RenderOptions,
+    prepare_job_name,
     render_config_map,
     render_job,
+    render_prepare_job,
     render_service,
     training_hash,
 )
@@ -64,8 +77,11 @@ from kubetune.operator.status import (
 )
 from kubetune.operator.validation import memory_refusal, validate_resource
 from kubetune.trainer.errors import SpecErrors
+from kubetune.trainer.prepare import cache_location, prepare_skip_reason
 
-REFERENCE_FIELDS = ("baseModelFrom", "rewardModelFrom")
+COND_DATA_PREPARED = "DataPrepared"
+"""The datasets are tokenized into data.cache (False while the prepare Job runs, or after it failed)."""
+PREPARING, PREPARED, PREPARE_FAILED = "Preparing", "Prepared", "PrepareFailed"
 INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
 
 
@@ -117,16 +133,6 @@ def job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
     return None
 
 
-def output_uri_of(body: dict[str, Any]) -> str:
-    """Where a training resource's outputs are: the trainer's report, else its spec."""
-    status = body.get("status") or {}
-    if status.get("outputUri"):
-        return status["outputUri"]
-    training = (body.get("spec") or {}).get("training") or {}
-    name = training.get("name") or (body.get("metadata") or {}).get("name") or "kubetune"
-    return (training.get("output") or {}).get("path") or f"outputs/{name}"
-
-
 class StatusDecisions:
     """Phase transitions (with their events) and conditions, shared by the training and serving
     reconcilers. Subclasses set `status`, `plan` (with `.events`), `ts` and `generation`."""
@@ -149,7 +155,7 @@ class StatusDecisions:
         return set_condition(self.status, type_, value, reason, message, now=self.ts, generation=self.generation)
 
 
-class _Reconciler(StatusDecisions):
+class _Reconciler(DependencyChecks, StatusDecisions):
     def __init__(self, cr: dict[str, Any], observed: Observed, now: datetime.datetime, options: RenderOptions):
         self.cr = cr
         self.obs = observed
@@ -228,7 +234,10 @@ class _Reconciler(StatusDecisions):
             self.start(spec, references, current_hash)
             return self.plan
         self.ensure_support_objects(spec, current_hash)
-        self.follow_job(spec)
+        if self.preparing(spec):
+            self.follow_prepare(spec)
+        else:
+            self.follow_job(spec)
         return self.plan
 
     def adopt(self) -> None:
@@ -247,37 +256,17 @@ class _Reconciler(StatusDecisions):
             self.status.setdefault("outputUri", output_uri_of(self.cr))
 
     def dependencies(self, spec: ClusterFields) -> dict[str, str] | None:
-        """Resolved references, or None after setting why the job cannot start yet."""
-        ref = spec.storage.secretRef
-        if ref is not None and self.obs.secret_found is False:
-            return self.blocked(
-                "SecretNotFound",
-                f"Secret {ref.name!r} (spec.storage.secretRef) does not exist in namespace "
-                f"{self.namespace}; create it with the S3 credentials.",
-            )
-        references: dict[str, str] = {}
-        for name in REFERENCE_FIELDS:
-            wanted = getattr(spec, name, None)
-            if wanted is None:
-                continue
-            target = self.obs.references.get(name)
-            label = f"spec.{name}: {wanted.kind} {wanted.name!r}"
-            if target is None:
-                return self.blocked("ReferenceNotFound", f"{label} does not exist in namespace {self.namespace}.")
-            tstatus = target.get("status") or {}
-            tphase = tstatus.get("phase")
-            if tphase == FAILED:
-                message = f"{label} failed ({tstatus.get('reason') or 'Failed'}): {tstatus.get('message') or ''}".strip()
-                self.condition(READY_TO_START, False, "ReferenceFailed", message)
-                self.finish(FAILED, "ReferenceFailed", message)
-                return None
-            if tphase != SUCCEEDED:
-                percent = (tstatus.get("progress") or {}).get("percent")
-                detail = f"{tphase or 'Pending'}" + (f", {percent}%" if percent is not None else "")
-                return self.blocked("WaitingForReference", f"waiting for {label} to succeed (now {detail}).", "Normal")
-            references[name] = output_uri_of(target)
+        """Resolved references, or None after setting why the job cannot start yet. The Secret
+        checked is the one the pods will reference: spec.storage.secretRef, else the operator's
+        default (--default-s3-secret)."""
+        references = self.resolve_dependencies(spec, training_references(spec), first_waiting_blocks=True)
+        if references is None:
+            return None
         self.condition(READY_TO_START, True, "Ready", "dependencies are available")
         return references
+
+    def reference_failed(self, message: str) -> None:
+        self.finish(FAILED, REFERENCE_FAILED, message)
 
     def blocked(self, reason: str, message: str, event_type: str = "Warning") -> None:
         self.condition(READY_TO_START, False, reason, message)
@@ -291,7 +280,7 @@ class _Reconciler(StatusDecisions):
         return spec.activeDeadlineSeconds - int((self.now - started).total_seconds())
 
     def start(self, spec: ClusterFields, references: dict[str, str], current_hash: str) -> None:
-        self.status.update(startTime=self.ts, trainingHash=current_hash, attempts=1)
+        self.status.update(startTime=self.ts, trainingHash=current_hash)
         self.status["outputUri"] = output_uri_of(self.cr)
         for name, uri in references.items():
             self.status["baseModelUri" if name == "baseModelFrom" else "rewardModelUri"] = uri
@@ -301,10 +290,89 @@ class _Reconciler(StatusDecisions):
             )
         if self.obs.service is None:
             self.plan.create.append(render_service(self.cr, namespace=self.namespace, options=self.options))
+        if self.has_prepare_step(spec):
+            self.create_prepare_job(spec)
+            return
+        self.start_training(spec)
+
+    def start_training(self, spec: ClusterFields) -> None:
         self.create_job(spec, 1)
         gpus = f" x {spec.gpusPerNode} GPUs" if spec.gpusPerNode else " (no GPUs)"
         self.transition(PENDING, "JobCreated", f"created Job {self.names.job(1)}: {spec.nodes} node(s){gpus}")
         self.condition(COND_RUNNING, False, "PodsStarting", "waiting for the pods to start")
+
+    # -- the prepare step ------------------------------------------------------------------
+    def has_prepare_step(self, spec: ClusterFields) -> bool:
+        """Whether the datasets are tokenized by a prepare Job before the gang (see
+        `kubetune.trainer.prepare.prepare_skip_reason`: an s3:// data.cache, no streaming)."""
+        return prepare_skip_reason(spec.training) is None
+
+    def preparing(self, spec: ClusterFields) -> bool:
+        """Started, with a prepare step, and no training Job created yet."""
+        return self.has_prepare_step(spec) and not self.status.get("attempts")
+
+    def prepare_job(self) -> dict[str, Any] | None:
+        wanted = prepare_job_name(self.kind, self.name)
+        for job in self.obs.jobs:
+            if (job.get("metadata") or {}).get("name") == wanted:
+                return job
+        return None
+
+    def create_prepare_job(self, spec: ClusterFields) -> None:
+        self.plan.create.append(
+            render_prepare_job(
+                self.cr, spec, namespace=self.namespace, options=self.options,
+                active_deadline_seconds=self.deadline_left(spec),
+            )
+        )
+        name = prepare_job_name(self.kind, self.name)
+        message = f"created Job {name}: tokenizing the datasets once into {cache_location(spec.training)} (no GPUs)"
+        self.condition(COND_DATA_PREPARED, False, PREPARING, message)
+        self.condition(COND_RUNNING, False, PREPARING, "the training pods start when the datasets are tokenized")
+        self.transition(PENDING, PREPARING, message)
+
+    def follow_prepare(self, spec: ClusterFields) -> None:
+        """Wait for the prepare Job; on success create the training Job (attempt 1)."""
+        name = prepare_job_name(self.kind, self.name)
+        left = self.deadline_left(spec)
+        if left is not None and left <= 0:
+            self.condition(COND_DATA_PREPARED, False, "DeadlineExceeded", "the job's deadline passed while preparing")
+            self.finish(FAILED, "DeadlineExceeded", f"activeDeadlineSeconds ({spec.activeDeadlineSeconds}) exceeded")
+            return
+        job = self.prepare_job()
+        if job is None:  # never created (operator restart) or deleted by someone: (re)create it
+            self.create_prepare_job(spec)
+            return
+        if job_condition(job, "Complete"):
+            message = f"the datasets are tokenized in {cache_location(spec.training)} (Job {name})"
+            if self.condition(COND_DATA_PREPARED, True, PREPARED, message):
+                self.event("Normal", PREPARED, message)
+            self.start_training(spec)
+            return
+        failed = job_condition(job, "Failed")
+        if failed:
+            reason = failed.get("reason") or "Failed"
+            detail = failed.get("message") or reason
+            if reason == "PodFailurePolicy":
+                message = (f"the prepare step refused its configuration (exit code 2): {detail}. See the pod logs "
+                           f"(kubectl logs job/{name}); a retry cannot fix it.")
+            else:
+                message = f"tokenizing the datasets failed ({reason}: {detail}); see kubectl logs job/{name}."
+            self.condition(COND_DATA_PREPARED, False, PREPARE_FAILED, message)
+            self.finish(FAILED, PREPARE_FAILED, message)
+            return
+        job_suspended = bool((job.get("spec") or {}).get("suspend"))
+        if spec.suspend:
+            if not job_suspended:
+                self.plan.patch.append(("Job", name, {"spec": {"suspend": True}}))
+            self.condition(COND_SUSPENDED, True, "Suspended", "spec.suspend is true")
+            self.transition(SUSPENDED, "Suspended", "suspended while preparing the datasets")
+            return
+        if job_suspended:
+            self.plan.patch.append(("Job", name, {"spec": {"suspend": False}}))
+        if self.status.get("phase") == SUSPENDED or job_suspended:
+            self.condition(COND_SUSPENDED, False, "Resumed", "spec.suspend is false")
+        self.transition(PENDING, PREPARING, f"tokenizing the datasets in Job {name} (no GPUs)")
 
     def create_job(self, spec: ClusterFields, attempt: int) -> None:
         self.plan.create.append(
@@ -475,4 +543,6 @@ def needs_trainer_status(cr: dict[str, Any]) -> str | None:
     status = cr.get("status") or {}
     if status.get("phase") in TERMINAL_PHASES or not status.get("trainingHash"):
         return None
+    if not status.get("attempts"):
+        return None  # the prepare Job is still tokenizing: no trainer has written anything yet
     return status.get("outputUri") or output_uri_of(cr)

@@ -155,6 +155,37 @@ async def test_config_error_fails_fast(api: Api) -> None:
         assert await api.get("Job", "cfg-ftj-a2") is None
 
 
+async def test_training_job_only_after_the_prepare_job_succeeds(api: Api) -> None:
+    """With an s3:// data.cache the datasets are tokenized once in a CPU-only Job first."""
+    body = finetunejob("prep")
+    body["spec"]["training"]["data"]["cache"] = "s3://cache/kubetune/"
+    async with running_operator():
+        cr = await api.create(body)
+        prepare = await eventually(lambda: api.get("Job", "prep-ftj-prepare"), what="prepare Job")
+        assert prepare["spec"]["template"]["spec"]["containers"][0]["args"] == ["prepare", "/etc/kubetune/job.yaml"]
+        await api.job_status("prep-ftj-prepare", {"active": 1})
+        # A reconcile that saw the prepare pod running (its message says so) created no gang.
+        pending = await eventually(lambda: _preparing_observed(api, "prep"), what="a reconcile of the running prepare Job")
+        assert pending["status"]["phase"] == "Pending" and pending["status"]["reason"] == "Preparing"
+        assert _condition(pending, "DataPrepared")["status"] == "False"
+        assert (await _children(api, cr))["Job"] == ["prep-ftj-prepare"]
+
+        await api.job_status("prep-ftj-prepare", {"active": 0, "succeeded": 1,
+                                                  "conditions": [{"type": "Complete", "status": "True"}]})
+        await eventually(lambda: api.get("Job", "prep-ftj-a1"), what="training Job after prepare")
+        started = await api.get("FineTuneJob", "prep")
+        assert _condition(started, "DataPrepared")["status"] == "True"
+        assert started["status"]["attempts"] == 1
+        reasons = [e["reason"] for e in await api.events("prep")]
+        assert reasons.index("Preparing") < reasons.index("Prepared") < reasons.index("JobCreated"), reasons
+        assert (await _children(api, cr))["Job"] == ["prep-ftj-a1", "prep-ftj-prepare"]
+
+
+async def _preparing_observed(api: Api, name: str) -> dict[str, Any] | None:
+    obj = await api.get("FineTuneJob", name)
+    return obj if obj and (obj.get("status") or {}).get("message", "").startswith("tokenizing the datasets in Job") else None
+
+
 async def test_invalid_spec_condition_and_event_no_children(api: Api) -> None:
     async with running_operator():
         bad = finetunejob("bad", nodes=0)
@@ -179,14 +210,33 @@ async def test_missing_secret_waits_with_condition(api: Api) -> None:
         pending = await eventually(lambda: _phase(api, "FineTuneJob", "sec", "Pending"))
         await eventually(lambda: _reason(api, "sec", "SecretNotFound"))
         assert await api.get("Job", "sec-ftj-a1") is None
-        await api.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
-                          "stringData": {"AWS_ACCESS_KEY_ID": "AKIA-TEST", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}})
-        job = await eventually(lambda: api.get("Job", "sec-ftj-a1"), what="job after secret")
-        env = job["spec"]["template"]["spec"]["containers"][0]["env"]
-        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
+        refs = await _secret_refs_once_created(api, "s3-creds", "sec-ftj-a1")
         assert refs["AWS_SECRET_ACCESS_KEY"] == {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}
-        assert "s3cr3t-value" not in json.dumps(job) and "AKIA-TEST" not in json.dumps(job)
         assert pending
+
+
+async def test_missing_default_secret_waits_with_condition(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kubetune operator --default-s3-secret team-s3` (Helm `jobs.s3.existingSecret`): a job that
+    names no Secret waits for that one, as for its own, instead of starting pods that cannot."""
+    monkeypatch.setenv("KUBETUNE_DEFAULT_S3_SECRET", "team-s3")
+    async with running_operator():
+        await api.create(finetunejob("dsec"))
+        pending = await eventually(lambda: _reason(api, "dsec", "SecretNotFound"), what="SecretNotFound")
+        assert "'team-s3'" in pending["status"]["message"] and "--default-s3-secret" in pending["status"]["message"]
+        assert await api.get("Job", "dsec-ftj-a1") is None
+        refs = await _secret_refs_once_created(api, "team-s3", "dsec-ftj-a1")
+        assert refs["AWS_ACCESS_KEY_ID"] == {"name": "team-s3", "key": "AWS_ACCESS_KEY_ID"}
+
+
+async def _secret_refs_once_created(api: Api, secret: str, job_name: str) -> dict[str, dict[str, Any]]:
+    """Create the S3 Secret, wait for the Job it unblocks, and return the secretKeyRefs of its
+    container (the credentials themselves never appear in the Job)."""
+    await api.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret},
+                      "stringData": {"AWS_ACCESS_KEY_ID": "AKIA-TEST", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}})
+    job = await eventually(lambda: api.get("Job", job_name), what=f"job after Secret {secret}")
+    assert "s3cr3t-value" not in json.dumps(job) and "AKIA-TEST" not in json.dumps(job)
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
 
 
 async def _reason(api: Api, name: str, reason: str, kind: str = "FineTuneJob") -> dict[str, Any] | None:
@@ -265,15 +315,28 @@ async def test_delete_removes_children_and_nothing_is_recreated(api: Api) -> Non
                 (ref,) = obj["metadata"]["ownerReferences"]
                 assert ref == {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "name": "gone",
                                "uid": cr["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+        assert not await _forgotten("FineTuneJob", "gone")
         await api.delete("FineTuneJob", "gone")
         await eventually(lambda: _gone(api, "FineTuneJob", "gone"), what="CR deleted (kopf released its finalizer)")
         await eventually(lambda: _no_children(api), what="children garbage-collected")
-        await asyncio.sleep(1.5)  # a few timer ticks: nothing may come back
+        # Nothing may come back: wait until the operator itself has reconciled the deleted
+        # resource (the Jobs' deletion events); a reconcile that raced the deletion holds the
+        # same per-resource lock, so it has finished by then, and any Job it made is listed.
+        await eventually(lambda: _forgotten("FineTuneJob", "gone"), what="the operator saw the deletion")
+        assert await api.list("Job") == []
     assert await api.list("Job") == []
 
 
 async def _gone(api: Api, kind: str, name: str) -> bool:
     return await api.get(kind, name) is None
+
+
+async def _forgotten(kind: str, name: str) -> bool:
+    """The in-process operator found the resource gone (it forgets its phase metric then)."""
+    from kubetune.operator import metrics
+
+    with metrics._guard:
+        return (kind, NAMESPACE, name) not in metrics._phases
 
 
 async def _no_children(api: Api) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.operator.reconcile import Observed, Plan, reconcile, status_patch
+from kubetune.operator.reconcile import Observed, Plan, needs_trainer_status, reconcile, status_patch
 from kubetune.operator.resources import AlignmentJobStatus, TrainingJobStatus
 from kubetune.operator.status import progress_from_trainer
 from kubetune.operator.validation import AdmissionRefused, admit
@@ -173,6 +173,114 @@ def test_missing_secret_waits() -> None:
     assert "s3-creds" in plan.status["message"]
 
 
+class _SecretsOnly:
+    """A Kube stand-in for `observe`: no children, only the Secrets named exist; records reads."""
+
+    def __init__(self, *secrets: str) -> None:
+        self.secrets = set(secrets)
+        self.reads: list[tuple[str, str, bool]] = []
+
+    def list(self, kind: str, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+        return []
+
+    def get(self, kind: str, namespace: str, name: str, metadata_only: bool = False) -> dict[str, Any] | None:
+        self.reads.append((kind, name, metadata_only))
+        if kind == "Secret" and name in self.secrets:
+            return {"metadata": {"name": name, "namespace": namespace}}
+        return None
+
+
+def test_missing_default_secret_waits_like_its_own() -> None:
+    """A job without spec.storage.secretRef gets the operator's default Secret
+    (--default-s3-secret) in its pods: it is checked like the job's own, so a missing one keeps
+    the job Pending (SecretNotFound, saying which Secret) instead of leaving its pods in
+    CreateContainerConfigError."""
+    from kubetune.operator.handlers import observe
+    from kubetune.operator.render.common import StorageDefaults
+    from kubetune.operator.render.training import RenderOptions
+
+    options = RenderOptions(storage_defaults=StorageDefaults(secret="team-s3"))
+    cr = _cr(storage={"endpoint": "http://minio.minio:9000"})
+
+    kube = _SecretsOnly()
+    observed = observe(kube, cr, options)  # type: ignore[arg-type]
+    assert ("Secret", "team-s3", True) in kube.reads and observed.secret_found is False
+    plan = reconcile(cr, observed, now=T0, options=options)
+    assert plan.create == [] and plan.status["phase"] == "Pending" and plan.status["reason"] == "SecretNotFound"
+    assert "'team-s3'" in plan.status["message"] and "default S3 Secret" in plan.status["message"]
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "SecretNotFound")]
+    ready = {c["type"]: c for c in plan.status["conditions"]}["DependenciesReady"]
+    assert ready["status"] == "False" and ready["reason"] == "SecretNotFound"
+
+    # Created: the job starts, and its pods reference that Secret.
+    observed = observe(_SecretsOnly("team-s3"), cr, options)  # type: ignore[arg-type]
+    assert observed.secret_found is True
+    plan = reconcile(_apply(cr, plan), observed, now=T0, options=options)
+    env = {e["name"]: e for e in _job(plan)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "team-s3"
+    assert plan.status["reason"] == "JobCreated"
+
+    # The job's own Secret wins: the default is never read, and its own missing one is named.
+    kube = _SecretsOnly("team-s3")
+    own = _cr()
+    observed = observe(kube, own, options)  # type: ignore[arg-type]
+    assert [r for r in kube.reads if r[0] == "Secret"] == [("Secret", "s3-creds", True)]
+    plan = reconcile(own, observed, now=T0, options=options)
+    assert plan.status["reason"] == "SecretNotFound" and "'s3-creds' (spec.storage.secretRef)" in plan.status["message"]
+
+    # A job that names its own serviceAccountName uses pod identity: no default Secret to wait for.
+    kube = _SecretsOnly()
+    identity = _cr(storage={}, serviceAccountName="trainer-irsa")
+    observed = observe(kube, identity, options)  # type: ignore[arg-type]
+    assert not [r for r in kube.reads if r[0] == "Secret"] and observed.secret_found is None
+    assert _job(reconcile(identity, observed, now=T0, options=options))
+
+
+def test_status_read_gives_up_at_once_on_a_failing_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator reads status.json inside a reconcile, holding the resource's lock (Job events
+    for it wait). With credentials at hand and an endpoint that keeps failing, the read must not
+    sleep through the storage layer's retries (8 adaptive attempts: seconds to minutes): one try,
+    and the next observation reads again."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kubetune.operator.status import read_trainer_status
+    from kubetune.trainer.spec import StorageSpec
+
+    requests: list[str] = []
+
+    class Failing(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            body = b'<?xml version="1.0"?><Error><Code>InternalError</Code><Message>down</Message></Error>'
+            self.send_response(500)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "AKIAOPERATORSTATUS01", "AWS_SECRET_ACCESS_KEY": "operator-status-secret",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = StorageSpec(endpointUrl=f"http://127.0.0.1:{server.server_address[1]}", pathStyle=True)
+        assert settings.maxAttempts > 2  # the storage layer's default: many retries
+        assert read_trainer_status("s3://outputs/llama-sft", settings) is None
+    finally:
+        server.shutdown()
+        server.server_close()
+    # botocore counts retries after the first request: StorageSpec's minimum (1) is one retry.
+    assert 1 <= len(requests) <= 2, requests
+
+
 def _alignment(**refs: Any) -> dict[str, Any]:
     cr = _cr(**refs)
     cr["kind"] = "AlignmentJob"
@@ -266,3 +374,95 @@ def test_handler_turns_refusals_into_admission_errors() -> None:
     warnings: list[str] = []
     _admit(body=EXAMPLE_FTJ, old=None, operation="CREATE", warnings=warnings)
     assert warnings == []
+
+
+# -- the prepare step: tokenize once before the gang ----------------------------------------------
+
+CACHE = "s3://cache/kubetune/"
+
+
+def _prepared_cr(**spec: Any) -> dict[str, Any]:
+    cr = _cr(**spec)
+    cr["spec"]["training"]["data"]["cache"] = CACHE
+    return cr
+
+
+def test_prepare_job_runs_before_the_gang_and_its_success_starts_it() -> None:
+    cr = _prepared_cr()
+    first = reconcile(cr, Observed(secret_found=True), now=T0)
+    cr = _apply(cr, first)
+    assert [(o["kind"], o["metadata"]["name"]) for o in first.create] == [
+        ("ConfigMap", "llama-sft-ftj-config"), ("Service", "llama-sft-ftj"), ("Job", "llama-sft-ftj-prepare")]
+    status = cr["status"]
+    assert status["phase"] == "Pending" and status["reason"] == "Preparing" and not status.get("attempts")
+    assert CACHE in status["message"]
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert conds["DataPrepared"]["status"] == "False" and conds["DataPrepared"]["reason"] == "Preparing"
+    assert [(e.type, e.reason) for e in first.events] == [("Normal", "Preparing")]
+    assert needs_trainer_status(cr) is None  # no trainer yet: no status.json to read
+    prepare = _job(first)
+
+    # Running, again, and after an operator restart that lost the status: nothing new.
+    for world_cr in (cr, {k: v for k, v in cr.items() if k != "status"}):
+        again = reconcile(world_cr, _world(first, [_with(prepare, active=1)]), now=T0)
+        assert again.create == [] and again.status["reason"] == "Preparing" and not again.status.get("attempts")
+    assert reconcile(cr, _world(first, [_with(prepare, active=1)]), now=T0).events == []
+
+    # Done: DataPrepared, an event, and only now the training Job (attempt 1).
+    done = _with(prepare, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
+    plan = reconcile(cr, _world(first, [done]), now=T0)
+    cr = _apply(cr, plan)
+    assert [o["metadata"]["name"] for o in plan.create] == ["llama-sft-ftj-a1"]
+    assert [e.reason for e in plan.events] == ["Prepared", "JobCreated"]
+    assert cr["status"]["attempts"] == 1 and cr["status"]["jobName"] == "llama-sft-ftj-a1"
+    assert {c["type"]: c["status"] for c in cr["status"]["conditions"]}["DataPrepared"] == "True"
+    assert needs_trainer_status(cr) == "s3://outputs/llama-sft"
+
+    # A gang restart never reruns the prepare step.
+    failed = {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
+    restart = reconcile(cr, _world(first, [done, _with(plan.create[0], **failed)]), now=T0)
+    assert [o["metadata"]["name"] for o in restart.create] == ["llama-sft-ftj-a2"]
+
+
+@pytest.mark.parametrize(("reason", "expected"), [("PodFailurePolicy", "exit code 2"), ("BackoffLimitExceeded", "failed")])
+def test_failed_prepare_job_fails_the_resource(reason: str, expected: str) -> None:
+    cr = _prepared_cr()
+    first = reconcile(cr, Observed(secret_found=True), now=T0)
+    cr = _apply(cr, first)
+    failed = _with(_job(first), conditions=[{"type": "Failed", "status": "True", "reason": reason, "message": "boom"}])
+    plan = reconcile(cr, _world(first, [failed]), now=T0)
+    cr = _apply(cr, plan)
+    assert plan.create == []
+    assert cr["status"]["phase"] == "Failed" and cr["status"]["reason"] == "PrepareFailed"
+    assert expected in cr["status"]["message"] and "llama-sft-ftj-prepare" in cr["status"]["message"]
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "PrepareFailed")]
+    assert reconcile(cr, _world(first, [failed]), now=T0).create == []  # terminal
+
+
+def test_no_prepare_step_without_a_shared_cache_or_with_streaming() -> None:
+    local = _cr()
+    local["spec"]["training"]["data"]["cache"] = "/data/cache"  # a pod's own disk: not shared
+    streamed = _prepared_cr()
+    streamed["spec"]["training"]["data"].update(streaming=True)
+    streamed["spec"]["training"]["train"]["maxSteps"] = 10
+    for cr in (local, streamed):
+        plan = reconcile(cr, Observed(secret_found=True), now=T0)
+        assert [o["metadata"]["name"] for o in plan.create][-1] == "llama-sft-ftj-a1", plan.status
+
+
+def test_suspend_while_preparing_and_a_deleted_prepare_job_is_recreated() -> None:
+    cr = _prepared_cr()
+    first = reconcile(cr, Observed(secret_found=True), now=T0)
+    cr = _apply(cr, first)
+    cr["spec"]["suspend"] = True
+    plan = reconcile(cr, _world(first, [_with(_job(first), active=1)]), now=T0)
+    assert plan.patch == [("Job", "llama-sft-ftj-prepare", {"spec": {"suspend": True}})]
+    assert plan.status["phase"] == "Suspended"
+    cr = _apply(cr, plan)
+    cr["spec"]["suspend"] = False
+    suspended = {**_job(first), "spec": {**_job(first)["spec"], "suspend": True}}
+    plan = reconcile(cr, _world(first, [suspended]), now=T0)
+    assert plan.patch == [("Job", "llama-sft-ftj-prepare", {"spec": {"suspend": False}})]
+    assert plan.status["phase"] == "Pending" and plan.status["reason"] == "Preparing"
+    gone = reconcile(_apply(cr, plan), _world(first, []), now=T0)
+    assert [o["metadata"]["name"] for o in gone.create] == ["llama-sft-ftj-prepare"]

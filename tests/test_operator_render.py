@@ -224,3 +224,36 @@ def test_alignment_job_yaml_resolves_base_model_reference(tmp_path: Path) -> Non
     document = yaml.safe_load(path.read_text())
     assert "baseModelFrom" not in document["spec"]
     assert document["metadata"]["annotations"]["kubetune.io/baseModelFrom"] == "FineTuneJob/llama-sft"
+
+
+def test_prepare_job_tokenizes_once_without_gpus() -> None:
+    from kubetune.operator.render.training import render_prepare_job
+    from kubetune.operator.resources import validate_spec
+
+    cr = _cr(storage={"secretRef": {"name": "s3"}, "endpoint": "http://minio:9000"},
+             resources={"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "64Gi"}},
+             env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}])
+    cr["spec"]["training"]["data"]["cache"] = "s3://cache/kubetune/"
+    spec = validate_spec(cr["kind"], cr["spec"])
+    job = render_prepare_job(cr, spec)
+    assert kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    assert job["metadata"]["name"] == "llama-sft-ftj-prepare"
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "6f1c0d9e-uid"
+    assert "kubetune.io/attempt" not in job["metadata"].get("annotations", {})  # gang attempts count training only
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 1
+    assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]
+    container = _container(job)
+    assert container["command"] == ["kubetune"]
+    assert container["args"] == ["prepare", "/etc/kubetune/job.yaml"]  # the same ConfigMap as the gang
+    assert not any("gpu" in name for part in container["resources"].values() for name in part)
+    assert container["resources"]["requests"] == {"cpu": "8", "memory": "64Gi"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3"
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio:9000" and "HF_TOKEN" in env
+    assert env["NVIDIA_VISIBLE_DEVICES"]["value"] == "void"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+    assert pod["volumes"][0] == {"name": "job-config", "configMap": {"name": "llama-sft-ftj-config"}}
+    assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "prepare"
+    assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] != (
+        _by_kind(render_training(cr))["Service"]["spec"]["selector"]["app.kubernetes.io/component"])

@@ -16,11 +16,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Stage = Literal["pt", "sft", "rm", "dpo"]
+Stage = Literal["pt", "sft", "rm", "dpo", "kto", "ppo", "raft", "grpo"]
 """Training stage. `pt`: continued pretraining on plain text; `sft`: instruction tuning; `rm`: a
-reward model on preference pairs; `dpo`: direct preference optimisation (and its variants)."""
+reward model on preference pairs; `dpo`: direct preference optimisation (and its variants); `kto`:
+Kahneman-Tversky optimisation on unpaired judgements; `ppo`, `raft`, `grpo`: reinforcement learning
+from a reward model or a reward function, on prompts the policy answers itself."""
+
+PREFERENCE_STAGES = ("rm", "dpo", "kto")
+"""Stages that train on judged answers (pairs or unpaired labels)."""
+ROLLOUT_STAGES = ("ppo", "raft", "grpo")
+"""Stages that generate their own answers and score them with `reward`."""
 
 Method = Literal["full", "freeze", "lora", "qlora", "galore"]
 """Which parameters are trained, and how."""
@@ -161,6 +168,26 @@ class DataSpec(SpecModel):
     numProc: PositiveInt | None = None
     """Worker processes for tokenization."""
     shuffle: bool = True
+    cache: str | None = Field(None, min_length=1)
+    """Tokenized-dataset cache: an `s3://` prefix or a local directory where `kubetune prepare`
+    stores the token rows under a key of the data's content, tokenizer, template, maxLength and
+    every other setting that changes them; training reads a complete entry instead of tokenizing.
+    `auto`: `s3://<output bucket>/kubetune-cache/` for an S3 output, else `<storage cacheDir>/datasets`.
+    Unset: no cache. With an `s3://` cache a FineTuneJob/AlignmentJob tokenizes once, in a
+    CPU-only prepare pod, before the training pods start."""
+
+    @model_validator(mode="after")
+    def _cache_is_a_location(self) -> DataSpec:
+        """A malformed `s3://` cache is refused with the spec, not when the first pod reads it."""
+        if self.cache and self.cache.startswith("s3://"):
+            from kubetune.trainer.errors import SpecError
+            from kubetune.trainer.storage.uri import S3Uri
+
+            try:
+                S3Uri.parse(self.cache, "data.cache")
+            except SpecError as err:
+                raise ValueError(f"cache: {err.problem.rstrip('.')}") from None
+        return self
 
 
 class LoraSpec(SpecModel):
@@ -267,7 +294,7 @@ class VocabSpec(SpecModel):
         return bool(self.addTokens or self.tokensFile or self.trainCorpus)
 
 
-PreferenceLoss = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
+PreferenceLoss = Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
 
 
 class DpoSpec(SpecModel):
@@ -275,7 +302,8 @@ class DpoSpec(SpecModel):
 
     lossType: PreferenceLoss = "sigmoid"
     """`sigmoid` (DPO), `ipo`, `hinge` (SLiC), `robust` (noisy labels, uses `labelSmoothing`),
-    `simpo` (reference-free: length-normalised log-likelihood margin minus `simpoGamma`)."""
+    `simpo` (reference-free: length-normalised log-likelihood margin minus `simpoGamma`), `orpo`
+    (reference-free odds-ratio loss plus the chosen answer's NLL; `beta` is ORPO's lambda)."""
     beta: PositiveFloat = 0.1
     """Strength of the implicit KL penalty (IPO: the regularisation tau). SimPO wants ~2."""
     labelSmoothing: float = Field(0.0, ge=0, lt=0.5)
@@ -285,6 +313,87 @@ class DpoSpec(SpecModel):
     referenceModel: str | None = None
     """Reference policy (path or `s3://` URI). Default: the model being trained, as it starts; with
     LoRA that is the base with adapters disabled, so no second copy is loaded."""
+
+
+class KtoSpec(SpecModel):
+    """Kahneman-Tversky optimisation for `stage: kto` (TRL's KTOTrainer) on unpaired judgements."""
+
+    lossType: Literal["kto", "apo_zero_unpaired"] = "kto"
+    """`kto` (the KTO paper's loss, with a batch-level KL estimate) or `apo_zero_unpaired`."""
+    beta: PositiveFloat = 0.1
+    """Strength of the implicit KL penalty towards the reference policy."""
+    desirableWeight: PositiveFloat = 1.0
+    """Weight of the losses of desirable answers (raise it when they are the minority)."""
+    undesirableWeight: PositiveFloat = 1.0
+    """Weight of the losses of undesirable answers."""
+
+
+class RewardSpec(SpecModel):
+    """Where `ppo`, `raft` and `grpo` get rewards: a trained reward model or a Python function."""
+
+    model: str | None = None
+    """A reward model: the output of an `rm` stage (a directory, `s3://` URI, or hub id of a
+    sequence-classification model, or a LoRA adapter on one)."""
+    function: str | None = None
+    """A reward function `module:function` (or `path/to/file.py:function`) called as
+    `function(prompts, completions, **columns) -> list[float]`; `columns` holds `reference` (the
+    dataset's answer, if any). For verifiable tasks (exact match, regex, unit tests)."""
+    batchSize: PositiveInt = 16
+    """Sequences per reward-model forward pass."""
+
+
+class GenerationSpec(SpecModel):
+    """How `ppo`, `raft` and `grpo` sample answers from the policy being trained."""
+
+    maxNewTokens: PositiveInt = 64
+    temperature: PositiveFloat = 1.0
+    topP: float = Field(1.0, gt=0, le=1)
+    topK: NonNegativeInt = 0
+    """Sample from the k most likely tokens only (0: no limit)."""
+    samplesPerPrompt: PositiveInt = 4
+    """Answers sampled per prompt: RAFT's K, GRPO's group size; PPO trains on all of them."""
+
+
+class PpoSpec(SpecModel):
+    """PPO for `stage: ppo`: clipped policy updates against a learned value head, with a per-token
+    KL penalty towards the reference policy (the model as training starts)."""
+
+    epochs: PositiveInt = 2
+    """Optimisation passes over each batch of rollouts (each pass is one optimizer step)."""
+    clipRange: PositiveFloat = 0.2
+    """PPO's epsilon: how far the probability ratio may move per update."""
+    valueClipRange: PositiveFloat = 0.2
+    valueCoef: PositiveFloat = 0.1
+    """Weight of the value-head loss in the total loss."""
+    klCoef: float = Field(0.05, ge=0)
+    """Per-token KL penalty coefficient (reward shaping against the reference policy)."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    whitenAdvantages: bool = True
+
+
+class RaftSpec(SpecModel):
+    """RAFT (reward-ranked fine-tuning, Dong et al. 2023) for `stage: raft`. Each optimizer step is
+    one iteration: sample `generation.samplesPerPrompt` answers for a batch of prompts, keep the best,
+    and take a supervised step on them."""
+
+    keep: Literal["best", "topFraction"] = "best"
+    """`best`: the best answer per prompt; `topFraction`: the best `topFraction` of all answers of
+    the batch."""
+    topFraction: float = Field(0.25, gt=0, le=1)
+
+
+class GrpoSpec(SpecModel):
+    """GRPO for `stage: grpo` (TRL's GRPOTrainer): group-relative advantages, no value model."""
+
+    beta: float = Field(0.0, ge=0)
+    """KL penalty towards the reference policy (0: none, no reference forward pass)."""
+    lossType: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    epsilon: PositiveFloat = 0.2
+    """Clipping range of the probability ratio."""
+    iterations: PositiveInt = 1
+    """Optimisation passes over each batch of generations (TRL's num_iterations)."""
 
 
 class TrainSpec(SpecModel):
@@ -377,6 +486,27 @@ class EvalSpec(SpecModel):
     maxNewTokens: PositiveInt = 64
 
 
+class PipelineStep(SpecModel):
+    """One stage of a pipeline. The blocks given here replace the top-level ones for this stage;
+    `model.path` defaults to the previous stage's output, `reward.model` to the latest `rm` stage's."""
+
+    stage: Stage
+    name: str | None = None
+    """Output subdirectory name; default `<index>-<stage>` (e.g. `1-dpo`)."""
+    method: Method | None = None
+    data: DataSpec | None = None
+    lora: LoraSpec | None = None
+    train: TrainSpec | None = None
+    eval: EvalSpec | None = None
+    dpo: DpoSpec | None = None
+    kto: KtoSpec | None = None
+    reward: RewardSpec | None = None
+    generation: GenerationSpec | None = None
+    ppo: PpoSpec | None = None
+    raft: RaftSpec | None = None
+    grpo: GrpoSpec | None = None
+
+
 class TrainingSpec(SpecModel):
     """A complete fine-tuning run. The only required blocks are `model` and `data`."""
 
@@ -420,6 +550,21 @@ class TrainingSpec(SpecModel):
     """Evaluate the final model when training ends (off unless set)."""
     dpo: DpoSpec = Field(default_factory=DpoSpec)
     """Loss variant, beta and reference model, used when `stage` is `dpo`."""
+    kto: KtoSpec = Field(default_factory=KtoSpec)
+    """Loss variant and weights, used when `stage` is `kto`."""
+    reward: RewardSpec = Field(default_factory=RewardSpec)
+    """Reward model or function, used when `stage` is `ppo`, `raft` or `grpo`."""
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    """Sampling of answers, used when `stage` is `ppo`, `raft` or `grpo`."""
+    ppo: PpoSpec = Field(default_factory=PpoSpec)
+    """PPO settings, used when `stage` is `ppo`."""
+    raft: RaftSpec = Field(default_factory=RaftSpec)
+    """RAFT settings, used when `stage` is `raft`."""
+    grpo: GrpoSpec = Field(default_factory=GrpoSpec)
+    """GRPO settings, used when `stage` is `grpo`."""
+    pipeline: list[PipelineStep] = Field(default_factory=list)
+    """Run several stages in order from one spec (e.g. sft, then rm, then ppo): each step's output
+    is the next step's model. The top-level blocks are every step's defaults; `stage` is ignored."""
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> TrainingSpec:
@@ -433,8 +578,22 @@ class TrainingSpec(SpecModel):
                 "galore.layerwise steps each layer during backward, so it cannot accumulate "
                 "gradients: set train.gradientAccumulation to 1 or galore.layerwise to false"
             )
-        if self.stage in ("rm", "dpo") and self.data.streaming:
+        if self.stage not in ("pt", "sft") and self.data.streaming:
             raise ValueError(f"data.streaming is not supported for stage {self.stage}: set it to false")
+        if self.stage in ROLLOUT_STAGES and not (self.reward.model or self.reward.function) and not self.pipeline:
+            raise ValueError(
+                f"stage {self.stage} needs a reward: set reward.function (module:function) or "
+                "reward.model (the output of an rm stage)"
+            )
+        if self.reward.model and self.reward.function:
+            raise ValueError("set reward.model or reward.function, not both")
+        if self.stage in ROLLOUT_STAGES and self.distributed.deepspeed and self.distributed.deepspeed.stage == 3:
+            raise ValueError(
+                f"stage {self.stage} generates with the policy on each rank, which ZeRO-3 partitions: "
+                "use distributed.deepspeed.stage 2 (or 0/1)"
+            )
+        if self.pipeline:
+            self.pipeline_specs()  # each step must be a valid spec on its own
         if self.data.streaming and (self.data.evalSize and not self.data.evalDatasets):
             raise ValueError(
                 "data.evalSize cannot split a streamed dataset: list data.evalDatasets instead"
@@ -459,6 +618,37 @@ class TrainingSpec(SpecModel):
     @property
     def lora_alpha(self) -> float:
         return self.lora.alpha if self.lora.alpha is not None else 2.0 * self.lora.rank
+
+    def pipeline_specs(self) -> list[TrainingSpec]:
+        """The pipeline's steps as complete specs, in order. Step i writes to
+        `<output>/<step name>` and, unless it names its own model, starts from step i-1's output;
+        rollout stages score with the latest earlier `rm` step's output unless given a reward."""
+        specs: list[TrainingSpec] = []
+        base = self.model_dump(mode="json", exclude={"pipeline", "name", "output"})
+        previous: str | None = None
+        reward_model: str | None = None
+        for index, step in enumerate(self.pipeline):
+            name = step.name or f"{index}-{step.stage}"
+            doc = {**base, **step.model_dump(mode="json", exclude_none=True, exclude={"name"})}
+            doc["name"] = f"{self.name}-{name}" if self.name else name
+            doc["output"] = {**self.output.model_dump(mode="json"), "path": f"{self.output_path.rstrip('/')}/{name}"}
+            if previous is not None:
+                doc["model"] = {**doc["model"], "path": previous}
+            if step.stage in ROLLOUT_STAGES and step.reward is None and reward_model is not None:
+                doc["reward"] = {**doc["reward"], "model": reward_model, "function": None}
+            try:
+                spec = TrainingSpec.model_validate(doc)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in first.get("loc", ()))
+                message = str(first["msg"]).removeprefix("Value error, ")
+                raise ValueError(f"pipeline[{index}] (stage {step.stage}): {where + ': ' if where else ''}{message}") from None
+            if step.stage == "rm":
+                reward_model = spec.output_path
+            else:
+                previous = spec.output_path
+            specs.append(spec)
+        return specs
 
     def to_document(self) -> dict[str, Any]:
         """The spec as it is written in YAML: camelCase keys, defaults filled in."""

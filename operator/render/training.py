@@ -1,4 +1,5 @@
-"""FineTuneJob / AlignmentJob -> ConfigMap + headless Service + Indexed batch/v1 Job.
+"""FineTuneJob / AlignmentJob -> ConfigMap + headless Service + Indexed batch/v1 Job (and, with
+an `s3://` `data.cache`, a one-pod CPU-only prepare Job that tokenizes the datasets first).
 
 The pod runs exactly what a user runs locally: `kubetune train /etc/kubetune/job.yaml`, where
 job.yaml is the resolved custom resource (defaults filled in, references resolved), under
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -22,7 +23,9 @@ from kubetune.operator.render.common import (
     ANNOTATION_ATTEMPT,
     ANNOTATION_TRAINING_HASH,
     LABEL_ATTEMPT,
+    StorageDefaults,
     child_names,
+    effective_storage,
     labels_for,
     owner_reference,
     pod_security_context,
@@ -55,6 +58,8 @@ class RenderOptions:
     default_image: str = "ghcr.io/kubetune/kubetune-trainer:0.1.0"
     master_port: int = MASTER_PORT
     run_as_user: int = RUN_AS_USER
+    storage_defaults: StorageDefaults = field(default_factory=StorageDefaults)
+    """S3 endpoint/Secret for jobs whose spec.storage sets none (`--default-s3-*`)."""
 
 
 def training_hash(training: Any) -> str:
@@ -97,7 +102,7 @@ def resolved_manifest(
         if training["model"]["path"] == BASE_MODEL_PLACEHOLDER:
             training["model"]["path"] = references.get("baseModelFrom", BASE_MODEL_PLACEHOLDER)
         if "rewardModelFrom" in references:
-            training.setdefault("rewardModel", {})["path"] = references["rewardModelFrom"]
+            training["reward"] = {**training.get("reward", {}), "model": references["rewardModelFrom"], "function": None}
     metadata: dict[str, Any] = {"name": cr["metadata"]["name"]}
     if cr["metadata"].get("namespace"):
         metadata["namespace"] = cr["metadata"]["namespace"]
@@ -185,7 +190,7 @@ def _trainer_env(
     ]
     if spec.gpusPerNode == 0:
         env.append(_env("DS_ACCELERATOR", "cpu"))
-    env.extend(storage_env(spec.storage))
+    env.extend(storage_env(effective_storage(spec, options.storage_defaults)))
     # The user's variables win over the defaults above (same name -> replaced).
     user = [e.model_dump(mode="json", exclude_none=True) for e in spec.env]
     user_names = {e["name"] for e in user}
@@ -324,6 +329,130 @@ def render_job(
     meta["labels"][LABEL_ATTEMPT] = str(attempt)
     meta["annotations"] = {ANNOTATION_ATTEMPT: str(attempt)}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+PREPARE_CONTAINER = "prepare"
+PREPARE_SUFFIX = "-prepare"
+PREPARE_GRACE_SECONDS = 30
+"""Nothing to save on SIGTERM: an interrupted prepare leaves no marker, and the rerun starts over."""
+
+
+def prepare_job_name(kind: str, name: str) -> str:
+    """`<base>-prepare` (the base leaves room for the suffix, so the name stays a DNS label)."""
+    return child_names(kind, name).base + PREPARE_SUFFIX
+
+
+def prepare_args() -> list[str]:
+    """The prepare container's arguments (its command is `kubetune`): no shell, no CR value."""
+    return ["prepare", f"{CONFIG_DIR}/{JOB_FILE}"]
+
+
+def _prepare_env(cr: dict[str, Any], spec: ClusterFields, *, namespace: str, options: RenderOptions) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        _env("KUBETUNE_RESOURCE", f"{cr['kind'].lower()}/{cr['metadata']['name']}"),
+        _env("KUBETUNE_NAMESPACE", namespace),
+        _env("PYTHONUNBUFFERED", "1"),
+        _env("HOME", "/tmp/home"),
+        _env("XDG_CACHE_HOME", "/cache"),
+        _env("KUBETUNE_CACHE", "/cache/kubetune"),
+        _env("HF_HOME", "/cache/huggingface"),
+        _env("MPLCONFIGDIR", "/tmp/matplotlib"),
+        _env("KUBETUNE_PROGRESS", "0"),
+        # No GPU is requested; images that expose every GPU by default must not hand them over.
+        _env("NVIDIA_VISIBLE_DEVICES", "void"),
+        _env("CUDA_VISIBLE_DEVICES", ""),
+    ]
+    env.extend(storage_env(effective_storage(spec, options.storage_defaults)))
+    user = [e.model_dump(mode="json", exclude_none=True) for e in spec.env]
+    user_names = {e["name"] for e in user}
+    return [e for e in env if e["name"] not in user_names] + user
+
+
+def render_prepare_job(
+    cr: dict[str, Any],
+    spec: ClusterFields,
+    *,
+    namespace: str | None = None,
+    options: RenderOptions | None = None,
+    active_deadline_seconds: int | None = None,
+    suspend: bool | None = None,
+) -> dict[str, Any]:
+    """The one-pod Job that tokenizes the datasets once into `data.cache` (`kubetune prepare`)
+    before the training gang exists, so no rank waits at a barrier for tokenization and no GPU
+    idles while a CPU tokenizes. Same image, ConfigMap, S3 settings and placement as the gang,
+    but no GPU request; a configuration error (exit code 2) fails it at once. It carries no
+    attempt label: the gang's attempts count training only, and a gang restart never reruns it."""
+    options = options or RenderOptions()
+    ns = _namespace(cr, namespace)
+    name = cr["metadata"]["name"]
+    names = child_names(cr["kind"], name)
+    job_name = prepare_job_name(cr["kind"], name)
+    # CPU and memory as for the gang (tokenization uses data.numProc processes); GPUs come only
+    # from gpusPerNode (the schema refuses them in `resources`), which this pod ignores.
+    resources = {k: dict(v) for k, v in (("requests", spec.resources.requests), ("limits", spec.resources.limits)) if v}
+    container: dict[str, Any] = {
+        "name": PREPARE_CONTAINER,
+        "image": spec.image or options.default_image,
+        "command": ["kubetune"],
+        "args": prepare_args(),
+        "workingDir": "/workspace",
+        "env": _prepare_env(cr, spec, namespace=ns, options=options),
+        "volumeMounts": [
+            {"name": "job-config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": "/cache"},
+            {"name": "workspace", "mountPath": "/workspace"},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": spec.readOnlyRootFilesystem,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if resources:
+        container["resources"] = resources
+    if spec.imagePullPolicy:
+        container["imagePullPolicy"] = spec.imagePullPolicy
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": PREPARE_GRACE_SECONDS,
+        "securityContext": pod_security_context(options.run_as_user),
+        "containers": [container],
+        "volumes": [
+            {"name": "job-config", "configMap": {"name": names.config_map}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "workspace", "emptyDir": {}},
+        ],
+    }
+    pod_spec.update(scheduling_fields(spec))
+    job_spec: dict[str, Any] = {
+        "completions": 1,
+        "parallelism": 1,
+        "backoffLimit": spec.backoffLimit,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": PREPARE_CONTAINER, "operator": "In", "values": [CONFIG_ERROR_EXIT_CODE]},
+                }
+            ]
+        },
+        "suspend": spec.suspend if suspend is None else suspend,
+        "template": {
+            "metadata": {
+                "labels": labels_for(cr["kind"], name, "prepare"),
+                "annotations": {"kubectl.kubernetes.io/default-container": PREPARE_CONTAINER},
+            },
+            "spec": pod_spec,
+        },
+    }
+    deadline = active_deadline_seconds if active_deadline_seconds is not None else spec.activeDeadlineSeconds
+    if deadline is not None:
+        job_spec["activeDeadlineSeconds"] = max(1, int(deadline))
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(cr, job_name, "prepare", ns), "spec": job_spec}
 
 
 def render_training(

@@ -3,6 +3,9 @@
     load (loader) -> align to the internal form (aligners) -> hold out eval -> mix -> shuffle
     -> tokenize + mask for the stage (processors) -> pack
 
+With `data.cache` the result is stored once by `kubetune prepare` and read back here instead
+(`cache.py`): then no rank of a distributed run spends the collective timeout tokenizing.
+
 Eval rows are held out per source *before* mixing, so oversampling (`interleave_over`) can never
 put the same example in both splits. Everything random is seeded by `train.seed`, so a restarted
 or multi-rank run sees the same data in the same order.
@@ -58,9 +61,26 @@ class DataBundle:
 def build_datasets(spec: TrainingSpec, tokenizer: Any) -> DataBundle:
     """Load, align, split, mix, shuffle, tokenize and (optionally) pack the spec's datasets.
 
-    Sets `tokenizer.chat_template` from `data.template` (see `apply_template`). Raises SpecError
-    for anything wrong with the data or its description, naming the spec field.
+    Sets `tokenizer.chat_template` from `data.template` (see `apply_template`). With `data.cache`
+    set, a complete entry of the tokenized-dataset cache for this spec and tokenizer (written by
+    `kubetune prepare`) is read instead, so no rank of a distributed run tokenizes; without one
+    the rows are built here. Raises SpecError for anything wrong with the data or its
+    description, naming the spec field.
     """
+    from kubetune.trainer.data.cache import load_cached
+
+    apply_template(tokenizer, spec.data.template)
+    cached = load_cached(spec, tokenizer)
+    if cached is not None:
+        splits, stats = cached
+        train = splits["train"]
+        assert train is not None  # an entry always has training rows
+        return DataBundle(train=train, eval=splits.get("eval"), stats=stats)
+    return build_uncached(spec, tokenizer)
+
+
+def build_uncached(spec: TrainingSpec, tokenizer: Any) -> DataBundle:
+    """`build_datasets` without the cache: what `kubetune prepare` stores."""
     data = spec.data
     seed = spec.train.seed
     template = apply_template(tokenizer, data.template)
@@ -201,14 +221,19 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
+def processor_config(spec: TrainingSpec) -> ProcessorConfig:
+    """What the stage's processor is given (also part of the tokenized-dataset cache key)."""
+    return ProcessorConfig(
+        max_length=spec.data.maxLength, mask_prompt=spec.data.maskPrompt, extra={"packing": spec.packing_enabled}
+    )
+
+
 def tokenize(
     ds: AnyDataset, spec: TrainingSpec, tokenizer: Any, *, is_eval: bool, num_proc: int | None = None
 ) -> tuple[AnyDataset, dict[str, Any]]:
     """Run the stage's processor (and the packer when packing is on); returns rows and stats."""
     packing = spec.packing_enabled
-    cfg = ProcessorConfig(
-        max_length=spec.data.maxLength, mask_prompt=spec.data.maskPrompt, extra={"packing": packing}
-    )
+    cfg = processor_config(spec)
     processor = PROCESSORS[spec.stage](tokenizer, cfg)
     if spec.stage not in LM_STAGES:
         return _tokenize_rows(ds, spec, processor, cfg, tokenizer, is_eval=is_eval, num_proc=num_proc)
