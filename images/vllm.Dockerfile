@@ -15,7 +15,7 @@ COPY operator /src/operator
 # kubetune without touching them, plus the one dependency the storage step adds.
 RUN pip install --no-deps /src \
     && pip install "boto3==${BOTO3_VERSION}" \
-    && python -c "import vllm, kubetune.operator.fetch, kubetune.trainer.cli"
+    && python -c "import vllm, kubetune.operator.fetch, kubetune.operator.adapters, kubetune.trainer.cli"
 RUN groupadd --gid 1000 kubetune 2>/dev/null || true; \
     useradd --uid 1000 --gid 1000 --create-home kubetune 2>/dev/null || true
 ENV HOME=/home/kubetune HF_HOME=/home/kubetune/.cache/huggingface PYTHONUNBUFFERED=1

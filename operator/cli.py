@@ -25,7 +25,8 @@ def register(subparsers: Any) -> None:
     op = subparsers.add_parser(
         "operator",
         help="run the kubetune operator (kopf) against the current cluster",
-        description="Reconcile FineTuneJobs and AlignmentJobs into training pods. Uses the in-cluster "
+        description="Reconcile FineTuneJobs and AlignmentJobs into training pods and InferenceServices into "
+        "autoscaled servers. Uses the in-cluster "
         "service account, else $KUBECONFIG.",
     )
     scope = op.add_mutually_exclusive_group()
@@ -43,6 +44,12 @@ def register(subparsers: Any) -> None:
     op.add_argument("--trainer-image", default=None, help="default image of the training pods")
     op.add_argument("--metrics-port", type=int, default=None, help="serve the operator's Prometheus metrics on this port")
     op.add_argument("--server-image", default=None, help="default image of InferenceService pods (default: the trainer image)")
+    op.add_argument("--default-s3-endpoint", default=None, metavar="URL",
+                    help="S3-compatible endpoint of job and serving pods whose spec.storage sets none "
+                    "(the resource's own endpoint wins)")
+    op.add_argument("--default-s3-secret", default=None, metavar="NAME",
+                    help="Secret (in each resource's namespace, keys AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) for pods "
+                    "whose spec.storage has no secretRef and that name no serviceAccountName; passed as secretKeyRef")
     op.add_argument("--gpu-memory-gib", type=float, default=None, metavar="GIB",
                     help="GPU memory for jobs without spec.gpuMemoryGiB; jobs that cannot fit are refused")
     op.add_argument("--reconcile-interval", type=float, default=None, metavar="SECONDS",
@@ -90,6 +97,10 @@ def operator_environment(args: argparse.Namespace) -> dict[str, str]:
         env["KUBETUNE_METRICS_PORT"] = str(args.metrics_port)
     if args.server_image:
         env["KUBETUNE_SERVER_IMAGE"] = args.server_image
+    if args.default_s3_endpoint:
+        env["KUBETUNE_DEFAULT_S3_ENDPOINT"] = args.default_s3_endpoint
+    if args.default_s3_secret:
+        env["KUBETUNE_DEFAULT_S3_SECRET"] = args.default_s3_secret
     if args.gpu_memory_gib is not None:
         env["KUBETUNE_GPU_MEMORY_GIB"] = str(args.gpu_memory_gib)
     if args.reconcile_interval is not None:

@@ -1,7 +1,8 @@
 """`python -m kubetune.operator.fetch`: the InferenceService pods' init container.
 
-Downloads the model, its adapters (and the base model a LoRA output was trained from, and a
-draft model) into the local cache at `$KUBETUNE_CACHE` with the storage layer: parallel ranged
+Downloads the model, its adapters (`--adapter NAME=URI`, and with vLLM the current set from
+`--adapters-file`, the mounted adapters ConfigMap; plus the base model a LoRA output was trained
+from, and a draft model) into the local cache at `$KUBETUNE_CACHE` with the storage layer: parallel ranged
 GETs, verified, renamed into place atomically, one process per URI at a time (a file lock, so
 replicas sharing a hostPath cache never download the same model twice). The cache is keyed by
 each object's ETag: what is there at the same version is not downloaded again. The server
@@ -83,14 +84,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubetune.operator.fetch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model location (s3:// prefix, directory, builtin:NAME)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=URI", help="an adapter (repeatable)")
+    parser.add_argument("--adapters-file", metavar="PATH",
+                        help="more adapters from a file as the operator writes it (the mounted adapters ConfigMap)")
     parser.add_argument("--draft-model", help="a draft model for speculative decoding")
     args = parser.parse_args(argv)
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
+    adapters = list(args.adapter)
+    if args.adapters_file:
+        from kubetune.operator.adapters import AdapterFileError, read_adapters_file
+
+        try:
+            adapters += [f"{name}={uri}" for name, uri in read_adapters_file(args.adapters_file).items()]
+        except AdapterFileError as exc:
+            print(f"kubetune fetch: {exc}", file=sys.stderr)
+            return 2
     try:
-        records = fetch(args.model, args.adapter, args.draft_model)
+        records = fetch(args.model, adapters, args.draft_model)
     except KubetuneError as exc:
         print(f"kubetune fetch: {exc}", file=sys.stderr)
         return exc.exit_code

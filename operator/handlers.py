@@ -14,6 +14,8 @@ Environment (set by `kubetune operator` from its flags):
 - KUBETUNE_RECONCILE_INTERVAL: seconds between observations of a job in flight (default 10);
 - KUBETUNE_KOPF_EVENTS=0: do not let kopf post its own log events (ours are always posted);
 - KUBETUNE_METRICS_PORT: serve the operator's Prometheus metrics on this port;
+- KUBETUNE_DEFAULT_S3_ENDPOINT / _SECRET: S3 endpoint and credentials Secret of pods whose
+  resource sets no `spec.storage` (the resource's own settings win);
 - KUBETUNE_WEBHOOK_PORT / _HOST / _CERT / _KEY / _MANAGED: serve the validating admission
   webhook (and let kopf manage its ValidatingWebhookConfiguration when _MANAGED is set).
 """
@@ -30,7 +32,14 @@ import kopf
 from kubetune.operator.kube import Kube
 from kubetune.operator.metrics import record_phase, timed_reconcile
 from kubetune.operator.reconcile import Observed, needs_trainer_status, reconcile, status_patch
-from kubetune.operator.render.common import MANAGED_BY, child_names, is_owned_by, selector_labels
+from kubetune.operator.references import observe_references, observe_secret, training_references
+from kubetune.operator.render.common import (
+    MANAGED_BY,
+    StorageDefaults,
+    child_names,
+    is_owned_by,
+    selector_labels,
+)
 from kubetune.operator.render.training import RenderOptions
 from kubetune.operator.resources import GROUP, KINDS, TERMINAL_PHASES, TRAINING_KINDS, VERSION
 from kubetune.operator.status import read_trainer_status
@@ -84,7 +93,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         serve(int(metrics_port))
     _state["kube"] = Kube()
     _state["options"] = RenderOptions(
-        default_image=os.environ.get("KUBETUNE_TRAINER_IMAGE") or RenderOptions.default_image
+        default_image=os.environ.get("KUBETUNE_TRAINER_IMAGE") or RenderOptions.default_image,
+        storage_defaults=StorageDefaults.from_environment(),
     )
 
 
@@ -100,7 +110,7 @@ def _storage_settings(cr: dict[str, Any]) -> Any:
 
     spec = cr.get("spec") or {}
     raw = dict(((spec.get("training") or {}).get("storage")) or {})
-    endpoint = (spec.get("storage") or {}).get("endpoint")
+    endpoint = (spec.get("storage") or {}).get("endpoint") or StorageDefaults.from_environment().endpoint
     if endpoint and not raw.get("endpointUrl"):
         raw["endpointUrl"] = endpoint
     try:
@@ -109,7 +119,7 @@ def _storage_settings(cr: dict[str, Any]) -> Any:
         return StorageSpec()
 
 
-def observe(kube: Kube, cr: dict[str, Any]) -> Observed:
+def observe(kube: Kube, cr: dict[str, Any], options: RenderOptions | None = None) -> Observed:
     kind, meta = cr["kind"], cr["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     names = child_names(kind, name)
@@ -127,13 +137,10 @@ def observe(kube: Kube, cr: dict[str, Any]) -> Observed:
         except SpecErrors:
             spec = None
         if spec is not None:
-            if spec.storage.secretRef is not None:
-                secret = kube.get("Secret", namespace, spec.storage.secretRef.name, metadata_only=True)
-                observed.secret_found = secret is not None
-            for field in ("baseModelFrom", "rewardModelFrom"):
-                ref = getattr(spec, field, None)
-                if ref is not None:
-                    observed.references[field] = kube.get(ref.kind, namespace, ref.name)
+            # The Secret the pods will reference: the resource's own, else the operator's default.
+            defaults = (options or RenderOptions()).storage_defaults
+            observed.secret_found = observe_secret(kube, namespace, spec, defaults)
+            observed.references = observe_references(kube, namespace, training_references(spec))
     location = needs_trainer_status(cr)
     if location:
         observed.trainer_status = read_trainer_status(location, _storage_settings(cr))
@@ -154,7 +161,7 @@ def reconcile_object(kind: str, namespace: str, name: str, kube: Kube | None = N
         if not _in_flight(cr.get("status") or {}):
             record_phase(kind, namespace, name, (cr.get("status") or {}).get("phase"))
             return
-        plan = reconcile(cr, observe(kube, cr), options=options)
+        plan = reconcile(cr, observe(kube, cr, options), options=options)
         record_phase(kind, namespace, name, plan.status.get("phase") or (cr.get("status") or {}).get("phase"))
         for obj in plan.create:
             _, created = kube.create(obj)

@@ -28,7 +28,7 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 CATEGORY = "kubetune"
 
-ALIGNMENT_STAGES = ("rm", "dpo", "ppo", "raft", "grpo")
+ALIGNMENT_STAGES = ("rm", "dpo", "kto", "ppo", "raft", "grpo")
 """Stages an AlignmentJob runs (enforced once the trainer's spec knows them)."""
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -202,8 +202,8 @@ BASE_MODEL_PLACEHOLDER = "kubetune-ref://"
 
 
 class AlignmentJobSpec(ClusterFields):
-    """An alignment stage (rm, dpo) on the cluster, usually starting from the
-    output of a FineTuneJob."""
+    """An alignment stage (rm, dpo, kto, ppo, raft, grpo) on the cluster, usually starting from
+    the output of a FineTuneJob (and, for ppo/raft/grpo, scoring with an rm AlignmentJob's output)."""
 
     training: TrainingSpec
     """The training spec. With `baseModelFrom`, leave `training.model.path` out: the referenced
@@ -211,7 +211,8 @@ class AlignmentJobSpec(ClusterFields):
     baseModelFrom: ModelRef | None = None
     """Start from the output of this job; this job waits (Pending) until it has Succeeded."""
     rewardModelFrom: ModelRef | None = None
-    """Use the output of this job as the reward model (ppo); waited for like `baseModelFrom`."""
+    """Use the output of this job as the reward model (`training.reward.model` of ppo, raft,
+    grpo); waited for like `baseModelFrom`."""
 
     @model_validator(mode="before")
     @classmethod
@@ -228,6 +229,20 @@ class AlignmentJobSpec(ClusterFields):
             data = {**data, "training": {**training, "model": {**model, "path": BASE_MODEL_PLACEHOLDER}}}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _placeholder_reward_model(cls, data: Any) -> Any:
+        """With `rewardModelFrom`, `training.reward.model` is filled in when the job starts."""
+        if not isinstance(data, dict) or not data.get("rewardModelFrom"):
+            return data
+        training = data.get("training")
+        if not isinstance(training, dict):
+            return data
+        reward = training.get("reward") or {}
+        if isinstance(reward, dict) and not reward.get("model"):
+            data = {**data, "training": {**training, "reward": {**reward, "model": BASE_MODEL_PLACEHOLDER}}}
+        return data
+
     @model_validator(mode="after")
     def _alignment_rules(self) -> AlignmentJobSpec:
         if self.baseModelFrom and self.training.model.path != BASE_MODEL_PLACEHOLDER:
@@ -238,8 +253,11 @@ class AlignmentJobSpec(ClusterFields):
                 f"an AlignmentJob runs an alignment stage ({', '.join(stages)}), not "
                 f"{self.training.stage!r}; use a FineTuneJob for it"
             )
-        if self.rewardModelFrom and "rewardModel" not in TrainingSpec.model_fields:
-            raise ValueError("rewardModelFrom needs a training spec with a rewardModel block (not in this version)")
+        if self.rewardModelFrom and self.training.reward.model != BASE_MODEL_PLACEHOLDER:
+            raise ValueError("set either training.reward.model or rewardModelFrom, not both")
+        if self.rewardModelFrom and self.training.stage not in trainer_spec.ROLLOUT_STAGES:
+            raise ValueError(f"rewardModelFrom is for the stages that score generations ({', '.join(trainer_spec.ROLLOUT_STAGES)}), "
+                             f"not {self.training.stage!r}")
         return self
 
 
@@ -301,6 +319,14 @@ class EngineArgs(CrModel):
     """vLLM: fraction of GPU memory for weights and KV cache."""
     extraArgs: list[str] = Field(default_factory=list)
     """vLLM: more arguments for vLLM's server, passed as is (e.g. `--enable-prefix-caching`)."""
+    maxLoras: int | None = Field(None, ge=1, le=256)
+    """vLLM: adapters used together in one batch (GPU slots; more adapters are swapped in from
+    host memory). Default 4 when `adapters` is set. Setting it turns LoRA support on even with no
+    adapters yet, so that the first adapter is loaded without restarting the pods."""
+    maxLoraRank: Literal[8, 16, 32, 64, 128, 256, 320, 512] | None = None
+    """vLLM: the largest LoRA rank an adapter may have (vLLM's default 16; a LoRA model's own rank
+    when the model is a LoRA output). An adapter added at runtime with a larger rank is refused
+    (the pods' adapter agent logs why): raise this, which rolls the pods once."""
 
 
 ScalingMetric = Literal["cpu", "requestsInFlight", "queueDepth"]
@@ -333,8 +359,9 @@ class ModelCache(CrModel):
     """emptyDir: per pod (survives container restarts); hostPath: per node (shared by the
     replicas on a node and by later pods); pvc: a (ReadWriteMany) volume shared by all."""
     path: str | None = Field(None, pattern=r"^/")
-    """hostPath: the directory on the node (default /var/cache/kubetune); must be writable by
-    the pods' user (uid 1000)."""
+    """hostPath: the directory on the node (default /var/cache/kubetune). The kubelet creates it
+    owned by root; an init container `cache-permissions` (root, only CAP_CHOWN) hands it to the
+    pods' user (uid 1000) before anything else runs."""
     claimName: str | None = None
     """pvc: the PersistentVolumeClaim in the service's namespace."""
     sizeLimit: Quantity | None = None
@@ -413,7 +440,9 @@ class InferenceServiceSpec(CrModel):
             for name, value in (("tensorParallelSize", self.tensorParallelSize and self.tensorParallelSize > 1),
                                 ("engineArgs.quantization", self.engineArgs.quantization),
                                 ("engineArgs.gpuMemoryUtilization", self.engineArgs.gpuMemoryUtilization),
-                                ("engineArgs.extraArgs", self.engineArgs.extraArgs)):
+                                ("engineArgs.extraArgs", self.engineArgs.extraArgs),
+                                ("engineArgs.maxLoras", self.engineArgs.maxLoras),
+                                ("engineArgs.maxLoraRank", self.engineArgs.maxLoraRank)):
                 if value:
                     raise ValueError(f"{name} needs engine vllm")
         if self.tensorParallelSize and self.gpus and self.tensorParallelSize > self.gpus:

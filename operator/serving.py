@@ -13,13 +13,14 @@ Lifecycle:
   that Failed -> Failed (ReferenceFailed). A service that is already deployed keeps serving
   what it serves while a change waits for its references;
 - dependencies ready: Deployment + Service (+ HPA when minReplicas < maxReplicas) are created;
-- a spec change (model, adapters, engine arguments, resources, ...) patches the Deployment's pod
-  template: a rolling update with maxUnavailable 0 (no capacity lost). Adding an adapter is such
-  a change: the new pods serve the longer list (`kubetune serve --adapter ...`, with vLLM
-  `--lora-modules`). Restart-free loading through vLLM's runtime LoRA API is not used: it
-  would need the operator to reach every pod and the adapters to be fetched inside running
-  pods, and a pod restarted later would not know them; a rolling update gives the same result
-  without downtime, at the cost of re-loading the base (from the node's cache);
+- a spec change (model, engine arguments, resources, ...) patches the Deployment's pod template:
+  a rolling update with maxUnavailable 0 (no capacity lost);
+- adapters live in the ConfigMap `<name>-isvc-adapters` (the resolved set). With vLLM that is
+  all an adapter-only change touches: the pods' `adapters` sidecar loads new adapters into the
+  running vLLM and unloads removed ones (runtime LoRA API), and pods started later read the same
+  ConfigMap, so nothing restarts (event AdaptersUpdated). Only turning LoRA support on or off (the
+  first adapter, the last one removed) changes the pod template. With the transformers engine
+  the adapters are server arguments: a change is a rolling update (event RollingUpdate);
 - minReplicas == maxReplicas: no HPA, `spec.replicas` (what `kubectl scale` sets through the
   scale subresource) or minReplicas sets the Deployment's replicas; otherwise the HPA owns them;
 - status: phase Deploying until a replica is ready, then Ready (Progressing=True during a
@@ -38,22 +39,33 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.operator.reconcile import Event, StatusDecisions, output_uri_of
+from kubetune.operator.reconcile import Event, StatusDecisions
+from kubetune.operator.references import (
+    REFERENCE_FAILED,
+    DependencyChecks,
+    observe_references,
+    observe_secret,
+    reference_key,
+    service_references,
+)
 from kubetune.operator.render.common import is_owned_by
 from kubetune.operator.render.inference import (
     ANNOTATION_SPEC_HASH,
     KIND,
     ResolvedModels,
     ServingOptions,
+    adapters_config_name,
+    render_adapters_config_map,
     render_deployment,
     render_hpa,
     render_service,
+    runtime_adapters,
     selector_string,
     served_name,
     service_names,
     url_of,
 )
-from kubetune.operator.resources import InferenceServiceSpec, ModelRef
+from kubetune.operator.resources import InferenceServiceSpec
 from kubetune.operator.status import (
     FAILED,
     PENDING,
@@ -81,6 +93,8 @@ class ServingObserved:
     deployment: dict[str, Any] | None = None
     service: dict[str, Any] | None = None
     hpa: dict[str, Any] | None = None
+    adapters_config: dict[str, Any] | None = None
+    """The ConfigMap with the current adapter set."""
     secret_found: bool | None = None
     """None when no Secret is referenced."""
     references: dict[str, dict[str, Any] | None] = field(default_factory=dict)
@@ -97,21 +111,6 @@ class ServingPlan:
     """(kind, name, merge patch) for existing children."""
     delete: list[tuple[str, str]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-
-
-def reference_key(ref: ModelRef) -> str:
-    return f"{ref.kind}/{ref.name}"
-
-
-def references_of(spec: InferenceServiceSpec) -> list[tuple[str, ModelRef]]:
-    """(field path, reference) of every job the service uses."""
-    out = []
-    if spec.model.fromJob is not None:
-        out.append(("spec.model.fromJob", spec.model.fromJob))
-    for i, adapter in enumerate(spec.adapters):
-        if adapter.fromJob is not None:
-            out.append((f"spec.adapters[{i}].fromJob", adapter.fromJob))
-    return out
 
 
 def merge_diff(old: Any, new: Any) -> Any:
@@ -141,7 +140,7 @@ def _true(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
     return None
 
 
-class _ServiceReconciler(StatusDecisions):
+class _ServiceReconciler(DependencyChecks, StatusDecisions):
     def __init__(self, cr: dict[str, Any], observed: ServingObserved, now: datetime.datetime, options: ServingOptions):
         self.cr = cr
         self.obs = observed
@@ -184,43 +183,19 @@ class _ServiceReconciler(StatusDecisions):
         return self.plan
 
     def dependencies(self, spec: InferenceServiceSpec) -> ResolvedModels | None:
-        ref = spec.storage.secretRef
-        if ref is not None and self.obs.secret_found is False:
-            return self.blocked(
-                "SecretNotFound",
-                f"Secret {ref.name!r} (spec.storage.secretRef) does not exist in namespace {self.namespace}; "
-                "create it with the S3 credentials.",
-            )
-        resolved: dict[str, str] = {}
-        waiting: list[str] = []
-        for path, wanted in references_of(spec):
-            key = reference_key(wanted)
-            target = self.obs.references.get(key)
-            label = f"{path}: {wanted.kind} {wanted.name!r}"
-            if target is None:
-                return self.blocked("ReferenceNotFound", f"{label} does not exist in namespace {self.namespace}.")
-            tstatus = target.get("status") or {}
-            tphase = tstatus.get("phase")
-            if tphase == FAILED:
-                message = f"{label} failed ({tstatus.get('reason') or 'Failed'}): {tstatus.get('message') or ''}".strip()
-                self.condition(READY_TO_START, False, "ReferenceFailed", message)
-                if self.obs.deployment is None:
-                    self.transition(FAILED, "ReferenceFailed", message, "Warning")
-                return None
-            if tphase != "Succeeded":
-                percent = (tstatus.get("progress") or {}).get("percent")
-                detail = f"{tphase or 'Pending'}" + (f", {percent}%" if percent is not None else "")
-                waiting.append(f"{label} (now {detail})")
-                continue
-            resolved[key] = output_uri_of(target)
-        if waiting:
-            return self.blocked("WaitingForReference", "waiting for " + "; ".join(waiting) + " to succeed.", "Normal")
+        resolved = self.resolve_dependencies(spec, service_references(spec))
+        if resolved is None:
+            return None
         self.condition(READY_TO_START, True, "Ready", "model, adapters and credentials are available")
 
         def location(source: Any) -> str:
             return source.uri if source.uri is not None else resolved[reference_key(source.fromJob)]
 
         return ResolvedModels(location(spec.model), {a.name: location(a) for a in spec.adapters})
+
+    def reference_failed(self, message: str) -> None:
+        if self.obs.deployment is None:  # already serving: keep serving; the condition says why
+            self.transition(FAILED, REFERENCE_FAILED, message, "Warning")
 
     def blocked(self, reason: str, message: str, event_type: str = "Warning") -> None:
         changed = self.condition(READY_TO_START, False, reason, message)
@@ -231,12 +206,28 @@ class _ServiceReconciler(StatusDecisions):
         return None
 
     def ensure_children(self, spec: InferenceServiceSpec, models: ResolvedModels) -> None:
+        # The adapters ConfigMap first: pods created by the Deployment below mount it.
+        adapters_cm = render_adapters_config_map(self.cr, spec, models)
+        adapters_changed = False
+        if self.obs.adapters_config is None:
+            self.plan.create.append(adapters_cm)
+        elif _hash_of(self.obs.adapters_config) != _hash_of(adapters_cm):
+            adapters_changed = True
+            self.plan.patch.append(("ConfigMap", adapters_cm["metadata"]["name"], {
+                "metadata": {"labels": adapters_cm["metadata"]["labels"],
+                             "annotations": adapters_cm["metadata"]["annotations"]},
+                "data": adapters_cm["data"],
+            }))
         deployment = render_deployment(self.cr, spec, models, self.options)
         observed = self.obs.deployment
         if observed is None:
             self.plan.create.append(deployment)
         else:
             patch: dict[str, Any] = {}
+            if _hash_of(observed) == _hash_of(deployment) and adapters_changed and runtime_adapters(spec):
+                self.event("Normal", "AdaptersUpdated",
+                           f"{self.change_summary(spec, models)} (the running pods load them without a restart: "
+                           f"vLLM runtime LoRA, through ConfigMap {adapters_cm['metadata']['name']})")
             if _hash_of(observed) != _hash_of(deployment):
                 current = {k: v for k, v in (observed.get("spec") or {}).items() if k != "replicas"}
                 wanted = {k: v for k, v in deployment["spec"].items() if k != "replicas"}
@@ -371,7 +362,7 @@ def reconcile_service(
 # The I/O shell (called by the kopf handlers)
 
 
-def observe_service(kube: Any, cr: dict[str, Any]) -> ServingObserved:
+def observe_service(kube: Any, cr: dict[str, Any], options: ServingOptions | None = None) -> ServingObserved:
     meta = cr["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     child, _ = service_names(name)
@@ -382,16 +373,18 @@ def observe_service(kube: Any, cr: dict[str, Any]) -> ServingObserved:
             observed.foreign.append(f"{kind} {child}")
             obj = None
         setattr(observed, attr, obj)
+    config = kube.get("ConfigMap", namespace, adapters_config_name(name))
+    if config is not None and not is_owned_by(config, cr):
+        observed.foreign.append(f"ConfigMap {adapters_config_name(name)}")
+        config = None
+    observed.adapters_config = config
     try:
         spec: InferenceServiceSpec = validate_resource(cr)  # type: ignore[assignment]
     except SpecErrors:
         return observed
-    if spec.storage.secretRef is not None:
-        observed.secret_found = kube.get("Secret", namespace, spec.storage.secretRef.name, metadata_only=True) is not None
-    for _, ref in references_of(spec):
-        key = reference_key(ref)
-        if key not in observed.references:
-            observed.references[key] = kube.get(ref.kind, namespace, ref.name)
+    # The Secret the pods will reference (its own, or the operator's default): metadata only.
+    observed.secret_found = observe_secret(kube, namespace, spec, (options or ServingOptions()).storage_defaults)
+    observed.references = observe_references(kube, namespace, service_references(spec))
     return observed
 
 
@@ -404,7 +397,8 @@ def reconcile_service_object(kube: Any, namespace: str, name: str, options: Serv
         return
     cr.setdefault("metadata", {}).setdefault("namespace", namespace)
     cr.setdefault("kind", KIND)
-    plan = reconcile_service(cr, observe_service(kube, cr), options=options or ServingOptions.from_environment())
+    options = options or ServingOptions.from_environment()
+    plan = reconcile_service(cr, observe_service(kube, cr, options), options=options)
     for obj in plan.create:
         _, created = kube.create(obj)
         log.info("%s %s/%s: %s %s %s", KIND, namespace, name, "created" if created else "found existing",

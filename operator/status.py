@@ -125,9 +125,28 @@ def status_location(output_uri: str) -> str:
     return output_uri.rstrip("/") + "/" + STATUS_FILE
 
 
+STATUS_READ_ATTEMPTS = 1
+"""`StorageSpec.maxAttempts` when the operator reads status.json (botocore's `max_attempts`, which
+counts retries: one request and at most one retry). The read runs inside a reconcile, holding
+that resource's lock (Job events for it wait), so it must be quick; a failed read is simply
+repeated at the next observation (KUBETUNE_RECONCILE_INTERVAL), never by sleeping through the
+storage layer's default backoff (8 adaptive retries: seconds to a minute per read against an
+unreachable or throttling endpoint)."""
+
+
+def status_read_settings(storage: Any = None) -> Any:
+    """`storage` (a StorageSpec, or None for the defaults) with the fewest retries, for the
+    best-effort status read."""
+    from kubetune.trainer.spec import StorageSpec
+
+    settings = storage if isinstance(storage, StorageSpec) else StorageSpec()
+    return settings.model_copy(update={"maxAttempts": STATUS_READ_ATTEMPTS})
+
+
 def read_trainer_status(output_uri: str, storage: Any = None) -> dict[str, Any] | None:
     """The trainer's status.json under `output_uri` (local path or s3://), or None when it does
-    not exist (yet) or cannot be read. Never raises: progress is best effort."""
+    not exist (yet) or cannot be read. Never raises, and gives up quickly (`STATUS_READ_ATTEMPTS`):
+    progress is best effort, and the next observation reads it again."""
     location = status_location(output_uri)
     try:
         try:
@@ -135,7 +154,7 @@ def read_trainer_status(output_uri: str, storage: Any = None) -> dict[str, Any] 
         except ImportError:  # a storage layer without S3 support
             open_stream = None
         if open_stream is not None:
-            with open_stream(location, storage, field="output.path") as handle:
+            with open_stream(location, status_read_settings(storage), field="output.path") as handle:
                 data = json.loads(handle.read().decode())
         else:
             with open(location, encoding="utf-8") as handle:

@@ -202,32 +202,50 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
 
+S3_TEST_ENVIRONMENT = {
+    "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
+    "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY,
+    "AWS_SESSION_TOKEN": FAKE_SESSION_TOKEN,
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "KUBETUNE_PROGRESS": "0",
+}
+S3_UNSET_ENVIRONMENT = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE")
+
+
 @pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 and fake credentials in the environment (for the session)."""
+def moto_server() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (one for the session); its URL."""
     from moto.server import ThreadedMotoServer
 
-    patch = pytest.MonkeyPatch()
-    patch.setenv("AWS_ACCESS_KEY_ID", FAKE_ACCESS_KEY)
-    patch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET_KEY)
-    patch.setenv("AWS_SESSION_TOKEN", FAKE_SESSION_TOKEN)
-    patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    patch.setenv("KUBETUNE_PROGRESS", "0")
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE"):
-        patch.delenv(name, raising=False)
-    patch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture
+def moto_endpoint(moto_server: str) -> Iterator[str]:
+    """moto's URL, with fake credentials in the environment for this test only.
+
+    Per test, not per session: the environment is restored after each test, so a test that runs
+    later in the same session (an in-process operator, a subprocess) sees the ambient AWS
+    environment rather than these credentials. A MonkeyPatch of its own, so that a test calling
+    `monkeypatch.undo()` keeps its credentials."""
+    patch = pytest.MonkeyPatch()
+    for name, value in S3_TEST_ENVIRONMENT.items():
+        patch.setenv(name, value)
+    for name in S3_UNSET_ENVIRONMENT:
+        patch.delenv(name, raising=False)
+    yield moto_server
     patch.undo()
 
 
 @pytest.fixture(scope="session")
-def fault_proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(moto_endpoint)
+def fault_proxy(moto_server: str) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(moto_server)
     proxy.start()
     yield proxy
     proxy.stop()
@@ -287,4 +305,4 @@ def s3(moto_endpoint: str, fault_proxy: FaultProxy, tmp_path: Path) -> Iterator[
     fault_proxy.reset()
 
 
-__all__ = ["SECRETS", "FaultProxy", "S3Env", "fault_proxy", "moto_endpoint", "s3"]
+__all__ = ["SECRETS", "FaultProxy", "S3Env", "fault_proxy", "moto_endpoint", "moto_server", "s3"]

@@ -346,6 +346,8 @@ def test_webhook_path_is_the_operators_handler_id() -> None:
         ({"rbac": {"scope": "everywhere"}}, "scope"),
         ({"watchNamespaces": "team-a"}, "watchNamespaces"),
         ({"unknownKey": 1}, "unknownKey"),
+        ({"jobs": {"s3": {"existingSecret": "Not A Secret"}}}, "existingSecret"),
+        ({"jobs": {"s3": {"endpoint": "minio:9000"}}}, "endpoint"),
     ],
 )
 def test_schema_refuses_wrong_values(values: dict[str, Any], field: str, tmp_path: Path) -> None:
@@ -394,6 +396,20 @@ def test_operator_parses_the_chart_args(defaults: dict[str, Any], renders: dict[
     assert webhook.webhook_port == 9443 and webhook.webhook_cert == "/etc/kubetune/webhook/tls.crt"
     assert operator_environment(webhook)["KUBETUNE_SERVER_IMAGE"] == "registry.example.com/kubetune/vllm:0.1.0"
     assert webhook.namespace == ["team-a", "team-b"] and webhook.peering == "kubetune"
+
+
+def test_chart_passes_the_job_s3_defaults(defaults: dict[str, Any], renders: dict[str, dict[str, Any]]) -> None:
+    """`jobs.s3.*` (falling back to `s3.endpoint`) become the operator's --default-s3-* flags:
+    the S3 settings of job and serving pods whose manifest sets none. Only the Secret's name
+    is passed; its values stay in the Secret."""
+    from kubetune.operator.cli import operator_environment
+
+    assert not any(a.startswith("--default-s3") for a in _operator_args(defaults["objects"]))
+    args = _operator_args(renders["namespaced-values.yaml"]["objects"])
+    assert "--default-s3-endpoint=http://minio.minio:9000" in args  # from s3.endpoint
+    assert "--default-s3-secret=team-s3" in args
+    env = operator_environment(_parse(args))
+    assert env["KUBETUNE_DEFAULT_S3_ENDPOINT"] == "http://minio.minio:9000" and env["KUBETUNE_DEFAULT_S3_SECRET"] == "team-s3"
 
 
 def test_operator_serves_metrics_on_the_port_the_chart_passes(renders: dict[str, dict[str, Any]]) -> None:

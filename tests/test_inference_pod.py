@@ -1,7 +1,7 @@
 """The InferenceService pod contract: the rendered init container's and server container's
 commands, run as local processes against S3 (moto, through a counting proxy), fetch the model
-and a LoRA adapter into the cache and serve both names through the official `openai` client;
-a second start downloads nothing."""
+(the quickstart's, trained) and a LoRA adapter trained on top of it into the cache and serve both
+names through the official `openai` client; a second start downloads nothing."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import pytest
 from kubetune.operator.render.inference import render_inference
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import S3Env
-from tests.test_infer_helpers import build_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -76,15 +77,37 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> float
     raise AssertionError("server never became ready")
 
 
-def test_init_and_server_commands_fetch_once_and_serve_base_and_adapter(s3: S3Env, tiny_model_dir: Path,
+@pytest.fixture(scope="module")
+def quickstart_and_adapter(tmp_path_factory) -> tuple[Path, Path]:
+    """The quickstart (examples/quickstart.yaml, shortened) and a LoRA adapter trained on its output."""
+    from kubetune.trainer.runner import run
+    from kubetune.trainer.specfile import load_spec
+
+    root = tmp_path_factory.mktemp("trained")
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the example's data paths are relative to the repository
+    try:
+        quickstart = load_spec("examples/quickstart.yaml", ["train.maxSteps=30", "logging.samples=0", "checkpoint.everySteps=1000",
+                                                             f"output.path={root / 'quickstart'}"]).spec
+        run(quickstart)
+        adapter = load_spec("examples/quickstart.yaml", ["train.maxSteps=10", "method=lora", "logging.samples=0", "data.evalSize=0", "checkpoint.everySteps=1000",
+                                                         f"model.path={root / 'quickstart'}", f"output.path={root / 'support'}"]).spec
+        run(adapter)
+    finally:
+        os.chdir(cwd)
+    assert (root / "support" / "adapter_config.json").is_file()
+    return root / "quickstart", root / "support"
+
+
+def test_init_and_server_commands_fetch_once_and_serve_base_and_adapter(s3: S3Env, quickstart_and_adapter: tuple[Path, Path],
                                                                         tmp_path: Path) -> None:
-    adapter = build_adapter("support", tiny_model_dir, seed=11)
-    s3.upload_tree(tiny_model_dir, "models/tiny")
+    model, adapter = quickstart_and_adapter
+    s3.upload_tree(model, "models/quickstart")
     s3.upload_tree(adapter, "outputs/support")
     cr = {
         "apiVersion": "kubetune.io/v1alpha1", "kind": "InferenceService",
         "metadata": {"name": "chat", "namespace": "ml", "uid": "u"},
-        "spec": {"model": {"uri": s3.uri("models/tiny")}, "adapters": [{"name": "support", "uri": s3.uri("outputs/support")}],
+        "spec": {"model": {"uri": s3.uri("models/quickstart")}, "adapters": [{"name": "support", "uri": s3.uri("outputs/support")}],
                  "engine": "transformers", "gpus": 0, "port": _free_port(), "terminationGracePeriodSeconds": 20},
     }
     deployment = render_inference(cr)[0]

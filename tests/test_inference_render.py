@@ -7,6 +7,7 @@ import copy
 import datetime
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -154,7 +155,7 @@ def test_every_child_validates_against_kubernetes_schemas(spec: dict[str, Any]) 
         assert kubernetes_validate.validate(obj, K8S_VERSION, strict=True), obj["kind"]
     kinds = [o["kind"] for o in objs]
     autoscaled = (spec.get("maxReplicas", 4) or 0) > spec.get("minReplicas", 1)
-    assert kinds == ["Deployment", "Service"] + (["HorizontalPodAutoscaler"] if autoscaled else [])
+    assert kinds == ["Deployment", "Service", "ConfigMap"] + (["HorizontalPodAutoscaler"] if autoscaled else [])
 
 
 @pytest.mark.parametrize(
@@ -199,25 +200,36 @@ def test_no_hpa_when_min_equals_max_and_replicas_from_spec() -> None:
 
 def test_pod_commands_are_argument_lists_without_shell() -> None:
     pod = _pod(render_inference(_cr(), MODELS))
-    (fetch,) = pod["initContainers"]
-    (server,) = pod["containers"]
+    permissions, fetch = pod["initContainers"]
+    server, agent = pod["containers"]
+    assert permissions["command"] == ["chown", "1000:1000", "/var/cache/kubetune"]
     assert fetch["command"] == ["python", "-m", "kubetune.operator.fetch"]
+    # vLLM: the adapters come from the mounted ConfigMap, not from the pod template.
     assert fetch["args"] == ["--model", "s3://models/llama-3-8b-instruct",
-                             "--adapter", "support=s3://outputs/support-lora",
-                             "--adapter", "legal=s3://outputs/legal-sft"]
+                             "--adapters-file", "/etc/kubetune/adapters/adapters.json"]
     assert server["command"] == ["kubetune"]
     assert server["args"] == [
         "serve", "s3://models/llama-3-8b-instruct", "--engine", "vllm", "--served-model-name", "llama-chat",
         "--host", "0.0.0.0", "--port", "8000", "--dtype", "bfloat16", "--drain-timeout", "50",
-        "--adapter", "support=s3://outputs/support-lora", "--adapter", "legal=s3://outputs/legal-sft",
         "--max-model-len", "8192", "--tensor-parallel-size", "2", "--quantization", "fp8",
+        "--vllm-arg=--enable-lora", "--vllm-arg=--max-loras=4",
         "--vllm-arg=--enable-prefix-caching",
     ]
-    for container in (fetch, server):
+    assert agent["command"] == ["python", "-m", "kubetune.operator.adapters"]
+    assert agent["args"] == ["--config", "/etc/kubetune/adapters/adapters.json", "--server", "http://127.0.0.1:8000",
+                             "--port", "8001", "--keep", "llama-chat"]
+    # The transformers engine cannot load adapters at runtime: they are server arguments.
+    transformers = _pod(render_inference(_cr(engine="transformers", engineArgs={}), MODELS))
+    t_fetch, (t_server,) = transformers["initContainers"][-1], transformers["containers"]
+    assert t_fetch["args"] == ["--model", "s3://models/llama-3-8b-instruct", "--adapter", "support=s3://outputs/support-lora",
+                               "--adapter", "legal=s3://outputs/legal-sft"]
+    i = t_server["args"].index("--adapter")
+    assert t_server["args"][i:i + 4] == ["--adapter", "support=s3://outputs/support-lora", "--adapter", "legal=s3://outputs/legal-sft"]
+    for container in (permissions, fetch, server, agent, t_fetch, t_server):
         text = json.dumps(container["command"])
         assert not any(word in text for word in ('"sh"', '"bash"', '"-c"'))
-        env = {e["name"] for e in container["env"]}
-        for arg in container["args"]:
+        env = {e["name"] for e in container.get("env", [])}
+        for arg in container.get("args", []):
             for var in re.findall(r"\$\((\w+)\)", arg):
                 assert var in env
 
@@ -227,10 +239,13 @@ def test_the_serve_arguments_parse_with_kubetune_serve() -> None:
     from kubetune.trainer.cli import build_parser
 
     for spec in ({}, {"engine": "transformers", "gpus": 0, "engineArgs": {"draftModel": "s3://d", "numSpeculativeTokens": 3}}):
-        (server,) = _pod(render_inference(_cr(**spec), MODELS))["containers"]
+        server = _pod(render_inference(_cr(**spec), MODELS))["containers"][0]
         args = build_parser().parse_args(server["args"])
         assert args.model == "s3://models/llama-3-8b-instruct"
-        assert args.adapter == ["support=s3://outputs/support-lora", "legal=s3://outputs/legal-sft"]
+        if spec:
+            assert args.adapter == ["support=s3://outputs/support-lora", "legal=s3://outputs/legal-sft"]
+        else:  # vLLM: LoRA on with a fixed capacity, the adapters come at runtime
+            assert args.adapter == [] and args.vllm_arg[:2] == ["--enable-lora", "--max-loras=4"]
         assert args.engine == spec.get("engine", "vllm")
     assert args.draft_model == "s3://d" and args.num_assistant_tokens == 3
 
@@ -240,7 +255,7 @@ def test_probes_drain_rollout_and_security() -> None:
     deployment = objs["Deployment"]
     assert deployment["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     pod = deployment["spec"]["template"]["spec"]
-    (server,) = pod["containers"]
+    server, agent = pod["containers"]
     assert server["startupProbe"]["httpGet"]["path"] == "/health"
     assert server["startupProbe"]["failureThreshold"] * server["startupProbe"]["periodSeconds"] >= 1800
     assert server["livenessProbe"]["httpGet"]["path"] == "/health"
@@ -251,11 +266,15 @@ def test_probes_drain_rollout_and_security() -> None:
     assert pod["terminationGracePeriodSeconds"] == 60
     assert int(server["args"][server["args"].index("--drain-timeout") + 1]) + 5 < 60
     assert pod["securityContext"]["runAsNonRoot"] is True
-    for container in (server, pod["initContainers"][0]):
+    permissions, fetch = pod["initContainers"]
+    assert permissions["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    for container in (server, fetch, agent):
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert container["securityContext"]["runAsNonRoot"] is True
     assert server["resources"]["limits"]["nvidia.com/gpu"] == 2
-    assert "nvidia.com/gpu" not in json.dumps(pod["initContainers"][0].get("resources", {}))
+    assert "nvidia.com/gpu" not in json.dumps(fetch.get("resources", {})) + json.dumps(agent["resources"])
+    assert agent["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "agent"}
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
     assert volumes[mounts["/var/cache/kubetune"]]["hostPath"] == {"path": "/mnt/nvme/kubetune-cache", "type": "DirectoryOrCreate"}
@@ -267,6 +286,114 @@ def test_probes_drain_rollout_and_security() -> None:
     assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio.minio:9000"
 
 
+def test_hostpath_cache_is_handed_to_the_pods_user_first() -> None:
+    """fsGroup does not apply to hostPath volumes and the kubelet creates the directory owned by
+    root: a root init container with only CAP_CHOWN gives it to uid 1000 before the fetch."""
+    pod = _pod(render_inference(_cr(), MODELS))
+    permissions = pod["initContainers"][0]
+    assert permissions["name"] == "cache-permissions"
+    assert permissions["command"] == ["chown", "1000:1000", "/var/cache/kubetune"] and "args" not in permissions
+    assert permissions["securityContext"] == {
+        "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]}}
+    assert permissions["volumeMounts"] == [{"name": "model-cache", "mountPath": "/var/cache/kubetune"}]
+    assert pod["securityContext"]["runAsUser"] == 1000 and pod["initContainers"][1]["name"] == "fetch"
+    for cache in ({"type": "emptyDir"}, {"type": "pvc", "claimName": "models"}):  # fsGroup covers these
+        assert [c["name"] for c in _pod(render_inference(_cr(cache=cache), MODELS))["initContainers"]] == ["fetch"]
+
+
+def test_hostpath_permissions_container_makes_the_cache_writable_for_uid_1000() -> None:
+    """The rendered command for real: a root-owned 0755 directory (what the kubelet creates)
+    becomes writable for the pods' user."""
+    import os
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a root-owned directory and switch to uid 1000")
+    with tempfile.TemporaryDirectory(prefix="kubetune-hostpath-") as node:  # in /tmp: uid 1000 can reach it
+        Path(node).chmod(0o755)
+        _check_hostpath_permissions(Path(node) / "kubetune-cache")
+
+
+def _check_hostpath_permissions(node_dir: Path) -> None:
+    import subprocess
+
+    node_dir.mkdir(mode=0o755)
+    (permissions,) = [c for c in _pod(render_inference(_cr(), MODELS))["initContainers"] if c["name"] == "cache-permissions"]
+    as_user = {"user": 1000, "group": 1000, "extra_groups": []}
+    assert subprocess.run(["touch", str(node_dir / "before")], capture_output=True, **as_user).returncode != 0
+    argv = [a.replace("/var/cache/kubetune", str(node_dir)) for a in permissions["command"]]
+    subprocess.run(argv, check=True)
+    subprocess.run(["mkdir", "-p", str(node_dir / "s3" / "bucket")], check=True, **as_user)
+    assert (node_dir / "s3" / "bucket").stat().st_uid == 1000
+
+
+def test_operator_s3_defaults_apply_only_where_the_resource_sets_none() -> None:
+    from kubetune.operator.render.common import StorageDefaults
+
+    options = ServingOptions(storage_defaults=StorageDefaults(endpoint="http://minio.platform:9000", secret="team-s3"))
+
+    def env_of(cr: dict[str, Any]) -> list[dict[str, dict[str, Any]]]:
+        pod = _pod(render_inference(cr, MODELS, options))
+        return [{e["name"]: e for e in c.get("env", [])} for c in pod["initContainers"] + pod["containers"]
+                if c["name"] != "cache-permissions"]
+
+    for env in env_of(_cr(storage={})):  # fetch, server and the adapters sidecar
+        assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio.platform:9000"
+        assert env["AWS_ACCESS_KEY_ID"] == {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {
+            "name": "team-s3", "key": "AWS_ACCESS_KEY_ID"}}}
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "team-s3"
+        assert "value" not in env["AWS_SECRET_ACCESS_KEY"]
+    for env in env_of(_cr()):  # the resource's own endpoint and Secret win
+        assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio.minio:9000"
+        assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    for env in env_of(_cr(storage={}, serviceAccountName="irsa")):  # pod identity: no default Secret
+        assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio.platform:9000"
+        assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    # Without operator defaults nothing is added.
+    pod = _pod(render_inference(_cr(storage={}), MODELS))
+    assert not any(e["name"].startswith("AWS_") for c in pod["containers"] for e in c["env"])
+
+
+def test_operator_s3_defaults_reach_training_pods() -> None:
+    from kubetune.operator.render.common import StorageDefaults
+    from kubetune.operator.render.training import RenderOptions, render_training
+    from tests.test_operator_render import _cr as training_cr
+
+    options = RenderOptions(storage_defaults=StorageDefaults(endpoint="http://minio.platform:9000", secret="team-s3"))
+    cr = training_cr()
+    cr["spec"].pop("storage", None)
+    cr["spec"].pop("serviceAccountName", None)
+    job = next(o for o in render_training(cr, options=options) if o["kind"] == "Job")
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio.platform:9000"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "team-s3", "key": "AWS_SECRET_ACCESS_KEY"}
+    cr["spec"]["storage"] = {"secretRef": {"name": "own"}, "endpoint": "http://own:9000"}
+    job = next(o for o in render_training(cr, options=options) if o["kind"] == "Job")
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://own:9000"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "own"
+
+
+def test_operator_flags_set_the_s3_defaults() -> None:
+    import argparse
+
+    from kubetune.operator.cli import operator_environment, register
+    from kubetune.operator.render.common import StorageDefaults
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["operator", "--default-s3-endpoint", "http://minio:9000", "--default-s3-secret", "team-s3"])
+    env = operator_environment(args)
+    assert env["KUBETUNE_DEFAULT_S3_ENDPOINT"] == "http://minio:9000" and env["KUBETUNE_DEFAULT_S3_SECRET"] == "team-s3"
+    import os
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, env):
+        assert StorageDefaults.from_environment() == StorageDefaults("http://minio:9000", "team-s3")
+        assert ServingOptions.from_environment().storage_defaults.secret == "team-s3"
+
+
 def test_service_selects_the_pods_and_names_are_deterministic() -> None:
     objs = _by_kind(render_inference(_cr(), MODELS))
     service, deployment = objs["Service"], objs["Deployment"]
@@ -276,7 +403,7 @@ def test_service_selects_the_pods_and_names_are_deterministic() -> None:
     assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
     assert selector_string("llama-chat") == ",".join(f"{k}={v}" for k, v in sorted(service["spec"]["selector"].items()))
     for obj in objs.values():
-        assert obj["metadata"]["name"] == "llama-chat-isvc"
+        assert obj["metadata"]["name"] == "llama-chat-isvc" + ("-adapters" if obj["kind"] == "ConfigMap" else "")
         (ref,) = obj["metadata"]["ownerReferences"]
         assert ref["kind"] == "InferenceService" and ref["uid"] == "isvc-uid" and ref["controller"] is True
     assert render_inference(_cr(), MODELS) == render_inference(_cr(), MODELS)
@@ -314,7 +441,7 @@ def _observed(**kwargs: Any) -> ServingObserved:
     objs = _by_kind(render_inference(EXAMPLE_ISVC, MODELS))
     base: dict[str, Any] = {"secret_found": True, "references": {"FineTuneJob/legal-sft": _job("Succeeded")}}
     if "deployment" in kwargs:
-        base.update(service=objs["Service"], hpa=objs["HorizontalPodAutoscaler"])
+        base.update(service=objs["Service"], hpa=objs["HorizontalPodAutoscaler"], adapters_config=objs["ConfigMap"])
     base.update(kwargs)
     return ServingObserved(**base)
 
@@ -344,13 +471,21 @@ def test_reference_not_succeeded_keeps_the_service_pending(job: Any, reason: str
 def test_missing_secret_waits() -> None:
     plan = reconcile_service(EXAMPLE_ISVC, _observed(secret_found=False), NOW)
     assert plan.create == [] and plan.status["reason"] == "SecretNotFound"
+    # The operator's default Secret, missing in the service's namespace: the message says so.
+    from kubetune.operator.render.common import StorageDefaults
+
+    options = ServingOptions(storage_defaults=StorageDefaults(secret="team-s3"))
+    plan = reconcile_service(_cr(storage={}), _observed(secret_found=False), NOW, options)
+    assert plan.status["reason"] == "SecretNotFound" and "default S3 Secret" in plan.status["message"]
+    assert "'team-s3'" in plan.status["message"]
+    assert reconcile_service(_cr(storage={}), _observed(secret_found=False), NOW).status["phase"] == "Deploying"
 
 
 def test_succeeded_reference_creates_children_with_its_output() -> None:
     plan = reconcile_service(EXAMPLE_ISVC, _observed(), NOW)
-    assert [o["kind"] for o in plan.create] == ["Deployment", "Service", "HorizontalPodAutoscaler"]
-    server = plan.create[0]["spec"]["template"]["spec"]["containers"][0]
-    assert "legal=s3://outputs/legal-sft" in server["args"]
+    assert [o["kind"] for o in plan.create] == ["ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler"]
+    adapters = json.loads(plan.create[0]["data"]["adapters.json"])["adapters"]
+    assert {"name": "legal", "uri": "s3://outputs/legal-sft"} in adapters  # the reference, resolved
     status = plan.status
     assert status["phase"] == "Deploying" and status["observedGeneration"] == 1
     assert status["url"] == "http://llama-chat-isvc.ml.svc/v1"
@@ -370,18 +505,53 @@ def test_ready_and_idempotent() -> None:
     assert again.status == plan.status and again.events == []
 
 
-def test_adding_an_adapter_rolls_the_deployment() -> None:
+def test_adding_an_adapter_to_vllm_restarts_nothing() -> None:
+    """vLLM: an adapter-only change patches the adapters ConfigMap and leaves the Deployment
+    alone (no new pod template, no rollout); the pods' sidecar loads it at runtime."""
     status = reconcile_service(EXAMPLE_ISVC, _observed(deployment=_deployment(ready=1)), NOW).status
     cr = _cr(adapters=[*EXAMPLE_ISVC["spec"]["adapters"], {"name": "sales", "uri": "s3://outputs/sales"}])
     cr["status"] = status
     plan = reconcile_service(cr, _observed(deployment=_deployment(ready=1)), NOW)
     ((kind, name, patch),) = plan.patch
-    assert (kind, name) == ("Deployment", "llama-chat-isvc")
-    assert "replicas" not in patch["spec"]  # the HPA owns the replicas
-    (server,) = patch["spec"]["template"]["spec"]["containers"]
-    assert "sales=s3://outputs/sales" in server["args"]
+    assert (kind, name) == ("ConfigMap", "llama-chat-isvc-adapters")
+    assert json.loads(patch["data"]["adapters.json"])["adapters"][-1] == {"name": "sales", "uri": "s3://outputs/sales"}
     assert plan.status["servedModels"] == ["llama-chat", "support", "legal", "sales"]
+    assert [e.reason for e in plan.events] == ["AdaptersUpdated"]
+    assert "adapters added: sales" in plan.events[0].message and "without a restart" in plan.events[0].message
+    # Removing one: the same, no rollout.
+    cr = _cr(adapters=EXAMPLE_ISVC["spec"]["adapters"][:1])
+    cr["status"] = status
+    plan = reconcile_service(cr, _observed(deployment=_deployment(ready=1)), NOW)
+    assert [k for k, _, _ in plan.patch] == ["ConfigMap"] and "adapters removed: legal" in plan.events[0].message
+
+
+def test_adapters_with_transformers_or_lora_switched_on_roll_the_deployment() -> None:
+    base = _cr(engine="transformers", engineArgs={})
+    deployed = _deployment(ready=1, cr=base)
+    observed = _observed(deployment=deployed, adapters_config=_by_kind(render_inference(base, MODELS))["ConfigMap"])
+    status = reconcile_service(base, observed, NOW).status
+    cr = _cr(engine="transformers", engineArgs={},
+             adapters=[*EXAMPLE_ISVC["spec"]["adapters"], {"name": "sales", "uri": "s3://outputs/sales"}])
+    cr["status"] = status
+    plan = reconcile_service(cr, observed, NOW)
+    patches = {k: p for k, _, p in plan.patch}
+    assert set(patches) == {"ConfigMap", "Deployment"}
+    assert "replicas" not in patches["Deployment"]["spec"]  # the HPA owns the replicas
+    (server,) = patches["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert "sales=s3://outputs/sales" in server["args"]
     assert any(e.reason == "RollingUpdate" and "adapters added: sales" in e.message for e in plan.events)
+
+    # vLLM without adapters has LoRA off; the first adapter turns it on: one rollout. With
+    # engineArgs.maxLoras it is on from the start, and the first adapter is a runtime load.
+    def template(spec: dict[str, Any]) -> Any:
+        return render_inference(_cr(**spec), MODELS if spec.get("adapters") else ResolvedModels(MODELS.model))[0]["spec"]
+    one = [{"name": "support", "uri": "s3://outputs/support-lora"}]
+    assert template({"adapters": []}) != template({"adapters": one})
+    assert "--vllm-arg=--enable-lora" not in json.dumps(template({"adapters": []}))
+    on = {"engineArgs": {"maxLoras": 2, "maxLoraRank": 64}}
+    assert template({"adapters": [], **on}) == template({"adapters": one, **on}) == template({"adapters": EXAMPLE_ISVC["spec"]["adapters"], **on})
+    args = template({"adapters": [], **on})["template"]["spec"]["containers"][0]["args"]
+    assert args[-2:] == ["--vllm-arg=--max-loras=2", "--vllm-arg=--max-lora-rank=64"]
 
 
 def test_turning_autoscaling_off_deletes_the_hpa_and_scale_sets_replicas() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,16 @@ async def _status(api: Api, key: str, value: Any, name: str = "chat") -> dict[st
 
 
 def _server(deployment: dict[str, Any]) -> dict[str, Any]:
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    return container
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+ADAPTERS_CM = f"{CHILD}-adapters"
+
+
+async def _adapters(api: Api) -> list[dict[str, str]] | None:
+    """The adapter set in the adapters ConfigMap (what vLLM pods mount and load at runtime)."""
+    cm = await api.get("ConfigMap", ADAPTERS_CM)
+    return json.loads(cm["data"]["adapters.json"])["adapters"] if cm else None
 
 
 async def _deployment_where(api: Api, check) -> dict[str, Any] | None:
@@ -131,12 +140,14 @@ async def test_waits_for_its_finetunejob_then_deploys_rolls_and_cleans_up(api: A
         await eventually(lambda: _children_all(api), what="Deployment, Service, HPA")
         dep = await api.get("Deployment", CHILD)
         args = _server(dep)["args"]
-        assert args[:2] == ["serve", "s3://outputs/base"] and "support=s3://outputs/support-lora" in args
+        assert args[:2] == ["serve", "s3://outputs/base"] and "--vllm-arg=--enable-lora" in args
+        assert await _adapters(api) == [{"name": "support", "uri": "s3://outputs/support-lora"}]
+        assert [c["name"] for c in dep["spec"]["template"]["spec"]["containers"]] == ["server", "adapters"]
         assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
         hpa = await api.get("HorizontalPodAutoscaler", CHILD)
         assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": CHILD}
         service = await api.get("Service", CHILD)
-        for obj in (dep, hpa, service):
+        for obj in (dep, hpa, service, await api.get("ConfigMap", ADAPTERS_CM)):
             (ref,) = obj["metadata"]["ownerReferences"]
             assert ref["uid"] == cr["metadata"]["uid"] and ref["controller"] is True
         deploying = await eventually(lambda: _status(api, "phase", "Deploying"), what="Deploying")
@@ -159,21 +170,30 @@ async def test_waits_for_its_finetunejob_then_deploys_rolls_and_cleans_up(api: A
         assert rolled["metadata"]["uid"] == dep["metadata"]["uid"]
         assert rolled["metadata"]["generation"] > dep["metadata"]["generation"]
 
-        # Adding an adapter updates the served list.
+        # Adding an adapter (vLLM) updates the served list and the adapters ConfigMap the pods'
+        # sidecar loads from, and leaves the Deployment alone: no rollout, no restart.
+        before = await api.get("Deployment", CHILD)
         await api.patch("InferenceService", "chat", {"spec": {"adapters": [
             {"name": "support", "uri": "s3://outputs/support-lora"},
             {"name": "sales", "uri": "s3://outputs/sales-lora"},
         ]}})
-        await eventually(lambda: _deployment_where(api, lambda d: "sales=s3://outputs/sales-lora" in _server(d)["args"]),
-                         what="adapter in the Deployment")
         updated = await eventually(lambda: _status(api, "servedModels", ["chat", "support", "sales"]), what="served list")
         assert updated["status"]["observedGeneration"] == 3
-        events = await api.events("chat")
-        assert any(e["reason"] == "RollingUpdate" and "adapters added: sales" in e["message"] for e in events)
+        assert (await _adapters(api))[-1] == {"name": "sales", "uri": "s3://outputs/sales-lora"}
+        events = await eventually(lambda: _events_with(api, "AdaptersUpdated"), what="AdaptersUpdated event")
+        assert any("adapters added: sales" in e["message"] for e in events)
+        after = await api.get("Deployment", CHILD)
+        assert after["metadata"]["generation"] == before["metadata"]["generation"]
+        assert after["spec"]["template"] == before["spec"]["template"]
+        assert not any(e["reason"] == "RollingUpdate" and "sales" in e["message"] for e in await api.events("chat"))
 
         # Deleting the service removes its children.
         await api.delete("InferenceService", "chat")
         await eventually(lambda: _none_left(api), what="children garbage-collected")
+
+
+async def _events_with(api: Api, reason: str) -> list[dict[str, Any]]:
+    return [e for e in await api.events("chat") if e["reason"] == reason]
 
 
 async def _children_all(api: Api) -> bool:
@@ -200,3 +220,10 @@ async def test_scale_without_autoscaler_then_turn_autoscaling_on(api: Api) -> No
         hpa = await eventually(lambda: api.get("HorizontalPodAutoscaler", CHILD), what="HPA")
         assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "kubetune_queue_depth"
         assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+        # The transformers engine cannot load adapters at runtime: a new adapter rolls the pods.
+        await api.patch("InferenceService", "chat", {"spec": {"adapters": [
+            {"name": "support", "uri": "s3://outputs/support-lora"}, {"name": "sales", "uri": "s3://outputs/sales-lora"}]}})
+        await eventually(lambda: _deployment_where(api, lambda d: "sales=s3://outputs/sales-lora" in _server(d)["args"]),
+                         what="adapter in the Deployment")
+        events = await eventually(lambda: _events_with(api, "RollingUpdate"), what="RollingUpdate event")
+        assert any("adapters added: sales" in e["message"] for e in events)

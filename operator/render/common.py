@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -112,8 +113,50 @@ def is_owned_by(obj: dict[str, Any], cr: dict[str, Any]) -> bool:
     return False
 
 
+DEFAULT_S3_ENDPOINT_ENV = "KUBETUNE_DEFAULT_S3_ENDPOINT"
+DEFAULT_S3_SECRET_ENV = "KUBETUNE_DEFAULT_S3_SECRET"
+
+
+@dataclass(frozen=True)
+class StorageDefaults:
+    """The operator's S3 settings for pods whose resource sets none (`--default-s3-endpoint`,
+    `--default-s3-secret`). Platform teams set them once (Helm values `jobs.s3.*`) instead of
+    in every manifest; a resource's own `spec.storage` always wins. Only the Secret's *name*
+    is known here: its values reach the pods as secretKeyRef variables."""
+
+    endpoint: str | None = None
+    secret: str | None = None
+    """A Secret (in each resource's namespace) with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
+
+    @classmethod
+    def from_environment(cls) -> StorageDefaults:
+        return cls(endpoint=os.environ.get(DEFAULT_S3_ENDPOINT_ENV) or None,
+                   secret=os.environ.get(DEFAULT_S3_SECRET_ENV) or None)
+
+
+def effective_storage(spec: Any, defaults: StorageDefaults | None) -> Any:
+    """`spec.storage` with the operator's defaults filled in where the resource sets nothing.
+
+    The default Secret is not applied to a resource that names its own `serviceAccountName`:
+    that is how a resource asks for pod identity (IRSA, workload identity), and credentials in
+    the environment would take precedence over it in every AWS SDK."""
+    from kubetune.operator.resources import ClusterStorage, SecretRef
+
+    storage = spec.storage
+    if defaults is None:
+        return storage
+    endpoint = storage.endpoint or defaults.endpoint
+    ref = storage.secretRef
+    if ref is None and defaults.secret and not getattr(spec, "serviceAccountName", None):
+        ref = SecretRef(name=defaults.secret)
+    if endpoint == storage.endpoint and ref is storage.secretRef:
+        return storage
+    return ClusterStorage(endpoint=endpoint, secretRef=ref)
+
+
 def storage_env(storage: Any) -> list[dict[str, Any]]:
-    """S3 endpoint and credentials for a pod: credentials only as secretKeyRef, never inlined."""
+    """S3 endpoint and credentials for a pod: credentials only as secretKeyRef, never inlined.
+    Pass `effective_storage(spec, defaults)` to include the operator's defaults."""
     env: list[dict[str, Any]] = []
     if storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL_S3", "value": str(storage.endpoint)})

@@ -16,8 +16,23 @@ manifests out. The pod:
   (vLLM answers only once the engine is up).
 - stopping: a preStop `sleep` (no shell) lets the endpoints drop the pod before SIGTERM, then the
   server drains in-flight requests (`--drain-timeout`) within terminationGracePeriodSeconds.
-- rolling updates with maxUnavailable 0: a spec change (new adapter, new model version, engine
-  argument) never lowers the serving capacity.
+- rolling updates with maxUnavailable 0: a spec change (new model version, engine argument, an
+  adapter with the transformers engine) never lowers the serving capacity.
+- adapters with vLLM are *not* in the pod template, so changing them restarts nothing: the
+  operator writes the current set (references resolved) into the ConfigMap `<name>-isvc-adapters`,
+  mounted at /etc/kubetune/adapters. The init container fetches the whole set from it (so a pod
+  started later, by a scale-up or a node drain, starts with the current set), and a sidecar
+  `adapters` (`python -m kubetune.operator.adapters`) keeps vLLM in line with it: when the kubelet
+  refreshes the mounted file it fetches new adapters into the cache and loads them through vLLM's
+  runtime API (`/v1/load_lora_adapter`, `VLLM_ALLOW_RUNTIME_LORA_UPDATING`), unloads removed
+  ones and reloads changed ones in place. Its readiness (`/ready`) holds a new pod out of the
+  Service until every adapter is loaded. LoRA support itself (`--enable-lora`, `--max-loras`,
+  `--max-lora-rank`) is a start-up setting of vLLM: turning it on or off (the first adapter, the
+  last one removed, unless `engineArgs.maxLoras` keeps it on) rolls the pods once. The
+  transformers engine (`kubetune serve`) has no runtime loading: its adapters are server
+  arguments and a change is a rolling update.
+- a hostPath cache: the kubelet creates the directory owned by root, so an init container
+  `cache-permissions` (uid 0, only CAP_CHOWN, no shell) hands it to the pods' user first.
 - non-root, read-only root filesystem; writable emptyDirs at /tmp and /cache.
 
 Autoscaling on the server's own metrics needs the Prometheus adapter to publish them as pods
@@ -57,7 +72,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.operator.render.common import (
+    StorageDefaults,
     child_names,
+    effective_storage,
     labels_for,
     owner_reference,
     pod_security_context,
@@ -70,6 +87,15 @@ from kubetune.operator.resources import InferenceServiceSpec, validate_spec
 KIND = "InferenceService"
 SERVER = "server"
 FETCHER = "fetch"
+AGENT = "adapters"
+"""The sidecar that loads adapters into a running vLLM (`python -m kubetune.operator.adapters`)."""
+PERMISSIONS = "cache-permissions"
+ADAPTERS_MOUNT = "/etc/kubetune/adapters"
+ADAPTERS_KEY = "adapters.json"
+ADAPTERS_FILE = f"{ADAPTERS_MOUNT}/{ADAPTERS_KEY}"
+DEFAULT_MAX_LORAS = 4
+"""vLLM adapter slots per batch when the spec does not say (vLLM's own default, 1, serialises
+requests for different adapters)."""
 COMPONENT = "server"
 CACHE_MOUNT = "/var/cache/kubetune"
 """Where the model cache volume is mounted (KUBETUNE_CACHE) in both containers."""
@@ -91,11 +117,14 @@ class ServingOptions:
 
     default_image: str = "ghcr.io/kubetune/kubetune-server:0.1.0"
     run_as_user: int = RUN_AS_USER
+    storage_defaults: StorageDefaults = field(default_factory=StorageDefaults)
+    """S3 endpoint/Secret for services whose spec.storage sets none (`--default-s3-*`)."""
 
     @classmethod
     def from_environment(cls) -> ServingOptions:
         image = os.environ.get("KUBETUNE_SERVER_IMAGE") or os.environ.get("KUBETUNE_TRAINER_IMAGE")
-        return cls(default_image=image) if image else cls()
+        defaults = StorageDefaults.from_environment()
+        return cls(default_image=image, storage_defaults=defaults) if image else cls(storage_defaults=defaults)
 
 
 @dataclass(frozen=True)
@@ -150,7 +179,31 @@ def _env(name: str, value: Any) -> dict[str, Any]:
     return {"name": name, "value": str(value)}
 
 
-def _common_env(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
+def runtime_adapters(spec: InferenceServiceSpec) -> bool:
+    """Whether adapters are loaded into running pods (vLLM's runtime LoRA API, driven by the
+    pod's `adapters` sidecar from the adapters ConfigMap) instead of being server arguments.
+    Then an adapter-only change is no pod template change, hence no restart."""
+    return spec.engine == "vllm" and (bool(spec.adapters) or spec.engineArgs.maxLoras is not None)
+
+
+def adapters_config_name(name: str) -> str:
+    """The ConfigMap holding a service's current adapter set."""
+    base, _ = service_names(name)
+    return f"{base}-adapters"
+
+
+def adapters_document(models: ResolvedModels) -> str:
+    """The adapters file the init container and the sidecar read (references resolved)."""
+    items = [{"name": n, "uri": u} for n, u in models.adapters.items()]
+    return json.dumps({"adapters": items}, indent=2) + "\n"
+
+
+def agent_port(spec: InferenceServiceSpec) -> int:
+    """The sidecar's probe port: next to the server's (never the same)."""
+    return spec.port + 1 if spec.port < 65535 else spec.port - 1
+
+
+def _common_env(spec: InferenceServiceSpec, defaults: StorageDefaults | None = None) -> list[dict[str, Any]]:
     return [
         _env("PYTHONUNBUFFERED", "1"),
         # Read-only root filesystem: homes and caches live on emptyDirs; models on the cache volume.
@@ -165,7 +218,7 @@ def _common_env(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
         _env("NUMBA_CACHE_DIR", "/cache/numba"),
         _env("OUTLINES_CACHE_DIR", "/cache/outlines"),
         _env("MPLCONFIGDIR", "/tmp/matplotlib"),
-        *storage_env(spec.storage),
+        *storage_env(effective_storage(spec, defaults)),
     ]
 
 
@@ -183,8 +236,11 @@ def drain_seconds(spec: InferenceServiceSpec) -> int:
 def fetch_args(spec: InferenceServiceSpec, models: ResolvedModels) -> list[str]:
     """The init container's arguments (its command is `python -m kubetune.operator.fetch`)."""
     args = ["--model", models.model]
-    for name, location in models.adapters.items():
-        args += ["--adapter", f"{name}={location}"]
+    if runtime_adapters(spec):
+        args += ["--adapters-file", ADAPTERS_FILE]  # the current set, also for pods started later
+    else:
+        for name, location in models.adapters.items():
+            args += ["--adapter", f"{name}={location}"]
     if spec.engineArgs.draftModel:
         args += ["--draft-model", spec.engineArgs.draftModel]
     return args
@@ -202,8 +258,9 @@ def serve_args(cr: dict[str, Any], spec: InferenceServiceSpec, models: ResolvedM
         "--dtype", e.dtype,
         "--drain-timeout", str(drain_seconds(spec)),
     ]
-    for name, location in models.adapters.items():
-        args += ["--adapter", f"{name}={location}"]
+    if not runtime_adapters(spec):
+        for name, location in models.adapters.items():
+            args += ["--adapter", f"{name}={location}"]
     if e.maxModelLen:
         args += ["--max-model-len", str(e.maxModelLen)]
     if e.maxBatchSize:
@@ -220,6 +277,12 @@ def serve_args(cr: dict[str, Any], spec: InferenceServiceSpec, models: ResolvedM
             args += ["--quantization", e.quantization]
         if e.gpuMemoryUtilization:
             args += ["--gpu-memory-utilization", str(e.gpuMemoryUtilization)]
+        if runtime_adapters(spec):
+            # Fixed LoRA capacity: it must not depend on the adapter list, or every change would
+            # change the pod template. The adapters themselves come from the sidecar.
+            args += ["--vllm-arg=--enable-lora", f"--vllm-arg=--max-loras={e.maxLoras or DEFAULT_MAX_LORAS}"]
+            if e.maxLoraRank:
+                args.append(f"--vllm-arg=--max-lora-rank={e.maxLoraRank}")
         for extra in e.extraArgs:
             args.append(f"--vllm-arg={extra}")  # one token: a value starting with `-` stays a value
     return args
@@ -235,6 +298,64 @@ def _cache_volume(spec: InferenceServiceSpec) -> dict[str, Any]:
     if cache.sizeLimit is not None:
         empty["sizeLimit"] = cache.sizeLimit
     return {"name": "model-cache", "emptyDir": empty}
+
+
+def _permissions_container(image: str, uid: int, pull_policy: str | None) -> dict[str, Any]:
+    """Hands a hostPath cache to the pods' user. The kubelet creates a missing hostPath directory
+    owned by root (mode 0755), fsGroup does not apply to hostPath volumes, and the other
+    containers run as `uid`: without this they could not write the cache. It runs as root with
+    every capability dropped but CHOWN, changes the top directory only (what is below was
+    written by `uid`), and its argv holds no value from the resource."""
+    container: dict[str, Any] = {
+        "name": PERMISSIONS,
+        "image": image,
+        "command": ["chown", f"{uid}:{uid}", CACHE_MOUNT],
+        "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_MOUNT}],
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+        },
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+    }
+    if pull_policy:
+        container["imagePullPolicy"] = pull_policy
+    return container
+
+
+def _agent_container(cr: dict[str, Any], spec: InferenceServiceSpec, image: str, env: list[dict[str, Any]],
+                     mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sidecar that keeps vLLM's loaded adapters equal to the adapters file. Its readiness
+    keeps a new pod out of the Service until the pod serves every adapter; its argv holds no
+    value from the resource but the served name (validated: no `/`, `:`, `=` or spaces)."""
+    port = agent_port(spec)
+    return {
+        "name": AGENT,
+        "image": image,
+        "command": ["python", "-m", "kubetune.operator.adapters"],
+        "args": ["--config", ADAPTERS_FILE, "--server", f"http://127.0.0.1:{spec.port}", "--port", str(port),
+                 "--keep", served_name(cr, spec)],
+        "env": env,
+        "ports": [{"name": "agent", "containerPort": port, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": "agent"}, "periodSeconds": 5, "timeoutSeconds": 3,
+                           "failureThreshold": 1},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": "agent"}, "periodSeconds": 20, "timeoutSeconds": 5,
+                          "failureThreshold": 3},
+        "resources": {"requests": {"cpu": "50m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "volumeMounts": mounts,
+        "securityContext": _security(spec),
+    }
+
+
+def render_adapters_config_map(cr: dict[str, Any], spec: InferenceServiceSpec, models: ResolvedModels) -> dict[str, Any]:
+    """The ConfigMap with the current adapter set (for every engine; only vLLM pods mount it)."""
+    data = {ADAPTERS_KEY: adapters_document(models)}
+    meta = _meta(cr, adapters_config_name(cr["metadata"]["name"]), COMPONENT)
+    meta["annotations"] = {ANNOTATION_SPEC_HASH: spec_hash(data)}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}
 
 
 def _security(spec: InferenceServiceSpec) -> dict[str, Any]:
@@ -270,22 +391,28 @@ def render_deployment(
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "cache", "mountPath": "/cache"},
     ]
+    runtime = runtime_adapters(spec)
+    adapter_mounts = [{"name": "adapters", "mountPath": ADAPTERS_MOUNT, "readOnly": True}] if runtime else []
+    env = _with_user_env(_common_env(spec, options.storage_defaults), spec)
     http_get = {"path": "/health", "port": "http"}
     fetcher: dict[str, Any] = {
         "name": FETCHER,
         "image": image,
         "command": ["python", "-m", "kubetune.operator.fetch"],
         "args": fetch_args(spec, models),
-        "env": _with_user_env(_common_env(spec), spec),
-        "volumeMounts": copy.deepcopy(common_mounts),
+        "env": copy.deepcopy(env),
+        "volumeMounts": [*copy.deepcopy(common_mounts), *copy.deepcopy(adapter_mounts)],
         "securityContext": _security(spec),
     }
+    server_env = copy.deepcopy(env)
+    if runtime and not any(e["name"] == "VLLM_ALLOW_RUNTIME_LORA_UPDATING" for e in server_env):
+        server_env.append(_env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True"))
     server: dict[str, Any] = {
         "name": SERVER,
         "image": image,
         "command": ["kubetune"],
         "args": serve_args(cr, spec, models),
-        "env": _with_user_env(_common_env(spec), spec),
+        "env": server_env,
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
         "volumeMounts": [*copy.deepcopy(common_mounts), {"name": "dshm", "mountPath": "/dev/shm"}],
         "startupProbe": {
@@ -332,6 +459,16 @@ def render_deployment(
             {"name": "dshm", "emptyDir": shm},
         ],
     }
+    if spec.cache.type == "hostPath":
+        pod_spec["initContainers"].insert(0, _permissions_container(image, options.run_as_user, spec.imagePullPolicy))
+    if runtime:
+        agent = _agent_container(cr, spec, image, copy.deepcopy(env),
+                                 [*copy.deepcopy(common_mounts), *copy.deepcopy(adapter_mounts)])
+        if spec.imagePullPolicy:
+            agent["imagePullPolicy"] = spec.imagePullPolicy
+        pod_spec["containers"].append(agent)
+        pod_spec["volumes"].append({"name": "adapters", "configMap": {
+            "name": adapters_config_name(name), "items": [{"key": ADAPTERS_KEY, "path": ADAPTERS_KEY}]}})
     pod_spec.update(scheduling_fields(spec))
     pod_labels = labels_for(KIND, name, COMPONENT)
     deployment_spec: dict[str, Any] = {
@@ -414,14 +551,16 @@ def render_hpa(cr: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any]
 def render_inference(
     cr: dict[str, Any], models: ResolvedModels | None = None, options: ServingOptions | None = None
 ) -> list[dict[str, Any]]:
-    """Every child of an InferenceService: Deployment, Service, and the HPA when autoscaled.
+    """Every child of an InferenceService: Deployment, Service, adapters ConfigMap, and the HPA
+    when autoscaled.
     Without `models`, the spec's URIs are used (job references must be resolved by the caller)."""
     spec: InferenceServiceSpec = validate_spec(KIND, cr.get("spec"))  # type: ignore[assignment]
     if models is None:
         if spec.model.uri is None or any(a.uri is None for a in spec.adapters):
             raise ValueError("job references must be resolved: pass models=ResolvedModels(...)")
         models = ResolvedModels(spec.model.uri, {a.name: a.uri for a in spec.adapters if a.uri})
-    objs = [render_deployment(cr, spec, models, options), render_service(cr, spec)]
+    objs = [render_deployment(cr, spec, models, options), render_service(cr, spec),
+            render_adapters_config_map(cr, spec, models)]
     hpa = render_hpa(cr, spec)
     if hpa is not None:
         objs.append(hpa)
