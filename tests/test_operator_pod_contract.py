@@ -9,10 +9,11 @@ a fresh directory per pod, so nothing is shared but the network and S3). Only tw
 translated: pod 0's DNS name (through the headless Service) becomes 127.0.0.1, and the
 rendezvous port a free local one. S3 is moto's server.
 
-The two `torchrun --nnodes 2` processes must form one world (DDP over gloo on CPU; DeepSpeed on
-CPU does not form a real multi-process world under accelerate 1.x) and train to completion with
-the outputs in S3. SIGTERM to both pods (what a node drain, preemption or `suspend` does) must
-leave a complete checkpoint in S3, and the same pods started again must resume from it.
+The two `torchrun --nnodes 2` processes must form one world (DeepSpeed ZeRO-2 on CPU, gloo) and
+train to completion with the outputs in S3. SIGTERM to both pods (what a node drain, preemption or
+`suspend` does) must leave a complete checkpoint in S3, holding both nodes' ZeRO optimizer-state
+shards although each pod only ever had its own on its disk, and the same pods started again, on
+fresh disks, must resume from it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import pytest
 from kubetune.operator.render import render_training
 from kubetune.operator.render.training import COMPLETION_INDEX_ANNOTATION, shutdown_timeout
 from kubetune.trainer.storage.output import MANIFEST_NAME
+from kubetune.trainer.storage.s3output import shards_marker_name
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, S3Env
 
@@ -48,11 +50,21 @@ MAX_STEPS = 60
 VENV_BIN = Path(sys.executable).parent
 
 
+def prebuilt_torch_extensions() -> str:
+    """Where this machine keeps DeepSpeed's JIT-built ops (its CPU communication op). A real
+    trainer image would ship them prebuilt; pointing the pods there (through the job's `env`, as
+    a user could) spares each fresh pod a minute of compiling."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+
+
 def finetunejob(s3: S3Env, endpoint: str, run: str, **training: Any) -> dict[str, Any]:
     spec = {
         "model": {"path": "builtin:tiny-llama"},
         "data": {"datasets": [{"path": s3.uri("data/demo_alpaca.json"), "format": "alpaca"}], "maxLength": 48},
         "method": "full",
+        "distributed": {"deepspeed": {"stage": 2}},
         "train": {"maxSteps": MAX_STEPS, "batchSize": 4, "learningRate": 1e-3},
         "checkpoint": {"everySteps": 5, "keepLast": 2},
         "logging": {"everySteps": 1, "samples": 0},
@@ -70,6 +82,7 @@ def finetunejob(s3: S3Env, endpoint: str, run: str, **training: Any) -> dict[str
             "gpusPerNode": 0,
             "storage": {"secretRef": {"name": SECRET_NAME}, "endpoint": endpoint},
             "terminationGracePeriodSeconds": 120,
+            "env": [{"name": "TORCH_EXTENSIONS_DIR", "value": prebuilt_torch_extensions()}],
             "training": spec,
         },
     }
@@ -285,8 +298,19 @@ def test_rendered_pod_command_is_an_argument_list_runnable_as_is(s3: S3Env, moto
     assert any(container["workingDir"] == m for m in mounts)
 
 
-def test_two_pods_train_together_survive_sigterm_and_the_rerun_resumes_to_completion(
-    s3: S3Env, moto_endpoint: str, kubelet_factory
+def local_checkpoint_files(pod: Pod, step: int) -> set[str]:
+    """What this pod's own disk holds of checkpoint-<step> (its emptyDirs, under the trainer's cache)."""
+    found = list(pod.log.parent.glob(f"volumes/**/checkpoint-{step}"))
+    return {f.relative_to(d).as_posix() for d in found for f in d.rglob("*") if f.is_file()}
+
+
+def zero_shard(step: int, rank: int) -> str:
+    """DeepSpeed's ZeRO-1/2 optimizer-state file of one rank, inside checkpoint-<step>."""
+    return f"global_step{step}/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
+def test_two_pods_train_together_with_zero2_survive_sigterm_and_the_rerun_resumes_to_completion(
+    s3: S3Env, moto_endpoint: str, kubelet_factory, tmp_path: Path
 ):
     run = "runs/contract"
     kubelet = kubelet_factory(finetunejob(s3, moto_endpoint, run))
@@ -312,9 +336,29 @@ def test_two_pods_train_together_survive_sigterm_and_the_rerun_resumes_to_comple
     assert stopped_at in complete_checkpoints(s3, run), (stopped_at, complete_checkpoints(s3, run), logs)
     assert status["lastCheckpoint"] == s3.uri(f"{run}/checkpoint-{stopped_at}")
     first = metrics(s3, run)
-    assert next(r for r in first if r.get("event") == "start")["worldSize"] == 2  # one world, not two runs
+    start = next(r for r in first if r.get("event") == "start")
+    assert start["worldSize"] == 2, start  # one world, not two runs
+    # Two ranks share each epoch: 281 training rows in batches of 4 on each of 2 ranks.
+    steps_per_epoch = -(-start["data"]["train"]["examples"] // (4 * 2))
+    logged = next(r for r in first if r.get("step") == 5 and "loss" in r)
+    assert logged["epoch"] == pytest.approx(5 / steps_per_epoch, abs=1e-3), (logged, steps_per_epoch)
 
-    # Attempt 2: the same pods again, on fresh disks: resume from S3 and train to the end.
+    # ZeRO-2 without a shared disk: each pod wrote only its own rank's optimizer-state shard...
+    pod0, pod1 = kubelet.pods
+    own0, own1 = local_checkpoint_files(pod0, stopped_at), local_checkpoint_files(pod1, stopped_at)
+    assert zero_shard(stopped_at, 0) in own0 and zero_shard(stopped_at, 1) not in own0, own0
+    assert own1 == {zero_shard(stopped_at, 1), "rng_state_1.pth"}, own1
+    # ...and the checkpoint in S3 is complete only with both: pod 1 uploaded its files (and said
+    # so in its shards marker), then pod 0 listed them in the manifest.
+    manifest = json.loads(s3.get(f"{run}/checkpoint-{stopped_at}/{MANIFEST_NAME}"))
+    marker = json.loads(s3.get(f"{run}/checkpoint-{stopped_at}/{shards_marker_name(1)}"))
+    assert set(marker["files"]) == own1 and marker["step"] == stopped_at
+    assert set(manifest["files"]) == own0 | own1, (sorted(manifest["files"]), own0, own1)
+    for rel, meta in manifest["files"].items():
+        assert len(s3.get(f"{run}/checkpoint-{stopped_at}/{rel}")) == meta["size"], rel
+
+    # Attempt 2: the same pods again, on fresh disks: both download the whole checkpoint (every
+    # rank loads every ZeRO shard), resume, and train to the end.
     kubelet.start("attempt-2")
     codes = kubelet.wait(timeout=240)
     logs = "\n".join(p.output() for p in kubelet.pods)
@@ -331,3 +375,17 @@ def test_two_pods_train_together_survive_sigterm_and_the_rerun_resumes_to_comple
     resumed = [r["step"] for r in records[last_start:] if "loss" in r]
     assert resumed and min(resumed) == stopped_at + 1 and max(resumed) == MAX_STEPS, resumed  # continued
     assert complete_checkpoints(s3, run)[-1] == MAX_STEPS
+    final = json.loads(s3.get(f"{run}/checkpoint-{MAX_STEPS}/{MANIFEST_NAME}"))
+    assert {zero_shard(MAX_STEPS, 0), zero_shard(MAX_STEPS, 1)} <= set(final["files"])
+
+    # The trained model in S3 loads and runs.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (model_dir / name).write_bytes(s3.get(f"{run}/{name}"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

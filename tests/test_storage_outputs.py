@@ -15,7 +15,7 @@ from kubetune.trainer.spec import StorageSpec
 from kubetune.trainer.storage import open_output
 from kubetune.trainer.storage.client import StorageError
 from kubetune.trainer.storage.output import MANIFEST_NAME
-from kubetune.trainer.storage.s3output import S3OutputSession
+from kubetune.trainer.storage.s3output import S3OutputSession, shards_marker_name
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import DELAY_S, S3Env
 
@@ -202,3 +202,82 @@ def test_upload_directory(s3: S3Env, tmp_path: Path) -> None:
     (tmp_path / "m" / "sub" / "b.bin").write_bytes(b"b" * 10)
     assert upload_directory(tmp_path / "m", s3.uri("exports/m"), s3.settings()) == (2, 12)
     assert s3.keys("exports/") == ["exports/m/a.json", "exports/m/sub/b.bin"]
+
+
+# -- multi-node checkpoints: every node uploads its own files, rank 0 the manifest last ----------
+
+SHARD0, SHARD1 = "global_step10/zero_pp_rank_0_optim_states.pt", "global_step10/zero_pp_rank_1_optim_states.pt"
+
+
+def _node_session(s3: S3Env, node: str, **settings) -> S3OutputSession:
+    """One node's session: same output prefix, its own disk (cache directory)."""
+    return S3OutputSession(s3.uri("runs/a"), s3.settings(cacheDir=str(s3.cache.parent / node), **settings))
+
+
+def _node_checkpoint(session: S3OutputSession, files: dict[str, bytes]) -> Path:
+    path = session.local_dir / "checkpoint-10"
+    for rel, body in files.items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_bytes(body)
+    return path
+
+
+def test_a_multi_node_checkpoint_is_complete_only_with_every_nodes_files(s3: S3Env) -> None:
+    node0, node1 = _node_session(s3, "node0"), _node_session(s3, "node1")
+    path0 = _node_checkpoint(node0, {"model.safetensors": b"m" * 5000, SHARD0: b"0" * 3000})
+    path1 = _node_checkpoint(node1, {SHARD1: b"1" * 3000, "rng_state_1.pth": b"r1"})
+    # Left over from an earlier attempt that saved this step: a marker with another token.
+    s3.put(f"runs/a/checkpoint-10/{shards_marker_name(1)}", json.dumps({"token": "old", "files": {}}))
+    s3.proxy.add_fault("delay", times=1, method="PUT", path_contains=SHARD1.split("/")[1])
+
+    node0.checkpoint_saved(path0, 10, shards_from=[1], token="t1")
+    node1.checkpoint_shards_saved(path1, 10, [SHARD1, "rng_state_1.pth"], rank=1, token="t1")
+    node1.wait_shards()
+    node0.finalize()
+
+    puts = [r.path for r in s3.proxy.requests if r.method == "PUT" and "checkpoint-10/" in r.path]
+    assert puts[-1].endswith(MANIFEST_NAME), puts  # after node 1's (delayed) files and marker
+    assert puts.index(next(p for p in puts if p.endswith(shards_marker_name(1)))) > puts.index(
+        next(p for p in puts if p.endswith(SHARD1.split("/")[1]))
+    )
+    manifest = json.loads(s3.get(f"runs/a/checkpoint-10/{MANIFEST_NAME}"))
+    assert set(manifest["files"]) == {"model.safetensors", SHARD0, SHARD1, "rng_state_1.pth"}
+    assert manifest["files"][SHARD1] == {"size": 3000, "sha256": hashlib.sha256(b"1" * 3000).hexdigest()}
+    assert not (path0 / MANIFEST_NAME).exists()  # not complete on node 0's disk alone
+    assert node0.last_checkpoint_uri == s3.uri("runs/a/checkpoint-10")
+
+    # Any node resuming on an empty disk gets the whole checkpoint.
+    fresh = _node_session(s3, "node2")
+    latest = fresh.latest_checkpoint()
+    assert latest is not None and (latest / SHARD1).read_bytes() == b"1" * 3000
+    assert (latest / SHARD0).read_bytes() == b"0" * 3000
+    for session in (node0, node1, fresh):
+        session.close()
+
+
+def test_a_node_that_fails_its_upload_leaves_the_checkpoint_incomplete(s3: S3Env) -> None:
+    node0, node1 = _node_session(s3, "node0"), _node_session(s3, "node1", maxAttempts=2)
+    path0 = _node_checkpoint(node0, {"model.safetensors": b"m" * 5000})
+    path1 = _node_checkpoint(node1, {SHARD1: b"1" * 3000})
+    s3.proxy.add_fault("500", times=None, method="PUT", path_contains=SHARD1.split("/")[1])
+
+    node1.checkpoint_shards_saved(path1, 10, [SHARD1], rank=1, token="t1")
+    node0.checkpoint_saved(path0, 10, shards_from=[1], token="t1")
+    with pytest.raises(StorageError):
+        node1.wait_shards()
+    with pytest.raises(StorageError) as info:  # at once: node 1's marker carries its error
+        node0.finalize()
+    assert "rank 1" in str(info.value)
+    assert not s3.keys(f"runs/a/checkpoint-10/{MANIFEST_NAME}")
+    node0.close()
+    node1.close()
+
+
+def test_a_node_that_never_reports_leaves_the_checkpoint_incomplete(s3: S3Env) -> None:
+    node0 = S3OutputSession(s3.uri("runs/a"), s3.settings(), shards_timeout=1.0)
+    path0 = _node_checkpoint(node0, {"model.safetensors": b"m" * 5000})
+    node0.checkpoint_saved(path0, 10, shards_from=[1], token="t1")
+    with pytest.raises(StorageError, match="did not upload"):
+        node0.finalize()
+    assert not s3.keys(f"runs/a/checkpoint-10/{MANIFEST_NAME}")
+    node0.close()

@@ -11,12 +11,15 @@ import json
 import logging
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from kubetune.trainer.distributed import world_info
 from kubetune.trainer.storage import OutputSession
+from kubetune.trainer.storage.output import checkpoint_files
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,15 @@ class MetricsWriter(TrainerCallback):
         self._last_time = time.perf_counter()
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not logs:
+            return
+        if "eval_loss" in logs or "eval_reward" in logs:  # rollout stages evaluate by reward
+            # On every rank: the runner decides from this whether to run a final evaluation, a
+            # collective that all ranks must enter together (a rank-0-only record would leave the
+            # other ranks evaluating alone, waiting forever in its gather).
+            self.last_eval = {k: v for k, v in logs.items() if k.startswith("eval_")}
+            self.last_eval_step = state.global_step
+        if not state.is_world_process_zero:
             return
         record: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": time.time()}
         for key, value in logs.items():
@@ -90,30 +101,78 @@ class MetricsWriter(TrainerCallback):
                 self.tokens_per_second = rate
             self._last_time, self._last_tokens = now, tokens
             self.last_loss = logs["loss"]
-        if "eval_loss" in logs:
-            self.last_eval = {k: v for k, v in logs.items() if k.startswith("eval_")}
-            self.last_eval_step = state.global_step
         self.write(record)
 
 
 class CheckpointRecorder(TrainerCallback):
-    """Marks each checkpoint complete (manifest written last) once the trainer has saved it."""
+    """Marks each checkpoint complete (manifest written last) once every rank has saved it.
+
+    Under torchrun a checkpoint may be spread over several disks: with ZeRO each rank writes its
+    own optimizer-state shard (and every rank its RNG state) onto its node's disk. After all
+    ranks have saved, one process per node lists its node's files; each file is assigned to the
+    first node (in rank order) that has it, so a disk shared by several nodes is uploaded once.
+    Rank 0 then finishes the checkpoint, expecting the other nodes' files under a token of this
+    save; those nodes hand theirs over (`OutputSession.checkpoint_shards_saved`).
+    """
 
     def __init__(self, session: OutputSession):
         self.session = session
         self.last_checkpoint: Path | None = None
+        self.hands_over_shards = False
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if args.world_size > 1:
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                dist.barrier()  # every rank's shards (ZeRO optimizer states) are on disk before the manifest
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        owned, token = self._share_out(path, args.world_size)
+        rank = world_info()[0]
         if state.is_world_process_zero:
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():
-                self.session.checkpoint_saved(path, state.global_step)
+                others = sorted(r for r, files in owned.items() if r != rank and files)
+                self.session.checkpoint_saved(path, state.global_step, shards_from=others, token=token)
                 self.last_checkpoint = path
+        elif owned.get(rank):
+            self.session.checkpoint_shards_saved(path, state.global_step, owned[rank], rank=rank, token=token)
+            self.hands_over_shards = True
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.hands_over_shards:
+            # This node's files must be stored before it exits (a graceful stop ends here too):
+            # without them rank 0 cannot complete the checkpoint.
+            self.session.wait_shards()
+
+    @staticmethod
+    def _share_out(path: Path, world_size: int) -> tuple[dict[int, list[str]], str | None]:
+        """({rank: files it uploads}, this save's token), agreed by all ranks; ({}, None) alone."""
+        import torch.distributed as dist
+
+        if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return {}, None
+        dist.barrier()  # every rank's files (ZeRO optimizer states, RNG states) are on disk
+        rank, local_rank, _ = world_info()
+        listing = node_files(path) if local_rank == 0 else None
+        token = uuid.uuid4().hex if rank == 0 else None
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (listing, token))
+        return assign_files([entry[0] for entry in gathered]), gathered[0][1]
+
+
+def node_files(checkpoint: Path) -> list[str]:
+    """The checkpoint files on this node's disk, relative to the checkpoint directory."""
+    if not checkpoint.is_dir():
+        return []
+    return [file.relative_to(checkpoint).as_posix() for file in checkpoint_files(checkpoint)]
+
+
+def assign_files(listings: list[list[str] | None]) -> dict[int, list[str]]:
+    """Each file to the lowest rank that listed it (listings indexed by rank; None: not a node's
+    lister). Rank 0's node keeps everything it has; others upload only what it lacks."""
+    taken: set[str] = set()
+    owned: dict[int, list[str]] = {}
+    for rank, files in enumerate(listings):
+        if files is None:
+            continue
+        owned[rank] = [f for f in files if f not in taken]
+        taken.update(files)
+    return owned
 
 
 class StatusReporter(TrainerCallback):

@@ -1,14 +1,26 @@
-"""The process's place in a distributed run, and the DeepSpeed config built from the spec."""
+"""The process's place in a distributed run, and the DeepSpeed config built from the spec.
+
+DeepSpeed on CPU (`DS_ACCELERATOR=cpu`, gloo) under torchrun needs one correction that the
+libraries do not make: see `prepare_deepspeed_world`.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from kubetune.trainer.errors import SpecError
 from kubetune.trainer.spec import DeepSpeedSpec
+
+log = logging.getLogger(__name__)
+
+CPU_BACKEND = "gloo"
+"""The process-group backend on CPU, for DDP and DeepSpeed alike (DeepSpeed's CPU accelerator
+would pick oneCCL when installed; gloo is always there and is what DDP on CPU uses)."""
 
 
 def world_info() -> tuple[int, int, int]:
@@ -46,3 +58,65 @@ def deepspeed_config(ds: DeepSpeedSpec) -> dict[str, Any]:
         "fp16": {"enabled": "auto"},
         "zero_optimization": zero,
     }
+
+
+def prepare_deepspeed_world(timeout_s: int) -> bool:
+    """Set up accelerate's process state for DeepSpeed on CPU across several processes.
+
+    Returns True when it did (the caller then passes `accelerator_config={"use_configured_state":
+    True}` to TrainingArguments), False when nothing is needed (one process, or CUDA).
+
+    Why: for a DeepSpeed run, transformers' `TrainingArguments._setup_devices` builds
+    accelerate's `PartialState` without a backend (it only forwards `ddp_backend` outside the
+    DeepSpeed branch). On a GPU, accelerate then picks NCCL; on CPU it finds no device backend,
+    so although DeepSpeed's own `init_distributed` joins the real (world size N) process group,
+    accelerate records `backend=None`, hence `num_processes=1`, `process_index=0` in every process:
+    each rank believes it is rank 0 of a world of one: each iterates over all the data, and all
+    of them write the outputs (racing on status.json), while ZeRO partitions over the real group.
+    The `use_cpu` route is no way out: accelerate then goes MULTI_CPU and drops DeepSpeed.
+    Building the `PartialState` here, through the same DeepSpeed path but with the gloo backend
+    named, gives accelerate the real world; transformers (and every TRL config derived from the
+    arguments, see `keep_configured_state`) then reuses it.
+    """
+    from kubetune.trainer.models.loader import cuda_available
+
+    world_size = world_info()[2]
+    if world_size <= 1 or cuda_available():
+        return False
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState._shared_state
+    if state and (state.get("distributed_type") != DistributedType.DEEPSPEED or state.get("num_processes") != world_size):
+        # A state built earlier in this process without the backend (e.g. an earlier
+        # TrainingArguments): start over, the way transformers itself resets it.
+        AcceleratorState._reset_state(reset_partial_state=True)
+    if not PartialState._shared_state:
+        previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what transformers sets for this call
+        try:
+            PartialState(backend=CPU_BACKEND, timeout=timedelta(seconds=timeout_s))
+        finally:
+            if previous is None:
+                del os.environ["ACCELERATE_USE_DEEPSPEED"]
+            else:
+                os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
+    built = PartialState()
+    if built.num_processes != world_size or built.distributed_type != DistributedType.DEEPSPEED:
+        raise RuntimeError(
+            f"DeepSpeed on CPU: accelerate built a world of {built.num_processes} ({built.distributed_type}) "
+            f"where torchrun started {world_size} processes."
+        )
+    log.debug("DeepSpeed on CPU: rank %d of %d (%s)", built.process_index, world_size, CPU_BACKEND)
+    return True
+
+
+def keep_configured_state(args: Any) -> Any:
+    """Re-arm `use_configured_state` on TrainingArguments after they were built.
+
+    transformers pops the flag out of `accelerator_config` while setting up devices; a TRL config
+    built later from these arguments (DPO, reward modelling) would then reset accelerate's state
+    and fall back to a world of one. Keeping the flag makes it reuse the prepared state too.
+    """
+    args.accelerator_config.use_configured_state = True
+    return args

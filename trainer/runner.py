@@ -80,9 +80,20 @@ def resolve_resume(spec: TrainingSpec, session) -> str | None:
 
 
 def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, has_eval: bool):
+    """TrainingArguments from the spec, with the process-group setup this machine needs.
+
+    On CPU with several processes the backend is gloo, for DDP and DeepSpeed alike; DeepSpeed on
+    CPU also needs accelerate's state prepared first (`prepare_deepspeed_world` says why), or
+    every process trains alone as rank 0 of a world of one.
+    """
     from transformers import TrainingArguments
 
-    from kubetune.trainer.distributed import deepspeed_config
+    from kubetune.trainer.distributed import (
+        CPU_BACKEND,
+        deepspeed_config,
+        keep_configured_state,
+        prepare_deepspeed_world,
+    )
     from kubetune.trainer.models.loader import cuda_available
     from kubetune.trainer.models.methods import optimizer_settings
 
@@ -92,7 +103,9 @@ def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, ha
         eval_strategy = "steps" if t.evalEverySteps else "epoch"
     warmup: float = t.warmupSteps if t.warmupSteps else t.warmupRatio
     world_size = world_info()[2]
-    return TrainingArguments(
+    ddp_timeout = 1800  # transformers' default, made explicit: the prepared DeepSpeed state uses it too
+    configured = bool(spec.distributed.deepspeed) and prepare_deepspeed_world(ddp_timeout)
+    args = TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
         max_steps=t.maxSteps or -1,
@@ -106,6 +119,7 @@ def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, ha
         max_grad_norm=t.maxGradNorm,
         **optimizer_settings(spec),
         deepspeed=deepspeed_config(spec.distributed.deepspeed) if spec.distributed.deepspeed else None,
+        accelerator_config={"use_configured_state": True} if configured else None,
         seed=t.seed,
         data_seed=t.seed,
         bf16=precision == "bf16",
@@ -120,13 +134,15 @@ def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, ha
         logging_first_step=True,
         report_to=spec.logging.reportTo or "none",
         remove_unused_columns=False,
-        ddp_backend=None if cuda_available() or world_size == 1 else "gloo",
+        ddp_backend=None if cuda_available() or world_size == 1 else CPU_BACKEND,
         ddp_find_unused_parameters=False if world_size > 1 else None,
+        ddp_timeout=ddp_timeout,
         dataloader_num_workers=0,
         dataloader_pin_memory=cuda_available(),
         disable_tqdm=world_info()[0] != 0,
         run_name=spec.name,
     )
+    return keep_configured_state(args) if configured else args
 
 
 def with_trainable_embeddings(spec: TrainingSpec, model) -> TrainingSpec:
@@ -186,6 +202,10 @@ def run(spec: TrainingSpec) -> RunResult:
     """
     from kubetune.trainer.storage import open_output
 
+    if spec.pipeline:
+        from kubetune.trainer.workflow import run_pipeline
+
+        return run_pipeline(spec)
     started = time.time()
     configure_logging(spec.logging.level)
     rank = world_info()[0]
@@ -203,8 +223,9 @@ def run(spec: TrainingSpec) -> RunResult:
             session.write_status(failed, force=True)
         raise
     finally:
-        if rank == 0:
-            session.close()  # waits for queued checkpoint uploads: what a retry resumes from
+        # Every rank: waits for queued checkpoint uploads (what a retry resumes from), rank 0's
+        # and the other nodes' own checkpoint files alike; a no-op where nothing was queued.
+        session.close()
 
 
 def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunResult:
@@ -251,6 +272,10 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
     # One process per node cleans up and downloads the checkpoint; the others then find it local.
     with args.main_process_first(local=True, desc="resolving the checkpoint to resume from"):
         resume_from = resolve_resume(spec, session)
+    # Under DeepSpeed the baseline evaluation runs inside `train()`, once the engine exists: before
+    # it, ZeRO-0/1/2 have no engine to evaluate with and ZeRO-3 leaves transformers with a stale
+    # one (transformers PR #44889). A resumed run has its baseline already.
+    args.eval_on_start = data.eval is not None and spec.distributed.deepspeed is not None and resume_from is None
     optimizers = (loraplus_optimizer(model, spec, args), None) if spec.uses_lora and spec.lora.loraplusRatio else (None, None)
     flash = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
     counter = TokenCounter(make_collator(tokenizer, spec, flatten_packed=flash))
@@ -276,10 +301,8 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
     stop.install()
     try:
         if resume_from is None:
-            if data.eval is not None and (deepspeed is None or deepspeed.stage == 3):
-                # The baseline every later eval loss is compared against. (transformers cannot
-                # evaluate before training under ZeRO-0/1/2: the engine does not exist yet.)
-                trainer.evaluate()
+            if data.eval is not None and deepspeed is None:
+                trainer.evaluate()  # the baseline every later eval loss is compared against
             record_samples(output_dir / SAMPLES_FILE, "before", 0, generate_samples(trainer.model, tokenizer, prompts))
         trainer.train(resume_from_checkpoint=resume_from)
     finally:

@@ -54,7 +54,6 @@ masking rule, ...): old entries then simply stop matching."""
 MARKER = "kubetune-dataset.json"
 ENTRIES = "datasets"
 SPLITS = ("train", "eval")
-_BLOCK = 4 * 1024 * 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,6 +64,7 @@ def _sha256_file(path: Path, storage: StorageSpec) -> str:
     """SHA-256 of a local data file, memoised by (path, size, mtime) under the cache root: every
     rank of a run computes the key, and hashing a large corpus once per rank would be wasteful."""
     from kubetune.trainer.storage.cache import cache_root
+    from kubetune.trainer.storage.hashing import file_hexdigest
 
     stat = path.stat()
     resolved = str(path.resolve())
@@ -73,17 +73,14 @@ def _sha256_file(path: Path, storage: StorageSpec) -> str:
         known = json.loads(memo.read_text())
         if known["path"] == resolved and known["size"] == stat.st_size and known["mtime"] == stat.st_mtime_ns:
             return str(known["sha256"])
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(_BLOCK):
-            digest.update(block)
+    sha256 = file_hexdigest(path)
     with contextlib.suppress(OSError):
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f"{memo.name}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_text(json.dumps({"path": resolved, "size": stat.st_size, "mtime": stat.st_mtime_ns,
-                                   "sha256": digest.hexdigest()}))
+                                   "sha256": sha256}))
         os.replace(tmp, memo)
-    return digest.hexdigest()
+    return sha256
 
 
 def source_identity(source: DatasetSpec, storage: StorageSpec, *, field: str) -> dict[str, Any] | None:
@@ -265,6 +262,10 @@ class TokenizedCache:
             directory = Path(self.entry(key))
         if not _complete(directory, marker):
             return None
+        if not self.s3:
+            from kubetune.trainer.storage.cache import mark_used
+
+            mark_used(directory)  # for `kubetune storage gc` (S3 entries are stamped by localize)
         splits: dict[str, datasets.Dataset | None] = {}
         for split in SPLITS:
             present = (marker.get("splits") or {}).get(split)

@@ -61,7 +61,7 @@ def merged_adapter(adapter_dir: Path, storage: StorageSpec) -> Path:
     import tempfile
 
     from kubetune.trainer.export import export_merged
-    from kubetune.trainer.storage.cache import cache_root
+    from kubetune.trainer.storage.cache import cache_root, mark_used
 
     digest = hashlib.sha256()
     for file in sorted(p for p in adapter_dir.iterdir() if p.is_file()):
@@ -69,6 +69,7 @@ def merged_adapter(adapter_dir: Path, storage: StorageSpec) -> Path:
         digest.update(file.read_bytes())
     target = cache_root(storage) / "merged" / digest.hexdigest()[:24]
     if (target / "config.json").is_file():
+        mark_used(target)  # for `kubetune storage gc`'s least-recently-used order
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".merging-", dir=target.parent))

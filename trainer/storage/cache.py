@@ -3,12 +3,18 @@
 Layout under the cache root (`storage.cacheDir`, else `$KUBETUNE_CACHE`, else `~/.cache/kubetune`):
     s3/<bucket>/<key>               the files, mirroring their keys (what callers get back)
     s3-meta/<bucket>/<key>.json     per object: the ETag and size it was downloaded at, SHA-256
-    s3-meta/<bucket>/<key>.lock     held while one process localizes that URI
+    s3-meta/<bucket>/<key>.lock     held while one process localizes that URI; its mtime is the
+                                    URI's last use (stamped each time it is served: no S3 call)
 A file counts as cached only when its meta record matches the current listing (ETag and size)
 and the file has that size; the meta record is written after the verified file was renamed into
 place, so a crash in between only costs a re-download. A changed object (new ETag) is downloaded
 again; objects removed from a prefix are removed locally, so a model directory never mixes
 versions. Overlapping URIs (a prefix and a file in it) share entries.
+
+`kubetune storage gc` (`gc.py`) evicts entries: it takes the same lock without waiting (an entry
+being localized is skipped), removes the meta records before the files (a half-removed entry
+reads as not cached and is downloaded again), and deletes the lock file last, while holding it;
+`_locked` therefore checks, once it holds a lock, that its file is still the one at that path.
 """
 
 from __future__ import annotations
@@ -35,16 +41,42 @@ def cache_root(settings: StorageSpec | None = None) -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "kubetune"
 
 
+def lock_is_current(fd: int, lock_file: Path) -> bool:
+    """Whether the locked descriptor is still the file at `lock_file` (gc removes lock files while
+    holding them: a lock taken on a removed file protects nothing)."""
+    try:
+        now, held = os.stat(lock_file), os.fstat(fd)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
 @contextlib.contextmanager
 def _locked(lock_file: Path) -> Iterator[None]:
     """Exclusive lock across processes (e.g. several torchrun ranks on one node)."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with lock_file.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    while True:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        handle = lock_file.open("a")
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except BaseException:
+            handle.close()
+            raise
+        if lock_is_current(handle.fileno(), lock_file):
+            break
+        handle.close()  # gc removed the file while we waited: lock the one at the path now
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def mark_used(path: Path) -> None:
+    """Stamp a cache entry (its lock file, or a directory entry such as `merged/<hash>`) as used
+    now, for `kubetune storage gc`'s least-recently-used order. Best effort, no S3 call."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
 
 
 def resolve_objects(client: object, uri: S3Uri, location: str, field: str) -> tuple[bool, list[ObjectInfo]]:
@@ -115,6 +147,7 @@ def localize_s3(location: str, settings: StorageSpec | None = None, *, field: st
                     _write_meta(meta, info, shas[local])
             else:
                 log.info("%s is cached at %s", location, target)
+            mark_used(lock_file)
     except KubetuneError:
         raise
     except Exception as exc:

@@ -1,4 +1,5 @@
-"""`kubetune storage ls|cp|rm`: the common S3 operations without the AWS CLI in the images.
+"""`kubetune storage ls|cp|rm|gc`: the common S3 operations without the AWS CLI in the images,
+and garbage collection of the local download cache (`gc`, see `gc.py`).
 
 Either side of `cp` may be local or `s3://`; a prefix or directory is copied recursively (its
 contents go below the destination, like `aws s3 cp --recursive`). Same settings and credentials
@@ -29,7 +30,7 @@ from kubetune.trainer.storage.uri import S3Uri, is_s3, safe_relative_path
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `storage` (with `ls`, `cp`, `rm`) on the main CLI's subparsers; the handler is
+    """Register `storage` (with `ls`, `cp`, `rm`, `gc`) on the main CLI's subparsers; the handler is
     `args.func(args) -> exit code`."""
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("S3 endpoint (default: AWS, or AWS_ENDPOINT_URL_S3)")
@@ -53,6 +54,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     rm = commands.add_parser("rm", parents=[common], help="delete an object (or a prefix with --recursive)")
     rm.add_argument("uri")
     rm.add_argument("-r", "--recursive", action="store_true", help="delete everything below the prefix")
+    gc = commands.add_parser(
+        "gc",
+        help="evict least-recently-used entries from the local download cache",
+        description="Remove cached downloads (s3/), merged adapters (merged/) and tokenized datasets "
+        "(datasets/) not used for --older-than, then least-recently-used ones until the cache is "
+        "under --max-size. Entries being downloaded are skipped. Makes no S3 request.",
+    )
+    gc.add_argument("--max-size", metavar="SIZE", help="evict LRU entries until the cache holds at most this (50G, 500M)")
+    gc.add_argument("--older-than", metavar="AGE", help="evict entries not used for this long (7d, 12h, 1d12h)")
+    gc.add_argument("--dry-run", action="store_true", help="show what would be removed, remove nothing")
+    gc.add_argument("--cache-dir", metavar="DIR", help="the cache root (default $KUBETUNE_CACHE or ~/.cache/kubetune)")
     parser.set_defaults(func=run)
     return parser
 
@@ -60,6 +72,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Execute a parsed `storage` command; user errors are printed as one paragraph."""
     try:
+        if args.storage_command == "gc":
+            _gc(args)
+            return 0
         settings = StorageSpec(
             endpointUrl=args.endpoint_url, region=args.region, pathStyle=args.path_style,
             maxConcurrency=max(1, args.max_concurrency),
@@ -271,6 +286,40 @@ def _rm(args: argparse.Namespace, settings: StorageSpec) -> None:
     except Exception as exc:
         raise translate(exc, args.uri, action="delete") from None
     print(f"deleted {len(keys)} object(s) at {args.uri}")
+
+
+# -- gc ---------------------------------------------------------------------------------------
+
+
+def _gc(args: argparse.Namespace) -> None:
+    import time
+
+    from kubetune.trainer.storage.cache import cache_root
+    from kubetune.trainer.storage.gc import collect, parse_age, parse_size
+
+    if args.max_size is None and args.older_than is None:
+        raise SpecError("", "gc needs a limit.", "give --max-size (e.g. 50G) and/or --older-than (e.g. 7d).")
+    max_size = None if args.max_size is None else parse_size(args.max_size)
+    older_than = None if args.older_than is None else parse_age(args.older_than)
+    root = Path(args.cache_dir).expanduser() if args.cache_dir else cache_root()
+    report = collect(root, max_size=max_size, older_than=older_than, dry_run=args.dry_run)
+    verb = "would remove" if report.dry_run else "removed"
+    if report.decisions:
+        print(f"{'ACTION':<14}{'LAST USED':<21}{'SIZE':>11}  {'WHY':<6}ENTRY")
+        for d in report.decisions:
+            action = verb if d.skipped is None else "kept"
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.entry.last_used))
+            note = f"  ({d.skipped})" if d.skipped else ""
+            print(f"{action:<14}{stamp:<21}{_size(d.entry.size):>11}  {d.reason:<6}{d.entry.name}{note}")
+    count = len(report.removed)
+    left = report.total_before - report.freed
+    print(
+        f"{verb} {count} of {report.entries_before} entr{'y' if report.entries_before == 1 else 'ies'}, "
+        f"{'would free' if report.dry_run else 'freed'} {_size(report.freed)}; "
+        f"the cache at {root} {'would hold' if report.dry_run else 'holds'} {_size(left)}"
+    )
+    if max_size is not None and left > max_size:
+        print(f"note: still above --max-size {_size(max_size)}: entries in use were kept", file=sys.stderr)
 
 
 if __name__ == "__main__":

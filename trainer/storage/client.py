@@ -164,7 +164,9 @@ def get_client(settings: StorageSpec | None = None) -> Any:
         return client
     session = boto3.session.Session(region_name=settings.region)
     config = Config(
-        retries={"mode": "adaptive", "max_attempts": settings.maxAttempts},
+        # botocore's `max_attempts` counts retries; `total_max_attempts` counts the first try too,
+        # which is what `maxAttempts` promises ("attempts per request").
+        retries={"mode": "adaptive", "total_max_attempts": settings.maxAttempts},
         s3={"addressing_style": "path" if settings.pathStyle else "auto"},
         max_pool_connections=max(10, 2 * settings.maxConcurrency + 4),
         connect_timeout=10,

@@ -3,21 +3,28 @@
 Completion rule, the same locally and in S3: a checkpoint is complete when its manifest
 (`kubetune-manifest.json`: step, and per file its size and SHA-256) exists and every listed file
 is present with that size. The manifest is always written last.
+
+In a multi-node run each node writes part of a checkpoint to its own disk (ZeRO optimizer-state
+shards, per-rank RNG states). The global rank 0 finishes a checkpoint (`checkpoint_saved`,
+naming the other nodes that hold files of it); one process of every other such node hands over
+its own files (`checkpoint_shards_saved`). Only the S3 session can combine them (see
+`s3output.py`); locally, with no shared store, each disk keeps what its ranks wrote.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kubetune.trainer.errors import SpecError
 from kubetune.trainer.spec import StorageSpec
+from kubetune.trainer.storage.hashing import file_hexdigest
 from kubetune.trainer.storage.uri import is_s3
 
 MANIFEST_NAME = "kubetune-manifest.json"
@@ -46,19 +53,11 @@ def localize(location: str, settings: StorageSpec | None = None, *, field: str) 
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(checkpoint: Path, step: int) -> dict[str, Any]:
     """Record every file of a checkpoint (size, sha256) and write the manifest last, atomically."""
     files = {}
     for file in checkpoint_files(checkpoint):
-        files[file.relative_to(checkpoint).as_posix()] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+        files[file.relative_to(checkpoint).as_posix()] = {"size": file.stat().st_size, "sha256": file_hexdigest(file)}
     manifest = {"step": step, "files": files, "createdAt": time.time()}
     save_manifest(checkpoint, manifest)
     return manifest
@@ -138,9 +137,23 @@ class OutputSession:
                 return path
         return None
 
-    def checkpoint_saved(self, path: Path, step: int) -> None:
-        """Called right after the trainer finished writing a checkpoint."""
+    def checkpoint_saved(self, path: Path, step: int, *, shards_from: Sequence[int] = (), token: str | None = None) -> None:
+        """Called on the global rank 0 right after every rank finished writing a checkpoint.
+
+        `shards_from`: the ranks that hand over files of this checkpoint from other disks (via
+        `checkpoint_shards_saved`, same `token`); the checkpoint is complete only with them. A
+        local output has no shared store to gather them in, so here the manifest covers this
+        disk's files (a shared disk already holds every rank's files)."""
         write_manifest(path, step)
+
+    def checkpoint_shards_saved(self, path: Path, step: int, files: Sequence[str], *, rank: int, token: str) -> None:
+        """Called on one process of every other node holding files of a checkpoint (`files`,
+        relative to `path`): hand them over to the checkpoint finished by rank 0. Nothing to do
+        for a local output (see `checkpoint_saved`)."""
+
+    def wait_shards(self) -> None:
+        """Block until the files handed over by `checkpoint_shards_saved` are stored; raise if
+        that failed (no-op locally)."""
 
     def remove_incomplete_checkpoints(self) -> list[Path | str]:
         """Delete checkpoints that never got a manifest (a run killed mid-save); keep the rest."""

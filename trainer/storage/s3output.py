@@ -16,6 +16,17 @@ those (and re-checks sizes against the listing and SHA-256s after download).
 transformers' own rotation (`save_total_limit`) may delete the local directory while its upload
 is still running; the hashing and uploading then happen on a background thread.
 
+Multi-node checkpoints: with ZeRO (and for per-rank RNG states) every rank writes its own files
+of a checkpoint, each onto its own node's disk. One process per node uploads its node's share:
+    <prefix>/checkpoint-<step>/kubetune-shards-<rank>.json   "my files are uploaded": their
+        sizes and SHA-256s, and the token of this save (agreed by all ranks when it was saved)
+The global rank 0 uploads its own files, waits for every expected shards marker carrying this
+save's token (so one left over from an earlier attempt at the same step never counts), merges the
+listed files into the manifest and uploads it last: the checkpoint is complete only when every
+node's files are in S3. A node that fails to upload writes its marker with the error (rank 0 stops
+waiting at once); one that never reports leaves the checkpoint incomplete after `shards_timeout`.
+Every node downloads the whole checkpoint on resume, as every rank loads all of it.
+
 Run logs (`metrics.jsonl`, `samples.jsonl`) are appended to by every attempt of a job, so that the
 curve covers the whole job. With an S3 output the next attempt usually runs on an empty disk:
 a copy of the logs taken when a checkpoint is saved is uploaded after that checkpoint's manifest,
@@ -33,6 +44,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -69,11 +81,24 @@ STATUS_INTERVAL_S = 15.0
 SUCCEEDED = "Succeeded"
 RUN_LOGS = ("metrics.jsonl", "samples.jsonl")
 """Append-only files of a run (callbacks.METRICS_FILE, samples.SAMPLES_FILE): restored on a fresh disk."""
+SHARDS_PREFIX = "kubetune-shards-"
+SHARDS_TIMEOUT_S = 1800.0
+"""How long rank 0 waits for another node's files of a checkpoint (after its own are uploaded)."""
+SHARDS_CLOSE_GRACE_S = 60.0
+"""Once the session is closing (the run failed), wait at most this much longer for them."""
+SHARDS_POLL_S = 0.5
 
 
-def _hardlink_tree(source: Path, target: Path) -> None:
-    """Snapshot a directory cheaply: hard links (copies where links are not possible)."""
-    for file in checkpoint_files(source):
+def shards_marker_name(rank: int) -> str:
+    """The object another node writes into a checkpoint once its files of it are uploaded."""
+    return f"{SHARDS_PREFIX}{rank}.json"
+
+
+def _hardlink_tree(source: Path, target: Path, files: Sequence[str] | None = None) -> None:
+    """Snapshot a directory (or the `files` of it) cheaply: hard links, copies where links are
+    not possible."""
+    chosen = checkpoint_files(source) if files is None else [source / rel for rel in files]
+    for file in chosen:
         dest = target / file.relative_to(source)
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -92,6 +117,7 @@ class S3OutputSession(OutputSession):
         *,
         keep_last: int | None = None,
         status_interval: float = STATUS_INTERVAL_S,
+        shards_timeout: float = SHARDS_TIMEOUT_S,
     ):
         settings = settings or StorageSpec()
         parsed = S3Uri.parse(location, "output.path")
@@ -101,6 +127,7 @@ class S3OutputSession(OutputSession):
         super().__init__(location, settings, keep_last=keep_last, local_dir=local)
         self.client = get_client(settings)
         self.status_interval = status_interval
+        self.shards_timeout = shards_timeout
         self._probe()
         if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes the logs
             self._restore_run_logs()
@@ -117,6 +144,8 @@ class S3OutputSession(OutputSession):
         self._status_queued = False
         self._status_uploaded_at = 0.0
         self._closed = False
+        self._closing_since: float | None = None
+        self._shard_errors: list[KubetuneError] = []
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -196,8 +225,9 @@ class S3OutputSession(OutputSession):
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def checkpoint_saved(self, path: Path, step: int) -> None:
-        """Snapshot the checkpoint (hard links) and upload it in the background; returns at once."""
+    def checkpoint_saved(self, path: Path, step: int, *, shards_from: Sequence[int] = (), token: str | None = None) -> None:
+        """Snapshot the checkpoint (hard links) and upload it in the background; returns at once.
+        With `shards_from`, the manifest also waits for (and lists) those ranks' files."""
         self._raise_permanent()
         path = Path(path)
         name = path.name if CHECKPOINT_RE.match(path.name) else f"checkpoint-{step}"
@@ -210,8 +240,108 @@ class S3OutputSession(OutputSession):
                 shutil.copy2(self.local_dir / log_name, logs / log_name)
         with self._lock:
             self._in_flight.add(name)
-            future = self._checkpoint_pool.submit(self._upload_checkpoint, path, snapshot, name, step, logs)
+            future = self._checkpoint_pool.submit(
+                self._upload_checkpoint, path, snapshot, name, step, logs, tuple(shards_from), token
+            )
             self._pending.append(future)
+
+    def checkpoint_shards_saved(self, path: Path, step: int, files: Sequence[str], *, rank: int, token: str) -> None:
+        """Snapshot this node's `files` of the checkpoint and upload them in the background, then
+        their shards marker (rank 0 writes the manifest once it has every node's marker)."""
+        self._raise_permanent()
+        path = Path(path)
+        name = path.name if CHECKPOINT_RE.match(path.name) else f"checkpoint-{step}"
+        snapshot = self.local_dir / f"{WORK_PREFIX}upload" / f"{name}-rank{rank}-{uuid.uuid4().hex[:8]}"
+        _hardlink_tree(path, snapshot, files)
+        with self._lock:
+            self._in_flight.add(name)
+            future = self._checkpoint_pool.submit(self._upload_shards, snapshot, name, step, rank, token)
+            self._pending.append(future)
+
+    def _upload_shards(self, snapshot: Path, name: str, step: int, rank: int, token: str) -> None:
+        target = str(self._key(name))
+        marker = self._key(name, shards_marker_name(rank))
+        try:
+            digests = {
+                file.relative_to(snapshot).as_posix(): file_digests(file, self.settings)
+                for file in checkpoint_files(snapshot)
+            }
+            # This step is being saved again (after a resume): no old manifest may vouch for it.
+            manifest_uri = self._key(name, MANIFEST_NAME)
+            self.client.delete_object(Bucket=manifest_uri.bucket, Key=manifest_uri.key)
+            self._upload_verified(snapshot, name, digests)
+            files = {rel: {"size": d.size, "sha256": d.sha256} for rel, d in digests.items()}
+            body = {"step": step, "rank": rank, "token": token, "files": files}
+            self.client.put_object(Bucket=marker.bucket, Key=marker.key, Body=json.dumps(body, indent=1).encode())
+            log.info("rank %d: %d files of checkpoint %s uploaded", rank, len(files), target)
+        except Exception as exc:
+            error = self._fail(exc, target, "upload checkpoint files to")
+            with self._lock:
+                self._shard_errors.append(error)
+            body = {"step": step, "rank": rank, "token": token, "error": str(error)[:500]}
+            with contextlib.suppress(Exception):  # tell rank 0 at once, rather than let it wait
+                self.client.put_object(Bucket=marker.bucket, Key=marker.key, Body=json.dumps(body).encode())
+        finally:
+            shutil.rmtree(snapshot, ignore_errors=True)
+            with self._lock:
+                self._in_flight.discard(name)
+
+    def wait_shards(self) -> None:
+        """Block until this node's checkpoint files are uploaded; raise the first failure."""
+        self.wait()
+        with self._lock:
+            errors = list(self._shard_errors)
+        if errors:
+            raise errors[0]
+
+    def _upload_verified(self, snapshot: Path, name: str, digests: dict[str, Digests]) -> None:
+        """Upload `digests`' files from `snapshot` into checkpoint `name` in parallel; verify each."""
+        futures = [
+            (self._transfers.start_upload(snapshot / rel, self._key(name, rel), d), rel, d)
+            for rel, d in digests.items()
+        ]
+        for future, _, _ in futures:
+            future.result()
+        for _, rel, d in futures:
+            self._transfers.verify_upload(self._key(name, rel), d)
+
+    def _await_shards(self, name: str, ranks: Sequence[int], token: str | None) -> dict[str, Any]:
+        """The files other nodes uploaded for this save of checkpoint `name`, once each of `ranks`
+        has written its shards marker with `token` (checked against the listing: all present)."""
+        merged: dict[str, Any] = {}
+        pending = set(ranks)
+        started = time.monotonic()
+        while pending:
+            for rank in sorted(pending):
+                marker = self._read_json(self._key(name, shards_marker_name(rank)))
+                if marker is None or marker.get("token") != token:
+                    continue  # not written yet, or left over from an earlier save of this step
+                if marker.get("error"):
+                    raise StorageError(f"rank {rank} could not upload its files of {self._key(name)}: {marker['error']}")
+                merged.update(marker.get("files") or {})
+                pending.discard(rank)
+            if pending and self._shards_overdue(started):
+                raise StorageError(
+                    f"rank(s) {sorted(pending)} did not upload their files of {self._key(name)} in time; "
+                    "the checkpoint stays incomplete."
+                )
+            if pending:
+                time.sleep(SHARDS_POLL_S)
+        if merged:
+            objects = {self.uri.relative(o.key): o for o in list_objects(self.client, self.uri.bucket, self._key(name).key + "/")}
+            for rel, meta in merged.items():
+                info = objects.get(f"{name}/{rel}")
+                if info is None or info.size != meta.get("size"):
+                    raise StorageError(f"{self._key(name, rel)} is missing or has the wrong size.")
+        return merged
+
+    def _shards_overdue(self, started: float) -> bool:
+        now = time.monotonic()
+        if now - started > self.shards_timeout:
+            return True
+        with self._lock:
+            closing = self._closing_since
+        return closing is not None and now - closing > SHARDS_CLOSE_GRACE_S
 
     def _upload_run_logs(self, logs: Path) -> None:
         """The run logs as of a checkpoint, after its manifest: what a resume from it continues."""
@@ -223,7 +353,14 @@ class S3OutputSession(OutputSession):
                 log.warning("%s", translate(exc, str(uri), field="output.path", action="upload"))
 
     def _upload_checkpoint(
-        self, original: Path, snapshot: Path, name: str, step: int, logs: Path | None = None
+        self,
+        original: Path,
+        snapshot: Path,
+        name: str,
+        step: int,
+        logs: Path | None = None,
+        shards_from: Sequence[int] = (),
+        token: str | None = None,
     ) -> None:
         target = str(self._key(name))
         try:
@@ -237,17 +374,13 @@ class S3OutputSession(OutputSession):
             manifest_uri = self._key(name, MANIFEST_NAME)
             # Re-uploading a step (after a resume) must not leave an old manifest vouching for new files.
             self.client.delete_object(Bucket=manifest_uri.bucket, Key=manifest_uri.key)
-            futures = [
-                (self._transfers.start_upload(snapshot / rel, self._key(name, rel), d), rel, d)
-                for rel, d in digests.items()
-            ]
-            for future, _, _ in futures:
-                future.result()
-            for _, rel, d in futures:
-                self._transfers.verify_upload(self._key(name, rel), d)
+            self._upload_verified(snapshot, name, digests)
+            if shards_from:
+                files.update(self._await_shards(name, shards_from, token))
             body = json.dumps(manifest, indent=1).encode()
             self.client.put_object(Bucket=manifest_uri.bucket, Key=manifest_uri.key, Body=body)
-            if original.is_dir():
+            # Locally complete only if this disk holds every file (not so when other nodes wrote some).
+            if original.is_dir() and all((original / rel).is_file() for rel in files):
                 with contextlib.suppress(OSError):
                     save_manifest(original, manifest)
             with self._lock:
@@ -301,7 +434,7 @@ class S3OutputSession(OutputSession):
         if local is not None:
             if local.name in remote and remote[local.name]["manifest"]:
                 self._last_uri = str(self._key(local.name))
-            else:
+            elif int(os.environ.get("RANK", "0")) == 0:  # one uploader, even if every node has a copy
                 self.checkpoint_saved(local, local_step)
         return local
 
@@ -352,17 +485,21 @@ class S3OutputSession(OutputSession):
             raise translate(exc, str(self.uri), field="output.path", action="clean up") from None
         return removed
 
-    def _read_remote_manifest(self, name: str) -> dict[str, Any] | None:
-        uri = self._key(name, MANIFEST_NAME)
+    def _read_json(self, uri: S3Uri) -> dict[str, Any] | None:
+        """A JSON object stored at `uri`; None if there is none or it is not a JSON object."""
         try:
-            manifest = json.loads(self.client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read())
+            value = json.loads(self.client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read())
         except ValueError:
             return None
         except Exception as exc:
             if is_not_found(exc):
                 return None
             raise
-        return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
+        return value if isinstance(value, dict) else None
+
+    def _read_remote_manifest(self, name: str) -> dict[str, Any] | None:
+        manifest = self._read_json(self._key(name, MANIFEST_NAME))
+        return manifest if manifest is not None and isinstance(manifest.get("files"), dict) else None
 
     def _remote_complete(self, name: str, entry: dict[str, Any]) -> bool:
         """A manifest that parses and lists only files present in S3 with their recorded sizes."""
@@ -485,6 +622,7 @@ class S3OutputSession(OutputSession):
             if self._closed:
                 return
             self._closed = True
+            self._closing_since = time.monotonic()  # a wait for other nodes' files is cut short
         with contextlib.suppress(Exception):
             self.wait()
         with contextlib.suppress(Exception):

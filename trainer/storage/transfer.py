@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from kubetune.trainer.spec import StorageSpec
 from kubetune.trainer.storage.client import StorageError, get_client, transfer_config
+from kubetune.trainer.storage.hashing import file_hexdigest
 from kubetune.trainer.storage.uri import S3Uri
 
 SHA256_META = "kubetune-sha256"
@@ -110,22 +111,6 @@ def file_digests(path: Path, settings: StorageSpec | None = None) -> Digests:
     else:
         etag = whole.hexdigest()
     return Digests(size, sha.hexdigest(), etag)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _md5_file(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        while block := handle.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _encrypted_etag(head: dict[str, Any]) -> bool:
@@ -209,13 +194,13 @@ class Transfers:
         size = tmp.stat().st_size
         if size != info.size:
             raise StorageError(f"download of {uri} is incomplete: {size} of {info.size} bytes.")
-        sha = sha256_file(tmp)
+        sha = file_hexdigest(tmp, "sha256")
         if expected_sha256 is None and "-" in info.etag:
             head = self.client.head_object(Bucket=bucket, Key=info.key, IfMatch=f'"{info.etag}"')
             expected_sha256 = head.get("Metadata", {}).get(SHA256_META)
         if expected_sha256 is not None and sha != expected_sha256:
             raise StorageError(f"download of {uri} is corrupt: SHA-256 {sha} differs from the recorded {expected_sha256}.")
-        if expected_sha256 is None and _MD5_ETAG.match(info.etag) and _md5_file(tmp) != info.etag:
+        if expected_sha256 is None and _MD5_ETAG.match(info.etag) and file_hexdigest(tmp, "md5") != info.etag:
             head = self.client.head_object(Bucket=bucket, Key=info.key)
             if not _encrypted_etag(head):
                 raise StorageError(f"download of {uri} is corrupt: its MD5 differs from the ETag {info.etag}.")
