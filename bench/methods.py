@@ -1,7 +1,7 @@
 """Fine-tuning methods side by side: throughput, peak memory, trainable parameters, final loss.
 
 For each method (full, freeze, lora, qlora, dora, galore) the same model, data and settings run
-twice, each in a fresh process so peak memory is the method's own:
+in fresh processes so peak memory is the method's own (interleaved pairs, `--repeats`, median ratio):
   - through kubetune (`kubetune.trainer.runner.run`), and
   - through a plain `transformers.Trainer` with PEFT / bitsandbytes / GaLore set up by hand,
     on the same tokenized data (the baseline: what the toolkit would cost over doing it yourself).
@@ -9,7 +9,8 @@ Throughput is tokens per second of the training loop (the trainer's `train_runti
 excludes loading and saving). The model FLOPs utilisation is the method's model FLOPs per token
 times tokens/s over a measured matmul peak of the same device: 2N forward + 2N for the gradients
 of the activations + 2N_t for the weight gradients (N parameters, N_t trainable), i.e. the usual
-6N for full fine-tuning but ~4N for LoRA/freeze, which compute no gradient for frozen weights. One table is printed (the shape of LlamaFactory's Table 3) and
+6N for full fine-tuning but ~4N for LoRA/freeze, which compute no gradient for frozen weights.
+One table is printed (the shape of LlamaFactory's Table 3) and
 written to bench/results/methods.{json,md}.
 
     python bench/methods.py                 # CPU here: a ~3.5M-parameter Llama, a few minutes
@@ -223,6 +224,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved kubetune/baseline pairs per method (median reported)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -240,8 +242,16 @@ def main() -> None:
     for method in tqdm(args.methods, desc="methods"):
         doc = make_spec(method, model_dir, work / f"out-{method}", args)
         tokens = count_tokens(doc)
-        ours = measure(method, "kubetune", doc)
-        base = measure(method, "baseline", {**doc, "output": {"path": str(work / f"base-{method}")}})
+        # Interleaved pairs (ours, then the baseline, `--repeats` times), each in a fresh process:
+        # a pair shares the machine's state of the moment, and the median pair ratio ignores the
+        # odd disturbed run that a single measurement on a shared 2-core machine would report.
+        pairs = []
+        for repeat in range(args.repeats):
+            ours = measure(method, "kubetune", {**doc, "output": {"path": str(work / f"out-{method}-{repeat}")}})
+            base = measure(method, "baseline", {**doc, "output": {"path": str(work / f"base-{method}-{repeat}")}})
+            pairs.append((ours, base))
+        pairs.sort(key=lambda pair: pair[1]["train_runtime"] / pair[0]["train_runtime"])
+        ours, base = pairs[len(pairs) // 2]  # the median ratio's pair
         tps, base_tps = tokens / ours["train_runtime"], tokens / base["train_runtime"]
         rows.append({
             "method": method, "trainable_params": ours["trainable"], "total_params": ours["total"],
@@ -260,7 +270,8 @@ def main() -> None:
              f"{r['peak_memory_mb']:.0f} (Trainer {r['baseline_peak_memory_mb']:.0f}) | {r['tokens_per_second']:.0f} | "
              f"{r['throughput_ratio']:.2f}x | {r['final_loss']:.3f} (Trainer {r['baseline_final_loss']:.3f}) | {r['mfu_percent']:.2f} |"
              for r in rows]
-    title = (f"Methods on {device}: Llama hidden {args.hidden}, {args.layers} layers, {args.steps} steps, "
+    title = (f"Methods on {device}: Llama hidden {args.hidden}, {args.layers} layers, {args.steps} steps "
+             f"(median of {args.repeats} interleaved pairs), "
              f"batch {args.batch_size} x {args.max_length} tokens; matmul peak {peak / 1e9:.1f} GFLOP/s")
     table = "\n".join([title, "", header, *lines])
     print(table)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -255,70 +256,23 @@ def render_job(
     shm: dict[str, Any] = {"medium": "Memory"}
     if spec.shmSize is not None:
         shm["sizeLimit"] = spec.shmSize
-    container: dict[str, Any] = {
-        "name": CONTAINER,
-        "image": spec.image or options.default_image,
-        "command": ["torchrun"],
-        "args": torchrun_args(spec, master_port=options.master_port),
-        "workingDir": "/workspace",
-        "env": _trainer_env(cr, spec, master_addr=master_addr, attempt=attempt, namespace=ns, options=options),
-        "ports": [{"name": "dist", "containerPort": options.master_port, "protocol": "TCP"}],
-        "volumeMounts": [
-            {"name": "job-config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "cache", "mountPath": "/cache"},
-            {"name": "workspace", "mountPath": "/workspace"},
-        ],
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": spec.readOnlyRootFilesystem,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
-    }
-    if resources:
-        container["resources"] = resources
-    if spec.imagePullPolicy:
-        container["imagePullPolicy"] = spec.imagePullPolicy
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "subdomain": names.service,
-        "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": spec.terminationGracePeriodSeconds,
-        "securityContext": pod_security_context(options.run_as_user),
-        "containers": [container],
-        "volumes": [
-            {"name": "job-config", "configMap": {"name": names.config_map}},
-            {"name": "dshm", "emptyDir": shm},
-            {"name": "tmp", "emptyDir": {}},
-            {"name": "cache", "emptyDir": {}},
-            {"name": "workspace", "emptyDir": {}},
-        ],
-    }
-    pod_spec.update(scheduling_fields(spec))
+    container = _kubetune_container(
+        spec, options, name=CONTAINER, command=["torchrun"], args=torchrun_args(spec, master_port=options.master_port),
+        env=_trainer_env(cr, spec, master_addr=master_addr, attempt=attempt, namespace=ns, options=options),
+        resources=resources, mounts=[{"name": "dshm", "mountPath": "/dev/shm"}],
+    )
+    container["ports"] = [{"name": "dist", "containerPort": options.master_port, "protocol": "TCP"}]
+    pod_spec = _kubetune_pod(spec, options, names.config_map, container, grace=spec.terminationGracePeriodSeconds,
+                             volumes=[{"name": "dshm", "emptyDir": shm}])
+    pod_spec["subdomain"] = names.service
 
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": spec.nodes,
         "parallelism": spec.nodes,
         "backoffLimit": 0,
-        "podFailurePolicy": {
-            "rules": [
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [CONFIG_ERROR_EXIT_CODE]},
-                }
-            ]
-        },
+        **_fail_fast_template(CONTAINER, pod_labels, pod_spec),
         "suspend": spec.suspend if suspend is None else suspend,
-        "template": {
-            "metadata": {
-                "labels": pod_labels,
-                "annotations": {"kubectl.kubernetes.io/default-container": CONTAINER},
-            },
-            "spec": pod_spec,
-        },
     }
     deadline = active_deadline_seconds if active_deadline_seconds is not None else spec.activeDeadlineSeconds
     if deadline is not None:
@@ -390,64 +344,15 @@ def render_prepare_job(
     # CPU and memory as for the gang (tokenization uses data.numProc processes); GPUs come only
     # from gpusPerNode (the schema refuses them in `resources`), which this pod ignores.
     resources = {k: dict(v) for k, v in (("requests", spec.resources.requests), ("limits", spec.resources.limits)) if v}
-    container: dict[str, Any] = {
-        "name": PREPARE_CONTAINER,
-        "image": spec.image or options.default_image,
-        "command": ["kubetune"],
-        "args": prepare_args(),
-        "workingDir": "/workspace",
-        "env": _prepare_env(cr, spec, namespace=ns, options=options),
-        "volumeMounts": [
-            {"name": "job-config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "cache", "mountPath": "/cache"},
-            {"name": "workspace", "mountPath": "/workspace"},
-        ],
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": spec.readOnlyRootFilesystem,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
-    }
-    if resources:
-        container["resources"] = resources
-    if spec.imagePullPolicy:
-        container["imagePullPolicy"] = spec.imagePullPolicy
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": PREPARE_GRACE_SECONDS,
-        "securityContext": pod_security_context(options.run_as_user),
-        "containers": [container],
-        "volumes": [
-            {"name": "job-config", "configMap": {"name": names.config_map}},
-            {"name": "tmp", "emptyDir": {}},
-            {"name": "cache", "emptyDir": {}},
-            {"name": "workspace", "emptyDir": {}},
-        ],
-    }
-    pod_spec.update(scheduling_fields(spec))
+    container = _kubetune_container(spec, options, name=PREPARE_CONTAINER, command=["kubetune"], args=prepare_args(),
+                                    env=_prepare_env(cr, spec, namespace=ns, options=options), resources=resources)
+    pod_spec = _kubetune_pod(spec, options, names.config_map, container, grace=PREPARE_GRACE_SECONDS)
     job_spec: dict[str, Any] = {
         "completions": 1,
         "parallelism": 1,
         "backoffLimit": spec.backoffLimit,
-        "podFailurePolicy": {
-            "rules": [
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {"containerName": PREPARE_CONTAINER, "operator": "In", "values": [CONFIG_ERROR_EXIT_CODE]},
-                }
-            ]
-        },
+        **_fail_fast_template(PREPARE_CONTAINER, labels_for(cr["kind"], name, "prepare"), pod_spec),
         "suspend": spec.suspend if suspend is None else suspend,
-        "template": {
-            "metadata": {
-                "labels": labels_for(cr["kind"], name, "prepare"),
-                "annotations": {"kubectl.kubernetes.io/default-container": PREPARE_CONTAINER},
-            },
-            "spec": pod_spec,
-        },
     }
     deadline = active_deadline_seconds if active_deadline_seconds is not None else spec.activeDeadlineSeconds
     if deadline is not None:
@@ -474,3 +379,78 @@ def render_training(
             active_deadline_seconds=active_deadline_seconds,
         ),
     ]
+
+
+def _kubetune_container(spec: ClusterFields, options: RenderOptions, *, name: str, command: list[str], args: list[str],
+                        env: list[dict[str, Any]], resources: dict[str, Any],
+                        mounts: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """A container of the trainer image: the job's spec mounted read-only, writable scratch
+    (/tmp, /cache, /workspace) on emptyDirs so the root filesystem can stay read-only, non-root,
+    no privilege escalation, no capabilities."""
+    container: dict[str, Any] = {
+        "name": name,
+        "image": spec.image or options.default_image,
+        "command": command,
+        "args": args,
+        "workingDir": "/workspace",
+        "env": env,
+        "volumeMounts": [
+            {"name": "job-config", "mountPath": CONFIG_DIR, "readOnly": True},
+            *mounts,
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": "/cache"},
+            {"name": "workspace", "mountPath": "/workspace"},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": spec.readOnlyRootFilesystem,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if resources:
+        container["resources"] = resources
+    if spec.imagePullPolicy:
+        container["imagePullPolicy"] = spec.imagePullPolicy
+    return container
+
+
+def _kubetune_pod(spec: ClusterFields, options: RenderOptions, config_map: str, container: dict[str, Any], *,
+                  grace: int, volumes: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The pod around `_kubetune_container`: its volumes, the pod security context and the job's
+    placement (service account, priority, node selector, tolerations, affinity)."""
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": grace,
+        "securityContext": pod_security_context(options.run_as_user),
+        "containers": [container],
+        "volumes": [
+            {"name": "job-config", "configMap": {"name": config_map}},
+            *volumes,
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "workspace", "emptyDir": {}},
+        ],
+    }
+    pod_spec.update(scheduling_fields(spec))
+    return pod_spec
+
+
+def _fail_fast_template(container: str, labels: dict[str, str], pod_spec: dict[str, Any]) -> dict[str, Any]:
+    """The Job's pod template, and a podFailurePolicy that fails the Job at once when `container`
+    exits with the trainer's configuration-error code (a retry cannot fix a bad spec)."""
+    return {
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": container, "operator": "In", "values": [CONFIG_ERROR_EXIT_CODE]},
+                }
+            ]
+        },
+        "template": {
+            "metadata": {"labels": labels, "annotations": {"kubectl.kubernetes.io/default-container": container}},
+            "spec": pod_spec,
+        },
+    }
