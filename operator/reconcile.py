@@ -77,7 +77,7 @@ from kubetune.operator.status import (
 )
 from kubetune.operator.validation import memory_refusal, validate_resource
 from kubetune.trainer.errors import SpecErrors
-from kubetune.trainer.prepare import cache_location, prepare_skip_reason
+from kubetune.trainer.prepare import cache_location, cluster_default_cache, prepare_skip_reason
 
 COND_DATA_PREPARED = "DataPrepared"
 """The datasets are tokenized into data.cache (False while the prepare Job runs, or after it failed)."""
@@ -304,8 +304,9 @@ class _Reconciler(DependencyChecks, StatusDecisions):
     # -- the prepare step ------------------------------------------------------------------
     def has_prepare_step(self, spec: ClusterFields) -> bool:
         """Whether the datasets are tokenized by a prepare Job before the gang (see
-        `kubetune.trainer.prepare.prepare_skip_reason`: an s3:// data.cache, no streaming)."""
-        return prepare_skip_reason(spec.training) is None
+        `kubetune.trainer.prepare.prepare_skip_reason`: an s3:// data.cache, no streaming; a
+        multi-node job writing to S3 defaults to one, see `cluster_default_cache`)."""
+        return prepare_skip_reason(cluster_default_cache(spec.training, spec.nodes)) is None
 
     def preparing(self, spec: ClusterFields) -> bool:
         """Started, with a prepare step, and no training Job created yet."""
@@ -326,7 +327,7 @@ class _Reconciler(DependencyChecks, StatusDecisions):
             )
         )
         name = prepare_job_name(self.kind, self.name)
-        message = f"created Job {name}: tokenizing the datasets once into {cache_location(spec.training)} (no GPUs)"
+        message = f"created Job {name}: tokenizing the datasets once into {cache_location(cluster_default_cache(spec.training, spec.nodes))} (no GPUs)"
         self.condition(COND_DATA_PREPARED, False, PREPARING, message)
         self.condition(COND_RUNNING, False, PREPARING, "the training pods start when the datasets are tokenized")
         self.transition(PENDING, PREPARING, message)
@@ -344,7 +345,7 @@ class _Reconciler(DependencyChecks, StatusDecisions):
             self.create_prepare_job(spec)
             return
         if job_condition(job, "Complete"):
-            message = f"the datasets are tokenized in {cache_location(spec.training)} (Job {name})"
+            message = f"the datasets are tokenized in {cache_location(cluster_default_cache(spec.training, spec.nodes))} (Job {name})"
             if self.condition(COND_DATA_PREPARED, True, PREPARED, message):
                 self.event("Normal", PREPARED, message)
             self.start_training(spec)

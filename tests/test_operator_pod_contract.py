@@ -9,7 +9,9 @@ a fresh directory per pod, so nothing is shared but the network and S3). Only tw
 translated: pod 0's DNS name (through the headless Service) becomes 127.0.0.1, and the
 rendezvous port a free local one. S3 is moto's server.
 
-The two `torchrun --nnodes 2` processes must form one world (DeepSpeed ZeRO-2 on CPU, gloo) and
+The prepare Job's pod runs first (a multi-node job writing to S3 tokenizes once by default) and
+leaves the tokenized dataset in S3; the two `torchrun --nnodes 2` processes must read it instead
+of tokenizing, form one world (DeepSpeed ZeRO-2 on CPU, gloo) and
 train to completion with the outputs in S3. SIGTERM to both pods (what a node drain, preemption or
 `suspend` does) must leave a complete checkpoint in S3, holding both nodes' ZeRO optimizer-state
 shards although each pod only ever had its own on its disk, and the same pods started again, on
@@ -34,7 +36,13 @@ from typing import Any
 import pytest
 
 from kubetune.operator.render import render_training
-from kubetune.operator.render.training import COMPLETION_INDEX_ANNOTATION, shutdown_timeout
+from kubetune.operator.render.training import (
+    COMPLETION_INDEX_ANNOTATION,
+    render_prepare_job,
+    shutdown_timeout,
+)
+from kubetune.operator.resources import validate_spec
+from kubetune.trainer.prepare import cluster_default_cache, prepare_skip_reason
 from kubetune.trainer.storage.output import MANIFEST_NAME
 from kubetune.trainer.storage.s3output import shards_marker_name
 from tests.storage_fixtures import *  # noqa: F403
@@ -138,8 +146,10 @@ class Kubelet:
     """Starts the pods of a rendered Indexed Job as local process trees."""
 
     def __init__(self, objects: list[dict[str, Any]], secret: dict[str, str], root: Path):
-        by_kind = {o["kind"]: o for o in objects}
-        self.config_map, self.service, self.job = by_kind["ConfigMap"], by_kind["Service"], by_kind["Job"]
+        by_kind = {o["kind"]: o for o in objects if o["kind"] != "Job"}
+        jobs = {o["metadata"]["name"].endswith("-prepare"): o for o in objects if o["kind"] == "Job"}
+        self.config_map, self.service, self.job = by_kind["ConfigMap"], by_kind["Service"], jobs[False]
+        self.prepare = jobs.get(True)
         self.secret = secret
         self.root = root
         self.port = free_port()
@@ -155,12 +165,13 @@ class Kubelet:
         assert self.pod_spec["subdomain"] == self.service["metadata"]["name"]
         return f"{job['name']}-0.{self.pod_spec['subdomain']}.{job['namespace']}.svc"
 
-    def pod(self, index: int, attempt_dir: str) -> Pod:
-        (container,) = self.pod_spec["containers"]
+    def pod(self, index: int, attempt_dir: str, job: dict[str, Any] | None = None) -> Pod:
+        pod_spec = (job or self.job)["spec"]["template"]["spec"]
+        (container,) = pod_spec["containers"]
         base = self.root / attempt_dir / f"pod-{index}"
         # Volumes: the ConfigMap's files, and a fresh directory for every emptyDir.
         mounts: dict[str, Path] = {}
-        volumes = {v["name"]: v for v in self.pod_spec["volumes"]}
+        volumes = {v["name"]: v for v in pod_spec["volumes"]}
         for mount in container["volumeMounts"]:
             volume = volumes[mount["name"]]
             local = base / "volumes" / mount["name"]
@@ -202,9 +213,10 @@ class Kubelet:
                 else:
                     raise AssertionError(f"unexpected env source {source}")
             env[item["name"]] = value
-        # The two translations: pod 0's DNS name and a free port for the rendezvous.
-        assert env["KUBETUNE_MASTER_ADDR"] == self.master_dns()
-        env["KUBETUNE_MASTER_ADDR"] = "127.0.0.1"
+        # The two translations (gang pods only): pod 0's DNS name and a free rendezvous port.
+        if job is None:
+            assert env["KUBETUNE_MASTER_ADDR"] == self.master_dns()
+            env["KUBETUNE_MASTER_ADDR"] = "127.0.0.1"
         rendered_port = str(self.service["spec"]["ports"][0]["targetPort"])
         argv = []
         for arg in [*container["command"], *container["args"]]:
@@ -219,6 +231,20 @@ class Kubelet:
         assert executable, f"{argv[0]} is not installed"
         argv[0] = executable
         return Pod(index, argv, env, Path(local_path(container["workingDir"])), base / "log.txt")
+
+    def run_prepare(self, timeout: float) -> Pod:
+        """The prepare Job's one pod, run to completion before the gang (as the operator orders it)."""
+        assert self.prepare is not None, "no prepare Job was rendered"
+        pod = self.pod(0, "prepare", job=self.prepare)
+        pod.start()
+        assert pod.proc is not None
+        try:
+            code = pod.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pod.kill()
+            raise AssertionError("the prepare pod did not finish:\n" + pod.output()) from None
+        assert code == 0, pod.output()
+        return pod
 
     def start(self, attempt_dir: str) -> list[Pod]:
         self.port = free_port()
@@ -256,14 +282,22 @@ def kubelet_factory(s3: S3Env, moto_endpoint: str, tmp_path: Path):
     made: list[Kubelet] = []
 
     def make(cr: dict[str, Any]) -> Kubelet:
-        kubelet = Kubelet(render_training(cr), {"AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY},
-                          tmp_path)
+        objects = render_training(cr)
+        spec = validate_spec(cr["kind"], cr["spec"])
+        if has_prepare_step(spec):
+            objects.append(render_prepare_job(cr, spec))
+        kubelet = Kubelet(objects, {"AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY}, tmp_path)
         made.append(kubelet)
         return kubelet
 
     yield make
     for kubelet in made:
         kubelet.stop()
+
+
+def has_prepare_step(spec: Any) -> bool:
+    """What the operator decides (reconcile's `has_prepare_step`)."""
+    return prepare_skip_reason(cluster_default_cache(spec.training, spec.nodes)) is None
 
 
 def metrics(s3: S3Env, run: str) -> list[dict[str, Any]]:
@@ -315,6 +349,11 @@ def test_two_pods_train_together_with_zero2_survive_sigterm_and_the_rerun_resume
     run = "runs/contract"
     kubelet = kubelet_factory(finetunejob(s3, moto_endpoint, run))
 
+    # First the prepare pod (a 2-node job writing to S3 gets one by default): it tokenizes the
+    # dataset once into the cache beside the output, so no rank tokenizes.
+    kubelet.run_prepare(timeout=180)
+    assert [k for k in s3.keys("kubetune-cache/") if k.endswith("/kubetune-dataset.json")], s3.keys("kubetune-cache/")
+
     # Attempt 1: both pods train as one world; SIGTERM to both once a checkpoint is in S3.
     kubelet.start("attempt-1")
     deadline = time.monotonic() + 240
@@ -331,6 +370,8 @@ def test_two_pods_train_together_with_zero2_survive_sigterm_and_the_rerun_resume
     assert all(code != 0 for code in codes), (codes, logs)  # the attempt failed: the operator starts the next
     stopped_at = status["step"]
     assert 5 <= stopped_at < MAX_STEPS
+    assert "cache hit" in kubelet.pods[0].log.read_text(errors="replace"), kubelet.pods[0].output()
+    assert not any("Tokenizing train" in p.log.read_text(errors="replace") for p in kubelet.pods), logs
     # The graceful stop saved and uploaded a checkpoint at the step it stopped; S3 holds only
     # complete checkpoints (manifest written last, after every file).
     assert stopped_at in complete_checkpoints(s3, run), (stopped_at, complete_checkpoints(s3, run), logs)

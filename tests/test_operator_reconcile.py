@@ -22,8 +22,11 @@ T0 = datetime.datetime(2025, 5, 1, 12, 0, tzinfo=datetime.UTC)
 
 
 def _cr(**spec: Any) -> dict[str, Any]:
+    """The example job without the prepare step (a multi-node S3 job gets one by default; the
+    tests of the prepare step turn it back on), so the gang's own flow is what is tested."""
     cr = copy.deepcopy(EXAMPLE_FTJ)
     cr["metadata"].update(uid="uid-1", generation=1)
+    cr["spec"]["training"]["data"]["cache"] = "off"
     cr["spec"].update(spec)
     return cr
 
@@ -448,6 +451,25 @@ def test_no_prepare_step_without_a_shared_cache_or_with_streaming() -> None:
     for cr in (local, streamed):
         plan = reconcile(cr, Observed(secret_found=True), now=T0)
         assert [o["metadata"]["name"] for o in plan.create][-1] == "llama-sft-ftj-a1", plan.status
+
+
+def test_multi_node_s3_jobs_tokenize_once_by_default() -> None:
+    """No data.cache: a multi-node job writing to S3 gets the prepare step with the `auto` cache
+    (beside its output), and its pods read that cache; one node, or `off`, tokenize in the pod."""
+    default = _cr()
+    del default["spec"]["training"]["data"]["cache"]
+    plan = reconcile(default, Observed(secret_found=True), now=T0)
+    assert [o["metadata"]["name"] for o in plan.create][-1] == "llama-sft-ftj-prepare"
+    assert "s3://outputs/kubetune-cache/" in plan.status["message"]
+    config = next(o for o in plan.create if o["kind"] == "ConfigMap")
+    assert yaml.safe_load(config["data"]["job.yaml"])["spec"]["training"]["data"]["cache"] == "auto"
+    single = copy.deepcopy(default)
+    single["spec"]["nodes"] = 1
+    for cr in (single, _cr()):  # _cr() says data.cache: off
+        plan = reconcile(cr, Observed(secret_found=True), now=T0)
+        assert [o["metadata"]["name"] for o in plan.create][-1] == "llama-sft-ftj-a1", plan.status
+        config = next(o for o in plan.create if o["kind"] == "ConfigMap")
+        assert yaml.safe_load(config["data"]["job.yaml"])["spec"]["training"]["data"].get("cache") in (None, "off")
 
 
 def test_suspend_while_preparing_and_a_deleted_prepare_job_is_recreated() -> None:

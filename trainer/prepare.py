@@ -30,6 +30,7 @@ from kubetune.trainer.storage.uri import S3Uri, is_s3
 log = logging.getLogger("kubetune.prepare")
 
 CACHE_AUTO = "auto"
+CACHE_OFF = "off"
 CACHE_PREFIX = "kubetune-cache/"
 """Key prefix of `data.cache: auto` in the output's bucket."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
@@ -40,7 +41,7 @@ def cache_location(spec: TrainingSpec) -> str | None:
     """The cache root `data.cache` names (None: no cache). `auto` sits beside the output: a
     `kubetune-cache/` prefix in the output's bucket, or `<storage cache dir>/datasets` locally."""
     value = spec.data.cache
-    if value is None:
+    if value is None or value == CACHE_OFF:
         return None
     if value == CACHE_AUTO:
         output = spec.output_path
@@ -52,6 +53,16 @@ def cache_location(spec: TrainingSpec) -> str | None:
     if is_s3(value):
         S3Uri.parse(value, "data.cache")  # a malformed URI is a spec error naming the field
     return value
+
+
+def cluster_default_cache(spec: TrainingSpec, nodes: int) -> TrainingSpec:
+    """The training spec a cluster job runs: with several nodes writing to S3 and no `data.cache`
+    (nor streaming, nor a pipeline, whose steps tokenize different data), the cache defaults to
+    `auto`, so the datasets are tokenized once by the prepare pod instead of once per node while
+    the other ranks wait at the first collective. `data.cache: off` keeps per-rank tokenization."""
+    if spec.data.cache is not None or nodes < 2 or spec.data.streaming or spec.pipeline or not is_s3(spec.output_path):
+        return spec
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"cache": CACHE_AUTO})})
 
 
 def prepare_skip_reason(spec: TrainingSpec) -> str | None:

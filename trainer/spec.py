@@ -172,9 +172,10 @@ class DataSpec(SpecModel):
     """Tokenized-dataset cache: an `s3://` prefix or a local directory where `kubetune prepare`
     stores the token rows under a key of the data's content, tokenizer, template, maxLength and
     every other setting that changes them; training reads a complete entry instead of tokenizing.
-    `auto`: `s3://<output bucket>/kubetune-cache/` for an S3 output, else `<storage cacheDir>/datasets`.
-    Unset: no cache. With an `s3://` cache a FineTuneJob/AlignmentJob tokenizes once, in a
-    CPU-only prepare pod, before the training pods start."""
+    `auto`: `s3://<output bucket>/kubetune-cache/` for an S3 output, else `<storage cacheDir>/datasets`;
+    `off`: no cache. With an `s3://` cache a FineTuneJob/AlignmentJob tokenizes once, in a
+    CPU-only prepare pod, before the training pods start. Unset: `auto` for a multi-node job
+    writing to S3 on the cluster, else no cache."""
 
     @model_validator(mode="after")
     def _cache_is_a_location(self) -> DataSpec:

@@ -40,6 +40,7 @@ from kubetune.operator.resources import (
     ClusterFields,
     validate_spec,
 )
+from kubetune.trainer.prepare import CACHE_AUTO, cluster_default_cache
 
 CONTAINER = "trainer"
 CONFIG_DIR = "/etc/kubetune"
@@ -92,6 +93,8 @@ def resolved_manifest(
     body = spec.model_dump(mode="json", exclude_none=True)
     training = {"name": body["training"].get("name") or cr["metadata"]["name"], **body["training"]}
     training["name"] = training["name"] or cr["metadata"]["name"]
+    if cluster_default_cache(spec.training, spec.nodes).data.cache != spec.training.data.cache:
+        training["data"] = {**training["data"], "cache": CACHE_AUTO}  # tokenized once by the prepare Job
     body["training"] = training
     annotations = {}
     if isinstance(spec, AlignmentJobSpec):
