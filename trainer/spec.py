@@ -515,7 +515,9 @@ class TrainingSpec(SpecModel):
     """Run name; a FineTuneJob's metadata.name is used when unset."""
     stage: Stage = "sft"
     """`pt`: continued pretraining on plain text (packed); `sft`: instruction tuning on
-    conversations with the prompt masked from the loss."""
+    conversations with the prompt masked from the loss; `rm`: a reward model on preference pairs;
+    `dpo` (and variants), `kto`: preference optimisation on judged answers; `ppo`, `raft`, `grpo`:
+    reinforcement learning on the policy's own answers, scored by `reward`."""
     model: ModelSpec
     """The base model (and tokenizer) to start from."""
     data: DataSpec
