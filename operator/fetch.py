@@ -70,13 +70,16 @@ def fetch(model: str, adapters: list[str], draft: str | None = None, storage: An
         record["field"] = field
         records.append(record)
         local = Path(record["path"])
-        if field == "model" and local.is_dir() and is_adapter_dir(local):
-            # A LoRA output: the server loads the base it was trained on, too.
+        # A LoRA output: the server loads the base it was trained on, too; a pipeline step's
+        # adapter sits on the previous step's output, maybe an adapter itself: follow the chain.
+        while field == "model" and local.is_dir() and is_adapter_dir(local):
             base, _ = adapter_base(local)
-            if _is_remote(base) or base.startswith("builtin:"):
-                extra = fetch_one(base, "base model", storage)
-                extra["field"] = "base model"
-                records.append(extra)
+            if not (_is_remote(base) or base.startswith("builtin:")):
+                break  # a local path or a hub id: nothing to put in the cache
+            extra = fetch_one(base, "base model", storage)
+            extra["field"] = "base model"
+            records.append(extra)
+            local = Path(extra["path"])
     return records
 
 
