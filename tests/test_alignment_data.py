@@ -144,3 +144,19 @@ def test_streaming_is_refused_for_preference_stages(tmp_path):
 def test_datasets_features_are_the_internal_form():
     assert set(PreferenceAligner.features) == {"prompt", "chosen", "rejected", "tools"}
     assert isinstance(UnpairedAligner.features["label"], datasets.Value)
+
+
+def test_kto_splits_pairwise_data_into_a_desirable_and_an_undesirable_row():
+    """Pairs given to the unpaired stage: each becomes two rows (TRL's unpairing), detected by `auto`."""
+    from kubetune.trainer.data.aligners import align_source
+    from kubetune.trainer.data.loader import load_source
+    from kubetune.trainer.spec import DatasetSpec
+
+    spec = DatasetSpec(path=PREFS)
+    pairs = [json.loads(line) for line in Path(PREFS).read_text().splitlines()]
+    rows, stats = align_source(load_source(spec, field="data.datasets[0]"), spec, field="data.datasets[0]", kind="unpaired")
+    assert stats["format"] == "preference" and stats["rows"] == 2 * len(pairs) and stats["invalid"] == 0
+    first, second = rows[0], rows[1]
+    assert first["prompt"] == second["prompt"] == [{"role": "user", "content": pairs[0]["instruction"]}]
+    assert (first["completion"][0]["content"], first["label"]) == (pairs[0]["chosen"], True)
+    assert (second["completion"][0]["content"], second["label"]) == (pairs[0]["rejected"], False)

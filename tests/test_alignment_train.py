@@ -130,19 +130,17 @@ def test_lora_dpo_uses_the_base_with_adapters_disabled(tmp_path, sft_model, pref
 
 
 def test_kto_learns_from_unpaired_judgements(tmp_path, sft_model, preference_files):
-    """The same pairs, unpaired (each answer alone with a desirable/undesirable label): KTO moves the
-    SFT model's held-out log-likelihood margin towards the desirable answers."""
-    unpaired = tmp_path / "unpaired.jsonl"
-    with unpaired.open("w") as f:
-        for line in preference_files[0].read_text().splitlines():
-            pair = json.loads(line)
-            f.write(json.dumps({"prompt": pair["instruction"], "completion": pair["chosen"], "label": True}) + "\n")
-            f.write(json.dumps({"prompt": pair["instruction"], "completion": pair["rejected"], "label": False}) + "\n")
+    """The same pairs, unpaired (kto splits each pair into a desirable and an undesirable answer,
+    each judged alone): KTO moves the SFT model's held-out log-likelihood margin towards the
+    desirable answers."""
     before_margin, before_rate = preference_stats(sft_model, preference_files[1])
-    spec = stage_spec("kto", sft_model, (unpaired, unpaired), tmp_path / "kto", train={"maxSteps": 60, "learningRate": 1e-3},
+    spec = stage_spec("kto", sft_model, preference_files, tmp_path / "kto", train={"maxSteps": 60, "learningRate": 1e-3},
                       kto={"beta": 0.1}, logging={"samples": 0})
-    spec["data"] = {"datasets": [{"path": str(unpaired)}], "evalSize": 16, "maxLength": 48}
+    spec["data"] = {"datasets": [{"path": str(preference_files[0])}], "evalSize": 16, "maxLength": 48}
     result = run(validate_training(spec))
+    start = next(r for r in read_metrics(result.output_dir) if r.get("event") == "start")
+    assert start["data"]["sources"][0]["format"] == "preference"
+    assert start["data"]["sources"][0]["rows"] == 2 * len(preference_files[0].read_text().splitlines())  # two rows per pair
     after_margin, after_rate = preference_stats(result.output_dir, preference_files[1])
     assert after_margin > before_margin + 0.5, (before_margin, after_margin, before_rate, after_rate)
     assert after_rate >= before_rate, (before_rate, after_rate)  # KTO sees no pair: its signal is weaker than DPO's

@@ -426,6 +426,28 @@ class UnpairedAligner(Aligner):
         }
 
 
+class UnpairedFromPairs(Aligner):
+    """Pairwise data for a stage that trains on unpaired judgements (kto): each pair becomes two
+    rows, the chosen answer labelled desirable and the rejected one not (TRL's
+    `unpair_preference_dataset`). Format names and columns are the pairwise format's own."""
+
+    features = UNPAIRED_FEATURES
+
+    def __init__(self, pairwise: Aligner):
+        self.pairwise = pairwise
+        self.name = pairwise.name  # type: ignore[misc]
+        self.defaults = pairwise.defaults  # type: ignore[misc]
+        self.required = pairwise.required  # type: ignore[misc]
+
+    def align_row(self, row: dict[str, Any], cols: dict[str, str | None]) -> dict[str, Any]:
+        return self.align_rows(row, cols)[0]
+
+    def align_rows(self, row: dict[str, Any], cols: dict[str, str | None]) -> list[dict[str, Any]]:
+        pair = self.pairwise.align_row(row, cols)
+        return [{"prompt": pair["prompt"], "completion": pair[answer], "label": answer == "chosen", "tools": pair["tools"]}
+                for answer in ("chosen", "rejected")]
+
+
 ALIGNERS: dict[str, Aligner] = {
     a.name: a for a in (LMFlowAligner(), ShareGPTAligner(), AlpacaAligner(), TextAligner())
 }
@@ -433,7 +455,10 @@ ALIGNERS: dict[str, Aligner] = {
 
 PREFERENCE_ALIGNERS: dict[str, Aligner] = {a.name: a for a in (PreferenceAligner(), HHAligner())}
 """Pairwise preference formats (stages rm, dpo), in `auto` order."""
-UNPAIRED_ALIGNERS: dict[str, Aligner] = {a.name: a for a in (UnpairedAligner(),)}
+UNPAIRED_ALIGNERS: dict[str, Aligner] = {
+    a.name: a for a in (UnpairedAligner(), *(UnpairedFromPairs(p) for p in PREFERENCE_ALIGNERS.values()))
+}
+"""Unpaired formats (stage kto), in `auto` order: unpaired rows, or pairs split in two."""
 
 DATA_KINDS: dict[str, dict[str, Aligner]] = {
     "chat": ALIGNERS,
@@ -445,7 +470,8 @@ KIND_NEEDS = {
     "pairwise": "pairwise preference data: `chosen` and `rejected` answers plus a prompt "
     "(`prompt`/`instruction`/`conversations`) — format `preference` — or two whole dialogues "
     "`chosen`/`rejected` — format `hh`",
-    "unpaired": "unpaired preference data: `prompt`, `completion` and a boolean `label` (format `unpaired`)",
+    "unpaired": "unpaired preference data: `prompt`, `completion` and a boolean `label` (format `unpaired`), "
+    "or pairwise data (formats `preference`, `hh`), split into a desirable and an undesirable answer",
 }
 
 
@@ -484,12 +510,14 @@ def _batch_fn(aligner: Aligner, cols: dict[str, str | None]) -> Callable[[dict[s
         out: dict[str, list] = {name: [] for name in aligner.features}
         keys = list(batch)
         for values in zip(*(batch[k] for k in keys), strict=True):
+            raw = dict(zip(keys, values, strict=True))
             try:
-                row = aligner.align_row(dict(zip(keys, values, strict=True)), cols)
+                rows = aligner.align_rows(raw, cols) if isinstance(aligner, UnpairedFromPairs) else [aligner.align_row(raw, cols)]
             except InvalidRow:
                 continue
-            for name in out:
-                out[name].append(row[name])
+            for row in rows:
+                for name in out:
+                    out[name].append(row[name])
         return out
 
     return align_batch
@@ -551,7 +579,8 @@ def align_source(
             new_fingerprint=f"{data._fingerprint}-align-{name}",
             desc=f"Aligning {spec.path} ({name})",
         )
-        stats.update(rows=len(data), invalid=before - len(data))
+        produced = len(data) // 2 if isinstance(aligner, UnpairedFromPairs) else len(data)  # two rows per pair
+        stats.update(rows=len(data), invalid=before - produced)
         if len(data) == 0:
             raise SpecError(
                 f"{field}.path",
