@@ -134,6 +134,13 @@ storage layer's default backoff (8 adaptive retries: seconds to a minute per rea
 unreachable or throttling endpoint)."""
 
 
+STATUS_READ_CONNECT_TIMEOUT_S = 2.0
+STATUS_READ_TIMEOUT_S = 5.0
+"""Socket timeouts (seconds, per request) of the status read, for the same reason: the storage
+layer's defaults (10 s to connect, 60 s to read) suit transfers, and would hold the reconcile for
+a minute or more against an endpoint that accepts connections and never answers (or drops them)."""
+
+
 def status_read_settings(storage: Any = None) -> Any:
     """`storage` (a StorageSpec, or None for the defaults) with the fewest retries, for the
     best-effort status read."""
@@ -145,7 +152,8 @@ def status_read_settings(storage: Any = None) -> Any:
 
 def read_trainer_status(output_uri: str, storage: Any = None) -> dict[str, Any] | None:
     """The trainer's status.json under `output_uri` (local path or s3://), or None when it does
-    not exist (yet) or cannot be read. Never raises, and gives up quickly (`STATUS_READ_ATTEMPTS`):
+    not exist (yet) or cannot be read. Never raises, and gives up quickly (`STATUS_READ_ATTEMPTS`,
+    `STATUS_READ_CONNECT_TIMEOUT_S`, `STATUS_READ_TIMEOUT_S`):
     progress is best effort, and the next observation reads it again."""
     location = status_location(output_uri)
     try:
@@ -154,7 +162,10 @@ def read_trainer_status(output_uri: str, storage: Any = None) -> dict[str, Any] 
         except ImportError:  # a storage layer without S3 support
             open_stream = None
         if open_stream is not None:
-            with open_stream(location, status_read_settings(storage), field="output.path") as handle:
+            with open_stream(
+                location, status_read_settings(storage), field="output.path",
+                connect_timeout=STATUS_READ_CONNECT_TIMEOUT_S, read_timeout=STATUS_READ_TIMEOUT_S,
+            ) as handle:
                 data = json.loads(handle.read().decode())
         else:
             with open(location, encoding="utf-8") as handle:

@@ -284,6 +284,54 @@ def test_status_read_gives_up_at_once_on_a_failing_endpoint(monkeypatch: pytest.
     assert 1 <= len(requests) <= 2, requests
 
 
+def test_status_read_gives_up_quickly_on_an_endpoint_that_never_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An endpoint that accepts connections and never answers (a hung proxy, a black-holed load
+    balancer) must not hold the reconcile for the storage layer's socket timeouts (60 s per
+    read): the status read uses short ones (`STATUS_READ_CONNECT_TIMEOUT_S`/`STATUS_READ_TIMEOUT_S`)
+    and returns None within seconds."""
+    import socket
+    import threading
+    import time
+
+    from kubetune.operator import status as status_module
+    from kubetune.operator.status import read_trainer_status
+    from kubetune.trainer.spec import StorageSpec
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "AKIAOPERATORSTATUS02", "AWS_SECRET_ACCESS_KEY": "operator-status-secret2",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_and_stay_silent() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept_and_stay_silent, daemon=True)
+    thread.start()
+    try:
+        settings = StorageSpec(endpointUrl=f"http://127.0.0.1:{listener.getsockname()[1]}", pathStyle=True)
+        started = time.monotonic()
+        assert read_trainer_status("s3://outputs/llama-sft", settings) is None
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        listener.close()
+    assert accepted, "the read never reached the silent endpoint"
+    assert status_module.STATUS_READ_TIMEOUT_S <= elapsed < 15, elapsed
+
+
 def _alignment(**refs: Any) -> dict[str, Any]:
     cr = _cr(**refs)
     cr["kind"] = "AlignmentJob"

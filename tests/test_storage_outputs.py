@@ -281,3 +281,51 @@ def test_a_node_that_never_reports_leaves_the_checkpoint_incomplete(s3: S3Env) -
         node0.finalize()
     assert not s3.keys(f"runs/a/checkpoint-10/{MANIFEST_NAME}")
     node0.close()
+
+
+def test_other_nodes_rotate_their_own_uploaded_checkpoints(s3: S3Env) -> None:
+    """transformers' `save_total_limit` rotates only rank 0's disk: every other node's uploader
+    deletes its own checkpoint directories beyond `keep_last`, once uploaded and older than the
+    newest complete checkpoint; never one it did not upload, never the newest complete one."""
+
+    def node(name: str) -> S3OutputSession:
+        return S3OutputSession(s3.uri("runs/a"), s3.settings(cacheDir=str(s3.cache.parent / name)), keep_last=2)
+
+    def local(session: S3OutputSession) -> list[str]:
+        return sorted((p.name for p in session.local_dir.glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+
+    node0, node1 = node("node0"), node("node1")
+    stale = node1.local_dir / "checkpoint-5"  # from an earlier attempt: never uploaded by this session
+    stale.mkdir(parents=True)
+    (stale / "rng_state_1.pth").write_bytes(b"old")
+
+    def save(step: int, *, complete: bool = True) -> None:
+        files = {f"global_step{step}/zero_pp_rank_1_optim_states.pt": b"1" * 100, "rng_state_1.pth": b"r1"}
+        path1 = node1.local_dir / f"checkpoint-{step}"
+        for rel, body in files.items():
+            (path1 / rel).parent.mkdir(parents=True, exist_ok=True)
+            (path1 / rel).write_bytes(body)
+        node1.checkpoint_shards_saved(path1, step, sorted(files), rank=1, token=f"t{step}")
+        node1.wait_shards()  # rotation ran after the upload (this step's manifest not there yet)
+        if complete:
+            path0 = node0.local_dir / f"checkpoint-{step}"
+            path0.mkdir(parents=True)
+            (path0 / "model.safetensors").write_bytes(b"m" * 100)
+            node0.checkpoint_saved(path0, step, shards_from=[1], token=f"t{step}")
+            node0.wait()
+            assert s3.keys(f"runs/a/checkpoint-{step}/{MANIFEST_NAME}")
+
+    save(10)
+    save(20)
+    assert local(node1) == ["checkpoint-5", "checkpoint-10", "checkpoint-20"]  # 10 and 20 are the newest 2
+    save(30)  # complete in S3: 10, 20; the newest 2 locally: 20, 30
+    assert local(node1) == ["checkpoint-5", "checkpoint-20", "checkpoint-30"]
+    save(40)
+    assert local(node1) == ["checkpoint-5", "checkpoint-30", "checkpoint-40"]
+    assert local(node0) == ["checkpoint-10", "checkpoint-20", "checkpoint-30", "checkpoint-40"]  # transformers' job
+
+    node1.keep_last = 1
+    save(50, complete=False)  # rank 0 never completes it: 40 stays the newest complete checkpoint
+    assert local(node1) == ["checkpoint-5", "checkpoint-40", "checkpoint-50"]
+    node0.close()
+    node1.close()

@@ -37,6 +37,11 @@ from kubetune.trainer.spec import StorageSpec
 
 log = logging.getLogger("kubetune.storage")
 
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0
+"""Default socket timeouts per request (botocore's `connect_timeout` / `read_timeout`). Callers that
+must give up quickly (the operator's best-effort status read) pass shorter ones to `get_client`."""
+
 MULTIPART_CHUNK_BYTES = 16 * 1024 * 1024
 """Part size for multipart transfers. Bigger than boto3's 8 MiB default: fewer requests for
 multi-GB checkpoints; s3transfer still raises it when a file would need more than 10,000 parts."""
@@ -153,11 +158,21 @@ def endpoint_url(settings: StorageSpec) -> str | None:
     return url or None
 
 
-def get_client(settings: StorageSpec | None = None) -> Any:
-    """A thread-safe S3 client for these settings (one per settings, endpoint and process)."""
+def get_client(
+    settings: StorageSpec | None = None,
+    *,
+    connect_timeout: float = CONNECT_TIMEOUT_S,
+    read_timeout: float = READ_TIMEOUT_S,
+) -> Any:
+    """A thread-safe S3 client for these settings and timeouts (one per settings, timeouts,
+    endpoint and process). `connect_timeout`/`read_timeout` bound each request's socket waits
+    (seconds); the defaults suit transfers, a best-effort read passes shorter ones."""
     settings = settings or StorageSpec()
     url = endpoint_url(settings)
-    cache_key = (settings.model_dump_json(), url, os.getpid(), os.environ.get("AWS_PROFILE"))
+    cache_key = (
+        settings.model_dump_json(), url, os.getpid(), os.environ.get("AWS_PROFILE"),
+        float(connect_timeout), float(read_timeout),
+    )
     with _lock:
         client = _clients.get(cache_key)
     if client is not None:
@@ -169,8 +184,8 @@ def get_client(settings: StorageSpec | None = None) -> Any:
         retries={"mode": "adaptive", "total_max_attempts": settings.maxAttempts},
         s3={"addressing_style": "path" if settings.pathStyle else "auto"},
         max_pool_connections=max(10, 2 * settings.maxConcurrency + 4),
-        connect_timeout=10,
-        read_timeout=60,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
     )
     client = session.client("s3", endpoint_url=url, config=config)
     creds = session.get_credentials()

@@ -107,7 +107,8 @@ class OutputSession:
     """Owns a run's output directory: checkpoints, resume, status, final artifacts.
 
     `local_dir` is where the trainer writes (its `output_dir`). `keep_last` is accepted for the
-    S3 session's retention; locally, transformers' `save_total_limit` already rotates checkpoints.
+    S3 session's retention (and its rotation of other nodes' disks, where transformers does not
+    rotate); locally, transformers' `save_total_limit` already rotates checkpoints.
     """
 
     def __init__(

@@ -27,6 +27,12 @@ node's files are in S3. A node that fails to upload writes its marker with the e
 waiting at once); one that never reports leaves the checkpoint incomplete after `shards_timeout`.
 Every node downloads the whole checkpoint on resume, as every rank loads all of it.
 
+Local rotation on the other nodes: transformers rotates checkpoints (`save_total_limit`) only on
+the global rank 0's disk, so each other node's uploader rotates its own disk after handing over a
+checkpoint (`_rotate_node_checkpoints`): it deletes its local `checkpoint-*` directories beyond the
+newest `keep_last`, but only those whose files this session uploaded (marker written), that are no
+longer being uploaded, and that are older than the newest checkpoint complete in S3 (which is kept).
+
 Run logs (`metrics.jsonl`, `samples.jsonl`) are appended to by every attempt of a job, so that the
 curve covers the whole job. With an S3 output the next attempt usually runs on an empty disk:
 a copy of the logs taken when a checkpoint is saved is uploaded after that checkpoint's manifest,
@@ -146,6 +152,8 @@ class S3OutputSession(OutputSession):
         self._closed = False
         self._closing_since: float | None = None
         self._shard_errors: list[KubetuneError] = []
+        self._shards_uploaded: set[str] = set()
+        """Checkpoints whose files this node handed over (marker written) in this session."""
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -274,6 +282,8 @@ class S3OutputSession(OutputSession):
             body = {"step": step, "rank": rank, "token": token, "files": files}
             self.client.put_object(Bucket=marker.bucket, Key=marker.key, Body=json.dumps(body, indent=1).encode())
             log.info("rank %d: %d files of checkpoint %s uploaded", rank, len(files), target)
+            with self._lock:
+                self._shards_uploaded.add(name)
         except Exception as exc:
             error = self._fail(exc, target, "upload checkpoint files to")
             with self._lock:
@@ -285,6 +295,37 @@ class S3OutputSession(OutputSession):
             shutil.rmtree(snapshot, ignore_errors=True)
             with self._lock:
                 self._in_flight.discard(name)
+        self._rotate_node_checkpoints()
+
+    def _rotate_node_checkpoints(self) -> list[Path]:
+        """On a node other than rank 0's: delete this disk's checkpoint directories beyond the
+        newest `keep_last` (see the module docstring for what is never deleted). Best effort: a
+        failure is logged, never raised (the disk only keeps a copy of what S3 holds)."""
+        if not self.keep_last:
+            return []
+        try:
+            remote = self._remote_checkpoints()
+        except Exception as exc:
+            log.warning("local rotation skipped: %s", translate(exc, str(self.uri), action="list checkpoints in"))
+            return []
+        complete = [e["step"] for e in remote.values() if e["manifest"]]
+        if not complete:
+            return []
+        newest_complete = max(complete)
+        local = list_checkpoints(self.local_dir)
+        with self._lock:
+            uploaded, in_flight = set(self._shards_uploaded), set(self._in_flight)
+        removed: list[Path] = []
+        for step, path in local[: -self.keep_last]:
+            name = path.name
+            if name not in uploaded or name in in_flight or step >= newest_complete:
+                continue
+            log.info("local rotation: deleting %s (uploaded; keeping the newest %d)", path, self.keep_last)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            with self._lock:
+                self._shards_uploaded.discard(name)
+        return removed
 
     def wait_shards(self) -> None:
         """Block until this node's checkpoint files are uploaded; raise the first failure."""

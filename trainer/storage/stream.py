@@ -21,7 +21,13 @@ from botocore.exceptions import BotoCoreError, ClientError
 from kubetune.trainer.errors import KubetuneError, SpecError
 from kubetune.trainer.spec import StorageSpec
 from kubetune.trainer.storage.cache import resolve_objects
-from kubetune.trainer.storage.client import StorageError, get_client, translate
+from kubetune.trainer.storage.client import (
+    CONNECT_TIMEOUT_S,
+    READ_TIMEOUT_S,
+    StorageError,
+    get_client,
+    translate,
+)
 from kubetune.trainer.storage.uri import S3Uri, is_s3
 
 READ_AHEAD = 8 * 1024 * 1024
@@ -79,15 +85,24 @@ class S3RangeReader(io.RawIOBase):
         raise translate(last or StorageError("no data"), f"s3://{self._bucket}/{self._key}", action="stream")
 
 
-def open_stream(location: str, settings: StorageSpec | None = None, *, field: str = "") -> BinaryIO:
-    """A buffered binary file for one local file or `s3://` object (seekable either way)."""
+def open_stream(
+    location: str,
+    settings: StorageSpec | None = None,
+    *,
+    field: str = "",
+    connect_timeout: float = CONNECT_TIMEOUT_S,
+    read_timeout: float = READ_TIMEOUT_S,
+) -> BinaryIO:
+    """A buffered binary file for one local file or `s3://` object (seekable either way).
+    `connect_timeout`/`read_timeout` (seconds, per request) go to `get_client`: pass short ones
+    for a read that must give up quickly."""
     if not is_s3(location):
         path = Path(location).expanduser()
         if not path.is_file():
             raise SpecError(field, f"{location!r} is not a file.", "check the path.")
         return path.open("rb")
     uri = S3Uri.parse(location, field)
-    client = get_client(settings or StorageSpec())
+    client = get_client(settings or StorageSpec(), connect_timeout=connect_timeout, read_timeout=read_timeout)
     try:
         single, objects = resolve_objects(client, uri, location, field)
     except KubetuneError:
