@@ -112,7 +112,9 @@ class CheckpointRecorder(TrainerCallback):
     ranks have saved, one process per node lists its node's files; each file is assigned to the
     first node (in rank order) that has it, so a disk shared by several nodes is uploaded once.
     Rank 0 then finishes the checkpoint, expecting the other nodes' files under a token of this
-    save; those nodes hand theirs over (`OutputSession.checkpoint_shards_saved`).
+    save; those nodes hand theirs over (`OutputSession.checkpoint_shards_saved`), and, as
+    transformers rotates checkpoints only on rank 0's disk, the S3 session then rotates that
+    node's own uploaded checkpoint directories (`checkpoint.keepLast`).
     """
 
     def __init__(self, session: OutputSession):
