@@ -1,6 +1,9 @@
-"""`python -m kubetune.operator.adapters`: loads LoRA adapters into a running vLLM, without a restart.
+"""`python -m kubetune.operator.adapters`: loads LoRA adapters into a running server, without a restart.
 
-The sidecar of InferenceService pods with `engine: vllm`. The operator keeps the service's
+The sidecar of InferenceService pods, for both engines: vLLM's OpenAI server and `kubetune serve`
+(the transformers engine) speak the same runtime LoRA API (`/v1/load_lora_adapter`,
+`/v1/unload_lora_adapter`, adapters listed in `/v1/models` with a `parent`), so "vLLM" below
+stands for either. The operator keeps the service's
 current adapter set (job references resolved) in the ConfigMap `<name>-isvc-adapters`, mounted
 as a file; the kubelet refreshes that file in running pods (within about a minute) and every
 new pod starts with the current one. This agent polls the file and vLLM's `/v1/models`, and makes
@@ -278,7 +281,7 @@ class Agent:
         except Exception as exc:  # vLLM briefly unreachable: try again next round
             self.ready = False
             self.last_error = str(exc)
-            log.warning("vLLM not reachable: %s", exc)
+            log.warning("the server is not reachable or not ready: %s", exc)
             return
         # A new pod is ready when it serves the whole set; a serving pod stays ready when a newly
         # added adapter fails (it still serves everything else), not when a loaded one is lost.
@@ -335,7 +338,7 @@ def serve_http(agent: Agent, port: int, host: str = "0.0.0.0") -> ThreadingHTTPS
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubetune.operator.adapters", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the adapters file (the mounted ConfigMap)")
-    parser.add_argument("--server", default="http://127.0.0.1:8000", help="vLLM's base URL")
+    parser.add_argument("--server", default="http://127.0.0.1:8000", help="the server's base URL (vLLM or kubetune serve)")
     parser.add_argument("--port", type=int, default=8001, help="port of /ready, /health and /status")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--keep", action="append", default=[], metavar="NAME",

@@ -15,12 +15,12 @@ Lifecycle:
 - dependencies ready: Deployment + Service (+ HPA when minReplicas < maxReplicas) are created;
 - a spec change (model, engine arguments, resources, ...) patches the Deployment's pod template:
   a rolling update with maxUnavailable 0 (no capacity lost);
-- adapters live in the ConfigMap `<name>-isvc-adapters` (the resolved set). With vLLM that is
-  all an adapter-only change touches: the pods' `adapters` sidecar loads new adapters into the
-  running vLLM and unloads removed ones (runtime LoRA API), and pods started later read the same
-  ConfigMap, so nothing restarts (event AdaptersUpdated). Only turning LoRA support on or off (the
-  first adapter, the last one removed) changes the pod template. With the transformers engine
-  the adapters are server arguments: a change is a rolling update (event RollingUpdate);
+- adapters live in the ConfigMap `<name>-isvc-adapters` (the resolved set). That is all an
+  adapter-only change touches, with either engine: the pods' `adapters` sidecar loads new adapters
+  into the running server and unloads removed ones (the runtime LoRA API of vLLM, or of
+  `kubetune serve`), and pods started later read the same ConfigMap, so nothing restarts (event
+  AdaptersUpdated). Only turning vLLM's LoRA support on or off (the first adapter, the last one
+  removed) changes the pod template;
 - minReplicas == maxReplicas: no HPA, `spec.replicas` (what `kubectl scale` sets through the
   scale subresource) or minReplicas sets the Deployment's replicas; otherwise the HPA owns them;
 - status: phase Deploying until a replica is ready, then Ready (Progressing=True during a
@@ -227,7 +227,7 @@ class _ServiceReconciler(DependencyChecks, StatusDecisions):
             if _hash_of(observed) == _hash_of(deployment) and adapters_changed and runtime_adapters(spec):
                 self.event("Normal", "AdaptersUpdated",
                            f"{self.change_summary(spec, models)} (the running pods load them without a restart: "
-                           f"vLLM runtime LoRA, through ConfigMap {adapters_cm['metadata']['name']})")
+                           f"runtime LoRA, through ConfigMap {adapters_cm['metadata']['name']})")
             if _hash_of(observed) != _hash_of(deployment):
                 current = {k: v for k, v in (observed.get("spec") or {}).items() if k != "replicas"}
                 wanted = {k: v for k, v in deployment["spec"].items() if k != "replicas"}

@@ -1,7 +1,8 @@
-"""The InferenceService pod contract: the rendered init container's and server container's
-commands, run as local processes against S3 (moto, through a counting proxy), fetch the model
-(the quickstart's, trained) and a LoRA adapter trained on top of it into the cache and serve both
-names through the official `openai` client; a second start downloads nothing."""
+"""The InferenceService pod contract: the rendered init container's, server container's and
+`adapters` sidecar's commands, run as local processes against S3 (moto, through a counting proxy),
+fetch the model (the quickstart's, trained) and a LoRA adapter trained on top of it (from the
+mounted adapters file) into the cache, the sidecar loads the adapter into the running server, and
+both names are served through the official `openai` client; a second start downloads nothing."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any
 import openai
 import pytest
 
-from kubetune.operator.render.inference import render_inference
+from kubetune.operator.render.inference import ADAPTERS_MOUNT, render_inference
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import S3Env
 
@@ -36,10 +37,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _local(argv: list[str]) -> list[str]:
-    """The container's argv with the image's programs replaced by this environment's."""
+def _local(argv: list[str], adapters_dir: Path | None = None) -> list[str]:
+    """The container's argv with the image's programs replaced by this environment's (and the
+    adapters volume's mount path by its local directory)."""
     head = {"python": sys.executable, "kubetune": str(BIN / "kubetune")}.get(argv[0], argv[0])
-    return [head, *argv[1:]]
+    rest = argv[1:] if adapters_dir is None else [a.replace(ADAPTERS_MOUNT, str(adapters_dir)) for a in argv[1:]]
+    return [head, *rest]
 
 
 def _env(container: dict[str, Any], cache: Path, endpoint: str) -> dict[str, str]:
@@ -110,15 +113,18 @@ def test_init_and_server_commands_fetch_once_and_serve_base_and_adapter(s3: S3En
         "spec": {"model": {"uri": s3.uri("models/quickstart")}, "adapters": [{"name": "support", "uri": s3.uri("outputs/support")}],
                  "engine": "transformers", "gpus": 0, "port": _free_port(), "terminationGracePeriodSeconds": 20},
     }
-    deployment = render_inference(cr)[0]
-    pod = deployment["spec"]["template"]["spec"]
+    objs = render_inference(cr)
+    pod = objs[0]["spec"]["template"]["spec"]
     (fetch,) = pod["initContainers"]
-    (server,) = pod["containers"]
+    server, agent = pod["containers"]
     cache = tmp_path / "node-cache" / "kubetune"
     endpoint = s3.proxy.url
+    adapters_dir = tmp_path / "adapters-volume"  # the mounted adapters ConfigMap
+    adapters_dir.mkdir()
+    (adapters_dir / "adapters.json").write_text(objs[2]["data"]["adapters.json"])
 
     # Init container: downloads model and adapter into the cache.
-    init = subprocess.run(_local([*fetch["command"], *fetch["args"]]), env=_env(fetch, cache, endpoint),
+    init = subprocess.run(_local([*fetch["command"], *fetch["args"]], adapters_dir), env=_env(fetch, cache, endpoint),
                           capture_output=True, text=True, timeout=180)
     assert init.returncode == 0, init.stderr
     downloaded = s3.proxy.count("GET", s3.bucket, objects_only=True)
@@ -129,8 +135,12 @@ def test_init_and_server_commands_fetch_once_and_serve_base_and_adapter(s3: S3En
     proc = subprocess.Popen(_local([*server["command"], *server["args"]]), env=_env(server, cache, endpoint),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
+    # The sidecar loads the adapter set into the running server (runtime LoRA API).
+    sidecar = subprocess.Popen(_local([*agent["command"], *agent["args"]], adapters_dir), env=_env(agent, cache, endpoint),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_ready(url, proc)
+        _wait_ready(f"http://127.0.0.1:{port + 1}", sidecar)
         assert _get(url + "/health") == 200
         assert s3.proxy.count("GET", s3.bucket, objects_only=True) == downloaded, "the server downloaded again"
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
@@ -144,12 +154,13 @@ def test_init_and_server_commands_fetch_once_and_serve_base_and_adapter(s3: S3En
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
         assert "Finished server process" in (proc.stdout.read() if proc.stdout else "")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for child in (sidecar, proc):
+            if child.poll() is None:
+                child.kill()
+                child.wait()
 
     # A second pod on the node (or a restart): the init container finds the same versions.
-    again = subprocess.run(_local([*fetch["command"], *fetch["args"]]), env=_env(fetch, cache, endpoint),
+    again = subprocess.run(_local([*fetch["command"], *fetch["args"]], adapters_dir), env=_env(fetch, cache, endpoint),
                            capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stderr
     assert s3.proxy.count("GET", s3.bucket, objects_only=True) == downloaded, "the second start downloaded again"

@@ -218,14 +218,16 @@ def test_pod_commands_are_argument_lists_without_shell() -> None:
     assert agent["command"] == ["python", "-m", "kubetune.operator.adapters"]
     assert agent["args"] == ["--config", "/etc/kubetune/adapters/adapters.json", "--server", "http://127.0.0.1:8000",
                              "--port", "8001", "--keep", "llama-chat"]
-    # The transformers engine cannot load adapters at runtime: they are server arguments.
+    # The transformers engine (`kubetune serve`) loads adapters at runtime too: the same sidecar,
+    # no adapter in the pod template, and no LoRA start-up flags.
     transformers = _pod(render_inference(_cr(engine="transformers", engineArgs={}), MODELS))
-    t_fetch, (t_server,) = transformers["initContainers"][-1], transformers["containers"]
-    assert t_fetch["args"] == ["--model", "s3://models/llama-3-8b-instruct", "--adapter", "support=s3://outputs/support-lora",
-                               "--adapter", "legal=s3://outputs/legal-sft"]
-    i = t_server["args"].index("--adapter")
-    assert t_server["args"][i:i + 4] == ["--adapter", "support=s3://outputs/support-lora", "--adapter", "legal=s3://outputs/legal-sft"]
-    for container in (permissions, fetch, server, agent, t_fetch, t_server):
+    t_fetch, (t_server, t_agent) = transformers["initContainers"][-1], transformers["containers"]
+    assert t_fetch["args"] == ["--model", "s3://models/llama-3-8b-instruct",
+                               "--adapters-file", "/etc/kubetune/adapters/adapters.json"]
+    assert "--adapter" not in t_server["args"] and not any("vllm" in a for a in t_server["args"][4:])
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in {e["name"] for e in t_server["env"]}
+    assert t_agent["args"] == agent["args"]
+    for container in (permissions, fetch, server, agent, t_fetch, t_server, t_agent):
         text = json.dumps(container["command"])
         assert not any(word in text for word in ('"sh"', '"bash"', '"-c"'))
         env = {e["name"] for e in container.get("env", [])}
@@ -242,10 +244,9 @@ def test_the_serve_arguments_parse_with_kubetune_serve() -> None:
         server = _pod(render_inference(_cr(**spec), MODELS))["containers"][0]
         args = build_parser().parse_args(server["args"])
         assert args.model == "s3://models/llama-3-8b-instruct"
-        if spec:
-            assert args.adapter == ["support=s3://outputs/support-lora", "legal=s3://outputs/legal-sft"]
-        else:  # vLLM: LoRA on with a fixed capacity, the adapters come at runtime
-            assert args.adapter == [] and args.vllm_arg[:2] == ["--enable-lora", "--max-loras=4"]
+        assert args.adapter == []  # either engine: the adapters come at runtime
+        if not spec:  # vLLM: LoRA on with a fixed capacity
+            assert args.vllm_arg[:2] == ["--enable-lora", "--max-loras=4"]
         assert args.engine == spec.get("engine", "vllm")
     assert args.draft_model == "s3://d" and args.num_assistant_tokens == 3
 
@@ -525,21 +526,24 @@ def test_adding_an_adapter_to_vllm_restarts_nothing() -> None:
     assert [k for k, _, _ in plan.patch] == ["ConfigMap"] and "adapters removed: legal" in plan.events[0].message
 
 
-def test_adapters_with_transformers_or_lora_switched_on_roll_the_deployment() -> None:
-    base = _cr(engine="transformers", engineArgs={})
-    deployed = _deployment(ready=1, cr=base)
-    observed = _observed(deployment=deployed, adapters_config=_by_kind(render_inference(base, MODELS))["ConfigMap"])
+def test_adapters_with_transformers_restart_nothing_lora_switched_on_rolls() -> None:
+    """The transformers engine loads adapters at runtime with no start-up setting: even the first
+    adapter (and removing the last) only patches the ConfigMap."""
+    base = _cr(engine="transformers", engineArgs={}, adapters=[])
+    empty = ResolvedModels(MODELS.model)
+    deployed = _deployment(ready=1, cr=base)  # rendered with MODELS' adapters: the same template
+    observed = _observed(deployment=deployed, adapters_config=_by_kind(render_inference(base, empty))["ConfigMap"])
     status = reconcile_service(base, observed, NOW).status
-    cr = _cr(engine="transformers", engineArgs={},
-             adapters=[*EXAMPLE_ISVC["spec"]["adapters"], {"name": "sales", "uri": "s3://outputs/sales"}])
-    cr["status"] = status
-    plan = reconcile_service(cr, observed, NOW)
-    patches = {k: p for k, _, p in plan.patch}
-    assert set(patches) == {"ConfigMap", "Deployment"}
-    assert "replicas" not in patches["Deployment"]["spec"]  # the HPA owns the replicas
-    (server,) = patches["Deployment"]["spec"]["template"]["spec"]["containers"]
-    assert "sales=s3://outputs/sales" in server["args"]
-    assert any(e.reason == "RollingUpdate" and "adapters added: sales" in e.message for e in plan.events)
+    for adapters in ([{"name": "sales", "uri": "s3://outputs/sales"}],
+                     [*EXAMPLE_ISVC["spec"]["adapters"], {"name": "sales", "uri": "s3://outputs/sales"}]):
+        cr = _cr(engine="transformers", engineArgs={}, adapters=adapters)
+        cr["status"] = status
+        plan = reconcile_service(cr, observed, NOW)
+        assert [k for k, _, _ in plan.patch] == ["ConfigMap"]
+        assert [e.reason for e in plan.events] == ["AdaptersUpdated"]
+        assert "adapters added: " in plan.events[0].message and "sales" in plan.events[0].message
+    transformers = render_inference(_cr(engine="transformers", engineArgs={}), MODELS)[0]["spec"]
+    assert transformers == render_inference(base, empty)[0]["spec"]
 
     # vLLM without adapters has LoRA off; the first adapter turns it on: one rollout. With
     # engineArgs.maxLoras it is on from the start, and the first adapter is a runtime load.

@@ -109,7 +109,7 @@ ADAPTERS_CM = f"{CHILD}-adapters"
 
 
 async def _adapters(api: Api) -> list[dict[str, str]] | None:
-    """The adapter set in the adapters ConfigMap (what vLLM pods mount and load at runtime)."""
+    """The adapter set in the adapters ConfigMap (what the pods mount and load at runtime)."""
     cm = await api.get("ConfigMap", ADAPTERS_CM)
     return json.loads(cm["data"]["adapters.json"])["adapters"] if cm else None
 
@@ -220,10 +220,15 @@ async def test_scale_without_autoscaler_then_turn_autoscaling_on(api: Api) -> No
         hpa = await eventually(lambda: api.get("HorizontalPodAutoscaler", CHILD), what="HPA")
         assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "kubetune_queue_depth"
         assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
-        # The transformers engine cannot load adapters at runtime: a new adapter rolls the pods.
+        # The transformers engine loads adapters at runtime too: a new adapter updates the
+        # adapters ConfigMap and leaves the pod template alone.
+        before = await api.get("Deployment", CHILD)
         await api.patch("InferenceService", "chat", {"spec": {"adapters": [
             {"name": "support", "uri": "s3://outputs/support-lora"}, {"name": "sales", "uri": "s3://outputs/sales-lora"}]}})
-        await eventually(lambda: _deployment_where(api, lambda d: "sales=s3://outputs/sales-lora" in _server(d)["args"]),
-                         what="adapter in the Deployment")
-        events = await eventually(lambda: _events_with(api, "RollingUpdate"), what="RollingUpdate event")
-        assert any("adapters added: sales" in e["message"] for e in events)
+        await eventually(lambda: _status(api, "servedModels", ["chat", "support", "sales"]), what="served list")
+        assert (await _adapters(api))[-1] == {"name": "sales", "uri": "s3://outputs/sales-lora"}
+        events = await eventually(lambda: _events_with(api, "AdaptersUpdated"), what="AdaptersUpdated event")
+        assert any("sales" in e["message"] for e in events)
+        after = await api.get("Deployment", CHILD)
+        assert after["spec"]["template"] == before["spec"]["template"]
+        assert [c["name"] for c in after["spec"]["template"]["spec"]["containers"]] == ["server", "adapters"]

@@ -16,21 +16,22 @@ manifests out. The pod:
   (vLLM answers only once the engine is up).
 - stopping: a preStop `sleep` (no shell) lets the endpoints drop the pod before SIGTERM, then the
   server drains in-flight requests (`--drain-timeout`) within terminationGracePeriodSeconds.
-- rolling updates with maxUnavailable 0: a spec change (new model version, engine argument, an
-  adapter with the transformers engine) never lowers the serving capacity.
-- adapters with vLLM are *not* in the pod template, so changing them restarts nothing: the
-  operator writes the current set (references resolved) into the ConfigMap `<name>-isvc-adapters`,
-  mounted at /etc/kubetune/adapters. The init container fetches the whole set from it (so a pod
-  started later, by a scale-up or a node drain, starts with the current set), and a sidecar
-  `adapters` (`python -m kubetune.operator.adapters`) keeps vLLM in line with it: when the kubelet
-  refreshes the mounted file it fetches new adapters into the cache and loads them through vLLM's
-  runtime API (`/v1/load_lora_adapter`, `VLLM_ALLOW_RUNTIME_LORA_UPDATING`), unloads removed
-  ones and reloads changed ones in place. Its readiness (`/ready`) holds a new pod out of the
-  Service until every adapter is loaded. LoRA support itself (`--enable-lora`, `--max-loras`,
-  `--max-lora-rank`) is a start-up setting of vLLM: turning it on or off (the first adapter, the
-  last one removed, unless `engineArgs.maxLoras` keeps it on) rolls the pods once. The
-  transformers engine (`kubetune serve`) has no runtime loading: its adapters are server
-  arguments and a change is a rolling update.
+- rolling updates with maxUnavailable 0: a spec change (new model version, engine argument)
+  never lowers the serving capacity.
+- adapters are *not* in the pod template (with either engine), so changing them restarts nothing:
+  the operator writes the current set (references resolved) into the ConfigMap
+  `<name>-isvc-adapters`, mounted at /etc/kubetune/adapters. The init container fetches the whole
+  set from it (so a pod started later, by a scale-up or a node drain, starts with the current
+  set), and a sidecar `adapters` (`python -m kubetune.operator.adapters`) keeps the server in line
+  with it: when the kubelet refreshes the mounted file it fetches new adapters into the cache and
+  loads them through the server's runtime LoRA API (`/v1/load_lora_adapter`: vLLM's, with
+  `VLLM_ALLOW_RUNTIME_LORA_UPDATING`, or `kubetune serve`'s own, which speaks the same API),
+  unloads removed ones and reloads changed ones in place. Its readiness (`/ready`) holds a new pod
+  out of the Service until every adapter is loaded. With vLLM, LoRA support itself
+  (`--enable-lora`, `--max-loras`, `--max-lora-rank`) is a start-up setting: turning it on or off
+  (the first adapter, the last one removed, unless `engineArgs.maxLoras` keeps it on) rolls the
+  pods once. The transformers engine (`kubetune serve`) needs no such setting: its pods always
+  run the sidecar.
 - a hostPath cache: the kubelet creates the directory owned by root, so an init container
   `cache-permissions` (uid 0, only CAP_CHOWN, no shell) hands it to the pods' user first.
 - non-root, read-only root filesystem; writable emptyDirs at /tmp and /cache.
@@ -88,7 +89,7 @@ KIND = "InferenceService"
 SERVER = "server"
 FETCHER = "fetch"
 AGENT = "adapters"
-"""The sidecar that loads adapters into a running vLLM (`python -m kubetune.operator.adapters`)."""
+"""The sidecar that loads adapters into the running server (`python -m kubetune.operator.adapters`)."""
 PERMISSIONS = "cache-permissions"
 ADAPTERS_MOUNT = "/etc/kubetune/adapters"
 ADAPTERS_KEY = "adapters.json"
@@ -180,10 +181,14 @@ def _env(name: str, value: Any) -> dict[str, Any]:
 
 
 def runtime_adapters(spec: InferenceServiceSpec) -> bool:
-    """Whether adapters are loaded into running pods (vLLM's runtime LoRA API, driven by the
+    """Whether adapters are loaded into running pods (the server's runtime LoRA API, driven by the
     pod's `adapters` sidecar from the adapters ConfigMap) instead of being server arguments.
-    Then an adapter-only change is no pod template change, hence no restart."""
-    return spec.engine == "vllm" and (bool(spec.adapters) or spec.engineArgs.maxLoras is not None)
+    Then an adapter-only change is no pod template change, hence no restart. Always with the
+    transformers engine (`kubetune serve` loads adapters at runtime with no start-up setting);
+    with vLLM once LoRA is on (an adapter, or `engineArgs.maxLoras`)."""
+    if spec.engine == "transformers":
+        return True
+    return bool(spec.adapters) or spec.engineArgs.maxLoras is not None
 
 
 def adapters_config_name(name: str) -> str:
@@ -328,7 +333,7 @@ def _permissions_container(image: str, uid: int, pull_policy: str | None) -> dic
 
 def _agent_container(cr: dict[str, Any], spec: InferenceServiceSpec, image: str, env: list[dict[str, Any]],
                      mounts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The sidecar that keeps vLLM's loaded adapters equal to the adapters file. Its readiness
+    """The sidecar that keeps the server's loaded adapters equal to the adapters file. Its readiness
     keeps a new pod out of the Service until the pod serves every adapter; its argv holds no
     value from the resource but the served name (validated: no `/`, `:`, `=` or spaces)."""
     port = agent_port(spec)
@@ -351,7 +356,7 @@ def _agent_container(cr: dict[str, Any], spec: InferenceServiceSpec, image: str,
 
 
 def render_adapters_config_map(cr: dict[str, Any], spec: InferenceServiceSpec, models: ResolvedModels) -> dict[str, Any]:
-    """The ConfigMap with the current adapter set (for every engine; only vLLM pods mount it)."""
+    """The ConfigMap with the current adapter set (pods mount it when `runtime_adapters`)."""
     data = {ADAPTERS_KEY: adapters_document(models)}
     meta = _meta(cr, adapters_config_name(cr["metadata"]["name"]), COMPONENT)
     meta["annotations"] = {ANNOTATION_SPEC_HASH: spec_hash(data)}
@@ -405,7 +410,7 @@ def render_deployment(
         "securityContext": _security(spec),
     }
     server_env = copy.deepcopy(env)
-    if runtime and not any(e["name"] == "VLLM_ALLOW_RUNTIME_LORA_UPDATING" for e in server_env):
+    if runtime and spec.engine == "vllm" and not any(e["name"] == "VLLM_ALLOW_RUNTIME_LORA_UPDATING" for e in server_env):
         server_env.append(_env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True"))
     server: dict[str, Any] = {
         "name": SERVER,

@@ -66,7 +66,6 @@ class DecodeBatch:
 
     def __init__(self, engine: TransformersEngine):
         self.engine = engine
-        self.model = engine.model
         self.device = engine.loaded.device
         self.rows: list[_Row] = []
         self.cache: Any = None
@@ -85,6 +84,11 @@ class DecodeBatch:
     def can_admit(self) -> bool:
         """Whether new sequences may join now (always, unless the cache cannot be merged)."""
         return not self.rows or self.mergeable
+
+    @property
+    def model(self) -> Any:
+        """The engine's model (a runtime adapter load may wrap it in a PEFT model)."""
+        return self.engine.model
 
     @property
     def sequences(self) -> list[Sequence]:
@@ -241,7 +245,7 @@ class DecodeBatch:
             kwargs["adapter_names"] = [row.seq.adapter or BASE_ADAPTER for row in rows]
         if prefill and not all_positions and self.engine.supports_logits_to_keep:
             kwargs["logits_to_keep"] = 1  # the prompt's other positions need no logits (memory: rows x len x vocab)
-        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+        out = self.engine.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
                          use_cache=True, **kwargs)
         return out.logits if all_positions else out.logits[:, -1, :]
 

@@ -107,7 +107,7 @@ class Engine(ABC):
         """The prompt text of a conversation, with the chat template the model was trained with."""
         from kubetune.trainer.data.templates import compile_template
 
-        template = self.templates[model or self.base_name]
+        template = self.templates.get(model or self.base_name) or self.templates[self.base_name]
         special = {k: getattr(self.tokenizer, k, None) or "" for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         try:
             return compile_template(template).render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **special)
@@ -120,7 +120,7 @@ class Engine(ABC):
         import jinja2
         from jinja2 import meta
 
-        template = self.templates[model or self.base_name] or ""
+        template = self.templates.get(model or self.base_name) or self.templates[self.base_name] or ""
         try:
             return "tools" in meta.find_undeclared_variables(jinja2.Environment().parse(template))
         except jinja2.TemplateError:

@@ -169,3 +169,21 @@ class CompletionRequest(_Request):
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]  # type: ignore[arg-type]
         return list(prompt)  # type: ignore[arg-type]
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's `POST /v1/load_lora_adapter` body."""
+
+    model_config = ConfigDict(extra="allow")
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+    load_inplace: bool = False
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """vLLM's `POST /v1/unload_lora_adapter` body."""
+
+    model_config = ConfigDict(extra="allow")
+
+    lora_name: str = Field(min_length=1)

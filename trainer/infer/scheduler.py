@@ -12,6 +12,10 @@ empty the worker waits for work, then up to `batch_wait_s` more for requests tha
 Other engines (speculative decoding, vLLM's offline engine) run whole batches: whatever is waiting
 when the engine is free, up to `max_batch_size`, through `engine.run()`.
 
+`call(fn)` runs `fn` on the worker thread between two steps (runtime adapter loads and unloads
+change the model, which must not happen during a forward pass); `release_adapters` on the engine,
+when it has one, is told which adapters the queued and running sequences still use.
+
 Cancelled sequences (clients that went away) are dropped from the queue before they run and leave
 a running batch at the next step. `stop()` lets queued and running sequences finish before the
 worker exits (graceful shutdown).
@@ -20,6 +24,7 @@ worker exits (graceful shutdown).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
@@ -46,6 +51,8 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._running = 0
+        self._tasks: collections.deque[tuple[Any, concurrent.futures.Future]] = collections.deque()
+        self._in_batch: list[Sequence] = []
         self._thread = threading.Thread(target=self._loop, name="kubetune-scheduler", daemon=True)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -65,6 +72,41 @@ class Scheduler:
             self._queue.clear()
         for seq in leftovers:
             _finish(seq, "error", "the server is shutting down")
+        with self._cond:
+            tasks = list(self._tasks)
+            self._tasks.clear()
+        for _, future in tasks:
+            future.cancel()
+
+    # -- work on the engine thread ---------------------------------------------------------
+    def call(self, fn: Any) -> concurrent.futures.Future:
+        """Run `fn()` on the worker thread before the next decode step; its result (or
+        exception) comes back through the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise Overloaded("the server is shutting down")
+            self._tasks.append((fn, future))
+            self._cond.notify_all()
+        return future
+
+    def _run_tasks(self) -> None:
+        while True:
+            with self._cond:
+                if not self._tasks:
+                    break
+                fn, future = self._tasks.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+        release = getattr(self.engine, "release_adapters", None)
+        if release is not None and getattr(self.engine, "retired_adapters", None):
+            with self._cond:
+                in_use = {seq.adapter for seq in self._queue}
+            release(in_use | {seq.adapter for seq in self._in_batch})
 
     @property
     def queue_depth(self) -> int:
@@ -100,6 +142,8 @@ class Scheduler:
                 while not self._queue:
                     if self._stopping:
                         return None
+                    if self._tasks:
+                        return []
                     self._cond.wait()
                 deadline = time.monotonic() + self.batch_wait_s
                 while len(self._queue) < room and not self._stopping:
@@ -134,6 +178,8 @@ class Scheduler:
     def _loop_continuous(self, batch: Any) -> None:
         """Iteration-level scheduling: admit waiting sequences before every decode step."""
         while True:
+            self._in_batch = batch.sequences
+            self._run_tasks()
             room = self.max_batch_size - len(batch) if batch.can_admit else 0
             new = self._take(room, wait=not batch) if room else []
             if new is None:
@@ -166,6 +212,8 @@ class Scheduler:
     def _loop_whole_batches(self) -> None:
         """Engines without a running batch: take what waits, run it to the end, repeat."""
         while True:
+            self._in_batch = []
+            self._run_tasks()
             batch = self._take(self.max_batch_size, wait=True)
             if batch is None:
                 return

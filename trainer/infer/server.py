@@ -3,7 +3,11 @@
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both with
 `stream: true` as server-sent events in OpenAI's chunk format), `GET /health` (liveness: the
 process answers), `GET /ready` (readiness: the model is loaded and the server is not draining),
-`GET /metrics` (Prometheus).
+`GET /metrics` (Prometheus), and vLLM's runtime LoRA endpoints `POST /v1/load_lora_adapter`
+(`{"lora_name", "lora_path", "load_inplace"}`; a local directory or an `s3://` prefix) and
+`POST /v1/unload_lora_adapter` (`{"lora_name"}`), which the InferenceService pods' `adapters`
+sidecar drives. The model changes on the engine thread between two decode steps; requests
+admitted before an unload (or an in-place reload) finish with the adapter they started with.
 
 The model loads in the background after the socket opens, so liveness holds while a big model
 loads and readiness turns on when it can serve. Requests become `Sequence`s in the scheduler's
@@ -41,7 +45,13 @@ from kubetune.trainer.infer.engine import Engine, UnknownModel
 from kubetune.trainer.infer.logprobs import LogprobFormatter, mean_logprob
 from kubetune.trainer.infer.metrics import ServerMetrics
 from kubetune.trainer.infer.params import Event, InvalidRequest, SamplingParams, Sequence, TokenLogprob
-from kubetune.trainer.infer.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from kubetune.trainer.infer.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoraAdapterRequest,
+    UnloadLoraAdapterRequest,
+    error_body,
+)
 from kubetune.trainer.infer.scheduler import Overloaded, Scheduler
 from kubetune.trainer.spec import StorageSpec
 
@@ -70,6 +80,8 @@ class ServerConfig:
     """After SIGTERM, how long to keep accepting requests while /ready says 503, so that load
     balancers that follow readiness stop routing here first (0: stop accepting at once, as with a
     Kubernetes preStop sleep that already covers it)."""
+    storage: StorageSpec | None = None
+    """How `s3://` adapters given to `/v1/load_lora_adapter` are reached."""
 
 
 @dataclass
@@ -215,9 +227,68 @@ def create_app(engine: Engine | None = None, *, loader: Callable[[], Engine] | N
         created = int(time.time())
         data = [{"id": eng.base_name, "object": "model", "created": created, "owned_by": "kubetune",
                  "root": eng.base_name, "parent": None}]
-        data += [{"id": name, "object": "model", "created": created, "owned_by": "kubetune", "root": path,
-                  "parent": eng.base_name} for name, path in eng.adapters.items()]
+        roots = getattr(eng, "roots", {})
+        data += [{"id": name, "object": "model", "created": created, "owned_by": "kubetune", "root": roots.get(name, path),
+                  "parent": eng.base_name} for name, path in list(eng.adapters.items())]
         return {"object": "list", "data": data}
+
+    # -- runtime LoRA adapters (vLLM's API) --------------------------------------------------
+    def runtime_engine() -> Any:
+        eng = ready_engine()
+        if not hasattr(eng, "load_adapter"):
+            raise ApiError(400, f"the {eng.name} engine cannot load adapters at runtime.", code="not_supported")
+        return eng
+
+    async def on_engine_thread(fn: Callable[[], Any]) -> Any:
+        try:
+            return await asyncio.wrap_future(state.scheduler.call(fn))  # type: ignore[union-attr]
+        except Overloaded as exc:
+            raise translate(exc) from None
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        check_auth(request)
+        req = parse(LoadLoraAdapterRequest, await read_json(request))
+        eng = runtime_engine()
+        name = req.lora_name
+        if name == eng.base_name:
+            raise ApiError(400, f"The lora adapter name '{name}' is the base model's name.", param="lora_name",
+                           code="invalid_value")
+        if name in eng.adapters and not req.load_inplace:
+            raise ApiError(400, f"The lora adapter '{name}' has already been loaded. If you want to load the adapter "
+                           "in place, set 'load_inplace' to True.", param="lora_name", code="invalid_value")
+        from kubetune.trainer.infer.loading import is_adapter_dir, resolve_path
+
+        try:
+            path = await asyncio.to_thread(resolve_path, req.lora_path, state.config.storage or StorageSpec(),
+                                           f"adapter {name}")
+        except Exception as exc:  # a missing path, an unreachable store
+            raise ApiError(400, f"Loading lora {name} failed: {exc}", param="lora_path", code="invalid_value") from None
+        if not hasattr(path, "is_dir") or not is_adapter_dir(path):  # type: ignore[arg-type]
+            raise ApiError(400, f"Loading lora {name} failed: {req.lora_path!r} holds no LoRA adapter "
+                           "(adapter_config.json).", param="lora_path", code="invalid_value")
+        try:
+            await on_engine_thread(lambda: eng.load_adapter(name, path, root=req.lora_path, replace=req.load_inplace))
+        except KubetuneError as exc:
+            raise ApiError(400, f"Loading lora {name} failed: {exc}", param="lora_path", code="invalid_value") from None
+        log.info("loaded LoRA adapter %s from %s", name, req.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        check_auth(request)
+        req = parse(UnloadLoraAdapterRequest, await read_json(request))
+        eng = runtime_engine()
+        name = req.lora_name
+        if name == eng.base_name:
+            raise ApiError(400, f"The base model '{name}' cannot be unloaded.", param="lora_name", code="invalid_value")
+        try:
+            await on_engine_thread(lambda: eng.unload_adapter(name))
+        except UnknownModel:
+            raise ApiError(404, f"The lora adapter '{name}' cannot be found.", type="NotFoundError", param="lora_name",
+                           code="model_not_found") from None
+        log.info("unloaded LoRA adapter %s", name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     @app.get("/v1/models/{name}")
     async def model(name: str, request: Request):
@@ -558,6 +629,8 @@ def serve(model: str, *, host: str = "0.0.0.0", port: int = 8000, config: Server
         return engine
 
     config = config or ServerConfig()
+    if config.storage is None:
+        config.storage = engine_kwargs.get("storage")
     app = create_app(loader=load, config=config, on_load_error=on_load_error)
     server = make_server(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
     server.run()

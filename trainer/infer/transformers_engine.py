@@ -47,6 +47,14 @@ class TransformersEngine(Engine):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         base = self.model.get_base_model() if self.is_peft else self.model
         self.supports_logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self.roots: dict[str, str] = {}
+        """Served adapter name -> the `lora_path` it was loaded from at runtime (`/v1/models` root)."""
+        self._peft_names: dict[str, str] = {name: name for name in self.adapters}
+        """Served adapter name -> its PEFT adapter name (differs after an in-place reload)."""
+        self._retired: set[str] = set()
+        """PEFT adapters no longer served (unloaded, or replaced in place) that sequences admitted
+        before may still use: deleted once none does (`release_adapters`)."""
+        self._generation = 0
 
     @property
     def supports_logprobs(self) -> bool:
@@ -91,10 +99,103 @@ class TransformersEngine(Engine):
         while batch:
             batch.step()
 
+    def adapter_for(self, model: str | None) -> str | None:
+        """The PEFT adapter a request's `model` selects (None: the base). Raises UnknownModel."""
+        name = super().adapter_for(model)
+        return None if name is None else self._peft_names.get(name, name)
+
     def check_adapter(self, adapter: str | None) -> None:
         """Raise when `adapter` is not one this engine has loaded."""
-        if adapter is not None and (not self.is_peft or adapter not in self.adapters):
+        if adapter is not None and (not self.is_peft or adapter not in self.model.peft_config):
             raise ValueError(f"no adapter {adapter!r} is loaded")
+
+    # -- runtime adapters (the server calls these on the engine thread, between decode steps) --
+    def load_adapter(self, name: str, path: Any, *, root: str | None = None, replace: bool = False) -> None:
+        """Serve the LoRA adapter in local directory `path` as `name` from now on. With `replace`
+        an adapter already served under `name` is swapped for it (sequences admitted before finish
+        with the old one). Raises SpecError when it does not fit the base or the name is taken."""
+        from kubetune.trainer.errors import SpecError
+        from kubetune.trainer.infer.loading import template_of
+
+        if name == self.base_name:
+            raise SpecError("lora_name", f"{name!r} is the base model's name.", "give the adapter another name.")
+        if name in self.adapters and not replace:
+            raise SpecError("lora_name", f"the adapter {name!r} has already been loaded.",
+                            "unload it first, or pass load_inplace: true.")
+        stem = name.replace(".", "_")  # PEFT keeps adapters in ModuleDicts: no dots in their names
+        peft_name = stem
+        while self.is_peft and peft_name in self.model.peft_config:
+            self._generation += 1
+            peft_name = f"{stem}@{self._generation}"
+        self.model = self._attach(self.model, peft_name, str(path))
+        self.is_peft = True
+        old = self._peft_names.get(name)
+        if old is not None:
+            self._retired.add(old)
+        self._peft_names[name] = peft_name
+        self.adapters[name] = str(path)
+        self.roots[name] = root or str(path)
+        self.templates[name] = template_of(path, self.tokenizer) or self.templates[self.base_name]
+
+    def _attach(self, model: Any, peft_name: str, path: str) -> Any:
+        import contextlib
+
+        from peft import PeftModel
+
+        from kubetune.trainer.errors import SpecError
+        from kubetune.trainer.infer.loading import _first_line
+
+        wrapped = isinstance(model, PeftModel)
+        try:
+            if wrapped:
+                model.load_adapter(path, adapter_name=peft_name, is_trainable=False)
+            else:
+                model = PeftModel.from_pretrained(model, path, adapter_name=peft_name, is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            # Undo what was injected before the weights were refused: the model must serve as before.
+            if wrapped:
+                with contextlib.suppress(Exception):
+                    if peft_name in model.peft_config:
+                        model.delete_adapter(peft_name)
+            else:
+                _strip_lora(model)
+            raise SpecError(f"adapter {peft_name}", f"does not fit the base model {self.loaded.location!r} "
+                            f"({_first_line(exc)}).", "load it on a server of the base it was trained on.") from None
+        model.to(self.loaded.device)
+        model.eval()
+        return model
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving `name` (UnknownModel when it is not an adapter served here). Sequences
+        admitted before finish with it; its weights go once none uses them."""
+        from kubetune.trainer.infer.engine import UnknownModel
+
+        if name not in self.adapters:
+            raise UnknownModel(name, self.adapters)
+        del self.adapters[name]
+        self.roots.pop(name, None)
+        self.templates.pop(name, None)
+        self._retired.add(self._peft_names.pop(name, name))
+
+    @property
+    def retired_adapters(self) -> set[str]:
+        """PEFT adapters waiting for `release_adapters`."""
+        return self._retired
+
+    def release_adapters(self, in_use: set[str | None]) -> None:
+        """Delete the retired adapters no sequence in `in_use` still needs (engine thread)."""
+        for peft_name in sorted(self._retired - in_use):
+            self._retired.discard(peft_name)
+            if not self.is_peft or peft_name not in self.model.peft_config:
+                continue
+            if len(self.model.peft_config) == 1:
+                self.model = self.model.unload()  # the last one: back to the plain base model
+                self.is_peft = False
+            else:
+                if self.model.active_adapter == peft_name:
+                    self.model.set_adapter(next(n for n in self.model.peft_config if n != peft_name))
+                self.model.delete_adapter(peft_name)
+            log.info("adapter %s released", peft_name)
 
     def new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -165,6 +266,19 @@ class TransformersEngine(Engine):
             new = output[0, prompt_len:].tolist()
             finished_by_eos = bool(new) and new[-1] in self.eos_ids
             tracker.finish("stop" if finished_by_eos else "length")
+
+
+def _strip_lora(model: Any) -> None:
+    """Put the base layers back where a failed PEFT load injected LoRA layers into a plain model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in vars(model):
+            delattr(model, attr)
 
 
 def greedy_reference(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, **generate_kwargs) -> list[int]:
