@@ -201,6 +201,20 @@ BASE_MODEL_PLACEHOLDER = "kubetune-ref://"
 """model.path while an AlignmentJob's base model comes from a reference (replaced at start)."""
 
 
+def _placeholder(data: Any, reference: str, block: str, key: str) -> Any:
+    """`data` (a raw AlignmentJob spec) with `training.<block>.<key>` set to the placeholder when
+    `reference` is given and the key is unset."""
+    if not isinstance(data, dict) or not data.get(reference):
+        return data
+    training = data.get("training")
+    if not isinstance(training, dict):
+        return data
+    values = training.get(block) or {}
+    if isinstance(values, dict) and values.get(key) is None:
+        data = {**data, "training": {**training, block: {**values, key: BASE_MODEL_PLACEHOLDER}}}
+    return data
+
+
 class AlignmentJobSpec(ClusterFields):
     """An alignment stage (rm, dpo, kto, ppo, raft, grpo) on the cluster, usually starting from
     the output of a FineTuneJob (and, for ppo/raft/grpo, scoring with an rm AlignmentJob's output)."""
@@ -216,32 +230,11 @@ class AlignmentJobSpec(ClusterFields):
 
     @model_validator(mode="before")
     @classmethod
-    def _placeholder_model_path(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not data.get("baseModelFrom"):
-            return data
-        training = data.get("training")
-        if not isinstance(training, dict):
-            return data
-        model = training.get("model")
-        if model is None:
-            model = {}
-        if isinstance(model, dict) and model.get("path") is None:
-            data = {**data, "training": {**training, "model": {**model, "path": BASE_MODEL_PLACEHOLDER}}}
-        return data
-
-    @model_validator(mode="before")
-    @classmethod
-    def _placeholder_reward_model(cls, data: Any) -> Any:
-        """With `rewardModelFrom`, `training.reward.model` is filled in when the job starts."""
-        if not isinstance(data, dict) or not data.get("rewardModelFrom"):
-            return data
-        training = data.get("training")
-        if not isinstance(training, dict):
-            return data
-        reward = training.get("reward") or {}
-        if isinstance(reward, dict) and not reward.get("model"):
-            data = {**data, "training": {**training, "reward": {**reward, "model": BASE_MODEL_PLACEHOLDER}}}
-        return data
+    def _placeholders_for_references(cls, data: Any) -> Any:
+        """With `baseModelFrom` (`rewardModelFrom`), `training.model.path`
+        (`training.reward.model`) is filled in when the job starts: until then a placeholder."""
+        data = _placeholder(data, "baseModelFrom", "model", "path")
+        return _placeholder(data, "rewardModelFrom", "reward", "model")
 
     @model_validator(mode="after")
     def _alignment_rules(self) -> AlignmentJobSpec:

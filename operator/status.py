@@ -7,7 +7,6 @@ Pure helpers (dicts in, dicts out) except `read_trainer_status`, which reads the
 from __future__ import annotations
 
 import datetime
-import json
 import math
 from typing import Any
 
@@ -22,8 +21,6 @@ COND_RUNNING = "Running"
 COND_SUSPENDED = "Suspended"
 COND_SUCCEEDED = "Succeeded"
 COND_FAILED = "Failed"
-
-STATUS_FILE = "status.json"
 
 
 def now_iso(now: datetime.datetime | None = None) -> str:
@@ -121,10 +118,6 @@ def progress_from_trainer(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def status_location(output_uri: str) -> str:
-    return output_uri.rstrip("/") + "/" + STATUS_FILE
-
-
 STATUS_READ_ATTEMPTS = 1
 """`StorageSpec.maxAttempts` when the operator reads status.json (botocore's `max_attempts`, which
 counts retries: one request and at most one retry). The read runs inside a reconcile, holding
@@ -155,21 +148,7 @@ def read_trainer_status(output_uri: str, storage: Any = None) -> dict[str, Any] 
     not exist (yet) or cannot be read. Never raises, and gives up quickly (`STATUS_READ_ATTEMPTS`,
     `STATUS_READ_CONNECT_TIMEOUT_S`, `STATUS_READ_TIMEOUT_S`):
     progress is best effort, and the next observation reads it again."""
-    location = status_location(output_uri)
-    try:
-        try:
-            from kubetune.trainer.storage.stream import open_stream
-        except ImportError:  # a storage layer without S3 support
-            open_stream = None
-        if open_stream is not None:
-            with open_stream(
-                location, status_read_settings(storage), field="output.path",
-                connect_timeout=STATUS_READ_CONNECT_TIMEOUT_S, read_timeout=STATUS_READ_TIMEOUT_S,
-            ) as handle:
-                data = json.loads(handle.read().decode())
-        else:
-            with open(location, encoding="utf-8") as handle:
-                data = json.load(handle)
-    except Exception:
-        return None
-    return data if isinstance(data, dict) else None
+    from kubetune.trainer.storage.output import read_status
+
+    return read_status(output_uri, status_read_settings(storage),
+                       connect_timeout=STATUS_READ_CONNECT_TIMEOUT_S, read_timeout=STATUS_READ_TIMEOUT_S)

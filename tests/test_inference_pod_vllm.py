@@ -15,10 +15,8 @@ Skipped, with the reason, when `.venv-vllm` (created by `.ci/setup-vllm.sh`; CI 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import time
 import urllib.error
@@ -35,7 +33,7 @@ from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import S3Env
 from tests.test_infer_helpers import build_adapter
 from tests.test_inference_pod import _env, _free_port
-from tests.test_vllm_real import _skip_reason, _tail, vllm_python
+from tests.test_vllm_real import _skip_reason, _stop, _tail, vllm_python
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -65,18 +63,6 @@ def _write_adapters(adapters_dir: Path, document: str) -> None:
     tmp = adapters_dir / ".adapters.json.tmp"
     tmp.write_text(document)
     os.replace(tmp, adapters_dir / Path(ADAPTERS_FILE).name)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(10)
 
 
 def _wait(check: Any, timeout: float, what: str, procs: list[tuple[subprocess.Popen, Path]]) -> Any:

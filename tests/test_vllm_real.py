@@ -19,8 +19,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import openai
@@ -28,6 +26,7 @@ import pytest
 
 from .conftest import REPO
 from .test_infer_helpers import build_adapter
+from .test_inference_pod import _get
 
 pytestmark = pytest.mark.slow
 
@@ -63,16 +62,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as err:
-        return err.code
-    except (OSError, urllib.error.URLError):
-        return 0
 
 
 def _tail(path: Path, lines: int = 40) -> str:

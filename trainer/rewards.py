@@ -207,7 +207,12 @@ def shares_base(spec: TrainingSpec, location: str, policy: Any) -> bool:
     path = Path(location)
     if policy is None or not isinstance(policy, PeftModel) or not (path / "adapter_config.json").is_file():
         return False
-    return _saved_base(path) == spec.model.path
+    from kubetune.trainer.infer.loading import adapter_base
+
+    try:
+        return adapter_base(path)[0] == spec.model.path
+    except SpecError:  # an adapter that names no base: loaded on its own, where that is reported
+        return False
 
 
 def load_scorer(spec: TrainingSpec, device: Any = None, policy: Any = None) -> FunctionScorer | ModelScorer | SharedAdapterScorer:
@@ -235,6 +240,7 @@ def load_reward_model(location: str, storage: StorageSpec) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from kubetune.trainer.infer.loading import adapter_base
     from kubetune.trainer.models.loader import resolve_model_location
 
     path = Path(location)
@@ -243,9 +249,7 @@ def load_reward_model(location: str, storage: StorageSpec) -> tuple[Any, Any]:
         if (path / "adapter_config.json").is_file():
             from peft import PeftModel
 
-            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            saved = _saved_base(path)
-            base_location = resolve_model_location(saved or base, storage, "reward.model")
+            base_location = resolve_model_location(adapter_base(path)[0], storage, "reward.model")
             model = AutoModelForSequenceClassification.from_pretrained(base_location, num_labels=1, dtype=torch.float32)
             model.config.pad_token_id = tokenizer.pad_token_id
             model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
@@ -263,13 +267,6 @@ def load_reward_model(location: str, storage: StorageSpec) -> tuple[Any, Any]:
     model.eval().requires_grad_(False)
     log.info("reward model: %s", location)
     return model, tokenizer
-
-
-def _saved_base(adapter_dir: Path) -> str | None:
-    from kubetune.trainer.infer.loading import read_saved_spec
-
-    spec = read_saved_spec(adapter_dir)
-    return spec.model.path if spec is not None else None
 
 
 def distinct_n(texts: list[str], n: int) -> float:

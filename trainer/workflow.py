@@ -32,18 +32,10 @@ PIPELINE_STATUS = "pipeline.json"
 
 def step_succeeded(spec: TrainingSpec) -> bool:
     """Whether this step's output holds a finished run (its status.json says Succeeded)."""
-    location = f"{spec.output_path.rstrip('/')}/status.json"
-    try:
-        if location.startswith("s3://"):
-            from kubetune.trainer.storage.stream import open_stream
+    from kubetune.trainer.storage.output import read_status
 
-            with open_stream(location, spec.storage, field="output.path") as handle:
-                data = json.loads(handle.read().decode())
-        else:
-            data = json.loads(Path(location).read_text())
-    except Exception:  # absent or unreadable: the step has not finished
-        return False
-    return isinstance(data, dict) and data.get("phase") == "Succeeded"
+    status = read_status(spec.output_path, spec.storage)
+    return status is not None and status.get("phase") == "Succeeded"
 
 
 def run_pipeline(spec: TrainingSpec):

@@ -172,17 +172,9 @@ def _trainer_env(
         _env("KUBETUNE_MASTER_ADDR", master_addr),
         _env("KUBETUNE_MASTER_PORT", options.master_port),
         _env("KUBETUNE_ATTEMPT", attempt),
-        _env("KUBETUNE_RESOURCE", f"{cr['kind'].lower()}/{cr['metadata']['name']}"),
-        _env("KUBETUNE_NAMESPACE", namespace),
-        _env("PYTHONUNBUFFERED", "1"),
-        # Read-only root filesystem: every cache and home lives on an emptyDir.
-        _env("HOME", "/tmp/home"),
-        _env("XDG_CACHE_HOME", "/cache"),
-        _env("KUBETUNE_CACHE", "/cache/kubetune"),
-        _env("HF_HOME", "/cache/huggingface"),
+        *_kubetune_env(cr, namespace),
         _env("TRITON_CACHE_DIR", "/cache/triton"),
         _env("TORCH_EXTENSIONS_DIR", "/cache/torch_extensions"),
-        _env("MPLCONFIGDIR", "/tmp/matplotlib"),
         # On SIGTERM torchrun forwards the signal to the trainers, then SIGKILLs them after this
         # many seconds (default 30, too short to save and upload a large checkpoint): give them
         # the pod's grace period, less a margin for torchrun itself to exit.
@@ -194,8 +186,27 @@ def _trainer_env(
     ]
     if spec.gpusPerNode == 0:
         env.append(_env("DS_ACCELERATOR", "cpu"))
-    env.extend(storage_env(effective_storage(spec, options.storage_defaults)))
-    # The user's variables win over the defaults above (same name -> replaced).
+    return _with_storage_and_user_env(env, spec, options)
+
+
+def _kubetune_env(cr: dict[str, Any], namespace: str) -> list[dict[str, Any]]:
+    """What every trainer-image container gets: which resource it serves, unbuffered output, and
+    homes and caches on emptyDirs (the root filesystem is read-only)."""
+    return [
+        _env("KUBETUNE_RESOURCE", f"{cr['kind'].lower()}/{cr['metadata']['name']}"),
+        _env("KUBETUNE_NAMESPACE", namespace),
+        _env("PYTHONUNBUFFERED", "1"),
+        _env("HOME", "/tmp/home"),
+        _env("XDG_CACHE_HOME", "/cache"),
+        _env("KUBETUNE_CACHE", "/cache/kubetune"),
+        _env("HF_HOME", "/cache/huggingface"),
+        _env("MPLCONFIGDIR", "/tmp/matplotlib"),
+    ]
+
+
+def _with_storage_and_user_env(env: list[dict[str, Any]], spec: ClusterFields, options: RenderOptions) -> list[dict[str, Any]]:
+    """`env` plus the S3 settings; the user's variables win over both (same name -> replaced)."""
+    env = [*env, *storage_env(effective_storage(spec, options.storage_defaults))]
     user = [e.model_dump(mode="json", exclude_none=True) for e in spec.env]
     user_names = {e["name"] for e in user}
     return [e for e in env if e["name"] not in user_names] + user
@@ -305,24 +316,14 @@ def prepare_args() -> list[str]:
 
 
 def _prepare_env(cr: dict[str, Any], spec: ClusterFields, *, namespace: str, options: RenderOptions) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [
-        _env("KUBETUNE_RESOURCE", f"{cr['kind'].lower()}/{cr['metadata']['name']}"),
-        _env("KUBETUNE_NAMESPACE", namespace),
-        _env("PYTHONUNBUFFERED", "1"),
-        _env("HOME", "/tmp/home"),
-        _env("XDG_CACHE_HOME", "/cache"),
-        _env("KUBETUNE_CACHE", "/cache/kubetune"),
-        _env("HF_HOME", "/cache/huggingface"),
-        _env("MPLCONFIGDIR", "/tmp/matplotlib"),
+    env = [
+        *_kubetune_env(cr, namespace),
         _env("KUBETUNE_PROGRESS", "0"),
         # No GPU is requested; images that expose every GPU by default must not hand them over.
         _env("NVIDIA_VISIBLE_DEVICES", "void"),
         _env("CUDA_VISIBLE_DEVICES", ""),
     ]
-    env.extend(storage_env(effective_storage(spec, options.storage_defaults)))
-    user = [e.model_dump(mode="json", exclude_none=True) for e in spec.env]
-    user_names = {e["name"] for e in user}
-    return [e for e in env if e["name"] not in user_names] + user
+    return _with_storage_and_user_env(env, spec, options)
 
 
 def render_prepare_job(

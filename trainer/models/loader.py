@@ -62,11 +62,11 @@ def merged_adapter(adapter_dir: Path, storage: StorageSpec) -> Path:
 
     from kubetune.trainer.export import export_merged
     from kubetune.trainer.storage.cache import cache_root, mark_used
+    from kubetune.trainer.storage.hashing import file_hexdigest
 
     digest = hashlib.sha256()
     for file in sorted(p for p in adapter_dir.iterdir() if p.is_file()):
-        digest.update(file.name.encode())
-        digest.update(file.read_bytes())
+        digest.update(f"{file.name}:{file_hexdigest(file)}\n".encode())  # streamed, not read whole
     target = cache_root(storage) / "merged" / digest.hexdigest()[:24]
     if (target / "config.json").is_file():
         mark_used(target)  # for `kubetune storage gc`'s least-recently-used order

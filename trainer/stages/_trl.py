@@ -30,11 +30,3 @@ def count_tokens_with(ctx: RunContext, collator: Any) -> Any:
         return counter
     return collator
 
-
-def disable_dropout(model: Any) -> None:
-    """Sampling and scoring must see the same policy as the update: no dropout in RL stages."""
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0

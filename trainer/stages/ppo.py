@@ -201,10 +201,10 @@ def attach_value_head(model: Any) -> None:
 
 def build_trainer(ctx: RunContext):
     from peft import PeftModel
+    from trl.trainer.utils import disable_dropout_in_model
 
-    from kubetune.trainer.stages._trl import disable_dropout
-
-    disable_dropout(ctx.model)  # before the copy: the reference must match the policy exactly
+    # Sampling, scoring and the update see one policy; and before the copy, so the reference matches it.
+    disable_dropout_in_model(ctx.model)
     reference = None
     if not isinstance(ctx.model, PeftModel):
         reference = copy.deepcopy(ctx.model).eval().requires_grad_(False)

@@ -83,4 +83,7 @@ class RaftTrainer(RolloutTrainer):
 
 
 def build_trainer(ctx: RunContext):
+    from trl.trainer.utils import disable_dropout_in_model
+
+    disable_dropout_in_model(ctx.model)  # sampling and scoring must see the policy the update sees
     return RaftTrainer.from_context(ctx)

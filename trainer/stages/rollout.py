@@ -95,7 +95,6 @@ class RolloutTrainer(Trainer):
         self.scorer = load_scorer(spec, device=self.args.device, policy=self.model)
         self.token_counter = token_counter
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._eval_rounds = 0
 
     # -- rollouts -----------------------------------------------------------------------------
     def policy(self) -> Any:
@@ -144,10 +143,10 @@ class RolloutTrainer(Trainer):
         seen_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
         return (seen_before == 0).long()  # everything up to and including the first eos
 
-    def record_rollout_metrics(self, rollouts: Rollouts, prefix: str = "") -> None:
-        self._metrics[f"{prefix}reward"].append(rollouts.rewards.mean().item())
-        self._metrics[f"{prefix}reward_max"].append(rollouts.rewards.max().item())
-        self._metrics[f"{prefix}answer_tokens"].append(rollouts.answer_mask.sum(1).float().mean().item())
+    def record_rollout_metrics(self, rollouts: Rollouts) -> None:
+        self._metrics["reward"].append(rollouts.rewards.mean().item())
+        self._metrics["reward_max"].append(rollouts.rewards.max().item())
+        self._metrics["answer_tokens"].append(rollouts.answer_mask.sum(1).float().mean().item())
 
     # -- Trainer hooks ------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -183,7 +182,6 @@ class RolloutTrainer(Trainer):
                 f.write(json.dumps({"step": self.state.global_step, "samples": records}) + "\n")
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        self._eval_rounds += 1
         return metrics
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -194,11 +192,8 @@ class RolloutTrainer(Trainer):
 
     @classmethod
     def from_context(cls, ctx: Any, **extra: Any) -> RolloutTrainer:
-        """The trainer for a run: prompt rows in, the runner's callbacks and optimizer, no dropout
-        (sampling and scoring must see the policy the update sees)."""
-        from kubetune.trainer.stages._trl import disable_dropout
-
-        disable_dropout(ctx.model)
+        """The trainer for a run: prompt rows in, the runner's callbacks and optimizer. The caller
+        has switched dropout off (sampling and scoring must see the policy the update sees)."""
         return cls(model=ctx.model, args=ctx.training_args, data_collator=keep_rows, train_dataset=ctx.data.train,
                    eval_dataset=ctx.data.eval, processing_class=ctx.tokenizer, callbacks=ctx.callbacks,
                    optimizers=ctx.optimizers, spec=ctx.spec, token_counter=ctx.data_collator, **extra)

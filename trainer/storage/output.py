@@ -189,6 +189,20 @@ class OutputSession:
         self.close()
 
 
+def read_status(output: str, settings: StorageSpec | None = None, **timeouts: float) -> dict[str, Any] | None:
+    """The `status.json` a run wrote under `output` (local path or `s3://` prefix), or None when
+    it does not exist (yet) or cannot be read: never raises. `timeouts` (`connect_timeout`,
+    `read_timeout`) go to the S3 client, for readers that must give up quickly."""
+    from kubetune.trainer.storage.stream import open_stream
+
+    try:
+        with open_stream(f"{output.rstrip('/')}/{STATUS_NAME}", settings, field="output.path", **timeouts) as handle:
+            data = json.loads(handle.read().decode())
+    except Exception:  # absent, unreachable, half-written: the caller reads again later
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def open_output(location: str, settings: StorageSpec | None = None, *, keep_last: int | None = None) -> OutputSession:
     """The output session for a local directory or an `s3://` prefix."""
     if is_s3(location):
