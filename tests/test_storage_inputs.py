@@ -147,3 +147,40 @@ def test_streamed_s3_dataset_feeds_the_data_pipeline_without_downloading(s3: S3E
     with pytest.raises(SpecError, match="no JSONL or Parquet rows"):
         s3.put("empty/readme.txt", "nothing here")
         load_source(DatasetSpec(path=s3.uri("empty/")), field="data.datasets[1]", streaming=True, storage=s3.settings())
+
+
+@pytest.mark.parametrize("key", ["x/../../../../elsewhere/", "x/../../../../elsewhere/adapter_config.json", "./x", "/abs"])
+def test_dot_dot_in_a_uri_key_is_refused_and_nothing_lands_outside_the_cache(s3: S3Env, key: str) -> None:
+    """The URI's own key used to be joined to the cache unchecked: `s3://b/x/../../../../elsewhere/`
+    wrote files next to the cache. Every key is refused before anything is listed or written."""
+    s3.put("x/../../../../elsewhere/adapter_config.json", "{}")  # S3 keeps such keys as they are
+    outside = s3.cache.parent
+    before = _all_files(outside)
+    with pytest.raises(SpecError) as info:
+        localize(s3.uri(key), s3.settings(), field="adapter x")
+    assert "'..' or '.'" in str(info.value) and info.value.field == "adapter x"
+    assert _all_files(outside) == before
+    assert s3.proxy.count("GET") == 0  # refused before any request
+
+
+def test_listed_keys_with_dot_dot_are_refused_by_the_same_join(s3: S3Env) -> None:
+    s3.put("pre/ok.txt", "ok")
+    s3.put("pre/../../../escaped.txt", "no")
+    outside = s3.cache.parent
+    with pytest.raises(SpecError) as info:
+        localize(s3.uri("pre/"), s3.settings(), field="data")
+    assert "cannot be stored as a local file" in str(info.value)
+    assert not (outside / "escaped.txt").exists() and "escaped.txt" not in _all_files(outside)
+
+
+def test_safe_join_is_the_one_checked_join(tmp_path: Path) -> None:
+    from kubetune.trainer.storage.uri import safe_join
+
+    assert safe_join(tmp_path, "a/b", "c.txt") == tmp_path / "a" / "b" / "c.txt"
+    assert safe_join(tmp_path, "") == tmp_path
+    for bad in ["..", "a/../../b", "./a", "/etc/passwd", "a/./b"]:
+        with pytest.raises(SpecError):
+            safe_join(tmp_path, bad, location="s3://b/k", field="f")
+    (tmp_path / "link").symlink_to("/")
+    with pytest.raises(SpecError):  # a link inside the root that leads out of it
+        safe_join(tmp_path, "link/etc")

@@ -140,19 +140,19 @@ def _tokenizer_only(spec: TrainingSpec) -> Any:
     from kubetune.trainer.storage.cache import cache_root, resolve_objects
     from kubetune.trainer.storage.client import get_client, translate
     from kubetune.trainer.storage.transfer import Transfers
-    from kubetune.trainer.storage.uri import safe_relative_path
+    from kubetune.trainer.storage.uri import safe_join
 
     field = "model.tokenizer" if spec.model.tokenizer else "model.path"
     uri = S3Uri.parse(location, field)
-    target = cache_root(spec.storage) / "tokenizers" / uri.bucket / uri.key.strip("/")
+    target = safe_join(cache_root(spec.storage) / "tokenizers" / uri.bucket, uri.key.strip("/"), location=location, field=field)
     client = get_client(spec.storage)
     try:
         single, objects = resolve_objects(client, uri, location, field)
         wanted = [o for o in objects if not o.key.endswith("/") and not o.key.lower().endswith(WEIGHT_SUFFIXES)]
         items = []
         for info in wanted:
-            relative = safe_relative_path(PurePosixPath(info.key).name if single else uri.relative(info.key), location, field)
-            local = target / relative  # always fetched (a few MB): never a stale tokenizer
+            relative = PurePosixPath(info.key).name if single else uri.relative(info.key)
+            local = safe_join(target, relative, location=location, field=field)  # always fetched: never a stale tokenizer
             local.parent.mkdir(parents=True, exist_ok=True)
             items.append((info, local, None))
         with Transfers(spec.storage, client) as transfers:

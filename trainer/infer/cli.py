@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from kubetune.trainer.infer.protocol import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_REQUEST_BYTES
+
 log = logging.getLogger("kubetune")
 
 
@@ -197,7 +199,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     config = ServerConfig(max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000.0,
                           max_queue=args.max_queue, api_key=api_key or None, drain_timeout_s=args.drain_timeout,
-                          drain_delay_s=args.drain_delay)
+                          drain_delay_s=args.drain_delay, max_request_bytes=args.max_request_bytes,
+                          adapter_roots=list(args.adapter_root), max_adapters=args.max_adapters)
     kwargs = {**engine_kwargs(args), "engine": "transformers"}
     return serve(args.model, host=args.host, port=args.port, config=config, log_level=args.log_level,
                  template=args.template, **kwargs)
@@ -276,6 +279,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds to keep accepting requests after SIGTERM while /ready answers 503 (for load balancers "
                         "without a preStop delay)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    lim = p.add_argument_group("limits and adapter access (transformers engine)")
+    lim.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
+                     help=f"larger request bodies get a 413 before they are read (default: {DEFAULT_MAX_REQUEST_BYTES})")
+    lim.add_argument("--adapter-root", action="append", default=[], metavar="DIR|s3://PREFIX",
+                     help="where /v1/load_lora_adapter may load adapters from besides the model cache: a local "
+                          "directory or an s3:// prefix (repeatable; without one, only the cache)")
+    lim.add_argument("--max-adapters", type=int, default=DEFAULT_MAX_ADAPTERS, metavar="N",
+                     help=f"adapters served at once; /v1/load_lora_adapter beyond it gets a 409 (default: {DEFAULT_MAX_ADAPTERS})")
     v = p.add_argument_group("vllm engine")
     v.add_argument("--tensor-parallel-size", type=int)
     v.add_argument("--quantization")

@@ -72,6 +72,9 @@ class SamplingParams:
             raise InvalidRequest("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(self.stop)}.")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop", "stop sequences must be non-empty strings.")
+        if self.seed is not None and not -(2**63) <= self.seed <= 2**63 - 1:
+            raise InvalidRequest("seed", f"must be a 64-bit signed integer, got {self.seed}.",
+                                 f"use a seed between {-(2**63)} and {2**63 - 1}.")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:

@@ -13,6 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from kubetune.trainer.infer.params import MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
 
 MAX_BEST_OF = 16
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+"""`--max-request-bytes`: 4 MiB; a 128k-token prompt is well under 1 MB of text (or of token ids)."""
+DEFAULT_MAX_ADAPTERS = 64
+"""`--max-adapters`: an InferenceService lists at most 64 adapters, so one the operator drives
+never hits it."""
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
@@ -32,7 +38,8 @@ class _Request(BaseModel):
     """Extension (vLLM has it too): keep the k most likely tokens; 0 is off."""
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
+    """A 64-bit signed integer, as in OpenAI's API (torch's generators take no more)."""
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -161,14 +168,19 @@ class CompletionRequest(_Request):
         return self.best_of
 
     def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or token ids; an empty one is refused (a model needs at least
+        one token to predict from, and kubetune adds none of its own)."""
         prompt = self.prompt
         if isinstance(prompt, str):
-            return [prompt]
-        if not prompt:
-            raise InvalidRequest("prompt", "must not be empty.")
-        if all(isinstance(p, int) for p in prompt):
-            return [list(prompt)]  # type: ignore[arg-type]
-        return list(prompt)  # type: ignore[arg-type]
+            prompts: list[str | list[int]] = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]  # type: ignore[arg-type]
+        else:
+            prompts = list(prompt)  # type: ignore[arg-type]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise InvalidRequest("prompt", "must not be empty, nor hold an empty prompt.",
+                                 "send at least one character (or token id) per prompt.")
+        return prompts
 
 
 class LoadLoraAdapterRequest(BaseModel):

@@ -3,11 +3,13 @@
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both with
 `stream: true` as server-sent events in OpenAI's chunk format), `GET /health` (liveness: the
 process answers), `GET /ready` (readiness: the model is loaded and the server is not draining),
-`GET /metrics` (Prometheus), and vLLM's runtime LoRA endpoints `POST /v1/load_lora_adapter`
-(`{"lora_name", "lora_path", "load_inplace"}`; a local directory or an `s3://` prefix) and
-`POST /v1/unload_lora_adapter` (`{"lora_name"}`), which the InferenceService pods' `adapters`
-sidecar drives. The model changes on the engine thread between two decode steps; requests
-admitted before an unload (or an in-place reload) finish with the adapter they started with.
+`GET /metrics` (Prometheus), `GET /openapi.json` (the request bodies as FastAPI declares them), and
+vLLM's runtime LoRA endpoints `POST /v1/load_lora_adapter` (`{"lora_name", "lora_path",
+"load_inplace"}`; a directory under the model cache or an `--adapter-root`, or an `s3://` URI under
+an `--adapter-root` prefix, see `adapter_access.py`) and `POST /v1/unload_lora_adapter`
+(`{"lora_name"}`), which the InferenceService pods' `adapters` sidecar drives. The model changes on
+the engine thread between two decode steps; requests admitted before an unload (or an in-place
+reload) finish with the adapter they started with.
 
 The model loads in the background after the socket opens, so liveness holds while a big model
 loads and readiness turns on when it can serve. Requests become `Sequence`s in the scheduler's
@@ -16,9 +18,12 @@ batching, see `scheduler.py`); streamed text, and logprobs when asked for, flow 
 handler through an asyncio queue. `best_of` generates extra samples and returns the `n` with the
 highest mean token logprob. A client that disconnects cancels its sequences, which leave the
 batch at the next step. With `KUBETUNE_API_KEY` (or `--api-key-env NAME`) set, the `/v1`
-endpoints require `Authorization: Bearer <key>`; probes and metrics stay open. On SIGTERM
-readiness turns off at once (`DrainingServer`), the server keeps serving for `--drain-delay`, then
-uvicorn stops accepting connections and waits (`--drain-timeout`) for in-flight requests.
+endpoints require `Authorization: Bearer <key>`, and `/ready` lists the served models only to
+callers that send it; probes and metrics stay open. One request cannot stall the others: bodies
+are capped (`--max-request-bytes`, see `guards.py`), parsed and tokenized off the event loop, and
+a prompt too long for the context is refused before it is tokenized. On SIGTERM readiness turns
+off at once (`DrainingServer`), the server keeps serving for `--drain-delay`, then uvicorn stops
+accepting connections and waits (`--drain-timeout`) for in-flight requests.
 """
 
 from __future__ import annotations
@@ -31,21 +36,34 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kubetune.trainer.errors import KubetuneError
+from kubetune.trainer.infer.adapter_access import AdapterAccess, adapter_limit, localize_adapter
 from kubetune.trainer.infer.engine import Engine, UnknownModel
+from kubetune.trainer.infer.guards import (
+    ApiError,
+    BodyLimitMiddleware,
+    GuardedRoute,
+    check_prompt_chars,
+    validation_error,
+)
 from kubetune.trainer.infer.logprobs import LogprobFormatter, mean_logprob
 from kubetune.trainer.infer.metrics import ServerMetrics
 from kubetune.trainer.infer.params import Event, InvalidRequest, SamplingParams, Sequence, TokenLogprob
 from kubetune.trainer.infer.protocol import (
+    DEFAULT_MAX_ADAPTERS,
+    DEFAULT_MAX_REQUEST_BYTES,
     ChatCompletionRequest,
     CompletionRequest,
     LoadLoraAdapterRequest,
@@ -58,14 +76,9 @@ from kubetune.trainer.spec import StorageSpec
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "KUBETUNE_API_KEY"
+GENERATION_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.body = error_body(message, type=type, param=param, code=code)
+__all__ = ["API_KEY_ENV", "ApiError", "ServerConfig", "create_app", "make_server", "serve"]
 
 
 @dataclass
@@ -82,6 +95,13 @@ class ServerConfig:
     Kubernetes preStop sleep that already covers it)."""
     storage: StorageSpec | None = None
     """How `s3://` adapters given to `/v1/load_lora_adapter` are reached."""
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    """Larger request bodies get a 413 before they are read."""
+    adapter_roots: list[str] = field(default_factory=list)
+    """Besides the model cache, the directories and `s3://` prefixes `/v1/load_lora_adapter` may
+    load from (`--adapter-root`)."""
+    max_adapters: int = DEFAULT_MAX_ADAPTERS
+    """Adapters served at once; loading one more is a 409."""
 
 
 @dataclass
@@ -95,6 +115,10 @@ class ServerState:
     on_load_error: Callable[[BaseException], None] | None = None
     draining: threading.Event = field(default_factory=threading.Event)
     """Set on SIGTERM: readiness turns off while in-flight requests finish."""
+    tokenize_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="kubetune-tokenize"))
+    """Prompts are rendered and tokenized here, off the event loop (probes keep answering), one at
+    a time as before (a fast tokenizer must not be reconfigured by two threads at once)."""
 
     def begin_drain(self) -> None:
         """Stop reporting ready (the Service stops routing here); requests are still served."""
@@ -109,6 +133,22 @@ class ServerState:
             self.metrics.ready.set(1)
         self.loaded.set()
 
+    def load_in_background(self, loader: Callable[[], Engine]) -> None:
+        try:
+            self.attach(loader())
+        except BaseException as exc:
+            self.load_error = exc
+            self.loaded.set()
+            log.error("model loading failed: %s", exc)
+            if self.on_load_error is not None:
+                self.on_load_error(exc)
+
+    @property
+    def adapter_access(self) -> AdapterAccess:
+        from kubetune.trainer.storage.cache import cache_root
+
+        return AdapterAccess.build(self.config.adapter_roots, cache_root(self.config.storage), self.config.max_adapters)
+
 
 def create_app(engine: Engine | None = None, *, loader: Callable[[], Engine] | None = None,
                config: ServerConfig | None = None, on_load_error: Callable[[BaseException], None] | None = None):
@@ -116,247 +156,295 @@ def create_app(engine: Engine | None = None, *, loader: Callable[[], Engine] | N
     if (engine is None) == (loader is None):
         raise ValueError("pass exactly one of engine and loader")
     state = ServerState(config=config or ServerConfig(), on_load_error=on_load_error)
-
-    def load_in_background() -> None:
-        try:
-            state.attach(loader())  # type: ignore[misc]
-        except BaseException as exc:
-            state.load_error = exc
-            state.loaded.set()
-            log.error("model loading failed: %s", exc)
-            if state.on_load_error is not None:
-                state.on_load_error(exc)
+    state.adapter_access  # noqa: B018 - a malformed --adapter-root fails here, not at the first load
 
     @asynccontextmanager
     async def lifespan(app):
         if engine is not None:
             state.attach(engine)
         else:
-            threading.Thread(target=load_in_background, name="kubetune-loader", daemon=True).start()
+            threading.Thread(target=state.load_in_background, args=(loader,), name="kubetune-loader", daemon=True).start()
         yield
         # uvicorn has stopped accepting and waited for open requests; finish what is queued.
         state.metrics.ready.set(0)
+        state.tokenize_pool.shutdown(wait=False, cancel_futures=True)
         if state.scheduler is not None:
             await asyncio.to_thread(state.scheduler.stop, state.config.drain_timeout_s)
         if state.engine is not None:
             state.engine.close()
 
-    app = FastAPI(title="kubetune", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # strict_content_type=False: a JSON body without a Content-Type header is read as JSON, as before.
+    app = FastAPI(title="kubetune", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json", strict_content_type=False)
     app.state.kubetune = state
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return JSONResponse(exc.body, status_code=exc.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail), code=str(exc.status_code)), status_code=exc.status_code)
-
-    # -- helpers ---------------------------------------------------------------------------
-    def check_auth(request: Request) -> None:
-        key = state.config.api_key
-        if not key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-
-    def ready_engine() -> Engine:
-        if state.load_error is not None:
-            raise ApiError(503, f"the model failed to load: {state.load_error}", type="server_error", code="model_load_failed")
-        if state.engine is None or state.scheduler is None:
-            raise ApiError(503, "the model is still loading; retry shortly.", type="server_error", code="model_loading")
-        return state.engine
-
-    async def read_json(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            raise ApiError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
-        return body
-
-    def parse(model_cls, body: dict[str, Any]):
-        from pydantic import ValidationError
-
-        try:
-            return model_cls.model_validate(body)
-        except ValidationError as exc:
-            err = exc.errors(include_url=False)[0]
-            loc = ".".join(str(p) for p in err["loc"]) or None
-            raise ApiError(400, f"Invalid value for '{loc}': {err['msg']}.", param=loc, code="invalid_value") from None
-
-    def translate(exc: Exception) -> ApiError:
-        if isinstance(exc, UnknownModel):
-            return ApiError(404, f"The model `{exc.name}` does not exist. Available models: {', '.join(exc.known)}.", param="model", code="model_not_found")
-        if isinstance(exc, InvalidRequest):
-            message = exc.problem + (f" Please {exc.fix}" if exc.fix and exc.code else (f" Fix: {exc.fix}" if exc.fix else ""))
-            return ApiError(400, message, param=exc.param, code=exc.code or "invalid_value")
-        if isinstance(exc, Overloaded):
-            return ApiError(503, f"The server is overloaded: {exc}. Retry later.", type="server_error", code="overloaded")
-        if isinstance(exc, KubetuneError):
-            return ApiError(400, str(exc))
-        raise exc
-
-    # -- probes, metrics, models -----------------------------------------------------------
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready():
-        if state.draining.is_set():
-            return JSONResponse({"status": "draining", "error": None}, status_code=503)
-        if state.engine is not None and state.scheduler is not None and state.load_error is None:
-            return {"status": "ready", "models": state.engine.model_names}
-        status = "failed" if state.load_error is not None else "loading"
-        return JSONResponse({"status": status, "error": str(state.load_error) if state.load_error else None}, status_code=503)
-
-    @app.get("/metrics")
-    async def metrics():
-        body, content_type = state.metrics.render()
-        return Response(body, media_type=content_type)
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check_auth(request)
-        eng = ready_engine()
-        created = int(time.time())
-        data = [{"id": eng.base_name, "object": "model", "created": created, "owned_by": "kubetune",
-                 "root": eng.base_name, "parent": None}]
-        roots = getattr(eng, "roots", {})
-        data += [{"id": name, "object": "model", "created": created, "owned_by": "kubetune", "root": roots.get(name, path),
-                  "parent": eng.base_name} for name, path in list(eng.adapters.items())]
-        return {"object": "list", "data": data}
-
-    # -- runtime LoRA adapters (vLLM's API) --------------------------------------------------
-    def runtime_engine() -> Any:
-        eng = ready_engine()
-        if not hasattr(eng, "load_adapter"):
-            raise ApiError(400, f"the {eng.name} engine cannot load adapters at runtime.", code="not_supported")
-        return eng
-
-    async def on_engine_thread(fn: Callable[[], Any]) -> Any:
-        try:
-            return await asyncio.wrap_future(state.scheduler.call(fn))  # type: ignore[union-attr]
-        except Overloaded as exc:
-            raise translate(exc) from None
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(request: Request):
-        check_auth(request)
-        req = parse(LoadLoraAdapterRequest, await read_json(request))
-        eng = runtime_engine()
-        name = req.lora_name
-        if name == eng.base_name:
-            raise ApiError(400, f"The lora adapter name '{name}' is the base model's name.", param="lora_name",
-                           code="invalid_value")
-        if name in eng.adapters and not req.load_inplace:
-            raise ApiError(400, f"The lora adapter '{name}' has already been loaded. If you want to load the adapter "
-                           "in place, set 'load_inplace' to True.", param="lora_name", code="invalid_value")
-        from kubetune.trainer.infer.loading import is_adapter_dir, resolve_path
-
-        try:
-            path = await asyncio.to_thread(resolve_path, req.lora_path, state.config.storage or StorageSpec(),
-                                           f"adapter {name}")
-        except Exception as exc:  # a missing path, an unreachable store
-            raise ApiError(400, f"Loading lora {name} failed: {exc}", param="lora_path", code="invalid_value") from None
-        if not hasattr(path, "is_dir") or not is_adapter_dir(path):  # type: ignore[arg-type]
-            raise ApiError(400, f"Loading lora {name} failed: {req.lora_path!r} holds no LoRA adapter "
-                           "(adapter_config.json).", param="lora_path", code="invalid_value")
-        try:
-            await on_engine_thread(lambda: eng.load_adapter(name, path, root=req.lora_path, replace=req.load_inplace))
-        except KubetuneError as exc:
-            raise ApiError(400, f"Loading lora {name} failed: {exc}", param="lora_path", code="invalid_value") from None
-        log.info("loaded LoRA adapter %s from %s", name, req.lora_path)
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(request: Request):
-        check_auth(request)
-        req = parse(UnloadLoraAdapterRequest, await read_json(request))
-        eng = runtime_engine()
-        name = req.lora_name
-        if name == eng.base_name:
-            raise ApiError(400, f"The base model '{name}' cannot be unloaded.", param="lora_name", code="invalid_value")
-        try:
-            await on_engine_thread(lambda: eng.unload_adapter(name))
-        except UnknownModel:
-            raise ApiError(404, f"The lora adapter '{name}' cannot be found.", type="NotFoundError", param="lora_name",
-                           code="model_not_found") from None
-        log.info("unloaded LoRA adapter %s", name)
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
-
-    @app.get("/v1/models/{name}")
-    async def model(name: str, request: Request):
-        check_auth(request)
-        eng = ready_engine()
-        try:
-            eng.adapter_for(name)
-        except UnknownModel as exc:
-            raise translate(exc) from None
-        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "kubetune"}
-
-    # -- generation ------------------------------------------------------------------------
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await handle(request, "chat")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await handle(request, "completions")
-
-    async def handle(request: Request, endpoint: str):
-        started = time.monotonic()
-        model_label = "unknown"
-        try:
-            check_auth(request)
-            body = await read_json(request)
-            req = parse(ChatCompletionRequest if endpoint == "chat" else CompletionRequest, body)
-            eng = ready_engine()
-            try:
-                adapter = eng.adapter_for(req.model)
-                model_label = req.model
-                params = req.sampling()
-                if (params.logprobs is not None or params.prompt_logprobs is not None) and not eng.supports_logprobs:
-                    param = "logprobs" if req.logprobs not in (None, False) else "best_of"
-                    raise InvalidRequest(param, f"{param} needs token logprobs, which are not computed with "
-                                         "speculative decoding.", "serve without --draft-model/--prompt-lookup.")
-                if endpoint == "chat":
-                    messages = [m.as_template_message() for m in req.messages]
-                    tools = req.offered_tools()
-                    if tools and not eng.template_supports_tools(req.model):
-                        raise InvalidRequest("tools", f"the chat template of {req.model!r} does not render tools, so the "
-                                             "model would never see them.", "send the request without tools, or serve "
-                                             "the model with a template that uses `tools` (--template).")
-                    prompts = [eng.encode_chat(messages, req.model, tools=tools)]
-                else:
-                    prompts = [p if isinstance(p, list) else eng.encode_text(p) for p in req.prompts()]
-                for ids in prompts:
-                    if any(not isinstance(t, int) or t < 0 or t >= len(eng.tokenizer) for t in ids):
-                        raise InvalidRequest("prompt", "the prompt holds token ids outside the vocabulary.")
-                    eng.check_length(len(ids), params, "messages" if endpoint == "chat" else "prompt")
-                run = Run(state, endpoint, req, prompts, params, adapter, lstrip=endpoint == "chat")
-                run.submit()
-            except (KubetuneError, Overloaded) as exc:
-                raise translate(exc) from None
-        except ApiError as exc:
-            state.metrics.requests.labels(model_label, endpoint, str(exc.status)).inc()
-            state.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
-            raise
-        if req.stream:
-            return StreamingResponse(run.stream(request, started), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(await run.collect(request, started))
-
-    @app.get("/")
-    async def root():
-        return PlainTextResponse("kubetune OpenAI-compatible server: see /v1/models\n")
-
+    app.add_middleware(BodyLimitMiddleware, limit=state.config.max_request_bytes)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid_body)
+    app.include_router(probes)
+    app.include_router(v1)
     return app
+
+
+# -- errors, auth, engine access -----------------------------------------------------------------
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body, status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(error_body(str(exc.detail), code=str(exc.status_code)), status_code=exc.status_code)
+
+
+async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    response = await validation_error(request, exc)
+    _count_refused(request, response.status_code)
+    return response
+
+
+def _count_refused(request: Request, status: int) -> None:
+    """Count a generation request refused before its handler ran (bad body, no key), as the
+    handler counts the ones it refuses."""
+    endpoint = GENERATION_PATHS.get(request.url.path)
+    if endpoint is not None:
+        request.app.state.kubetune.metrics.requests.labels("unknown", endpoint, str(status)).inc()
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.kubetune
+
+
+bearer = HTTPBearer(auto_error=False, description=f"The server's API key (${API_KEY_ENV}, or the variable --api-key-env names).")
+
+
+def authorized(state: ServerState, credentials: HTTPAuthorizationCredentials | None) -> bool:
+    """Whether the request may use `/v1` (always, when no API key is configured)."""
+    key = state.config.api_key
+    if not key:
+        return True
+    token = credentials.credentials.strip() if credentials is not None else ""
+    return hmac.compare_digest(token.encode(), key.encode())
+
+
+async def require_key(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    if not authorized(state_of(request), credentials):
+        _count_refused(request, 401)
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+def ready_engine(state: ServerState) -> Engine:
+    if state.load_error is not None:
+        raise ApiError(503, f"the model failed to load: {state.load_error}", type="server_error", code="model_load_failed")
+    if state.engine is None or state.scheduler is None:
+        raise ApiError(503, "the model is still loading; retry shortly.", type="server_error", code="model_loading")
+    return state.engine
+
+
+def translate(exc: Exception) -> ApiError:
+    if isinstance(exc, UnknownModel):
+        return ApiError(404, f"The model `{exc.name}` does not exist. Available models: {', '.join(exc.known)}.", param="model", code="model_not_found")
+    if isinstance(exc, InvalidRequest):
+        message = exc.problem + (f" Please {exc.fix}" if exc.fix and exc.code else (f" Fix: {exc.fix}" if exc.fix else ""))
+        return ApiError(400, message, param=exc.param, code=exc.code or "invalid_value")
+    if isinstance(exc, Overloaded):
+        return ApiError(503, f"The server is overloaded: {exc}. Retry later.", type="server_error", code="overloaded")
+    if isinstance(exc, KubetuneError):
+        return ApiError(400, str(exc))
+    raise exc
+
+
+# -- probes, metrics --------------------------------------------------------------------------------
+probes = APIRouter(route_class=GuardedRoute)
+
+
+@probes.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@probes.get("/ready")
+async def ready(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+    """Readiness. The served model names are listed only to callers allowed to use `/v1`: with an
+    API key configured they would tell anyone which adapters (customers) this server serves."""
+    state = state_of(request)
+    if state.draining.is_set():
+        return JSONResponse({"status": "draining", "error": None}, status_code=503)
+    if state.engine is not None and state.scheduler is not None and state.load_error is None:
+        if authorized(state, credentials):
+            return {"status": "ready", "models": state.engine.model_names}
+        return {"status": "ready"}
+    status = "failed" if state.load_error is not None else "loading"
+    return JSONResponse({"status": status, "error": str(state.load_error) if state.load_error else None}, status_code=503)
+
+
+@probes.get("/metrics")
+async def metrics(request: Request):
+    body, content_type = state_of(request).metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@probes.get("/")
+async def root():
+    return PlainTextResponse("kubetune OpenAI-compatible server: see /v1/models\n")
+
+
+# -- /v1: models, runtime LoRA adapters (vLLM's API), generation ----------------------------------------
+v1 = APIRouter(prefix="/v1", route_class=GuardedRoute, dependencies=[Depends(require_key)])
+
+
+@v1.get("/models")
+async def models(request: Request):
+    eng = ready_engine(state_of(request))
+    created = int(time.time())
+    data = [{"id": eng.base_name, "object": "model", "created": created, "owned_by": "kubetune",
+             "root": eng.base_name, "parent": None}]
+    roots = getattr(eng, "roots", {})
+    data += [{"id": name, "object": "model", "created": created, "owned_by": "kubetune", "root": roots.get(name, path),
+              "parent": eng.base_name} for name, path in list(eng.adapters.items())]
+    return {"object": "list", "data": data}
+
+
+@v1.get("/models/{name}")
+async def model(name: str, request: Request):
+    eng = ready_engine(state_of(request))
+    try:
+        eng.adapter_for(name)
+    except UnknownModel as exc:
+        raise translate(exc) from None
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "kubetune"}
+
+
+def runtime_engine(state: ServerState) -> Any:
+    eng = ready_engine(state)
+    if not hasattr(eng, "load_adapter"):
+        raise ApiError(400, f"the {eng.name} engine cannot load adapters at runtime.", code="not_supported")
+    return eng
+
+
+async def on_engine_thread(state: ServerState, fn: Callable[[], Any]) -> Any:
+    try:
+        return await asyncio.wrap_future(state.scheduler.call(fn))  # type: ignore[union-attr]
+    except Overloaded as exc:
+        raise translate(exc) from None
+
+
+@v1.post("/load_lora_adapter", response_class=PlainTextResponse)
+async def load_lora_adapter(req: LoadLoraAdapterRequest, request: Request):
+    state = state_of(request)
+    eng = runtime_engine(state)
+    name = req.lora_name
+    if name == eng.base_name:
+        raise ApiError(400, f"The lora adapter name '{name}' is the base model's name.", param="lora_name",
+                       code="invalid_value")
+    if name in eng.adapters and not req.load_inplace:
+        raise ApiError(400, f"The lora adapter '{name}' has already been loaded. If you want to load the adapter "
+                       "in place, set 'load_inplace' to True.", param="lora_name", code="invalid_value")
+    access = state.adapter_access
+    path = await localize_adapter(access, state.config.storage or StorageSpec(), name, req.lora_path)
+
+    def load() -> None:  # on the engine thread: two loads cannot both pass the limit
+        if name not in eng.adapters and len(eng.adapters) >= access.max_adapters:
+            raise adapter_limit(access, len(eng.adapters))
+        eng.load_adapter(name, path, root=req.lora_path, replace=req.load_inplace)
+
+    try:
+        await on_engine_thread(state, load)
+    except KubetuneError as exc:
+        raise ApiError(400, f"Loading lora {name} failed: {exc}", param="lora_path", code="invalid_value") from None
+    log.info("loaded LoRA adapter %s from %s", name, req.lora_path)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+@v1.post("/unload_lora_adapter", response_class=PlainTextResponse)
+async def unload_lora_adapter(req: UnloadLoraAdapterRequest, request: Request):
+    state = state_of(request)
+    eng = runtime_engine(state)
+    name = req.lora_name
+    if name == eng.base_name:
+        raise ApiError(400, f"The base model '{name}' cannot be unloaded.", param="lora_name", code="invalid_value")
+    try:
+        await on_engine_thread(state, lambda: eng.unload_adapter(name))
+    except UnknownModel:
+        raise ApiError(404, f"The lora adapter '{name}' cannot be found.", type="NotFoundError", param="lora_name",
+                       code="model_not_found") from None
+    log.info("unloaded LoRA adapter %s", name)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+@v1.post("/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    return await generate(request, "chat", req)
+
+
+@v1.post("/completions")
+async def completions(req: CompletionRequest, request: Request):
+    return await generate(request, "completions", req)
+
+
+async def generate(request: Request, endpoint: str, req: ChatCompletionRequest | CompletionRequest):
+    state = state_of(request)
+    started = time.monotonic()
+    model_label = "unknown"
+    try:
+        eng = ready_engine(state)
+        try:
+            adapter = eng.adapter_for(req.model)
+            model_label = req.model
+            params = req.sampling()
+            if (params.logprobs is not None or params.prompt_logprobs is not None) and not eng.supports_logprobs:
+                param = "logprobs" if req.logprobs not in (None, False) else "best_of"
+                raise InvalidRequest(param, f"{param} needs token logprobs, which are not computed with "
+                                     "speculative decoding.", "serve without --draft-model/--prompt-lookup.")
+            prompts = await prompt_ids(state, eng, req, params)
+            run = Run(state, endpoint, req, prompts, params, adapter, lstrip=endpoint == "chat")
+            run.submit()
+        except (KubetuneError, Overloaded) as exc:
+            raise translate(exc) from None
+    except ApiError as exc:
+        state.metrics.requests.labels(model_label, endpoint, str(exc.status)).inc()
+        state.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+        raise
+    if req.stream:
+        return StreamingResponse(run.stream(request, started), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return JSONResponse(await run.collect(request, started))
+
+
+async def prompt_ids(state: ServerState, eng: Engine, req: ChatCompletionRequest | CompletionRequest,
+                     params: SamplingParams) -> list[list[int]]:
+    """The request's prompts as token ids, each checked against the context. A prompt with more
+    characters than the context could hold is refused before tokenizing; rendering and tokenizing
+    run on `state.tokenize_pool`, so a long prompt does not hold up the event loop (probes, streams)."""
+    if isinstance(req, ChatCompletionRequest):
+        param = "messages"
+        messages = [m.as_template_message() for m in req.messages]
+        tools = req.offered_tools()
+        if tools and not eng.template_supports_tools(req.model):
+            raise InvalidRequest("tools", f"the chat template of {req.model!r} does not render tools, so the "
+                                 "model would never see them.", "send the request without tools, or serve "
+                                 "the model with a template that uses `tools` (--template).")
+        check_prompt_chars(sum(len(m["content"]) for m in messages), eng.context_length, param)
+
+        def encode() -> list[list[int]]:
+            return [eng.encode_chat(messages, req.model, tools=tools)]
+    else:
+        param = "prompt"
+        texts = req.prompts()
+        for text in texts:
+            if isinstance(text, str):
+                check_prompt_chars(len(text), eng.context_length, param)
+
+        def encode() -> list[list[int]]:
+            return [p if isinstance(p, list) else eng.encode_text(p) for p in texts]
+
+    prompts = await asyncio.get_running_loop().run_in_executor(state.tokenize_pool, encode)
+    vocab = len(eng.tokenizer)
+    for ids in prompts:
+        if not ids:
+            raise InvalidRequest(param, "the prompt is empty once tokenized.", "send a longer prompt.")
+        eng.check_length(len(ids), params, param)
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+            raise InvalidRequest("prompt", "the prompt holds token ids outside the vocabulary.")
+    return prompts
 
 
 class Run:

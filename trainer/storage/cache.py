@@ -31,7 +31,7 @@ from kubetune.trainer.errors import KubetuneError, SpecError
 from kubetune.trainer.spec import StorageSpec
 from kubetune.trainer.storage.client import get_client, translate
 from kubetune.trainer.storage.transfer import ObjectInfo, Transfers, list_objects, remove_partials
-from kubetune.trainer.storage.uri import S3Uri, safe_relative_path
+from kubetune.trainer.storage.uri import S3Uri, safe_join
 
 log = logging.getLogger("kubetune.storage")
 
@@ -118,16 +118,16 @@ def localize_s3(location: str, settings: StorageSpec | None = None, *, field: st
     root = cache_root(settings)
     data_root, meta_root = root / "s3" / uri.bucket, root / "s3-meta" / uri.bucket
     key_path = uri.key.rstrip("/")
-    target = data_root / key_path if key_path else data_root
-    lock_file = meta_root / f"{key_path or '_bucket'}.lock"
+    target = safe_join(data_root, key_path, location=location, field=field)
+    lock_file = safe_join(meta_root, f"{key_path or '_bucket'}.lock", location=location, field=field)
     client = get_client(settings)
     try:
         with _locked(lock_file):
             single, objects = resolve_objects(client, uri, location, field)
             entries: list[tuple[ObjectInfo, Path, Path]] = []
             for info in objects:
-                rel = safe_relative_path(info.key if single else uri.relative(info.key), location, field)
-                local = data_root / rel if single else target / rel
+                local = safe_join(data_root, info.key, location=location, field=field) if single else \
+                    safe_join(target, uri.relative(info.key), location=location, field=field)
                 entries.append((info, local, meta_root / f"{local.relative_to(data_root)}.json"))
             if not single:
                 remove_partials(target)

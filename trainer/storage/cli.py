@@ -26,7 +26,7 @@ from kubetune.trainer.storage.transfer import (
     list_objects,
     upload_directory,
 )
-from kubetune.trainer.storage.uri import S3Uri, is_s3, safe_relative_path
+from kubetune.trainer.storage.uri import S3Uri, is_s3, safe_join
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -193,7 +193,7 @@ def _download(src: str, dst: str, settings: StorageSpec) -> tuple[int, int]:
     if single:
         finals = [target / uri.name if dst.endswith("/") or target.is_dir() else target]
     else:
-        finals = [target / safe_relative_path(uri.relative(o.key), src, "SRC") for o in objects]
+        finals = [safe_join(target, uri.relative(o.key), location=src, field="SRC") for o in objects]
     for final in finals:
         final.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from kubetune.trainer.errors import SpecError
 
@@ -40,6 +40,12 @@ class S3Uri:
                 f"{uri!r} has no valid bucket name.",
                 "write it as s3://bucket/prefix (bucket names are lower-case letters, digits, '.' and '-').",
             )
+        if unsafe_segments(key):
+            raise SpecError(
+                field,
+                f"{uri!r} has a key with '..' or '.' segments or a leading '/'.",
+                "write the key without them: s3://bucket/prefix/name (kubetune maps keys onto local paths).",
+            )
         return cls(bucket, key)
 
     def __str__(self) -> str:
@@ -65,14 +71,39 @@ class S3Uri:
         return key[len(self.prefix) :]
 
 
-def safe_relative_path(relative_key: str, uri: str, field: str) -> PurePosixPath:
-    """A key below a prefix as a relative local path, refusing keys that would escape the target
-    directory (`..`, absolute paths): S3 allows any key, the local disk must not be overwritten."""
-    path = PurePosixPath(relative_key)
-    if not relative_key or path.is_absolute() or any(part in ("..", ".") for part in path.parts):
-        raise SpecError(
-            field,
-            f"object key {relative_key!r} under {uri} cannot be stored as a local file.",
-            "rename the object (keys with '..' or a leading '/' are refused).",
-        )
+def unsafe_segments(key: str) -> bool:
+    """Whether a key (or relative path) would leave the directory it is joined to: a `..` or `.`
+    segment, or a leading `/` (joining an absolute path replaces the root)."""
+    return key.startswith("/") or any(part in ("..", ".") for part in key.split("/"))
+
+
+def safe_join(root: Path, *parts: str, location: str = "", field: str = "") -> Path:
+    """`root / part / ...` for parts that come from outside (object keys, URIs, request bodies),
+    refusing any that would escape `root`. The one place where kubetune's storage layer and server
+    turn user-supplied names into local paths: S3 allows any key, the local disk must not be
+    written outside the cache. Empty parts are skipped (a bucket root maps to `root` itself)."""
+    path = Path(root)
+    for part in parts:
+        if unsafe_segments(part):
+            raise SpecError(
+                field,
+                f"object key {part!r}{f' under {location}' if location else ''} cannot be stored as a local file.",
+                "rename the object (keys with '..' or '.' segments or a leading '/' are refused).",
+            )
+        path = path.joinpath(*(p for p in part.split("/") if p))
+    if not is_within(path, root):  # belt and braces: a part the segment check did not foresee
+        raise SpecError(field, f"{location or 'a key'} maps outside {root}.", "rename the object.")
     return path
+
+
+def is_within(path: Path | str, root: Path | str) -> bool:
+    """Whether `path` is `root` or below it, lexically (no `..` can climb out) and after following
+    symlinks (a link inside `root` pointing elsewhere does not count as inside)."""
+    import os.path
+
+    lexical = os.path.normpath(os.path.abspath(path))
+    base = os.path.normpath(os.path.abspath(root))
+    if os.path.commonpath([lexical, base]) != base:
+        return False
+    real, real_base = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, real_base]) == real_base
