@@ -284,7 +284,7 @@ def test_a_node_that_never_reports_leaves_the_checkpoint_incomplete(s3: S3Env) -
 
 
 def test_other_nodes_rotate_their_own_uploaded_checkpoints(s3: S3Env) -> None:
-    """transformers' `save_total_limit` rotates only rank 0's disk: every other node's uploader
+    """Rank 0's session rotates only rank 0's disk: every other node's uploader
     deletes its own checkpoint directories beyond `keep_last`, once uploaded and older than the
     newest complete checkpoint; never one it did not upload, never the newest complete one."""
 
@@ -322,10 +322,52 @@ def test_other_nodes_rotate_their_own_uploaded_checkpoints(s3: S3Env) -> None:
     assert local(node1) == ["checkpoint-5", "checkpoint-20", "checkpoint-30"]
     save(40)
     assert local(node1) == ["checkpoint-5", "checkpoint-30", "checkpoint-40"]
-    assert local(node0) == ["checkpoint-10", "checkpoint-20", "checkpoint-30", "checkpoint-40"]  # transformers' job
+    assert local(node0) == ["checkpoint-30", "checkpoint-40"]  # rank 0's session rotates its own disk
 
     node1.keep_last = 1
     save(50, complete=False)  # rank 0 never completes it: 40 stays the newest complete checkpoint
     assert local(node1) == ["checkpoint-5", "checkpoint-40", "checkpoint-50"]
     node0.close()
     node1.close()
+
+
+def _metrics(*steps: int) -> str:
+    return "".join(json.dumps({"step": step, "loss": 1.0 / step}) + "\n" for step in steps)
+
+
+def test_run_logs_travel_with_the_checkpoint_and_reach_the_prefix_before_its_manifest(s3: S3Env) -> None:
+    """A kill right after the manifest must not cost the records logged up to the checkpoint."""
+    session = _session(s3)
+    (session.local_dir / "metrics.jsonl").write_text(_metrics(1, 2, 3))
+    session.checkpoint_saved(_write_checkpoint(session.local_dir, 3), 3)
+    with (session.local_dir / "metrics.jsonl").open("a") as handle:
+        handle.write(_metrics(4))  # logged after the save: not part of checkpoint-3
+    session.wait()
+    puts = [r.path for r in s3.proxy.requests if r.method == "PUT"]
+    logs_put = puts.index(f"/{s3.bucket}/runs/a/metrics.jsonl")
+    assert logs_put < puts.index(f"/{s3.bucket}/runs/a/checkpoint-3/{MANIFEST_NAME}")
+    assert s3.get("runs/a/metrics.jsonl").decode() == _metrics(1, 2, 3)
+    manifest = json.loads(s3.get(f"runs/a/checkpoint-3/{MANIFEST_NAME}"))
+    assert "kubetune-logs/metrics.jsonl" in manifest["files"]
+    session.close()
+
+
+def test_a_lost_log_upload_loses_no_records_on_resume(s3: S3Env) -> None:
+    """The prefix's metrics.jsonl never lands (killed, or refused): a fresh disk resuming from
+    checkpoint-3 still gets every record up to step 3, from the checkpoint's own copy, and none
+    of the steps logged after it, which the resumed run logs again."""
+    first = _session(s3)
+    (first.local_dir / "metrics.jsonl").write_text(_metrics(1, 2, 3))
+    s3.proxy.add_fault("403", times=None, method="PUT", path_contains="/runs/a/metrics.jsonl")
+    first.checkpoint_saved(_write_checkpoint(first.local_dir, 3), 3)
+    first.wait()
+    first.close()
+    assert s3.keys(f"runs/a/checkpoint-3/{MANIFEST_NAME}") and not s3.keys("runs/a/metrics.jsonl")
+
+    second = S3OutputSession(s3.uri("runs/a"), s3.settings(cacheDir=str(s3.cache.parent / "fresh-disk")))
+    (second.local_dir / "metrics.jsonl").write_text(_metrics(1, 2, 3, 4, 5))  # a stale local copy
+    checkpoint = second.latest_checkpoint()
+    assert checkpoint is not None and checkpoint.name == "checkpoint-3"
+    second.rewind_run_logs(checkpoint)
+    assert (second.local_dir / "metrics.jsonl").read_text() == _metrics(1, 2, 3)
+    second.close()

@@ -53,8 +53,10 @@ class TokenCounter:
 class MetricsWriter(TrainerCallback):
     """Appends every log record (loss, lr, grad norm, tokens/s, eval loss) to metrics.jsonl.
 
-    A resumed run appends to the same file, so the curve covers the whole job. Throughput is
-    the tokens counted by `TokenCounter` between two log records, times the world size.
+    A resumed run appends to the same file, so the curve covers the whole job; the runner first
+    rewinds it to the copy saved with the checkpoint it resumes from (`OutputSession.rewind_run_logs`),
+    so the steps trained again are not logged twice. Throughput is the tokens counted by
+    `TokenCounter` between two log records, times the world size.
     """
 
     def __init__(self, output_dir: Path, counter: TokenCounter | None = None):
@@ -104,6 +106,41 @@ class MetricsWriter(TrainerCallback):
         self.write(record)
 
 
+class TrainingComplete(Exception):
+    """Raised by `StepBudget`: the resumed checkpoint is at (or past) the last step."""
+
+    def __init__(self, step: int, max_steps: int):
+        super().__init__(f"step {step} of {max_steps}: nothing left to train")
+        self.step = step
+        self.max_steps = max_steps
+
+
+class StepBudget(TrainerCallback):
+    """Stops a resumed run that has no step left, before it trains one.
+
+    transformers checks for the end of training only after a step, so resuming from a checkpoint
+    at `max_steps` trained one step more: a rerun after a kill during the final evaluation or
+    upload saved checkpoint-N+1 and changed the final weights, and every rerun of a finished run
+    (a retried job, a gang restart) added a step. At train begin the checkpoint (weights,
+    optimizer, state) is loaded and nothing is trained yet: raising here leaves the model exactly
+    at the checkpoint, for the runner to finish the run from. It must come before the callbacks
+    that report a start (status, metrics).
+    """
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise TrainingComplete(state.global_step, state.max_steps)
+
+
+def evaluated_at(state: TrainerState, step: int) -> bool:
+    """Whether an evaluation was logged at `step`, by this process or by the attempt that saved
+    the checkpoint it resumed from (log_history travels with the checkpoint, on every rank alike,
+    so all ranks agree on skipping the final evaluation, a collective)."""
+    return any(
+        entry.get("step") == step and ("eval_loss" in entry or "eval_reward" in entry) for entry in state.log_history
+    )
+
+
 class CheckpointRecorder(TrainerCallback):
     """Marks each checkpoint complete (manifest written last) once every rank has saved it.
 
@@ -112,14 +149,14 @@ class CheckpointRecorder(TrainerCallback):
     ranks have saved, one process per node lists its node's files; each file is assigned to the
     first node (in rank order) that has it, so a disk shared by several nodes is uploaded once.
     Rank 0 then finishes the checkpoint, expecting the other nodes' files under a token of this
-    save; those nodes hand theirs over (`OutputSession.checkpoint_shards_saved`), and, as
-    transformers rotates checkpoints only on rank 0's disk, the S3 session then rotates that
-    node's own uploaded checkpoint directories (`checkpoint.keepLast`).
+    save; those nodes hand theirs over (`OutputSession.checkpoint_shards_saved`), and, as rank 0's
+    session rotates checkpoints (`checkpoint.keepLast`) only on its own disk, the S3 session then
+    rotates that node's own uploaded checkpoint directories.
     """
 
-    def __init__(self, session: OutputSession):
+    def __init__(self, session: OutputSession, resumed_from: Path | None = None):
         self.session = session
-        self.last_checkpoint: Path | None = None
+        self.last_checkpoint: Path | None = resumed_from
         self.hands_over_shards = False
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):

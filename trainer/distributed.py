@@ -120,3 +120,18 @@ def keep_configured_state(args: Any) -> Any:
     """
     args.accelerator_config.use_configured_state = True
     return args
+
+
+def agree(value: Any) -> Any:
+    """Rank 0's `value`, on every rank (as is outside a process group).
+
+    For decisions only rank 0 can make (it alone reads the run's status.json, which on a
+    multi-node run with a local output only its disk holds) that every rank must follow: a rank
+    that went on training alone would wait forever in its first collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

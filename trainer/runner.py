@@ -20,7 +20,10 @@ from kubetune.trainer.callbacks import (
     GracefulStop,
     MetricsWriter,
     StatusReporter,
+    StepBudget,
     TokenCounter,
+    TrainingComplete,
+    evaluated_at,
 )
 from kubetune.trainer.distributed import world_info
 from kubetune.trainer.errors import SpecError
@@ -64,8 +67,9 @@ def resolve_resume(spec: TrainingSpec, session) -> str | None:
     if resume == "never":
         return None
     if resume == "auto":
-        session.remove_incomplete_checkpoints()
+        removed = session.remove_incomplete_checkpoints()
         latest = session.latest_checkpoint()
+        report_skipped(removed, latest)
         return str(latest) if latest else None
     if resume.startswith("s3://"):
         from kubetune.trainer.storage import localize
@@ -77,6 +81,46 @@ def resolve_resume(spec: TrainingSpec, session) -> str | None:
         raise SpecError("checkpoint.resume", f"{resume!r} is not a checkpoint directory (no trainer_state.json).",
                         "use auto, never, or the path of a checkpoint-N directory.")
     return str(path)
+
+
+def report_skipped(removed: list, latest: Path | None) -> None:
+    """Say which newer checkpoints a resume passed over (a run killed mid-save, mid-upload):
+    otherwise a run silently resuming from an older step looks like lost progress."""
+    from kubetune.trainer.storage.output import CHECKPOINT_RE
+
+    latest_step = int(CHECKPOINT_RE.match(latest.name).group(1)) if latest and CHECKPOINT_RE.match(latest.name) else -1
+    target = f"resuming from {latest.name}" if latest else "starting from the beginning"
+    seen: set[str] = set()
+    for item in removed:
+        name = str(item).rstrip("/").rsplit("/", 1)[-1]
+        match = CHECKPOINT_RE.match(name)
+        if match and int(match.group(1)) > latest_step and name not in seen:
+            seen.add(name)
+            log.warning("%s is incomplete (no manifest): skipped, %s", name, target)
+
+
+def finished_run(spec: TrainingSpec) -> dict | None:
+    """The status of a finished run of this very spec in the output (rank 0), else None.
+
+    Re-running the command of a finished run (a retried job, a gang restart, a second
+    `kubetune train`) must change nothing. "This very spec": the resolved spec the run stored
+    when it started is this one, so a raised `train.maxSteps` still continues training from the
+    last checkpoint. Only with `checkpoint.resume: auto`: `never` asks to train afresh.
+    """
+    from kubetune.trainer.storage.output import read_output_file, read_status
+
+    if spec.checkpoint.resume != "auto":
+        return None
+    status = read_status(spec.output_path, spec.storage)
+    if not status or status.get("phase") != "Succeeded":
+        return None
+    stored = read_output_file(spec.output_path, RESOLVED_SPEC_FILE, spec.storage)
+    try:
+        document = yaml.safe_load(stored) if stored is not None else None
+    except yaml.YAMLError:
+        return None
+    current = yaml.safe_load(yaml.safe_dump(spec.to_document(), sort_keys=False))
+    return status if document == current else None
 
 
 def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, has_eval: bool):
@@ -129,7 +173,9 @@ def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, ha
         eval_steps=t.evalEverySteps,
         save_strategy="steps",
         save_steps=spec.checkpoint.everySteps,
-        save_total_limit=spec.checkpoint.keepLast,
+        # Not `save_total_limit`: transformers would delete the previous checkpoint before the new
+        # one is complete. The output session rotates (`checkpoint.keepLast`) once it is.
+        save_total_limit=None,
         logging_steps=spec.logging.everySteps,
         logging_first_step=True,
         report_to=spec.logging.reportTo or "none",
@@ -229,16 +275,14 @@ def run(spec: TrainingSpec) -> RunResult:
 
 
 def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunResult:
-    import torch
     import transformers
 
     from kubetune.trainer.context import RunContext
-    from kubetune.trainer.data import apply_template, build_datasets, make_collator
-    from kubetune.trainer.models.loader import load_model, load_tokenizer, pick_precision
-    from kubetune.trainer.models.methods import apply_method, loraplus_optimizer
-    from kubetune.trainer.models.vocab import extend_tokenizer, resize_embeddings
-    from kubetune.trainer.plots import plot_loss
-    from kubetune.trainer.samples import SAMPLES_FILE, generate_samples, record_samples, sample_prompts
+    from kubetune.trainer.data import make_collator
+    from kubetune.trainer.distributed import agree
+    from kubetune.trainer.models.loader import pick_precision
+    from kubetune.trainer.models.methods import loraplus_optimizer
+    from kubetune.trainer.samples import sample_prompts
     from kubetune.trainer.stages import stage_module
 
     rank = world_info()[0]
@@ -253,7 +297,72 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
     if hasattr(stage, "preflight"):
         spec = stage.preflight(spec)
 
-    # Inputs first: a wrong model or data location fails before any checkpoint is downloaded.
+    # One process: a finished run is found before the model is loaded. Several: after the process
+    # group exists (below), since every rank must follow rank 0's answer.
+    finished = finished_run(spec) if world_info()[2] == 1 else None
+    if finished is None:
+        spec, tokenizer, data, model = _load_inputs(spec, stage, precision)
+        args = build_training_args(spec, output_dir, precision, has_eval=data.eval is not None)
+        world_size = args.world_size  # sets up the process group, which `agree` needs
+        finished = agree(finished_run(spec) if rank == 0 else None)
+    if finished is not None:
+        log.info("the run in %s already finished at step %s (status.json says Succeeded): nothing to do",
+                 spec.output_path, finished.get("step"))
+        return RunResult(output_dir, int(finished.get("step") or 0), runtime_seconds=time.time() - started)
+    # One process per node cleans up and downloads the checkpoint; the others then find it local.
+    with args.main_process_first(local=True, desc="resolving the checkpoint to resume from"):
+        resume_from = resolve_resume(spec, session)
+    # Under DeepSpeed the baseline evaluation runs inside `train()`, once the engine exists: before
+    # it, ZeRO-0/1/2 have no engine to evaluate with and ZeRO-3 leaves transformers with a stale
+    # one (transformers PR #44889). A resumed run has its baseline already.
+    args.eval_on_start = data.eval is not None and spec.distributed.deepspeed is not None and resume_from is None
+    optimizers = (loraplus_optimizer(model, spec, args), None) if spec.uses_lora and spec.lora.loraplusRatio else (None, None)
+    flash = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
+    counter = TokenCounter(make_collator(tokenizer, spec, flatten_packed=flash))
+    metrics = MetricsWriter(output_dir, counter)
+    checkpoints = CheckpointRecorder(session, resumed_from=Path(resume_from) if resume_from else None)
+    status = StatusReporter(session, metrics, checkpoints)
+    stop = GracefulStop()
+    ctx = RunContext(spec=spec, model=model, tokenizer=tokenizer, data=data, training_args=args,
+                     callbacks=[StepBudget(), metrics, checkpoints, status, stop], optimizers=optimizers,
+                     data_collator=counter)
+    trainer = stage.build_trainer(ctx)
+    progress.update(status=status, trainer=trainer)
+    resumed = public_location(spec, resume_from)
+
+    if rank == 0:
+        # A killed attempt may have logged steps this run trains again: continue from the logs as
+        # they were at the checkpoint, so that every record is there once.
+        session.rewind_run_logs(Path(resume_from) if resume_from else None)
+        (output_dir / RESOLVED_SPEC_FILE).write_text(yaml.safe_dump(spec.to_document(), sort_keys=False))
+        metrics.write({"event": "start", "time": time.time(), "resumedFrom": resumed, "precision": precision,
+                       "worldSize": world_size, "data": data.stats})
+    # Generating on one rank needs the whole model there: not so with ZeRO-partitioned weights.
+    find_prompts = getattr(stage, "sample_prompts", sample_prompts)
+    prompts = find_prompts(data.eval, spec.logging.samples) if rank == 0 and spec.distributed.deepspeed is None else []
+    _fit(trainer, spec, data, stop, resume_from, resumed, prompts, tokenizer, output_dir)
+
+    state = trainer.state
+    if stop.requested:
+        # The checkpoint was saved by the trainer on the way out; make sure it is durable.
+        if rank == 0:
+            session.write_status(status.snapshot(state, phase="Interrupted"), force=True)
+            session.finalize()
+        return RunResult(output_dir, state.global_step, interrupted=True, resumed_from=resumed,
+                         runtime_seconds=time.time() - started)
+    _finish(trainer, spec, session, data, metrics, status, tokenizer, prompts)
+    return RunResult(output_dir, state.global_step, resumed_from=resumed, eval_metrics=metrics.last_eval,
+                     runtime_seconds=time.time() - started)
+
+
+def _load_inputs(spec: TrainingSpec, stage, precision: str):
+    """(spec, tokenizer, data, model) ready to train. Inputs first: a wrong model or data
+    location fails before any checkpoint is downloaded."""
+    from kubetune.trainer.data import apply_template, build_datasets
+    from kubetune.trainer.models.loader import load_model, load_tokenizer
+    from kubetune.trainer.models.methods import apply_method
+    from kubetune.trainer.models.vocab import extend_tokenizer, resize_embeddings
+
     tokenizer = load_tokenizer(spec.model, spec.storage)
     template = apply_template(tokenizer, spec.data.template)
     log.info("chat template: %s", template)
@@ -267,57 +376,41 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
     # A KV cache is useless in training and, when present, transformers skips the packed-sequence
     # detection that keeps packed examples from attending to each other.
     model.config.use_cache = False
+    return spec, tokenizer, data, model
 
-    args = build_training_args(spec, output_dir, precision, has_eval=data.eval is not None)
-    # One process per node cleans up and downloads the checkpoint; the others then find it local.
-    with args.main_process_first(local=True, desc="resolving the checkpoint to resume from"):
-        resume_from = resolve_resume(spec, session)
-    # Under DeepSpeed the baseline evaluation runs inside `train()`, once the engine exists: before
-    # it, ZeRO-0/1/2 have no engine to evaluate with and ZeRO-3 leaves transformers with a stale
-    # one (transformers PR #44889). A resumed run has its baseline already.
-    args.eval_on_start = data.eval is not None and spec.distributed.deepspeed is not None and resume_from is None
-    optimizers = (loraplus_optimizer(model, spec, args), None) if spec.uses_lora and spec.lora.loraplusRatio else (None, None)
-    flash = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
-    counter = TokenCounter(make_collator(tokenizer, spec, flatten_packed=flash))
-    metrics = MetricsWriter(output_dir, counter)
-    checkpoints = CheckpointRecorder(session)
-    status = StatusReporter(session, metrics, checkpoints)
-    stop = GracefulStop()
-    ctx = RunContext(spec=spec, model=model, tokenizer=tokenizer, data=data, training_args=args,
-                     callbacks=[metrics, checkpoints, status, stop], optimizers=optimizers,
-                     data_collator=counter)
-    trainer = stage.build_trainer(ctx)
-    progress.update(status=status, trainer=trainer)
-    resumed = public_location(spec, resume_from)
 
-    if rank == 0:
-        (output_dir / RESOLVED_SPEC_FILE).write_text(yaml.safe_dump(spec.to_document(), sort_keys=False))
-        metrics.write({"event": "start", "time": time.time(), "resumedFrom": resumed, "precision": precision,
-                       "worldSize": args.world_size, "data": data.stats})
-    deepspeed = spec.distributed.deepspeed
-    # Generating on one rank needs the whole model there: not so with ZeRO-partitioned weights.
-    find_prompts = getattr(stage, "sample_prompts", sample_prompts)
-    prompts = find_prompts(data.eval, spec.logging.samples) if rank == 0 and deepspeed is None else []
+def _fit(trainer, spec: TrainingSpec, data, stop: GracefulStop, resume_from: str | None, resumed: str | None,
+         prompts: list, tokenizer, output_dir: Path) -> None:
+    """The baseline (a fresh run), then training, with the graceful stop installed. A resumed
+    checkpoint with no step left (`StepBudget`) trains nothing: the run is finished from it."""
+    from kubetune.trainer.samples import SAMPLES_FILE, generate_samples, record_samples
+
     stop.install()
     try:
         if resume_from is None:
-            if data.eval is not None and deepspeed is None:
+            if data.eval is not None and spec.distributed.deepspeed is None:
                 trainer.evaluate()  # the baseline every later eval loss is compared against
             record_samples(output_dir / SAMPLES_FILE, "before", 0, generate_samples(trainer.model, tokenizer, prompts))
         trainer.train(resume_from_checkpoint=resume_from)
+    except TrainingComplete as done:
+        log.info("%s is at step %d, the last (%d): nothing left to train; finishing the run from it",
+                 resumed, done.step, done.max_steps)
     finally:
         stop.uninstall()
 
-    state = trainer.state
-    if stop.requested:
-        # The checkpoint was saved by the trainer on the way out; make sure it is durable.
-        if rank == 0:
-            session.write_status(status.snapshot(state, phase="Interrupted"), force=True)
-            session.finalize()
-        return RunResult(output_dir, state.global_step, interrupted=True, resumed_from=resumed,
-                         runtime_seconds=time.time() - started)
 
-    if data.eval is not None and metrics.last_eval_step != state.global_step:
+def _finish(trainer, spec: TrainingSpec, session, data, metrics: MetricsWriter, status: StatusReporter,
+            tokenizer, prompts: list) -> None:
+    """Final evaluation, model, samples, metrics, plot and Succeeded status; then every rank waits."""
+    import torch
+
+    from kubetune.trainer.plots import plot_loss
+    from kubetune.trainer.samples import SAMPLES_FILE, generate_samples, record_samples
+
+    rank = world_info()[0]
+    state = trainer.state
+    output_dir = session.local_dir
+    if data.eval is not None and metrics.last_eval_step != state.global_step and not evaluated_at(state, state.global_step):
         trainer.evaluate()  # the final model's eval loss, unless the schedule just ran it
     save_final(trainer, spec, tokenizer, output_dir)
     if rank == 0:
@@ -330,5 +423,3 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
         session.finalize()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return RunResult(output_dir, state.global_step, resumed_from=resumed, eval_metrics=metrics.last_eval,
-                     runtime_seconds=time.time() - started)

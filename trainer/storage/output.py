@@ -14,11 +14,12 @@ its own files (`checkpoint_shards_saved`). Only the S3 session can combine them 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,13 @@ MANIFEST_NAME = "kubetune-manifest.json"
 """Written last into a checkpoint: its presence (and matching sizes) marks the checkpoint complete."""
 STATUS_NAME = "status.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+RUN_LOGS = ("metrics.jsonl", "samples.jsonl")
+"""Append-only files of a run (callbacks.METRICS_FILE, samples.SAMPLES_FILE), which every attempt
+of a job continues."""
+LOGS_DIR = "kubetune-logs"
+"""Inside a checkpoint: the run logs as they were when it was saved (see `snapshot_run_logs`)."""
+
+log = logging.getLogger("kubetune.storage")
 
 
 def localize(location: str, settings: StorageSpec | None = None, *, field: str) -> Path:
@@ -103,12 +111,87 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoint_step(checkpoint: Path) -> int | None:
+    """The global step a checkpoint was saved at (its trainer_state.json), else from its name."""
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        match = CHECKPOINT_RE.match(checkpoint.name)
+        return int(match.group(1)) if match else None
+
+
+def snapshot_run_logs(local_dir: Path, checkpoint: Path) -> None:
+    """Copy the run logs into the checkpoint (`LOGS_DIR`), before its manifest is written.
+
+    The copy is exactly what a resume from this checkpoint continues: the records written up to
+    this save, whatever happened after it (steps logged and then lost to a kill, a final
+    evaluation that never finished, a log upload that never landed in S3). Being part of the
+    checkpoint, it is covered by the manifest, uploaded and downloaded with it, rotated with it."""
+    target = checkpoint / LOGS_DIR
+    for name in RUN_LOGS:
+        source = local_dir / name
+        if source.is_file():
+            target.mkdir(exist_ok=True)
+            tmp = target / (name + ".tmp")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target / name)
+
+
+def rewind_run_logs(local_dir: Path, checkpoint: Path | None) -> None:
+    """Make the run logs hold what a run resuming from `checkpoint` continues, each record once.
+
+    A killed attempt may have logged steps past its last complete checkpoint, which the resumed
+    run trains and logs again. A checkpoint of this output carries its own copy of the logs
+    (`snapshot_run_logs`), which replaces the local ones. Without a copy (a checkpoint from
+    elsewhere, or from an older kubetune), records of later steps are dropped. Starting afresh
+    (`checkpoint` None) drops every stepped record of earlier attempts (their `start` records
+    stay, as the job's history)."""
+    step = checkpoint_step(checkpoint) if checkpoint is not None else None
+    limit = step if step is not None else -1
+    own = checkpoint is not None and checkpoint.resolve().parent == local_dir.resolve()
+    for name in RUN_LOGS:
+        local = local_dir / name
+        copy = checkpoint / LOGS_DIR / name if own and checkpoint is not None else None
+        if copy is not None and copy.is_file():
+            if not local.is_file() or local.read_bytes() != copy.read_bytes():
+                log.info("%s: continuing from the copy saved with %s (later records dropped)", name, checkpoint.name)
+                tmp = local.with_name(name + ".tmp")
+                shutil.copyfile(copy, tmp)
+                os.replace(tmp, local)
+        elif local.is_file():
+            drop_records_after(local, limit)
+
+
+def drop_records_after(path: Path, limit: int) -> int:
+    """Remove the records of steps after `limit` (and any half-written line) from a JSONL log."""
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1  # a line cut short by a kill
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, int | float) and step > limit:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        log.info("%s: dropped %d records of steps after %d (they are trained again)", path.name, dropped, max(limit, 0))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
 class OutputSession:
     """Owns a run's output directory: checkpoints, resume, status, final artifacts.
 
-    `local_dir` is where the trainer writes (its `output_dir`). `keep_last` is accepted for the
-    S3 session's retention (and its rotation of other nodes' disks, where transformers does not
-    rotate); locally, transformers' `save_total_limit` already rotates checkpoints.
+    `local_dir` is where the trainer writes (its `output_dir`). `keep_last` (`checkpoint.keepLast`)
+    is applied here, not by transformers' `save_total_limit`: transformers deletes the previous
+    checkpoint as soon as it has written the new one's files, before the manifest marks the new
+    one complete, so a kill in between (hashing takes minutes on a large model) left no complete
+    checkpoint at all. `rotate_checkpoints` runs only once a newer checkpoint is complete.
     """
 
     def __init__(
@@ -144,8 +227,41 @@ class OutputSession:
         `shards_from`: the ranks that hand over files of this checkpoint from other disks (via
         `checkpoint_shards_saved`, same `token`); the checkpoint is complete only with them. A
         local output has no shared store to gather them in, so here the manifest covers this
-        disk's files (a shared disk already holds every rank's files)."""
+        disk's files (a shared disk already holds every rank's files). The run logs are copied in
+        first (`snapshot_run_logs`); rotation follows the manifest, never precedes it."""
+        snapshot_run_logs(self.local_dir, path)
         write_manifest(path, step)
+        self.rotate_checkpoints()
+
+    def rotate_checkpoints(self, busy: Collection[str] = ()) -> list[Path]:
+        """Delete local checkpoints older than the newest `keep_last` complete ones.
+
+        Only complete checkpoints count towards `keep_last`, so the newest complete one is never
+        deleted, nor anything newer (a checkpoint still being saved or uploaded); an incomplete one
+        older than every kept checkpoint is garbage and goes too. `busy`: names still in use (an
+        upload in flight), left alone."""
+        if not self.keep_last:
+            return []
+        found = list_checkpoints(self.local_dir)
+        complete = [step for step, path in found if self._counts_as_complete(path)]
+        if len(complete) <= self.keep_last:
+            return []
+        oldest_kept = complete[-self.keep_last]
+        removed = []
+        for step, path in found:
+            if step < oldest_kept and path.name not in busy:
+                log.info("rotation: deleting %s (keeping the newest %d complete checkpoints)", path, self.keep_last)
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
+    def _counts_as_complete(self, checkpoint: Path) -> bool:
+        """Whether a local checkpoint directory may let older ones be rotated away."""
+        return read_manifest(checkpoint) is not None
+
+    def rewind_run_logs(self, checkpoint: Path | None) -> None:
+        """Before a run appends to its logs: see `rewind_run_logs` (rank 0 only, the writer)."""
+        rewind_run_logs(self.local_dir, checkpoint)
 
     def checkpoint_shards_saved(self, path: Path, step: int, files: Sequence[str], *, rank: int, token: str) -> None:
         """Called on one process of every other node holding files of a checkpoint (`files`,
@@ -193,14 +309,24 @@ def read_status(output: str, settings: StorageSpec | None = None, **timeouts: fl
     """The `status.json` a run wrote under `output` (local path or `s3://` prefix), or None when
     it does not exist (yet) or cannot be read: never raises. `timeouts` (`connect_timeout`,
     `read_timeout`) go to the S3 client, for readers that must give up quickly."""
+    body = read_output_file(output, STATUS_NAME, settings, **timeouts)
+    try:
+        data = json.loads(body.decode()) if body is not None else None
+    except ValueError:  # half-written: the caller reads again later
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_output_file(output: str, name: str, settings: StorageSpec | None = None, **timeouts: float) -> bytes | None:
+    """The bytes of the file `name` under `output` (local path or `s3://` prefix), or None when it
+    does not exist or cannot be read: never raises."""
     from kubetune.trainer.storage.stream import open_stream
 
     try:
-        with open_stream(f"{output.rstrip('/')}/{STATUS_NAME}", settings, field="output.path", **timeouts) as handle:
-            data = json.loads(handle.read().decode())
-    except Exception:  # absent, unreachable, half-written: the caller reads again later
+        with open_stream(f"{output.rstrip('/')}/{name}", settings, field="output.path", **timeouts) as handle:
+            return handle.read()
+    except Exception:  # absent, unreachable: the caller treats it as not there
         return None
-    return data if isinstance(data, dict) else None
 
 
 def open_output(location: str, settings: StorageSpec | None = None, *, keep_last: int | None = None) -> OutputSession:

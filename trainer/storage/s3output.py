@@ -12,9 +12,13 @@ only after every file uploaded and verified, and retention deletes the manifest 
 so at every instant an S3 checkpoint with a manifest is whole. `latest_checkpoint()` trusts only
 those (and re-checks sizes against the listing and SHA-256s after download).
 
-`checkpoint_saved` snapshots the checkpoint with hard links before returning, because
-transformers' own rotation (`save_total_limit`) may delete the local directory while its upload
-is still running; the hashing and uploading then happen on a background thread.
+`checkpoint_saved` snapshots the checkpoint with hard links before returning, so that the hashing
+and uploading can happen on a background thread whatever later happens to the local directory.
+
+Rotation (`checkpoint.keepLast`) only ever deletes a checkpoint once a newer one is complete: in S3
+(`_apply_retention`) after the new manifest is stored; on rank 0's disk (`rotate_checkpoints`,
+not transformers' `save_total_limit`, which deleted the old checkpoint before the new one was
+complete) after the new one's upload has finished.
 
 Multi-node checkpoints: with ZeRO (and for per-rank RNG states) every rank writes its own files
 of a checkpoint, each onto its own node's disk. One process per node uploads its node's share:
@@ -27,16 +31,18 @@ node's files are in S3. A node that fails to upload writes its marker with the e
 waiting at once); one that never reports leaves the checkpoint incomplete after `shards_timeout`.
 Every node downloads the whole checkpoint on resume, as every rank loads all of it.
 
-Local rotation on the other nodes: transformers rotates checkpoints (`save_total_limit`) only on
-the global rank 0's disk, so each other node's uploader rotates its own disk after handing over a
-checkpoint (`_rotate_node_checkpoints`): it deletes its local `checkpoint-*` directories beyond the
-newest `keep_last`, but only those whose files this session uploaded (marker written), that are no
-longer being uploaded, and that are older than the newest checkpoint complete in S3 (which is kept).
+Local rotation on the other nodes: rank 0's session rotates only its own disk, so each other
+node's uploader rotates its own disk after handing over a checkpoint (`_rotate_node_checkpoints`):
+it deletes its local `checkpoint-*` directories beyond the newest `keep_last`, but only those whose
+files this session uploaded (marker written), that are no longer being uploaded, and that are older
+than the newest checkpoint complete in S3 (which is kept).
 
 Run logs (`metrics.jsonl`, `samples.jsonl`) are appended to by every attempt of a job, so that the
-curve covers the whole job. With an S3 output the next attempt usually runs on an empty disk:
-a copy of the logs taken when a checkpoint is saved is uploaded after that checkpoint's manifest,
-and a session that finds no local logs restores them from the prefix before the run appends.
+curve covers the whole job. Each checkpoint carries a copy of them as of its save
+(`output.snapshot_run_logs`), covered by its manifest: a resume continues from that copy, so no
+record before the resumed step is lost and none after it is kept twice. The copy is also uploaded
+to the prefix before the manifest (so the prefix's logs are never older than the newest complete
+checkpoint), and a session that finds no local logs restores them from the prefix.
 """
 
 from __future__ import annotations
@@ -61,13 +67,16 @@ from kubetune.trainer.storage.cache import cache_root
 from kubetune.trainer.storage.client import StorageError, get_client, is_not_found, redact, translate
 from kubetune.trainer.storage.output import (
     CHECKPOINT_RE,
+    LOGS_DIR,
     MANIFEST_NAME,
+    RUN_LOGS,
     STATUS_NAME,
     OutputSession,
     checkpoint_files,
     list_checkpoints,
     read_manifest,
     save_manifest,
+    snapshot_run_logs,
 )
 from kubetune.trainer.storage.transfer import (
     PART_MARKER,
@@ -85,8 +94,6 @@ WORK_PREFIX = ".kubetune-"
 """Names in `local_dir` starting with this are the session's own scratch space, never uploaded."""
 STATUS_INTERVAL_S = 15.0
 SUCCEEDED = "Succeeded"
-RUN_LOGS = ("metrics.jsonl", "samples.jsonl")
-"""Append-only files of a run (callbacks.METRICS_FILE, samples.SAMPLES_FILE): restored on a fresh disk."""
 SHARDS_PREFIX = "kubetune-shards-"
 SHARDS_TIMEOUT_S = 1800.0
 """How long rank 0 waits for another node's files of a checkpoint (after its own are uploaded)."""
@@ -154,6 +161,9 @@ class S3OutputSession(OutputSession):
         self._shard_errors: list[KubetuneError] = []
         self._shards_uploaded: set[str] = set()
         """Checkpoints whose files this node handed over (marker written) in this session."""
+        self._stored: set[str] = set()
+        """Checkpoints this session completed in S3 (manifest stored), whether or not this disk
+        holds all their files (under ZeRO on several nodes it does not, and gets no local manifest)."""
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -234,22 +244,22 @@ class S3OutputSession(OutputSession):
     # -- checkpoints --------------------------------------------------------------------------
 
     def checkpoint_saved(self, path: Path, step: int, *, shards_from: Sequence[int] = (), token: str | None = None) -> None:
-        """Snapshot the checkpoint (hard links) and upload it in the background; returns at once.
-        With `shards_from`, the manifest also waits for (and lists) those ranks' files."""
+        """Copy the run logs into the checkpoint, snapshot it (hard links) and upload it in the
+        background; returns at once. With `shards_from`, the manifest also waits for (and lists)
+        those ranks' files."""
         self._raise_permanent()
         path = Path(path)
+        snapshot_run_logs(self.local_dir, path)  # copies, not links: the originals keep growing
+        self._queue_upload(path, step, shards_from, token)
+
+    def _queue_upload(self, path: Path, step: int, shards_from: Sequence[int] = (), token: str | None = None) -> None:
         name = path.name if CHECKPOINT_RE.match(path.name) else f"checkpoint-{step}"
         snapshot = self.local_dir / f"{WORK_PREFIX}upload" / f"{name}-{uuid.uuid4().hex[:8]}"
         _hardlink_tree(path, snapshot)
-        logs = snapshot.with_name(snapshot.name + "-logs")
-        for log_name in RUN_LOGS:  # copies, not links: the originals keep growing
-            if (self.local_dir / log_name).is_file():
-                logs.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(self.local_dir / log_name, logs / log_name)
         with self._lock:
             self._in_flight.add(name)
             future = self._checkpoint_pool.submit(
-                self._upload_checkpoint, path, snapshot, name, step, logs, tuple(shards_from), token
+                self._upload_checkpoint, path, snapshot, name, step, tuple(shards_from), token
             )
             self._pending.append(future)
 
@@ -385,12 +395,17 @@ class S3OutputSession(OutputSession):
         return closing is not None and now - closing > SHARDS_CLOSE_GRACE_S
 
     def _upload_run_logs(self, logs: Path) -> None:
-        """The run logs as of a checkpoint, after its manifest: what a resume from it continues."""
-        for file in sorted(logs.glob("*")) if logs.is_dir() else []:
-            uri = self._key(file.name)
+        """The run logs as of a checkpoint, to the prefix, before its manifest: the prefix's copy
+        is then never older than the newest complete checkpoint's (a resume uses the
+        checkpoint's own copy, uploaded with its files)."""
+        for name in RUN_LOGS:
+            file = logs / name
+            if not file.is_file():
+                continue
+            uri = self._key(name)
             try:
                 self._transfers.upload_file(file, uri)
-            except Exception as exc:  # not fatal: finalize() uploads the complete logs again
+            except Exception as exc:  # not fatal: the checkpoint holds its copy, finalize() uploads them again
                 log.warning("%s", translate(exc, str(uri), field="output.path", action="upload"))
 
     def _upload_checkpoint(
@@ -399,7 +414,6 @@ class S3OutputSession(OutputSession):
         snapshot: Path,
         name: str,
         step: int,
-        logs: Path | None = None,
         shards_from: Sequence[int] = (),
         token: str | None = None,
     ) -> None:
@@ -418,6 +432,7 @@ class S3OutputSession(OutputSession):
             self._upload_verified(snapshot, name, digests)
             if shards_from:
                 files.update(self._await_shards(name, shards_from, token))
+            self._upload_run_logs(snapshot / LOGS_DIR)
             body = json.dumps(manifest, indent=1).encode()
             self.client.put_object(Bucket=manifest_uri.bucket, Key=manifest_uri.key, Body=body)
             # Locally complete only if this disk holds every file (not so when other nodes wrote some).
@@ -426,18 +441,25 @@ class S3OutputSession(OutputSession):
                     save_manifest(original, manifest)
             with self._lock:
                 self._last_uri = target
+                self._stored.add(name)
             log.info("checkpoint %s uploaded (%d files)", target, len(files))
-            if logs is not None:
-                self._upload_run_logs(logs)
             self._apply_retention()
         except Exception as exc:
             self._fail(exc, target, "upload checkpoint to")
+            return
         finally:
             shutil.rmtree(snapshot, ignore_errors=True)
-            if logs is not None:
-                shutil.rmtree(logs, ignore_errors=True)
             with self._lock:
                 self._in_flight.discard(name)
+                busy = set(self._in_flight)
+        self.rotate_checkpoints(busy=busy)
+
+    def _counts_as_complete(self, checkpoint: Path) -> bool:
+        """Complete in S3: stored by this session, or complete here (downloaded, or uploaded by an
+        earlier attempt, whose local manifest is written only once S3 has it)."""
+        with self._lock:
+            stored = checkpoint.name in self._stored
+        return stored or super()._counts_as_complete(checkpoint)
 
     def _apply_retention(self) -> None:
         """Keep the newest `keep_last` complete checkpoints in S3 (independent of local rotation)."""
@@ -476,7 +498,7 @@ class S3OutputSession(OutputSession):
             if local.name in remote and remote[local.name]["manifest"]:
                 self._last_uri = str(self._key(local.name))
             elif int(os.environ.get("RANK", "0")) == 0:  # one uploader, even if every node has a copy
-                self.checkpoint_saved(local, local_step)
+                self._queue_upload(local, local_step)  # as saved: its logs copy is already in it
         return local
 
     def _download_checkpoint(self, name: str, entry: dict[str, Any]) -> Path:
