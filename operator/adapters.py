@@ -26,11 +26,13 @@ the Service only when it serves the whole set). An adapter added later that fail
 wrong URI, a rank above `--max-lora-rank`) does not make a serving pod unready: the error is
 logged, shown on `/status`, and retried with a growing delay. `/health` is the agent's liveness.
 
-vLLM's runtime LoRA endpoints answer whoever reaches the server (vLLM warns about that): the
-agent also reverts what others did there, within one pass (an adapter unloaded, replaced from
-another path, or loaded under a name the file does not have). Set an API key on the service
-(`KUBETUNE_API_KEY` from a Secret in spec.env: vLLM then requires it on those endpoints too, and
-the agent sends it).
+vLLM's runtime LoRA endpoints answer whoever reaches the server (vLLM warns about that), so
+every service has an API key by default: the operator generates one into the Secret
+`<name>-isvc-api-key` and passes it to the server and to this agent as `KUBETUNE_API_KEY`
+(secretKeyRef; spec.env can bring another). The server then requires it on /v1, those endpoints
+included, and the agent sends it as `Authorization: Bearer` on every call (`api_key_from_env`).
+The agent also reverts what others did there, within one pass (an adapter unloaded, replaced
+from another path, or loaded under a name the file does not have).
 
 `--keep NAME` protects a name vLLM loaded itself at start (the model's own adapter when the model
 is a LoRA output is served under the service's name): it is never unloaded.
@@ -335,6 +337,13 @@ def serve_http(agent: Agent, port: int, host: str = "0.0.0.0") -> ThreadingHTTPS
     return server
 
 
+def api_key_from_env(environ: Any = None) -> str | None:
+    """The server's API key as the pod passes it: KUBETUNE_API_KEY (what the operator sets, from
+    the service's Secret), else VLLM_API_KEY (a user's own spec.env). Never logged."""
+    environ = os.environ if environ is None else environ
+    return environ.get("KUBETUNE_API_KEY") or environ.get("VLLM_API_KEY") or None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubetune.operator.adapters", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the adapters file (the mounted ConfigMap)")
@@ -346,8 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between passes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    api_key = os.environ.get("VLLM_API_KEY") or os.environ.get("KUBETUNE_API_KEY") or None
-    agent = Agent(args.config, VLLMClient(args.server, api_key), keep=tuple(args.keep), interval=args.interval)
+    agent = Agent(args.config, VLLMClient(args.server, api_key_from_env()), keep=tuple(args.keep), interval=args.interval)
     server = serve_http(agent, args.port, args.host)
     import signal
 

@@ -43,7 +43,14 @@ def register(subparsers: Any) -> None:
                     help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("--trainer-image", default=None, help="default image of the training pods")
     op.add_argument("--metrics-port", type=int, default=None, help="serve the operator's Prometheus metrics on this port")
-    op.add_argument("--server-image", default=None, help="default image of InferenceService pods (default: the trainer image)")
+    op.add_argument("--server-image", default=None,
+                    help="image of InferenceService pods without spec.image, for every engine (default: the engine's "
+                    "own: --vllm-image for vllm, --trainer-image for transformers)")
+    op.add_argument("--vllm-image", default=None,
+                    help="image of `engine: vllm` InferenceService pods (default ghcr.io/kubetune/kubetune-vllm:<version>)")
+    op.add_argument("--host-cache-root", default=None, type=_host_cache_root, metavar="DIR",
+                    help="node directory under which hostPath model caches live, as DIR/<namespace>/<cache.subPath> "
+                    "(default /var/lib/kubetune/cache); resources cannot name another node path")
     op.add_argument("--default-s3-endpoint", default=None, metavar="URL",
                     help="S3-compatible endpoint of job and serving pods whose spec.storage sets none "
                     "(the resource's own endpoint wins)")
@@ -63,6 +70,15 @@ def register(subparsers: Any) -> None:
     op.add_argument("-v", "--verbose", action="store_true")
     op.add_argument("--debug", action="store_true")
     op.set_defaults(func=cmd_operator)
+
+
+def _host_cache_root(value: str) -> str:
+    from kubetune.operator.validation import check_host_cache_root
+
+    try:
+        return check_host_cache_root(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
@@ -97,6 +113,10 @@ def operator_environment(args: argparse.Namespace) -> dict[str, str]:
         env["KUBETUNE_METRICS_PORT"] = str(args.metrics_port)
     if args.server_image:
         env["KUBETUNE_SERVER_IMAGE"] = args.server_image
+    if args.vllm_image:
+        env["KUBETUNE_VLLM_IMAGE"] = args.vllm_image
+    if args.host_cache_root:
+        env["KUBETUNE_HOST_CACHE_ROOT"] = args.host_cache_root
     if args.default_s3_endpoint:
         env["KUBETUNE_DEFAULT_S3_ENDPOINT"] = args.default_s3_endpoint
     if args.default_s3_secret:

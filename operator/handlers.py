@@ -5,9 +5,21 @@ one function, `reconcile_object`, which reads the resource fresh, observes its c
 the pure `reconcile()` decide, and carries out the plan. Change handlers (create, update,
 resume) and Job events (the Job controller updating a Job's status) react at once; a timer
 observes in-flight jobs and the trainer's status.json every `KUBETUNE_RECONCILE_INTERVAL`
-seconds. There is no delete handler: the children carry owner references, so Kubernetes'
+seconds.
+
+Finalizers: there is no delete handler: the children carry owner references, so Kubernetes'
 garbage collector removes them with the resource (outputs in S3 are never touched). kopf puts
-its finalizer on the resources because of the timer and removes it at deletion.
+its finalizer on a resource only while a timer runs for it (it must stop the timer before the
+resource goes), so the timers run only while there is something to observe (`_observe_job`,
+`_observe_service`): a finished job (Succeeded, Failed) or a service that is Ready (its
+Deployment's events wake it) or Failed for a reason only a spec change fixes has no timer and no
+finalizer, costs nothing, and can be deleted with the operator gone. A spec change (update
+handler) or a child's event reconciles such a resource again at once.
+
+Watches: Jobs and Deployments are watched with a label filter (`CHILD_LABELS`: the labels every
+rendered child carries), so the handlers never run for anyone else's. kopf filters watch events
+in the operator (it has no server-side label selector), so the operator still needs list/watch
+on Jobs and Deployments in the namespaces it serves (`-n` narrows them).
 
 Environment (set by `kubetune operator` from its flags):
 - KUBETUNE_TRAINER_IMAGE: default image of the training pods;
@@ -22,6 +34,7 @@ Environment (set by `kubetune operator` from its flags):
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -29,11 +42,19 @@ from typing import Any
 
 import kopf
 
-from kubetune.operator.kube import Kube
+from kubetune.operator.kube import Kube, KubeError
 from kubetune.operator.metrics import record_phase, timed_reconcile
-from kubetune.operator.reconcile import Observed, needs_trainer_status, reconcile, status_patch
+from kubetune.operator.reconcile import (
+    Event,
+    Observed,
+    needs_reconcile,
+    needs_trainer_status,
+    reconcile,
+    status_patch,
+)
 from kubetune.operator.references import observe_references, observe_secret, training_references
 from kubetune.operator.render.common import (
+    LABEL_KIND,
     MANAGED_BY,
     StorageDefaults,
     child_names,
@@ -42,7 +63,15 @@ from kubetune.operator.render.common import (
 )
 from kubetune.operator.render.training import RenderOptions
 from kubetune.operator.resources import GROUP, KINDS, TERMINAL_PHASES, TRAINING_KINDS, VERSION
-from kubetune.operator.status import read_trainer_status
+from kubetune.operator.status import (
+    COND_SYNCED,
+    READY_TO_START,
+    condition_is,
+    get_condition,
+    now_iso,
+    read_trainer_status,
+    set_condition,
+)
 from kubetune.operator.validation import AdmissionRefused, admit, validate_resource
 from kubetune.trainer.errors import SpecErrors
 
@@ -158,17 +187,12 @@ def reconcile_object(kind: str, namespace: str, name: str, kube: Kube | None = N
             return
         cr.setdefault("metadata", {}).setdefault("namespace", namespace)
         cr.setdefault("kind", kind)
-        if not _in_flight(cr.get("status") or {}):
+        if not needs_reconcile(cr):
             record_phase(kind, namespace, name, (cr.get("status") or {}).get("phase"))
             return
         plan = reconcile(cr, observe(kube, cr, options), options=options)
         record_phase(kind, namespace, name, plan.status.get("phase") or (cr.get("status") or {}).get("phase"))
-        for obj in plan.create:
-            _, created = kube.create(obj)
-            log.info("%s %s/%s: %s %s", kind, namespace, name,
-                     "created" if created else "found existing", f"{obj['kind']} {obj['metadata']['name']}")
-        for child_kind, child_name, patch in plan.patch:
-            kube.patch(child_kind, namespace, child_name, patch)
+        report_forbidden(cr, plan, _act(kube, cr, plan))
         # Events before the status: whoever sees the new status can also find its events.
         for event in plan.events:
             kube.post_event(cr, event.type, event.reason, event.message)
@@ -177,14 +201,79 @@ def reconcile_object(kind: str, namespace: str, name: str, kube: Kube | None = N
             kube.patch(kind, namespace, name, {"status": patch}, subresource="status")
 
 
+def _act(kube: Kube, cr: dict[str, Any], plan: Any) -> list[KubeError]:
+    """Create and patch the plan's children. A call the operator's RBAC forbids (403) is
+    collected, not raised, so it can be reported on the resource; the timer retries it. Other
+    errors raise (kopf retries the handler with backoff)."""
+    kind, namespace, name = cr["kind"], cr["metadata"]["namespace"], cr["metadata"]["name"]
+    forbidden: list[KubeError] = []
+    for obj in plan.create:
+        try:
+            _, created = kube.create(obj)
+        except KubeError as exc:
+            if not exc.forbidden:
+                raise
+            forbidden.append(exc)
+            continue
+        log.info("%s %s/%s: %s %s", kind, namespace, name,
+                 "created" if created else "found existing", f"{obj['kind']} {obj['metadata']['name']}")
+    for child_kind, child_name, patch in plan.patch:
+        try:
+            kube.patch(child_kind, namespace, child_name, patch)
+        except KubeError as exc:
+            if not exc.forbidden:
+                raise
+            forbidden.append(exc)
+    return forbidden
+
+
+def report_forbidden(cr: dict[str, Any], plan: Any, forbidden: list[KubeError]) -> None:
+    """Condition `Synced` (False, reason Forbidden) and one Warning event naming each refused
+    call, so that a missing RBAC grant shows in `kubectl describe`, not only in the operator's
+    log. The condition turns True again once every call is allowed. The rest of the status is
+    left as it was: the plan assumed its calls succeed."""
+    before = get_condition(cr.get("status") or {}, COND_SYNCED) or {}
+    generation = (cr.get("metadata") or {}).get("generation")
+    if not forbidden:
+        if before.get("reason") == "Forbidden":
+            set_condition(plan.status, COND_SYNCED, True, "Reconciled", "", now=now_iso(), generation=generation)
+        return
+    # Not everything the plan describes happened: keep the status (and the events) as they were,
+    # so the next pass decides again from what exists, rather than from a Job that was refused.
+    plan.status = copy.deepcopy(cr.get("status") or {})
+    plan.events = []
+    calls = sorted({exc.permission() for exc in forbidden})
+    message = (f"the operator is not allowed to {'; '.join(calls)} (HTTP 403): the change is not applied. "
+               "Grant it to the operator's ServiceAccount (the Helm chart's RBAC does: upgrade the chart).")
+    set_condition(plan.status, COND_SYNCED, False, "Forbidden", message, now=now_iso(), generation=generation)
+    if before.get("reason") == "Forbidden" and before.get("message") == message:
+        return  # reported already; the timer retries every few seconds
+    log.warning("%s %s/%s: %s", cr["kind"], cr["metadata"]["namespace"], cr["metadata"]["name"], message)
+    plan.events.append(Event("Warning", "Forbidden", message))
+
+
 def _on_change(body: kopf.Body, name: str, namespace: str, **_: Any) -> None:
     reconcile_object(body["kind"], namespace, name)
 
 
-def _in_flight(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") not in TERMINAL_PHASES or (
-        status.get("phase") == "Failed" and status.get("reason") == "InvalidSpec"
-    )
+def _observe_job(status: kopf.Status, **_: Any) -> bool:
+    """Whether a training resource needs its timer: not once it has Succeeded or Failed. A failed
+    one is retried on a spec change (the update handler), never by polling."""
+    return status.get("phase") not in TERMINAL_PHASES
+
+
+def _observe_service(status: kopf.Status, **_: Any) -> bool:
+    """Whether an InferenceService needs its timer: while it waits for something no watch of
+    ours reports (a referenced job, a Secret, a foreign object in the way) or has not settled.
+    A Ready service (whose pending update waits for nothing) follows its Deployment's events; a
+    service that Failed for its spec or its rollout waits for a spec change or a Deployment event."""
+    phase = status.get("phase")
+    waiting = condition_is(dict(status), READY_TO_START, "False")
+    if phase == "Ready":
+        return waiting
+    if phase == "Failed":
+        return status.get("reason") in ("NameConflict", "ReferenceFailed")
+    return True
 
 
 def _on_job_event(body: kopf.Body, namespace: str, **_: Any) -> None:
@@ -203,13 +292,20 @@ def _admit(body: kopf.Body, old: Any, operation: str | None, warnings: list[str]
         raise kopf.AdmissionError(str(exc), code=422) from None
 
 
-kopf.on.event("batch", "v1", "jobs", id="job-changed", labels={"app.kubernetes.io/managed-by": MANAGED_BY})(_on_job_event)
+def _child_labels(*kinds: str) -> dict[str, Any]:
+    """The labels of our children of these owner kinds (`render.common.labels_for`)."""
+    singulars = {KINDS[k].singular for k in kinds}
+    return {"app.kubernetes.io/managed-by": MANAGED_BY,
+            LABEL_KIND: lambda value, **_: value in singulars}
+
+
+kopf.on.event("batch", "v1", "jobs", id="job-changed", labels=_child_labels(*TRAINING_KINDS))(_on_job_event)
 
 for _plural in TRAINING_PLURALS:
     kopf.on.create(GROUP, VERSION, _plural, id="reconcile-create")(_on_change)
     kopf.on.update(GROUP, VERSION, _plural, id="reconcile-update", field="spec")(_on_change)
     kopf.on.resume(GROUP, VERSION, _plural, id="reconcile-resume")(_on_change)
-    kopf.timer(GROUP, VERSION, _plural, id="observe", interval=INTERVAL, when=_in_flight)(_on_change)
+    kopf.timer(GROUP, VERSION, _plural, id="observe", interval=INTERVAL, when=_observe_job)(_on_change)
     if os.environ.get("KUBETUNE_WEBHOOK_PORT"):  # kopf refuses admission handlers without a server
         kopf.on.validate(GROUP, VERSION, _plural, id="validate-spec", operations=["CREATE", "UPDATE"])(_admit)
 
@@ -236,11 +332,11 @@ def _on_deployment_event(body: kopf.Body, namespace: str, **_: Any) -> None:
 
 
 kopf.on.event("apps", "v1", "deployments", id="deployment-changed",
-              labels={"app.kubernetes.io/managed-by": MANAGED_BY})(_on_deployment_event)
+              labels=_child_labels(SERVICE_KIND))(_on_deployment_event)
 _service_plural = KINDS[SERVICE_KIND].plural
 kopf.on.create(GROUP, VERSION, _service_plural, id="reconcile-create")(_on_service_change)
 kopf.on.update(GROUP, VERSION, _service_plural, id="reconcile-update", field="spec")(_on_service_change)
 kopf.on.resume(GROUP, VERSION, _service_plural, id="reconcile-resume")(_on_service_change)
-kopf.timer(GROUP, VERSION, _service_plural, id="observe", interval=INTERVAL)(_on_service_change)
+kopf.timer(GROUP, VERSION, _service_plural, id="observe", interval=INTERVAL, when=_observe_service)(_on_service_change)
 if os.environ.get("KUBETUNE_WEBHOOK_PORT"):
     kopf.on.validate(GROUP, VERSION, _service_plural, id="validate-spec", operations=["CREATE", "UPDATE"])(_admit)

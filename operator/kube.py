@@ -24,10 +24,40 @@ MERGE_PATCH = "application/merge-patch+json"
 PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
 
+_VERBS = {"GET": "get", "POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
+
+
 class KubeError(Exception):
-    def __init__(self, status: int, message: str):
+    """An API call that failed: `status` (HTTP), and `verb`/`resource`/`namespace` of the call
+    (e.g. patch, configmaps) so that a 403 can say which permission is missing."""
+
+    def __init__(self, status: int, message: str, *, verb: str = "", resource: str = "", namespace: str = ""):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+        self.verb = verb
+        self.resource = resource
+        self.namespace = namespace
+
+    @property
+    def forbidden(self) -> bool:
+        return self.status == 403
+
+    def permission(self) -> str:
+        """`patch configmaps in namespace ml`: the missing grant of a 403, in RBAC words."""
+        where = f" in namespace {self.namespace}" if self.namespace else ""
+        return f"{self.verb or 'call'} {self.resource or 'this resource'}{where}"
+
+
+def _describe(method: str, path: str) -> tuple[str, str, str]:
+    """(verb, resource[/subresource], namespace) of a request path, for error messages."""
+    parts = [p for p in path.split("?")[0].split("/") if p]
+    namespace = parts[parts.index("namespaces") + 1] if "namespaces" in parts[:-1] else ""
+    after = parts[parts.index("namespaces") + 2:] if namespace else parts[2 if parts[:1] == ["api"] else 3:]
+    resource = "/".join([after[0], *after[2:3]]) if after else ""
+    verb = _VERBS.get(method, method.lower())
+    if method == "GET" and len(after) == 1:
+        verb = "list"
+    return verb, resource, namespace
 
 
 def collection_path(kind: str, namespace: str) -> str:
@@ -92,12 +122,18 @@ class Kube:
                 _return_http_data_only=True,
             )
         except ApiException as exc:
-            raise KubeError(exc.status or 0, (exc.body or exc.reason or "").strip()[:500]) from None
+            verb, resource, namespace = _describe(method, path)
+            raise KubeError(exc.status or 0, (exc.body or exc.reason or "").strip()[:500], verb=verb,
+                            resource=resource, namespace=namespace) from None
         data = response.data
         return json.loads(data) if data else {}
 
     # -- generic verbs -----------------------------------------------------------------
     def get(self, kind: str, namespace: str, name: str, *, metadata_only: bool = False) -> dict[str, Any] | None:
+        """The object, or None when it does not exist. `metadata_only` on a Secret never reads it
+        (see `secret_exists`): the answer is `{"metadata": {"name": ...}}` or None."""
+        if kind == "Secret" and metadata_only:
+            return {"metadata": {"name": name, "namespace": namespace}} if self.secret_exists(namespace, name) else None
         try:
             return self._call("GET", object_path(kind, namespace, name), accept=PARTIAL_METADATA if metadata_only else "application/json")
         except KubeError as exc:
@@ -124,6 +160,38 @@ class Kube:
                 raise
         existing = self.get(body["kind"], meta["namespace"], meta["name"])
         return existing or {}, False
+
+    def create_if_absent(self, body: dict[str, Any]) -> bool:
+        """Create; False when an object of that name already exists. Unlike `create` it never
+        reads the existing object back: for Secrets, which the operator may create but not read."""
+        meta = body["metadata"]
+        try:
+            self._call("POST", collection_path(body["kind"], meta["namespace"]), body)
+            return True
+        except KubeError as exc:
+            if exc.status == 409:
+                return False
+            raise
+
+    def secret_exists(self, namespace: str, name: str) -> bool:
+        """Whether a Secret exists, without permission to read Secrets.
+
+        Why not a GET: even a metadata-only GET (PartialObjectMetadata) needs `get` on secrets,
+        which RBAC cannot narrow to a set of names the operator does not know in advance — it
+        would let the operator read every Secret of the cluster. The operator needs `create` on
+        secrets anyway (the generated API keys of InferenceServices), so the check is a
+        server-side dry-run create of an empty Secret of that name: 409 AlreadyExists means it
+        exists, success means it does not, and nothing is stored or read. Any other answer (a
+        quota, a webhook without dry-run support, 403) counts as "exists": the pods then report
+        a missing Secret themselves (CreateContainerConfigError) instead of the job waiting."""
+        probe = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}}
+        try:
+            self._call("POST", collection_path("Secret", namespace), probe, query=[("dryRun", "All")])
+            return False
+        except KubeError as exc:
+            if exc.status != 409:
+                log.warning("could not check whether Secret %s/%s exists (%s); assuming it does", namespace, name, exc)
+            return True
 
     def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any], *, subresource: str | None = None) -> dict[str, Any]:
         return self._call("PATCH", object_path(kind, namespace, name, subresource), patch, content_type=MERGE_PATCH)

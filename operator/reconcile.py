@@ -70,13 +70,15 @@ from kubetune.operator.status import (
     SPEC_VALID,
     SUCCEEDED,
     SUSPENDED,
+    TrainerReport,
     now_iso,
     parse_time,
-    progress_from_trainer,
+    parse_trainer_status,
+    progress_of,
     set_condition,
 )
 from kubetune.operator.validation import memory_refusal, validate_resource
-from kubetune.trainer.errors import SpecErrors
+from kubetune.trainer.errors import SpecErrors, cap_message
 from kubetune.trainer.prepare import cache_location, cluster_default_cache, prepare_skip_reason
 
 COND_DATA_PREPARED = "DataPrepared"
@@ -143,10 +145,12 @@ class StatusDecisions:
     generation: Any
 
     def event(self, type_: str, reason: str, message: str) -> None:
-        self.plan.events.append(Event(type_, reason, message))
+        self.plan.events.append(Event(type_, reason, cap_message(message)))
 
     def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
-        """Set the phase; an event is posted when the phase or its reason changes."""
+        """Set the phase; an event is posted when the phase or its reason changes. Messages are
+        capped (`cap_message`): they may echo spec values of any size."""
+        message = cap_message(message)
         if self.status.get("phase") != phase or self.status.get("reason") != reason:
             self.event(event_type, reason, message)
         self.status.update(phase=phase, reason=reason, message=message)
@@ -190,13 +194,9 @@ class _Reconciler(DependencyChecks, StatusDecisions):
     # -- the rules -----------------------------------------------------------------------
     def run(self) -> Plan:
         phase = self.status.get("phase")
-        retry_invalid = (
-            phase == FAILED
-            and self.status.get("reason") in ("InvalidSpec", INSUFFICIENT_GPU_MEMORY)
-            and self.generation != self.status.get("observedGeneration")
-        )
-        if phase in TERMINAL_PHASES and not retry_invalid:
+        if not needs_reconcile(self.cr):
             return self.plan
+        retry_invalid = phase in TERMINAL_PHASES
         try:
             spec = validate_resource(self.cr)
         except SpecErrors as exc:
@@ -408,18 +408,10 @@ class _Reconciler(DependencyChecks, StatusDecisions):
     def follow_job(self, spec: ClusterFields) -> None:
         attempt = self.status.get("attempts") or 1
         job = self.current_job()
-        trainer = self.obs.trainer_status
-        if trainer is not None and self.fresh(trainer):
-            progress = progress_from_trainer(trainer)
-            if progress:
-                self.status["progress"] = progress
-            if isinstance(trainer.get("outputUri"), str):
-                self.status["outputUri"] = trainer["outputUri"]
-        else:
-            trainer = None
+        trainer = self.trainer_report()
         left = self.deadline_left(spec)
         if job is None:
-            if trainer is not None and trainer.get("phase") == SUCCEEDED:
+            if trainer is not None and trainer.phase == SUCCEEDED:
                 self.finish(SUCCEEDED, "Completed", "training completed (the Job is gone; status.json says Succeeded)")
                 return
             if left is not None and left <= 0:
@@ -467,13 +459,29 @@ class _Reconciler(DependencyChecks, StatusDecisions):
             if self.status.get("phase") not in (PENDING, RUNNING):
                 self.transition(PENDING, "PodsStarting", f"attempt {attempt}: waiting for the pods to start")
 
-    def fresh(self, trainer: dict[str, Any]) -> bool:
+    def trainer_report(self) -> TrainerReport | None:
+        """The trainer's status.json of this run, checked (`parse_trainer_status`: it is written
+        by user code), with its progress and output location copied into the status; None when
+        there is none, or it is from an earlier run that wrote to the same location."""
+        if self.obs.trainer_status is None:
+            return None
+        own_output = output_uri_of({**self.cr, "status": {}})
+        report, notes = parse_trainer_status(self.obs.trainer_status, own_output)
+        if not self.fresh(report):
+            return None
+        progress = progress_of(report, notes)
+        if progress:
+            self.status["progress"] = progress
+        if report.outputUri:
+            self.status["outputUri"] = report.outputUri
+        return report
+
+    def fresh(self, report: TrainerReport) -> bool:
         """A status.json from this run, not a previous run that wrote to the same location."""
-        updated = trainer.get("updatedAt")
         started = parse_time(self.status.get("startTime"))
-        if not isinstance(updated, int | float) or isinstance(updated, bool) or started is None:
+        if not isinstance(report.updatedAt, float) or started is None:
             return True
-        return updated >= started.timestamp() - 5
+        return report.updatedAt >= started.timestamp() - 5
 
     def attempt_failed(self, spec: ClusterFields, attempt: int, failed: dict[str, Any], left: int | None) -> None:
         reason = failed.get("reason") or "Failed"
@@ -537,6 +545,21 @@ def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, A
         if key not in new:
             patch[key] = None
     return patch
+
+
+RETRIED_ON_SPEC_CHANGE = ("InvalidSpec", INSUFFICIENT_GPU_MEMORY)
+"""Failed reasons a new spec (generation) may fix: the resource is reconciled again then."""
+
+
+def needs_reconcile(cr: dict[str, Any]) -> bool:
+    """Whether reconciling `cr` can change anything: it is in flight, or it failed for its spec
+    and the spec has changed since. A finished job is left alone (no reads, no writes)."""
+    status = cr.get("status") or {}
+    if status.get("phase") not in TERMINAL_PHASES:
+        return True
+    generation = (cr.get("metadata") or {}).get("generation")
+    return (status.get("phase") == FAILED and status.get("reason") in RETRIED_ON_SPEC_CHANGE
+            and generation != status.get("observedGeneration"))
 
 
 def needs_trainer_status(cr: dict[str, Any]) -> str | None:

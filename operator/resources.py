@@ -16,7 +16,7 @@ import copy
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import to_jsonable_python
 
@@ -39,8 +39,41 @@ TERMINAL_PHASES = ("Succeeded", "Failed")
 
 Quantity = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True})]
 """A Kubernetes quantity (`8`, `"64Gi"`, `"500m"`)."""
-AnyObject = Annotated[dict[str, Any], WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})]
-"""A Kubernetes object passed through as is (validated by the API server where it lands)."""
+MAX_OBJECT_DEPTH = 20
+"""Deepest nesting accepted in a free-form object (affinity, env valueFrom). Real ones are under
+ten levels deep; hundreds pass a schema with preserve-unknown-fields but break whatever walks
+them recursively later (rendering, serializing the pod), so they are refused at admission."""
+
+
+def _object_depth(value: Any, limit: int) -> int:
+    """Nesting depth of dicts/lists in `value`, counting at most to `limit` + 1 (iterative:
+    the value being measured may be deeper than the interpreter's recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def bounded_depth(value: Any) -> Any:
+    if _object_depth(value, MAX_OBJECT_DEPTH) > MAX_OBJECT_DEPTH:
+        raise ValueError(f"is nested more than {MAX_OBJECT_DEPTH} levels deep; a Kubernetes object of this "
+                         "kind is a few levels deep: check the indentation, or generate it from a smaller value")
+    return value
+
+
+AnyObject = Annotated[
+    dict[str, Any],
+    AfterValidator(bounded_depth),
+    WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
+]
+"""A Kubernetes object passed through as is (validated by the API server where it lands; its
+depth is bounded here)."""
 
 
 class CrModel(BaseModel):
@@ -54,7 +87,8 @@ class CrModel(BaseModel):
 
 
 class ResourceRequirements(CrModel):
-    """Compute resources of each training pod (besides the GPUs, which come from `gpusPerNode`)."""
+    """Compute resources of each pod besides the GPUs (those come from `gpusPerNode` on the
+    training kinds, `gpus` on an InferenceService)."""
 
     requests: dict[str, Quantity] = Field(default_factory=dict)
     """E.g. `{cpu: 16, memory: 200Gi, ephemeral-storage: 500Gi}`."""
@@ -81,7 +115,9 @@ class Toleration(CrModel):
 
 
 class EnvVar(CrModel):
-    """An environment variable of the trainer container (core/v1 EnvVar)."""
+    """An environment variable (core/v1 EnvVar). A literal `value` is stored in plain text in
+    the resource and in the ConfigMap the operator creates: put secrets in `valueFrom`
+    (secretKeyRef)."""
 
     name: str = Field(min_length=1)
     value: str | None = None
@@ -90,7 +126,7 @@ class EnvVar(CrModel):
 
 
 class SecretRef(CrModel):
-    """A Secret in the job's namespace holding S3 credentials. Its values reach the pods through
+    """A Secret in the resource's namespace holding S3 credentials. Its values reach the pods through
     `secretKeyRef` environment variables; they are never copied into any object."""
 
     name: str = Field(min_length=1)
@@ -133,6 +169,7 @@ class ClusterFields(CrModel):
     """Trainer image; default: the operator's `--trainer-image`."""
     imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] | None = None
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    """Compute resources of each training pod (besides the GPUs, which come from `gpusPerNode`)."""
     shmSize: Quantity | None = None
     """Size limit of `/dev/shm` (a memory emptyDir); default: no limit beyond the pod's memory."""
     nodeSelector: dict[str, str] = Field(default_factory=dict)
@@ -144,7 +181,8 @@ class ClusterFields(CrModel):
     """Service account of the pods (e.g. one annotated for IRSA to reach S3 without a Secret)."""
     storage: ClusterStorage = Field(default_factory=ClusterStorage)
     env: list[EnvVar] = Field(default_factory=list)
-    """Extra environment variables for the trainer container (override the operator's defaults)."""
+    """Extra environment variables for the trainer container (override the operator's defaults).
+    Literal values are copied into the job's ConfigMap: give secrets as valueFrom.secretKeyRef."""
     backoffLimit: int = Field(3, ge=0, le=100)
     """Gang restarts after a failure: the whole gang restarts as a new attempt from the last
     complete checkpoint, at most this many times (so at most backoffLimit + 1 attempts). A
@@ -344,6 +382,13 @@ class Autoscaling(CrModel):
         return self.target if self.target is not None else SCALING_DEFAULT_TARGETS[self.metric]
 
 
+HOST_CACHE_SEGMENT = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+"""One path segment that cannot be `.`, `..` or absolute and holds no `/`: a hostPath cache's
+sub-directory under the operator's root. One segment only, so that no pod can mount a directory
+another pod can write into the parent of (a planted symlink there would lead the kubelet
+anywhere on the node)."""
+
+
 class ModelCache(CrModel):
     """Where the init container caches model and adapters. The cache is keyed by each object's
     ETag: a pod that finds the same version there downloads nothing."""
@@ -351,10 +396,13 @@ class ModelCache(CrModel):
     type: Literal["emptyDir", "hostPath", "pvc"] = "emptyDir"
     """emptyDir: per pod (survives container restarts); hostPath: per node (shared by the
     replicas on a node and by later pods); pvc: a (ReadWriteMany) volume shared by all."""
-    path: str | None = Field(None, pattern=r"^/")
-    """hostPath: the directory on the node (default /var/cache/kubetune). The kubelet creates it
-    owned by root; an init container `cache-permissions` (root, only CAP_CHOWN) hands it to the
-    pods' user (uid 1000) before anything else runs."""
+    subPath: str | None = Field(None, pattern=HOST_CACHE_SEGMENT, max_length=63)
+    """hostPath: the name of this service's cache directory (one path segment: letters, digits,
+    `.`, `_`, `-`; default `default`). It lives on the node at
+    `<operator cache root>/<namespace>/<subPath>`: the root is set by the platform (the operator's
+    `--host-cache-root`, Helm `serving.hostPathCacheRoot`), never by the resource."""
+    path: str | None = None
+    """Not accepted: a resource cannot choose a directory on the node (use subPath)."""
     claimName: str | None = None
     """pvc: the PersistentVolumeClaim in the service's namespace."""
     sizeLimit: Quantity | None = None
@@ -366,8 +414,13 @@ class ModelCache(CrModel):
             raise ValueError("cache type pvc needs claimName")
         if self.type != "pvc" and self.claimName:
             raise ValueError("claimName is only for cache type pvc")
-        if self.type != "hostPath" and self.path:
-            raise ValueError("path is only for cache type hostPath")
+        if self.path is not None:
+            raise ValueError(
+                f"cache.path {self.path!r} is not accepted: a resource cannot choose a directory on the node. "
+                "hostPath caches live under the operator's cache root (--host-cache-root); name this "
+                "service's sub-directory with cache.subPath (one segment, e.g. subPath: llama-3)")
+        if self.type != "hostPath" and self.subPath:
+            raise ValueError("subPath is only for cache type hostPath")
         return self
 
 
@@ -375,17 +428,22 @@ class InferenceServiceSpec(CrModel):
     """An OpenAI-compatible endpoint: one base model plus LoRA adapters, autoscaled."""
 
     model: ServedModel
+    """The base model: a URI or a training job's output, and the name clients send for it."""
     adapters: list[AdapterSource] = Field(default_factory=list, max_length=64)
     """LoRA adapters on the same base, each served under its own name."""
     engine: Literal["vllm", "transformers"] = "vllm"
     """vllm (vLLM's OpenAI server; the image must contain vLLM) or transformers (`kubetune serve`)."""
     image: str | None = None
-    """Server image; default: the operator's `--server-image` (else its trainer image)."""
+    """Server image; default: the operator's image for the engine (vllm: `--vllm-image`, the
+    kubetune-vllm image; transformers: `--trainer-image`), or `--server-image` when it is set."""
     imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    """Pull policy of the server image."""
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    """CPU, memory and ephemeral storage of each server replica; the GPUs come from `gpus`."""
     gpus: int = Field(1, ge=0, le=64)
     """GPUs per replica."""
     gpuResource: str = GPU_RESOURCE
+    """Extended resource name of the GPUs of each replica (e.g. `amd.com/gpu`)."""
     tensorParallelSize: int | None = Field(None, ge=1, le=64)
     """vLLM tensor parallelism (default: gpus)."""
     replicas: int | None = Field(None, ge=0)
@@ -396,20 +454,32 @@ class InferenceServiceSpec(CrModel):
     """Above minReplicas: a HorizontalPodAutoscaler scales in between. Default: minReplicas (no
     autoscaling)."""
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    """What the HorizontalPodAutoscaler scales on (when maxReplicas > minReplicas)."""
     engineArgs: EngineArgs = Field(default_factory=EngineArgs)
+    """Settings of the inference engine (context length, dtype, quantization, batching, LoRA)."""
     cache: ModelCache = Field(default_factory=ModelCache)
     port: int = Field(8000, ge=1024, le=65535)
     """Container port of the server (the Service listens on 80)."""
     serviceType: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    """Type of the Service in front of the replicas."""
     nodeSelector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the server pods must run on."""
     tolerations: list[Toleration] = Field(default_factory=list)
+    """Taints the server pods tolerate (e.g. `nvidia.com/gpu`)."""
     affinity: AnyObject | None = None
+    """A core/v1 Affinity for the server pods (e.g. spread replicas across zones)."""
     priorityClassName: str | None = None
+    """Priority class of the server pods."""
     serviceAccountName: str | None = None
+    """Service account of the server pods (e.g. one annotated for IRSA to fetch models from S3
+    without a Secret)."""
     storage: ClusterStorage = Field(default_factory=ClusterStorage)
+    """How the pods fetch the model and adapters from S3 (endpoint, credentials)."""
     env: list[EnvVar] = Field(default_factory=list)
-    """Extra environment variables of the server container (e.g. KUBETUNE_API_KEY from a Secret
-    to require an API key)."""
+    """Extra environment variables of the pod's containers. Every service requires an API key:
+    by default one the operator generates into the Secret `<name>-isvc-api-key` (key `api-key`);
+    KUBETUNE_API_KEY here (valueFrom a Secret of yours) replaces it, and KUBETUNE_API_KEY with the
+    value "" serves without a key (anyone who reaches the Service can load adapters)."""
     shmSize: Quantity | None = None
     """Size limit of `/dev/shm` (vLLM tensor parallelism uses shared memory)."""
     terminationGracePeriodSeconds: int = Field(60, ge=10, le=3600)
@@ -418,6 +488,7 @@ class InferenceServiceSpec(CrModel):
     """How long the server may take to load the model before the pod is restarted (after the
     init container's download)."""
     readOnlyRootFilesystem: bool = True
+    """Run the server containers with a read-only root filesystem (writable emptyDirs for caches)."""
 
     @model_validator(mode="after")
     def _serving_rules(self) -> InferenceServiceSpec:
@@ -489,6 +560,9 @@ class TrainingProgress(StatusModel):
     """The trainer's own state (e.g. loading, training, saving, done)."""
     updatedAt: str | None = None
     """When the trainer last wrote its status."""
+    ignored: list[str] | None = None
+    """Fields of the trainer's status.json that were left out (wrong type, out of range, an
+    outputUri outside the job's output location): the file is written by user code."""
 
 
 class TrainingJobStatus(StatusModel):
@@ -561,6 +635,10 @@ class InferenceServiceStatus(StatusModel):
     adapters: list[ServedAdapter] | None = None
     servedModels: list[str] | None = None
     """Every model name the endpoint answers to (base first)."""
+    apiKeySecret: str | None = None
+    """The Secret holding the API key clients must send (`Authorization: Bearer`): the one the
+    operator generated (key `api-key`), or the one spec.env's KUBETUNE_API_KEY references. Only its
+    name: the key never appears in the status."""
     conditions: list[Condition] | None = None
 
 
@@ -580,6 +658,30 @@ class _Generator(GenerateJsonSchema):
 
 
 _DROP_KEYS = {"title", "$defs", "discriminator", "examples"}
+
+
+def _exclusive_bounds(node: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema 2020 exclusive bounds -> OpenAPI v3's boolean form, or a CEL rule.
+
+    The API server compares an integer value (`0`, and a default `0.0` reaches it as `0`) with a
+    bound truncated to an integer, so `exclusiveMaximum: 0.5` refuses `0` ("less than 0") and
+    the whole CRD is refused for its default. A fractional exclusive bound is therefore checked
+    by CEL, where a `number` field is always a double.
+    """
+    rules = []
+    for bound, plain, op in (("exclusiveMinimum", "minimum", ">"), ("exclusiveMaximum", "maximum", "<")):
+        value = node.get(bound)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        if float(value).is_integer():
+            node[plain] = int(value) if node.get("type") == "integer" else value
+            node[bound] = True
+        else:
+            node.pop(bound)
+            rules.append({"rule": f"self {op} {value!r}", "message": f"must be {op} {value!r}"})
+    if rules:
+        node["x-kubernetes-validations"] = [*node.get("x-kubernetes-validations", []), *rules]
+    return node
 
 
 def _structural(node: Any, defs: dict[str, Any]) -> Any:
@@ -611,11 +713,7 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         node.pop("default")
     if "const" in node:
         node["enum"] = [node.pop("const")]
-    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
-        value = node.get(bound)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            node[plain] = value
-            node[bound] = True
+    node = _exclusive_bounds(node)
     extra = node.get("additionalProperties")
     if extra is False:
         node.pop("additionalProperties")
@@ -669,6 +767,8 @@ _TRAINING_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent", "description": "Percent of training steps done."},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "ETA", "type": "number", "jsonPath": ".status.progress.etaSeconds",
+     "description": "Seconds of training left, as the trainer estimates them."},
     {"name": "Nodes", "type": "integer", "jsonPath": ".spec.nodes", "priority": 1},
     {"name": "GPUs/Node", "type": "integer", "jsonPath": ".spec.gpusPerNode", "priority": 1},
     {"name": "Attempts", "type": "integer", "jsonPath": ".status.attempts", "priority": 1},

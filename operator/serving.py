@@ -27,6 +27,12 @@ Lifecycle:
   rollout); a Deployment past its progress deadline -> Failed (ProgressDeadlineExceeded);
   url, replicas/readyReplicas/desiredReplicas, selector, the served model and adapter names,
   conditions, observedGeneration;
+- an API key by default: unless spec.env sets KUBETUNE_API_KEY, the operator creates the Secret
+  `<name>-isvc-api-key` (owned by the service, a random key) before the Deployment that
+  references it; status.apiKeySecret names the Secret (never the key);
+- a call the operator's RBAC forbids (403) does not stop the other changes: each is tried, and
+  the refused ones are reported as Ready=False (reason Forbidden, naming the verb and resource)
+  and a Warning event, instead of failing silently in the operator's log;
 - deleting the InferenceService deletes its children through their owner references.
 """
 
@@ -36,9 +42,11 @@ import contextlib
 import copy
 import datetime
 import logging
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.operator.kube import KubeError
 from kubetune.operator.reconcile import Event, StatusDecisions
 from kubetune.operator.references import (
     REFERENCE_FAILED,
@@ -51,11 +59,14 @@ from kubetune.operator.references import (
 from kubetune.operator.render.common import is_owned_by
 from kubetune.operator.render.inference import (
     ANNOTATION_SPEC_HASH,
+    API_KEY_SECRET_KEY,
     KIND,
     ResolvedModels,
     ServingOptions,
     adapters_config_name,
+    api_key_source,
     render_adapters_config_map,
+    render_api_key_secret,
     render_deployment,
     render_hpa,
     render_service,
@@ -72,6 +83,7 @@ from kubetune.operator.status import (
     READY_TO_START,
     SPEC_VALID,
     now_iso,
+    set_condition,
 )
 from kubetune.operator.validation import validate_resource
 from kubetune.trainer.errors import SpecErrors
@@ -111,6 +123,8 @@ class ServingPlan:
     """(kind, name, merge patch) for existing children."""
     delete: list[tuple[str, str]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    api_key_secret: dict[str, Any] | None = None
+    """The generated API key's Secret to create if absent (without data: the shell adds the key)."""
 
 
 def merge_diff(old: Any, new: Any) -> Any:
@@ -205,7 +219,23 @@ class _ServiceReconciler(DependencyChecks, StatusDecisions):
             self.event(event_type, reason, f"the update waits (the current version keeps serving): {message}")
         return None
 
+    def ensure_api_key(self, spec: InferenceServiceSpec) -> None:
+        """Name the key's Secret in the status and, for a generated key, ask the shell to create
+        it when it may be missing: the first time, with a new Deployment, and after every spec
+        change (so that `kubectl apply` recreates one deleted to rotate the key). The operator
+        cannot read Secrets (see the chart's RBAC), so it creates and ignores AlreadyExists."""
+        source = api_key_source(self.cr, spec)
+        recorded = (self.cr.get("status") or {})
+        if source.generated and (recorded.get("apiKeySecret") != source.secret or self.obs.deployment is None
+                                 or recorded.get("observedGeneration") != self.generation):
+            self.plan.api_key_secret = render_api_key_secret(self.cr)
+        if source.secret:
+            self.status["apiKeySecret"] = source.secret
+        else:
+            self.status.pop("apiKeySecret", None)
+
     def ensure_children(self, spec: InferenceServiceSpec, models: ResolvedModels) -> None:
+        self.ensure_api_key(spec)
         # The adapters ConfigMap first: pods created by the Deployment below mount it.
         adapters_cm = render_adapters_config_map(self.cr, spec, models)
         adapters_changed = False
@@ -399,17 +429,72 @@ def reconcile_service_object(kube: Any, namespace: str, name: str, options: Serv
     cr.setdefault("kind", KIND)
     options = options or ServingOptions.from_environment()
     plan = reconcile_service(cr, observe_service(kube, cr, options), options=options)
-    for obj in plan.create:
-        _, created = kube.create(obj)
-        log.info("%s %s/%s: %s %s %s", KIND, namespace, name, "created" if created else "found existing",
-                 obj["kind"], obj["metadata"]["name"])
-    for kind, child, patch in plan.patch:
-        kube.patch(kind, namespace, child, patch)
-    for kind, child in plan.delete:
-        with contextlib.suppress(Exception):
-            kube.delete(kind, namespace, child)
+    forbidden = _act(kube, cr, plan)
+    if forbidden:
+        _report_forbidden(cr, plan, forbidden)
     for event in plan.events:  # before the status, as for training jobs
         kube.post_event(cr, event.type, event.reason, event.message)
     patch = status_patch(cr.get("status"), plan.status)
     if patch:
         kube.patch(KIND, namespace, name, {"status": patch}, subresource="status")
+
+
+def _act(kube: Any, cr: dict[str, Any], plan: ServingPlan) -> list[KubeError]:
+    """Carry out the plan's writes. A write the operator's RBAC forbids (403) is collected and
+    the others still run: one missing permission (say `patch` on ConfigMaps, an adapter change)
+    must not block every other change (a scale, a new model version). Other errors raise, as
+    before (kopf retries the handler)."""
+    meta = cr["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    forbidden: list[KubeError] = []
+
+    def attempt(action: Any) -> None:
+        try:
+            action()
+        except KubeError as exc:
+            if not exc.forbidden:
+                raise
+            forbidden.append(exc)
+
+    if plan.api_key_secret is not None:
+        attempt(lambda: _create_api_key_secret(kube, plan.api_key_secret))
+    for obj in plan.create:
+        def create(obj: dict[str, Any] = obj) -> None:
+            _, created = kube.create(obj)
+            log.info("%s %s/%s: %s %s %s", KIND, namespace, name, "created" if created else "found existing",
+                     obj["kind"], obj["metadata"]["name"])
+        attempt(create)
+    for kind, child, patch in plan.patch:
+        attempt(lambda kind=kind, child=child, patch=patch: kube.patch(kind, namespace, child, patch))
+    for kind, child in plan.delete:
+        with contextlib.suppress(Exception):
+            kube.delete(kind, namespace, child)
+    return forbidden
+
+
+def _create_api_key_secret(kube: Any, secret: dict[str, Any]) -> None:
+    """Create the generated API key's Secret unless it exists. The key is made here, sent once
+    in the create request and forgotten: it is never logged, put in an event or the status."""
+    body = {**secret, "stringData": {API_KEY_SECRET_KEY: secrets.token_urlsafe(32)}}
+    if kube.create_if_absent(body):
+        log.info("%s %s/%s: created Secret %s (a generated API key)", KIND, secret["metadata"]["namespace"],
+                 secret["metadata"]["ownerReferences"][0]["name"], secret["metadata"]["name"])
+
+
+def _report_forbidden(cr: dict[str, Any], plan: ServingPlan, forbidden: list[KubeError]) -> None:
+    """Ready=False (reason Forbidden) and a Warning event naming each refused call, so that a
+    missing RBAC grant shows in `kubectl describe` instead of only in the operator's log."""
+    calls = sorted({exc.permission() for exc in forbidden})
+    message = (f"the operator is not allowed to {'; '.join(calls)} (HTTP 403): the change is not applied. "
+               "Grant it to the operator's ServiceAccount (the Helm chart's RBAC does: upgrade the chart).")
+    generation = (cr.get("metadata") or {}).get("generation")
+    set_condition(plan.status, COND_READY, False, "Forbidden", message, now=now_iso(), generation=generation)
+    before = _true(cr, COND_READY) or {}
+    now = _true({"status": plan.status}, COND_READY) or {}
+    if before.get("reason") == "Forbidden" and before.get("message") == now.get("message"):
+        # Still refused, as reported: keep the transition time, post no new event (the timer
+        # retries every few seconds).
+        now["lastTransitionTime"] = before.get("lastTransitionTime", now.get("lastTransitionTime"))
+        return
+    log.warning("%s %s/%s: %s", KIND, cr["metadata"]["namespace"], cr["metadata"]["name"], message)
+    plan.events.append(Event("Warning", "Forbidden", message))

@@ -8,7 +8,19 @@ from __future__ import annotations
 
 import datetime
 import math
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from kubetune.trainer.errors import MESSAGE_LIMIT, cap_message, shorten
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
 
@@ -21,6 +33,8 @@ COND_RUNNING = "Running"
 COND_SUSPENDED = "Suspended"
 COND_SUCCEEDED = "Succeeded"
 COND_FAILED = "Failed"
+COND_SYNCED = "Synced"
+"""False (reason Forbidden) while the operator's RBAC refuses a call it needs for the resource."""
 
 
 def now_iso(now: datetime.datetime | None = None) -> str:
@@ -32,9 +46,10 @@ def parse_time(value: str | None) -> datetime.datetime | None:
     if not value:
         return None
     try:
-        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except (TypeError, ValueError, AttributeError):
         return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
 
 
 def get_condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -62,6 +77,7 @@ def set_condition(
     """Set a condition in place; lastTransitionTime moves only when the status flips.
     Returns True when the condition's status or reason changed (worth an event)."""
     text = value if isinstance(value, str) else ("True" if value else "False")
+    message = cap_message(message, MESSAGE_LIMIT)
     conditions = [dict(c) for c in status.get("conditions") or []]
     for cond in conditions:
         if cond.get("type") == type_:
@@ -81,40 +97,130 @@ def set_condition(
     return True
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+# -- the trainer's status.json: untrusted input ------------------------------------------------
+
+STATE_LIMIT = 64
+"""Characters kept of the trainer's free-text state."""
+URI_LIMIT = 1024
+"""Longest location (lastCheckpoint, outputUri) accepted from status.json."""
+MAX_STEPS = 10**12
+LATEST_TIMESTAMP = 4_102_444_800  # 2100-01-01: a later updatedAt is a bug, not a time
+_Count = Annotated[int, Field(ge=0, le=MAX_STEPS)]
+_Real = Annotated[float, Field(ge=-1e12, le=1e12, allow_inf_nan=False)]
+_Rate = Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]
 
 
-def progress_from_trainer(data: dict[str, Any]) -> dict[str, Any]:
-    """The `status.progress` block from the trainer's status.json (unknown keys ignored,
-    missing ones left out; percent derived from step/totalSteps)."""
+class TrainerReport(BaseModel):
+    """What the operator accepts from the trainer's status.json. The file is written by the
+    training pod, i.e. by user code: every field is checked for type and bounds (so a value
+    like `1e20` or `10**400` cannot crash a reconcile), strings are cut, locations are checked
+    against the job's own output location. Unknown keys are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    step: _Count | None = None
+    totalSteps: Annotated[int, Field(gt=0, le=MAX_STEPS)] | None = None
+    maxSteps: Annotated[int, Field(gt=0, le=MAX_STEPS)] | None = None
+    epoch: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)] | None = None
+    loss: _Real | None = None
+    evalLoss: _Real | None = None
+    tokensPerSecond: _Rate | None = None
+    etaSeconds: Annotated[float, Field(ge=0, le=1e10, allow_inf_nan=False)] | None = None
+    lastCheckpoint: Annotated[str, StringConstraints(max_length=URI_LIMIT, pattern=r"^[^\s-][^\s]*$")] | None = None
+    phase: str | None = None
+    state: str | None = None
+    updatedAt: Annotated[float, Field(ge=0, le=LATEST_TIMESTAMP, allow_inf_nan=False)] | Annotated[
+        str, StringConstraints(max_length=64)] | None = None
+    outputUri: Annotated[str, StringConstraints(max_length=URI_LIMIT, pattern=r"^[^\s-][^\s]*$")] | None = None
+
+    @field_validator("step", "totalSteps", "maxSteps", "epoch", "loss", "evalLoss", "tokensPerSecond",
+                     "etaSeconds", mode="before")
+    @classmethod
+    def _number(cls, value: Any, info: ValidationInfo) -> Any:
+        """Numbers only (`true` is not a step); counts may arrive as whole floats (`40.0`)."""
+        if isinstance(value, bool) or not isinstance(value, int | float | None):
+            raise ValueError("not a number")
+        if info.field_name in ("step", "totalSteps", "maxSteps") and isinstance(value, float) \
+                and math.isfinite(value) and value.is_integer() and abs(value) <= MAX_STEPS:
+            return int(value)
+        return value
+
+    @field_validator("phase", "state", mode="before")
+    @classmethod
+    def _short_text(cls, value: Any) -> Any:
+        return value[:STATE_LIMIT] if isinstance(value, str) else value
+
+    @property
+    def updated_timestamp(self) -> float | None:
+        if isinstance(self.updatedAt, float):
+            return self.updatedAt
+        parsed = parse_time(self.updatedAt)
+        stamp = parsed.timestamp() if parsed else None
+        return stamp if stamp is not None and 0 <= stamp <= LATEST_TIMESTAMP else None
+
+
+def _under(location: str, root: str) -> bool:
+    root = root.rstrip("/")
+    return bool(root) and (location.rstrip("/") == root or location.startswith(root + "/"))
+
+
+def parse_trainer_status(data: Any, output_location: str | None) -> tuple[TrainerReport, list[str]]:
+    """The trainer's status.json as a `TrainerReport` plus notes on what was dropped. Never
+    raises: a field of the wrong type or out of bounds is left out (with a note), and an
+    `outputUri` outside the job's own output location (`output_location`) is ignored, so a
+    job cannot point the status (and the services that read it) somewhere else."""
+    raw = dict(data) if isinstance(data, dict) else {}
+    notes: list[str] = []
+    for _ in range(len(TrainerReport.model_fields) + 1):
+        try:
+            report = TrainerReport.model_validate(raw)
+            break
+        except ValidationError as exc:
+            for err in exc.errors(include_url=False):
+                key = str(err["loc"][0]) if err["loc"] else "?"
+                raw.pop(key, None)
+                notes.append(f"{cap_message(key, 64)}: {err['msg']}")
+    else:  # pragma: no cover - every round drops at least one field
+        report = TrainerReport()
+    if report.outputUri and not (output_location and _under(report.outputUri, output_location)):
+        notes.append(f"outputUri: {shorten(report.outputUri, 100)} is not under the job's output location")
+        report = report.model_copy(update={"outputUri": None})
+    return report, sorted(set(notes))[:MAX_NOTES]
+
+
+MAX_NOTES = 10
+
+
+def progress_from_trainer(data: Any, output_location: str | None = None) -> dict[str, Any]:
+    """The `status.progress` block from the trainer's status.json (unknown keys ignored, bad
+    ones dropped and listed in `ignored`, missing ones left out; percent derived from
+    step/totalSteps)."""
+    report, notes = parse_trainer_status(data, output_location)
+    return progress_of(report, notes)
+
+
+def progress_of(report: TrainerReport, notes: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    step, total = _number(data.get("step")), _number(data.get("totalSteps") or data.get("maxSteps"))
+    step, total = report.step, report.totalSteps or report.maxSteps
     if step is not None:
-        out["step"] = int(step)
-    if total is not None and total > 0:
-        out["totalSteps"] = int(total)
+        out["step"] = step
+    if total is not None:
+        out["totalSteps"] = total
         if step is not None:
             out["percent"] = round(min(100.0, 100.0 * step / total), 1)
     for key in ("epoch", "loss", "evalLoss", "tokensPerSecond", "etaSeconds"):
-        value = _number(data.get(key))
+        value = getattr(report, key)
         if value is not None:
             out[key] = round(value, 6)
-    if isinstance(data.get("lastCheckpoint"), str):
-        out["lastCheckpoint"] = data["lastCheckpoint"]
-    if isinstance(data.get("phase") or data.get("state"), str):
-        out["state"] = data.get("phase") or data.get("state")
-    updated = data.get("updatedAt")
-    if isinstance(updated, int | float) and not isinstance(updated, bool):
+    if report.lastCheckpoint:
+        out["lastCheckpoint"] = report.lastCheckpoint
+    if report.phase or report.state:
+        out["state"] = report.phase or report.state
+    updated = report.updated_timestamp
+    if updated is not None:
         out["updatedAt"] = now_iso(datetime.datetime.fromtimestamp(updated, datetime.UTC))
-    elif isinstance(updated, str):
-        out["updatedAt"] = updated
+    if notes:
+        out["ignored"] = [cap_message(n, 200) for n in notes]
     return out
 
 

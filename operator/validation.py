@@ -4,13 +4,27 @@ reconciler, worded exactly like `kubetune validate` (field path, problem, fix)."
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from pydantic import ValidationError
 
 from kubetune.operator.render.training import training_hash
 from kubetune.operator.resources import KINDS, ClusterFields, validate_spec
-from kubetune.trainer.errors import SpecError, SpecErrors, validation_error_to_spec_errors
+from kubetune.trainer.errors import (
+    EXIT_CONFIG_ERROR,
+    KubetuneError,
+    SpecError,
+    SpecErrors,
+    cap_message,
+    shorten,
+    validation_error_to_spec_errors,
+)
+from kubetune.trainer.preflight import looks_like_local_path
+from kubetune.trainer.specfile import manifest_root_errors
+
+SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+"""Environment variable names that usually hold a secret."""
 
 try:  # the storage layer knows what an s3:// location is; keep working without it
     from kubetune.trainer.storage.uri import is_s3
@@ -25,18 +39,72 @@ def source_of(body: dict[str, Any]) -> str:
     return f"{body.get('kind', 'resource')} {where}{meta.get('name', '?')}"
 
 
-def validate_resource(body: dict[str, Any]) -> ClusterFields:
-    """Validate a training resource's spec; raises SpecErrors naming `spec.<field>`."""
+def validate_resource(body: dict[str, Any], source: str | None = None) -> ClusterFields:
+    """Validate a resource of any kind the operator serves: its top-level fields, its spec
+    (the kind's model: types, bounds, the depth of free-form objects) and, for the training
+    kinds, that every dataset is somewhere a pod can read. Raises SpecErrors naming
+    `spec.<field>`. The webhook, the reconcilers and `kubetune validate` all call this."""
+    source = source or source_of(body)
     kind = body.get("kind")
     if kind not in KINDS:
-        raise SpecErrors([SpecError("kind", f"{kind!r} is not served by this operator.")], source_of(body))
+        raise SpecErrors([SpecError("kind", f"{shorten(kind)} is not served by this operator.",
+                                    f"use one of {', '.join(KINDS)}.")], source)
+    root = manifest_root_errors(body)
+    if root:
+        raise SpecErrors(root, source)
     spec = body.get("spec")
     if not isinstance(spec, dict):
-        raise SpecErrors([SpecError("spec", "is required but missing.", "add a spec with a training block.")], source_of(body))
+        raise SpecErrors([SpecError("spec", "is required but missing.", "add a spec block.")], source)
     try:
-        return validate_spec(kind, spec)
+        validated = validate_spec(kind, spec)
     except ValidationError as exc:
-        raise SpecErrors(validation_error_to_spec_errors(exc, KINDS[kind].spec_model, "spec"), source_of(body)) from None
+        raise SpecErrors(validation_error_to_spec_errors(exc, KINDS[kind].spec_model, "spec"), source) from None
+    unreachable = pod_invisible_data(validated)
+    if unreachable:
+        raise SpecErrors(unreachable, source)
+    return validated
+
+
+def dataset_fields(training: Any) -> list[tuple[str, Any]]:
+    """(field path, DatasetSpec) of every dataset a training spec reads, pipeline steps included."""
+    out: list[tuple[str, Any]] = []
+
+    def add(prefix: str, data: Any, evaluation: Any) -> None:
+        for block, items in (("data.datasets", getattr(data, "datasets", None) or []),
+                             ("data.evalDatasets", getattr(data, "evalDatasets", None) or []),
+                             ("eval.datasets", getattr(evaluation, "datasets", None) or [])):
+            out.extend((f"{prefix}{block}[{i}].path", item) for i, item in enumerate(items))
+
+    add("spec.training.", training.data, training.eval)
+    for j, step in enumerate(training.pipeline or []):
+        add(f"spec.training.pipeline[{j}].", step.data, step.eval)
+    return out
+
+
+def is_pod_local(path: str) -> bool:
+    """Whether a dataset path names a file on the machine that reads it rather than an `s3://`
+    location or a hub dataset id (`kubetune validate`'s own rule, `looks_like_local_path`).
+    Judged from the text only: the operator's own disk says nothing about the pod's."""
+    if path.startswith("file:"):
+        return True
+    return not (is_s3(path) or "://" in path) and looks_like_local_path(path)
+
+
+def pod_invisible_data(spec: ClusterFields) -> list[SpecError]:
+    """Datasets a training pod cannot see. A pod starts with an empty /workspace; nothing of the
+    machine that ran `kubectl apply` (nor the repository's examples/data) is in the image, and
+    the training kinds mount no volume of the user's: data must be in S3 (or on the hub). The
+    same spec keeps working with `kubetune train`, which reads local files."""
+    training = getattr(spec, "training", None)
+    if training is None:
+        return []
+    return [
+        SpecError(field, f"{shorten(item.path, 120)} is a local path, which a training pod cannot read "
+                  "(it starts with an empty /workspace).",
+                  "upload the file to S3 (`kubetune storage cp FILE s3://BUCKET/...`) and use the s3:// URI, or "
+                  "name a hub dataset id; local paths are for `kubetune train` on this machine.")
+        for field, item in dataset_fields(training) if is_pod_local(item.path)
+    ]
 
 
 GPU_MEMORY_ENV = "KUBETUNE_GPU_MEMORY_GIB"
@@ -70,7 +138,7 @@ def _memory_inputs(spec: ClusterFields) -> tuple[Any, float, Any] | None:
     return (training, gpu_gib, shape) if shape is not None else None
 
 
-def memory_refusal(spec: ClusterFields, body: dict[str, Any] | None = None) -> str | None:
+def memory_refusal(spec: ClusterFields, body: dict[str, Any] | None = None, source: str | None = None) -> str | None:
     """Why the job cannot fit in GPU memory on nodes x gpusPerNode (with what would), or None
     when it fits or cannot be checked (no GPU memory known, model size unknown)."""
     from kubetune.trainer.estimate import estimate, fit_message
@@ -82,7 +150,7 @@ def memory_refusal(spec: ClusterFields, body: dict[str, Any] | None = None) -> s
     est = estimate(training, nodes=spec.nodes, gpus_per_node=spec.gpusPerNode, shape=shape)
     if est.fits(gpu_gib):
         return None
-    where = f"{source_of(body)}: " if body else ""
+    where = f"{source or source_of(body)}: " if (source or body) else ""
     memory = "spec.gpuMemoryGiB" if spec.gpuMemoryGiB else f"the operator's default, ${GPU_MEMORY_ENV}"
     return (
         f"{where}spec.training does not fit in GPU memory ({memory}): "
@@ -91,9 +159,22 @@ def memory_refusal(spec: ClusterFields, body: dict[str, Any] | None = None) -> s
     )
 
 
+def literal_secret_warnings(spec: Any) -> list[str]:
+    """spec.env entries with a literal value under a name that usually holds a secret. Literal
+    values are stored in plain text in the resource, and the training kinds copy them into the
+    job's ConfigMap too (readable by whoever may read ConfigMaps): secrets belong in valueFrom."""
+    return [
+        f"spec.env[{i}] ({cap_message(var.name, 80)}) has a literal value: it is stored in plain text in this "
+        "resource (and, for a training job, in its ConfigMap). Put secrets in a Secret and use "
+        "valueFrom: {secretKeyRef: {name: ..., key: ...}}."
+        for i, var in enumerate(getattr(spec, "env", None) or [])
+        if var.value and SECRET_NAME.search(var.name)
+    ]
+
+
 def warnings_for(spec: ClusterFields) -> list[str]:
     """Things that are allowed but probably not what the user wants."""
-    out = []
+    out = literal_secret_warnings(spec)
     training = getattr(spec, "training", None)
     if (
         training is not None
@@ -130,17 +211,24 @@ def immutable_change(old: dict[str, Any] | None, new: dict[str, Any]) -> str | N
     )
 
 
-class AdmissionRefused(Exception):
-    """The admission webhook refuses the request with this message."""
+class AdmissionRefused(KubetuneError):
+    """The admission webhook refuses the request with this message (`kubetune validate` exits 2
+    with it). The message is capped: it may echo spec values of any size."""
+
+    exit_code = EXIT_CONFIG_ERROR
+
+    def __init__(self, message: str):
+        super().__init__(cap_message(message))
 
 
-def admit(operation: str | None, old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
-    """The validating webhook's decision: the warnings to return, or AdmissionRefused with the
-    message `kubectl apply` shows (the same text `kubetune validate` prints for the spec)."""
+def admit(operation: str | None, old: dict[str, Any] | None, new: dict[str, Any], source: str | None = None) -> list[str]:
+    """The validating webhook's decision, and `kubetune validate`'s for a manifest of any kind
+    (with `source`, the file, naming where): the warnings to return, or AdmissionRefused with
+    the message `kubectl apply` shows."""
     if operation == "UPDATE" and old and old.get("spec") == new.get("spec"):
         return []  # metadata-only changes (labels, kopf's annotations) are always fine
     try:
-        spec = validate_resource(new)
+        spec = validate_resource(new, source)
     except SpecErrors as exc:
         raise AdmissionRefused(str(exc)) from None
     if operation == "UPDATE":
@@ -149,7 +237,33 @@ def admit(operation: str | None, old: dict[str, Any] | None, new: dict[str, Any]
             raise AdmissionRefused(refusal)
     started = bool(((old or {}).get("status") or {}).get("trainingHash"))
     if not started:  # a running job keeps running; what it trains cannot change anyway
-        refusal = memory_refusal(spec, new)
+        refusal = memory_refusal(spec, new, source)
         if refusal:
             raise AdmissionRefused(refusal)
     return warnings_for(spec)
+
+
+# -- hostPath model caches (InferenceService) ------------------------------------------------
+
+HOST_CACHE_FORBIDDEN = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc", "/root",
+                        "/run", "/sbin", "/srv", "/sys", "/usr", "/var", "/var/lib", "/var/lib/kubelet",
+                        "/var/lib/docker", "/var/lib/containerd", "/var/run", "/var/log", "/tmp")
+"""Node directories that must never be, or be below (the last five), the hostPath cache root."""
+
+
+def check_host_cache_root(root: str) -> str:
+    """The operator's hostPath cache root (`--host-cache-root`), normalised; ValueError when it
+    is not an absolute, normalised path of its own. Resources only name a sub-directory of it
+    (`cache.subPath`, one segment, enforced by the InferenceService schema), so this root bounds
+    every directory of the node an InferenceService pod can mount and have chowned."""
+    import posixpath
+
+    if not root.startswith("/") or posixpath.normpath(root) != root.rstrip("/") or "//" in root:
+        raise ValueError(f"the hostPath cache root {root!r} must be an absolute, normalised path (e.g. /var/lib/kubetune/cache)")
+    root = root.rstrip("/") or "/"
+    nested = ("/var/lib/kubelet", "/var/lib/docker", "/var/lib/containerd", "/var/run", "/run", "/proc", "/sys",
+              "/dev", "/etc", "/root", "/boot")
+    if root in HOST_CACHE_FORBIDDEN or any(root.startswith(p + "/") for p in nested):
+        raise ValueError(f"the hostPath cache root {root!r} is a system directory of the node; use a directory "
+                         "of its own, e.g. /var/lib/kubetune/cache")
+    return root

@@ -59,6 +59,8 @@ class Cluster(kmock.KubernetesEmulator):
     """kmock's emulator plus the metadata bookkeeping and garbage collection of a real server."""
 
     async def _handle(self, request: kmock.Request) -> Any:
+        if request.resource is not None and request.action == kmock.action.CREATE and (request.params or {}).get("dryRun"):
+            return self._dry_run_create(request)
         if request.resource is not None:
             self._stamp(request)
         try:
@@ -70,6 +72,16 @@ class Cluster(kmock.KubernetesEmulator):
         if request.resource is not None and request.action in (kmock.action.DELETE, kmock.action.UPDATE):
             await self._collect_garbage()
         return response
+
+    def _dry_run_create(self, request: kmock.Request) -> Any:
+        """`?dryRun=All` as a real API server answers it: 409 when the name is taken, else the
+        object as it would be created, and nothing stored (the operator's Secret existence check)."""
+        meta = (request.data or {}).get("metadata") or {}
+        namespace = request.namespace or meta.get("namespace")
+        for (resource, ns, name), obj in list(self.objects.items()):
+            if resource == request.resource and ns == namespace and name == meta.get("name") and not obj.deleted:
+                raise kmock.KubernetesError(status=409, reason="AlreadyExists", message=f"{name} already exists")
+        return aiohttp.web.json_response(request.data, status=201)
 
     def _stored(self, request: kmock.Request) -> dict[str, Any] | None:
         for (resource, namespace, name), obj in list(self.objects.items()):

@@ -10,8 +10,10 @@ with, and kmock cannot store Helm's protobuf-encoded release Secret, so each ins
 subprocess (this file's `__main__`) with HELM_DRIVER=memory.
 
 The RBAC is compared with what the operator really calls: the real operator process (kopf's
-KopfRunner, with peering) runs against the emulator through a FineTuneJob's whole life and an
-AlignmentJob that references it, and every request it makes is recorded.
+KopfRunner, with peering) runs against the emulator through a FineTuneJob's whole life, an
+AlignmentJob that references it, and an InferenceService through every update path (adapters
+added and removed, scaled, spec changed, autoscaling on and off, its Service changed, deleted),
+and every request it makes is recorded. A recorded call the chart does not grant fails the test.
 """
 
 from __future__ import annotations
@@ -348,6 +350,10 @@ def test_webhook_path_is_the_operators_handler_id() -> None:
         ({"unknownKey": 1}, "unknownKey"),
         ({"jobs": {"s3": {"existingSecret": "Not A Secret"}}}, "existingSecret"),
         ({"jobs": {"s3": {"endpoint": "minio:9000"}}}, "endpoint"),
+        ({"serving": {"hostPathCacheRoot": "/etc"}}, "hostPathCacheRoot"),
+        ({"serving": {"hostPathCacheRoot": "/var/lib/kubelet/pods"}}, "hostPathCacheRoot"),
+        ({"serving": {"hostPathCacheRoot": "/var/lib/../../etc"}}, "hostPathCacheRoot"),
+        ({"serving": {"hostPathCacheRoot": "cache"}}, "hostPathCacheRoot"),
     ],
 )
 def test_schema_refuses_wrong_values(values: dict[str, Any], field: str, tmp_path: Path) -> None:
@@ -412,6 +418,31 @@ def test_chart_passes_the_job_s3_defaults(defaults: dict[str, Any], renders: dic
     assert env["KUBETUNE_DEFAULT_S3_ENDPOINT"] == "http://minio.minio:9000" and env["KUBETUNE_DEFAULT_S3_SECRET"] == "team-s3"
 
 
+def test_chart_serving_defaults_match_the_engines(defaults: dict[str, Any], renders: dict[str, dict[str, Any]]) -> None:
+    """With the chart's defaults the operator gives `engine: vllm` (the CRD's default engine) the
+    kubetune-vllm image and `engine: transformers` the trainer image (which has no vLLM), and
+    hostPath caches live under serving.hostPathCacheRoot."""
+    from kubetune.operator.cli import operator_environment
+    from kubetune.operator.render.inference import ServingOptions
+    from kubetune.operator.resources import InferenceServiceSpec
+
+    args = _operator_args(defaults["objects"])
+    assert "--vllm-image=ghcr.io/kubetune/kubetune-vllm:0.1.0" in args
+    assert "--host-cache-root=/var/lib/kubetune/cache" in args
+    env = operator_environment(_parse(args))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        options = ServingOptions.from_environment()
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    default_engine = InferenceServiceSpec.model_fields["engine"].default
+    assert default_engine == "vllm" and options.image_for(default_engine) == "ghcr.io/kubetune/kubetune-vllm:0.1.0"
+    assert options.image_for("transformers") == "ghcr.io/kubetune/kubetune-trainer:0.1.0"
+    assert options.host_cache_root == "/var/lib/kubetune/cache"
+
+
 def test_operator_serves_metrics_on_the_port_the_chart_passes(renders: dict[str, dict[str, Any]]) -> None:
     from kubetune.operator.cli import operator_environment
 
@@ -423,28 +454,20 @@ def test_operator_serves_metrics_on_the_port_the_chart_passes(renders: dict[str,
 # --------------------------------------------------------------------------------------------
 # RBAC == what the operator calls
 
-# Granted but not reached in the recorded run (which drives the training kinds), each with the
-# code path that needs it. The InferenceService entries come from operator/serving.py
-# (observe_service / reconcile_service_object) and handlers.py (deployment-changed).
-_SERVING = "InferenceService reconcile, operator/serving.py"
+# Granted but not reached in the recorded run, each with the code path that needs it.
 STATIC_ONLY = {
     ("batch", "jobs", "get"): "Kube.create() reads the existing Job back after a 409 conflict "
     "(an operator restart mid-reconcile), operator/kube.py",
-    ("kubetune.io", "inferenceservices", "get"): _SERVING,
-    ("kubetune.io", "inferenceservices", "list"): "kopf watch, handlers.py",
-    ("kubetune.io", "inferenceservices", "watch"): "kopf watch, handlers.py",
-    ("kubetune.io", "inferenceservices", "patch"): "kopf finalizer/annotations",
-    ("kubetune.io", "inferenceservices/status", "patch"): _SERVING,
-    ("apps", "deployments", "get"): _SERVING,
-    ("apps", "deployments", "create"): _SERVING,
-    ("apps", "deployments", "patch"): _SERVING + " (rolling update)",
-    ("autoscaling", "horizontalpodautoscalers", "get"): _SERVING,
-    ("autoscaling", "horizontalpodautoscalers", "create"): _SERVING,
-    ("autoscaling", "horizontalpodautoscalers", "patch"): _SERVING,
-    ("autoscaling", "horizontalpodautoscalers", "delete"): _SERVING + " (autoscaling turned off)",
-    ("", "services", "patch"): _SERVING + " (ports/selector of the InferenceService's Service)",
-    ("apps", "deployments", "list"): "kopf watch (deployment-changed), handlers.py",
-    ("apps", "deployments", "watch"): "kopf watch (deployment-changed), handlers.py",
+}
+SERVING_RESOURCES = {
+    "kubetune.io/v1alpha1/inferenceservices": ("InferenceService", {"status", "scale"}),
+    "apps/v1/deployments": ("Deployment", {"status"}),
+    "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", {"status"}),
+}
+SERVING_PATHS = {
+    "InferenceService": "/apis/kubetune.io/v1alpha1/namespaces/{ns}/inferenceservices",
+    "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
+    "HorizontalPodAutoscaler": "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
 }
 
 
@@ -480,13 +503,16 @@ async def _record_operator(tmp: Path) -> set[tuple[str, str, str]]:
         support.register_resources(cluster)
         for key, kind, namespaced in (("kopf.dev/v1/clusterkopfpeerings", "ClusterKopfPeering", False),):
             cluster.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, verbs={"get", "list", "watch", "patch", "create"})
+        for key, (kind, subresources) in SERVING_RESOURCES.items():
+            cluster.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=True, subresources=subresources,
+                                                        verbs={"get", "list", "watch", "create", "update", "patch", "delete"})
         config = support.write_kubeconfig(tmp / "kubeconfig", str(cluster.url))
         saved = (os.environ.get("KUBECONFIG"), kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION)
         os.environ["KUBECONFIG"] = str(config)
         kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(config)
         try:
             async with aiohttp.ClientSession(headers={"User-Agent": test_agent}) as session:
-                api = support.Api(str(cluster.url), session)
+                api = _serving_api(support)(str(cluster.url), session)
                 await _scenario(api, cluster, support)
         finally:
             os.environ.pop("KUBECONFIG", None)
@@ -565,9 +591,73 @@ async def _scenario(api: Any, cluster: Any, support: Any) -> None:
         )
         await support.eventually(lambda: _phase(api, "rbac", "Succeeded"), what="Succeeded")
         await support.eventually(lambda: api.get("Job", "rbac-dpo-alj-a1"), timeout=20, what="AlignmentJob's Job")
+        await _serving_scenario(api, support)
     finally:
         await asyncio.to_thread(runner.__exit__, None, None, None)
     assert runner.exception is None, runner.output
+
+
+def _serving_api(support: Any) -> Any:
+    class ServingApi(support.Api):
+        def _path(self, kind: str, name: str | None = None, subresource: str | None = None, ns: str = support.NAMESPACE) -> str:
+            path = self.url + {**support.PATHS, **SERVING_PATHS}[kind].format(ns=ns)
+            return path + (f"/{name}" if name else "") + (f"/{subresource}" if subresource else "")
+
+    return ServingApi
+
+
+async def _serving_scenario(api: Any, support: Any) -> None:
+    """An InferenceService through every update path the operator has: created (Secret, adapters
+    ConfigMap, Deployment, Service), ready, an adapter added and one removed (ConfigMap patch),
+    scaled (Deployment replicas), a spec change (rolling update), autoscaling on, retuned and
+    off (HPA create, patch, delete), its Service changed, and deleted."""
+    from tests.test_operator_inference import isvc
+
+    child = "rbac-chat-isvc"
+    await api.create(isvc("rbac-chat", model={"uri": "s3://models/base"}, maxReplicas=None, engine="transformers",
+                          storage={"secretRef": {"name": "s3-creds"}, "endpoint": "http://127.0.0.1:9"}))
+    await support.eventually(lambda: api.get("Deployment", child), what="Deployment")
+    await api.patch("Deployment", child, {"status": {"observedGeneration": 1, "replicas": 1, "readyReplicas": 1,
+                                                     "availableReplicas": 1, "updatedReplicas": 1}}, subresource="status")
+    await support.eventually(lambda: _isvc(api, lambda s: s.get("phase") == "Ready"), what="Ready")
+    steps = [
+        ({"adapters": [{"name": "support", "uri": "s3://outputs/support-lora"},
+                       {"name": "sales", "uri": "s3://outputs/sales-lora"}]},
+         lambda s: s.get("servedModels") == ["rbac-chat", "support", "sales"]),
+        ({"adapters": [{"name": "sales", "uri": "s3://outputs/sales-lora"}]},
+         lambda s: s.get("servedModels") == ["rbac-chat", "sales"]),
+        ({"replicas": 3}, None),
+        ({"engineArgs": {"maxModelLen": 4096}}, None),
+        ({"maxReplicas": 4}, None),
+        ({"autoscaling": {"target": 3}}, None),
+        ({"maxReplicas": 1}, None),
+        ({"serviceType": "NodePort"}, None),
+    ]
+    for generation, (change, check) in enumerate(steps, start=2):
+        await api.patch("InferenceService", "rbac-chat", {"spec": change})
+        await support.eventually(
+            lambda g=generation, c=check: _isvc(api, lambda s: s.get("observedGeneration") == g and (c is None or c(s))),
+            what=f"InferenceService after {change}")
+    await support.eventually(lambda: _deployment_has(api, child, lambda d: "--max-model-len" in str(d)), what="rolled")
+    assert await api.get("HorizontalPodAutoscaler", child) is None
+    status = (await api.get("InferenceService", "rbac-chat"))["status"]
+    assert not [c for c in status.get("conditions") or [] if c.get("reason") == "Forbidden"], status
+    await api.delete("InferenceService", "rbac-chat")
+    await support.eventually(lambda: _gone(api, "rbac-chat"), what="InferenceService deleted")
+
+
+async def _isvc(api: Any, check: Any) -> Any:
+    obj = await api.get("InferenceService", "rbac-chat")
+    return obj if obj and check(obj.get("status") or {}) else None
+
+
+async def _deployment_has(api: Any, name: str, check: Any) -> Any:
+    obj = await api.get("Deployment", name)
+    return obj if obj and check(obj) else None
+
+
+async def _gone(api: Any, name: str) -> bool:
+    return await api.get("InferenceService", name) is None
 
 
 async def _phase(api: Any, name: str, phase: str) -> Any:
@@ -591,9 +681,15 @@ def test_rbac_is_exactly_what_the_operator_calls(recorded_calls: set[tuple[str, 
     unused = granted - recorded_calls - set(STATIC_ONLY)
     assert not unused, f"granted but never used by the operator: {sorted(unused)}"
     # And the recorded run covered every kind of call operator/kube.py can make.
-    assert {("", "secrets", "get"), ("", "events", "create"), ("batch", "jobs", "patch"),
+    assert {("", "secrets", "create"), ("", "events", "create"), ("batch", "jobs", "patch"),
             ("kubetune.io", "finetunejobs/status", "patch"), ("kubetune.io", "alignmentjobs/status", "patch"),
+            ("kubetune.io", "inferenceservices/status", "patch"), ("", "configmaps", "patch"),
+            ("apps", "deployments", "patch"), ("", "services", "patch"),
+            ("autoscaling", "horizontalpodautoscalers", "create"), ("autoscaling", "horizontalpodautoscalers", "patch"),
+            ("autoscaling", "horizontalpodautoscalers", "delete"),
             ("kopf.dev", "clusterkopfpeerings", "patch")} <= recorded_calls, sorted(recorded_calls)
+    # The operator never reads a Secret: not even metadata (see kubetune.rules in _helpers.tpl).
+    assert not {v for g, r, v in granted if (g, r) == ("", "secrets")} - {"create"}
 
 
 def test_rbac_covers_every_resource_the_operator_watches(recorded_calls: set[tuple[str, str, str]], peered: dict[str, Any]) -> None:

@@ -67,13 +67,60 @@ def test_example_passes_admission_validation(path: Path) -> None:
 
 @pytest.mark.parametrize("path", CR_MANIFESTS, ids=lambda p: p.name)
 def test_example_passes_kubetune_validate(path: Path) -> None:
-    manifest = yaml.safe_load(path.read_text())
-    args = ["validate", str(path)]
-    if manifest["kind"] == "InferenceService":
-        pytest.skip("`kubetune validate` checks training specs only (FineTuneJob/AlignmentJob); "
-                    "InferenceService is checked by test_example_passes_admission_validation")
-    proc = _kubetune(*args)  # an AlignmentJob's baseModelFrom stands in for training.model.path
+    """Every kind, InferenceService included: `kubetune validate` runs the webhook's checks."""
+    proc = _kubetune("validate", str(path))  # an AlignmentJob's baseModelFrom stands in for training.model.path
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "warning" not in proc.stderr, proc.stderr
+
+
+LOCAL_SPECS = sorted(p for p in EXAMPLES.glob("*.yaml") if p not in CR_MANIFESTS)
+
+
+def test_local_examples_are_bare_specs_that_validate() -> None:
+    """The examples reading this repository's files (examples/data) are bare training specs for
+    `kubetune train`: as FineTuneJobs they were accepted and then failed on a cluster, where a pod
+    starts with an empty /workspace (Failed/ConfigError)."""
+    assert {p.name for p in LOCAL_SPECS} >= {"quickstart.yaml", "pipeline-sft-dpo.yaml"}
+    for path in LOCAL_SPECS:
+        assert "apiVersion" not in yaml.safe_load(path.read_text()), path
+        proc = _kubetune("validate", str(path))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_cluster_example_reads_its_data_from_s3_or_the_hub() -> None:
+    from kubetune.operator.validation import dataset_fields, validate_resource
+
+    for path in CR_MANIFESTS:
+        manifest = yaml.safe_load(path.read_text())
+        if manifest["kind"] == "InferenceService":
+            continue
+        spec = validate_resource({**manifest, "metadata": {**manifest["metadata"], "namespace": "ml"}})
+        for field, dataset in dataset_fields(spec.training):
+            assert dataset.path.startswith("s3://") or dataset.path.count("/") <= 1, (path.name, field)
+
+
+def test_the_cluster_quickstart_trains_what_the_local_one_does() -> None:
+    local = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    cluster = yaml.safe_load((EXAMPLES / "finetunejob-quickstart.yaml").read_text())
+    assert cluster["kind"] == "FineTuneJob" and cluster["metadata"]["name"] == local["name"]
+    training = cluster["spec"]["training"]
+    assert training["data"]["datasets"][0]["path"].endswith("/" + Path(local["data"]["datasets"][0]["path"]).name)
+    assert training["output"]["path"].startswith("s3://")
+
+    def without_locations(spec: dict[str, Any]) -> dict[str, Any]:
+        spec = {k: v for k, v in spec.items() if k not in ("name", "output")}
+        return {**spec, "data": {**spec["data"], "datasets": [{**d, "path": None} for d in spec["data"]["datasets"]]}}
+
+    assert without_locations(training) == without_locations(local)
+
+
+def test_examples_use_our_short_name_not_kserves() -> None:
+    """`isvc` is KServe's InferenceService; ours is `kisvc` (a `kubectl get isvc` finds KServe's)."""
+    import re
+
+    for path in [*EXAMPLES.rglob("*.yaml"), *EXAMPLES.rglob("*.md")]:
+        for line in path.read_text().splitlines():
+            assert not re.search(r"kubectl\b.*(\sisvc\b|\bisvc/)", line), f"{path}: {line}"
 
 
 def test_pipeline_references_fit_together() -> None:

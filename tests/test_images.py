@@ -186,3 +186,46 @@ def test_chart_and_operator_defaults_name_these_images() -> None:
     if shutil.which("make"):
         out = subprocess.run(["make", "-s", "-C", str(IMAGES), "print"], capture_output=True, text=True, check=True).stdout.split()
         assert out == [f"{registry}/kubetune-{name}:{version}" for name in ("trainer", "vllm", "operator")]
+
+
+def _built_images(registry: str, version: str) -> set[str]:
+    """What `make -C images build` tags: `$(REGISTRY)/kubetune-<name>:$(TAG)` for each IMAGES."""
+    make = (IMAGES / "Makefile").read_text()
+    names = re.search(r"^IMAGES := (.+)$", make, re.M).group(1).split()
+    for name in names:
+        assert f"-t $(REGISTRY)/kubetune-{name}:$(TAG)" in make, f"build-{name} does not tag kubetune-{name}"
+    return {f"{registry}/kubetune-{name}:{version}" for name in names}
+
+
+def test_every_default_image_is_one_the_makefile_builds() -> None:
+    """The operator's defaults (training pods, each serving engine) and every image the chart's
+    values name must be images `make -C images build` produces: a default that nobody builds
+    (once `kubetune-server`) leaves pods in ImagePullBackOff. And each engine's default image must
+    contain that engine: vLLM is only in kubetune-vllm."""
+    import yaml
+
+    from kubetune.operator.render.inference import ServingOptions
+    from kubetune.operator.render.training import RenderOptions
+    from kubetune.operator.resources import InferenceServiceSpec
+
+    version = PYPROJECT["project"]["version"]
+    registry = re.search(r"^REGISTRY \?= (\S+)", (IMAGES / "Makefile").read_text(), re.M).group(1)
+    built = _built_images(registry, version)
+    values = yaml.safe_load((ROOT / "charts/kubetune/values.yaml").read_text())
+    chart = yaml.safe_load((ROOT / "charts/kubetune/Chart.yaml").read_text())
+    options = ServingOptions()
+    named = {
+        "RenderOptions.default_image": RenderOptions.default_image,
+        "ServingOptions vllm": options.image_for("vllm"),
+        "ServingOptions transformers": options.image_for("transformers"),
+        "values image": f"{values['image']['repository']}:{values['image']['tag'] or chart['appVersion']}",
+        "values jobs.trainerImage": values["jobs"]["trainerImage"],
+        "values serving.vllmImage": values["serving"]["vllmImage"],
+    }
+    if values["jobs"]["serverImage"]:
+        named["values jobs.serverImage"] = values["jobs"]["serverImage"]
+    unbuilt = {where: image for where, image in named.items() if image not in built}
+    assert not unbuilt, f"default images that images/Makefile does not build: {unbuilt} (it builds {sorted(built)})"
+    assert options.image_for(InferenceServiceSpec.model_fields["engine"].default).split(":")[0].endswith("/kubetune-vllm")
+    assert options.image_for("transformers") == RenderOptions.default_image
+    assert "vllm" in (IMAGES / "vllm.Dockerfile").read_text() and "vllm" not in " ".join(pip_installs(IMAGES / "trainer.Dockerfile"))

@@ -48,7 +48,7 @@ EXAMPLE_ISVC: dict[str, Any] = {
         "autoscaling": {"metric": "requestsInFlight", "target": 16},
         "engineArgs": {"maxModelLen": 8192, "dtype": "bfloat16", "quantization": "fp8",
                        "extraArgs": ["--enable-prefix-caching"]},
-        "cache": {"type": "hostPath", "path": "/mnt/nvme/kubetune-cache"},
+        "cache": {"type": "hostPath", "subPath": "llama"},
         "storage": {"secretRef": {"name": "s3-creds"}, "endpoint": "http://minio.minio:9000"},
         "nodeSelector": {"nvidia.com/gpu.product": "H100-SXM"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -278,7 +278,7 @@ def test_probes_drain_rollout_and_security() -> None:
     assert agent["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "agent"}
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
-    assert volumes[mounts["/var/cache/kubetune"]]["hostPath"] == {"path": "/mnt/nvme/kubetune-cache", "type": "DirectoryOrCreate"}
+    assert volumes[mounts["/var/cache/kubetune"]]["hostPath"] == {"path": "/var/lib/kubetune/cache/ml/llama", "type": "DirectoryOrCreate"}
     for path in ("/tmp", "/cache", "/dev/shm"):
         assert "emptyDir" in volumes[mounts[path]]
     env = {e["name"]: e for e in server["env"]}
@@ -597,3 +597,212 @@ def test_merge_diff() -> None:
     assert merge_diff({"a": 1, "b": {"c": 1, "d": 2}, "e": [1]}, {"a": 1, "b": {"c": 2}, "e": [2]}) == {
         "b": {"c": 2, "d": None}, "e": [2]}
     assert yaml.safe_load(yaml.safe_dump(merge_diff({}, {"x": 1}))) == {"x": 1}
+
+
+# -- hardening (issue #15): hostPath roots, API keys, 403s, the oldest Kubernetes --------------
+
+
+@pytest.mark.parametrize("node_path", ["/etc", "/", "/root/.ssh", "/var/lib/kubelet", "/mnt/nvme/kubetune-cache"])
+def test_a_resource_cannot_name_a_node_directory(node_path: str) -> None:
+    """`cache.path` (a node path) is refused by `kubetune validate`/the webhook (admit) and by the
+    reconciler (Failed/InvalidSpec, nothing created): no root container ever chowns it."""
+    cr = _cr(cache={"type": "hostPath", "path": node_path})
+    with pytest.raises(SpecErrors, match=r"cache\.subPath"):
+        validate_resource(cr)
+    with pytest.raises(Exception, match="not accepted"):
+        admit("CREATE", None, cr)
+    plan = reconcile_service(cr, _observed(), NOW)
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "InvalidSpec"
+    assert not plan.create and not plan.patch and plan.api_key_secret is None
+
+
+@pytest.mark.parametrize("sub_path", ["..", ".", "../../etc", "a/b", "/etc", "x/../..", ".hidden", "a b", ""])
+def test_hostpath_sub_directory_is_one_safe_segment(sub_path: str) -> None:
+    with pytest.raises(SpecErrors, match="subPath"):
+        validate_resource(_cr(cache={"type": "hostPath", "subPath": sub_path}))
+
+
+def test_hostpath_cache_lives_under_the_operators_root_per_namespace() -> None:
+    """The node directory is <operator root>/<namespace>/<subPath>; the root-owned chown runs
+    in the operator's image for the engine, not in the resource's own spec.image."""
+    options = ServingOptions(host_cache_root="/srv/kubetune-cache")
+    pod = _pod(render_inference(_cr(image="tenant/evil:1", cache={"type": "hostPath", "subPath": "llama"}), MODELS, options))
+    volume = next(v for v in pod["volumes"] if v["name"] == "model-cache")
+    assert volume["hostPath"] == {"path": "/srv/kubetune-cache/ml/llama", "type": "DirectoryOrCreate"}
+    permissions = pod["initContainers"][0]
+    assert permissions["name"] == "cache-permissions" and permissions["image"] == options.image_for("vllm")
+    assert permissions["image"] != "tenant/evil:1" and pod["containers"][0]["image"] == "tenant/evil:1"
+    default = _pod(render_inference(_cr(cache={"type": "hostPath"}), MODELS))
+    assert next(v for v in default["volumes"] if v["name"] == "model-cache")["hostPath"]["path"] == \
+        "/var/lib/kubetune/cache/ml/default"
+
+
+def test_host_path_is_checked_again_when_rendered() -> None:
+    from kubetune.operator.render.inference import host_cache_path
+
+    assert host_cache_path("/var/lib/kubetune/cache", "ml", "llama") == "/var/lib/kubetune/cache/ml/llama"
+    for namespace, sub in (("ml", ".."), ("..", "x"), ("ml", "a/../../.."), ("", "x")):
+        with pytest.raises(ValueError):
+            host_cache_path("/var/lib/kubetune/cache", namespace, sub)
+
+
+@pytest.mark.parametrize("root", ["/", "/etc", "/var/lib/kubelet", "/var/lib/kubelet/pods", "/root", "/usr", "/var",
+                                  "relative", "/a/../etc", "/proc/1"])
+def test_operator_refuses_a_system_directory_as_cache_root(root: str) -> None:
+    from kubetune.operator.validation import check_host_cache_root
+
+    with pytest.raises(ValueError):
+        check_host_cache_root(root)
+    assert check_host_cache_root("/var/lib/kubetune/cache") == "/var/lib/kubetune/cache"
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_every_service_gets_a_generated_api_key_by_reference() -> None:
+    """No API key used to mean an open admin API (/v1/load_lora_adapter). Now the server and the
+    adapters sidecar read KUBETUNE_API_KEY from the service's own Secret; the init container (a
+    downloader) does not get it, and the key itself is nowhere in the pod template."""
+    from kubetune.operator.render.inference import api_key_secret_name
+
+    pod = _pod(render_inference(_cr(), MODELS))
+    containers = {c["name"]: c for c in pod["containers"] + pod["initContainers"]}
+    ref = {"secretKeyRef": {"name": "llama-chat-isvc-api-key", "key": "api-key"}}
+    assert api_key_secret_name("llama-chat") == "llama-chat-isvc-api-key"
+    assert _env(containers["server"])["KUBETUNE_API_KEY"] == {"name": "KUBETUNE_API_KEY", "valueFrom": ref}
+    assert _env(containers["adapters"])["KUBETUNE_API_KEY"] == {"name": "KUBETUNE_API_KEY", "valueFrom": ref}
+    assert "KUBETUNE_API_KEY" not in _env(containers["fetch"])
+
+
+def test_own_key_or_explicit_opt_out_generates_nothing() -> None:
+    own = [{"name": "KUBETUNE_API_KEY", "valueFrom": {"secretKeyRef": {"name": "team-key", "key": "k"}}}]
+    pod = _pod(render_inference(_cr(env=own), MODELS))
+    server = _env(pod["containers"][0])
+    assert server["KUBETUNE_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "team-key", "key": "k"}
+    plan = reconcile_service(_cr(env=own), _observed(), NOW)
+    assert plan.api_key_secret is None and plan.status["apiKeySecret"] == "team-key"
+    opted_out = reconcile_service(_cr(env=[{"name": "KUBETUNE_API_KEY", "value": ""}]), _observed(), NOW)
+    assert opted_out.api_key_secret is None and "apiKeySecret" not in opted_out.status
+
+
+def test_the_key_secret_is_created_first_and_only_its_name_is_in_the_status() -> None:
+    plan = reconcile_service(EXAMPLE_ISVC, _observed(), NOW)
+    secret = plan.api_key_secret
+    assert secret is not None and secret["kind"] == "Secret" and secret["metadata"]["name"] == "llama-chat-isvc-api-key"
+    assert "data" not in secret and "stringData" not in secret  # the shell adds the key at create time
+    (owner,) = secret["metadata"]["ownerReferences"]
+    assert owner["uid"] == "isvc-uid" and owner["controller"] is True
+    assert plan.status["apiKeySecret"] == "llama-chat-isvc-api-key"
+    InferenceServiceStatus.model_validate(plan.status)
+    # Steady state (recorded in the status, Deployment there, no spec change): no create call.
+    again = reconcile_service({**EXAMPLE_ISVC, "status": plan.status}, _observed(deployment=_deployment(ready=1)), NOW)
+    assert again.api_key_secret is None
+
+
+class _FakeKube:
+    """The I/O shell's kube client: records writes, refuses what `forbid` names with 403."""
+
+    def __init__(self, cr: dict[str, Any], children: dict[tuple[str, str], dict[str, Any]],
+                 forbid: set[tuple[str, str]] = frozenset()):  # type: ignore[assignment]
+        s3 = {("Secret", "s3-creds"): {"metadata": {"name": "s3-creds"}}}  # the spec's storage.secretRef
+        self.objects = {("InferenceService", cr["metadata"]["name"]): cr, **s3, **children}
+        self.forbid = forbid
+        self.writes: list[tuple[str, str, str, Any]] = []
+        self.events: list[tuple[str, str, str]] = []
+
+    def _check(self, verb: str, kind: str, plural: str) -> None:
+        from kubetune.operator.kube import KubeError
+
+        if (verb, kind) in self.forbid:
+            raise KubeError(403, f"{plural} is forbidden", verb=verb, resource=plural, namespace="ml")
+
+    def get(self, kind: str, namespace: str, name: str, metadata_only: bool = False) -> dict[str, Any] | None:
+        return copy.deepcopy(self.objects.get((kind, name)))
+
+    def create(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        self._check("create", body["kind"], body["kind"].lower() + "s")
+        self.writes.append(("create", body["kind"], body["metadata"]["name"], body))
+        return body, True
+
+    def create_if_absent(self, body: dict[str, Any]) -> bool:
+        self._check("create", body["kind"], "secrets")
+        self.writes.append(("create", body["kind"], body["metadata"]["name"], body))
+        return True
+
+    def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any], subresource: str | None = None) -> None:
+        self._check("patch", kind, kind.lower() + "s")
+        self.writes.append(("patch", kind + (f"/{subresource}" if subresource else ""), name, patch))
+
+    def delete(self, kind: str, namespace: str, name: str) -> bool:
+        self.writes.append(("delete", kind, name, None))
+        return True
+
+    def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+
+def test_the_shell_creates_a_random_key_and_never_logs_or_reports_it(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from kubetune.operator.serving import reconcile_service_object
+
+    kube = _FakeKube(copy.deepcopy(EXAMPLE_ISVC), {("FineTuneJob", "legal-sft"): _job("Succeeded")})
+    with caplog.at_level(logging.DEBUG):
+        reconcile_service_object(kube, "ml", "llama-chat", ServingOptions())
+    secrets = [w[3] for w in kube.writes if w[:2] == ("create", "Secret")]
+    assert len(secrets) == 1 and kube.writes[0][1] == "Secret"  # before the Deployment that references it
+    key = secrets[0]["stringData"]["api-key"]
+    assert len(key) >= 43 and re.fullmatch(r"[A-Za-z0-9_-]+", key)  # secrets.token_urlsafe(32)
+    status = next(w[3] for w in kube.writes if w[1] == "InferenceService/status")["status"]
+    assert status["apiKeySecret"] == "llama-chat-isvc-api-key"
+    for text in (caplog.text, json.dumps(status), json.dumps(kube.events),
+                 json.dumps([w for w in kube.writes if w[1] != "Secret"])):
+        assert key not in text
+    kube2 = _FakeKube(copy.deepcopy(EXAMPLE_ISVC), {("FineTuneJob", "legal-sft"): _job("Succeeded")})
+    reconcile_service_object(kube2, "ml", "llama-chat", ServingOptions())
+    assert next(w[3] for w in kube2.writes if w[1] == "Secret")["stringData"]["api-key"] != key
+
+
+def test_a_forbidden_call_is_reported_and_does_not_block_the_other_changes() -> None:
+    """The chart once lacked `patch` on ConfigMaps: adding an adapter failed with a 403 the user
+    never saw, and the exception stopped every other change. Now the other changes go through
+    and the service says which permission is missing (Ready=False/Forbidden + a Warning event)."""
+    from kubetune.operator.serving import reconcile_service_object
+
+    objs = _by_kind(render_inference(EXAMPLE_ISVC, MODELS))
+    deployed = _deployment(ready=1)
+    children = {("Deployment", "llama-chat-isvc"): deployed, ("Service", "llama-chat-isvc"): objs["Service"],
+                ("HorizontalPodAutoscaler", "llama-chat-isvc"): objs["HorizontalPodAutoscaler"],
+                ("ConfigMap", "llama-chat-isvc-adapters"): objs["ConfigMap"],
+                ("FineTuneJob", "legal-sft"): _job("Succeeded")}
+    cr = _cr(adapters=[{"name": "support", "uri": "s3://outputs/support-lora"},
+                       {"name": "sales", "uri": "s3://outputs/sales-lora"}],
+             engineArgs={"maxModelLen": 4096, "dtype": "bfloat16", "quantization": "fp8"})
+    kube = _FakeKube(cr, children, forbid={("patch", "ConfigMap")})
+    reconcile_service_object(kube, "ml", "llama-chat", ServingOptions())
+    assert any(w[:3] == ("patch", "Deployment", "llama-chat-isvc") for w in kube.writes)  # the roll still happens
+    status = next(w[3] for w in kube.writes if w[1] == "InferenceService/status")["status"]
+    ready = _cond(status, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "Forbidden"
+    assert "patch configmaps in namespace ml" in ready["message"]
+    assert [(t, r) for t, r, _ in kube.events if r == "Forbidden"] == [("Warning", "Forbidden")]
+    # The next pass, still refused: the same condition, no second event.
+    cr["status"] = status
+    kube.events.clear()
+    kube.writes.clear()
+    reconcile_service_object(kube, "ml", "llama-chat", ServingOptions())
+    assert not [e for e in kube.events if e[1] == "Forbidden"]
+
+
+def test_children_validate_against_the_oldest_kubernetes_the_chart_claims() -> None:
+    """The Deployment uses `lifecycle.preStop.sleep` (Kubernetes >= 1.30): the chart must not
+    claim an older cluster. Every child is validated against the chart's minimum version."""
+    chart = yaml.safe_load((Path(__file__).resolve().parents[1] / "charts/kubetune/Chart.yaml").read_text())
+    major, minor = re.match(r">=\s*(\d+)\.(\d+)", chart["kubeVersion"]).groups()
+    oldest = f"{major}.{minor}"
+    for spec in ({}, {"cache": {"type": "hostPath"}, "engine": "transformers", "engineArgs": {}}):
+        for obj in render_inference(_cr(**spec), MODELS):
+            assert kubernetes_validate.validate(obj, oldest, strict=True), obj["kind"]
+    secret = reconcile_service(EXAMPLE_ISVC, _observed(), NOW).api_key_secret
+    assert kubernetes_validate.validate({**secret, "stringData": {"api-key": "x"}}, oldest, strict=True)

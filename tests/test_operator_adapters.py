@@ -199,3 +199,48 @@ def test_fetch_reads_the_adapters_file(tmp_path: Path, monkeypatch: pytest.Monke
     assert seen == {"model": "s3://m", "adapters": ["x=s3://x", "a=s3://b/a"]}
     config.write_text("[]")
     assert fetch.main(["--model", "s3://m", "--adapters-file", str(config)]) == 2
+
+
+def test_the_agent_sends_the_services_api_key_on_every_call() -> None:
+    """The operator passes the generated key as KUBETUNE_API_KEY: the agent sends it as a Bearer
+    token on /v1/models, /v1/load_lora_adapter and /v1/unload_lora_adapter (the server refuses
+    those without it)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kubetune.operator.adapters import VLLMClient, api_key_from_env
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Server(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization")))
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            ok = self.headers.get("Authorization") == "Bearer k3y"
+            body = json.dumps({"data": []} if ok else {"error": {"message": "Incorrect API key"}}).encode()
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: Any) -> None:
+            return
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        assert api_key_from_env({"KUBETUNE_API_KEY": "k3y", "VLLM_API_KEY": "other"}) == "k3y"
+        assert api_key_from_env({"VLLM_API_KEY": "own"}) == "own" and api_key_from_env({}) is None
+        client = VLLMClient(f"http://127.0.0.1:{httpd.server_port}", api_key_from_env({"KUBETUNE_API_KEY": "k3y"}))
+        assert client.adapters() == {}
+        client.load("sales", "/cache/sales")
+        client.unload("sales")
+        assert [p for p, _ in seen] == ["/v1/models", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"]
+        assert {auth for _, auth in seen} == {"Bearer k3y"}
+        with pytest.raises(VLLMError, match="Incorrect API key"):
+            VLLMClient(f"http://127.0.0.1:{httpd.server_port}").load("x", "/cache/x")
+    finally:
+        httpd.shutdown()

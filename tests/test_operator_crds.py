@@ -128,7 +128,35 @@ def test_crd_metadata_columns_and_names() -> None:
     assert columns["Phase"] == ".status.phase"
     assert columns["Progress"] == ".status.progress.percent"
     assert columns["Loss"] == ".status.progress.loss"
+    assert columns["ETA"] == ".status.progress.etaSeconds"  # set by the trainer; shown by kubectl get
     assert columns["Age"] == ".metadata.creationTimestamp"
+    assert [c["name"] for c in version["additionalPrinterColumns"] if "priority" not in c] == [
+        "Phase", "Progress", "Loss", "ETA", "Age"]
+
+
+def _descriptions(node: Any, path: str = "") -> list[tuple[str, str]]:
+    out = [(path, node["description"])] if isinstance(node, dict) and node.get("description") else []
+    for key, sub in (node.items() if isinstance(node, dict) else []):
+        if isinstance(sub, dict | list):
+            out.extend(_descriptions(sub, f"{path}.{key}"))
+    if isinstance(node, list):
+        for i, sub in enumerate(node):
+            out.extend(_descriptions(sub, f"{path}[{i}]"))
+    return out
+
+
+def test_inference_service_fields_describe_the_service_not_a_training_job() -> None:
+    """The InferenceService CRD reused the training kinds' descriptions ("resources of each
+    training pod ... gpusPerNode", "the trainer container"): `kubectl explain` misled."""
+    spec = crd("InferenceService")["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    wrong = [(path, text) for path, text in _descriptions(spec)
+             if any(w in text for w in ("training pod", "gpusPerNode", "trainer container", "job's namespace"))]
+    assert wrong == []
+    fields = spec["properties"]
+    for name in ("resources", "gpuResource", "nodeSelector", "tolerations", "affinity", "serviceAccountName",
+                 "storage", "env", "engineArgs", "autoscaling", "model"):
+        assert fields[name].get("description"), f"spec.{name} has no description"
+    assert "gpus" in fields["resources"]["description"]
 
 
 def test_crd_schema_comes_from_the_training_spec() -> None:

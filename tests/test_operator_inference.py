@@ -232,3 +232,29 @@ async def test_scale_without_autoscaler_then_turn_autoscaling_on(api: Api) -> No
         after = await api.get("Deployment", CHILD)
         assert after["spec"]["template"] == before["spec"]["template"]
         assert [c["name"] for c in after["spec"]["template"]["spec"]["containers"]] == ["server", "adapters"]
+
+
+async def test_generated_api_key_secret_and_node_paths_refused(api: Api) -> None:
+    """The real operator: every service gets its own API key Secret (owned by it, created before
+    the pods that reference it; the status names it, never the key), and a service naming a node
+    directory for its cache is refused (Failed/InvalidSpec) before anything is created."""
+    async with running_operator():
+        cr = await api.create(isvc(model={"uri": "s3://models/base"}, maxReplicas=None, engine="transformers"))
+        dep = await eventually(lambda: api.get("Deployment", CHILD), what="Deployment")
+        secret = await api.get("Secret", f"{CHILD}-api-key")
+        assert secret is not None and secret["type"] == "Opaque"
+        (ref,) = secret["metadata"]["ownerReferences"]
+        assert ref["uid"] == cr["metadata"]["uid"] and ref["kind"] == "InferenceService"
+        key = secret["stringData"]["api-key"]  # kmock keeps the body as sent
+        assert len(key) >= 43
+        containers = {c["name"]: c for c in dep["spec"]["template"]["spec"]["containers"]}
+        for name in ("server", "adapters"):
+            env = {e["name"]: e for e in containers[name]["env"]}
+            assert env["KUBETUNE_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": f"{CHILD}-api-key", "key": "api-key"}
+        status = (await eventually(lambda: _status(api, "apiKeySecret", f"{CHILD}-api-key"), what="apiKeySecret"))["status"]
+        assert key not in json.dumps(status) and key not in json.dumps(await api.events("chat"))
+
+        await api.create(isvc("root", model={"uri": "s3://models/base"}, cache={"type": "hostPath", "path": "/etc"}))
+        failed = await eventually(lambda: _status(api, "reason", "InvalidSpec", name="root"), what="InvalidSpec")
+        assert "cache.path '/etc' is not accepted" in failed["status"]["message"]
+        assert await api.get("Deployment", "root-isvc") is None and await api.get("Secret", "root-isvc-api-key") is None

@@ -204,6 +204,45 @@ async def test_invalid_spec_condition_and_event_no_children(api: Api) -> None:
         assert (await _children(api, cr))["Job"] == ["bad-ftj-a1"]
 
 
+KOPF_FINALIZER = "kopf.zalando.org/KopfFinalizerMarker"
+
+
+async def _finalizers(api: Api, kind: str, name: str) -> list[str]:
+    return ((await api.get(kind, name)) or {}).get("metadata", {}).get("finalizers") or []
+
+
+async def test_finished_jobs_keep_no_timer_and_no_finalizer(api: Api) -> None:
+    """A Failed/InvalidSpec job kept its reconcile timer (and so kopf's finalizer) forever: it
+    cost a reconcile every interval, and with the operator uninstalled it could not be deleted.
+    A running job has both; once it has finished, neither."""
+    async with running_operator():
+        bad = finetunejob("broken")
+        bad["spec"]["training"]["method"] = "magic"
+        await api.create(bad)
+        await api.create(finetunejob("done"))
+        await eventually(lambda: api.get("Job", "done-ftj-a1"))
+        await eventually(lambda: _has(api, "done", KOPF_FINALIZER), what="a timer (and its finalizer) while in flight")
+        await eventually(lambda: _phase(api, "FineTuneJob", "broken", "Failed"))
+        await api.job_status("done-ftj-a1", {"succeeded": 2, "conditions": [{"type": "Complete", "status": "True"}]})
+        await eventually(lambda: _phase(api, "FineTuneJob", "done", "Succeeded"))
+        for name in ("broken", "done"):
+            await eventually(lambda name=name: _lacks(api, name, KOPF_FINALIZER), what=f"{name}: finalizer removed")
+        # Fixing the spec still brings the failed job back (the update handler, not a timer).
+        await api.patch("FineTuneJob", "broken", {"spec": {"training": {"method": "lora"}}})
+        await eventually(lambda: api.get("Job", "broken-ftj-a1"), what="recovered")
+    # With the operator gone, a finished job is deleted at once (nothing waits for a finalizer).
+    await api.delete("FineTuneJob", "done")
+    assert await api.get("FineTuneJob", "done") is None
+
+
+async def _has(api: Api, name: str, finalizer: str) -> bool:
+    return finalizer in await _finalizers(api, "FineTuneJob", name)
+
+
+async def _lacks(api: Api, name: str, finalizer: str) -> bool:
+    return finalizer not in await _finalizers(api, "FineTuneJob", name)
+
+
 async def test_missing_secret_waits_with_condition(api: Api) -> None:
     async with running_operator():
         await api.create(finetunejob("sec", storage={"secretRef": {"name": "s3-creds"}}))
@@ -404,6 +443,13 @@ async def test_progress_from_status_json_in_s3(api: Api, s3: Any) -> None:
         assert progress["percent"] == 40.0 and progress["loss"] == 1.25 and progress["totalSteps"] == 100
         assert progress["lastCheckpoint"] == "s3://outputs/prog/checkpoint-40"
         assert progress["tokensPerSecond"] == 5120.5
+        # status.json is written by user code: out-of-range numbers crashed every reconcile
+        # (OverflowError), so the job never reached Succeeded.
+        hostile = {**status, "step": 10**400, "updatedAt": 1e20, "outputUri": "-x", "state": "s" * 10_000}
+        await asyncio.to_thread(s3.put_object, Bucket="outputs", Key="prog/status.json", Body=json.dumps(hostile).encode())
+        await api.job_status("prog-ftj-a1", {"succeeded": 2, "conditions": [{"type": "Complete", "status": "True"}]})
+        done = await eventually(lambda: _phase(api, "FineTuneJob", "prog", "Succeeded"), what="Succeeded")
+        assert done["status"]["outputUri"] == "s3://outputs/prog"
 
 
 async def _progress_step(api: Api, name: str, step: int) -> dict[str, Any] | None:

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import copy
 import datetime
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from kubetune.operator.reconcile import Observed, Plan, needs_trainer_status, reconcile, status_patch
+from kubetune.operator.reconcile import (
+    Observed,
+    Plan,
+    needs_reconcile,
+    needs_trainer_status,
+    reconcile,
+    status_patch,
+)
 from kubetune.operator.resources import AlignmentJobStatus, TrainingJobStatus
-from kubetune.operator.status import progress_from_trainer
+from kubetune.operator.status import parse_trainer_status, progress_from_trainer
 from kubetune.operator.validation import AdmissionRefused, admit
 from kubetune.trainer.errors import SpecErrors
 from kubetune.trainer.specfile import load_spec
@@ -370,8 +378,207 @@ def test_progress_from_trainer_status() -> None:
     progress = progress_from_trainer({"phase": "Running", "step": 25, "totalSteps": 200, "loss": 0.5, "epoch": None,
                                       "tokensPerSecond": float("nan"), "updatedAt": 1746100800.0, "extra": 1})
     assert progress == {"step": 25, "totalSteps": 200, "percent": 12.5, "loss": 0.5, "state": "Running",
-                        "updatedAt": "2025-05-01T12:00:00Z"}
+                        "updatedAt": "2025-05-01T12:00:00Z",
+                        "ignored": ["tokensPerSecond: Input should be a finite number"]}
     TrainingJobStatus.model_validate({"progress": progress})
+
+
+# -- status.json is written by user code: untrusted input (issue 15, item 8) ----------------------
+
+HOSTILE_STATUS = {
+    "phase": "Succeeded", "updatedAt": 1e20, "step": 10**400, "totalSteps": "lots", "loss": True,
+    "epoch": -3, "etaSeconds": 1e300, "tokensPerSecond": 512.0, "state": "x" * 100_000,
+    "lastCheckpoint": "-rf /", "outputUri": "s3://someone-else/bucket",
+}
+
+
+def test_out_of_range_status_json_never_crashes_and_the_job_still_succeeds() -> None:
+    """1e20 seconds and a 400-digit step raised OverflowError in every reconcile: the job never
+    reached Succeeded. Every bad field is dropped (and listed), the rest is used."""
+    cr, first = _start()
+    job = _with(_job(first), active=2)
+    world = _world(first, [job])
+    world.trainer_status = dict(HOSTILE_STATUS)
+    running = reconcile(cr, world, now=T0)
+    cr = _apply(cr, running)
+    progress = cr["status"]["progress"]
+    assert progress["tokensPerSecond"] == 512.0 and progress["state"] == "Succeeded"
+    assert not {"step", "totalSteps", "loss", "epoch", "etaSeconds", "updatedAt", "lastCheckpoint"} & set(progress)
+    ignored = " ".join(progress["ignored"])
+    for name in ("updatedAt", "step", "totalSteps", "loss", "epoch", "etaSeconds", "lastCheckpoint", "outputUri"):
+        assert name in ignored, name
+    assert cr["status"]["outputUri"] == "s3://outputs/llama-sft"  # not someone else's bucket
+    done = _world(first, [_with(_job(first), conditions=[{"type": "Complete", "status": "True"}])])
+    done.trainer_status = dict(HOSTILE_STATUS)
+    finished = reconcile(cr, done, now=T0)
+    assert finished.status["phase"] == "Succeeded"
+    assert len(str(finished.status)) < 5000
+
+
+@pytest.mark.parametrize(("location", "accepted"), [
+    ("s3://outputs/llama-sft", True), ("s3://outputs/llama-sft/1-dpo", True),
+    ("s3://outputs/llama-sft-other", False), ("s3://elsewhere/x", False), ("--output=/etc", False),
+    ("s3://outputs/llama-sft/" + "x" * 5000, False), (42, False),
+])
+def test_output_uri_from_status_json_must_be_the_jobs_own_output(location: Any, accepted: bool) -> None:
+    report, notes = parse_trainer_status({"outputUri": location}, "s3://outputs/llama-sft")
+    assert (report.outputUri == location) is accepted
+    assert bool(notes) is not accepted
+
+
+def test_status_json_that_is_not_an_object_is_ignored() -> None:
+    for data in ([1, 2], "Succeeded", None, 3):
+        report, _ = parse_trainer_status(data, "s3://o/x")
+        assert report.phase is None and progress_from_trainer(data) == {}
+
+
+# -- echoed input is bounded (item 10) --------------------------------------------------------------
+
+
+def test_a_huge_invalid_value_makes_short_messages_everywhere(tmp_path: Path) -> None:
+    """A 100 KB string in an enum field became a 100 KB status.message, condition message and
+    event (near the 1.5 MB object limit the status patch fails)."""
+    cr = _cr()
+    cr["spec"]["training"]["method"] = "m" * 100_000
+    cr["spec"]["training"]["lora"]["x" * 50_000] = 1
+    plan = reconcile(cr, Observed(secret_found=True), now=T0)
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "InvalidSpec"
+    assert "spec.training.method" in plan.status["message"] and "more characters" in plan.status["message"]
+    assert len(plan.status["message"]) <= 2000
+    assert all(len(c["message"]) <= 2000 for c in plan.status["conditions"])
+    assert plan.events and all(len(e.message) <= 2000 for e in plan.events)
+    with pytest.raises(AdmissionRefused) as refused:
+        admit("CREATE", None, cr)
+    assert len(str(refused.value)) <= 2000 and "spec.training.method" in str(refused.value)
+
+
+def test_many_problems_are_counted_not_all_listed() -> None:
+    cr = _cr()
+    cr["spec"]["training"]["lora"].update({f"unknown{i}": i for i in range(200)})
+    with pytest.raises(AdmissionRefused) as refused:
+        admit("CREATE", None, cr)
+    message = str(refused.value)
+    assert "200 problems" in message and re.search(r"and 1[89]\d more$", message) and len(message) <= 2000
+
+
+# -- free-form objects have a bounded depth (item 11a) ----------------------------------------------
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    node: dict[str, Any] = {"leaf": 1}
+    for _ in range(levels - 1):
+        node = {"n": node}
+    return node
+
+
+@pytest.mark.parametrize("where", ["affinity", "env"])
+def test_deeply_nested_free_form_objects_are_refused_at_admission(where: str) -> None:
+    cr = _cr()
+    if where == "affinity":
+        cr["spec"]["affinity"] = _nested(300)
+    else:
+        cr["spec"]["env"] = [{"name": "X", "valueFrom": _nested(300)}]
+    with pytest.raises(AdmissionRefused, match=r"nested more than 20 levels") as refused:
+        admit("CREATE", None, cr)
+    assert ("spec.affinity" if where == "affinity" else "spec.env[0].valueFrom") in str(refused.value)
+    plan = reconcile(cr, Observed(secret_found=True), now=T0)
+    assert plan.status["reason"] == "InvalidSpec" and plan.create == []
+    cr["spec"]["affinity"] = EXAMPLE_FTJ["spec"]["affinity"]  # a real one is a few levels deep
+    cr["spec"]["env"] = []
+    admit("CREATE", None, cr)
+
+
+# -- terminal resources cost nothing (item 11b) -----------------------------------------------------
+
+
+def test_only_a_spec_change_brings_a_failed_job_back() -> None:
+    cr, _ = _start()
+    assert needs_reconcile(cr)
+    for reason in ("InvalidSpec", "InsufficientGPUMemory", "BackoffLimitExceeded"):
+        failed = {**cr, "status": {**cr["status"], "phase": "Failed", "reason": reason, "observedGeneration": 1}}
+        assert not needs_reconcile(failed)
+        changed = {**failed, "metadata": {**failed["metadata"], "generation": 2}}
+        assert needs_reconcile(changed) is (reason != "BackoffLimitExceeded")
+    assert not needs_reconcile({**cr, "status": {"phase": "Succeeded"}})
+
+
+def test_timers_run_only_while_there_is_something_to_observe() -> None:
+    """kopf keeps its finalizer on a resource while a timer runs for it: a finished job (even
+    Failed/InvalidSpec, which kept one forever) and a Ready service have none."""
+    import tests.operator_support  # noqa: F401  (operator settings for tests, before importing handlers)
+    from kubetune.operator.handlers import _observe_job, _observe_service
+
+    for phase in ("Pending", "Running", "Suspended", None):
+        assert _observe_job(status={"phase": phase})
+    for status in ({"phase": "Succeeded"}, {"phase": "Failed", "reason": "InvalidSpec"},
+                   {"phase": "Failed", "reason": "BackoffLimitExceeded"}):
+        assert not _observe_job(status=status)
+    waiting = {"type": "DependenciesReady", "status": "False", "reason": "WaitingForReference"}
+    assert _observe_service(status={}) and _observe_service(status={"phase": "Pending"})
+    assert _observe_service(status={"phase": "Deploying"})
+    assert not _observe_service(status={"phase": "Ready", "conditions": []})
+    assert _observe_service(status={"phase": "Ready", "conditions": [waiting]})
+    assert not _observe_service(status={"phase": "Failed", "reason": "InvalidSpec"})
+    assert not _observe_service(status={"phase": "Failed", "reason": "ProgressDeadlineExceeded"})
+    assert _observe_service(status={"phase": "Failed", "reason": "NameConflict"})
+
+
+def test_child_watches_match_only_our_own_children() -> None:
+    import kopf
+
+    import tests.operator_support  # noqa: F401
+    from kubetune.operator import handlers  # noqa: F401  (registers the handlers)
+
+    watched = {handler.selector.any_name: handler.labels
+               for handler in kopf.get_default_registry()._watching._handlers
+               if handler.selector is not None and handler.selector.any_name in ("jobs", "deployments")}
+    assert set(watched) == {"jobs", "deployments"}
+    for plural, owner in (("jobs", "finetunejob"), ("deployments", "inferenceservice")):
+        labels = watched[plural]
+        assert labels["app.kubernetes.io/managed-by"] == "kubetune-operator"
+        kind_filter = labels["kubetune.io/kind"]
+        assert kind_filter(owner) and not kind_filter("somebody-else") and not kind_filter(None)
+
+
+# -- spec.env literal secrets (item 11c) and pod-invisible data (item 13) ---------------------------
+
+
+def test_literal_secret_in_env_is_a_warning() -> None:
+    cr = _cr(env=[{"name": "HF_TOKEN", "value": "hf_abc"}, {"name": "NCCL_DEBUG", "value": "INFO"},
+                  {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "w", "key": "k"}}}])
+    (warning,) = admit("CREATE", None, cr)
+    assert "spec.env[0] (HF_TOKEN)" in warning and "valueFrom" in warning and "hf_abc" not in warning
+
+
+@pytest.mark.parametrize(("path", "refused"), [
+    ("examples/data/demo_alpaca.json", True), ("./data", True), ("/data/train.jsonl", True),
+    ("~/chat.jsonl", True), ("file:///data/x.jsonl", True), ("chat.jsonl", True),
+    ("s3://data/chat.jsonl", False), ("tatsu-lab/alpaca", False), ("imdb", False),
+])
+def test_local_data_paths_are_refused_for_a_cluster_job(path: str, refused: bool) -> None:
+    cr = _cr()
+    cr["spec"]["training"]["data"]["datasets"][0]["path"] = path
+    if not refused:
+        admit("CREATE", None, cr)
+        return
+    with pytest.raises(AdmissionRefused) as err:
+        admit("CREATE", None, cr)
+    message = str(err.value)
+    assert "spec.training.data.datasets[0].path" in message and "s3://" in message and "kubetune train" in message
+    plan = reconcile(cr, Observed(secret_found=True), now=T0)
+    assert plan.status["reason"] == "InvalidSpec" and plan.create == []
+
+
+def test_local_data_in_pipeline_steps_and_eval_sets_is_refused_too() -> None:
+    cr = _cr()
+    training = cr["spec"]["training"]
+    training["data"]["evalDatasets"] = [{"path": "eval.jsonl"}]
+    training["pipeline"] = [{"stage": "sft"}, {"stage": "dpo", "data": {"datasets": [{"path": "prefs.jsonl",
+                                                                                     "format": "preference"}]}}]
+    with pytest.raises(AdmissionRefused) as err:
+        admit("CREATE", None, cr)
+    assert "spec.training.data.evalDatasets[0].path" in str(err.value)
+    assert "spec.training.pipeline[1].data.datasets[0].path" in str(err.value)
 
 
 def test_status_patch_removes_and_merges() -> None:
@@ -536,3 +743,64 @@ def test_suspend_while_preparing_and_a_deleted_prepare_job_is_recreated() -> Non
     assert plan.status["phase"] == "Pending" and plan.status["reason"] == "Preparing"
     gone = reconcile(_apply(cr, plan), _world(first, []), now=T0)
     assert [o["metadata"]["name"] for o in gone.create] == ["llama-sft-ftj-prepare"]
+
+
+class _RefusingKube:
+    """The handlers' kube client over a dict of objects; `forbid` = {(verb, kind)} answers 403."""
+
+    def __init__(self, cr: dict[str, Any], forbid: set[tuple[str, str]]):
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {(cr["kind"], cr["metadata"]["name"]): cr,
+                                                               ("Secret", "s3-creds"): {"metadata": {"name": "s3-creds"}}}
+        self.forbid = forbid
+        self.events: list[tuple[str, str, str]] = []
+
+    def _check(self, verb: str, kind: str) -> None:
+        from kubetune.operator.kube import KubeError
+
+        if (verb, kind) in self.forbid:
+            raise KubeError(403, "forbidden", verb=verb, resource=kind.lower() + "s", namespace="ml")
+
+    def get(self, kind: str, namespace: str, name: str, metadata_only: bool = False) -> dict[str, Any] | None:
+        return copy.deepcopy(self.objects.get((kind, name)))
+
+    def list(self, kind: str, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+        return [copy.deepcopy(o) for (k, _), o in self.objects.items() if k == kind]
+
+    def create(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        self._check("create", body["kind"])
+        self.objects[(body["kind"], body["metadata"]["name"])] = copy.deepcopy(body)
+        return body, True
+
+    def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any], subresource: str | None = None) -> None:
+        self._check("patch", kind)
+        target = self.objects[(kind, name)]
+        for key, value in patch.items():
+            target[key] = {**(target.get(key) or {}), **value} if isinstance(value, dict) else value
+
+    def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+
+def test_a_forbidden_call_on_a_training_job_is_a_condition_and_one_event() -> None:
+    """Under too narrow an RBAC the Job create is refused (403): the FineTuneJob says which grant
+    is missing (Synced=False/Forbidden, one Warning event), claims no Job it does not have, and
+    goes on once the grant is there."""
+    from kubetune.operator.handlers import reconcile_object
+    from kubetune.operator.render.training import RenderOptions
+
+    cr = _cr()
+    cr["metadata"].update(namespace="ml", uid="u-1")
+    kube = _RefusingKube(cr, forbid={("create", "Job")})
+    for _ in range(2):  # the timer's retry: still refused, reported once
+        reconcile_object("FineTuneJob", "ml", "llama-sft", kube=kube, options=RenderOptions())
+    status = kube.objects[("FineTuneJob", "llama-sft")].get("status") or {}
+    synced = next(c for c in status["conditions"] if c["type"] == "Synced")
+    assert synced["status"] == "False" and synced["reason"] == "Forbidden"
+    assert "create jobs in namespace ml" in synced["message"]
+    assert status.get("phase") != "Pending" and not status.get("jobName")
+    assert [(t, r) for t, r, _ in kube.events] == [("Warning", "Forbidden")]
+    kube.forbid.clear()
+    reconcile_object("FineTuneJob", "ml", "llama-sft", kube=kube, options=RenderOptions())
+    status = kube.objects[("FineTuneJob", "llama-sft")]["status"]
+    assert status["phase"] == "Pending" and status["jobName"] == "llama-sft-ftj-a1"
+    assert next(c for c in status["conditions"] if c["type"] == "Synced")["status"] == "True"

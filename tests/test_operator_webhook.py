@@ -33,6 +33,7 @@ import yaml
 
 from tests.operator_support import Cluster, register_resources, write_kubeconfig
 from tests.test_inference_pod import _free_port
+from tests.test_operator_inference import EXTRA_RESOURCES, kmock_info
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
@@ -73,16 +74,18 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
 
 
 def _review(obj: dict[str, Any], operation: str = "CREATE") -> dict[str, Any]:
-    """An AdmissionReview as the API server sends it for a FineTuneJob."""
+    """An AdmissionReview as the API server sends it for a FineTuneJob (or `obj`'s kind)."""
+    kind = obj.get("kind", "FineTuneJob")
+    plural = {"FineTuneJob": "finetunejobs", "AlignmentJob": "alignmentjobs", "InferenceService": "inferenceservices"}[kind]
     return {
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
         "request": {
             "uid": str(uuid.uuid4()),
-            "kind": {"group": "kubetune.io", "version": "v1alpha1", "kind": "FineTuneJob"},
-            "resource": {"group": "kubetune.io", "version": "v1alpha1", "resource": "finetunejobs"},
-            "requestKind": {"group": "kubetune.io", "version": "v1alpha1", "kind": "FineTuneJob"},
-            "requestResource": {"group": "kubetune.io", "version": "v1alpha1", "resource": "finetunejobs"},
+            "kind": {"group": "kubetune.io", "version": "v1alpha1", "kind": kind},
+            "resource": {"group": "kubetune.io", "version": "v1alpha1", "resource": plural},
+            "requestKind": {"group": "kubetune.io", "version": "v1alpha1", "kind": kind},
+            "requestResource": {"group": "kubetune.io", "version": "v1alpha1", "resource": plural},
             "name": obj["metadata"]["name"],
             "namespace": obj["metadata"]["namespace"],
             "operation": operation,
@@ -119,6 +122,8 @@ def _problems(message: str) -> str:
 async def webhook(kmock: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """`kubetune operator` with the webhook on HTTPS; yields (url, ssl context)."""
     register_resources(kmock)
+    for key, (kind, subresources) in EXTRA_RESOURCES.items():  # InferenceService (and its children)
+        kmock.resources[key] = kmock_info(kind, subresources)
     config = write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url))
     monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(config))
     cert, key = _self_signed(tmp_path)
@@ -196,3 +201,45 @@ async def test_webhook_over_https_denies_like_validate_and_allows_a_good_job(web
         with pytest.raises(aiohttp.ClientConnectorCertificateError):
             async with session.post(url, json=_review(good), ssl=ssl.create_default_context()):
                 pass
+
+
+async def test_webhook_bounds_echoes_warns_about_literal_secrets_and_judges_every_kind(
+        webhook: tuple[str, ssl.SSLContext], tmp_path: Path) -> None:
+    url, context = webhook
+    good = copy.deepcopy(GOOD)
+    good["metadata"].setdefault("namespace", "ml")
+
+    # A 100 KB value in an enum field: a short denial, not a 100 KB one.
+    huge = copy.deepcopy(good)
+    huge["spec"]["training"]["method"] = "m" * 100_000
+    denied = await _post(url, context, _review(huge))
+    assert denied["allowed"] is False and "spec.training.method" in denied["status"]["message"]
+    assert len(denied["status"]["message"]) <= 2000
+
+    # Local data (a pod starts with an empty /workspace) and over-deep free-form objects.
+    local = copy.deepcopy(good)
+    local["spec"]["training"]["data"]["datasets"][0]["path"] = "examples/data/demo_alpaca.json"
+    deep: dict[str, Any] = {"leaf": 1}
+    for _ in range(300):
+        deep = {"n": deep}
+    message = (await _post(url, context, _review(local)))["status"]["message"]
+    assert "spec.training.data.datasets[0].path" in message and "upload the file to S3" in message
+    local["spec"]["affinity"] = deep
+    message = (await _post(url, context, _review(local)))["status"]["message"]
+    assert "spec.affinity: is nested more than 20 levels deep" in message
+
+    # A literal secret in spec.env is allowed, with a warning `kubectl apply` prints.
+    secret = copy.deepcopy(good)
+    secret["spec"]["env"] = [{"name": "HF_TOKEN", "value": "hf_x"}]
+    allowed = await _post(url, context, _review(secret))
+    assert allowed["allowed"] is True
+    assert any("spec.env[0] (HF_TOKEN)" in w and "valueFrom" in w for w in allowed.get("warnings") or [])
+
+    # An InferenceService: the same words as `kubetune validate`.
+    isvc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": "chat", "namespace": "ml"}, "spec": {"model": {"uri": "s3://m/x"}, "engine": "tgi"}}
+    denied = await _post(url, context, _review(isvc))
+    code, printed = await asyncio.to_thread(_validate_cli, isvc, tmp_path)
+    assert denied["allowed"] is False and code == 2
+    assert "spec.engine" in denied["status"]["message"]
+    assert denied["status"]["message"].split(": ", 1)[1] == printed.strip().split(": ", 2)[2]

@@ -41,7 +41,7 @@ def test_minimal_spec_is_five_lines_and_fills_defaults(tmp_path):
 
 
 def test_manifest_and_bare_spec_resolve_to_the_same_config(tmp_path):
-    manifest = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    manifest = yaml.safe_load((EXAMPLES / "finetunejob-quickstart.yaml").read_text())
     bare = dict(manifest["spec"]["training"], name=manifest["metadata"]["name"])
     manifest["spec"]["nodes"] = 2  # cluster fields beside `training` are ignored locally
     from_manifest = load_spec(write(tmp_path, yaml.safe_dump(manifest), "job.yaml"))
@@ -121,7 +121,7 @@ def test_cli_rejects_bad_specs_with_exit_code_2_and_no_traceback(tmp_path, text,
 
 
 def test_cli_names_manifest_fields_with_their_full_path(tmp_path):
-    manifest = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    manifest = yaml.safe_load((EXAMPLES / "finetunejob-quickstart.yaml").read_text())
     manifest["spec"]["training"]["train"]["learningRate"] = -1
     result = run_cli("validate", str(write(tmp_path, yaml.safe_dump(manifest))), cwd=EXAMPLES.parent)
     assert result.returncode == 2
@@ -140,7 +140,9 @@ def test_validate_prints_the_resolved_spec(capsys, monkeypatch):
 def test_alignment_job_with_base_model_from_validates_but_does_not_train_locally(tmp_path, capsys):
     manifest = {
         "apiVersion": "kubetune.io/v1alpha1", "kind": "AlignmentJob", "metadata": {"name": "dpo"},
-        "spec": {"baseModelFrom": {"fineTuneJob": "sft"}, "training": {"data": yaml.safe_load(MINIMAL)["data"]}},
+        "spec": {"baseModelFrom": {"fineTuneJob": "sft"},
+                 "training": {"stage": "dpo",  # an AlignmentJob runs an alignment stage (admission says so)
+                              "data": {"datasets": [{"path": "s3://data/prefs.jsonl", "format": "preference"}]}}},
     }
     path = write(tmp_path, yaml.safe_dump(manifest))
     loaded = load_spec(path)
@@ -150,3 +152,68 @@ def test_alignment_job_with_base_model_from_validates_but_does_not_train_locally
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "spec.training.model.path" in err and "--set model.path=" in err
+
+
+# -- `kubetune validate` applies the admission webhook's rules, for every kind (issue 15) ---------
+
+ISVC = {
+    "apiVersion": "kubetune.io/v1alpha1", "kind": "InferenceService", "metadata": {"name": "chat"},
+    "spec": {"model": {"uri": "s3://models/llama"}, "engine": "vllm", "gpus": 1},
+}
+
+
+def test_validate_checks_an_inference_service_like_the_webhook(tmp_path):
+    """It refused every InferenceService ("kind 'InferenceService' cannot be trained")."""
+    from kubetune.operator.validation import AdmissionRefused, admit
+
+    good = run_cli("validate", str(write(tmp_path, yaml.safe_dump(ISVC), "good.yaml")))
+    assert good.returncode == 0 and "valid InferenceService" in good.stdout, good.stderr
+    bad = yaml.safe_load(yaml.safe_dump(ISVC))
+    bad["spec"].update(engine="tgi", maxReplicas=0)
+    path = write(tmp_path, yaml.safe_dump(bad), "bad.yaml")
+    result = run_cli("validate", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "spec.engine" in result.stderr and "spec.maxReplicas" in result.stderr
+    with pytest.raises(AdmissionRefused) as refused:
+        admit("CREATE", None, bad, source=str(path))
+    assert result.stderr.strip() == f"kubetune: {refused.value}"  # one function, the same words
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_an_unknown_top_level_field_is_refused_like_kubectl_apply(tmp_path, command):
+    manifest = yaml.safe_load((EXAMPLES / "finetunejob-quickstart.yaml").read_text())
+    manifest["definitelyNotAField"] = 3
+    result = run_cli(command, str(write(tmp_path, yaml.safe_dump(manifest))), cwd=EXAMPLES.parent)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "definitelyNotAField: unknown field at the top of the manifest" in result.stderr
+    isvc = {**ISVC, "sepc": {}}
+    result = run_cli("validate", str(write(tmp_path, yaml.safe_dump(isvc), "isvc.yaml")))
+    assert result.returncode == 2 and "did you mean `spec`?" in result.stderr
+
+
+def test_a_manifest_with_local_data_trains_here_but_is_refused_for_the_cluster(tmp_path):
+    manifest = yaml.safe_load((EXAMPLES / "finetunejob-quickstart.yaml").read_text())
+    manifest["spec"]["training"]["data"]["datasets"][0]["path"] = "examples/data/demo_alpaca.json"
+    path = write(tmp_path, yaml.safe_dump(manifest))
+    assert load_spec(path).spec.data.datasets[0].path == "examples/data/demo_alpaca.json"  # `kubetune train`
+    result = run_cli("validate", str(path), cwd=EXAMPLES.parent)
+    assert result.returncode == 2
+    assert "spec.training.data.datasets[0].path" in result.stderr and "upload the file to S3" in result.stderr
+
+
+def test_validate_echoes_a_huge_value_briefly(tmp_path):
+    manifest = yaml.safe_load((EXAMPLES / "finetunejob-quickstart.yaml").read_text())
+    manifest["spec"]["training"]["method"] = "m" * 100_000
+    for text in (yaml.safe_dump(manifest), yaml.safe_dump(manifest["spec"]["training"])):
+        result = run_cli("validate", str(write(tmp_path, text)), cwd=EXAMPLES.parent)
+        assert result.returncode == 2 and "method" in result.stderr and "more characters" in result.stderr
+        assert len(result.stderr) < 2000, len(result.stderr)
+
+
+def test_validate_warns_about_a_literal_secret_in_env(tmp_path):
+    manifest = yaml.safe_load((EXAMPLES / "finetunejob-quickstart.yaml").read_text())
+    manifest["spec"]["env"] = [{"name": "HF_TOKEN", "value": "hf_secret"}]
+    result = run_cli("validate", str(write(tmp_path, yaml.safe_dump(manifest))), cwd=EXAMPLES.parent)
+    assert result.returncode == 0, result.stderr
+    assert "kubetune: warning: spec.env[0] (HF_TOKEN) has a literal value" in result.stderr
+    assert "hf_secret" not in result.stderr

@@ -20,7 +20,8 @@ log = logging.getLogger("kubetune")
 
 
 def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="a training spec YAML, or a FineTuneJob/AlignmentJob manifest")
+    parser.add_argument("file", help="a training spec YAML, or a FineTuneJob/AlignmentJob manifest "
+                        "(`validate`: also an InferenceService)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a spec field, e.g. --set train.maxSteps=10 (repeatable; paths relative to the training spec)",
@@ -58,7 +59,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admission(document: dict, args: argparse.Namespace) -> list[str]:
+    """The operator's admission decision on a manifest, through the very function its webhook
+    calls (`kubetune.operator.validation.admit`), so a manifest this accepts is one `kubectl
+    apply` accepts. `--set` paths are relative to spec.training (spec for other kinds).
+    Returns the webhook's warnings; raises its refusal (exit 2).
+
+    The function is found through the `kubetune.admission` entry point, as the operator's
+    subcommands are: the trainer (the data plane) never imports the operator by name."""
+    import copy
+
+    from kubetune.trainer.specfile import JOB_KINDS, apply_overrides
+
+    plugins = list(entry_points(group="kubetune.admission"))
+    try:
+        admit = plugins[0].load()
+    except (IndexError, ImportError) as exc:  # the operator's part of kubetune is not installed
+        raise KubetuneError(f"cannot check a {document.get('kind')} manifest here: the operator's admission "
+                            f"checks are unavailable ({exc or 'no kubetune.admission entry point'}). "
+                            "Fix: pip install 'kubetune[operator]'.") from None
+    document = copy.deepcopy(document)
+    spec = document.get("spec")
+    target = spec.get("training") if isinstance(spec, dict) and document.get("kind") in JOB_KINDS else spec
+    if args.overrides and isinstance(target, dict):
+        apply_overrides(target, args.overrides)
+    return admit("CREATE", None, document, source=str(args.file))
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    from kubetune.trainer.specfile import JOB_KINDS, RESOURCE_KINDS, is_manifest, read_yaml
+
+    document = read_yaml(args.file)
+    warnings: list[str] = []
+    if is_manifest(document) and document.get("kind") in RESOURCE_KINDS:
+        warnings = _admission(document, args)
+        for warning in warnings:
+            print(f"kubetune: warning: {warning}", file=sys.stderr)
+        if document["kind"] not in JOB_KINDS:
+            if args.print:
+                import yaml
+
+                print(yaml.safe_dump(document.get("spec"), sort_keys=False), end="")
+            else:
+                print(f"{args.file}: valid {document['kind']} (the checks of the operator's admission webhook).")
+            return 0
     loaded = _load(args)
     if args.print:
         import yaml

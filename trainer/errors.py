@@ -13,6 +13,32 @@ EXIT_CONFIG_ERROR = 2
 cannot fix a wrong spec."""
 
 
+ECHO_LIMIT = 200
+"""Characters of a user-supplied value echoed back in a message (`shorten`)."""
+MESSAGE_LIMIT = 2000
+"""Characters of one message stored or sent elsewhere: a status message, a condition, an event,
+an admission denial (`cap_message`). Kubernetes objects are limited to ~1.5 MB in all, and a
+100 KB spec value echoed into the status, its conditions and its events would approach it."""
+MAX_LISTED_PROBLEMS = 20
+"""Problems listed one by one in a SpecErrors message; the rest are counted."""
+
+
+def shorten(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """`repr(value)` cut to about `limit` characters, saying how much was left out. Every
+    message that echoes input back (a wrong enum value, an unknown key) goes through this,
+    so a huge value cannot make a huge message (or a status patch over the object limit)."""
+    return cap_message(repr(value), limit)
+
+
+def cap_message(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """`text` cut to `limit` characters (with a note of how many were left out)."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    note = f"... ({len(text) - limit} more characters)"
+    return text[: max(0, limit - len(note))] + note
+
+
 class KubetuneError(Exception):
     """An error whose message is meant for the user as-is."""
 
@@ -50,8 +76,9 @@ def format_location(loc: Sequence[str | int], prefix: str = "") -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
+        else:  # a key may come from the input (an unknown field): keep it short
+            part = cap_message(str(part), ECHO_LIMIT)
+            out += f".{part}" if out else part
     return out or "(spec)"
 
 
@@ -109,13 +136,14 @@ def validation_error_to_spec_errors(
         elif kind == "literal_error":
             expected = err.get("ctx", {}).get("expected", "")
             errors.append(
-                SpecError(field, f"{err['input']!r} is not a valid choice.", f"use one of {expected}.")
+                SpecError(field, f"{shorten(err['input'])} is not a valid choice.", f"use one of {expected}.")
             )
         elif kind == "value_error":
-            errors.append(SpecError(field, str(err.get("ctx", {}).get("error", err["msg"])) + "."))
+            problem = cap_message(str(err.get("ctx", {}).get("error", err["msg"])), 4 * ECHO_LIMIT)
+            errors.append(SpecError(field, problem + "."))
         else:
             shown = err.get("input")
-            got = "" if isinstance(shown, dict | list) else f" (got {shown!r})"
+            got = "" if isinstance(shown, dict | list) else f" (got {shorten(shown)})"
             errors.append(SpecError(field, f"{err['msg']}{got}.", None))
     return errors
 
@@ -131,6 +159,14 @@ class SpecErrors(KubetuneError):
         if len(self.errors) == 1:
             text = f"Invalid spec{where}: {self.errors[0]}"
         else:
-            lines = "\n".join(f"  - {e}" for e in self.errors)
+            listed: list[str] = []
+            for error in self.errors[:MAX_LISTED_PROBLEMS]:
+                line = f"  - {error}"
+                if listed and sum(len(x) + 1 for x in listed) + len(line) > MESSAGE_LIMIT - 200:
+                    break  # the rest is counted: the whole message must fit a status field
+                listed.append(line)
+            lines = "\n".join(listed)
+            if len(self.errors) > len(listed):
+                lines += f"\n  - ... and {len(self.errors) - len(listed)} more"
             text = f"Invalid spec{where} ({len(self.errors)} problems):\n{lines}"
         super().__init__(text)

@@ -7,6 +7,7 @@ beside it (nodes, GPUs, image, ...) are the operator's business and are ignored 
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +16,43 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kubetune.trainer.errors import SpecError, SpecErrors, validation_error_to_spec_errors
+from kubetune.trainer.errors import (
+    SpecError,
+    SpecErrors,
+    cap_message,
+    shorten,
+    validation_error_to_spec_errors,
+)
 from kubetune.trainer.spec import TrainingSpec
 
 API_GROUP = "kubetune.io"
 REFERENCE_SCHEME = "kubetune-ref://"
 """`model.path` of an AlignmentJob whose base model is another job's output (`baseModelFrom`)."""
 JOB_KINDS = ("FineTuneJob", "AlignmentJob")
+RESOURCE_KINDS = (*JOB_KINDS, "InferenceService")
+MANIFEST_ROOT_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
+"""The top-level fields of a custom resource. `kubectl apply` (strict field validation) refuses
+any other, so `kubetune train` / `kubetune validate` and the operator refuse them too."""
+
+
+def is_manifest(document: Any) -> bool:
+    """Whether a parsed document is a Kubernetes manifest rather than a bare training spec."""
+    return isinstance(document, dict) and ("apiVersion" in document or "kind" in document)
+
+
+def manifest_root_errors(document: dict[str, Any]) -> list[SpecError]:
+    """One error per unknown top-level field of a manifest (a typo such as `sepc`, or a training
+    field put beside `spec` instead of under `spec.training`)."""
+    errors = []
+    for key in document:
+        if key not in MANIFEST_ROOT_FIELDS:
+            name = cap_message(str(key), 100)
+            guess = difflib.get_close_matches(str(key), MANIFEST_ROOT_FIELDS, n=1)
+            hint = f"did you mean `{guess[0]}`? " if guess else ""
+            errors.append(SpecError(name, "unknown field at the top of the manifest (kubectl apply refuses it).",
+                                    f"{hint}a manifest has only {', '.join(MANIFEST_ROOT_FIELDS)}; "
+                                    "cluster and training settings go under spec."))
+    return errors
 
 
 @dataclass(frozen=True)
@@ -53,19 +84,24 @@ def extract_training(document: Any, source: str) -> tuple[dict[str, Any], str | 
     """Return (training spec dict, kind or None, field prefix) from a parsed document."""
     if not isinstance(document, dict):
         raise SpecError(source, "must be a YAML mapping (a spec or a kubetune manifest).")
-    api_version = document.get("apiVersion")
-    if api_version is None and "kind" not in document:
+    if not is_manifest(document):
         return document, None, ""
+    api_version = document.get("apiVersion")
     kind = document.get("kind")
     if not (isinstance(api_version, str) and api_version.split("/")[0] == API_GROUP):
         raise SpecError(
             "apiVersion",
-            f"{api_version!r} is not a kubetune resource.",
+            f"{shorten(api_version)} is not a kubetune resource.",
             f"use apiVersion {API_GROUP}/v1alpha1 with kind FineTuneJob or AlignmentJob, "
             "or pass a bare training spec.",
         )
     if kind not in JOB_KINDS:
-        raise SpecError("kind", f"{kind!r} cannot be trained.", f"use one of {', '.join(JOB_KINDS)}.")
+        fix = (f"use one of {', '.join(JOB_KINDS)}"
+               + (" (`kubetune validate` checks an InferenceService)." if kind in RESOURCE_KINDS else "."))
+        raise SpecError("kind", f"{shorten(kind)} cannot be trained.", fix)
+    root = manifest_root_errors(document)
+    if root:
+        raise SpecErrors(root, source)
     spec = document.get("spec")
     if not isinstance(spec, dict) or not isinstance(spec.get("training"), dict):
         raise SpecError("spec.training", "is required but missing.", "put the training spec under spec.training.")

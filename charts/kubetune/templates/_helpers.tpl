@@ -83,10 +83,16 @@ run of the operator and with the calls in operator/handlers.py, kube.py and serv
 - apps Deployments (InferenceService): kopf watches them (deployment-changed); the handlers
   get, create and patch them (rolling updates);
 - HorizontalPodAutoscalers (InferenceService): get, create, patch, delete (autoscaling off);
-- ConfigMaps: get, create (the resolved spec); Services: get, create, patch (the headless
-  training Service, the InferenceService's Service);
-- Secrets: get (only whether a job's S3 secretRef exists, metadata only);
+- ConfigMaps: get, create (the resolved spec, the adapters set), patch (an InferenceService's
+  adapters change); Services: get, create, patch (the headless training Service, the
+  InferenceService's Service);
+- Secrets: create only, never get/list/watch: the generated API keys of InferenceServices
+  (created if absent, AlreadyExists ignored, never read back), and whether a job's S3 Secret
+  exists, asked as a server-side dry-run create (409 = it exists; nothing stored or read). RBAC
+  cannot narrow `get` to Secrets whose names come from users, so `get` would read them all;
 - Events: create (ours and kopf's).
+A call refused with 403 shows on the resource (InferenceService: Ready=False, reason Forbidden,
+naming the verb and resource, and a Warning event).
 Training children are never deleted by the operator: they carry owner references and the
 garbage collector removes them with their resource.
 */}}
@@ -108,13 +114,13 @@ garbage collector removes them with their resource.
   verbs: [get, create, patch, delete]
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, create]
+  verbs: [get, create, patch]
 - apiGroups: [""]
   resources: [services]
   verbs: [get, create, patch]
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get]
+  verbs: [create]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
