@@ -94,8 +94,11 @@ def test_reward_model_ranks_held_out_pairs(tmp_path, sft_model, preference_files
     assert json.loads((result.output_dir / "status.json").read_text())["phase"] == "Succeeded"
 
 
+# beta 0.5 for sigmoid: with 60 steps on 257 pairs, beta 0.1 moves the held-out margin as much but
+# the held-out win rate by 3/40 pairs only (0.525 -> 0.6 with PyPI's torch build), too close to the
+# test's threshold to say anything; 0.5 gives 0.525 -> 0.725 (and 0.1 for 100 steps, 0.675).
 @pytest.mark.parametrize(("loss", "blocks"), [
-    ("sigmoid", {"dpo": {"lossType": "sigmoid", "beta": 0.1}}),
+    ("sigmoid", {"dpo": {"lossType": "sigmoid", "beta": 0.5}}),
     ("simpo", {"dpo": {"lossType": "simpo", "beta": 2.0, "simpoGamma": 0.5}}),
     ("orpo", {"dpo": {"lossType": "orpo", "beta": 2.0}}),
 ])
