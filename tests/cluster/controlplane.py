@@ -1,9 +1,16 @@
 """A real, local Kubernetes control plane for the tests (etcd + kube-apiserver, optionally
-kube-controller-manager and kube-scheduler), started the way controller-runtime's envtest does.
+kube-controller-manager, kube-scheduler and kwok), started the way controller-runtime's envtest does.
 
 Why: fakes accept whatever the operator sends. The real apiserver applies CRD defaults and
 schemas, serves printer columns and `kubectl explain`, and enforces RBAC, so the operator and
 the chart can be checked against the behaviour they meet in a cluster.
+
+With `controllers`, the real Job, Deployment/ReplicaSet, garbage-collector, namespace,
+ServiceAccount and node-lifecycle controllers run and the real scheduler binds pods. With `kwok`
+as well, kwok (sigs.k8s.io/kwok) plays the kubelet for every Node annotated
+`kwok.x-k8s.io/node: fake`: it marks such nodes Ready, renews their leases and moves the pods
+bound to them through their lifecycle (stages in tests/cluster/kwok/: Running at once, Job pods
+Succeeded, failures and disruptions on request). No container ever runs.
 
 Everything binds to 127.0.0.1 on free ports and lives in one work directory (certificates,
 kubeconfigs, `<component>.log`), so several test sessions can run side by side.
@@ -15,6 +22,8 @@ import base64
 import contextlib
 import ctypes
 import json
+import os
+import re
 import signal
 import socket
 import ssl
@@ -32,6 +41,9 @@ HOST = "127.0.0.1"
 ADMIN_USER = "kubetune-admin"
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 10.0
+KWOK_STAGES = Path(__file__).with_name("kwok")
+KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
+"""Nodes with this annotation are kwok's; any other node is left alone."""
 
 
 def free_port() -> int:
@@ -97,7 +109,14 @@ def cert_credentials(pair: KeyPair) -> dict[str, str]:
 
 @dataclass
 class ControlPlane:
-    """etcd and kube-apiserver (plus controller-manager and scheduler when `controllers`).
+    """etcd and kube-apiserver (plus controller-manager and scheduler when `controllers`, and
+    kwok when `kwok`).
+
+    `service_account_admission` (default: on exactly when the controllers run, as in a real
+    cluster, because then the ServiceAccount controller creates each namespace's `default`)
+    turns on the ServiceAccount admission plugin: pods get their ServiceAccount (and token
+    volume) and are refused while the ServiceAccount they name does not exist. Without the
+    controllers it stays off, as in envtest.
 
     Use as a context manager, or call `start()` and `stop()`.
     """
@@ -105,6 +124,8 @@ class ControlPlane:
     bin_dir: Path
     workdir: Path
     controllers: bool = False
+    kwok: bool = False
+    service_account_admission: bool | None = None
     authority: TinyCA = field(default_factory=TinyCA)
     components: list[Component] = field(default_factory=list)
     port: int = 0
@@ -149,6 +170,8 @@ class ControlPlane:
             self._write_kubeconfig(self.admin_kubeconfig, ADMIN_USER, ("system:masters",))
             if self.controllers:
                 self._start_controllers()
+            if self.kwok:
+                self._start_kwok()
         except BaseException:
             self.stop()
             raise
@@ -191,13 +214,41 @@ class ControlPlane:
         path.write_text(json.dumps(config, indent=1))
         return path
 
+    def wait_garbage_collector_watches(self, resource: str, group: str, timeout: float = 75.0) -> None:
+        """Wait until kube-controller-manager's garbage collector watches `resource` (plural)
+        of API `group`, e.g. ("finetunejobs", "kubetune.io").
+
+        The garbage collector looks for new resource types (a CRD installed after it started)
+        only every 30 s (hard-coded). Until it watches a kind, it learns that an owner of
+        that kind was deleted only by re-reading the owner with an exponential back-off, so a
+        custom resource created and deleted soon after its CRD was installed can leave its
+        children around for a minute or more. Call this after installing CRDs and before
+        creating owners whose deletion a test expects to cascade."""
+        kcm = next((c for c in self.components if c.name == "kube-controller-manager"), None)
+        if kcm is None:
+            raise RuntimeError("the controllers are not running (ControlPlane(controllers=True))")
+        # The line lists the resources added since the last sync as `G/V, Resource=R` (`/v1, ...`
+        # for the core group).
+        gvr = re.compile(rf"(^|[\[ ]){re.escape(group)}/[^,\s]+, Resource={re.escape(resource)}([ \]]|$)")
+
+        def watching() -> bool:
+            text = kcm.log.read_text(errors="replace") if kcm.log.exists() else ""
+            lines = text.splitlines()
+            for i, line in enumerate(lines):
+                if "syncing garbage collector" in line and gvr.search(line.split("removed:")[0]):
+                    return any('"synced garbage collector"' in later for later in lines[i + 1:])
+            return False
+
+        self._wait(kcm, watching, timeout)
+
     # ---- a minimal admin client (no client library needed) --------------------------------
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                pair: KeyPair | None = None) -> tuple[int, dict[str, Any]]:
-        """One JSON request as admin (or as `pair`); returns (status, decoded body)."""
+                pair: KeyPair | None = None, content_type: str = "application/json") -> tuple[int, dict[str, Any]]:
+        """One JSON request as admin (or as `pair`); returns (status, decoded body). For PATCH,
+        pass `content_type` (application/merge-patch+json, ...)."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.server + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": content_type})
         try:
             with urllib.request.urlopen(req, context=self._ssl(pair), timeout=10) as resp:
                 return resp.status, json.loads(resp.read() or b"{}")
@@ -255,8 +306,8 @@ class ControlPlane:
         path.write_text(json.dumps(kubeconfig(self.server, self.authority.cert_pem, user, cert_credentials(pair)),
                                    indent=1))
 
-    def _spawn(self, name: str, args: list[str]) -> Component:
-        """Start a binary from bin_dir, output to <workdir>/<name>.log."""
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Component:
+        """Start a binary from bin_dir, output to <workdir>/<name>.log (`env` added to ours)."""
         binary = self.bin_dir / name
         if not binary.is_file():
             raise FileNotFoundError(f"{binary} is not built (tests/cluster/build.sh {name})")
@@ -264,7 +315,7 @@ class ControlPlane:
         with log.open("ab") as out:
             proc = subprocess.Popen([str(binary), *args], stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, cwd=self.workdir,
-                                    preexec_fn=_die_with_parent)
+                                    env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent)
         component = Component(name, proc, log)
         self.components.append(component)
         return component
@@ -286,6 +337,9 @@ class ControlPlane:
         """envtest's flag set: RBAC, client-certificate users, ServiceAccount tokens."""
         self.port = free_port()
         pki = self.workdir / "pki"
+        sa_admission = self.controllers if self.service_account_admission is None else self.service_account_admission
+        admission = "--enable-admission-plugins=ServiceAccount" if sa_admission else \
+            "--disable-admission-plugins=ServiceAccount"
         apiserver = self._spawn("kube-apiserver", [
             f"--etcd-servers={etcd_url}", f"--cert-dir={pki}",
             f"--bind-address={HOST}", f"--advertise-address={HOST}", f"--secure-port={self.port}",
@@ -294,13 +348,19 @@ class ControlPlane:
             f"--service-account-issuer={self.server}",
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
-            "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true",
-            "--disable-admission-plugins=ServiceAccount",
+            "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true", admission,
         ])
         self._wait(apiserver, lambda: self._http_ok(f"{self.server}/readyz", self._ssl()))
 
     def _start_controllers(self) -> None:
-        """kube-controller-manager (Jobs, GC, namespaces, ...) and kube-scheduler (binding)."""
+        """kube-controller-manager and kube-scheduler (binding).
+
+        `--controllers=*` is every controller on by default: job, cronjob, deployment,
+        replicaset, statefulset, daemonset, disruption, horizontalpodautoscaling,
+        garbagecollector, namespace, serviceaccount (each namespace's `default`),
+        serviceaccount-token, root-ca-certificate-publisher (`kube-root-ca.crt`),
+        nodelifecycle, podgc, ttl-after-finished, endpoints/endpointslice, resourcequota, ...
+        Those that need a cloud provider log that they are skipped."""
         kcfg = str(self.admin_kubeconfig)
         common = [f"--kubeconfig={kcfg}", f"--authentication-kubeconfig={kcfg}",
                   f"--authorization-kubeconfig={kcfg}", "--leader-elect=false", f"--bind-address={HOST}"]
@@ -310,11 +370,29 @@ class ControlPlane:
             *common, f"--secure-port={kcm_port}", f"--cert-dir={pki / 'kcm'}",
             f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={self.ca_file}",
             "--use-service-account-credentials=false", "--controllers=*",
+            # The garbage collector's "syncing ... resources from discovery" lines (V(2), that
+            # file only), which `wait_garbage_collector_watches` reads.
+            "--vmodule=garbagecollector=2",
         ])
         sched = self._spawn("kube-scheduler", [*common, f"--secure-port={sched_port}",
                                                f"--cert-dir={pki / 'scheduler'}"])
         self._wait(kcm, lambda: self._http_ok(f"https://{HOST}:{kcm_port}/healthz", _insecure()))
         self._wait(sched, lambda: self._http_ok(f"https://{HOST}:{sched_port}/readyz", _insecure()))
+
+    def _start_kwok(self) -> None:
+        """kwok for the nodes annotated `kwok.x-k8s.io/node: fake`, with the stages in
+        tests/cluster/kwok/ (one config file, so nothing else is needed in the cluster). Its own
+        HOME, so a `~/.kwok/kwok.yaml` on the machine is not merged in."""
+        home = self.workdir / "kwok"
+        home.mkdir(exist_ok=True)
+        config = home / "kwok.yaml"
+        config.write_text(kwok_config())
+        port = free_port()
+        kwok = self._spawn("kwok", [
+            f"--kubeconfig={self.admin_kubeconfig}", f"--config={config}",
+            f"--server-address={HOST}:{port}",
+        ], env={"HOME": str(home)})
+        self._wait(kwok, lambda: self._http_ok(f"http://{HOST}:{port}/healthz"))
 
     @staticmethod
     def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
@@ -336,6 +414,34 @@ class ControlPlane:
                 return
             time.sleep(0.2)
         raise TimeoutError(f"{component.name} not ready after {timeout:.0f}s:\n{component.log_tail()}")
+
+
+def kwok_config() -> str:
+    """kwok's configuration: which nodes it manages, then every Stage in tests/cluster/kwok/."""
+    key, value = KWOK_NODE_ANNOTATION
+    options = {
+        "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+        "kind": "KwokConfiguration",
+        "options": {
+            "manageNodesWithAnnotationSelector": f"{key}={value}",
+            # Pod IPs are made up from this range (nothing routes to them), apart from the
+            # Services' 10.0.0.0/24; leases keep the node-lifecycle controller from evicting.
+            "cidr": "10.244.0.0/16",
+            "nodeIP": "10.243.0.1",
+            "nodeLeaseDurationSeconds": 40,
+            # kwok applies no defaults to a configuration file: these are its defaults
+            # (kustomize/kwok/kwok.yaml); without them it refuses to start.
+            "nodeLeaseParallelism": 4,
+            "nodePlayStageParallelism": 4,
+            "podPlayStageParallelism": 4,
+            "podsOnNodeSyncParallelism": 1,
+            "enablePodsOnNodeSyncStreamWatch": True,
+            "enableProfilingHandler": False,
+        },
+    }
+    docs = [json.dumps(options)]
+    docs += [path.read_text() for path in sorted(KWOK_STAGES.glob("*.yaml"))]
+    return "\n---\n".join(docs) + "\n"
 
 
 def _insecure() -> ssl.SSLContext:
