@@ -320,14 +320,14 @@ class ModelSource(CrModel):
 class ServedModel(ModelSource):
     """The base model (a full model, or a LoRA output, served on the base it was trained from)."""
 
-    name: Annotated[str, Field(pattern=_SERVED_NAME)] | None = None
+    name: Annotated[str, Field(pattern=_SERVED_NAME, max_length=128)] | None = None
     """The model name clients send; default: the resource's name."""
 
 
 class AdapterSource(ModelSource):
     """A LoRA adapter served on the same base under its own model name."""
 
-    name: Annotated[str, Field(pattern=_SERVED_NAME)]
+    name: Annotated[str, Field(pattern=_SERVED_NAME, max_length=128)]
     """The model name clients send to use this adapter."""
 
 
@@ -684,6 +684,75 @@ def _exclusive_bounds(node: dict[str, Any]) -> dict[str, Any]:
     return node
 
 
+_ONE_SOURCE = {"rule": "has(self.uri) != has(self.fromJob)", "message": "set exactly one of uri or fromJob"}
+_ALIGNMENT_STAGES = [s for s in ALIGNMENT_STAGES if s in get_args(trainer_spec.Stage)]
+_ALIGNMENT_STAGES_CEL = "[" + ", ".join(f"'{s}'" for s in _ALIGNMENT_STAGES) + "]"
+_ROLLOUT_STAGES_CEL = "[" + ", ".join(f"'{s}'" for s in trainer_spec.ROLLOUT_STAGES) + "]"
+
+CEL_RULES: dict[str, list[dict[str, str]]] = {
+    # -- InferenceService (InferenceServiceSpec._serving_rules, ModelSource, ModelRef, ModelCache)
+    "InferenceServiceSpec": [
+        {"rule": "!has(self.maxReplicas) || self.maxReplicas >= self.minReplicas",
+         "message": "maxReplicas is below minReplicas",
+         "fieldPath": ".maxReplicas"},
+        {"rule": "self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+         "message": "adapter names must be unique", "fieldPath": ".adapters"},
+        {"rule": "!has(self.model.name) || self.adapters.all(a, a.name != self.model.name)",
+         "message": "an adapter has the base model's name (spec.model.name)", "fieldPath": ".adapters"},
+        {"rule": "!has(self.tensorParallelSize) || self.gpus == 0 "
+                 "|| self.tensorParallelSize <= self.gpus",
+         "message": "tensorParallelSize exceeds gpus",
+         "fieldPath": ".tensorParallelSize"},
+        {"rule": "!has(self.maxReplicas) || self.maxReplicas <= self.minReplicas "
+                 "|| self.autoscaling.metric != 'cpu' || 'cpu' in self.resources.requests",
+         "message": "autoscaling on cpu needs resources.requests.cpu (utilization is relative to it)",
+         "fieldPath": ".autoscaling.metric"},
+    ],
+    "ServedModel": [_ONE_SOURCE],
+    "AdapterSource": [_ONE_SOURCE],
+    "ModelRef": [{"rule": "has(self.fineTuneJob) != has(self.alignmentJob)",
+                  "message": "set exactly one of fineTuneJob or alignmentJob"}],
+    "ModelCache": [
+        {"rule": "!has(self.type) || self.type != 'pvc' || has(self.claimName)",
+         "message": "cache type pvc needs claimName"},
+        {"rule": "(has(self.type) && self.type == 'pvc') || !has(self.claimName)",
+         "message": "claimName is only for cache type pvc", "fieldPath": ".claimName"},
+        {"rule": "(has(self.type) && self.type == 'hostPath') || !has(self.subPath)",
+         "message": "subPath is only for cache type hostPath", "fieldPath": ".subPath"},
+    ],
+    # -- AlignmentJob (AlignmentJobSpec._alignment_rules)
+    "AlignmentJobSpec": [
+        {"rule": f"self.training.stage in {_ALIGNMENT_STAGES_CEL}",
+         "messageExpression": f"'an AlignmentJob runs an alignment stage ({', '.join(_ALIGNMENT_STAGES)}), not ' + "
+                              "self.training.stage + '; use a FineTuneJob for it'",
+         "fieldPath": ".training.stage"},
+        {"rule": "!has(self.baseModelFrom) || !has(self.training.model) || !has(self.training.model.path)",
+         "message": "set either training.model.path or baseModelFrom, not both", "fieldPath": ".baseModelFrom"},
+        {"rule": "!has(self.rewardModelFrom) || !has(self.training.reward.model)",
+         "message": "set either training.reward.model or rewardModelFrom, not both", "fieldPath": ".rewardModelFrom"},
+        {"rule": f"!has(self.rewardModelFrom) || self.training.stage in {_ROLLOUT_STAGES_CEL}",
+         "message": f"rewardModelFrom is for the stages that score generations ({', '.join(trainer_spec.ROLLOUT_STAGES)})",
+         "fieldPath": ".rewardModelFrom"},
+    ],
+    # -- the trainer's spec (kubetune/trainer/spec.py)
+    "DeepSpeedSpec": [{"rule": "!has(self.offloadParams) || !self.offloadParams || (has(self.stage) && self.stage == 3)",
+                       "message": "offloadParams needs stage 3: ZeRO-1/2 do not partition parameters",
+                       "fieldPath": ".offloadParams"}],
+    "RewardSpec": [{"rule": "!has(self.model) || !has(self.function)",
+                    "message": "set reward.model or reward.function, not both"}],
+    "FreezeSpec": [{"rule": "!has(self.trainableLayers) || self.trainableLayers != 0 || "
+                             "(has(self.trainableModules) && size(self.trainableModules) > 0)",
+                    "message": "freeze leaves nothing trainable: set trainableLayers to a non-zero number or list "
+                               "trainableModules"}],
+}
+"""Cross-field rules of the models (their `model_validator`s) as CEL `x-kubernetes-validations`,
+by model name: the API server refuses such an object itself, with or without the operator's
+webhook (which says the same in `kubetune validate`'s words, and checks what CEL cannot: local
+dataset paths, the GPU memory estimate, spec.training after the start, ...). The server also runs
+each rule on the schema's `default` of the block (`{}`, before its own fields' defaults), so a
+rule on a block with a default reads its fields through `has()`."""
+
+
 def _structural(node: Any, defs: dict[str, Any]) -> Any:
     """JSON Schema from pydantic -> a Kubernetes structural schema (OpenAPI v3 subset)."""
     if isinstance(node, list):
@@ -693,8 +762,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     node = dict(node)
     # Inline references; the field's own description/default win over the model's.
     if "$ref" in node:
-        target = copy.deepcopy(defs[node.pop("$ref").split("/")[-1]])
+        name = node.pop("$ref").split("/")[-1]
+        target = copy.deepcopy(defs[name])
         node = {**target, **node}
+        node = _with_cel_rules(node, name)
     if "allOf" in node and len(node["allOf"]) == 1:
         inner = node.pop("allOf")[0]
         node = {**_structural(inner, defs), **node}
@@ -741,7 +812,14 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
 def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
     """The structural OpenAPI v3 schema of a model (references inlined, nullable, defaults)."""
     raw = model.model_json_schema(schema_generator=_Generator)
-    return _structural(raw, raw.get("$defs", {}))
+    return _structural(_with_cel_rules(raw, model.__name__), raw.get("$defs", {}))
+
+
+def _with_cel_rules(node: dict[str, Any], model_name: str) -> dict[str, Any]:
+    rules = CEL_RULES.get(model_name)
+    if not rules:
+        return node
+    return {**node, "x-kubernetes-validations": [*node.get("x-kubernetes-validations", []), *copy.deepcopy(rules)]}
 
 
 class KindInfo(BaseModel):
@@ -900,6 +978,12 @@ GENERATED_HEADER = "# Generated by `kubetune crds` from kubetune/operator/resour
 
 def crd_files() -> dict[str, str]:
     """File name -> YAML text for every CRD (what `kubetune crds --out crds/` writes)."""
+    models = set()
+    for info in KINDS.values():
+        models |= {info.spec_model.__name__, *info.spec_model.model_json_schema(schema_generator=_Generator).get("$defs", {})}
+    unused = sorted(set(CEL_RULES) - models)
+    if unused:  # a renamed model would silently lose its rules
+        raise RuntimeError(f"CEL_RULES for models no CRD uses: {', '.join(unused)}")
     files = {}
     for kind, info in KINDS.items():
         text = yaml.safe_dump(crd(kind), sort_keys=False, width=100, allow_unicode=True)
