@@ -66,6 +66,42 @@ def test_qlora_uses_4bit_layers_and_learns(tmp_path, monkeypatch):
     assert_learns(result.output_dir)
 
 
+def qlora_gradients(tmp_path: Path, evaluate_first: bool) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
+    """One training step's adapter gradients on the model the runner builds, optionally after a
+    no-grad eval-mode forward (the runner's baseline evaluation, a rollout, a sample)."""
+    from kubetune.trainer.models.loader import load_model
+    from kubetune.trainer.models.methods import apply_method
+
+    spec = train_spec(tmp_path, "qlora", lora={"rank": 8})
+    base = load_model(spec, "fp32")
+    torch.manual_seed(0)  # the same adapter initialisation and LoRA dropout masks in both runs
+    model = apply_method(base, spec)
+    ids = torch.randint(5, 200, (2, 16), generator=torch.Generator().manual_seed(1))
+    if evaluate_first:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, model
+
+
+def test_qlora_gradients_are_the_same_after_an_eval_pass(tmp_path):
+    """#17 item 6: on CPUs with AVX512-BF16 an eval pass used to repack the 4-bit weights into a
+    layout whose matmul has no backward, so layer-0 adapter gradients were wrong afterwards."""
+    import bitsandbytes as bnb
+
+    plain, _ = qlora_gradients(tmp_path, evaluate_first=False)
+    after_eval, model = qlora_gradients(tmp_path, evaluate_first=True)
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in four_bit)
+    assert plain.keys() == after_eval.keys()
+    first_layer = [n for n in plain if ".layers.0." in n and "lora_B" in n]
+    assert first_layer and all(plain[n].abs().sum() > 0 for n in first_layer)  # gradients reach layer 0
+    for name in plain:
+        torch.testing.assert_close(after_eval[name], plain[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_dora_adapters_carry_magnitude_vectors(tmp_path):
     from safetensors.torch import load_file
 

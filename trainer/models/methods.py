@@ -70,10 +70,28 @@ def lora_config(spec: TrainingSpec):
     )
 
 
+def keep_4bit_weights_trainable(model) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference; returns the layers changed.
+
+    On a CPU with AVX512-BF16, `Linear4bit.forward` in eval mode without grad (an evaluation, a
+    rollout, a sample) repacks the weight in place for a faster kernel and never unpacks it. The
+    next training step then multiplies through `gemv_4bit`, which has no backward: the gradient
+    that should flow through the frozen base to earlier layers' adapters is silently wrong. The
+    model trains, so its weights must keep the layout that has a backward.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
 def apply_lora(model, spec: TrainingSpec):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if spec.method == "qlora":
+        keep_4bit_weights_trainable(model)
         # Casts norms to fp32 and enables input grads so the frozen 4/8-bit base backpropagates.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=spec.train.gradientCheckpointing,
