@@ -39,6 +39,48 @@ def test_rope_scaling_factor_defaults_to_the_length_ratio_and_is_saved(tmp_path)
     assert logits.shape[1] == 1024 and torch.isfinite(logits).all()
 
 
+def rope_spec(tmp_path, max_length: int, scaling: dict | None):
+    doc = train_spec(tmp_path, "full", steps=1).to_document()
+    doc["model"]["ropeScaling"] = scaling
+    doc["data"]["maxLength"] = max_length
+    return validate_training(doc)
+
+
+def test_dynamic_rope_scaling_changes_logits_beyond_the_original_window(tmp_path):
+    """#17 item 8: dynamic NTK used to be written with a raised max_position_embeddings, which is
+    the window transformers scales beyond, so every position up to it ran unscaled RoPE."""
+    from kubetune.trainer.models.loader import load_model
+    from kubetune.trainer.models.rope import context_length
+
+    plain = load_model(rope_spec(tmp_path, 256, None), "fp32").eval()
+    scaled = load_model(rope_spec(tmp_path, 1024, {"type": "dynamic"}), "fp32").eval()
+    long_ids = torch.randint(0, 100, (1, 512), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inside = [m(long_ids[:, :200]).logits for m in (plain, scaled)]
+        beyond = [m(long_ids).logits[:, 256:] for m in (plain, scaled)]
+    torch.testing.assert_close(inside[1], inside[0])  # within the original window: plain RoPE
+    assert (beyond[1] - beyond[0]).abs().max() > 1e-2  # past it: the NTK-scaled frequencies
+    assert context_length(scaled.config) == 1024 and scaled.config.max_position_embeddings == 256  # serve's window
+    scaled.save_pretrained(tmp_path / "saved")  # what serve and later stages load
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(long_ids).logits[:, 256:], beyond[1])
+
+
+@pytest.mark.parametrize(("max_length", "scaling", "warns"), [
+    (1024, None, True), (256, None, False), (1024, {"type": "linear"}, False), (1024, {"type": "dynamic", "factor": 2}, True),
+])
+def test_max_length_beyond_the_context_warns(tmp_path, caplog, max_length, scaling, warns):
+    from kubetune.trainer.models.loader import load_model
+
+    with caplog.at_level("WARNING", logger="kubetune.trainer.models.rope"):
+        load_model(rope_spec(tmp_path, max_length, scaling), "fp32")
+    messages = [r.getMessage() for r in caplog.records if "data.maxLength" in r.getMessage()]
+    assert bool(messages) == warns, messages
+    if warns:
+        assert f"data.maxLength {max_length} is beyond the model's context" in messages[0] and "model.ropeScaling" in messages[0]
+
+
 def test_vocabulary_extension_adds_single_tokens_initialised_at_the_mean(tmp_path, tiny_model_dir):
     words = ["kubetuneword", "zeroshotish", "gpuhour"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -176,6 +176,7 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from kubetune.trainer.models.loader import load_config, pick_attn_implementation
+    from kubetune.trainer.models.rope import context_length
 
     storage = storage or StorageSpec()
     adapters = list(adapters or [])
@@ -261,7 +262,7 @@ def load_model(
             templates[name] = template_of(path, tokenizer)
     model.to(device)
     model.eval()
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 2048)
+    context = context_length(model.config) or getattr(tokenizer, "model_max_length", 2048)
     if max_model_len:
         context = min(context, max_model_len) if context else max_model_len
     log.info("loaded %s on %s (%s); serving %s", base_local, device, torch_dtype, ", ".join([base_name, *adapter_dirs]))
