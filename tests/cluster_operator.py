@@ -2,7 +2,8 @@
 a small JSON client for any kubeconfig, a fake kubelet for one Node, the operator as a process
 started the way the Helm chart's Deployment starts it, and polling with a deadline.
 
-Used by tests/test_operator_real.py. Nothing here starts a control plane: that is
+Used by tests/test_operator_real.py, tests/test_operator_upgrades.py and bench/operator_scale.py.
+Nothing here starts a control plane: that is
 tests/cluster/fixtures.py (`real_cluster`).
 """
 
@@ -12,6 +13,7 @@ import base64
 import contextlib
 import datetime as dt
 import json
+import os
 import re
 import signal
 import ssl
@@ -30,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from tests.cluster.controlplane import free_port
 from tests.cluster.sim import wait_for
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -383,3 +386,114 @@ class GarbageCollectorProbe:
         """Block until the collector handles kubetune.io owners (fails after the timeout)."""
         self._thread.join(self.timeout + 10)
         assert self.ready.is_set(), f"the garbage collector never collected an orphan of a FineTuneJob: {self.error}"
+
+
+# --------------------------------------------------------------------------------------------
+# The chart on a real control plane, and the operator started as its Deployment starts it
+
+APPLIED_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+NOT_APPLIED = {
+    "Deployment": "the operator runs as a local process with the Deployment's arguments",
+    "Service": "the webhook's Service: no kube-proxy here, the webhook is registered by URL",
+    "ValidatingWebhookConfiguration": "registered by the caller, with a URL instead of the Service",
+}
+
+
+def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} {kind} objects rendered"
+    return found[0]
+
+
+def apply_chart(kctl: Any, chart: list[dict[str, Any]], namespaces: tuple[str, ...]) -> None:
+    """The chart's CRDs (server-side, as Helm's field manager, then Established) and RBAC applied
+    as rendered with the real `kubectl` (`kctl`: tests.cluster.fixtures.Kubectl), and the
+    namespaces created."""
+    kinds = {o["kind"] for o in chart}
+    assert kinds <= {"CustomResourceDefinition", *APPLIED_KINDS, *NOT_APPLIED}, kinds
+    crds = [o for o in chart if o["kind"] == "CustomResourceDefinition"]
+    assert {c["metadata"]["name"] for c in crds} >= {"finetunejobs.kubetune.io", "alignmentjobs.kubetune.io",
+                                                      "inferenceservices.kubetune.io"}
+    stream = yaml.safe_dump_all(crds)
+    kctl("apply", "--server-side", "--force-conflicts", "--field-manager=helm", "-f", "-", stdin=stream)
+    kctl("wait", "--for=condition=Established", "--timeout=60s", "-f", "-", stdin=stream)
+    for namespace in namespaces:
+        kctl("create", "namespace", namespace, check=False)
+    rbac = [o for o in chart if o["kind"] in APPLIED_KINDS]
+    assert {o["kind"] for o in rbac} >= {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+    kctl("apply", "-f", "-", stdin=yaml.safe_dump_all(rbac))
+
+
+class ChartOperator:
+    """`kubetune operator` with the chart Deployment's arguments and environment, as a local
+    process calling the apiserver with a real token of the chart's ServiceAccount.
+
+    `flags` replaces the Deployment's `--flag=value` arguments (local addresses and paths);
+    the liveness endpoint is always on a free loopback port. `start()` waits for it; `kill()`
+    is SIGKILL (no shutdown of any kind), `restart()` starts a new process with the same
+    command, log appended. `usage()` reads /proc: CPU seconds and peak RSS of the process."""
+
+    def __init__(self, cluster: Any, chart: list[dict[str, Any]], workdir: Path, release_namespace: str,
+                 flags: dict[str, str | None] | None = None, env: dict[str, str] | None = None) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        account = one(chart, "ServiceAccount")["metadata"]["name"]
+        self.service_account = f"system:serviceaccount:{release_namespace}:{account}"
+        self.kubeconfig = cluster.service_account_kubeconfig(release_namespace, account)
+        self.health_url = f"http://127.0.0.1:{free_port()}/healthz"
+        container = one(chart, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        self.container = container
+        command = local_operator_command(container["args"], {"--liveness": self.health_url, **(flags or {})})
+        environ = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("KUBETUNE_", "AWS_", "KUBERNETES_")) and k != "KUBECONFIG"}
+        for var in container.get("env") or []:
+            if "value" in var:
+                environ[var["name"]] = var["value"]
+            elif var["name"] == "POD_NAME":  # the downward API
+                environ["POD_NAME"] = "kubetune-operator-test"
+            else:
+                raise AssertionError(f"the chart sets {var} in the operator's environment: supply it here")
+        environ.update(KUBECONFIG=str(self.kubeconfig), PYTHONSAFEPATH="1", AWS_ACCESS_KEY_ID="testing",
+                       AWS_SECRET_ACCESS_KEY="testing", KUBETUNE_CACHE=str(workdir / "cache"), **(env or {}))
+        self.process = OperatorProcess(command, environ, workdir / "operator.log")
+        self._peak_rss = 0
+
+    def __enter__(self) -> ChartOperator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.stop()
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.process.__enter__()
+        eventually(lambda: self.process.healthy(self.health_url), timeout=timeout, what="the operator's liveness endpoint")
+
+    def kill(self) -> None:
+        """SIGKILL, as when the node dies or the OOM killer strikes: nothing is flushed or undone."""
+        proc = self.process.proc
+        assert proc is not None and proc.poll() is None, "the operator is not running"
+        self.sample()
+        proc.kill()
+        proc.wait(10)
+
+    def restart(self, timeout: float = 60.0) -> None:
+        self.start(timeout)
+
+    def sample(self) -> None:
+        """Read the running process's peak RSS (kept across restarts: the largest seen)."""
+        proc = self.process.proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self._peak_rss = max(self._peak_rss, int(line.split()[1]) * 1024)
+
+    def usage(self) -> tuple[float, int]:
+        """(CPU seconds, user + system, of the running process; peak RSS in bytes)."""
+        proc = self.process.proc
+        assert proc is not None and proc.poll() is None, "the operator is not running"
+        self.sample()
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        return ticks / os.sysconf("SC_CLK_TCK"), self._peak_rss

@@ -72,6 +72,7 @@ REAL_COMPONENT_TESTS = {
     "test_real_apiserver.py": "real kube-apiserver + etcd",
     "test_operator_real.py": "the operator against the real kube-apiserver",
     "test_simulated_cluster.py": "simulated GPU cluster (controller-manager, scheduler, kwok)",
+    "test_operator_upgrades.py": "the operator killed mid-reconcile and at scale on the simulated cluster",
     "test_chart.py": "the real Helm engine",
 }
 

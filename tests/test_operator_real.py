@@ -39,7 +39,6 @@ import base64
 import copy
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,13 +53,14 @@ from tests.cluster.certs import TinyCA
 from tests.cluster.controlplane import ControlPlane, free_port
 from tests.cluster.fixtures import CONTROLLERS, CORE, Kubectl, build_binaries
 from tests.cluster_operator import (
+    ChartOperator,
     Client,
     FakeKubelet,
     GarbageCollectorProbe,
-    OperatorProcess,
+    apply_chart,
     chart_objects,
     eventually,
-    local_operator_command,
+    one,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # the first session builds the binaries
@@ -145,36 +145,10 @@ def chart(s3: S3, webhook_ca: TinyCA, tmp_path_factory: pytest.TempPathFactory) 
     return chart_objects(values, tmp_path_factory.mktemp("helm"))
 
 
-def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [o for o in objects if o["kind"] == kind]
-    assert len(found) == 1, f"{len(found)} {kind} objects rendered"
-    return found[0]
-
-
-APPLIED_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
-NOT_APPLIED = {
-    "Deployment": "the operator runs as a local process with the Deployment's arguments",
-    "Service": "the webhook's Service: no kube-proxy here, the webhook is registered by URL",
-    "ValidatingWebhookConfiguration": "registered by the `operator` fixture, with a URL instead of the Service",
-}
-
-
 @pytest.fixture(scope="module")
 def installed(cluster: ControlPlane, kctl: Kubectl, chart: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The chart's CRDs and RBAC applied as rendered, and the test namespaces."""
-    kinds = {o["kind"] for o in chart}
-    assert kinds <= {"CustomResourceDefinition", *APPLIED_KINDS, *NOT_APPLIED}, kinds
-    crds = [o for o in chart if o["kind"] == "CustomResourceDefinition"]
-    assert {c["metadata"]["name"] for c in crds} >= {"finetunejobs.kubetune.io", "alignmentjobs.kubetune.io",
-                                                      "inferenceservices.kubetune.io"}
-    stream = yaml.safe_dump_all(crds)
-    kctl("apply", "--server-side", "--force-conflicts", "--field-manager=helm", "-f", "-", stdin=stream)
-    kctl("wait", "--for=condition=Established", "--timeout=60s", "-f", "-", stdin=stream)
-    for namespace in (RELEASE_NS, NS, CEL_NS):
-        kctl("create", "namespace", namespace, check=False)
-    rbac = [o for o in chart if o["kind"] in APPLIED_KINDS]
-    assert {o["kind"] for o in rbac} >= {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
-    kctl("apply", "-f", "-", stdin=yaml.safe_dump_all(rbac))
+    apply_chart(kctl, chart, (RELEASE_NS, NS, CEL_NS))
     return chart
 
 
@@ -185,47 +159,26 @@ def collector(admin: Client, installed: list[dict[str, Any]]) -> GarbageCollecto
     return GarbageCollectorProbe(admin, CEL_NS)
 
 
-@dataclass
-class Operator:
-    process: OperatorProcess
-    service_account: str
-    kubeconfig: Path
-
-
 @pytest.fixture(scope="module")
 def operator(cluster: ControlPlane, kctl: Kubectl, installed: list[dict[str, Any]], s3: S3, webhook_ca: TinyCA,
-             collector: GarbageCollectorProbe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+             collector: GarbageCollectorProbe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChartOperator]:
     """`kubetune operator` with the chart Deployment's arguments and environment, as the chart's
     ServiceAccount, serving the webhook that the apiserver calls."""
     workdir = tmp_path_factory.mktemp("operator")
-    account = one(installed, "ServiceAccount")["metadata"]["name"]
-    kubeconfig = cluster.service_account_kubeconfig(RELEASE_NS, account)
     serving = webhook_ca.serving("127.0.0.1")
     (workdir / "tls.crt").write_bytes(serving.cert_pem)
     (workdir / "tls.key").write_bytes(serving.key_pem)
-    webhook_port, health_port = free_port(), free_port()
-    container = one(installed, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    command = local_operator_command(container["args"], {
-        "--liveness": f"http://127.0.0.1:{health_port}/healthz",
+    webhook_port = free_port()
+    # KUBETUNE_WEBHOOK_ADDR (no flag; the pod listens on 0.0.0.0): loopback only on this machine.
+    operator = ChartOperator(cluster, installed, workdir, RELEASE_NS, flags={
         "--webhook-port": str(webhook_port),
         "--webhook-host": "127.0.0.1",
         "--webhook-cert": str(workdir / "tls.crt"),
         "--webhook-key": str(workdir / "tls.key"),
         "--reconcile-interval": "1",
-    })
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("KUBETUNE_", "AWS_", "KUBERNETES_")) and k != "KUBECONFIG"}
-    for var in container.get("env") or []:
-        if "value" in var:
-            env[var["name"]] = var["value"]
-        elif var["name"] == "POD_NAME":  # the downward API
-            env["POD_NAME"] = "kubetune-operator-test"
-        else:
-            raise AssertionError(f"the chart sets {var} in the operator's environment: supply it here")
+    }, env={"KUBETUNE_WEBHOOK_ADDR": "127.0.0.1"})
+    env = operator.process.env
     assert env.get("KUBETUNE_KOPF_SCANNING") == "0" and env.get("AWS_ENDPOINT_URL_S3") == s3.endpoint
-    # KUBETUNE_WEBHOOK_ADDR (no flag; the pod listens on 0.0.0.0): loopback only on this machine.
-    env.update(KUBECONFIG=str(kubeconfig), PYTHONSAFEPATH="1", KUBETUNE_WEBHOOK_ADDR="127.0.0.1",
-               AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", KUBETUNE_CACHE=str(workdir / "cache"))
     hook = copy.deepcopy(one(installed, "ValidatingWebhookConfiguration"))
     hook["metadata"]["name"] = "kubetune-test-webhook"
     for webhook in hook["webhooks"]:
@@ -235,10 +188,7 @@ def operator(cluster: ControlPlane, kctl: Kubectl, installed: list[dict[str, Any
         webhook["clientConfig"] = {"url": url, "caBundle": base64.b64encode(webhook_ca.cert_pem).decode()}
         webhook["namespaceSelector"] = {"matchExpressions": [
             {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [NS]}]}
-    process = OperatorProcess(command, env, workdir / "operator.log")
-    with process:
-        eventually(lambda: process.healthy(f"http://127.0.0.1:{health_port}/healthz"), timeout=60,
-                   what="the operator's liveness endpoint")
+    with operator:
         kctl("apply", "-f", "-", stdin=json.dumps(hook))
         try:
             # The apiserver reaches the webhook once a bad spec comes back with its message.
@@ -246,10 +196,10 @@ def operator(cluster: ControlPlane, kctl: Kubectl, installed: list[dict[str, Any
             eventually(lambda: WEBHOOK_DENIED in kctl("-n", NS, "apply", "--dry-run=server", "-f", "-",
                                                     stdin=json.dumps(bad), check=False).stderr,
                        timeout=60, what="the webhook behind the apiserver")
-            yield Operator(process, f"system:serviceaccount:{RELEASE_NS}:{account}", kubeconfig)
+            yield operator
         finally:
             kctl("delete", "validatingwebhookconfiguration", hook["metadata"]["name"], "--ignore-not-found")
-    forbidden = process.forbidden_lines()
+    forbidden = operator.process.forbidden_lines()
     assert not forbidden, "the operator was refused calls (RBAC):\n" + "\n".join(forbidden[:20])
 
 
@@ -398,7 +348,7 @@ def delete_and_collect(kctl: Kubectl, admin: Client, collector: GarbageCollector
 # the operator's identity
 
 
-def test_operator_runs_as_the_charts_service_account(operator: Operator, kctl: Kubectl) -> None:
+def test_operator_runs_as_the_charts_service_account(operator: ChartOperator, kctl: Kubectl) -> None:
     """The token is the chart's ServiceAccount; RBAC grants it the chart's rules and no more
     (it may create Secrets, an API key, but never read one)."""
     who = json.loads(kctl("auth", "whoami", "-o", "json", kubeconfig=operator.kubeconfig).stdout)
@@ -442,7 +392,7 @@ def _training(name: str = "cel", gpuMemoryGiB: float | None = None, modelParamet
     pytest.param(_training(name="bad-cache", data={"datasets": [{"path": "s3://data/a.jsonl"}], "cache": "s3://"}),
                  ["spec.training.data", "cache"], id="bad-s3-cache"),
 ])
-def test_webhook_refuses_bad_specs_with_field_messages(operator: Operator, kctl: Kubectl, body: dict[str, Any],
+def test_webhook_refuses_bad_specs_with_field_messages(operator: ChartOperator, kctl: Kubectl, body: dict[str, Any],
                                                        fragments: list[str]) -> None:
     """`kubectl apply` of a spec the schema accepts but the operator would refuse: the apiserver
     calls the webhook, which answers with `kubetune validate`'s field-level message."""
@@ -513,7 +463,7 @@ def test_crds_accept_every_example_and_leave_the_rest_to_the_webhook(installed: 
 # what `kubectl` shows and does
 
 
-def test_printer_columns_category_and_server_side_apply(operator: Operator, admin: Client, kctl: Kubectl) -> None:
+def test_printer_columns_category_and_server_side_apply(operator: ChartOperator, admin: Client, kctl: Kubectl) -> None:
     """Columns come from the server's table after its defaulting (NODES of a job that sets no
     nodes is 1, not <none>); `kubectl get kubetune` lists every kind; a GitOps tool's
     server-side apply creates and updates a resource the operator also writes (status,
@@ -549,7 +499,7 @@ def test_printer_columns_category_and_server_side_apply(operator: Operator, admi
 
 
 def test_failed_pods_restart_the_gang_or_fail_on_a_config_error(
-        operator: Operator, admin: Client, kctl: Kubectl, kubelet: FakeKubelet) -> None:
+        operator: ChartOperator, admin: Client, kctl: Kubectl, kubelet: FakeKubelet) -> None:
     """The Jobs the operator renders, failed by the real Job controller: a pod exiting 1 fails
     the attempt (backoffLimit 0) and the operator starts the next one; exit code 2 matches the
     podFailurePolicy (the trainer refused its configuration) and fails the resource at once."""
@@ -577,7 +527,7 @@ def test_failed_pods_restart_the_gang_or_fail_on_a_config_error(
     assert admin.get("Job", NS, "cfg-ftj-a2") is None
 
 
-def test_alignmentjob_waits_for_its_finetunejob(operator: Operator, admin: Client, kctl: Kubectl,
+def test_alignmentjob_waits_for_its_finetunejob(operator: ChartOperator, admin: Client, kctl: Kubectl,
                                                  kubelet: FakeKubelet) -> None:
     apply(kctl, {"apiVersion": GROUP_VERSION, "kind": "AlignmentJob", "metadata": {"name": "dpo"}, "spec": {
         "nodes": 1, "gpusPerNode": 1, **kubelet.placement, "baseModelFrom": {"fineTuneJob": "base"},
@@ -602,7 +552,7 @@ def test_alignmentjob_waits_for_its_finetunejob(operator: Operator, admin: Clien
 
 
 def test_finetunejob_runs_reports_progress_suspends_resumes_succeeds_and_is_collected(
-        operator: Operator, admin: Client, kctl: Kubectl, kubelet: FakeKubelet, s3: S3,
+        operator: ChartOperator, admin: Client, kctl: Kubectl, kubelet: FakeKubelet, s3: S3,
         collector: GarbageCollectorProbe) -> None:
     name, job = "sft", "sft-ftj-a1"
     apply(kctl, finetunejob(name, kubelet.placement))
@@ -668,7 +618,7 @@ def test_finetunejob_runs_reports_progress_suspends_resumes_succeeds_and_is_coll
 # InferenceService
 
 
-def test_inference_service_through_every_update_path(operator: Operator, admin: Client, kctl: Kubectl,
+def test_inference_service_through_every_update_path(operator: ChartOperator, admin: Client, kctl: Kubectl,
                                                       kubelet: FakeKubelet, collector: GarbageCollectorProbe) -> None:
     name, child, adapters_cm = "chat", "chat-isvc", "chat-isvc-adapters"
     apply(kctl, inferenceservice(name, kubelet.placement, model={"fromJob": {"fineTuneJob": "chat-base"}},

@@ -44,6 +44,19 @@ STOP_TIMEOUT_S = 10.0
 KWOK_STAGES = Path(__file__).with_name("kwok")
 KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 """Nodes with this annotation are kwok's; any other node is left alone."""
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    # One line per request (ResponseComplete; ResponseStarted too for watches), metadata only.
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+        {"level": "None"},
+    ],
+}
+"""What the apiserver's audit log records: every request made with a ServiceAccount token (the
+operator's identity in the tests; the controllers, the scheduler, kwok and the tests' admin use
+client certificates, so their traffic, the bulk of it, is not written)."""
 
 
 def free_port() -> int:
@@ -146,6 +159,22 @@ class ControlPlane:
     def ca(self) -> Path:
         """Alias of `ca_file` (what kubeconfigs and TLS clients trust)."""
         return self.ca_file
+
+    @property
+    def audit_log(self) -> Path:
+        """The apiserver's audit log (JSON lines, `AUDIT_POLICY`: ServiceAccount users only)."""
+        return self.workdir / "audit.log"
+
+    def audit_events(self, username: str | None = None) -> list[dict[str, Any]]:
+        """The audit events so far (of `username` only, if given), one per request and stage."""
+        events = []
+        if self.audit_log.exists():
+            for line in self.audit_log.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line)
+                    if username is None or event.get("user", {}).get("username") == username:
+                        events.append(event)
+        return events
 
     @property
     def admin_kubeconfig(self) -> Path:
@@ -337,6 +366,8 @@ class ControlPlane:
         """envtest's flag set: RBAC, client-certificate users, ServiceAccount tokens."""
         self.port = free_port()
         pki = self.workdir / "pki"
+        policy = self.workdir / "audit-policy.json"
+        policy.write_text(json.dumps(AUDIT_POLICY))
         sa_admission = self.controllers if self.service_account_admission is None else self.service_account_admission
         admission = "--enable-admission-plugins=ServiceAccount" if sa_admission else \
             "--disable-admission-plugins=ServiceAccount"
@@ -349,6 +380,7 @@ class ControlPlane:
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true", admission,
+            f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}", "--audit-log-format=json",
         ])
         self._wait(apiserver, lambda: self._http_ok(f"{self.server}/readyz", self._ssl()))
 

@@ -14,7 +14,12 @@ pulled). kwok's behaviour for pods comes from the stages in tests/cluster/kwok/:
   `pod-container-running-failed.stage.kwok.x-k8s.io/exit-code` (default 1);
 - a pod labelled `pod-disrupted.stage.kwok.x-k8s.io: "true"` Fails with the DisruptionTarget
   condition and exit code 137, as when the kubelet or a preemption kills it;
-- a deleted pod goes away at once (no grace period on a fake node).
+- a deleted pod goes away at once (no grace period on a fake node);
+- a Job's pod whose nodeSelector names the label `sim.kubetune.io/keep-running` never
+  completes: it stays Running until deleted. The operator's pods can carry no kwok annotation,
+  but they carry the resource's `spec.nodeSelector`: select a pool made with
+  `add_gpu_nodes(..., keep_running=True)` through `NodePool.selector` and they run until the
+  test ends them.
 
 Labels put on one running pod (`SimCluster.label_pod`) hit that pod only; in a pod template
 they hit every pod, retries included.
@@ -40,6 +45,8 @@ COMPLETE_DELAY = "pod-complete.stage.kwok.x-k8s.io/delay"
 FAIL_LABEL = "pod-container-running-failed.stage.kwok.x-k8s.io"
 FAIL_EXIT_CODE = "pod-container-running-failed.stage.kwok.x-k8s.io/exit-code"
 DISRUPT_LABEL = "pod-disrupted.stage.kwok.x-k8s.io"
+KEEP_RUNNING = "sim.kubetune.io/keep-running"
+"""A node label: Job pods that select it (nodeSelector) stay Running (tests/cluster/kwok/pod-complete.yaml)."""
 POOL_LABEL = "sim.kubetune.io/pool"
 """Every fake node made here carries its pool's name: a test's pods select their own pool, so
 they never land on a node another module left behind (a fake kubelet's node, say)."""
@@ -80,10 +87,12 @@ class NodePool:
 
     name: str
     nodes: list[str]
+    keep_running: bool = False
 
     @property
     def selector(self) -> dict[str, str]:
-        return {POOL_LABEL: self.name}
+        """The nodeSelector of the pool's pods (with `KEEP_RUNNING` for a keep-running pool)."""
+        return {POOL_LABEL: self.name, **({KEEP_RUNNING: "true"} if self.keep_running else {})}
 
 
 def fake_node(name: str, *, gpus: int = 8, cpu: str = "128", memory: str = "1Ti", pods: int = 110,
@@ -208,13 +217,14 @@ class SimCluster:
                      f"node {node['metadata']['name']} Ready", timeout)
         return names
 
-    def add_gpu_nodes(self, count: int, prefix: str = "gpu", **shape: Any) -> NodePool:
+    def add_gpu_nodes(self, count: int, prefix: str = "gpu", keep_running: bool = False, **shape: Any) -> NodePool:
         """A pool of `count` fake GPU nodes (8 GPUs each unless `gpus=`; see `fake_node`),
-        labelled with the pool's name (`NodePool.selector`), Ready."""
+        labelled with the pool's name (`NodePool.selector`), Ready. With `keep_running`, the
+        Job pods that select the pool stay Running (`KEEP_RUNNING`)."""
         pool = self.unique(prefix)
-        labels = {**shape.pop("labels", {}), POOL_LABEL: pool}
+        labels = {**shape.pop("labels", {}), POOL_LABEL: pool, **({KEEP_RUNNING: "true"} if keep_running else {})}
         nodes = [fake_node(f"{pool}-{i}", labels=labels, **shape) for i in range(count)]
-        return NodePool(pool, self.add_nodes(nodes))
+        return NodePool(pool, self.add_nodes(nodes), keep_running)
 
     def delete_nodes(self, names: list[str]) -> None:
         for name in names:
