@@ -102,13 +102,71 @@ def test_templates_are_listed_and_end_answers_with_eos(tok: Any) -> None:
         assert rendered.rstrip().endswith("</s>"), name
 
 
-def test_apply_template_default_tokenizer_and_custom(tok: Any) -> None:
-    assert tok.chat_template is None
-    assert apply_template(tok, None) == "default"
-    assert tok.chat_template == TEMPLATES["default"]
-    assert apply_template(tok, None) == "tokenizer"  # now the tokenizer has one: kept
+def test_apply_template_keeps_the_tokenizers_own_and_installs_named_ones(tok: Any) -> None:
+    assert tok.chat_template == TEMPLATES["default"]  # the demo model ships kubetune's default explicitly
+    assert apply_template(tok, None) == "tokenizer"
+    tok.chat_template = None
+    assert apply_template(tok, None) is None and tok.chat_template is None  # nothing made up: the data decides
     custom = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert apply_template(tok, custom) == "custom" and tok.chat_template == custom
+
+
+def write_lmflow(path: Path, kind: str, instances: list[dict[str, str]]) -> str:
+    path.write_text(json.dumps({"type": kind, "instances": instances}))
+    return str(path)
+
+
+T2T = [{"input": "Question: opposite of hot? Answer:", "output": " cold"},
+       {"input": "Question: opposite of big? Answer:", "output": " small"}]
+
+
+@pytest.mark.parametrize("own_template", [False, True])
+def test_lmflow_text2text_renders_input_then_output_and_eos(tmp_path: Path, tok: Any, own_template: bool) -> None:
+    """LMFlow's rendering whatever the tokenizer has: input, output (its leading space kept, no
+    doubled one), eos; the loss on the output and eos only; recorded with the first example."""
+    if not own_template:
+        tok.chat_template = None
+    bundle = build_datasets(make_spec(write_lmflow(tmp_path / "t.json", "text2text", T2T), shuffle=False), tok)
+    assert bundle.stats["template"] == "plain" and "LMFlow" in bundle.stats["templateReason"]
+    assert tok.chat_template == TEMPLATES["plain"]  # saved with the model: inference prompts the same way
+    row = bundle.train[0]
+    assert tok.decode(row["input_ids"]) == T2T[0]["input"] + T2T[0]["output"] + "</s>"
+    assert trained_runs(tok, row) == [" cold</s>"]
+    first = bundle.stats["train"]["firstExample"]
+    assert first == [{"trained": False, "text": T2T[0]["input"]}, {"trained": True, "text": " cold</s>"}]
+    stats = bundle.stats["train"]
+    tokens = sum(len(r["input_ids"]) for r in bundle.train)
+    masked = sum(label == IGNORE for r in bundle.train for label in r["labels"])
+    assert stats["meanLength"] == pytest.approx(tokens / len(bundle.train), abs=0.01)
+    assert stats["maskedFraction"] == pytest.approx(masked / tokens, abs=1e-3)
+
+
+def test_lmflow_text_only_is_plain_text(tmp_path: Path, tok: Any) -> None:
+    tok.chat_template = None
+    path = write_lmflow(tmp_path / "t.json", "text_only", [{"text": "hot and cold"}])
+    bundle = build_datasets(make_spec(path, stage="pt", packing=False), tok)
+    assert bundle.stats["template"] == "none" and tok.chat_template is None
+    assert tok.decode(bundle.train[0]["input_ids"]) == "hot and cold</s>"  # this tokenizer adds no bos
+
+
+def test_conversations_without_a_chat_template_are_refused_naming_data_template(tmp_path: Path, tok: Any) -> None:
+    from kubetune.trainer.errors import SpecError
+
+    tok.chat_template = None
+    with pytest.raises(SpecError) as err:
+        build_datasets(make_spec(write_jsonl(tmp_path / "a.jsonl", SINGLE)), tok)
+    assert err.value.field == "data.template" and "no chat template" in err.value.problem
+    assert "`plain`" in (err.value.fix or "") and tok.chat_template is None
+    bundle = build_datasets(make_spec(write_jsonl(tmp_path / "a.jsonl", SINGLE), template="plain"), tok)
+    assert bundle.stats["template"] == "plain" and bundle.stats["templateReason"] == "data.template"
+    assert trained_runs(tok, bundle.train[0]) == [ANSWER + "</s>"]
+
+
+def test_text2text_mixed_with_chat_data_uses_the_tokenizers_template(tmp_path: Path, tok: Any) -> None:
+    spec = TrainingSpec.model_validate({"model": {"path": "builtin:tiny-llama"}, "data": {"datasets": [
+        {"path": write_lmflow(tmp_path / "t.json", "text2text", T2T)}, {"path": write_jsonl(tmp_path / "a.jsonl", SINGLE)}]}})
+    bundle = build_datasets(spec, tok)
+    assert bundle.stats["template"] == "default" and bundle.stats["templateReason"] == "the tokenizer's own chat template"
 
 
 def test_multi_turn_trains_every_assistant_turn(tmp_path: Path, tok: Any) -> None:

@@ -228,11 +228,14 @@ def _flag(argv: list[str], name: str) -> str | None:
     return argv[argv.index(name) + 1] if name in argv else None
 
 
-def test_server_command_passes_kubetunes_default_template_when_the_tokenizer_has_none(tiny_model_dir):
+def test_server_command_passes_kubetunes_default_template_when_the_tokenizer_has_none(tiny_model_dir, tmp_path):
     from kubetune.trainer.data.templates import TEMPLATES
     from kubetune.trainer.infer.vllm_engine import server_command
 
-    argv = server_command(str(tiny_model_dir), python="py", kv_cache_memory="1G", base=None, trust_remote_code=True)
+    base = tmp_path / "base"  # the demo model ships a template: a copy without one
+    shutil.copytree(tiny_model_dir, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    argv = server_command(str(base), python="py", kv_cache_memory="1G", base=None, trust_remote_code=True)
     assert _flag(argv, "--chat-template") == TEMPLATES["default"]
     assert _flag(argv, "--kv-cache-memory-bytes") == str(2**30)
     assert "--trust-remote-code" in argv and "--enable-lora" not in argv
@@ -251,6 +254,7 @@ def test_server_command_keeps_a_saved_template_and_serves_an_adapter_output_on_i
     shutil.copytree(build_adapter(ADAPTER, tiny_model_dir, seed=11), adapter)
     config = json.loads((adapter / "tokenizer_config.json").read_text())
     (adapter / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATES["vicuna"]}))
+    (adapter / "chat_template.jinja").write_text(TEMPLATES["vicuna"])  # where transformers saves it
     argv = server_command(str(adapter), python="py")
     assert _flag(argv, "--model") == _flag(argv, "--tokenizer") == str(tiny_model_dir)
     assert _flag(argv, "--served-model-name") == tiny_model_dir.name

@@ -217,8 +217,11 @@ def assign_files(listings: list[list[str] | None]) -> dict[int, list[str]]:
 class StatusReporter(TrainerCallback):
     """Keeps status.json current (phase, step, loss, tokens/s, ETA) for the operator to read."""
 
-    def __init__(self, session: OutputSession, metrics: MetricsWriter, checkpoints: CheckpointRecorder, every_seconds: float = 10.0):
+    def __init__(self, session: OutputSession, metrics: MetricsWriter, checkpoints: CheckpointRecorder, every_seconds: float = 10.0,
+                 data: dict[str, Any] | None = None):
         self.session = session
+        self.data = data
+        """What the run trains on (template, token statistics, first example): shown with every status."""
         self.metrics = metrics
         self.checkpoints = checkpoints
         self.every_seconds = every_seconds
@@ -243,6 +246,8 @@ class StatusReporter(TrainerCallback):
             "lastCheckpoint": str(self.checkpoints.last_checkpoint) if self.checkpoints.last_checkpoint else None,
             "updatedAt": time.time(),
         }
+        if self.data:
+            status["data"] = self.data
         status.update(extra)
         return status
 

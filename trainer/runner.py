@@ -321,7 +321,7 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
     counter = TokenCounter(make_collator(tokenizer, spec, flatten_packed=flash))
     metrics = MetricsWriter(output_dir, counter)
     checkpoints = CheckpointRecorder(session, resumed_from=Path(resume_from) if resume_from else None)
-    status = StatusReporter(session, metrics, checkpoints)
+    status = StatusReporter(session, metrics, checkpoints, data=data_summary(data.stats))
     stop = GracefulStop()
     ctx = RunContext(spec=spec, model=model, tokenizer=tokenizer, data=data, training_args=args,
                      callbacks=[StepBudget(), metrics, checkpoints, status, stop], optimizers=optimizers,
@@ -355,17 +355,28 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
                      runtime_seconds=time.time() - started)
 
 
+def data_summary(stats: dict) -> dict:
+    """The part of the data stats status.json shows: how examples are rendered and how much of
+    them is trained on, the first one with its masked tokens in [[...]]."""
+    from kubetune.trainer.data.pipeline import show_example
+
+    train = stats.get("train") or {}
+    summary = {"template": stats.get("template"), "templateReason": stats.get("templateReason"),
+               **{k: train[k] for k in ("examples", "meanLength", "maskedFraction") if k in train}}
+    if train.get("firstExample"):
+        summary["firstExample"] = show_example(train["firstExample"])[:500]
+    return summary
+
+
 def _load_inputs(spec: TrainingSpec, stage, precision: str):
     """(spec, tokenizer, data, model) ready to train. Inputs first: a wrong model or data
     location fails before any checkpoint is downloaded."""
-    from kubetune.trainer.data import apply_template, build_datasets
+    from kubetune.trainer.data import build_datasets
     from kubetune.trainer.models.loader import load_model, load_tokenizer
     from kubetune.trainer.models.methods import apply_method
     from kubetune.trainer.models.vocab import extend_tokenizer, resize_embeddings
 
     tokenizer = load_tokenizer(spec.model, spec.storage)
-    template = apply_template(tokenizer, spec.data.template)
-    log.info("chat template: %s", template)
     added_tokens = extend_tokenizer(spec, tokenizer) if spec.vocab.enabled else []
     data = build_datasets(spec, tokenizer)
     model = stage.load_model(spec, precision, tokenizer) if hasattr(stage, "load_model") else load_model(spec, precision)

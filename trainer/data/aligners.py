@@ -566,6 +566,8 @@ def align_source(
         ) from exc
 
     stats: dict[str, Any] = {"path": spec.path, "format": name}
+    if source.lmflow_type is not None and name == "lmflow":
+        stats["lmflowType"] = source.lmflow_type  # text2text and text_only render differently by default
     data = source.dataset
     if isinstance(data, datasets.Dataset):
         before = len(data)

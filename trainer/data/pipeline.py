@@ -14,6 +14,7 @@ or multi-rank run sees the same data in the same order.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +32,11 @@ from kubetune.trainer.data.processors import (
     ProcessorConfig,
     check_template,
 )
-from kubetune.trainer.data.templates import apply_template
+from kubetune.trainer.data.templates import PLAIN, apply_template, resolve_template
 from kubetune.trainer.errors import SpecError
 from kubetune.trainer.spec import DatasetSpec, TrainingSpec
 
+log = logging.getLogger(__name__)
 AnyDataset = datasets.Dataset | datasets.IterableDataset
 INTERNAL_COLUMNS = ["messages", "tools", "text"]
 BATCH_SIZE = 1000
@@ -61,8 +63,9 @@ class DataBundle:
 def build_datasets(spec: TrainingSpec, tokenizer: Any) -> DataBundle:
     """Load, align, split, mix, shuffle, tokenize and (optionally) pack the spec's datasets.
 
-    Sets `tokenizer.chat_template` from `data.template` (see `apply_template`). With `data.cache`
-    set, a complete entry of the tokenized-dataset cache for this spec and tokenizer (written by
+    Sets `tokenizer.chat_template` from `data.template` (`apply_template`, the one place a run
+    applies it), or from the data when unset (`resolve_template`). With `data.cache` set, a
+    complete entry of the tokenized-dataset cache for this spec and tokenizer (written by
     `kubetune prepare`) is read instead, so no rank of a distributed run tokenizes; without one
     the rows are built here. Raises SpecError for anything wrong with the data or its
     description, naming the spec field.
@@ -75,15 +78,18 @@ def build_datasets(spec: TrainingSpec, tokenizer: Any) -> DataBundle:
         splits, stats = cached
         train = splits["train"]
         assert train is not None  # an entry always has training rows
+        if stats.get("template") == "plain" and spec.data.template is None:
+            tokenizer.chat_template = PLAIN  # what the entry was rendered with (`resolve_template`)
+        log_data_summary(stats)
         return DataBundle(train=train, eval=splits.get("eval"), stats=stats)
     return build_uncached(spec, tokenizer)
 
 
 def build_uncached(spec: TrainingSpec, tokenizer: Any) -> DataBundle:
-    """`build_datasets` without the cache: what `kubetune prepare` stores."""
+    """`build_datasets` without the cache: what `kubetune prepare` stores. The caller has applied
+    `data.template` (`apply_template`): the cache key is computed from the tokenizer so set up."""
     data = spec.data
     seed = spec.train.seed
-    template = apply_template(tokenizer, data.template)
     num_proc = data.numProc if data.numProc and data.numProc > 1 else None
 
     train_sources, source_stats = _load_all(spec, data.datasets, "data.datasets")
@@ -95,6 +101,7 @@ def build_uncached(spec: TrainingSpec, tokenizer: Any) -> DataBundle:
     elif data.evalSize > 0:
         train_sources, eval_parts = split_eval(train_sources, data.evalSize, seed)
         eval_raw = _concat(eval_parts)
+    template, why = resolve_template(tokenizer, data.template, source_formats(source_stats + eval_stats))
 
     weights = [s.weight if s.weight is not None else 1.0 for s in data.datasets]
     train_raw = mix(train_sources, data.mixStrategy, weights, seed)
@@ -104,6 +111,7 @@ def build_uncached(spec: TrainingSpec, tokenizer: Any) -> DataBundle:
     train, train_stats = tokenize(train_raw, spec, tokenizer, is_eval=False, num_proc=num_proc)
     stats: dict[str, Any] = {
         "template": template,
+        "templateReason": why,
         "stage": spec.stage,
         "packing": spec.packing_enabled,
         "mixStrategy": data.mixStrategy,
@@ -115,7 +123,31 @@ def build_uncached(spec: TrainingSpec, tokenizer: Any) -> DataBundle:
         eval_ds, stats["eval"] = tokenize(eval_raw, spec, tokenizer, is_eval=True, num_proc=num_proc)
         if eval_stats:
             stats["evalSources"] = eval_stats
+    log_data_summary(stats)
     return DataBundle(train=_require_rows(train, train_stats, spec), eval=eval_ds, stats=stats)
+
+
+def source_formats(source_stats: list[dict[str, Any]]) -> list[str]:
+    """Each source's format as `resolve_template` reads it (`lmflow:text2text`, `alpaca`, ...)."""
+    return [f"lmflow:{s['lmflowType']}" if s.get("lmflowType") else s["format"] for s in source_stats]
+
+
+def log_data_summary(stats: dict[str, Any]) -> None:
+    """What a run trains on, said before it starts: the template and why, the first example with
+    the tokens it is not trained on marked, the token statistics. A wrong rendering or a mask
+    that hides the answers shows here, not as a loss that never falls."""
+    log.info("chat template: %s (%s)", stats.get("template"), stats.get("templateReason", "recorded with the cached data"))
+    train = stats.get("train") or {}
+    if train.get("firstExample"):
+        log.info("first training example, untrained (masked) tokens in [[...]]: %r", show_example(train["firstExample"]))
+    if train.get("meanLength") is not None:
+        log.info("training tokens: %d examples, mean length %.1f tokens, %.1f%% of tokens masked from the loss",
+                 train.get("examples") or 0, train["meanLength"], 100 * train["maskedFraction"])
+
+
+def show_example(segments: list[dict[str, Any]]) -> str:
+    """An example's text with its masked segments in [[...]]."""
+    return "".join(seg["text"] if seg["trained"] else f"[[{seg['text']}]]" for seg in segments)
 
 
 def _require_rows(train: AnyDataset, train_stats: dict[str, Any], spec: TrainingSpec) -> AnyDataset:
@@ -278,6 +310,11 @@ def tokenize(
         "tokens": len(labels),
         "trainedTokens": int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0),
     }
+    if len(ds):
+        stats["meanLength"] = round(stats["tokens"] / len(ds), 2)
+        stats["maskedFraction"] = round(1 - stats["trainedTokens"] / max(stats["tokens"], 1), 4)
+        if not is_eval:
+            stats["firstExample"] = first_example(tokenizer, ds[0])
     if len(ds) == 0 and not (packing and spec.stage == "pt"):
         raise SpecError(
             "data.evalDatasets" if is_eval and spec.data.evalDatasets else "data.datasets",
@@ -329,6 +366,8 @@ def _tokenize_rows(
     truncated = int(pc.sum(ds.data.column("truncated")).as_py() or 0) if len(ds) else 0
     ds = ds.remove_columns(["truncated"])
     stats: dict[str, Any] = {"examples": len(ds), "dropped": before - len(ds), "truncated": truncated}
+    if len(ds) and not is_eval:
+        stats["firstExample"] = first_example(tokenizer, ds[0])
     if len(ds) == 0:
         raise SpecError(
             "data.evalDatasets" if is_eval and spec.data.evalDatasets else "data.datasets",
@@ -337,3 +376,23 @@ def _tokenize_rows(
             "check the data.",
         )
     return ds, stats
+
+
+def first_example(tokenizer: Any, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A token row as decoded text segments, each marked trained or not (masked from the loss):
+    a language-model row by its labels; a preference or prompt row as its prompt (never trained
+    on) and its (chosen) answer."""
+    if "labels" in row:
+        segments: list[dict[str, Any]] = []
+        for token, label in zip(row["input_ids"], row["labels"], strict=True):
+            trained = label != IGNORE_INDEX
+            if segments and segments[-1]["trained"] == trained:
+                segments[-1]["ids"].append(token)
+            else:
+                segments.append({"trained": trained, "ids": [token]})
+    else:
+        answer = row.get("chosen_ids") or row.get("completion_ids") or []
+        segments = [{"trained": False, "ids": list(row["prompt_ids"])}]
+        if answer:
+            segments.append({"trained": True, "ids": list(answer)})
+    return [{"trained": seg["trained"], "text": tokenizer.decode(seg["ids"])} for seg in segments]

@@ -17,10 +17,13 @@ Rules every built-in follows, because the SFT masking relies on them:
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from typing import Any
 
 from kubetune.trainer.errors import SpecError
+
+log = logging.getLogger(__name__)
 
 # Shared preamble: split off a leading system message, and fold `tools` into the system text.
 # `{default_system}` is substituted per template (a Jinja string literal).
@@ -110,7 +113,19 @@ VICUNA = _with_system(
     ),
 )
 
+PLAIN = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' -%}{{- m['content'] + eos_token -}}"
+    "{%- else -%}{{- m['content'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+"""No wrapper: each turn's text as it is, an answer followed by eos; the generation prompt is
+empty, so the model continues the prompt text. LMFlow trains `text2text` data exactly so (input,
+then output, then eos) and LlamaFactory's `empty` template is the same."""
+
 TEMPLATES: dict[str, str] = {
+    "plain": PLAIN,
     "default": DEFAULT,
     "chatml": CHATML,
     "llama3": LLAMA3,
@@ -120,7 +135,8 @@ TEMPLATES: dict[str, str] = {
 """Built-in chat templates by name (Jinja, Hugging Face `chat_template` convention)."""
 
 DESCRIPTIONS: dict[str, str] = {
-    "default": "System:/User:/Assistant: lines; works with any tokenizer (the fallback).",
+    "plain": "prompt followed directly by the answer and eos, no wrapper (LMFlow text2text's rendering).",
+    "default": "System:/User:/Assistant: lines, kubetune's own; works with any tokenizer.",
     "chatml": "<|im_start|>role ... <|im_end|> (Qwen, Yi, many chat fine-tunes).",
     "llama3": "<|start_header_id|>role<|end_header_id|> ... <|eot_id|> (Llama 3.x instruct).",
     "alpaca": "### Instruction: / ### Response: blocks (Stanford Alpaca).",
@@ -137,19 +153,17 @@ def describe_templates() -> list[tuple[str, str]]:
     return [(name, DESCRIPTIONS.get(name, "")) for name in TEMPLATES]
 
 
-def apply_template(tokenizer: Any, template: str | None, *, field: str = "data.template") -> str:
-    """Set `tokenizer.chat_template` from the spec's `data.template` and say which one is used.
+def apply_template(tokenizer: Any, template: str | None, *, field: str = "data.template") -> str | None:
+    """Install the spec's `data.template` on the tokenizer and return the name recorded for it.
 
-    `None` keeps the tokenizer's own template (returns "tokenizer") or, when it has none, installs
-    the built-in "default". A built-in name installs that template; any other string containing
+    `None` changes nothing: it returns "tokenizer" when the tokenizer has its own template, else
+    None, and the data decides once it is loaded (`resolve_template`), since a faithful default
+    depends on the format. A built-in name installs that template; any other string containing
     Jinja syntax is used verbatim (returns "custom"). The template is compiled here so a syntax
     error is reported against the spec field instead of deep inside tokenization.
     """
     if template is None:
-        if current_template(tokenizer):
-            return TOKENIZER
-        tokenizer.chat_template = TEMPLATES["default"]
-        return "default"
+        return TOKENIZER if current_template(tokenizer) else None
     if template in TEMPLATES:
         tokenizer.chat_template = TEMPLATES[template]
         return template
@@ -167,6 +181,53 @@ def apply_template(tokenizer: Any, template: str | None, *, field: str = "data.t
         ) from exc
     tokenizer.chat_template = template
     return CUSTOM
+
+
+TEXT_FORMATS = ("text", "lmflow:text_only")
+"""Source formats whose rows are documents: trained as they are, no template involved."""
+TEXT2TEXT = "lmflow:text2text"
+NO_TEMPLATE = "none"
+
+
+def resolve_template(tokenizer: Any, requested: str | None, formats: list[str]) -> tuple[str, str]:
+    """The template a run uses, as (name, why), once its sources' `formats` are known.
+
+    Each format renders the way its home toolkit trains it: `data.template` when set (already
+    installed by `apply_template`); LMFlow text2text alone as input, output and eos (`plain`,
+    what LMFlow does, whatever the tokenizer has); documents need no template; other
+    conversations use the tokenizer's own template. A tokenizer without one gets no made-up
+    wrapper (a base model trained on one learnt nothing in the issue that led here): that is a
+    SpecError naming `data.template`.
+    """
+    if requested is not None:
+        return (requested if requested in TEMPLATES else CUSTOM), "data.template"
+    chats = sorted({f for f in formats if f not in TEXT_FORMATS})
+    if chats == [TEXT2TEXT]:
+        tokenizer.chat_template = PLAIN
+        return "plain", "LMFlow text2text: the input followed directly by the output and eos, as LMFlow trains it"
+    if not chats:
+        return NO_TEMPLATE, "plain-text documents only: trained as they are"
+    own = current_template(tokenizer)
+    if own:
+        if TEXT2TEXT in chats:
+            log.warning("LMFlow text2text data is mixed with %s data: every conversation is rendered with the "
+                        "tokenizer's chat template (set data.template: plain for LMFlow's own rendering)",
+                        ", ".join(f for f in chats if f != TEXT2TEXT))
+        return template_name(own), "the tokenizer's own chat template"
+    raise SpecError(
+        "data.template",
+        f"the tokenizer has no chat template, and {', '.join(chats)} data holds conversations that need one to "
+        "become training text; kubetune does not make one up (a wrapper the model was never prompted with can "
+        "keep it from learning anything).",
+        "set data.template to how the model is to be prompted: `plain` (the prompt followed directly by the "
+        "answer and eos, no wrapper), a built-in chat template such as `alpaca`, `chatml` or `default` "
+        "(`kubetune templates` lists them), or a Jinja template; or use a model whose tokenizer has one.",
+    )
+
+
+def template_name(template: str) -> str:
+    """A template's built-in name when it is one (a tokenizer may ship a built-in), else "tokenizer"."""
+    return next((name for name, text in TEMPLATES.items() if text == template), TOKENIZER)
 
 
 def current_template(tokenizer: Any) -> str | None:

@@ -2,7 +2,9 @@
 
 They make the quickstart and the test suite work on a machine that cannot download from a hub.
 `builtin:tiny-llama` is a 2-layer Llama (head size 64, so vLLM's CPU kernels accept it) with a
-byte-level BPE tokenizer trained on the demo corpus. It is built once into the cache directory
+byte-level BPE tokenizer trained on the demo corpus, whose chat template is kubetune's `default`
+(set explicitly, as a chat model's tokenizer ships its own: the demo trains and chats on
+conversations, and a tokenizer without a template is refused for them). It is built once into the cache directory
 and reused; concurrent builders (torchrun ranks) race safely through an atomic rename.
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from kubetune.trainer.errors import SpecError
 
 PREFIX = "builtin:"
-BUILTIN_VERSION = "1"
+BUILTIN_VERSION = "2"
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 
 BUILTINS = {
@@ -81,8 +83,10 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
-def build_tiny_llama(directory: str | Path, *, vocab_size: int, seed: int = 0, **config_kwargs) -> Path:
-    """Build and save a randomly initialised tiny Llama and its tokenizer into `directory`."""
+def build_tiny_llama(directory: str | Path, *, vocab_size: int, seed: int = 0, chat_template: str | None = "default",
+                     **config_kwargs) -> Path:
+    """Build and save a randomly initialised tiny Llama and its tokenizer into `directory`;
+    `chat_template` (a built-in name, or None for a base model without one) goes with the tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -91,6 +95,10 @@ def build_tiny_llama(directory: str | Path, *, vocab_size: int, seed: int = 0, *
     directory = Path(directory)
     tokenizer = train_tokenizer(demo_corpus(), vocab_size)
     tokenizer.model_max_length = config_kwargs["max_position_embeddings"]
+    if chat_template is not None:
+        from kubetune.trainer.data.templates import TEMPLATES
+
+        tokenizer.chat_template = TEMPLATES[chat_template]
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
