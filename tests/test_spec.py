@@ -217,3 +217,12 @@ def test_validate_warns_about_a_literal_secret_in_env(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "kubetune: warning: spec.env[0] (HF_TOKEN) has a literal value" in result.stderr
     assert "hf_secret" not in result.stderr
+
+
+@pytest.mark.parametrize(("stage", "packing"), [("sft", False), ("pt", True), ("dpo", False)])
+def test_the_resolved_spec_says_whether_it_packs(stage, packing):
+    """`kubetune-spec.yaml` has every default filled in, the derived `data.packing` too (#17 item 11)."""
+    spec = validate_training({"stage": stage, "model": {"path": "builtin:tiny-llama"}, "data": {"datasets": [{"path": "d.json"}]}})
+    document = spec.to_document()
+    assert document["data"]["packing"] is packing
+    assert validate_training(document).to_document() == document

@@ -654,5 +654,9 @@ class TrainingSpec(SpecModel):
         return specs
 
     def to_document(self) -> dict[str, Any]:
-        """The spec as it is written in YAML: camelCase keys, defaults filled in."""
-        return self.model_dump(mode="json")
+        """The spec as it is written in YAML: camelCase keys, every default filled in, those derived
+        from other fields too (`data.packing` from the stage), so the saved spec says what ran."""
+        document = self.model_dump(mode="json")
+        if not self.pipeline:  # each step derives its own
+            document["data"]["packing"] = self.packing_enabled
+        return document
