@@ -1,4 +1,7 @@
-"""Running the real operator (kopf's KopfRunner) against kmock's Kubernetes emulator over HTTP.
+"""kmock's Kubernetes emulator over HTTP, for what still runs the operator's code against an
+emulator: test_chart.py's RBAC recording (the operator in-process, kopf's KopfRunner, every call
+recorded) and test_operator_webhook.py (the test POSTs AdmissionReviews itself). Everything else
+runs against the real control plane (tests/cluster, tests/cluster_operator.py).
 
 kmock stores bodies as sent; the `Cluster` emulator below adds what kopf and the operator rely
 on: uid, resourceVersion (bumped on every write, so kopf's JSON-patch `test` works),
@@ -10,13 +13,12 @@ It does not run controllers: tests play the Job controller by patching a Job's /
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import itertools
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -221,25 +223,6 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 15.0,
     raise AssertionError(f"timed out waiting for {what or check}: last value {last!r}")
 
 
-@contextlib.asynccontextmanager
-async def running_operator(extra_args: tuple[str, ...] = ()) -> AsyncIterator[Any]:
-    """The real operator in a thread, as `kopf run` (what `kubetune operator` runs).
-
-    Entering and leaving happen in a worker thread: the emulator runs on this test's event
-    loop, so blocking it while the operator finishes a request would deadlock both."""
-    from kopf.testing import KopfRunner
-
-    args = ["run", "--standalone", "-A", *extra_args, "-m", "kubetune.operator.handlers"]
-    runner = KopfRunner(args, timeout=30)
-    await asyncio.to_thread(runner.__enter__)
-    try:
-        yield runner
-    finally:
-        await asyncio.to_thread(runner.__exit__, None, None, None)
-    assert runner.exception is None, runner.output
-    assert runner.exit_code == 0, runner.output
-
-
 def finetunejob(name: str = "llama-sft", **cluster: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "nodes": 2,
@@ -255,3 +238,30 @@ def finetunejob(name: str = "llama-sft", **cluster: Any) -> dict[str, Any]:
     }
     spec.update(cluster)
     return {"apiVersion": GROUP_VERSION, "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+
+
+SERVING_RESOURCES = {
+    "kubetune.io/v1alpha1/inferenceservices": ("InferenceService", {"status", "scale"}),
+    "apps/v1/deployments": ("Deployment", {"status"}),
+    "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", {"status"}),
+}
+"""What an InferenceService's operator needs registered in the emulator beyond RESOURCES."""
+
+
+def kmock_info(kind: str, subresources: set[str]) -> Any:
+    return kmock.ResourceInfo(kind=kind, namespaced=True,
+                              verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+                              subresources=subresources)
+
+
+def isvc(name: str = "chat", **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": {"fromJob": {"fineTuneJob": "base"}},
+        "adapters": [{"name": "support", "uri": "s3://outputs/support-lora"}],
+        "engine": "vllm",
+        "gpus": 1,
+        "minReplicas": 1,
+        "maxReplicas": 3,
+    }
+    body.update(spec)
+    return {"apiVersion": GROUP_VERSION, "kind": "InferenceService", "metadata": {"name": name}, "spec": body}

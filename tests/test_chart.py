@@ -459,11 +459,6 @@ STATIC_ONLY = {
     ("batch", "jobs", "get"): "Kube.create() reads the existing Job back after a 409 conflict "
     "(an operator restart mid-reconcile), operator/kube.py",
 }
-SERVING_RESOURCES = {
-    "kubetune.io/v1alpha1/inferenceservices": ("InferenceService", {"status", "scale"}),
-    "apps/v1/deployments": ("Deployment", {"status"}),
-    "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", {"status"}),
-}
 SERVING_PATHS = {
     "InferenceService": "/apis/kubetune.io/v1alpha1/namespaces/{ns}/inferenceservices",
     "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
@@ -503,7 +498,7 @@ async def _record_operator(tmp: Path) -> set[tuple[str, str, str]]:
         support.register_resources(cluster)
         for key, kind, namespaced in (("kopf.dev/v1/clusterkopfpeerings", "ClusterKopfPeering", False),):
             cluster.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, verbs={"get", "list", "watch", "patch", "create"})
-        for key, (kind, subresources) in SERVING_RESOURCES.items():
+        for key, (kind, subresources) in support.SERVING_RESOURCES.items():
             cluster.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=True, subresources=subresources,
                                                         verbs={"get", "list", "watch", "create", "update", "patch", "delete"})
         config = support.write_kubeconfig(tmp / "kubeconfig", str(cluster.url))
@@ -611,7 +606,7 @@ async def _serving_scenario(api: Any, support: Any) -> None:
     ConfigMap, Deployment, Service), ready, an adapter added and one removed (ConfigMap patch),
     scaled (Deployment replicas), a spec change (rolling update), autoscaling on, retuned and
     off (HPA create, patch, delete), its Service changed, and deleted."""
-    from tests.test_operator_inference import isvc
+    from tests.operator_support import isvc
 
     child = "rbac-chat-isvc"
     await api.create(isvc("rbac-chat", model={"uri": "s3://models/base"}, maxReplicas=None, engine="transformers",

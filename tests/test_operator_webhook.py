@@ -31,9 +31,14 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from tests.operator_support import Cluster, register_resources, write_kubeconfig
+from tests.operator_support import (
+    SERVING_RESOURCES,
+    Cluster,
+    kmock_info,
+    register_resources,
+    write_kubeconfig,
+)
 from tests.test_inference_pod import _free_port
-from tests.test_operator_inference import EXTRA_RESOURCES, kmock_info
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
@@ -122,7 +127,7 @@ def _problems(message: str) -> str:
 async def webhook(kmock: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """`kubetune operator` with the webhook on HTTPS; yields (url, ssl context)."""
     register_resources(kmock)
-    for key, (kind, subresources) in EXTRA_RESOURCES.items():  # InferenceService (and its children)
+    for key, (kind, subresources) in SERVING_RESOURCES.items():  # InferenceService (and its children)
         kmock.resources[key] = kmock_info(kind, subresources)
     config = write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url))
     monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(config))
