@@ -59,9 +59,13 @@ def storage_from_args(args: argparse.Namespace):
     return StorageSpec(endpointUrl=args.endpoint_url, region=args.region, pathStyle=args.path_style)
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: float, max_tokens: int | None) -> None:
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: float, max_tokens: int) -> None:
+    """`max_tokens` is the default cap, lowered to what the model's context has room for (a demo
+    model has 256 tokens in all): the defaults work on every model, an explicit value is checked."""
     g = parser.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"new tokens at most (default: {max_tokens or 'up to the context'})")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help=f"new tokens at most (default: {max_tokens}, or fewer to fit the model's context)")
+    parser.set_defaults(default_max_tokens=max_tokens)
     g.add_argument("--temperature", type=float, default=temperature, help=f"0 is greedy (default: {temperature})")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -72,7 +76,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: floa
 def sampling_from_args(args: argparse.Namespace):
     from kubetune.trainer.infer.params import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+    return SamplingParams(max_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens,
+                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                           stop=list(args.stop), seed=args.seed).validate()
 
 
@@ -169,7 +174,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         ids = engine.encode_chat(history, model)
         # Keep the conversation within the context: forget the oldest turns first.
         first = 1 if history[0]["role"] == "system" else 0
-        while len(history) - first > 1 and len(ids) + (params.max_tokens or 1) > engine.context_length:
+        answer_room = params.max_tokens or min(params.default_max_tokens or 1, engine.context_length // 2)
+        while len(history) - first > 1 and len(ids) + answer_room > engine.context_length:
             del history[first]
             ids = engine.encode_chat(history, model)
 

@@ -144,7 +144,9 @@ class Engine(ABC):
                 "reduce the length of the prompt or of max_tokens.",
                 code="context_length_exceeded",
             )
-        return params.max_tokens if params.max_tokens is not None else room
+        if params.max_tokens is not None:
+            return params.max_tokens
+        return min(room, params.default_max_tokens) if params.default_max_tokens else room
 
     # -- generation ------------------------------------------------------------------------
     def open_batch(self) -> Any:

@@ -31,7 +31,10 @@ class SamplingParams:
     """How tokens are picked. `temperature` 0 is greedy decoding."""
 
     max_tokens: int | None = None
-    """New tokens at most; None: up to the context length."""
+    """New tokens at most; None: up to the context length (or `default_max_tokens`)."""
+    default_max_tokens: int | None = None
+    """With `max_tokens` unset: at most this many new tokens, fewer when the context has less room
+    left. The CLI's defaults are this kind: a default must fit any model, never be an error."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
