@@ -75,3 +75,33 @@ def test_eval_bad_inputs(tmp_path, capsys):
     assert err.startswith("kubetune: ") and "Traceback" not in err
     assert cli_main(["eval", "builtin:tiny-llama", "--data", str(capitals_data()), "--model-name", "nope"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_perplexity_scores_exactly_the_tokens_training_labels(tiny_model_dir):
+    """#17 item 7: `kubetune eval` (and a run's `eval:` block) scored the newline the default
+    template puts after each answer's eos, which training never labels (perplexity ~4x too high).
+    Its loss is now the training loss of the same rows: same tokens, same value."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kubetune.trainer.data import build_datasets
+    from kubetune.trainer.evaluate.run import perplexity
+    from kubetune.trainer.infer import create_engine
+    from kubetune.trainer.infer.batch import load_rows
+    from kubetune.trainer.specfile import validate_training
+
+    data = str(capitals_data())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    conversation = [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}]
+    assert tokenizer.apply_chat_template(conversation, tokenize=False).endswith("</s>\n")  # what was scored
+    spec = validate_training({"model": {"path": str(tiny_model_dir)}, "data": {"datasets": [{"path": data}], "maxLength": 256}})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in build_datasets(spec, tokenizer).train:
+            count = sum(label != -100 for label in row["labels"][1:])
+            loss = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
+            nll, tokens = nll + float(loss) * count, tokens + count
+    metrics = perplexity(create_engine(str(tiny_model_dir), engine="transformers"), load_rows(data))
+    assert metrics["tokens"] == tokens
+    assert metrics["loss"] == pytest.approx(nll / tokens, rel=1e-4)

@@ -1,9 +1,9 @@
 """`kubetune eval` and `run_evaluation()`: score a model (or adapter) on datasets.
 
 Tasks:
-- `perplexity`: exp(mean token negative log-likelihood). Plain-text rows are scored on all their
-  tokens; conversations on the final assistant turn given the rest, rendered with the model's
-  chat template (what the model was trained to produce).
+- `perplexity`: exp(mean token negative log-likelihood) over exactly the tokens training labels
+  (`training_rows`): conversations rendered with the model's chat template and scored on every
+  answer (through its eos, not what a template puts after it), plain-text rows on all tokens.
 - `generation`: greedy answers to each conversation's prompt, compared with its final assistant
   turn: exact match, ROUGE-1/2/L and BLEU-4 (see `metrics.py`).
 - `choice`: multiple-choice accuracy by log-likelihood (MMLU-style rows with a `question`,
@@ -90,41 +90,73 @@ def _fmt(value: float) -> str:
 def score_continuations(engine: Any, pairs: list[tuple[list[int], list[int]]], *, adapter: str | None = None,
                         batch_size: int = 8) -> list[tuple[float, int]]:
     """(sum of log-probabilities, token count) of each continuation given its context."""
+    rows = []
+    for context, continuation in pairs:
+        ids = (context + continuation)[-engine.context_length:]
+        scored = min(len(continuation), len(ids) - 1)
+        rows.append((ids, [-100] * (len(ids) - scored) + ids[len(ids) - scored:]))
+    return score_labelled(engine, rows, adapter=adapter, batch_size=batch_size)
+
+
+def score_labelled(engine: Any, rows: list[tuple[list[int], list[int]]], *, adapter: str | None = None,
+                   batch_size: int = 8) -> list[tuple[float, int]]:
+    """(sum of log-probabilities, token count) of the labelled tokens of each (input_ids, labels)
+    row (-100: not scored), each predicted from the tokens before it: the training loss's terms."""
     import torch
 
     model = engine.model
     device = engine.loaded.device
-    pad = engine.pad_id
     results: list[tuple[float, int]] = []
 
     def body() -> None:
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            rows = []
-            for context, continuation in chunk:
-                ids = (context + continuation)[-engine.context_length:]
-                scored = min(len(continuation), len(ids) - 1)
-                rows.append((ids, scored))
-            width = max(len(ids) for ids, _ in rows)
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(rows), width), dtype=torch.long)
-            labels = torch.full((len(rows), width), -100, dtype=torch.long)
-            for i, (ids, scored) in enumerate(rows):
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            input_ids = torch.full((len(chunk), width), engine.pad_id, dtype=torch.long)
+            attention = torch.zeros((len(chunk), width), dtype=torch.long)
+            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            for i, (ids, row_labels) in enumerate(chunk):
                 input_ids[i, :len(ids)] = torch.tensor(ids)
                 attention[i, :len(ids)] = 1
-                if scored > 0:
-                    labels[i, len(ids) - scored:len(ids)] = torch.tensor(ids[len(ids) - scored:])
+                labels[i, :len(ids)] = torch.tensor(row_labels)
             with torch.inference_mode():
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
             target = labels[:, 1:].to(device)
             mask = target != -100
             picked = logprobs.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-            for i in range(len(rows)):
+            for i in range(len(chunk)):
                 results.append((float(picked[i].sum()), int(mask[i].sum())))
 
     engine._with_adapter(adapter, lambda _: body(), None)
     return results
+
+
+def training_rows(engine: Any, rows: Any, model: str | None = None) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of internal-form rows exactly as training builds them (the stage's
+    processor, the model's chat template): conversations labelled on their answers (every
+    assistant turn with its end-of-turn and eos, nothing after it), documents on every token as
+    `pt` trains them. Perplexity scores these labels, so it measures what training optimised:
+    scoring the text after the eos (a template's newline) inflated it several-fold."""
+    import copy
+
+    from kubetune.trainer.data.processors import PretrainProcessor, ProcessorConfig, SupervisedProcessor
+
+    tokenizer = copy.copy(engine.tokenizer)
+    tokenizer.chat_template = engine.templates.get(model or engine.base_name) or engine.templates[engine.base_name]
+    cfg = ProcessorConfig(max_length=engine.context_length)
+    batch: dict[str, list] = {"messages": [], "tools": [], "text": []}
+    for row in rows:
+        batch["messages"].append([{"role": m["role"], "content": m["content"]} for m in row["messages"] or []])
+        batch["tools"].append(row.get("tools"))
+        batch["text"].append(row.get("text"))
+    out: list[tuple[list[int], list[int]]] = []
+    for processor, keep in ((SupervisedProcessor, bool), (PretrainProcessor, lambda m: not m)):
+        chosen = [i for i, messages in enumerate(batch["messages"]) if keep(messages)]
+        if chosen:
+            part = processor(tokenizer, cfg)({name: [values[i] for i in chosen] for name, values in batch.items()})
+            out += list(zip(part["input_ids"], part["labels"], strict=True))
+    return out
 
 
 def _transformers_engine(engine: Any) -> Any:
@@ -135,32 +167,13 @@ def _transformers_engine(engine: Any) -> Any:
 
 
 def perplexity(engine: Any, rows: Any, *, model: str | None = None, batch_size: int = 8) -> dict[str, float]:
+    """exp(mean NLL) over exactly the tokens training labels (`training_rows`)."""
     engine = _transformers_engine(engine)
     adapter = engine.adapter_for(model)
-    pairs: list[tuple[list[int], list[int]]] = []
-    for row in rows:
-        messages = row["messages"]
-        if messages:
-            messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-            if messages[-1]["role"] != "assistant" or len(messages) < 2:
-                continue
-            tools = json.loads(row["tools"]) if row.get("tools") else None
-            prompt = engine.render_chat(messages[:-1], model, tools)
-            full = engine.render_chat(messages, model, tools, add_generation_prompt=False)
-            if not full.startswith(prompt):  # a template without the prefix property: score the whole text
-                prompt = ""
-            context = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-            continuation = engine.tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-        elif row["text"]:
-            ids = engine.encode_text(row["text"])
-            context, continuation = ids[:1], ids[1:]
-        else:
-            continue
-        if continuation:
-            pairs.append((context, continuation))
-    if not pairs:
+    labelled = [(ids, labels) for ids, labels in training_rows(engine, rows, model) if len(ids) > 1]
+    if not labelled:
         raise SpecError("--data", "no rows to score for perplexity.", "use text rows or conversations ending with an answer.")
-    scores = score_continuations(engine, pairs, adapter=adapter, batch_size=batch_size)
+    scores = score_labelled(engine, labelled, adapter=adapter, batch_size=batch_size)
     nll = -sum(s for s, _ in scores)
     tokens = sum(n for _, n in scores)
     loss = nll / max(tokens, 1)
