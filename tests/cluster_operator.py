@@ -392,6 +392,8 @@ class GarbageCollectorProbe:
 # The chart on a real control plane, and the operator started as its Deployment starts it
 
 APPLIED_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+PEERING_KINDS = ("ClusterKopfPeering", "KopfPeering")
+"""With `peering.enabled` (or replicaCount > 1): kopf's peering objects, applied after the CRDs."""
 NOT_APPLIED = {
     "Deployment": "the operator runs as a local process with the Deployment's arguments",
     "Service": "the webhook's Service: no kube-proxy here, the webhook is registered by URL",
@@ -410,7 +412,7 @@ def apply_chart(kctl: Any, chart: list[dict[str, Any]], namespaces: tuple[str, .
     as rendered with the real `kubectl` (`kctl`: tests.cluster.fixtures.Kubectl), and the
     namespaces created."""
     kinds = {o["kind"] for o in chart}
-    assert kinds <= {"CustomResourceDefinition", *APPLIED_KINDS, *NOT_APPLIED}, kinds
+    assert kinds <= {"CustomResourceDefinition", *APPLIED_KINDS, *PEERING_KINDS, *NOT_APPLIED}, kinds
     crds = [o for o in chart if o["kind"] == "CustomResourceDefinition"]
     assert {c["metadata"]["name"] for c in crds} >= {"finetunejobs.kubetune.io", "alignmentjobs.kubetune.io",
                                                       "inferenceservices.kubetune.io"}
@@ -422,6 +424,9 @@ def apply_chart(kctl: Any, chart: list[dict[str, Any]], namespaces: tuple[str, .
     rbac = [o for o in chart if o["kind"] in APPLIED_KINDS]
     assert {o["kind"] for o in rbac} >= {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
     kctl("apply", "-f", "-", stdin=yaml.safe_dump_all(rbac))
+    peering = [o for o in chart if o["kind"] in PEERING_KINDS]
+    if peering:
+        kctl("apply", "-f", "-", stdin=yaml.safe_dump_all(peering))
 
 
 class ChartOperator:
@@ -455,6 +460,8 @@ class ChartOperator:
         environ.update(KUBECONFIG=str(self.kubeconfig), PYTHONSAFEPATH="1", AWS_ACCESS_KEY_ID="testing",
                        AWS_SECRET_ACCESS_KEY="testing", KUBETUNE_CACHE=str(workdir / "cache"), **(env or {}))
         self.process = OperatorProcess(command, environ, workdir / "operator.log")
+        self.audit_offset = cluster.audit_offset()
+        """Where the apiserver's audit log ended before this operator started (`audit_events(since=)`)."""
         self._peak_rss = 0
 
     def __enter__(self) -> ChartOperator:

@@ -1,7 +1,8 @@
-"""kmock's Kubernetes emulator over HTTP, for what still runs the operator's code against an
-emulator: test_chart.py's RBAC recording (the operator in-process, kopf's KopfRunner, every call
-recorded) and test_operator_webhook.py (the test POSTs AdmissionReviews itself). Everything else
-runs against the real control plane (tests/cluster, tests/cluster_operator.py).
+"""kmock's Kubernetes emulator over HTTP, for the one operator test that still uses it:
+test_operator_webhook.py, where the operator process serves its webhook against the emulator and
+the test itself plays the API server (it POSTs AdmissionReviews). Everything else runs against the
+real control plane (tests/cluster, tests/cluster_operator.py). Importing this module also sets the
+operator's settings for tests (below) before `kubetune.operator.handlers` is imported.
 
 kmock stores bodies as sent; the `Cluster` emulator below adds what kopf and the operator rely
 on: uid, resourceVersion (bumped on every write, so kopf's JSON-patch `test` works),
@@ -12,13 +13,10 @@ It does not run controllers: tests play the Job controller by patching a Job's /
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import itertools
 import os
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +29,6 @@ os.environ["KUBETUNE_RECONCILE_INTERVAL"] = "0.4"
 os.environ["KUBETUNE_KOPF_EVENTS"] = "0"  # kmock has no generateName; our own events are named
 os.environ["KUBETUNE_KOPF_SCANNING"] = "0"
 
-NAMESPACE = "ml"
-GROUP_VERSION = "kubetune.io/v1alpha1"
 _versions = itertools.count(1000)
 
 RESOURCES = {
@@ -45,15 +41,6 @@ RESOURCES = {
     "v1/events": ("Event", True, set()),
     "v1/namespaces": ("Namespace", False, set()),
     "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, set()),
-}
-PATHS = {
-    "FineTuneJob": "/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs",
-    "AlignmentJob": "/apis/kubetune.io/v1alpha1/namespaces/{ns}/alignmentjobs",
-    "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
-    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
-    "Service": "/api/v1/namespaces/{ns}/services",
-    "Secret": "/api/v1/namespaces/{ns}/secrets",
-    "Event": "/api/v1/namespaces/{ns}/events",
 }
 
 
@@ -160,86 +147,6 @@ def write_kubeconfig(path: Path, server: str) -> Path:
     return path
 
 
-class Api:
-    """The test's own async client (it shares the event loop with kmock)."""
-
-    def __init__(self, url: str, session: aiohttp.ClientSession):
-        self.url = str(url).rstrip("/")
-        self.session = session
-
-    def _path(self, kind: str, name: str | None = None, subresource: str | None = None, ns: str = NAMESPACE) -> str:
-        path = self.url + PATHS[kind].format(ns=ns)
-        if name:
-            path += f"/{name}"
-        if subresource:
-            path += f"/{subresource}"
-        return path
-
-    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        body = {**body, "metadata": {"namespace": NAMESPACE, **body["metadata"]}}
-        async with self.session.post(self._path(body["kind"]), json=body) as resp:
-            assert resp.status < 300, await resp.text()
-            return await resp.json()
-
-    async def get(self, kind: str, name: str) -> dict[str, Any] | None:
-        async with self.session.get(self._path(kind, name)) as resp:
-            if resp.status == 404:
-                return None
-            assert resp.status < 300, await resp.text()
-            return await resp.json()
-
-    async def list(self, kind: str) -> list[dict[str, Any]]:
-        async with self.session.get(self._path(kind)) as resp:
-            assert resp.status < 300, await resp.text()
-            return (await resp.json()).get("items") or []
-
-    async def patch(self, kind: str, name: str, patch: dict[str, Any], subresource: str | None = None) -> dict[str, Any]:
-        headers = {"Content-Type": "application/merge-patch+json"}
-        async with self.session.patch(self._path(kind, name, subresource), json=patch, headers=headers) as resp:
-            assert resp.status < 300, await resp.text()
-            return await resp.json()
-
-    async def delete(self, kind: str, name: str) -> None:
-        async with self.session.delete(self._path(kind, name)) as resp:
-            assert resp.status < 300, await resp.text()
-
-    async def job_status(self, name: str, status: dict[str, Any]) -> None:
-        """Play the Job controller."""
-        await self.patch("Job", name, {"status": status}, subresource="status")
-
-    async def events(self, involved: str) -> list[dict[str, Any]]:
-        return [e for e in await self.list("Event") if (e.get("involvedObject") or {}).get("name") == involved]
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 15.0, what: str = "") -> Any:
-    """Await `check()` until it returns something truthy (or raise with its last value)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what or check}: last value {last!r}")
-
-
-def finetunejob(name: str = "llama-sft", **cluster: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "nodes": 2,
-        "gpusPerNode": 8,
-        "training": {
-            "model": {"path": "s3://models/llama-3-8b"},
-            # No prepare step (a multi-node S3 job gets one by default): the gang's own flow is
-            # tested; the prepare step's test sets data.cache itself.
-            "data": {"datasets": [{"path": "s3://data/chat.jsonl", "format": "sharegpt"}], "cache": "off"},
-            "train": {"maxSteps": 100},
-            "output": {"path": f"s3://outputs/{name}"},
-        },
-    }
-    spec.update(cluster)
-    return {"apiVersion": GROUP_VERSION, "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
-
-
 SERVING_RESOURCES = {
     "kubetune.io/v1alpha1/inferenceservices": ("InferenceService", {"status", "scale"}),
     "apps/v1/deployments": ("Deployment", {"status"}),
@@ -253,15 +160,3 @@ def kmock_info(kind: str, subresources: set[str]) -> Any:
                               verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
                               subresources=subresources)
 
-
-def isvc(name: str = "chat", **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": {"fromJob": {"fineTuneJob": "base"}},
-        "adapters": [{"name": "support", "uri": "s3://outputs/support-lora"}],
-        "engine": "vllm",
-        "gpus": 1,
-        "minReplicas": 1,
-        "maxReplicas": 3,
-    }
-    body.update(spec)
-    return {"apiVersion": GROUP_VERSION, "kind": "InferenceService", "metadata": {"name": name}, "spec": body}

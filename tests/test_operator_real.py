@@ -137,9 +137,11 @@ def webhook_ca() -> TinyCA:
 @pytest.fixture(scope="module")
 def chart(s3: S3, webhook_ca: TinyCA, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """The chart as the real Helm engine installs it: default values, plus the webhook with an
-    existing certificate (no cert-manager here) and the S3 endpoint the operator reads from."""
+    existing certificate (no cert-manager here), the S3 endpoint the operator reads from, and kopf
+    peering (as with replicaCount > 1; so the audited calls cover the peering rules too)."""
     values = {
         "s3": {"endpoint": s3.endpoint, "region": "us-east-1"},
+        "peering": {"enabled": True},
         "webhook": {"enabled": True, "certManager": {"enabled": False}, "existingSecret": "kubetune-webhook-tls",
                     "caBundle": base64.b64encode(webhook_ca.cert_pem).decode()},
     }
@@ -189,6 +191,7 @@ def operator(cluster: ControlPlane, kctl: Kubectl, installed: list[dict[str, Any
         webhook["clientConfig"] = {"url": url, "caBundle": base64.b64encode(webhook_ca.cert_pem).decode()}
         webhook["namespaceSelector"] = {"matchExpressions": [
             {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [NS]}]}
+    assert any(a.startswith("--peering=") for a in operator.process.command), operator.process.command
     with operator:
         kctl("apply", "-f", "-", stdin=json.dumps(hook))
         try:
@@ -577,7 +580,8 @@ def test_prepare_job_tokenizes_before_the_training_job(operator: ChartOperator, 
     started = eventually(lambda: condition(status_of(admin, "FineTuneJob", "prep"), "DataPrepared").get("status") == "True"
                          and status_of(admin, "FineTuneJob", "prep"), what="DataPrepared")
     assert started["attempts"] == 1
-    reasons = [e["reason"] for e in sorted(events(admin, "prep"), key=lambda e: e.get("firstTimestamp") or "")]
+    # In the order they were written (timestamps have one-second resolution; etcd's revisions do not).
+    reasons = [e["reason"] for e in sorted(events(admin, "prep"), key=lambda e: int(e["metadata"]["resourceVersion"]))]
     assert reasons.index("Preparing") < reasons.index("Prepared") < reasons.index("JobCreated"), reasons
 
 
@@ -793,16 +797,28 @@ def test_inference_service_through_every_update_path(operator: ChartOperator, ad
     assert admin.get("Deployment", NS, child)["metadata"]["generation"] == deployment_generation
     assert "AdaptersUpdated" in {e["reason"] for e in events(admin, name)}
 
+    # The autoscaler retuned (HPA patched), the Service's type changed (Service patched: the real
+    # server keeps its clusterIP and allocates a node port).
+    hpa_version = admin.get("HorizontalPodAutoscaler", NS, child)["metadata"]["resourceVersion"]
+    merge(kctl, "InferenceService", name, {"spec": {"autoscaling": {"target": 3}}})
+    eventually(lambda: observed(4), what="autoscaler retuned")
+    assert admin.get("HorizontalPodAutoscaler", NS, child)["metadata"]["resourceVersion"] != hpa_version
+    cluster_ip = admin.get("Service", NS, child)["spec"]["clusterIP"]
+    merge(kctl, "InferenceService", name, {"spec": {"serviceType": "NodePort"}})
+    no_forbidden(eventually(lambda: observed(5), what="Service type changed"))
+    service = admin.get("Service", NS, child)["spec"]
+    assert service["type"] == "NodePort" and service["clusterIP"] == cluster_ip and service["ports"][0]["nodePort"]
+
     # Autoscaling off: the HPA goes.
     merge(kctl, "InferenceService", name, {"spec": {"maxReplicas": 1}})
-    eventually(lambda: observed(4), what="autoscaling off")
+    eventually(lambda: observed(6), what="autoscaling off")
     eventually(lambda: admin.get("HorizontalPodAutoscaler", NS, child) is None, what="HPA deleted")
 
     # A spec change rolls the pods (maxUnavailable 0): a new ReplicaSet replaces the replica once
     # its successor has been ready for the Deployment's minReadySeconds.
     old = admin.get("Deployment", NS, child)
     merge(kctl, "InferenceService", name, {"spec": {"engineArgs": {"maxModelLen": 4096}}})
-    rolled = eventually(lambda: observed(5) and condition(status_of(admin, "InferenceService", name), "Progressing")
+    rolled = eventually(lambda: observed(7) and condition(status_of(admin, "InferenceService", name), "Progressing")
                         .get("reason") == "RolloutComplete" and status_of(admin, "InferenceService", name), timeout=60,
                         what="rollout complete")
     assert rolled["updatedReplicas"] == rolled["readyReplicas"] == 1
@@ -816,7 +832,7 @@ def test_inference_service_through_every_update_path(operator: ChartOperator, ad
 
     # `kubectl scale` through the InferenceService's scale subresource sets spec.replicas.
     kctl("-n", NS, "scale", f"kisvc/{name}", "--replicas=3")
-    eventually(lambda: observed(6) and status_of(admin, "InferenceService", name).get("readyReplicas") == 3,
+    eventually(lambda: observed(8) and status_of(admin, "InferenceService", name).get("readyReplicas") == 3,
                what="3 replicas ready")
     assert admin.get("InferenceService", NS, name)["spec"]["replicas"] == 3
     assert admin.get("Deployment", NS, child)["spec"]["replicas"] == 3
@@ -859,3 +875,58 @@ def test_inference_service_autoscaling_turned_on_later(operator: ChartOperator, 
     assert admin.get("Deployment", NS, child)["spec"]["template"] == template
     assert any("sales" in e["message"] for e in events(admin, name) if e["reason"] == "AdaptersUpdated")
     kctl("-n", NS, "delete", "kisvc", name, "--wait=false")
+
+
+# --------------------------------------------------------------------------------------------
+# RBAC: exactly what the operator called, from the apiserver's audit log
+
+STATIC_ONLY = {
+    ("batch", "jobs", "get"): "Kube.create() reads the existing Job back after a 409 conflict "
+    "(an operator restart mid-reconcile, which tests/test_operator_upgrades.py exercises), operator/kube.py",
+}
+"""Granted for a path this module's run may not take."""
+
+
+def _granted(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def audited_calls(cluster: ControlPlane, operator: ChartOperator) -> set[tuple[str, str, str]]:
+    """(group, resource[/subresource], verb) of every request the operator process made since it
+    started (kubectl run with its token by a test, `auth can-i` and `whoami`, is left out)."""
+    calls = set()
+    for event in cluster.audit_events(operator.service_account, since=operator.audit_offset):
+        ref = event.get("objectRef")
+        if not ref or event.get("userAgent", "").startswith("kubectl"):
+            continue
+        resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+        calls.add((ref.get("apiGroup", ""), resource, event["verb"]))
+    return calls
+
+
+def test_rbac_is_exactly_what_the_operator_called(request: pytest.FixtureRequest, cluster: ControlPlane,
+                                                  operator: ChartOperator, installed: list[dict[str, Any]]) -> None:
+    """The chart's ClusterRole against every call the real API server audited from the operator's
+    ServiceAccount while this module ran all three kinds through every path (with kopf peering):
+    a call the chart does not grant fails (so does its 403, in every test), and so does a grant
+    the operator never used. Runs last, and only when the whole module ran."""
+    module_tests = {name for name in globals() if name.startswith("test_")}
+    ran = {item.originalname for item in request.session.items if getattr(item, "module", None) is not None
+           and item.module.__name__ == __name__}
+    if ran != module_tests:
+        pytest.skip(f"compares the calls of the whole module's run; not run here: {sorted(module_tests - ran)}")
+    granted = _granted(one(installed, "ClusterRole")["rules"])
+    calls = audited_calls(cluster, operator)
+    missing = calls - granted
+    assert not missing, f"the operator calls these but the chart does not grant them: {sorted(missing)}"
+    unused = granted - calls - set(STATIC_ONLY)
+    assert not unused, f"granted but never used by the operator: {sorted(unused)}"
+    assert {("", "secrets", "create"), ("", "events", "create"), ("batch", "jobs", "patch"),
+            ("kubetune.io", "finetunejobs/status", "patch"), ("kubetune.io", "alignmentjobs/status", "patch"),
+            ("kubetune.io", "inferenceservices/status", "patch"), ("", "configmaps", "patch"),
+            ("apps", "deployments", "patch"), ("", "services", "patch"),
+            ("autoscaling", "horizontalpodautoscalers", "create"), ("autoscaling", "horizontalpodautoscalers", "patch"),
+            ("autoscaling", "horizontalpodautoscalers", "delete"),
+            ("kopf.dev", "clusterkopfpeerings", "patch")} <= calls, sorted(calls)
+    # The operator never reads a Secret: not even metadata (see kubetune.rules in _helpers.tpl).
+    assert not {v for g, r, v in granted if (g, r) == ("", "secrets")} - {"create"}

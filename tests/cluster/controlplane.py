@@ -165,11 +165,19 @@ class ControlPlane:
         """The apiserver's audit log (JSON lines, `AUDIT_POLICY`: ServiceAccount users only)."""
         return self.workdir / "audit.log"
 
-    def audit_events(self, username: str | None = None) -> list[dict[str, Any]]:
-        """The audit events so far (of `username` only, if given), one per request and stage."""
+    def audit_offset(self) -> int:
+        """Where the audit log ends now (for `audit_events(since=...)`)."""
+        return self.audit_log.stat().st_size if self.audit_log.exists() else 0
+
+    def audit_events(self, username: str | None = None, since: int = 0) -> list[dict[str, Any]]:
+        """The audit events so far (of `username` only, if given; from byte offset `since`, an
+        earlier `audit_offset()`), one per request and stage."""
         events = []
         if self.audit_log.exists():
-            for line in self.audit_log.read_text(errors="replace").splitlines():
+            with self.audit_log.open("rb") as log:
+                log.seek(since)
+                text = log.read().decode(errors="replace")
+            for line in text.splitlines():
                 with contextlib.suppress(ValueError):
                     event = json.loads(line)
                     if username is None or event.get("user", {}).get("username") == username:
