@@ -39,9 +39,14 @@ def _load(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from kubetune.trainer.distributed import world_info
-    from kubetune.trainer.runner import EXIT_INTERRUPTED, run
 
     loaded = _load(args)
+    if args.process_entry:  # before the training libraries load
+        from kubetune.trainer.backends import backends_needed, hide_unused_backends
+
+        hide_unused_backends(backends_needed(loaded.spec))
+    from kubetune.trainer.runner import EXIT_INTERRUPTED, run
+
     try:
         result = run(loaded.spec)
     except SpecError as err:
@@ -53,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               "Run the same command again to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
     resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
-    evals = ", ".join(f"{k}={v:.4g}" for k, v in result.eval_metrics.items() if k in ("eval_loss", "eval_reward"))
+    evals = ", ".join(f"{k}={v:.4g}" for k, v in result.eval_metrics.items() if k in ("eval_loss", "eval_reward", "heldout_exact_match"))
     print(f"Done: {result.global_step} steps in {result.runtime_seconds:.0f}s{resumed}. "
           f"Output: {loaded.spec.output_path}" + (f" ({evals})" if evals else ""))
     return 0
@@ -186,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The process's own command line (not a caller's argv): optional backends it does not need stay
+    # unloaded (`kubetune.trainer.backends`); `train` decides once its spec is read.
+    args.process_entry = argv is None
+    if args.process_entry and args.func is not cmd_train:
+        from kubetune.trainer.backends import hide_unused_backends
+
+        hide_unused_backends()
     try:
         return int(args.func(args) or 0)
     except KubetuneError as err:

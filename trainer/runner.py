@@ -415,6 +415,7 @@ def _finish(trainer, spec: TrainingSpec, session, data, metrics: MetricsWriter, 
     """Final evaluation, model, samples, metrics, plot and Succeeded status; then every rank waits."""
     import torch
 
+    from kubetune.trainer.heldout import learning_check
     from kubetune.trainer.plots import plot_loss
     from kubetune.trainer.samples import SAMPLES_FILE, generate_samples, record_samples
 
@@ -426,11 +427,20 @@ def _finish(trainer, spec: TrainingSpec, session, data, metrics: MetricsWriter, 
     save_final(trainer, spec, tokenizer, output_dir)
     if rank == 0:
         record_samples(output_dir / SAMPLES_FILE, "after", state.global_step, generate_samples(trainer.model, tokenizer, prompts))
+        heldout = None
+        if spec.stage in ("pt", "sft"):  # a per-token loss, comparable with guessing; answers to reproduce
+            heldout = learning_check(trainer.model, tokenizer, data.eval, metrics.path, vocab_size=trainer.model.config.vocab_size,
+                                     generate=spec.distributed.deepspeed is None)  # ZeRO shards the weights
+        if heldout is not None:
+            metrics.write({**heldout, "step": state.global_step})
+            if "exact_match" in heldout:
+                metrics.last_eval["heldout_exact_match"] = heldout["exact_match"]
         if spec.eval is not None:
             metrics.write({"event": "eval", "step": state.global_step, **final_evaluation(spec, output_dir)})
         metrics.write({"event": "end", "step": state.global_step, "time": time.time()})
         plot_loss(metrics.path, output_dir / LOSS_PLOT_FILE, title=spec.name or "")
-        session.write_status(status.snapshot(state, phase="Succeeded", outputUri=spec.output_path))
+        session.write_status(status.snapshot(state, phase="Succeeded", outputUri=spec.output_path,
+                                             **({"heldout": heldout} if heldout else {})))
         session.finalize()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -1,0 +1,160 @@
+"""Issue #17: models that learn what the data says, with the default spec, and runs that say so.
+
+The acceptance task is built here: an LMFlow text2text directory of word-wise antonym triples
+(`opposites of hot fast early:` -> ` cold slow late`), a tiny Llama whose tokenizer has NO chat
+template (a base model as users bring them), and held-out triples it never saw. With the
+default data settings the run renders LMFlow's way (input, output, eos), reaches a high greedy
+exact match on the held-out inputs, and records the template and first example it trained on.
+Items 2 (the "did it learn?" report) and 11 (quiet commands, resume records) run through the
+real command line, as a user meets them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune.trainer.demo import ANTONYMS
+from kubetune.trainer.models.builtin import BUILTINS
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+WORDS = sorted(word for word, opposite in ANTONYMS.items() if " " not in opposite)[:12]
+LIBRARY_NOISE = ("gemm_4bit_forward", "kernels-community", "Setting accelerator to CPU")
+"""What bitsandbytes and DeepSpeed print when imported: never in a run that uses neither."""
+
+
+def antonym_task(directory: Path, count: int = 440, seed: int = 0) -> Path:
+    """`count` distinct triples of 12 words (of 1,320), in LMFlow's text2text format; outputs
+    start with a space, as LMFlow data does."""
+    triples = list(itertools.permutations(WORDS, 3))
+    random.Random(seed).shuffle(triples)
+    instances = [{"input": f"opposites of {a} {b} {c}:", "output": f" {ANTONYMS[a]} {ANTONYMS[b]} {ANTONYMS[c]}"}
+                 for a, b, c in triples[:count]]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "train.json").write_text(json.dumps({"type": "text2text", "instances": instances}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """builtin:tiny-llama's architecture and tokenizer, without a chat template."""
+    from kubetune.trainer.models.builtin import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("base"), chat_template=None, **BUILTINS["tiny-llama"])
+
+
+def train_cli(spec: dict, tmp_path: Path, *, timeout: int = 600) -> tuple[subprocess.CompletedProcess, Path]:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    done = subprocess.run([sys.executable, "-m", "kubetune.trainer.cli", "train", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    return done, Path(spec["output"]["path"])
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_default_spec_learns_lmflow_text2text_on_a_model_without_a_chat_template(tmp_path: Path, base_model: Path):
+    """Only model, data (and a budget) given: high held-out exact match, and the recorded template
+    and first example are the ones trained (the issue's run got 0% with a made-up wrapper)."""
+    data = antonym_task(tmp_path / "data")
+    spec = {"model": {"path": str(base_model)}, "data": {"datasets": [{"path": str(data)}], "evalSize": 40},
+            "method": "full", "train": {"epochs": 4, "batchSize": 16, "learningRate": 3e-3},
+            "output": {"path": str(tmp_path / "out")}}
+    done, out = train_cli(spec, tmp_path)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert not [noise for noise in LIBRARY_NOISE if noise in log], log[:3000]  # item 11: neither backend loaded
+
+    start = next(r for r in records(out) if r.get("event") == "start")["data"]
+    assert start["template"] == "plain" and "LMFlow" in start["templateReason"]
+    prompt, answer = start["train"]["firstExample"]
+    instances = json.loads((data / "train.json").read_text())["instances"]
+    assert {"input": prompt["text"], "output": answer["text"].removesuffix("</s>")} in instances
+    assert not prompt["trained"] and answer["trained"] and answer["text"].endswith("</s>")
+    assert "chat template: plain" in log and f"[[{prompt['text']}]]{answer['text']}" in log
+    assert 0.5 < start["train"]["maskedFraction"] < 0.8 and start["train"]["meanLength"] > 8
+    status = json.loads((out / "status.json").read_text())
+    assert status["data"]["template"] == "plain" and status["data"]["firstExample"] == f"[[{prompt['text']}]]{answer['text']}"
+    from kubetune.trainer.data.templates import TEMPLATES
+
+    assert (out / "chat_template.jinja").read_text() == TEMPLATES["plain"]  # inference prompts as trained
+    assert yaml.safe_load((out / "kubetune-spec.yaml").read_text())["data"]["packing"] is False
+
+    heldout = next(r for r in records(out) if r.get("event") == "heldout")  # item 2
+    assert heldout["examples"] == 40 and heldout["exact_match"] >= 90, heldout
+    assert heldout["learned"] and heldout["eval_loss"] < 0.1 * heldout["start_eval_loss"]
+    assert status["heldout"]["exact_match"] == heldout["exact_match"]
+    assert "held-out exact match" in log and f"heldout_exact_match={heldout['exact_match']:.4g}" in log
+
+
+def test_a_run_that_learns_nothing_says_so(tmp_path: Path, base_model: Path, caplog: pytest.LogCaptureFixture):
+    """Item 2: an eval loss still at the guessing level at the end is a warning, and recorded."""
+    from kubetune.trainer.runner import run
+    from kubetune.trainer.specfile import validate_training
+
+    data = antonym_task(tmp_path / "data", count=80)
+    spec = validate_training({"model": {"path": str(base_model)}, "method": "full",
+                              "data": {"datasets": [{"path": str(data)}], "evalSize": 16},
+                              "train": {"maxSteps": 2, "learningRate": 1e-6}, "output": {"path": str(tmp_path / "out")}})
+    with caplog.at_level("INFO"):
+        result = run(spec)
+    heldout = next(r for r in records(result.output_dir) if r.get("event") == "heldout")
+    assert not heldout["learned"] and heldout["exact_match"] == 0.0
+    assert heldout["eval_loss"] > 0.95 * min(heldout["start_eval_loss"], heldout["guess_loss"])
+    assert "has not fallen below the level of guessing" in caplog.text
+
+
+def test_kill_9_and_an_incomplete_checkpoint_on_the_command_line(tmp_path: Path, tiny_model_dir: Path):
+    """Item 11: a real SIGKILL mid-run, and the newest checkpoint left without its manifest (a
+    kill mid-save): the rerun says it skipped that checkpoint, and every stepped record (losses
+    and eval losses) is in metrics.jsonl once."""
+    data = antonym_task(tmp_path / "data", count=160)
+    spec = {"model": {"path": "builtin:tiny-llama"}, "method": "full",
+            "data": {"datasets": [{"path": str(data)}], "evalSize": 16, "maxLength": 32},
+            "train": {"maxSteps": 14, "batchSize": 8, "evalEverySteps": 2}, "checkpoint": {"everySteps": 4},
+            "logging": {"everySteps": 1}, "output": {"path": str(tmp_path / "out")}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "kubetune.trainer.cli", "train", str(path)]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(r.get("step") == 10 and "loss" in r for r in _safe_records(out)):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoint-8").is_dir()
+    (out / "checkpoint-8" / "kubetune-manifest.json").unlink()  # as if killed while saving it
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "checkpoint-8 is incomplete (no manifest): skipped, resuming from checkpoint-4" in done.stderr
+    stepped = [(r["step"], "eval_loss" in r) for r in records(out) if "event" not in r and ("loss" in r or "eval_loss" in r)]
+    assert sorted(stepped) == sorted({*stepped}), stepped  # none twice
+    assert [s for s, is_eval in stepped if not is_eval] == list(range(1, 15))
+    assert [s for s, is_eval in stepped if is_eval] == list(range(0, 15, 2))
+
+
+def _safe_records(out: Path) -> list[dict]:
+    """metrics.jsonl while another process appends to it (a line may be half-written)."""
+    found = []
+    path = out / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(ValueError):
+            found.append(json.loads(line))
+    return found

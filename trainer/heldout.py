@@ -1,0 +1,138 @@
+""""Did it learn?": the check a run with an eval split ends with.
+
+A falling training loss does not say the model can do the task: a run can fit a wrapper it will
+never be prompted with, or learn only the answers' first words. So the run ends by answering
+held-out prompts greedily and reporting the share of exact answers next to the eval loss, and
+warns when the eval loss has not fallen below the level of guessing (ln(vocabulary size), the
+loss of a uniform guess, or the loss the run started from). Prompts and answers come from the
+tokenized eval rows themselves (the tokens before the first labelled one, and that labelled run),
+so they are rendered exactly as training rendered them, whatever the template.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_EXAMPLES = 100
+"""Held-out examples answered at most (greedy generation costs time on large models)."""
+MAX_NEW_TOKENS = 128
+BATCH = 16
+MIN_IMPROVEMENT = 0.05
+"""The eval loss must end at least this share below the guessing level to count as learning."""
+
+
+def heldout_examples(eval_rows: Any, count: int = MAX_EXAMPLES) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) of up to `count` unpacked eval rows: the tokens before the first
+    labelled one, and the run of labelled tokens that follows (the first answer, eos included)."""
+    examples: list[tuple[list[int], list[int]]] = []
+    if eval_rows is None or "labels" not in getattr(eval_rows, "column_names", ()) or "position_ids" in eval_rows.column_names:
+        return examples  # preference/prompt rows, or packed rows holding several examples
+    for row in eval_rows.select(range(min(len(eval_rows), 4 * count))):
+        labels = row["labels"]
+        first = next((i for i, label in enumerate(labels) if label != -100), None)
+        if not first:
+            continue  # no prompt (a document): nothing to answer
+        end = first
+        while end < len(labels) and labels[end] != -100:
+            end += 1
+        examples.append((list(row["input_ids"][:first]), list(row["input_ids"][first:end])))
+        if len(examples) >= count:
+            break
+    return examples
+
+
+def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: list[int]) -> list[list[int]]:
+    """Greedy continuations of `prompts` (left-padded batches), each cut at its eos."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers: list[list[int]] = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), BATCH):
+            chunk = prompts[start:start + BATCH]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad,
+                                 eos_token_id=tokenizer.eos_token_id, max_new_tokens=max(max_new[start:start + BATCH]))
+            for row in out[:, width:].tolist():
+                cut = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
+                answers.append(row[:cut])
+    if was_training:
+        model.train()
+    return answers
+
+
+def exact_match(model: Any, tokenizer: Any, examples: list[tuple[list[int], list[int]]]) -> tuple[float, dict[str, str]]:
+    """Percent of held-out answers reproduced exactly (decoded text, surrounding spaces ignored),
+    and the first example as {prompt, expected, answer} for the log."""
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    budgets = [min(len(answer) + 8, MAX_NEW_TOKENS) for _, answer in examples]
+    answers = greedy_answers(model, tokenizer, [prompt for prompt, _ in examples], budgets)
+    hits = sum(text(got) == text(want) for got, (_, want) in zip(answers, examples, strict=True))
+    prompt, want = examples[0]
+    first = {"prompt": tokenizer.decode(prompt)[-200:], "expected": text(want), "answer": text(answers[0])}
+    return 100.0 * hits / len(examples), first
+
+
+def eval_losses(metrics_path: Path) -> list[float]:
+    """The eval losses of the run so far, in order (metrics.jsonl, rewound on resume)."""
+    losses = []
+    if metrics_path.is_file():
+        for line in metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("eval_loss"), int | float):
+                losses.append(float(record["eval_loss"]))
+    return losses
+
+
+def loss_verdict(losses: list[float], vocab_size: int) -> dict[str, Any]:
+    """Whether the final eval loss fell below the guessing level: the lower of ln(vocab) (a
+    uniform guess) and the starting eval loss, by at least `MIN_IMPROVEMENT` of it."""
+    guess = math.log(vocab_size)
+    start, final = losses[0], losses[-1]
+    level = min(guess, start)
+    return {"eval_loss": final, "start_eval_loss": start, "guess_loss": round(guess, 4),
+            "learned": final < (1 - MIN_IMPROVEMENT) * level}
+
+
+def learning_check(model: Any, tokenizer: Any, eval_rows: Any, metrics_path: Path, *, vocab_size: int,
+                   generate: bool = True) -> dict[str, Any] | None:
+    """The end-of-run report of a run with an eval split (None without one): held-out exact match
+    of greedy answers (when the rows have prompts and `generate`), next to the eval loss and its
+    verdict against the guessing level. Logged, with a warning when nothing was learned."""
+    losses = eval_losses(metrics_path)
+    examples = heldout_examples(eval_rows) if generate else []
+    if not losses and not examples:
+        return None
+    report: dict[str, Any] = {"event": "heldout"}
+    if losses:
+        report.update(loss_verdict(losses, vocab_size))
+    if examples:
+        score, first = exact_match(model, tokenizer, examples)
+        report.update(exact_match=round(score, 2), examples=len(examples), firstAnswer=first)
+        log.info("did it learn? held-out exact match: %.1f%% of %d greedy answers (e.g. %r -> %r, expected %r)",
+                 score, len(examples), first["prompt"][-60:], first["answer"], first["expected"])
+    if losses:
+        log.info("did it learn? eval loss %.4g (started at %.4g; a uniform guess scores ln(vocab) = %.4g)",
+                 report["eval_loss"], report["start_eval_loss"], report["guess_loss"])
+        if not report["learned"]:
+            log.warning("the eval loss (%.4g) has not fallen below the level of guessing (start %.4g, ln(vocab) %.4g): "
+                        "the model has not learned from this data. Check the template and the first example logged "
+                        "at the start, the learning rate and the number of steps.",
+                        report["eval_loss"], report["start_eval_loss"], report["guess_loss"])
+    return report
