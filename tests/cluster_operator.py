@@ -462,6 +462,8 @@ class ChartOperator:
         self.process = OperatorProcess(command, environ, workdir / "operator.log")
         self.audit_offset = cluster.audit_offset()
         """Where the apiserver's audit log ended before this operator started (`audit_events(since=)`)."""
+        self.webhook_url: str | None = None
+        """Where it serves the admission webhook, when the caller turned it on."""
         self._peak_rss = 0
 
     def __enter__(self) -> ChartOperator:

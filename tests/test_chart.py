@@ -466,7 +466,6 @@ def test_rbac_covers_every_resource_the_operator_watches(peered: dict[str, Any])
     from kopf._core.intents.registries import get_default_registry
 
     import kubetune.operator.handlers  # noqa: F401  (registers the handlers)
-    import tests.operator_support  # noqa: F401  (operator settings for tests, before importing handlers)
 
     registry = get_default_registry()
     handlers = [*registry._changing.get_all_handlers(), *registry._watching.get_all_handlers(),

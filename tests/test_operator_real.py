@@ -37,10 +37,16 @@ restart or many jobs show is in tests/test_operator_upgrades.py (kwok's nodes).
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
+import io
 import json
 import logging
+import ssl
 import time
+import urllib.error
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +198,7 @@ def operator(cluster: ControlPlane, kctl: Kubectl, installed: list[dict[str, Any
         webhook["namespaceSelector"] = {"matchExpressions": [
             {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [NS]}]}
     assert any(a.startswith("--peering=") for a in operator.process.command), operator.process.command
+    operator.webhook_url = f"https://127.0.0.1:{webhook_port}/validate-spec"
     with operator:
         kctl("apply", "-f", "-", stdin=json.dumps(hook))
         try:
@@ -875,6 +882,149 @@ def test_inference_service_autoscaling_turned_on_later(operator: ChartOperator, 
     assert admin.get("Deployment", NS, child)["spec"]["template"] == template
     assert any("sales" in e["message"] for e in events(admin, name) if e["reason"] == "AdaptersUpdated")
     kctl("-n", NS, "delete", "kisvc", name, "--wait=false")
+
+
+# --------------------------------------------------------------------------------------------
+# the webhook served directly (the test plays the API server)
+
+GOOD = yaml.safe_load((REPO / "examples" / "finetunejob-lora-sft.yaml").read_text())
+
+
+def webhook_client(ca: TinyCA) -> ssl.SSLContext:
+    """A TLS client that trusts the webhook's CA (as the API server does, from caBundle)."""
+    return ssl.create_default_context(cadata=ca.cert_pem.decode())
+
+
+def post_review(url: str, context: ssl.SSLContext, review: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=json.dumps(review).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, context=context, timeout=15) as resp:
+        assert resp.status == 200
+        body = json.loads(resp.read())
+    assert body["kind"] == "AdmissionReview" and body["response"]["uid"] == review["request"]["uid"]
+    return body["response"]
+
+
+def _review(obj: dict[str, Any], operation: str = "CREATE") -> dict[str, Any]:
+    """An AdmissionReview as the API server sends it for a FineTuneJob (or `obj`'s kind)."""
+    kind = obj.get("kind", "FineTuneJob")
+    plural = {"FineTuneJob": "finetunejobs", "AlignmentJob": "alignmentjobs", "InferenceService": "inferenceservices"}[kind]
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": str(uuid.uuid4()),
+            "kind": {"group": "kubetune.io", "version": "v1alpha1", "kind": kind},
+            "resource": {"group": "kubetune.io", "version": "v1alpha1", "resource": plural},
+            "requestKind": {"group": "kubetune.io", "version": "v1alpha1", "kind": kind},
+            "requestResource": {"group": "kubetune.io", "version": "v1alpha1", "resource": plural},
+            "name": obj["metadata"]["name"],
+            "namespace": obj["metadata"]["namespace"],
+            "operation": operation,
+            "userInfo": {"username": "alice", "groups": ["system:authenticated"]},
+            "object": obj,
+            "oldObject": None,
+            "dryRun": False,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        },
+    }
+
+
+def _validate_cli(manifest: dict[str, Any], tmp_path: Path) -> tuple[int, str]:
+    """What `kubetune validate job.yaml` prints (in-process: same code as the command)."""
+    from kubetune.trainer.cli import main
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["validate", str(path)])
+    return code, err.getvalue()
+
+
+def _problems(message: str) -> str:
+    """The problem list of a multi-problem SpecErrors message, without its "Invalid spec in
+    <where> (N problems):" head (a file for the CLI, the resource for the webhook)."""
+    head, sep, problems = message.partition(" problems):\n")
+    assert sep and head.split("(")[-1].isdigit(), message
+    return problems.strip()
+
+
+def test_webhook_served_over_https_denies_like_validate_and_allows_a_good_job(operator: ChartOperator, webhook_ca: TinyCA,
+                                                                            tmp_path: Path) -> None:
+    """AdmissionReviews posted to the operator's webhook directly (the test plays the API server):
+    a bad spec gets `kubetune validate`'s problem list, a good one is allowed, and a client that
+    does not trust the webhook's CA gets nowhere. Posted directly because the real API server
+    refuses these specs on the CRD schema before it would call the webhook."""
+    url, context = operator.webhook_url, webhook_client(webhook_ca)
+    good = copy.deepcopy(GOOD)
+    good["metadata"].setdefault("namespace", "ml")
+    allowed = post_review(url, context, _review(good))
+    assert allowed["allowed"] is True, allowed
+    assert "status" not in allowed
+
+    bad = copy.deepcopy(good)
+    bad["metadata"]["name"] = "bad-job"
+    bad["spec"]["training"]["method"] = "magic"
+    bad["spec"]["training"].setdefault("lora", {})["rnak"] = 4
+    denied = post_review(url, context, _review(bad))
+    assert denied["allowed"] is False
+    assert denied["status"]["code"] == 422
+    message = denied["status"]["message"]
+    code, printed = _validate_cli(bad, tmp_path)
+    assert code == 2 and printed.startswith("kubetune: Invalid spec in ")
+    assert message.startswith("Invalid spec in FineTuneJob ml/bad-job")
+    assert _problems(message) == _problems(printed), (message, printed)
+    assert "spec.training.method" in message and "did you mean `rank`?" in message
+
+    # A client that does not trust the certificate gets nowhere.
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        post_review(url, ssl.create_default_context(), _review(good))
+
+
+def test_webhook_bounds_echoes_warns_about_literal_secrets_and_judges_every_kind(
+        operator: ChartOperator, webhook_ca: TinyCA, tmp_path: Path) -> None:
+    """What the webhook checks on its own (posted directly, as above): a 100 KB enum value gets a
+    short denial, local data and over-deep objects are refused, a literal secret in spec.env is
+    allowed with a warning, and an InferenceService gets `kubetune validate`'s words."""
+    url, context = operator.webhook_url, webhook_client(webhook_ca)
+    good = copy.deepcopy(GOOD)
+    good["metadata"].setdefault("namespace", "ml")
+
+    # A 100 KB value in an enum field: a short denial, not a 100 KB one.
+    huge = copy.deepcopy(good)
+    huge["spec"]["training"]["method"] = "m" * 100_000
+    denied = post_review(url, context, _review(huge))
+    assert denied["allowed"] is False and "spec.training.method" in denied["status"]["message"]
+    assert len(denied["status"]["message"]) <= 2000
+
+    # Local data (a pod starts with an empty /workspace) and over-deep free-form objects.
+    local = copy.deepcopy(good)
+    local["spec"]["training"]["data"]["datasets"][0]["path"] = "examples/data/demo_alpaca.json"
+    deep: dict[str, Any] = {"leaf": 1}
+    for _ in range(300):
+        deep = {"n": deep}
+    message = post_review(url, context, _review(local))["status"]["message"]
+    assert "spec.training.data.datasets[0].path" in message and "upload the file to S3" in message
+    local["spec"]["affinity"] = deep
+    message = post_review(url, context, _review(local))["status"]["message"]
+    assert "spec.affinity: is nested more than 20 levels deep" in message
+
+    # A literal secret in spec.env is allowed, with a warning `kubectl apply` prints.
+    secret = copy.deepcopy(good)
+    secret["spec"]["env"] = [{"name": "HF_TOKEN", "value": "hf_x"}]
+    allowed = post_review(url, context, _review(secret))
+    assert allowed["allowed"] is True
+    assert any("spec.env[0] (HF_TOKEN)" in w and "valueFrom" in w for w in allowed.get("warnings") or [])
+
+    # An InferenceService: the same words as `kubetune validate`.
+    isvc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": "chat", "namespace": "ml"}, "spec": {"model": {"uri": "s3://m/x"}, "engine": "tgi"}}
+    denied = post_review(url, context, _review(isvc))
+    code, printed = _validate_cli(isvc, tmp_path)
+    assert denied["allowed"] is False and code == 2
+    assert "spec.engine" in denied["status"]["message"]
+    assert denied["status"]["message"].split(": ", 1)[1] == printed.strip().split(": ", 2)[2]
 
 
 # --------------------------------------------------------------------------------------------

@@ -505,7 +505,6 @@ def test_only_a_spec_change_brings_a_failed_job_back() -> None:
 def test_timers_run_only_while_there_is_something_to_observe() -> None:
     """kopf keeps its finalizer on a resource while a timer runs for it: a finished job (even
     Failed/InvalidSpec, which kept one forever) and a Ready service have none."""
-    import tests.operator_support  # noqa: F401  (operator settings for tests, before importing handlers)
     from kubetune.operator.handlers import _observe_job, _observe_service
 
     for phase in ("Pending", "Running", "Suspended", None):
@@ -526,7 +525,6 @@ def test_timers_run_only_while_there_is_something_to_observe() -> None:
 def test_child_watches_match_only_our_own_children() -> None:
     import kopf
 
-    import tests.operator_support  # noqa: F401
     from kubetune.operator import handlers  # noqa: F401  (registers the handlers)
 
     watched = {handler.selector.any_name: handler.labels
@@ -621,7 +619,6 @@ def test_admission_immutability_and_warnings() -> None:
 def test_handler_turns_refusals_into_admission_errors() -> None:
     import kopf
 
-    import tests.operator_support  # noqa: F401  (operator settings for tests, before importing handlers)
     from kubetune.operator.handlers import _admit
 
     bad = copy.deepcopy(EXAMPLE_FTJ)
