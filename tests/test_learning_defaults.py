@@ -158,3 +158,33 @@ def _safe_records(out: Path) -> list[dict]:
         with contextlib.suppress(ValueError):
             found.append(json.loads(line))
     return found
+
+
+def test_optional_backends_load_only_for_the_runs_that_use_them(tiny_model_dir: Path):
+    """Item 11: which runs need bitsandbytes/DeepSpeed, and that a command hiding them imports the
+    training libraries and unwraps a model (what imported DeepSpeed) silently."""
+    from kubetune.trainer.backends import backends_needed
+    from kubetune.trainer.specfile import validate_training
+
+    def spec(**extra) -> object:
+        return validate_training({"model": {"path": "m"}, "data": {"datasets": [{"path": "d.json"}]}, **extra})
+
+    assert backends_needed(spec()) == set()
+    assert backends_needed(spec(method="qlora")) == {"bitsandbytes"}
+    assert backends_needed(spec(train={"optimizer": "adamw_8bit"})) == {"bitsandbytes"}
+    assert backends_needed(spec(distributed={"deepspeed": {"stage": 2}})) == {"deepspeed"}
+    script = (
+        "import sys\n"
+        "from kubetune.trainer.backends import hide_unused_backends\n"
+        "hide_unused_backends()\n"
+        "import transformers, peft\n"
+        "from transformers import AutoModelForCausalLM, Trainer, TrainingArguments\n"
+        "from accelerate import Accelerator\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r})\n"
+        "Accelerator(cpu=True).unwrap_model(model)\n"
+        "print(sorted(m for m in ('bitsandbytes', 'deepspeed') if sys.modules.get(m) is not None))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert not [noise for noise in LIBRARY_NOISE if noise in done.stdout + done.stderr], done.stderr[-3000:]
