@@ -157,8 +157,10 @@ class DataSpec(SpecModel):
     packing: bool | None = None
     """Concatenate examples into full-length sequences. Default: on for `pt`, off for `sft`."""
     template: str | None = None
-    """Chat template: a built-in name (see `kubetune templates`) or a Jinja string. Default: the
-    tokenizer's own `chat_template`, else the built-in `default`."""
+    """Chat template: a built-in name (see `kubetune templates`) or a Jinja string. Default: by the
+    data's format: LMFlow `text2text` as input, output and eos (`plain`, as LMFlow trains it), plain
+    text as it is, other conversations with the tokenizer's own `chat_template`; without one they
+    are refused (set this) rather than wrapped in a made-up template."""
     maskPrompt: bool = True
     """Exclude prompt tokens from the loss (labels -100) so only responses are learned."""
     mixStrategy: MixStrategy = "concat"
