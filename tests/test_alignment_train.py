@@ -54,8 +54,8 @@ def stage_spec(stage: str, model: Path, files: tuple[Path, Path], out: Path, **b
     return spec
 
 
-def preference_stats(model_dir: Path, pairs_file: Path) -> tuple[float, float]:
-    """(mean of log p(chosen) - log p(rejected), share of pairs where chosen is likelier) on held-out pairs."""
+def pair_logps(model_dir: Path, pairs_file: Path) -> list[tuple[float, int, float, int]]:
+    """(log p(chosen), its tokens, log p(rejected), its tokens) of each pair under the saved model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kubetune.trainer.data.aligners import PreferenceAligner
@@ -75,8 +75,19 @@ def preference_stats(model_dir: Path, pairs_file: Path) -> tuple[float, float]:
             logits = model(ids).logits[0, len(prompt) - 1:-1]
         return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(answer)[:, None]).sum())
 
-    margins = [logp(p, c) - logp(p, r) for p, c, r in zip(tokens["prompt_ids"], tokens["chosen_ids"], tokens["rejected_ids"], strict=True)]
+    return [(logp(p, c), len(c), logp(p, r), len(r)) for p, c, r in zip(tokens["prompt_ids"], tokens["chosen_ids"], tokens["rejected_ids"], strict=True)]
+
+
+def preference_stats(model_dir: Path, pairs_file: Path) -> tuple[float, float]:
+    """(mean of log p(chosen) - log p(rejected), share of pairs where chosen is likelier) on held-out pairs."""
+    margins = [c - r for c, _, r, _ in pair_logps(model_dir, pairs_file)]
     return sum(margins) / len(margins), sum(m > 0 for m in margins) / len(margins)
+
+
+def simpo_accuracy(model_dir: Path, pairs_file: Path) -> float:
+    """SimPO's own accuracy: the share of pairs whose chosen answer has the higher mean token log-probability."""
+    pairs = pair_logps(model_dir, pairs_file)
+    return sum(c / nc > r / nr for c, nc, r, nr in pairs) / len(pairs)
 
 
 def test_reward_model_ranks_held_out_pairs(tmp_path, sft_model, preference_files):
@@ -112,6 +123,26 @@ def test_dpo_prefers_chosen_more_than_the_sft_model(tmp_path, sft_model, prefere
     records = read_metrics(result.output_dir)
     assert any("eval_rewards/accuracies" in r for r in records)
     assert any(r.get("when") == "after" for r in map(json.loads, (result.output_dir / "samples.jsonl").read_text().splitlines()))
+
+
+def test_preference_metrics_count_ties_half_and_simpo_reports_its_own_reward() -> None:
+    """#17 items 4 and 9: a tie is neither a win nor a loss; SimPO's reward is its own
+    length-normalised log-likelihood, not a log-ratio to the placeholder reference."""
+    from kubetune.trainer.stages.dpo import chosen_collapsed, preference_rewards, reward_metrics
+
+    logps = (torch.tensor([-4.0, -9.0, -6.0]), torch.tensor([-6.0, -4.0, -3.0]))
+    lengths = (torch.tensor([2.0, 3.0, 4.0]), torch.tensor([2.0, 1.0, 2.0]))
+    start = reward_metrics(*preference_rewards("sigmoid", 0.1, logps, lengths, reference=logps))  # policy == reference
+    assert start == {"rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/margins": 0.0, "rewards/accuracies": 0.5}
+    dpo = reward_metrics(*preference_rewards("sigmoid", 0.5, logps, lengths, reference=(torch.full((3,), -5.0), torch.full((3,), -5.0))))
+    assert dpo["rewards/accuracies"] == pytest.approx(1 / 3)  # only pair 0 gained more on chosen than on rejected
+    simpo = reward_metrics(*preference_rewards("simpo", 2.0, logps, lengths, reference=None))
+    # mean token log-probs: chosen -2, -3, -1.5; rejected -3, -4, -1.5 -> two wins and a tie
+    assert simpo["rewards/accuracies"] == pytest.approx(2.5 / 3)
+    assert simpo["rewards/chosen"] == pytest.approx(2.0 * (-2 - 3 - 1.5) / 3)
+    assert simpo["rewards/margins"] == pytest.approx(2.0 * (1 + 1 + 0) / 3)
+    assert chosen_collapsed(-1.45, -11.8) and chosen_collapsed(-12.9, -33.5)
+    assert not chosen_collapsed(-12.9, -10.7) and not chosen_collapsed(-12.9, -20.0) and not chosen_collapsed(-0.5, -1.2)
 
 
 def test_lora_dpo_uses_the_base_with_adapters_disabled(tmp_path, sft_model, preference_files, monkeypatch):

@@ -313,6 +313,10 @@ class DpoSpec(SpecModel):
     """Assumed probability that a preference label is flipped (cDPO / robust DPO)."""
     simpoGamma: float = Field(0.5, ge=0)
     """SimPO's target reward margin gamma (`lossType: simpo` only)."""
+    rpoAlpha: float = Field(0.0, ge=0)
+    """Weight of the chosen answer's NLL added to the preference loss (RPO; TRL's `rpo_alpha`,
+    LlamaFactory's `pref_ftx`): the policy keeps generating the chosen answers while it learns to
+    prefer them. 0 turns it off; `orpo` has this term built in."""
     referenceModel: str | None = None
     """Reference policy (path or `s3://` URI). Default: the model being trained, as it starts; with
     LoRA that is the base with adapters disabled, so no second copy is loaded."""
@@ -385,6 +389,9 @@ class RaftSpec(SpecModel):
     """`best`: the best answer per prompt; `topFraction`: the best `topFraction` of all answers of
     the batch."""
     topFraction: float = Field(0.25, gt=0, le=1)
+    minReward: float | None = None
+    """An answer scoring below it is never trained on, even as its prompt's best. Unset: it must
+    score above the mean reward of the iteration's samples (an all-zero batch trains nothing)."""
 
 
 class GrpoSpec(SpecModel):

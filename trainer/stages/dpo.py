@@ -16,6 +16,16 @@ The policy learns to prefer `chosen` over `rejected` relative to a frozen refere
   normalised log-probabilities. TRL keeps it in `trl.experimental.orpo`; kubetune feeds it its own
   tokenized pairs (the experimental API may change with TRL: the version is pinned).
 
+Reported per log (train and eval): `logps/chosen|rejected` (summed log-probabilities) and the
+rewards of the loss being trained, `rewards/chosen|rejected|margins|accuracies`: beta x log-ratio
+to the reference for the reference-based losses, beta x mean token log-probability for SimPO (its
+own reward, not the fixed placeholder reference). A pair whose two rewards tie counts half in
+`accuracies` (at step 0 every DPO reward is 0: 0.5, not a misleading 0.0). With an eval split,
+`eval_chosen_exact_match` is the share of held-out prompts (the first 64) whose greedy answer is
+the chosen one: the generation a preference metric cannot see. `dpo.rpoAlpha` adds the chosen
+answer's NLL to the loss, and a warning says when the chosen answers' log-probability collapses
+(the policy moving away from the answers it should prefer).
+
 The reference is the model as training starts: a frozen copy for `full`/`freeze`, and for LoRA
 the same base with the adapters disabled (no second copy in memory). `dpo.referenceModel` loads
 another one instead. Pairs are tokenized by kubetune (`PairwiseProcessor`) with the run's chat
@@ -27,6 +37,8 @@ from __future__ import annotations
 import copy
 import logging
 from typing import Any
+
+import torch
 
 from kubetune.trainer.context import RunContext
 from kubetune.trainer.errors import SpecError
@@ -40,6 +52,34 @@ log = logging.getLogger(__name__)
 
 TRL_LOSS = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust", "simpo": "sigmoid_norm"}
 REFERENCE_FREE = ("simpo", "orpo")
+GENERATION_EVAL_LIMIT = 64
+"""Held-out prompts answered greedily at each evaluation for `eval_chosen_exact_match`."""
+TIE_TOLERANCE = 1e-6
+
+
+def preference_rewards(loss: str, beta: float, logps: tuple[torch.Tensor, torch.Tensor], lengths: tuple[torch.Tensor, torch.Tensor],
+                       reference: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair's (chosen, rejected) reward under the loss trained: SimPO's is the length-normalised
+    log-likelihood, the others' the log-ratio to the reference, each times beta."""
+    if loss == "simpo":
+        return tuple(beta * lp / n.clamp(min=1) for lp, n in zip(logps, lengths, strict=True))  # type: ignore[return-value]
+    assert reference is not None
+    return tuple(beta * (lp - ref) for lp, ref in zip(logps, reference, strict=True))  # type: ignore[return-value]
+
+
+def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """Mean rewards, margin and accuracy; a tie counts half (neither answer is preferred)."""
+    margins = chosen - rejected
+    ties = margins.abs() <= TIE_TOLERANCE
+    wins = (margins > 0) & ~ties
+    return {"rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
+            "rewards/margins": margins.mean().item(), "rewards/accuracies": (wins.float() + 0.5 * ties.float()).mean().item()}
+
+
+def chosen_collapsed(start: float, now: float) -> bool:
+    """The chosen answers' summed log-probability fell by more than max(1, |start|) nats: they
+    became several times less likely than when training started."""
+    return now < start - max(1.0, abs(start))
 
 
 def preflight(spec: TrainingSpec) -> TrainingSpec:
@@ -51,6 +91,9 @@ def preflight(spec: TrainingSpec) -> TrainingSpec:
         from kubetune.trainer.models.loader import resolve_location
 
         resolve_location(reference, spec.storage, "dpo.referenceModel")
+    if spec.dpo.rpoAlpha and spec.dpo.lossType == "orpo":
+        raise SpecError("dpo.rpoAlpha", "lossType orpo already adds the chosen answer's NLL to its loss.",
+                        "remove dpo.rpoAlpha (ORPO's weight on its odds-ratio term is dpo.beta).")
     if spec.dpo.lossType == "robust" and spec.dpo.labelSmoothing == 0:
         log.info("dpo.lossType robust with labelSmoothing 0 is plain DPO")
     return spec
@@ -60,11 +103,59 @@ def _trainer_class():
     from trl import DPOTrainer
 
     class PreferenceTrainer(DPOTrainer):
-        """DPOTrainer on kubetune-tokenized pairs, with fixed reference log-probs for SimPO."""
+        """DPOTrainer on kubetune-tokenized pairs, with fixed reference log-probs for SimPO, the
+        rewards of the loss trained, a held-out generation metric and a collapse warning."""
 
-        def __init__(self, *args: Any, reference_free_margin: float | None = None, **kwargs: Any):
+        def __init__(self, *args: Any, loss: str = "sigmoid", reference_free_margin: float | None = None, **kwargs: Any):
+            self.loss_name = loss
             self.reference_free_margin = reference_free_margin
+            self.chosen_start: dict[str, float] = {}
             super().__init__(*args, **kwargs)
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            """TRL's loss; its reward metrics are then replaced by the ones of this loss (TRL's
+            are log-ratios to the placeholder reference for SimPO, and count ties as losses)."""
+            captured: list[torch.Tensor] = []
+            scored = [m for m in (self.accelerator.unwrap_model(self.model), self.ref_model) if m is not None]
+            hooks = [m.register_forward_hook(lambda _m, _a, out: captured.append(out.log_probs.detach())) for m in scored]
+            try:
+                result = super()._compute_loss(model, inputs, return_outputs)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self._record_rewards(inputs, captured)
+            return result
+
+        def _record_rewards(self, inputs: dict[str, torch.Tensor], captured: list[torch.Tensor]) -> None:
+            mask = inputs["completion_mask"][:, 1:].float()
+            sums = [(c[:, -mask.size(1):] * mask).sum(dim=1) for c in captured]  # policy first, then the reference
+            logps, lengths = sums[0].chunk(2), mask.sum(dim=1).chunk(2)
+            if "ref_chosen_logps" in inputs:
+                reference = (inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])
+            else:
+                reference = sums[1].chunk(2) if len(sums) > 1 else None
+            chosen, rejected = preference_rewards(self.loss_name, self.beta, logps, lengths, reference)
+            mode = "train" if self.model.training else "eval"
+            metrics = reward_metrics(self.accelerator.gather(chosen), self.accelerator.gather(rejected))
+            for key, value in metrics.items():
+                self._metrics[mode][key][-1] = value
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+            if dataset is not None and self.is_world_process_zero():
+                self._metrics["eval"]["chosen_exact_match"] = [chosen_exact_match(self.model, self.processing_class, dataset)]
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            super().log(logs, start_time)  # TRL adds its metrics to `logs`
+            for key in ("logps/chosen", "eval_logps/chosen"):
+                if key in logs:
+                    start = self.chosen_start.setdefault(key, logs[key])
+                    if chosen_collapsed(start, logs[key]) and not self.chosen_start.get(f"{key}:warned"):
+                        self.chosen_start[f"{key}:warned"] = 1.0
+                        log.warning("%s fell from %.2f to %.2f at step %d: the policy is moving away from the chosen "
+                                    "answers too, which degrades what it generates. Consider dpo.rpoAlpha (e.g. 1), a "
+                                    "higher dpo.beta or a lower train.learningRate.", key, start, logs[key], self.state.global_step)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if "prompt_ids" in dataset.column_names:
@@ -83,6 +174,21 @@ def _trainer_class():
             )
 
     return PreferenceTrainer
+
+
+def chosen_exact_match(model, tokenizer, dataset) -> float:
+    """Share of held-out prompts (the first GENERATION_EVAL_LIMIT) whose greedy answer is the
+    chosen answer (case and surrounding space ignored, as the `exact_match` reward)."""
+    from kubetune.trainer.reward_functions import exact_match
+    from kubetune.trainer.samples import generate_samples
+
+    rows = dataset.select(range(min(len(dataset), GENERATION_EVAL_LIMIT)))
+    prompts = [list(r) for r in rows["prompt_ids"]]
+    chosen = [tokenizer.decode(ids, skip_special_tokens=True) for ids in rows["chosen_ids"]]
+    longest = max(len(ids) for ids in rows["chosen_ids"])
+    answers = [s["completion"] for s in generate_samples(model, tokenizer, prompts, max_new_tokens=longest + 4)]
+    scores = exact_match(prompts, answers, reference=chosen)
+    return sum(scores) / max(len(scores), 1)
 
 
 def load_reference(spec: TrainingSpec, model) -> Any:
@@ -166,9 +272,12 @@ def build_trainer(ctx: RunContext):
     if d.lossType == "orpo":
         return build_orpo_trainer(ctx)
     reference_free = d.lossType in REFERENCE_FREE
+    losses, weights = [TRL_LOSS[d.lossType]], None
+    if d.rpoAlpha:
+        losses, weights = [*losses, "sft"], [1.0, d.rpoAlpha]  # TRL's "sft": the chosen answers' mean token NLL
     args = trl_config(
         DPOConfig, ctx.training_args,
-        beta=d.beta, loss_type=[TRL_LOSS[d.lossType]], label_smoothing=d.labelSmoothing, max_length=None,
+        beta=d.beta, loss_type=losses, loss_weights=weights, label_smoothing=d.labelSmoothing, max_length=None,
         precompute_ref_log_probs=reference_free, disable_dropout=True,
     )
     collator = DataCollatorForPreference(pad_token_id=ctx.tokenizer.pad_token_id)
@@ -183,6 +292,7 @@ def build_trainer(ctx: RunContext):
         processing_class=ctx.tokenizer,
         callbacks=ctx.callbacks,
         optimizers=ctx.optimizers,
+        loss=d.lossType,
         reference_free_margin=d.simpoGamma / d.beta if reference_free else None,
     )
     if isinstance(trainer.model, PeftModel) and "ref" in trainer.model.peft_config:
