@@ -64,10 +64,19 @@ def test_gae_matches_a_hand_computation() -> None:
 
 
 def test_raft_keeps_the_best_answer_per_prompt_or_the_top_fraction() -> None:
-    rewards = torch.tensor([0.1, 0.9, 0.3, 0.2, 0.8, 0.0])  # 3 prompts x 2 samples
-    assert select_kept(rewards, 2, "best", 1.0) == [1, 2, 4]
-    assert select_kept(rewards, 2, "topFraction", 0.5) == [1, 2, 4]  # the 3 best of all 6, in batch order
+    rewards = torch.tensor([0.1, 0.9, 0.3, 0.2, 0.8, 0.0])  # 3 prompts x 2 samples, mean 0.383
+    assert select_kept(rewards, 2, "best", 1.0, min_reward=0.0) == [1, 2, 4]
+    assert select_kept(rewards, 2, "best", 1.0) == [1, 4]  # prompt 2's best (0.3) is below the mean
+    assert select_kept(rewards, 2, "topFraction", 0.5, min_reward=0.0) == [1, 2, 4]  # the 3 best of all 6, in batch order
     assert select_kept(rewards, 2, "topFraction", 0.2) == [1, 4]
+    assert select_kept(rewards, 2, "best", 1.0, min_reward=0.85) == [1]
+
+
+def test_raft_never_keeps_a_failed_answer_as_its_prompts_best() -> None:
+    """#17 item 3: `keep: best` used to keep each prompt's top sample even when all scored 0."""
+    assert select_kept(torch.zeros(8), 4, "best", 1.0) == []
+    assert select_kept(torch.ones(8), 4, "topFraction", 0.5) == []  # all alike: nothing ranks above the rest
+    assert select_kept(torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0]), 3, "best", 1.0) == [3]
 
 
 def test_builtin_rewards_and_diversity() -> None:

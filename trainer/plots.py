@@ -31,6 +31,7 @@ def plot_loss(metrics_path: Path, out_path: Path, title: str = "") -> Path | Non
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     rewards = [(r["step"], r["reward"]) for r in records if "reward" in r]
+    kept = [(r["step"], r["kept_reward"]) for r in records if "kept_reward" in r]  # raft
     eval_rewards = [(r["step"], r["eval_reward"]) for r in records if "eval_reward" in r]
     if not train and not evals:
         return None
@@ -40,7 +41,8 @@ def plot_loss(metrics_path: Path, out_path: Path, title: str = "") -> Path | Non
         (train, "-", "train loss", "tab:blue"), (evals, "o-", "eval loss", "tab:orange")])
     if panels == 2:
         _panel(axes[0][1], "reward", "reward", [
-            (rewards, "-", "reward (samples)", "tab:green"), (eval_rewards, "o-", "eval reward (greedy, held out)", "tab:red")])
+            (rewards, "-", "reward (samples)", "tab:green"), (kept, "--", "reward (kept samples)", "tab:purple"),
+            (eval_rewards, "o-", "eval reward (greedy, held out)", "tab:red")])
     fig.tight_layout()
     fig.savefig(out_path)
     plt.close(fig)

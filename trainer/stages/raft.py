@@ -5,11 +5,16 @@ Each optimizer step is one RAFT iteration:
 2. sample `generation.samplesPerPrompt` (K) answers to each with the current policy,
 3. score every answer with the reward model or function,
 4. keep the best answer per prompt (`raft.keep: best`) or the best `raft.topFraction` of the batch,
-5. take a supervised step (cross-entropy on the kept answers, prompts masked).
+   of those only the answers that reach the minimum reward (`raft.minReward`; by default above the
+   mean reward of the iteration's samples, as the paper's reward-ranked selection: a prompt whose
+   answers all failed contributes nothing, rather than its least-bad failure),
+5. take a supervised step (cross-entropy on the kept answers, prompts masked); an iteration that
+   keeps nothing changes nothing.
 
-Logged per iteration: mean and max reward of all samples, mean reward of the kept ones, distinct-1/2
-of the samples (the paper's diversity measure, Table 5); the kept samples themselves go to
-`raft_kept.jsonl`. `evaluate()` reports the greedy answers' mean reward on held-out prompts.
+Logged per iteration: mean and max reward of all samples, mean reward of the kept ones and the
+share of prompts kept, distinct-1/2 of the samples (the paper's diversity measure, Table 5); the
+kept samples themselves go to `raft_kept.jsonl`, and `loss.png` plots the sample, kept and
+held-out rewards. `evaluate()` reports the greedy answers' mean reward on held-out prompts.
 """
 
 from __future__ import annotations
@@ -31,14 +36,20 @@ __all__ = ["build_trainer", "preflight", "sample_prompts", "select_kept"]
 KEPT_FILE = "raft_kept.jsonl"
 
 
-def select_kept(rewards: torch.Tensor, samples: int, keep: str, top_fraction: float) -> list[int]:
+def select_kept(rewards: torch.Tensor, samples: int, keep: str, top_fraction: float, min_reward: float | None = None) -> list[int]:
     """Indices of the answers RAFT learns from: the argmax within each prompt's K samples, or the
-    best `top_fraction` of all of them."""
+    best `top_fraction` of all of them; of those, the ones at or above `min_reward` (unset:
+    strictly above the mean of all samples, so a batch where every answer scores alike keeps none)."""
     if keep == "best":
         per_prompt = rewards.view(-1, samples)
-        return [i * samples + int(j) for i, j in enumerate(per_prompt.argmax(dim=1).tolist())]
-    count = max(1, math.ceil(top_fraction * rewards.numel()))
-    return sorted(torch.topk(rewards, count).indices.tolist())
+        ranked = [i * samples + int(j) for i, j in enumerate(per_prompt.argmax(dim=1).tolist())]
+    else:
+        count = max(1, math.ceil(top_fraction * rewards.numel()))
+        ranked = sorted(torch.topk(rewards, count).indices.tolist())
+    if min_reward is None:
+        mean = rewards.mean().item()
+        return [i for i in ranked if rewards[i].item() > mean]
+    return [i for i in ranked if rewards[i].item() >= min_reward]
 
 
 class RaftTrainer(RolloutTrainer):
@@ -46,15 +57,25 @@ class RaftTrainer(RolloutTrainer):
         rows = inputs["rows"]
         k = self.generation.samplesPerPrompt
         rollouts = self.rollout(rows, k)
-        kept = select_kept(rollouts.rewards, k, self.spec.raft.keep, self.spec.raft.topFraction)
+        raft = self.spec.raft
+        kept = select_kept(rollouts.rewards, k, raft.keep, raft.topFraction, raft.minReward)
         self.record_rollout_metrics(rollouts)
-        self._metrics["kept_reward"].append(rollouts.rewards[kept].mean().item())
+        self._metrics["kept_fraction"].append(len(kept) / len(rows))
+        if kept:
+            self._metrics["kept_reward"].append(rollouts.rewards[kept].mean().item())
         self._metrics["distinct_1"].append(distinct_n(rollouts.completions, 1))
         self._metrics["distinct_2"].append(distinct_n(rollouts.completions, 2))
         self._write_kept(rollouts, kept)
-        batch = self._supervised_batch(rows, rollouts, kept, k)
+        if not kept and self.args.world_size == 1:
+            # No gradient at all (not a zero one): the optimizer skips every parameter, so neither
+            # momentum nor weight decay moves the model on an iteration with nothing to learn.
+            return torch.zeros((), device=self.args.device, requires_grad=True)
+        # Other ranks may have kept answers: every rank runs the forward for the gradient sync,
+        # a rank with nothing kept at weight zero.
+        batch = self._supervised_batch(rows, rollouts, kept or [0], k)
         outputs = model(**batch, use_cache=False)
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        loss = outputs.loss if kept else outputs.loss * 0.0
+        return (loss, outputs) if return_outputs else loss
 
     def _supervised_batch(self, rows: list[dict[str, Any]], rollouts: Rollouts, kept: list[int], k: int) -> dict[str, torch.Tensor]:
         pad = self.processing_class.pad_token_id
