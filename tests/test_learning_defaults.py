@@ -98,7 +98,7 @@ def test_default_spec_learns_lmflow_text2text_on_a_model_without_a_chat_template
 
     heldout = next(r for r in records(out) if r.get("event") == "heldout")  # item 2
     assert heldout["examples"] == 40 and heldout["exact_match"] >= 90, heldout
-    assert heldout["learned"] and heldout["eval_loss"] < 0.1 * heldout["start_eval_loss"]
+    assert heldout["learned"] and heldout["final_eval_loss"] < 0.1 * heldout["start_eval_loss"]
     assert status["heldout"]["exact_match"] == heldout["exact_match"]
     assert "held-out exact match" in log and f"heldout_exact_match={heldout['exact_match']:.4g}" in log
 
@@ -116,7 +116,7 @@ def test_a_run_that_learns_nothing_says_so(tmp_path: Path, base_model: Path, cap
         result = run(spec)
     heldout = next(r for r in records(result.output_dir) if r.get("event") == "heldout")
     assert not heldout["learned"] and heldout["exact_match"] == 0.0
-    assert heldout["eval_loss"] > 0.95 * min(heldout["start_eval_loss"], heldout["guess_loss"])
+    assert heldout["final_eval_loss"] > 0.95 * min(heldout["start_eval_loss"], heldout["guess_loss"])
     assert "has not fallen below the level of guessing" in caplog.text
 
 

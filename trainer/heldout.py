@@ -106,7 +106,8 @@ def loss_verdict(losses: list[float], vocab_size: int) -> dict[str, Any]:
     guess = math.log(vocab_size)
     start, final = losses[0], losses[-1]
     level = min(guess, start)
-    return {"eval_loss": final, "start_eval_loss": start, "guess_loss": round(guess, 4),
+    # not `eval_loss`: readers of metrics.jsonl take each record with one for an evaluation
+    return {"final_eval_loss": final, "start_eval_loss": start, "guess_loss": round(guess, 4),
             "learned": final < (1 - MIN_IMPROVEMENT) * level}
 
 
@@ -129,10 +130,10 @@ def learning_check(model: Any, tokenizer: Any, eval_rows: Any, metrics_path: Pat
                  score, len(examples), first["prompt"][-60:], first["answer"], first["expected"])
     if losses:
         log.info("did it learn? eval loss %.4g (started at %.4g; a uniform guess scores ln(vocab) = %.4g)",
-                 report["eval_loss"], report["start_eval_loss"], report["guess_loss"])
+                 report["final_eval_loss"], report["start_eval_loss"], report["guess_loss"])
         if not report["learned"]:
             log.warning("the eval loss (%.4g) has not fallen below the level of guessing (start %.4g, ln(vocab) %.4g): "
                         "the model has not learned from this data. Check the template and the first example logged "
                         "at the start, the learning rate and the number of steps.",
-                        report["eval_loss"], report["start_eval_loss"], report["guess_loss"])
+                        report["final_eval_loss"], report["start_eval_loss"], report["guess_loss"])
     return report
