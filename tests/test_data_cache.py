@@ -236,3 +236,20 @@ def test_a_malformed_s3_cache_is_refused_with_the_spec() -> None:
     with pytest.raises(SpecErrors, match=r"data: cache: 's3://Bad_Bucket/x' has no valid bucket name"):
         validate_training({"model": {"path": "builtin:tiny-llama"},
                            "data": {"datasets": [{"path": "d.jsonl"}], "cache": "s3://Bad_Bucket/x"}})
+
+
+def test_a_cache_hit_renders_with_the_template_the_entry_was_tokenized_with(tmp_path: Path, tok: Any,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """LMFlow text2text picks `plain` from the data (#17 item 1): a run reading the prepared entry
+    installs it too, so the saved model prompts the way it was trained."""
+    from kubetune.trainer.data.templates import TEMPLATES
+
+    data = tmp_path / "t2t.json"
+    data.write_text(json.dumps({"type": "text2text", "instances": [{"input": "Opposite of hot?", "output": " cold"}] * 4}))
+    spec = validate_training({"model": {"path": "builtin:tiny-llama"},
+                              "data": {"datasets": [{"path": str(data)}], "cache": str(tmp_path / "cache")}})
+    prepare(spec)
+    no_tokenizing(monkeypatch)
+    cached = build_datasets(spec, tok)
+    assert cached.stats["template"] == "plain" and tok.chat_template == TEMPLATES["plain"]
+    assert cached.stats["train"]["firstExample"][1] == {"trained": True, "text": " cold</s>"}
