@@ -302,19 +302,8 @@ def tokenize(
     )
     truncated = int(pc.sum(ds.data.column("truncated")).as_py() or 0)
     ds = ds.remove_columns(["truncated"])
-    labels = pc.list_flatten(ds.data.column("labels"))
-    stats: dict[str, Any] = {
-        "examples": len(ds),
-        "droppedNoLabels": before - len(ds),
-        "truncated": truncated,
-        "tokens": len(labels),
-        "trainedTokens": int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0),
-    }
-    if len(ds):
-        stats["meanLength"] = round(stats["tokens"] / len(ds), 2)
-        stats["maskedFraction"] = round(1 - stats["trainedTokens"] / max(stats["tokens"], 1), 4)
-        if not is_eval:
-            stats["firstExample"] = first_example(tokenizer, ds[0])
+    stats = token_stats(ds, tokenizer, first=not is_eval)
+    stats.update(droppedNoLabels=before - len(ds), truncated=truncated)
     if len(ds) == 0 and not (packing and spec.stage == "pt"):
         raise SpecError(
             "data.evalDatasets" if is_eval and spec.data.evalDatasets else "data.datasets",
@@ -339,8 +328,7 @@ def tokenize(
             .with_format(None)
         )
         stats["packedRows"] = len(ds)
-        packed_labels = pc.list_flatten(ds.data.column("labels")) if len(ds) else labels[:0]
-        stats["packedTokens"] = len(packed_labels)
+        stats["packedTokens"] = len(pc.list_flatten(ds.data.column("labels"))) if len(ds) else 0
     return ds, stats
 
 
@@ -376,6 +364,23 @@ def _tokenize_rows(
             "check the data.",
         )
     return ds, stats
+
+
+def token_stats(ds: datasets.Dataset, tokenizer: Any, *, first: bool) -> dict[str, Any]:
+    """Examples, tokens, trained tokens, mean length and masked share of unpacked token rows, and
+    (`first`) the first example's segments: what the run logs and records before training."""
+    labels = pc.list_flatten(ds.data.column("labels"))
+    stats: dict[str, Any] = {
+        "examples": len(ds),
+        "tokens": len(labels),
+        "trainedTokens": int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0),
+    }
+    if len(ds):
+        stats["meanLength"] = round(stats["tokens"] / len(ds), 2)
+        stats["maskedFraction"] = round(1 - stats["trainedTokens"] / max(stats["tokens"], 1), 4)
+        if first:
+            stats["firstExample"] = first_example(tokenizer, ds[0])
+    return stats
 
 
 def first_example(tokenizer: Any, row: dict[str, Any]) -> list[dict[str, Any]]:
