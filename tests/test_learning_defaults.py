@@ -188,3 +188,18 @@ def test_optional_backends_load_only_for_the_runs_that_use_them(tiny_model_dir: 
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert not [noise for noise in LIBRARY_NOISE if noise in done.stdout + done.stderr], done.stderr[-3000:]
+
+
+def test_conversations_on_a_model_without_a_chat_template_exit_2_naming_data_template(
+        tmp_path: Path, base_model: Path, capsys: pytest.CaptureFixture):
+    """Item 1: no made-up wrapper; one paragraph naming the field and the fix, exit 2."""
+    from kubetune.trainer.cli import main
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"model": {"path": str(base_model)}, "output": {"path": str(tmp_path / "out")},
+                                    "data": {"datasets": [{"path": str(REPO / "examples/data/demo_alpaca.json")}]}}))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "data.template: the tokenizer has no chat template" in err and "Fix: set data.template" in err
+    message = [line for line in err.splitlines() if line.startswith("kubetune:")]  # besides progress bars
+    assert "Traceback" not in err and len(message) == 1 and "data.template" in message[0]
