@@ -94,17 +94,21 @@ class ScaleResult:
 def finetunejob(name: str, pool: NodePool) -> dict[str, Any]:
     """A 1-node, 1-GPU FineTuneJob on the pool's nodes (nodeSelector, so its pods keep running)."""
     return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
-            "spec": {"nodes": 1, "gpusPerNode": 1, "nodeSelector": pool.selector,
+            "spec": {"nodes": 1, "gpusPerNode": 1, **pool.placement,
                      "training": {"model": {"path": "s3://models/llama-3-8b"},
                                   "data": {"datasets": [{"path": "s3://data/chat.jsonl"}], "cache": "off"},
                                   "output": {"path": f"s3://outputs/{name}"}}}}
 
 
-def _audit_requests(cluster: ControlPlane, user: str) -> dict[str, str]:
-    """auditID -> `verb resource[/subresource]` of every request `user` has made so far."""
+def _audit_requests(cluster: ControlPlane, user: str, namespace: str) -> dict[str, str]:
+    """auditID -> `verb resource[/subresource]` of every request `user` has made so far in
+    `namespace`, or not in any namespace (kopf's cluster-wide lists and watches): not those for
+    resources in other namespaces (another test's, in a shared test cluster)."""
     out = {}
     for event in cluster.audit_events(user):
         ref = event.get("objectRef") or {}
+        if ref.get("namespace") not in (None, namespace):
+            continue
         resource = ref.get("resource", event.get("requestURI", "?"))
         if ref.get("subresource"):
             resource += "/" + ref["subresource"]
@@ -118,10 +122,11 @@ def scale_run(cluster: ControlPlane, operator: ChartOperator, sim: SimCluster, j
     every one is Running, measure (see the module docstring), then delete the namespace and nodes."""
     admin = Client(cluster.admin_kubeconfig)
     sim.create_namespace(namespace)
-    pool = sim.add_gpu_nodes(math.ceil(jobs / GPUS_PER_NODE), prefix="scale", keep_running=True, gpus=GPUS_PER_NODE)
+    pool = sim.add_gpu_nodes(math.ceil(jobs / GPUS_PER_NODE), prefix="scale", keep_running=True, exclusive=True,
+                             gpus=GPUS_PER_NODE)
     try:
         time.sleep(1.0)  # let the operator's watches settle before counting
-        before = _audit_requests(cluster, operator.service_account)
+        before = _audit_requests(cluster, operator.service_account, namespace)
         cpu0, _ = operator.usage()
         names = [f"ftj-{i:04d}" for i in range(jobs)]
         created: dict[str, float] = {}
@@ -150,7 +155,7 @@ def scale_run(cluster: ControlPlane, operator: ChartOperator, sim: SimCluster, j
         all_running = max(running.values()) - start
         operator.sample()
         cpu1, _ = operator.usage()
-        during = _audit_requests(cluster, operator.service_account)
+        during = _audit_requests(cluster, operator.service_account, namespace)
         window = Counter(v for k, v in during.items() if k not in before)
         result = ScaleResult(jobs=jobs, nodes=len(pool.nodes), create_s=create_s,
                              to_running=[running[n] - created[n] for n in names], all_running_s=all_running,
@@ -159,7 +164,7 @@ def scale_run(cluster: ControlPlane, operator: ChartOperator, sim: SimCluster, j
         if steady_s > 0:
             time.sleep(steady_s)
             cpu2, _ = operator.usage()
-            after = _audit_requests(cluster, operator.service_account)
+            after = _audit_requests(cluster, operator.service_account, namespace)
             result.steady_s = steady_s
             result.steady_requests = dict(Counter(v for k, v in after.items() if k not in during).most_common())
             result.steady_cpu_s = cpu2 - cpu1

@@ -69,7 +69,7 @@ def _no_forbidden(operator: ChartOperator) -> None:
 
 def _ftj(name: str, pool: NodePool, *, nodes: int = 1, cache: str = "off") -> dict[str, Any]:
     return {"apiVersion": GROUP_VERSION, "kind": "FineTuneJob", "metadata": {"name": name},
-            "spec": {"nodes": nodes, "gpusPerNode": 1, "nodeSelector": pool.selector,
+            "spec": {"nodes": nodes, "gpusPerNode": 1, **pool.placement,
                      "training": {"model": {"path": "s3://models/llama-3-8b"},
                                   "data": {"datasets": [{"path": "s3://data/chat.jsonl"}], "cache": cache},
                                   "output": {"path": f"s3://outputs/{name}"}}}}
@@ -78,7 +78,7 @@ def _ftj(name: str, pool: NodePool, *, nodes: int = 1, cache: str = "off") -> di
 def _isvc(name: str, pool: NodePool, model_job: str) -> dict[str, Any]:
     return {"apiVersion": GROUP_VERSION, "kind": "InferenceService", "metadata": {"name": name},
             "spec": {"model": {"fromJob": {"fineTuneJob": model_job}}, "engine": "vllm", "gpus": 1,
-                     "nodeSelector": pool.selector, "adapters": [{"name": "faq", "uri": "s3://outputs/faq-lora"}],
+                     **pool.placement, "adapters": [{"name": "faq", "uri": "s3://outputs/faq-lora"}],
                      "minReplicas": 1, "maxReplicas": 2}}
 
 
@@ -109,8 +109,10 @@ def test_operator_killed_ten_times_mid_reconcile_creates_no_duplicates(
     its status (as if the operator had died before writing it): it must adopt its Job, not
     start a second attempt."""
     ns = sim_cluster.create_namespace(sim_cluster.unique("restart"))
-    keep = sim_cluster.add_gpu_nodes(2, prefix="keep", keep_running=True)  # training pods keep running
-    done = sim_cluster.add_gpu_nodes(1, prefix="done")  # training pods complete at once
+    # Training pods keep running on `keep` and complete at once on `done`; both pools are tainted
+    # so that no pod left Pending by another module takes their GPUs.
+    keep = sim_cluster.add_gpu_nodes(2, prefix="keep", keep_running=True, exclusive=True)
+    done = sim_cluster.add_gpu_nodes(1, prefix="done", exclusive=True)
     rng = random.Random(SEED)
     # (kind, name, body, phase it must reach)
     plan: list[tuple[str, str, dict[str, Any], str]] = [
@@ -174,7 +176,9 @@ def test_operator_killed_ten_times_mid_reconcile_creates_no_duplicates(
         assert admin.get("Job", ns, "gang-ftj-a2") is None
         assert elapsed < 90, f"{elapsed:.0f}s"
     finally:
-        if operator.process.alive():
+        if operator.process.proc is not None:  # started: let it release its resources (kopf's finalizers)
+            if not operator.process.alive():
+                operator.restart()
             admin.request("DELETE", f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs")
             admin.request("DELETE", f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/inferenceservices")
             eventually(lambda: not admin.list("FineTuneJob", ns) and not admin.list("InferenceService", ns),

@@ -88,11 +88,24 @@ class NodePool:
     name: str
     nodes: list[str]
     keep_running: bool = False
+    exclusive: bool = False
 
     @property
     def selector(self) -> dict[str, str]:
         """The nodeSelector of the pool's pods (with `KEEP_RUNNING` for a keep-running pool)."""
         return {POOL_LABEL: self.name, **({KEEP_RUNNING: "true"} if self.keep_running else {})}
+
+    @property
+    def tolerations(self) -> list[dict[str, str]]:
+        """What a pod needs to run on an `exclusive` pool (whose taint keeps every other pod off)."""
+        if not self.exclusive:
+            return []
+        return [{"key": POOL_LABEL, "operator": "Equal", "value": self.name, "effect": "NoSchedule"}]
+
+    @property
+    def placement(self) -> dict[str, Any]:
+        """nodeSelector and tolerations, as a pod spec (or a kubetune resource's spec) takes them."""
+        return {"nodeSelector": self.selector, **({"tolerations": self.tolerations} if self.exclusive else {})}
 
 
 def fake_node(name: str, *, gpus: int = 8, cpu: str = "128", memory: str = "1Ti", pods: int = 110,
@@ -217,14 +230,19 @@ class SimCluster:
                      f"node {node['metadata']['name']} Ready", timeout)
         return names
 
-    def add_gpu_nodes(self, count: int, prefix: str = "gpu", keep_running: bool = False, **shape: Any) -> NodePool:
+    def add_gpu_nodes(self, count: int, prefix: str = "gpu", keep_running: bool = False, exclusive: bool = False,
+                      **shape: Any) -> NodePool:
         """A pool of `count` fake GPU nodes (8 GPUs each unless `gpus=`; see `fake_node`),
         labelled with the pool's name (`NodePool.selector`), Ready. With `keep_running`, the
-        Job pods that select the pool stay Running (`KEEP_RUNNING`)."""
+        Job pods that select the pool stay Running (`KEEP_RUNNING`). With `exclusive`, the nodes
+        are tainted so that only pods tolerating it (`NodePool.placement`) land there: pods left
+        Pending by an earlier test (that asked for GPUs anywhere) cannot take the pool's GPUs."""
         pool = self.unique(prefix)
         labels = {**shape.pop("labels", {}), POOL_LABEL: pool, **({KEEP_RUNNING: "true"} if keep_running else {})}
+        if exclusive:
+            shape["taints"] = [*shape.get("taints", []), {"key": POOL_LABEL, "value": pool, "effect": "NoSchedule"}]
         nodes = [fake_node(f"{pool}-{i}", labels=labels, **shape) for i in range(count)]
-        return NodePool(pool, self.add_nodes(nodes), keep_running)
+        return NodePool(pool, self.add_nodes(nodes), keep_running, exclusive)
 
     def delete_nodes(self, names: list[str]) -> None:
         for name in names:
