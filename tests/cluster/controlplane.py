@@ -12,6 +12,10 @@ as well, kwok (sigs.k8s.io/kwok) plays the kubelet for every Node annotated
 bound to them through their lifecycle (stages in tests/cluster/kwok/: Running at once, Job pods
 Succeeded, failures and disruptions on request). No container ever runs.
 
+The apiserver writes an audit log (`audit.log`, `AUDIT_POLICY`): one line per request made with a
+ServiceAccount token, i.e. by the operator under test, with its user, verb, resource and response
+code; the tests compare it with the chart's RBAC and the scale benchmark counts requests from it.
+
 Everything binds to 127.0.0.1 on free ports and lives in one work directory (certificates,
 kubeconfigs, `<component>.log`), so several test sessions can run side by side.
 """
