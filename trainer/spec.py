@@ -313,10 +313,11 @@ class DpoSpec(SpecModel):
     """Assumed probability that a preference label is flipped (cDPO / robust DPO)."""
     simpoGamma: float = Field(0.5, ge=0)
     """SimPO's target reward margin gamma (`lossType: simpo` only)."""
-    rpoAlpha: float = Field(0.0, ge=0)
-    """Weight of the chosen answer's NLL added to the preference loss (RPO; TRL's `rpo_alpha`,
-    LlamaFactory's `pref_ftx`): the policy keeps generating the chosen answers while it learns to
-    prefer them. 0 turns it off; `orpo` has this term built in."""
+    rpoAlpha: float = Field(1.0, ge=0)
+    """Weight of the chosen answer's mean token NLL added to the preference loss (RPO; TRL's
+    `rpo_alpha`, LlamaFactory's `pref_ftx`): the policy keeps generating the chosen answers while
+    it learns to prefer them (without it, preference accuracy can reach 100% while greedy answers
+    stop matching). 0: the plain loss of `lossType`. `orpo` has this term built in and ignores it."""
     referenceModel: str | None = None
     """Reference policy (path or `s3://` URI). Default: the model being trained, as it starts; with
     LoRA that is the base with adapters disabled, so no second copy is loaded."""

@@ -22,7 +22,7 @@ to the reference for the reference-based losses, beta x mean token log-probabili
 own reward, not the fixed placeholder reference). A pair whose two rewards tie counts half in
 `accuracies` (at step 0 every DPO reward is 0: 0.5, not a misleading 0.0). With an eval split,
 `eval_chosen_exact_match` is the share of held-out prompts (the first 64) whose greedy answer is
-the chosen one: the generation a preference metric cannot see. `dpo.rpoAlpha` adds the chosen
+the chosen one: the generation a preference metric cannot see. `dpo.rpoAlpha` (default 1) adds the chosen
 answer's NLL to the loss, and a warning says when the chosen answers' log-probability collapses
 (the policy moving away from the answers it should prefer).
 
@@ -91,9 +91,6 @@ def preflight(spec: TrainingSpec) -> TrainingSpec:
         from kubetune.trainer.models.loader import resolve_location
 
         resolve_location(reference, spec.storage, "dpo.referenceModel")
-    if spec.dpo.rpoAlpha and spec.dpo.lossType == "orpo":
-        raise SpecError("dpo.rpoAlpha", "lossType orpo already adds the chosen answer's NLL to its loss.",
-                        "remove dpo.rpoAlpha (ORPO's weight on its odds-ratio term is dpo.beta).")
     if spec.dpo.lossType == "robust" and spec.dpo.labelSmoothing == 0:
         log.info("dpo.lossType robust with labelSmoothing 0 is plain DPO")
     return spec
@@ -123,39 +120,19 @@ def _trainer_class():
             finally:
                 for hook in hooks:
                     hook.remove()
-            self._record_rewards(inputs, captured)
+            record_loss_rewards(self, inputs, captured)
             return result
-
-        def _record_rewards(self, inputs: dict[str, torch.Tensor], captured: list[torch.Tensor]) -> None:
-            mask = inputs["completion_mask"][:, 1:].float()
-            sums = [(c[:, -mask.size(1):] * mask).sum(dim=1) for c in captured]  # policy first, then the reference
-            logps, lengths = sums[0].chunk(2), mask.sum(dim=1).chunk(2)
-            if "ref_chosen_logps" in inputs:
-                reference = (inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])
-            else:
-                reference = sums[1].chunk(2) if len(sums) > 1 else None
-            chosen, rejected = preference_rewards(self.loss_name, self.beta, logps, lengths, reference)
-            mode = "train" if self.model.training else "eval"
-            metrics = reward_metrics(self.accelerator.gather(chosen), self.accelerator.gather(rejected))
-            for key, value in metrics.items():
-                self._metrics[mode][key][-1] = value
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
             dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-            if dataset is not None and self.is_world_process_zero():
+            # Rank 0 generates alone: not with ZeRO-partitioned weights (the runner's samples skip them too).
+            if dataset is not None and self.is_world_process_zero() and not self.is_deepspeed_enabled:
                 self._metrics["eval"]["chosen_exact_match"] = [chosen_exact_match(self.model, self.processing_class, dataset)]
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             super().log(logs, start_time)  # TRL adds its metrics to `logs`
-            for key in ("logps/chosen", "eval_logps/chosen"):
-                if key in logs:
-                    start = self.chosen_start.setdefault(key, logs[key])
-                    if chosen_collapsed(start, logs[key]) and not self.chosen_start.get(f"{key}:warned"):
-                        self.chosen_start[f"{key}:warned"] = 1.0
-                        log.warning("%s fell from %.2f to %.2f at step %d: the policy is moving away from the chosen "
-                                    "answers too, which degrades what it generates. Consider dpo.rpoAlpha (e.g. 1), a "
-                                    "higher dpo.beta or a lower train.learningRate.", key, start, logs[key], self.state.global_step)
+            warn_on_collapse(self, logs)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if "prompt_ids" in dataset.column_names:
@@ -174,6 +151,38 @@ def _trainer_class():
             )
 
     return PreferenceTrainer
+
+
+def record_loss_rewards(trainer, inputs: dict[str, torch.Tensor], captured: list[torch.Tensor]) -> None:
+    """Overwrite the reward metrics TRL just recorded for this batch with the loss's own, from the
+    per-token log-probs of the policy (and reference) forwards captured during the step."""
+    mask = inputs["completion_mask"][:, 1:].float()
+    sums = [(c[:, -mask.size(1):] * mask).sum(dim=1) for c in captured]  # policy first, then the reference
+    logps, lengths = sums[0].chunk(2), mask.sum(dim=1).chunk(2)
+    if "ref_chosen_logps" in inputs:
+        reference = (inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])
+    else:
+        reference = sums[1].chunk(2) if len(sums) > 1 else None
+    chosen, rejected = preference_rewards(trainer.loss_name, trainer.beta, logps, lengths, reference)
+    mode = "train" if trainer.model.training else "eval"
+    metrics = reward_metrics(trainer.accelerator.gather(chosen), trainer.accelerator.gather(rejected))
+    for key, value in metrics.items():
+        trainer._metrics[mode][key][-1] = value
+
+
+def warn_on_collapse(trainer, logs: dict[str, float]) -> None:
+    """Once per run: the chosen answers' log-probability collapsed since the first log. Watched on
+    the held-out set when there is one (the same answers each time; training batches differ)."""
+    key = "eval_logps/chosen" if trainer.eval_dataset is not None else "logps/chosen"
+    if key not in logs:
+        return
+    start = trainer.chosen_start.setdefault(key, logs[key])
+    if chosen_collapsed(start, logs[key]) and "warned" not in trainer.chosen_start:
+        trainer.chosen_start["warned"] = 1.0
+        rpo = trainer.args.loss_weights[-1] if "sft" in trainer.loss_types else 0.0
+        log.warning("%s fell from %.2f to %.2f at step %d: the policy is moving away from the chosen answers too, "
+                    "which degrades what it generates. Raise dpo.rpoAlpha (now %g) or dpo.beta, or lower "
+                    "train.learningRate.", key, start, logs[key], trainer.state.global_step, rpo)
 
 
 def chosen_exact_match(model, tokenizer, dataset) -> float:
