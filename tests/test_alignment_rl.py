@@ -113,6 +113,27 @@ def test_raft_raises_the_held_out_reward(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_raft_iterations_that_keep_nothing_leave_the_model_unchanged(tmp_path: Path) -> None:
+    """Every answer scores 0: nothing is above the mean, nothing is kept, and no step moves a
+    weight (no gradient at all, so neither momentum nor weight decay acts)."""
+    from safetensors.torch import load_file
+
+    from kubetune.trainer.models.loader import resolve_location
+
+    rewards = tmp_path / "zero_reward.py"
+    rewards.write_text("def score(prompts, completions, **columns):\n    return [0.0] * len(completions)\n")
+    out = tmp_path / "raft"
+    spec = validate_training(rl_spec("raft", out, reward={"function": f"{rewards}:score"},
+                                     train={"maxSteps": 3, "evalEverySteps": None, "weightDecay": 0.1}))
+    run(spec)
+    start = load_file(str(Path(resolve_location("builtin:tiny-llama", spec.storage, "model.path")) / "model.safetensors"))
+    end = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(start[name], end[name]) for name in start)
+    assert not (out / "raft_kept.jsonl").exists() or not (out / "raft_kept.jsonl").read_text().strip()
+    assert all(r["kept_fraction"] == 0 for r in read_metrics(out) if "kept_fraction" in r)
+
+
+@pytest.mark.slow
 def test_grpo_raises_the_sample_reward_from_an_sft_start(tmp_path: Path, tmp_path_factory) -> None:
     """#17 item 3's check for GRPO: from a start that answers partly right (40 SFT steps), the
     samples' mean reward rises over 30 steps (seeds 0 and 1 here: +0.10 from the first two logged

@@ -69,7 +69,8 @@ class RaftTrainer(RolloutTrainer):
         if not kept and self.args.world_size == 1:
             # No gradient at all (not a zero one): the optimizer skips every parameter, so neither
             # momentum nor weight decay moves the model on an iteration with nothing to learn.
-            return torch.zeros((), device=self.args.device, requires_grad=True)
+            nothing = torch.zeros((), device=self.args.device, requires_grad=True)
+            return (nothing, None) if return_outputs else nothing
         # Other ranks may have kept answers: every rank runs the forward for the gradient sync,
         # a rank with nothing kept at weight zero.
         batch = self._supervised_batch(rows, rollouts, kept or [0], k)
