@@ -136,7 +136,7 @@ def test_raft_iterations_that_keep_nothing_leave_the_model_unchanged(tmp_path: P
 @pytest.mark.slow
 def test_grpo_raises_the_sample_reward_from_an_sft_start(tmp_path: Path, tmp_path_factory) -> None:
     """#17 item 3's check for GRPO: from a start that answers partly right (40 SFT steps), the
-    samples' mean reward rises over 30 steps (seeds 0 and 1 here: +0.10 from the first two logged
+    samples' mean reward rises over 30 steps (train.seed 42 and 1 here: +0.10 from the first two logged
     stretches to the last three)."""
     from .test_alignment_train import train_sft
 
