@@ -194,6 +194,23 @@ def test_preference_metrics_count_ties_half_and_simpo_reports_its_own_reward() -
     assert not chosen_collapsed(-12.9, -10.7) and not chosen_collapsed(-12.9, -20.0) and not chosen_collapsed(-0.5, -1.2)
 
 
+def test_batched_greedy_answers_equal_one_at_a_time(sft_model) -> None:
+    """eval_chosen_exact_match answers held-out prompts in left-padded batches: the answers must be
+    the ones generated one prompt at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kubetune.trainer.samples import generate_samples, greedy_completions
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_model)
+    model = AutoModelForCausalLM.from_pretrained(sft_model)
+    questions = ["Add 2 and 3.", "What is the capital of France?", "Opposite of hot?", "Give the antonym of young."]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                             return_dict=False) for q in questions]
+    assert len({len(p) for p in prompts}) > 1  # different lengths: the batch is padded
+    one_by_one = [s["completion"] for s in generate_samples(model, tokenizer, prompts, max_new_tokens=16)]
+    assert greedy_completions(model, tokenizer, prompts, max_new_tokens=16, batch_size=4) == one_by_one
+
+
 def test_lora_dpo_uses_the_base_with_adapters_disabled(tmp_path, sft_model, preference_files, monkeypatch):
     from safetensors.torch import load_file
 

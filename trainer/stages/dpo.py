@@ -54,6 +54,8 @@ TRL_LOSS = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "rob
 REFERENCE_FREE = ("simpo", "orpo")
 GENERATION_EVAL_LIMIT = 64
 """Held-out prompts answered greedily at each evaluation for `eval_chosen_exact_match`."""
+MAX_ANSWER_TOKENS = 256
+"""Greedy answers stop here (the cost of an evaluation); a longer chosen answer never counts as matched."""
 TIE_TOLERANCE = 1e-6
 
 
@@ -127,7 +129,8 @@ def _trainer_class():
             dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
             # Rank 0 generates alone: not with ZeRO-partitioned weights (the runner's samples skip them too).
             if dataset is not None and self.is_world_process_zero() and not self.is_deepspeed_enabled:
-                self._metrics["eval"]["chosen_exact_match"] = [chosen_exact_match(self.model, self.processing_class, dataset)]
+                policy = self.accelerator.unwrap_model(self.model)
+                self._metrics["eval"]["chosen_exact_match"] = [chosen_exact_match(policy, self.processing_class, dataset)]
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -189,13 +192,13 @@ def chosen_exact_match(model, tokenizer, dataset) -> float:
     """Share of held-out prompts (the first GENERATION_EVAL_LIMIT) whose greedy answer is the
     chosen answer (case and surrounding space ignored, as the `exact_match` reward)."""
     from kubetune.trainer.reward_functions import exact_match
-    from kubetune.trainer.samples import generate_samples
+    from kubetune.trainer.samples import greedy_completions
 
     rows = dataset.select(range(min(len(dataset), GENERATION_EVAL_LIMIT)))
     prompts = [list(r) for r in rows["prompt_ids"]]
     chosen = [tokenizer.decode(ids, skip_special_tokens=True) for ids in rows["chosen_ids"]]
     longest = max(len(ids) for ids in rows["chosen_ids"])
-    answers = [s["completion"] for s in generate_samples(model, tokenizer, prompts, max_new_tokens=longest + 4)]
+    answers = greedy_completions(model, tokenizer, prompts, max_new_tokens=min(longest + 4, MAX_ANSWER_TOKENS))
     scores = exact_match(prompts, answers, reference=chosen)
     return sum(scores) / max(len(scores), 1)
 
