@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft-lr", type=float, default=3e-3)
     p.add_argument("--dpo-steps", type=int, default=60)
     p.add_argument("--dpo-lr", type=float, default=1e-3)
-    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--beta", type=float, default=0.1, help="dpo.beta for both (kubetune's default: 0.1)")
     p.add_argument("--rpo-alpha", type=float, default=1.0, help="kubetune dpo.rpoAlpha (its default: 1)")
     p.add_argument("--raft-steps", type=int, default=30)
     p.add_argument("--raft-lr", type=float, default=3e-4)
