@@ -75,6 +75,16 @@ def test_quickstart_learns_the_task(tmp_path):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_default_sft_schedule_decays_linearly_like_trl(tmp_path):
+    """#17: sft's default `train.scheduler` is linear (transformers' and TRL's): with cosine, sft
+    trailed TRL's held-out exact match at the same lr and steps (bench/quality.py)."""
+    spec = small_spec(tmp_path, data={"evalSize": 0})
+    run(validate_training(spec))
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "out") if "lr" in r}
+    # the lr logged at step s is the one step s trained with: peak x (1 - (s - 1) / maxSteps)
+    assert lrs == pytest.approx({s: 1e-3 * (1 - (s - 1) / 6) for s in range(1, 7)})
+
+
 def test_freeze_trains_only_the_chosen_layers(tmp_path, tiny_model_dir):
     spec = validate_training(small_spec(tmp_path, method="freeze", freeze={"trainableLayers": 1, "trainableModules": ["model.norm"]}))
     result = run(spec)

@@ -123,6 +123,13 @@ def finished_run(spec: TrainingSpec) -> dict | None:
     return status if document == current else None
 
 
+def default_scheduler(stage: str) -> str:
+    """`train.scheduler` when unset: linear (transformers' and TRL's default) for `pt` and `sft`,
+    where cosine at the same peak rate cost held-out exact match on the demo task
+    (bench/quality.py, #17); cosine, which the preference and RL stages were tuned with, otherwise."""
+    return "linear" if stage in ("pt", "sft") else "cosine"
+
+
 def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, has_eval: bool):
     """TrainingArguments from the spec, with the process-group setup this machine needs.
 
@@ -157,7 +164,7 @@ def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, ha
         per_device_eval_batch_size=t.batchSize,
         gradient_accumulation_steps=t.gradientAccumulation,
         learning_rate=t.learningRate,
-        lr_scheduler_type=t.scheduler,
+        lr_scheduler_type=t.scheduler or default_scheduler(spec.stage),
         warmup_steps=warmup,
         weight_decay=t.weightDecay,
         max_grad_norm=t.maxGradNorm,

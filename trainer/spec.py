@@ -417,7 +417,10 @@ class TrainSpec(SpecModel):
     """Sequences per device per step."""
     gradientAccumulation: PositiveInt = 1
     learningRate: PositiveFloat = 2e-4
-    scheduler: Scheduler = "cosine"
+    scheduler: Scheduler | None = None
+    """Learning-rate decay from `learningRate` over the run. Default: `linear` for `pt` and `sft`
+    (transformers' and TRL's default: at the same peak rate and budget, `cosine` cost held-out exact
+    match on the demo task, bench/quality.py), `cosine` for the other stages."""
     warmupRatio: float = Field(0.0, ge=0, lt=1)
     warmupSteps: NonNegativeInt = 0
     weightDecay: float = Field(0.0, ge=0)
