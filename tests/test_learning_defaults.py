@@ -125,9 +125,11 @@ def test_kill_9_and_an_incomplete_checkpoint_on_the_command_line(tmp_path: Path,
     kill mid-save): the rerun says it skipped that checkpoint, and every stepped record (losses
     and eval losses) is in metrics.jsonl once."""
     data = antonym_task(tmp_path / "data", count=160)
+    steps = 24
     spec = {"model": {"path": "builtin:tiny-llama"}, "method": "full",
             "data": {"datasets": [{"path": str(data)}], "evalSize": 16, "maxLength": 32},
-            "train": {"maxSteps": 14, "batchSize": 8, "evalEverySteps": 2}, "checkpoint": {"everySteps": 4},
+            "train": {"maxSteps": steps, "batchSize": 8, "evalEverySteps": 2},
+            "checkpoint": {"everySteps": 4, "keepLast": steps},
             "logging": {"everySteps": 1}, "output": {"path": str(tmp_path / "out")}}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -139,15 +141,20 @@ def test_kill_9_and_an_incomplete_checkpoint_on_the_command_line(tmp_path: Path,
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (out / "checkpoint-8").is_dir()
-    (out / "checkpoint-8" / "kubetune-manifest.json").unlink()  # as if killed while saving it
+    # Where the kill landed depends on the machine's speed: take the newest checkpoint as the one
+    # cut mid-save (no rotation: keepLast covers them all), and the one before it as the resume point.
+    saved = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if p.is_dir())
+    assert len(saved) >= 2 and saved[-1] < steps, saved
+    newest, previous = saved[-1], saved[-2]
+    (out / f"checkpoint-{newest}" / "kubetune-manifest.json").unlink()  # as if killed while saving it
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert "checkpoint-8 is incomplete (no manifest): skipped, resuming from checkpoint-4" in done.stderr
+    assert (f"checkpoint-{newest} is incomplete (no manifest): skipped, resuming from checkpoint-{previous}"
+            in done.stderr), done.stderr[-3000:]
     stepped = [(r["step"], "eval_loss" in r) for r in records(out) if "event" not in r and ("loss" in r or "eval_loss" in r)]
     assert sorted(stepped) == sorted({*stepped}), stepped  # none twice
-    assert [s for s, is_eval in stepped if not is_eval] == list(range(1, 15))
-    assert [s for s, is_eval in stepped if is_eval] == list(range(0, 15, 2))
+    assert [s for s, is_eval in stepped if not is_eval] == list(range(1, steps + 1))
+    assert [s for s, is_eval in stepped if is_eval] == list(range(0, steps + 1, 2))
 
 
 def _safe_records(out: Path) -> list[dict]:
