@@ -64,4 +64,4 @@ rm -rf "$VENV"
 python3 -m venv --without-pip "$VENV"
 PY_SITE "$BASE" >"$(PY_SITE "$VENV")/kubetune-vllm-base.pth"
 "$VENV/bin/python" -m pip --disable-pip-version-check -q install --no-deps -e .
-(cd / && "$VENV/bin/python" -c "import vllm, kubetune.trainer.infer.vllm_engine; print('setup-vllm: vllm', vllm.__version__, 'from', '$BASE')")
+(cd / && "$VENV/bin/python" -c "import vllm, kubetune.trainer.serve.vllm_engine; print('setup-vllm: vllm', vllm.__version__, 'from', '$BASE')")

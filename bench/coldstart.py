@@ -4,7 +4,7 @@
     python bench/coldstart.py --hidden 512    # smaller (~100 MB), faster
 
 Runs exactly what the rendered pod runs, as local processes: the init container
-(`python -m kubetune.operator.fetch --model s3://...`) and then the server container
+(`python -m kubetune.trainer.serve.fetch --model s3://...`) and then the server container
 (`kubetune serve s3://... --engine transformers`) until `/ready` answers 200. First with an
 empty node cache (cold: everything is downloaded), then again with the same cache (warm: a
 second replica on the node, or a restarted pod). S3 is moto's server on 127.0.0.1, so the
@@ -39,7 +39,7 @@ def free_port() -> int:
 
 
 def build_model(directory: Path, hidden: int, layers: int) -> int:
-    from kubetune.trainer.models.builtin import build_tiny_llama
+    from kubetune.trainer.train.models.builtin import build_tiny_llama
 
     if not (directory / "config.json").is_file():
         build_tiny_llama(directory, vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 4,

@@ -37,7 +37,7 @@ PROMPTS = [
 
 
 def bench_speculative(model: str, draft: str, tokens: int, lookup: int) -> list[dict]:
-    from kubetune.trainer.infer import SamplingParams, Sequence, create_engine
+    from kubetune.trainer.serve import SamplingParams, Sequence, create_engine
 
     engines = {
         "greedy": create_engine(model, engine="transformers"),
@@ -76,8 +76,8 @@ def free_port() -> int:
 def bench_server(model: str, tokens: int, levels: list[int], requests_per_client: int) -> list[dict]:
     import openai
 
-    from kubetune.trainer.infer import create_engine
-    from kubetune.trainer.infer.server import ServerConfig, create_app, make_server
+    from kubetune.trainer.serve import create_engine
+    from kubetune.trainer.serve.server import ServerConfig, create_app, make_server
 
     engine = create_engine(model, engine="transformers")
     app = create_app(engine, config=ServerConfig(max_batch_size=max(levels), batch_wait_s=0.01))

@@ -2,7 +2,7 @@
 
 For each method (full, freeze, lora, qlora, dora, galore) the same model, data and settings run
 in fresh processes so peak memory is the method's own (interleaved pairs, `--repeats`, median ratio):
-  - through kubetune (`kubetune.trainer.runner.run`), and
+  - through kubetune (`kubetune.trainer.train.runner.run`), and
   - through a plain `transformers.Trainer` with PEFT / bitsandbytes / GaLore set up by hand,
     on the same tokenized data (the baseline: what the toolkit would cost over doing it yourself).
 Throughput is tokens per second of the training loop (the trainer's `train_runtime`, which
@@ -47,7 +47,7 @@ def method_blocks(method: str) -> dict:
 
 
 def build_model(directory: Path, hidden: int, layers: int) -> Path:
-    from kubetune.trainer.models.builtin import build_tiny_llama
+    from kubetune.trainer.train.models.builtin import build_tiny_llama
 
     if not (directory / "config.json").is_file():
         heads = max(1, hidden // 64)
@@ -83,13 +83,13 @@ def peak_memory_mb() -> float:
 
 
 def run_kubetune(spec_doc: dict) -> dict:
-    from kubetune.trainer.models.methods import count_parameters
-    from kubetune.trainer.runner import run
-    from kubetune.trainer.specfile import validate_training
+    from kubetune.trainer.api.specfile import validate_training
+    from kubetune.trainer.train.models.methods import count_parameters
+    from kubetune.trainer.train.runner import run
 
     spec = validate_training(spec_doc)
     seen: dict = {}
-    import kubetune.trainer.models.methods as methods
+    import kubetune.trainer.train.models.methods as methods
 
     original = methods.apply_method
 
@@ -120,8 +120,8 @@ def run_baseline(spec_doc: dict) -> dict:
         TrainingArguments,
     )
 
-    from kubetune.trainer.data import build_datasets
-    from kubetune.trainer.specfile import validate_training
+    from kubetune.trainer.api.specfile import validate_training
+    from kubetune.trainer.train.data import build_datasets
 
     spec = validate_training(spec_doc)
     tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
@@ -161,8 +161,8 @@ def count_tokens(spec_doc: dict) -> int:
     """Tokens the loop consumes (steps x batch x mean row length): the same for both implementations."""
     from transformers import AutoTokenizer
 
-    from kubetune.trainer.data import build_datasets
-    from kubetune.trainer.specfile import validate_training
+    from kubetune.trainer.api.specfile import validate_training
+    from kubetune.trainer.train.data import build_datasets
 
     spec = validate_training(spec_doc)
     data = build_datasets(spec, AutoTokenizer.from_pretrained(spec.model.path))

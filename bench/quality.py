@@ -1,6 +1,6 @@
 """Does each stage move its task metric, and what does it cost next to plain TRL at the same budget?
 
-On the repository's own small task (`kubetune.trainer.demo`: antonyms, sums and capitals; the
+On the repository's own small task (`kubetune.trainer.train.demo`: antonyms, sums and capitals; the
 first 40 examples held out of every stage's training data) and the built-in tiny Llama:
   - `sft` from the untrained model: held-out greedy exact match and eval loss before and after,
     kubetune against TRL's SFTTrainer on the same rows (conversational prompt/completion, the
@@ -31,13 +31,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 HELD_OUT = 40
-REWARD = "kubetune.trainer.reward_functions:exact_match"
+REWARD = "kubetune.trainer.train.reward_functions:exact_match"
 
 
 def write_task(directory: Path) -> dict[str, Path]:
     """Alpaca rows and preference pairs, each split into training rows and the held-out 40."""
-    from kubetune.trainer.data.demo_preferences import demo_preferences
-    from kubetune.trainer.demo import demo_examples
+    from kubetune.trainer.train.data.demo_preferences import demo_preferences
+    from kubetune.trainer.train.demo import demo_examples
 
     rows, pairs = demo_examples(), demo_preferences()
     files = {"train": directory / "train.json", "eval": directory / "eval.json",
@@ -71,8 +71,8 @@ def answer_logp(model, prompt: list[int], answer: list[int]) -> float:
 
 def task_metrics(model_dir: str | Path, files: dict[str, Path]) -> dict[str, float]:
     """Held-out greedy exact match, mean answer NLL per token, and preference accuracy."""
-    from kubetune.trainer.reward_functions import exact_match
-    from kubetune.trainer.samples import generate_samples
+    from kubetune.trainer.train.reward_functions import exact_match
+    from kubetune.trainer.train.samples import generate_samples
 
     model, tokenizer = load(model_dir)
     rows = json.loads(files["eval"].read_text())
@@ -94,8 +94,8 @@ def task_metrics(model_dir: str | Path, files: dict[str, Path]) -> dict[str, flo
 
 
 def kubetune_run(stage: str, model: str, files: dict[str, Path], out: Path, args, **blocks) -> float:
-    from kubetune.trainer.runner import run
-    from kubetune.trainer.specfile import validate_training
+    from kubetune.trainer.api.specfile import validate_training
+    from kubetune.trainer.train.runner import run
 
     data = {"sft": [{"path": str(files["train"]), "format": "alpaca"}], "dpo": [{"path": str(files["pairs"])}],
             "raft": [{"path": str(files["train"]), "format": "alpaca"}]}[stage]
@@ -179,8 +179,8 @@ def markdown(rows: list[dict], args) -> str:
 
 def one_seed(args) -> list[dict]:
     """sft from the untrained model, then dpo and raft from kubetune's SFT output, for one seed."""
-    from kubetune.trainer.models.loader import resolve_location
-    from kubetune.trainer.spec import StorageSpec
+    from kubetune.trainer.api.spec import StorageSpec
+    from kubetune.trainer.train.models.loader import resolve_location
 
     with tempfile.TemporaryDirectory(prefix="kubetune-quality-") as tmp:
         work = Path(tmp)

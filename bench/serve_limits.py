@@ -39,7 +39,7 @@ def free_port() -> int:
 
 def start_server(model: str, port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONSAFEPATH": "1", "KUBETUNE_API_KEY": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune.trainer.cli", "serve", model, "--engine", "transformers",
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.trainer.cli.main", "serve", model, "--engine", "transformers",
                              "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

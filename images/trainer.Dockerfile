@@ -35,7 +35,7 @@ RUN pip install "/src[deepspeed,quant,galore,serve]" \
         "galore-torch==${GALORE_VERSION}"
 # flash-attn compiles against the torch above (prebuilt wheels are used when they match).
 RUN MAX_JOBS=${MAX_JOBS} pip install --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"
-RUN python -c "import torch, deepspeed, bitsandbytes, flash_attn, kubetune.trainer.cli" \
+RUN python -c "import torch, deepspeed, bitsandbytes, flash_attn, kubetune.trainer.cli.main" \
     && kubetune --help >/dev/null
 
 # ---- runtime: CUDA runtime libraries, the venv, a non-root user -------------------------

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1.7
 # The serving image for InferenceService pods: vLLM's OpenAI server image plus kubetune, whose
-# storage layer is the init step (`python -m kubetune.operator.fetch`: model and adapters from
+# storage layer is the init step (`python -m kubetune.trainer.serve.fetch`: model and adapters from
 # S3 into the node-local cache) and whose `kubetune serve` fronts the engine. Build from the
 # repository root:
 #   docker build -f images/vllm.Dockerfile -t ghcr.io/kubetune/kubetune-vllm:0.1.0 .
@@ -15,7 +15,7 @@ COPY operator /src/operator
 # kubetune without touching them, plus the one dependency the storage step adds.
 RUN pip install --no-deps /src \
     && pip install "boto3==${BOTO3_VERSION}" \
-    && python -c "import vllm, kubetune.operator.fetch, kubetune.operator.adapters, kubetune.trainer.cli"
+    && python -c "import vllm, kubetune.trainer.serve.fetch, kubetune.trainer.serve.adapters, kubetune.trainer.cli.main"
 RUN groupadd --gid 1000 kubetune 2>/dev/null || true; \
     useradd --uid 1000 --gid 1000 --create-home kubetune 2>/dev/null || true
 ENV HOME=/home/kubetune HF_HOME=/home/kubetune/.cache/huggingface PYTHONUNBUFFERED=1

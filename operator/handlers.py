@@ -73,7 +73,7 @@ from kubetune.operator.status import (
     set_condition,
 )
 from kubetune.operator.validation import AdmissionRefused, admit, validate_resource
-from kubetune.trainer.errors import SpecErrors
+from kubetune.trainer.api.errors import SpecErrors
 
 log = logging.getLogger("kubetune.operator")
 
@@ -135,7 +135,7 @@ def _lock(kind: str, namespace: str, name: str) -> threading.Lock:
 def _storage_settings(cr: dict[str, Any]) -> Any:
     """StorageSpec for reading status.json: the job's training.storage, with the cluster-level
     endpoint as a fallback. Credentials are the operator's own (its environment / identity)."""
-    from kubetune.trainer.spec import StorageSpec
+    from kubetune.trainer.api.spec import StorageSpec
 
     spec = cr.get("spec") or {}
     raw = dict(((spec.get("training") or {}).get("storage")) or {})

@@ -78,8 +78,8 @@ from kubetune.operator.status import (
     set_condition,
 )
 from kubetune.operator.validation import memory_refusal, validate_resource
-from kubetune.trainer.errors import SpecErrors, cap_message
-from kubetune.trainer.prepare import cache_location, cluster_default_cache, prepare_skip_reason
+from kubetune.trainer.api.errors import SpecErrors, cap_message
+from kubetune.trainer.train.prepare import cache_location, cluster_default_cache, prepare_skip_reason
 
 COND_DATA_PREPARED = "DataPrepared"
 """The datasets are tokenized into data.cache (False while the prepare Job runs, or after it failed)."""
@@ -304,7 +304,7 @@ class _Reconciler(DependencyChecks, StatusDecisions):
     # -- the prepare step ------------------------------------------------------------------
     def has_prepare_step(self, spec: ClusterFields) -> bool:
         """Whether the datasets are tokenized by a prepare Job before the gang (see
-        `kubetune.trainer.prepare.prepare_skip_reason`: an s3:// data.cache, no streaming; a
+        `kubetune.trainer.train.prepare.prepare_skip_reason`: an s3:// data.cache, no streaming; a
         multi-node job writing to S3 defaults to one, see `cluster_default_cache`)."""
         return prepare_skip_reason(cluster_default_cache(spec.training, spec.nodes)) is None
 

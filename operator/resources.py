@@ -20,8 +20,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import to_jsonable_python
 
-from kubetune.trainer import spec as trainer_spec
-from kubetune.trainer.spec import TrainingSpec
+from kubetune.trainer.api import spec as trainer_spec
+from kubetune.trainer.api.spec import TrainingSpec
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -734,7 +734,7 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
          "message": f"rewardModelFrom is for the stages that score generations ({', '.join(trainer_spec.ROLLOUT_STAGES)})",
          "fieldPath": ".rewardModelFrom"},
     ],
-    # -- the trainer's spec (kubetune/trainer/spec.py)
+    # -- the trainer's spec (kubetune/trainer/api/spec.py)
     "DeepSpeedSpec": [{"rule": "!has(self.offloadParams) || !self.offloadParams || (has(self.stage) && self.stage == 3)",
                        "message": "offloadParams needs stage 3: ZeRO-1/2 do not partition parameters",
                        "fieldPath": ".offloadParams"}],

@@ -86,7 +86,7 @@ from kubetune.operator.status import (
     set_condition,
 )
 from kubetune.operator.validation import validate_resource
-from kubetune.trainer.errors import SpecErrors
+from kubetune.trainer.api.errors import SpecErrors
 
 log = logging.getLogger("kubetune.operator")
 

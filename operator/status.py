@@ -1,7 +1,7 @@
 """Status vocabulary of the training kinds: phases, conditions, and progress from status.json.
 
 Pure helpers (dicts in, dicts out) except `read_trainer_status`, which reads the trainer's
-`status.json` from the output location through `kubetune.trainer.storage`.
+`status.json` from the output location through `kubetune.trainer.artifacts`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pydantic import (
     field_validator,
 )
 
-from kubetune.trainer.errors import MESSAGE_LIMIT, cap_message, shorten
+from kubetune.trainer.api.errors import MESSAGE_LIMIT, cap_message, shorten
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
 
@@ -243,7 +243,7 @@ a minute or more against an endpoint that accepts connections and never answers 
 def status_read_settings(storage: Any = None) -> Any:
     """`storage` (a StorageSpec, or None for the defaults) with the fewest retries, for the
     best-effort status read."""
-    from kubetune.trainer.spec import StorageSpec
+    from kubetune.trainer.api.spec import StorageSpec
 
     settings = storage if isinstance(storage, StorageSpec) else StorageSpec()
     return settings.model_copy(update={"maxAttempts": STATUS_READ_ATTEMPTS})
@@ -254,7 +254,7 @@ def read_trainer_status(output_uri: str, storage: Any = None) -> dict[str, Any] 
     not exist (yet) or cannot be read. Never raises, and gives up quickly (`STATUS_READ_ATTEMPTS`,
     `STATUS_READ_CONNECT_TIMEOUT_S`, `STATUS_READ_TIMEOUT_S`):
     progress is best effort, and the next observation reads it again."""
-    from kubetune.trainer.storage.output import read_status
+    from kubetune.trainer.artifacts.output import read_status
 
     return read_status(output_uri, status_read_settings(storage),
                        connect_timeout=STATUS_READ_CONNECT_TIMEOUT_S, read_timeout=STATUS_READ_TIMEOUT_S)

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from kubetune.operator.render.training import training_hash
 from kubetune.operator.resources import KINDS, ClusterFields, validate_spec
-from kubetune.trainer.errors import (
+from kubetune.trainer.api.errors import (
     EXIT_CONFIG_ERROR,
     KubetuneError,
     SpecError,
@@ -20,14 +20,14 @@ from kubetune.trainer.errors import (
     shorten,
     validation_error_to_spec_errors,
 )
-from kubetune.trainer.preflight import looks_like_local_path
-from kubetune.trainer.specfile import manifest_root_errors
+from kubetune.trainer.api.specfile import manifest_root_errors
+from kubetune.trainer.train.preflight import looks_like_local_path
 
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 """Environment variable names that usually hold a secret."""
 
 try:  # the storage layer knows what an s3:// location is; keep working without it
-    from kubetune.trainer.storage.uri import is_s3
+    from kubetune.trainer.artifacts.uri import is_s3
 except ImportError:  # pragma: no cover
     def is_s3(location: object) -> bool:
         return isinstance(location, str) and location.startswith("s3://")
@@ -122,7 +122,7 @@ def default_gpu_memory() -> float | None:
 
 def _memory_inputs(spec: ClusterFields) -> tuple[Any, float, Any] | None:
     """(training spec, GPU GiB, model shape) when the memory check applies and can run."""
-    from kubetune.trainer.estimate import resolve_shape
+    from kubetune.trainer.api.estimate import resolve_shape
 
     training = getattr(spec, "training", None)
     if training is None or spec.gpusPerNode == 0:
@@ -141,7 +141,7 @@ def _memory_inputs(spec: ClusterFields) -> tuple[Any, float, Any] | None:
 def memory_refusal(spec: ClusterFields, body: dict[str, Any] | None = None, source: str | None = None) -> str | None:
     """Why the job cannot fit in GPU memory on nodes x gpusPerNode (with what would), or None
     when it fits or cannot be checked (no GPU memory known, model size unknown)."""
-    from kubetune.trainer.estimate import estimate, fit_message
+    from kubetune.trainer.api.estimate import estimate, fit_message
 
     inputs = _memory_inputs(spec)
     if inputs is None:

@@ -287,7 +287,7 @@ def local_operator_command(args: list[str], replace: dict[str, str | None]) -> l
     missing = [f for f, v in replace.items() if v is not None and not any(a.startswith(f + "=") for a in args)]
     out.extend(f"{f}={replace[f]}" for f in missing)
     kubetune = Path(sys.executable).with_name("kubetune")
-    prefix = [str(kubetune)] if kubetune.exists() else [sys.executable, "-c", "import sys; from kubetune.trainer.cli "
+    prefix = [str(kubetune)] if kubetune.exists() else [sys.executable, "-c", "import sys; from kubetune.trainer.cli.main "
                                                         "import main; sys.exit(main(sys.argv[1:]))"]
     return [*prefix, *out]
 

@@ -29,7 +29,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(_isolated_cache: Path) -> Path:
     """The `builtin:tiny-llama` model directory (a 2-layer Llama and its BPE tokenizer)."""
-    from kubetune.trainer.models.builtin import resolve_builtin
+    from kubetune.trainer.train.models.builtin import resolve_builtin
 
     return resolve_builtin("builtin:tiny-llama")
 

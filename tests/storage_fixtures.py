@@ -261,7 +261,7 @@ class S3Env:
     cache: Path
 
     def settings(self, **overrides: Any) -> Any:
-        from kubetune.trainer.spec import StorageSpec
+        from kubetune.trainer.api.spec import StorageSpec
 
         values = {"endpointUrl": self.proxy.url, "pathStyle": True, "cacheDir": str(self.cache), "maxAttempts": 5}
         values.update(overrides)

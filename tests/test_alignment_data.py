@@ -8,16 +8,16 @@ from pathlib import Path
 import datasets
 import pytest
 
-from kubetune.trainer.data.aligners import HHAligner, PreferenceAligner, UnpairedAligner, parse_hh
-from kubetune.trainer.data.processors import (
+from kubetune.trainer.api.errors import SpecError
+from kubetune.trainer.api.specfile import validate_training
+from kubetune.trainer.train.data.aligners import HHAligner, PreferenceAligner, UnpairedAligner, parse_hh
+from kubetune.trainer.train.data.processors import (
     ChatRenderer,
     PairwiseProcessor,
     ProcessorConfig,
     UnpairedProcessor,
 )
-from kubetune.trainer.data.templates import apply_template
-from kubetune.trainer.errors import SpecError
-from kubetune.trainer.specfile import validate_training
+from kubetune.trainer.train.data.templates import apply_template
 
 from .conftest import EXAMPLES
 
@@ -88,8 +88,8 @@ def _spec(tmp_path: Path, path: str, stage: str = "dpo", **extra) -> dict:
 
 
 def test_build_datasets_reads_every_pairwise_layout(tmp_path, tiny_tokenizer):
-    from kubetune.trainer.data import build_datasets
-    from kubetune.trainer.data.demo_preferences import write_files
+    from kubetune.trainer.train.data import build_datasets
+    from kubetune.trainer.train.data.demo_preferences import write_files
 
     _, hh = write_files(tmp_path, hh=True)
     for path in (PREFS, str(hh)):
@@ -99,7 +99,7 @@ def test_build_datasets_reads_every_pairwise_layout(tmp_path, tiny_tokenizer):
 
 
 def test_preference_data_without_rejected_is_a_spec_error(tmp_path, tiny_tokenizer):
-    from kubetune.trainer.data import build_datasets
+    from kubetune.trainer.train.data import build_datasets
 
     path = tmp_path / "prefs.jsonl"
     path.write_text(json.dumps({"prompt": "2+2?", "chosen": "4"}) + "\n")
@@ -121,7 +121,7 @@ def test_preference_data_without_rejected_is_a_spec_error(tmp_path, tiny_tokeniz
 
 
 def test_missing_reference_model_fails_before_training(tmp_path):
-    from kubetune.trainer.runner import run
+    from kubetune.trainer.train.runner import run
 
     spec = validate_training(_spec(tmp_path, PREFS, dpo={"referenceModel": str(tmp_path / "nope")}))
     with pytest.raises(SpecError, match="does not exist") as err:
@@ -148,9 +148,9 @@ def test_datasets_features_are_the_internal_form():
 
 def test_kto_splits_pairwise_data_into_a_desirable_and_an_undesirable_row():
     """Pairs given to the unpaired stage: each becomes two rows (TRL's unpairing), detected by `auto`."""
-    from kubetune.trainer.data.aligners import align_source
-    from kubetune.trainer.data.loader import load_source
-    from kubetune.trainer.spec import DatasetSpec
+    from kubetune.trainer.api.spec import DatasetSpec
+    from kubetune.trainer.train.data.aligners import align_source
+    from kubetune.trainer.train.data.loader import load_source
 
     spec = DatasetSpec(path=PREFS)
     pairs = [json.loads(line) for line in Path(PREFS).read_text().splitlines()]

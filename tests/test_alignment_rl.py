@@ -16,21 +16,21 @@ import pytest
 import torch
 import yaml
 
-from kubetune.trainer.data.demo_preferences import demo_preferences
-from kubetune.trainer.errors import SpecError, SpecErrors
-from kubetune.trainer.preflight import preflight
-from kubetune.trainer.reward_functions import exact_match, word_f1
-from kubetune.trainer.rewards import distinct_n, import_function
-from kubetune.trainer.runner import run
-from kubetune.trainer.specfile import validate_training
-from kubetune.trainer.stages.ppo import gae
-from kubetune.trainer.stages.raft import select_kept
+from kubetune.trainer.api.errors import SpecError, SpecErrors
+from kubetune.trainer.api.specfile import validate_training
+from kubetune.trainer.train.data.demo_preferences import demo_preferences
+from kubetune.trainer.train.preflight import preflight
+from kubetune.trainer.train.reward_functions import exact_match, word_f1
+from kubetune.trainer.train.rewards import distinct_n, import_function
+from kubetune.trainer.train.runner import run
+from kubetune.trainer.train.stages.ppo import gae
+from kubetune.trainer.train.stages.raft import select_kept
 
 from .test_train import DEMO, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
-REWARD = "kubetune.trainer.reward_functions:word_f1"
+REWARD = "kubetune.trainer.train.reward_functions:word_f1"
 
 
 def rl_spec(stage: str, out: Path, **blocks) -> dict:
@@ -118,7 +118,7 @@ def test_raft_iterations_that_keep_nothing_leave_the_model_unchanged(tmp_path: P
     weight (no gradient at all, so neither momentum nor weight decay acts)."""
     from safetensors.torch import load_file
 
-    from kubetune.trainer.models.loader import resolve_location
+    from kubetune.trainer.train.models.loader import resolve_location
 
     rewards = tmp_path / "zero_reward.py"
     rewards.write_text("def score(prompts, completions, **columns):\n    return [0.0] * len(completions)\n")
@@ -202,7 +202,7 @@ def test_grpo_runs_end_to_end_and_logs_its_reward(tmp_path: Path) -> None:
 def test_pipeline_example_runs_sft_then_dpo_and_a_rerun_skips_finished_steps(tmp_path: Path) -> None:
     """examples/pipeline-sft-dpo.yaml, shortened: one `kubetune train`, two stages."""
     out = tmp_path / "pipe"
-    cmd = [sys.executable, "-m", "kubetune.trainer.cli", "train", str(ROOT / "examples" / "pipeline-sft-dpo.yaml"),
+    cmd = [sys.executable, "-m", "kubetune.trainer.cli.main", "train", str(ROOT / "examples" / "pipeline-sft-dpo.yaml"),
            "--set", f"output.path={out}", "--set", "train.maxSteps=8", "--set", "pipeline.1.train.maxSteps=8"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONSAFEPATH": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -232,10 +232,10 @@ def test_reward_function_that_does_not_import_is_refused_up_front(tmp_path: Path
     assert _fields(caught.value) == ["reward.function"]
     assert "no_such_module_xyz" in str(caught.value)
     with pytest.raises(SpecError, match="has no function"):
-        import_function("kubetune.trainer.reward_functions:nope")
+        import_function("kubetune.trainer.train.reward_functions:nope")
     spec_file = tmp_path / "raft.yaml"
     spec_file.write_text(yaml.safe_dump(rl_spec("raft", tmp_path / "out", reward={"function": "no_such_module_xyz:score"})))
-    proc = subprocess.run([sys.executable, "-m", "kubetune.trainer.cli", "train", str(spec_file)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "kubetune.trainer.cli.main", "train", str(spec_file)], capture_output=True, text=True,
                           timeout=120, cwd=ROOT, env={**os.environ, "PYTHONSAFEPATH": "1"})
     assert proc.returncode == 2 and "reward.function" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()  # refused before anything was written
@@ -293,8 +293,8 @@ def test_a_lora_reward_model_shares_the_policy_base_and_scores_like_the_merged_m
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from kubetune.trainer.models.methods import apply_method
-    from kubetune.trainer.rewards import REWARD_ADAPTER, ModelScorer, SharedAdapterScorer, load_scorer
+    from kubetune.trainer.train.models.methods import apply_method
+    from kubetune.trainer.train.rewards import REWARD_ADAPTER, ModelScorer, SharedAdapterScorer, load_scorer
 
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("".join(json.dumps(r) + "\n" for r in demo_preferences()[:64]))
@@ -311,7 +311,7 @@ def test_a_lora_reward_model_shares_the_policy_base_and_scores_like_the_merged_m
     standalone = load_scorer(spec)
     assert isinstance(standalone, ModelScorer)
 
-    from kubetune.trainer.models.loader import resolve_location
+    from kubetune.trainer.train.models.loader import resolve_location
 
     base = AutoModelForCausalLM.from_pretrained(resolve_location("builtin:tiny-llama", spec.storage, "model.path"))
     policy = apply_method(base, spec)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetune.trainer.data.demo_preferences import demo_preferences
-from kubetune.trainer.runner import run
-from kubetune.trainer.specfile import validate_training
+from kubetune.trainer.api.specfile import validate_training
+from kubetune.trainer.train.data.demo_preferences import demo_preferences
+from kubetune.trainer.train.runner import run
 
 from .test_train import DEMO, read_metrics
 
@@ -72,8 +72,8 @@ def pair_logps(model_dir: Path, pairs_file: Path) -> list[tuple[float, int, floa
     """(log p(chosen), its tokens, log p(rejected), its tokens) of each pair under the saved model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kubetune.trainer.data.aligners import PreferenceAligner
-    from kubetune.trainer.data.processors import PairwiseProcessor, ProcessorConfig
+    from kubetune.trainer.train.data.aligners import PreferenceAligner
+    from kubetune.trainer.train.data.processors import PairwiseProcessor, ProcessorConfig
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -137,7 +137,7 @@ def test_reward_model_ranks_held_out_pairs(tmp_path, sft_model, preference_files
 def test_dpo_prefers_chosen_more_than_the_sft_model(tmp_path, partly_trained_sft, preference_files, loss, blocks, caplog):
     start = partly_trained_sft
     before_margin, before_rate = preference_stats(start, preference_files[1])
-    with caplog.at_level("WARNING", logger="kubetune.trainer.stages.dpo"):
+    with caplog.at_level("WARNING", logger="kubetune.trainer.train.stages.dpo"):
         result = run(validate_training(stage_spec("dpo", start, preference_files, tmp_path / loss,
                                                   train={"maxSteps": 60, "learningRate": 1e-3}, **blocks)))
     after_margin, after_rate = preference_stats(result.output_dir, preference_files[1])
@@ -162,7 +162,7 @@ def test_dpo_raises_preference_accuracy_without_losing_exact_match(tmp_path, par
     0.975/1.0/0.975, exact match 0.175 -> 0.275/0.375/0.30. (Plain DPO at beta 0.5 reached 1.0
     while exact match fell to 0.025 and log p(chosen) from -4.4 to -10.9.)"""
     _, before_rate = preference_stats(partly_trained_sft, preference_files[1])
-    with caplog.at_level("WARNING", logger="kubetune.trainer.stages.dpo"):
+    with caplog.at_level("WARNING", logger="kubetune.trainer.train.stages.dpo"):
         result = run(validate_training(stage_spec("dpo", partly_trained_sft, preference_files, tmp_path / "rpo",
                                                   train={"maxSteps": 60, "learningRate": 1e-3}, logging={"samples": 0})))
     _, after_rate = preference_stats(result.output_dir, preference_files[1])
@@ -178,7 +178,7 @@ def test_dpo_raises_preference_accuracy_without_losing_exact_match(tmp_path, par
 def test_preference_metrics_count_ties_half_and_simpo_reports_its_own_reward() -> None:
     """#17 items 4 and 9: a tie is neither a win nor a loss; SimPO's reward is its own
     length-normalised log-likelihood, not a log-ratio to the placeholder reference."""
-    from kubetune.trainer.stages.dpo import chosen_collapsed, preference_rewards, reward_metrics
+    from kubetune.trainer.train.stages.dpo import chosen_collapsed, preference_rewards, reward_metrics
 
     logps = (torch.tensor([-4.0, -9.0, -6.0]), torch.tensor([-6.0, -4.0, -3.0]))
     lengths = (torch.tensor([2.0, 3.0, 4.0]), torch.tensor([2.0, 1.0, 2.0]))
@@ -200,7 +200,7 @@ def test_batched_greedy_answers_equal_one_at_a_time(sft_model) -> None:
     the ones generated one prompt at a time."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kubetune.trainer.samples import generate_samples, greedy_completions
+    from kubetune.trainer.train.samples import generate_samples, greedy_completions
 
     tokenizer = AutoTokenizer.from_pretrained(sft_model)
     model = AutoModelForCausalLM.from_pretrained(sft_model)
@@ -215,7 +215,7 @@ def test_batched_greedy_answers_equal_one_at_a_time(sft_model) -> None:
 def test_lora_dpo_uses_the_base_with_adapters_disabled(tmp_path, sft_model, preference_files, monkeypatch):
     from safetensors.torch import load_file
 
-    from kubetune.trainer.stages import dpo
+    from kubetune.trainer.train.stages import dpo
 
     built = []
     original = dpo.build_trainer

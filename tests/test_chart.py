@@ -383,7 +383,7 @@ def _operator_args(objects: list[dict[str, Any]]) -> list[str]:
 
 
 def _parse(args: list[str]) -> Any:
-    from kubetune.trainer.cli import build_parser
+    from kubetune.trainer.cli.main import build_parser
 
     return build_parser().parse_args(args)
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from kubetune.trainer.cli import main
-from kubetune.trainer.models.vocab import resize_embeddings
-from kubetune.trainer.runner import run
-from kubetune.trainer.specfile import validate_training
+from kubetune.trainer.api.specfile import validate_training
+from kubetune.trainer.cli.main import main
+from kubetune.trainer.train.models.vocab import resize_embeddings
+from kubetune.trainer.train.runner import run
 
 from .test_methods import assert_learns, train_spec
 
@@ -49,8 +49,8 @@ def rope_spec(tmp_path, max_length: int, scaling: dict | None):
 def test_dynamic_rope_scaling_changes_logits_beyond_the_original_window(tmp_path):
     """#17 item 8: dynamic NTK used to be written with a raised max_position_embeddings, which is
     the window transformers scales beyond, so every position up to it ran unscaled RoPE."""
-    from kubetune.trainer.models.loader import load_model
-    from kubetune.trainer.models.rope import context_length
+    from kubetune.trainer.train.models.loader import load_model
+    from kubetune.trainer.train.models.rope import context_length
 
     plain = load_model(rope_spec(tmp_path, 256, None), "fp32").eval()
     scaled = load_model(rope_spec(tmp_path, 1024, {"type": "dynamic"}), "fp32").eval()
@@ -71,9 +71,9 @@ def test_dynamic_rope_scaling_changes_logits_beyond_the_original_window(tmp_path
     (1024, None, True), (256, None, False), (1024, {"type": "linear"}, False), (1024, {"type": "dynamic", "factor": 2}, True),
 ])
 def test_max_length_beyond_the_context_warns(tmp_path, caplog, max_length, scaling, warns):
-    from kubetune.trainer.models.loader import load_model
+    from kubetune.trainer.train.models.loader import load_model
 
-    with caplog.at_level("WARNING", logger="kubetune.trainer.models.rope"):
+    with caplog.at_level("WARNING", logger="kubetune.trainer.train.models.rope"):
         load_model(rope_spec(tmp_path, max_length, scaling), "fp32")
     messages = [r.getMessage() for r in caplog.records if "data.maxLength" in r.getMessage()]
     assert bool(messages) == warns, messages
@@ -132,7 +132,7 @@ def test_export_rejects_a_directory_without_an_adapter(tmp_path, capsys):
 
 
 def test_vocabulary_from_a_trained_corpus_adds_domain_words(tmp_path, tiny_model_dir):
-    from kubetune.trainer.models.vocab import extend_tokenizer
+    from kubetune.trainer.train.models.vocab import extend_tokenizer
 
     corpus = tmp_path / "domain.txt"
     words = ["kubernetesoperator", "finetunejob", "inferenceservice"]

@@ -13,12 +13,12 @@ import datasets
 import pytest
 import yaml
 
-from kubetune.trainer.data import build_datasets
-from kubetune.trainer.data import pipeline as pipeline_module
-from kubetune.trainer.data.cache import MARKER, TokenizedCache, cache_key
-from kubetune.trainer.prepare import cache_location, prepare, prepare_skip_reason
-from kubetune.trainer.spec import TrainingSpec
-from kubetune.trainer.specfile import validate_training
+from kubetune.trainer.api.spec import TrainingSpec
+from kubetune.trainer.api.specfile import validate_training
+from kubetune.trainer.train.data import build_datasets
+from kubetune.trainer.train.data import pipeline as pipeline_module
+from kubetune.trainer.train.data.cache import MARKER, TokenizedCache, cache_key
+from kubetune.trainer.train.prepare import cache_location, prepare, prepare_skip_reason
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import S3Env
 
@@ -68,8 +68,8 @@ def rows(ds: datasets.Dataset | None) -> list[dict[str, Any]]:
 
 def test_prepare_then_train_reads_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             caplog: pytest.LogCaptureFixture) -> None:
-    from kubetune.trainer.cli import main
-    from kubetune.trainer.runner import run
+    from kubetune.trainer.cli.main import main
+    from kubetune.trainer.train.runner import run
 
     data = write_data(tmp_path / "data" / "train.jsonl")
     cache = tmp_path / "cache"
@@ -126,7 +126,7 @@ def test_the_key_follows_what_changes_the_tokens(tmp_path: Path, tiny_model_dir:
 
     def key(spec: TrainingSpec, added: list[str] | None = None) -> str | None:
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-        from kubetune.trainer.data import apply_template
+        from kubetune.trainer.train.data import apply_template
 
         apply_template(tokenizer, spec.data.template)
         if added:
@@ -231,7 +231,7 @@ def test_s3_cache_prepared_once_and_read_on_a_fresh_disk(s3: S3Env, tmp_path: Pa
 
 
 def test_a_malformed_s3_cache_is_refused_with_the_spec() -> None:
-    from kubetune.trainer.errors import SpecErrors
+    from kubetune.trainer.api.errors import SpecErrors
 
     with pytest.raises(SpecErrors, match=r"data: cache: 's3://Bad_Bucket/x' has no valid bucket name"):
         validate_training({"model": {"path": "builtin:tiny-llama"},
@@ -242,7 +242,7 @@ def test_a_cache_hit_renders_with_the_template_the_entry_was_tokenized_with(tmp_
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """LMFlow text2text picks `plain` from the data (#17 item 1): a run reading the prepared entry
     installs it too, so the saved model prompts the way it was trained."""
-    from kubetune.trainer.data.templates import TEMPLATES
+    from kubetune.trainer.train.data.templates import TEMPLATES
 
     data = tmp_path / "t2t.json"
     data.write_text(json.dumps({"type": "text2text", "instances": [{"input": "Opposite of hot?", "output": " cold"}] * 4}))

@@ -13,11 +13,11 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from kubetune.trainer.data import build_datasets
-from kubetune.trainer.data.aligners import align_source
-from kubetune.trainer.data.loader import load_source
-from kubetune.trainer.errors import SpecError
-from kubetune.trainer.spec import DatasetSpec, TrainingSpec
+from kubetune.trainer.api.errors import SpecError
+from kubetune.trainer.api.spec import DatasetSpec, TrainingSpec
+from kubetune.trainer.train.data import build_datasets
+from kubetune.trainer.train.data.aligners import align_source
+from kubetune.trainer.train.data.loader import load_source
 
 datasets.disable_progress_bars()
 
@@ -391,7 +391,7 @@ def test_streaming_lmflow_and_pt_packing(tmp_path: Path, tok: Any) -> None:
 def test_s3_paths_are_localized_by_the_storage_layer(
     tmp_path: Path, tok: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kubetune.trainer.data.loader as loader
+    import kubetune.trainer.train.data.loader as loader
 
     local = write_jsonl(tmp_path / "cache" / "d.jsonl", ALPACA_ROWS)
     calls = []

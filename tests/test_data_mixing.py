@@ -10,9 +10,9 @@ from typing import Any
 import datasets
 import pytest
 
-from kubetune.trainer.data import build_datasets
-from kubetune.trainer.errors import SpecError
-from kubetune.trainer.spec import TrainingSpec
+from kubetune.trainer.api.errors import SpecError
+from kubetune.trainer.api.spec import TrainingSpec
+from kubetune.trainer.train.data import build_datasets
 
 datasets.disable_progress_bars()
 

@@ -11,9 +11,9 @@ import datasets
 import pytest
 import torch
 
-from kubetune.trainer.data import TEMPLATES, apply_template, build_datasets, make_collator
-from kubetune.trainer.data.templates import describe_templates
-from kubetune.trainer.spec import TrainingSpec
+from kubetune.trainer.api.spec import TrainingSpec
+from kubetune.trainer.train.data import TEMPLATES, apply_template, build_datasets, make_collator
+from kubetune.trainer.train.data.templates import describe_templates
 
 datasets.disable_progress_bars()
 IGNORE = -100
@@ -150,7 +150,7 @@ def test_lmflow_text_only_is_plain_text(tmp_path: Path, tok: Any) -> None:
 
 
 def test_conversations_without_a_chat_template_are_refused_naming_data_template(tmp_path: Path, tok: Any) -> None:
-    from kubetune.trainer.errors import SpecError
+    from kubetune.trainer.api.errors import SpecError
 
     tok.chat_template = None
     with pytest.raises(SpecError) as err:
@@ -297,7 +297,7 @@ def test_pt_packing_eval_keeps_the_tail(tmp_path: Path, tok: Any) -> None:
 
 
 def test_pt_with_too_little_data_for_one_packed_row(tmp_path: Path, tok: Any) -> None:
-    from kubetune.trainer.errors import SpecError
+    from kubetune.trainer.api.errors import SpecError
 
     with pytest.raises(SpecError) as err:
         build_datasets(make_spec(write_jsonl(tmp_path / "t.jsonl", [{"text": "tiny"}]), stage="pt"), tok)
@@ -414,7 +414,7 @@ STRICT_TEMPLATE = (
 
 
 def test_template_that_rejects_the_data(tmp_path: Path, tok: Any) -> None:
-    from kubetune.trainer.errors import SpecError
+    from kubetune.trainer.api.errors import SpecError
 
     plain = {"instruction": "Hi?", "output": "Hello."}
     with_system = {**plain, "system": "Be kind."}

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.trainer.errors import SpecError
-from kubetune.trainer.estimate import (
+from kubetune.trainer.api.errors import SpecError
+from kubetune.trainer.api.estimate import (
     GIB,
     KNOWN_SHAPES,
     estimate,
@@ -38,7 +38,7 @@ from kubetune.trainer.estimate import (
     shape_for_params,
     shape_from_config,
 )
-from kubetune.trainer.spec import TrainingSpec
+from kubetune.trainer.api.spec import TrainingSpec
 
 from .conftest import EXAMPLES, REPO
 
@@ -235,8 +235,8 @@ PROBE = textwrap.dedent(
     from pathlib import Path
 
     import transformers
-    from kubetune.trainer.runner import run
-    from kubetune.trainer.specfile import load_spec
+    from kubetune.trainer.train.runner import run
+    from kubetune.trainer.api.specfile import load_spec
 
     def rss():
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -349,7 +349,7 @@ def test_estimate_matches_measured_peak_rss(measured_runs, name):
 
 
 def test_the_estimate_and_the_admission_check_do_not_import_torch():
-    code = ("import sys, kubetune.trainer.estimate, kubetune.operator.validation; "
+    code = ("import sys, kubetune.trainer.api.estimate, kubetune.operator.validation; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120).returncode == 0
 
@@ -357,8 +357,8 @@ def test_the_estimate_and_the_admission_check_do_not_import_torch():
 def test_alignment_stages_count_their_frozen_models_and_longer_batches() -> None:
     """DPO with full fine-tuning keeps a frozen reference copy (LoRA does not: adapters off);
     pairs double the sequences; PPO adds a reward model and trains on every sample's answer."""
-    from kubetune.trainer.estimate import estimate
-    from kubetune.trainer.specfile import validate_training
+    from kubetune.trainer.api.estimate import estimate
+    from kubetune.trainer.api.specfile import validate_training
 
     def spec(**extra):
         return validate_training({"model": {"path": "meta-llama/Llama-2-7b-hf"}, "data": {"datasets": [{"path": "d.jsonl"}], "maxLength": 1024},

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from kubetune.trainer.evaluate import corpus_bleu, exact_match, generation_scores, run_evaluation
-from kubetune.trainer.evaluate.metrics import lcs_length, rouge_l, rouge_n, rouge_tokens
-from kubetune.trainer.infer.cli import main as cli_main
+from kubetune.trainer.cli.infer import main as cli_main
+from kubetune.trainer.eval import corpus_bleu, exact_match, generation_scores, run_evaluation
+from kubetune.trainer.eval.metrics import lcs_length, rouge_l, rouge_n, rouge_tokens
 
 from .test_infer_helpers import build_adapter, capitals_data, trained_model
 
@@ -84,11 +84,11 @@ def test_perplexity_scores_exactly_the_tokens_training_labels(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kubetune.trainer.data import build_datasets
-    from kubetune.trainer.evaluate.run import perplexity
-    from kubetune.trainer.infer import create_engine
-    from kubetune.trainer.infer.batch import load_rows
-    from kubetune.trainer.specfile import validate_training
+    from kubetune.trainer.api.specfile import validate_training
+    from kubetune.trainer.eval.run import perplexity
+    from kubetune.trainer.serve import create_engine
+    from kubetune.trainer.serve.batch import load_rows
+    from kubetune.trainer.train.data import build_datasets
 
     data = str(capitals_data())
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

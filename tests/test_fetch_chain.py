@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from kubetune.operator.fetch import fetch
+from kubetune.trainer.serve.fetch import fetch
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import S3Env
 from tests.test_infer_helpers import build_adapter

@@ -140,14 +140,14 @@ def test_images_are_pinned_non_root_and_run_kubetune(dockerfile: Path) -> None:
 
 
 def test_entrypoints_the_operator_uses_exist() -> None:
-    """`kubetune` (console script) and `python -m kubetune.operator.fetch` (the inference init
+    """`kubetune` (console script) and `python -m kubetune.trainer.serve.fetch` (the inference init
     step) — the commands the rendered pods run inside these images."""
     import importlib.util
 
     target = PYPROJECT["project"]["scripts"]["kubetune"]
     module, func = target.split(":")
     assert callable(getattr(__import__(module, fromlist=[func]), func))
-    assert importlib.util.find_spec("kubetune.operator.fetch") is not None
+    assert importlib.util.find_spec("kubetune.trainer.serve.fetch") is not None
     assert shutil.which("kubetune", path=str(Path(sys.executable).parent)), "console script not installed"
 
 
@@ -159,8 +159,8 @@ def test_operator_runs_without_the_training_stack() -> None:
     code = (
         "import sys\n"
         f"for m in {blocked!r}: sys.modules[m] = None\n"
-        "import kubetune.operator.handlers, kubetune.operator.fetch\n"
-        "from kubetune.trainer.cli import main\n"
+        "import kubetune.operator.handlers, kubetune.trainer.serve.fetch\n"
+        "from kubetune.trainer.cli.main import main\n"
         "try:\n    main(['operator', '--help'])\nexcept SystemExit as e:\n    sys.exit(e.code)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")

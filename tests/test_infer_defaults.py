@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.trainer.infer.cli import main as infer_main
+from kubetune.trainer.cli.infer import main as infer_main
 
 from .test_infer_helpers import capitals_data
 

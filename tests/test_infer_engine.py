@@ -10,12 +10,12 @@ import shutil
 
 import pytest
 
-from kubetune.trainer.errors import SpecError
-from kubetune.trainer.infer import SamplingParams, Sequence, create_engine
-from kubetune.trainer.infer.batch import load_examples
-from kubetune.trainer.infer.cli import main as infer_main
-from kubetune.trainer.infer.decode import DecodeBatch
-from kubetune.trainer.infer.transformers_engine import greedy_reference
+from kubetune.trainer.api.errors import SpecError
+from kubetune.trainer.cli.infer import main as infer_main
+from kubetune.trainer.serve import SamplingParams, Sequence, create_engine
+from kubetune.trainer.serve.batch import load_examples
+from kubetune.trainer.serve.decode import DecodeBatch
+from kubetune.trainer.serve.transformers_engine import greedy_reference
 from tests.storage_fixtures import *  # noqa: F403
 
 from .test_infer_helpers import build_adapter, capitals_data, foreign_adapter, trained_model
@@ -173,7 +173,7 @@ def test_rope_scaling_from_saved_config(tmp_path, tiny_model_dir):
 
 
 def _ref(name, path):
-    from kubetune.trainer.infer.loading import AdapterRef
+    from kubetune.trainer.serve.loading import AdapterRef
 
     return AdapterRef(name, str(path))
 
@@ -253,7 +253,7 @@ def test_cli_bad_inputs_exit_2(args, message, tmp_path, tiny_model_dir, capsys):
 def test_vllm_server_command_maps_the_flags(tiny_model_dir, monkeypatch):
     """`kubetune serve --engine vllm` execs vLLM's OpenAI server with kubetune's flags mapped (an
     argument list, no shell); an adapter output is served on its base under its own name."""
-    from kubetune.trainer.infer.vllm_engine import server_command
+    from kubetune.trainer.serve.vllm_engine import server_command
 
     adapter = build_adapter("alpha", tiny_model_dir, seed=1)
     monkeypatch.setenv("KUBETUNE_API_KEY", "k")

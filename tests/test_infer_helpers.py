@@ -27,7 +27,7 @@ def _root() -> Path:
 @functools.lru_cache(maxsize=1)
 def capitals_data() -> Path:
     """A small learnable slice of the demo task (capital cities, three phrasings each)."""
-    from kubetune.trainer.demo import demo_examples
+    from kubetune.trainer.train.demo import demo_examples
 
     rows = [r for r in demo_examples() if "capital" in r["instruction"].lower()][:24]
     path = _root() / "capitals.json"
@@ -38,8 +38,8 @@ def capitals_data() -> Path:
 @functools.lru_cache(maxsize=1)
 def trained_model() -> Path:
     """The tiny model trained a few dozen steps on `capitals_data()` with kubetune's runner."""
-    from kubetune.trainer.runner import run
-    from kubetune.trainer.specfile import validate_training
+    from kubetune.trainer.api.specfile import validate_training
+    from kubetune.trainer.train.runner import run
 
     out = _root() / "trained"
     if (out / "model.safetensors").is_file():
@@ -86,7 +86,7 @@ def build_adapter(name: str, base: Path, *, seed: int, rank: int = 4) -> Path:
 @functools.lru_cache(maxsize=1)
 def foreign_adapter() -> Path:
     """An adapter trained on a different base (hidden size 64): it must not load on tiny-llama."""
-    from kubetune.trainer.models.builtin import build_tiny_llama
+    from kubetune.trainer.train.models.builtin import build_tiny_llama
 
     other = _root() / "other-base"
     if not (other / "config.json").is_file():

@@ -83,8 +83,8 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> float
 @pytest.fixture(scope="module")
 def quickstart_and_adapter(tmp_path_factory) -> tuple[Path, Path]:
     """The quickstart (examples/quickstart.yaml, shortened) and a LoRA adapter trained on its output."""
-    from kubetune.trainer.runner import run
-    from kubetune.trainer.specfile import load_spec
+    from kubetune.trainer.api.specfile import load_spec
+    from kubetune.trainer.train.runner import run
 
     root = tmp_path_factory.mktemp("trained")
     cwd = os.getcwd()

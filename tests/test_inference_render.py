@@ -24,7 +24,7 @@ from kubetune.operator.render.inference import (
 from kubetune.operator.resources import InferenceServiceStatus, crd
 from kubetune.operator.serving import ServingObserved, merge_diff, reconcile_service
 from kubetune.operator.validation import admit, validate_resource
-from kubetune.trainer.errors import SpecErrors
+from kubetune.trainer.api.errors import SpecErrors
 from tests.test_operator_crds import _to_jsonschema
 
 K8S_VERSION = kubernetes_validate.latest_version()
@@ -184,7 +184,7 @@ def test_hpa_targets_the_deployment_and_the_metric(autoscaling: dict[str, Any], 
     template = deployment["spec"]["template"]
     assert template["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
     if metric["type"] == "Pods":
-        from kubetune.trainer.infer.metrics import ServerMetrics
+        from kubetune.trainer.serve.metrics import ServerMetrics
 
         exported = ServerMetrics().render()[0].decode()
         assert metric["pods"]["metric"]["name"] in exported
@@ -203,7 +203,7 @@ def test_pod_commands_are_argument_lists_without_shell() -> None:
     permissions, fetch = pod["initContainers"]
     server, agent = pod["containers"]
     assert permissions["command"] == ["chown", "1000:1000", "/var/cache/kubetune"]
-    assert fetch["command"] == ["python", "-m", "kubetune.operator.fetch"]
+    assert fetch["command"] == ["python", "-m", "kubetune.trainer.serve.fetch"]
     # vLLM: the adapters come from the mounted ConfigMap, not from the pod template.
     assert fetch["args"] == ["--model", "s3://models/llama-3-8b-instruct",
                              "--adapters-file", "/etc/kubetune/adapters/adapters.json"]
@@ -215,7 +215,7 @@ def test_pod_commands_are_argument_lists_without_shell() -> None:
         "--vllm-arg=--enable-lora", "--vllm-arg=--max-loras=4",
         "--vllm-arg=--enable-prefix-caching",
     ]
-    assert agent["command"] == ["python", "-m", "kubetune.operator.adapters"]
+    assert agent["command"] == ["python", "-m", "kubetune.trainer.serve.adapters"]
     assert agent["args"] == ["--config", "/etc/kubetune/adapters/adapters.json", "--server", "http://127.0.0.1:8000",
                              "--port", "8001", "--keep", "llama-chat"]
     # The transformers engine (`kubetune serve`) loads adapters at runtime too: the same sidecar,
@@ -238,7 +238,7 @@ def test_pod_commands_are_argument_lists_without_shell() -> None:
 
 def test_the_serve_arguments_parse_with_kubetune_serve() -> None:
     """The server container's args are what `kubetune serve` accepts."""
-    from kubetune.trainer.cli import build_parser
+    from kubetune.trainer.cli.main import build_parser
 
     for spec in ({}, {"engine": "transformers", "gpus": 0, "engineArgs": {"draftModel": "s3://d", "numSpeculativeTokens": 3}}):
         server = _pod(render_inference(_cr(**spec), MODELS))["containers"][0]

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.trainer.demo import ANTONYMS
-from kubetune.trainer.models.builtin import BUILTINS
+from kubetune.trainer.train.demo import ANTONYMS
+from kubetune.trainer.train.models.builtin import BUILTINS
 
 from .conftest import REPO
 
@@ -52,7 +52,7 @@ def antonym_task(directory: Path, count: int = 440, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """builtin:tiny-llama's architecture and tokenizer, without a chat template."""
-    from kubetune.trainer.models.builtin import build_tiny_llama
+    from kubetune.trainer.train.models.builtin import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("base"), chat_template=None, **BUILTINS["tiny-llama"])
 
@@ -60,7 +60,7 @@ def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train_cli(spec: dict, tmp_path: Path, *, timeout: int = 600) -> tuple[subprocess.CompletedProcess, Path]:
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    done = subprocess.run([sys.executable, "-m", "kubetune.trainer.cli", "train", str(path)], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "kubetune.trainer.cli.main", "train", str(path)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
     return done, Path(spec["output"]["path"])
 
@@ -91,7 +91,7 @@ def test_default_spec_learns_lmflow_text2text_on_a_model_without_a_chat_template
     assert 0.5 < start["train"]["maskedFraction"] < 0.8 and start["train"]["meanLength"] > 8
     status = json.loads((out / "status.json").read_text())
     assert status["data"]["template"] == "plain" and status["data"]["firstExample"] == f"[[{prompt['text']}]]{answer['text']}"
-    from kubetune.trainer.data.templates import TEMPLATES
+    from kubetune.trainer.train.data.templates import TEMPLATES
 
     assert (out / "chat_template.jinja").read_text() == TEMPLATES["plain"]  # inference prompts as trained
     assert yaml.safe_load((out / "kubetune-spec.yaml").read_text())["data"]["packing"] is False
@@ -105,8 +105,8 @@ def test_default_spec_learns_lmflow_text2text_on_a_model_without_a_chat_template
 
 def test_a_run_that_learns_nothing_says_so(tmp_path: Path, base_model: Path, caplog: pytest.LogCaptureFixture):
     """Item 2: an eval loss still at the guessing level at the end is a warning, and recorded."""
-    from kubetune.trainer.runner import run
-    from kubetune.trainer.specfile import validate_training
+    from kubetune.trainer.api.specfile import validate_training
+    from kubetune.trainer.train.runner import run
 
     data = antonym_task(tmp_path / "data", count=80)
     spec = validate_training({"model": {"path": str(base_model)}, "method": "full",
@@ -134,7 +134,7 @@ def test_kill_9_and_an_incomplete_checkpoint_on_the_command_line(tmp_path: Path,
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "kubetune.trainer.cli", "train", str(path)]
+    command = [sys.executable, "-m", "kubetune.trainer.cli.main", "train", str(path)]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not any(r.get("step") == 10 and "loss" in r for r in _safe_records(out)):
@@ -170,8 +170,8 @@ def _safe_records(out: Path) -> list[dict]:
 def test_optional_backends_load_only_for_the_runs_that_use_them(tiny_model_dir: Path):
     """Item 11: which runs need bitsandbytes/DeepSpeed, and that a command hiding them imports the
     training libraries and unwraps a model (what imported DeepSpeed) silently."""
-    from kubetune.trainer.backends import backends_needed
-    from kubetune.trainer.specfile import validate_training
+    from kubetune.trainer.api.specfile import validate_training
+    from kubetune.trainer.train.backends import backends_needed
 
     def spec(**extra) -> object:
         return validate_training({"model": {"path": "m"}, "data": {"datasets": [{"path": "d.json"}]}, **extra})
@@ -182,7 +182,7 @@ def test_optional_backends_load_only_for_the_runs_that_use_them(tiny_model_dir: 
     assert backends_needed(spec(distributed={"deepspeed": {"stage": 2}})) == {"deepspeed"}
     script = (
         "import sys\n"
-        "from kubetune.trainer.backends import hide_unused_backends\n"
+        "from kubetune.trainer.train.backends import hide_unused_backends\n"
         "hide_unused_backends()\n"
         "import transformers, peft\n"
         "from transformers import AutoModelForCausalLM, Trainer, TrainingArguments\n"
@@ -200,7 +200,7 @@ def test_optional_backends_load_only_for_the_runs_that_use_them(tiny_model_dir: 
 def test_conversations_on_a_model_without_a_chat_template_exit_2_naming_data_template(
         tmp_path: Path, base_model: Path, capsys: pytest.CaptureFixture):
     """Item 1: no made-up wrapper; one paragraph naming the field and the fix, exit 2."""
-    from kubetune.trainer.cli import main
+    from kubetune.trainer.cli.main import main
 
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({"model": {"path": str(base_model)}, "output": {"path": str(tmp_path / "out")},

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetune.trainer.runner import run
-from kubetune.trainer.specfile import validate_training
+from kubetune.trainer.api.specfile import validate_training
+from kubetune.trainer.train.runner import run
 
 from .test_train import read_metrics, small_spec
 
@@ -52,7 +52,7 @@ class Capture:
 def test_qlora_uses_4bit_layers_and_learns(tmp_path, monkeypatch):
     import bitsandbytes as bnb
 
-    from kubetune.trainer.models import methods
+    from kubetune.trainer.train.models import methods
 
     seen = Capture(monkeypatch, methods, "apply_lora")
     spec = train_spec(tmp_path, "qlora", lora={"rank": 8})
@@ -69,8 +69,8 @@ def test_qlora_uses_4bit_layers_and_learns(tmp_path, monkeypatch):
 def qlora_gradients(tmp_path: Path, evaluate_first: bool) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
     """One training step's adapter gradients on the model the runner builds, optionally after a
     no-grad eval-mode forward (the runner's baseline evaluation, a rollout, a sample)."""
-    from kubetune.trainer.models.loader import load_model
-    from kubetune.trainer.models.methods import apply_method
+    from kubetune.trainer.train.models.loader import load_model
+    from kubetune.trainer.train.models.methods import apply_method
 
     spec = train_spec(tmp_path, "qlora", lora={"rank": 8})
     base = load_model(spec, "fp32")
@@ -120,7 +120,7 @@ def test_rslora_and_pissa_are_configured(tmp_path):
 
 
 def test_loraplus_puts_b_matrices_in_a_group_with_scaled_lr(tmp_path, monkeypatch):
-    from kubetune.trainer.models import methods
+    from kubetune.trainer.train.models import methods
 
     seen = Capture(monkeypatch, methods, "loraplus_optimizer")
     result = run(train_spec(tmp_path, "lora", lr=1e-3, lora={"rank": 4, "loraplusRatio": 16}, steps=16))
@@ -169,7 +169,7 @@ def test_full_with_frozen_embeddings_and_8bit_adamw(tmp_path, tiny_model_dir):
 
     spec = train_spec(tmp_path / "8bit", "lora", lr=5e-3)
     spec = validate_training({**spec.to_document(), "train": {**spec.to_document()["train"], "optimizer": "adamw_8bit"}})
-    from kubetune.trainer.models.methods import optimizer_settings
+    from kubetune.trainer.train.models.methods import optimizer_settings
 
     assert optimizer_settings(spec)["optim"] == "adamw_bnb_8bit"
     assert_learns(run(spec).output_dir)

@@ -1,4 +1,4 @@
-"""The InferenceService pods' adapter sidecar (`kubetune.operator.adapters`) against a fake vLLM
+"""The InferenceService pods' adapter sidecar (`kubetune.trainer.serve.adapters`) against a fake vLLM
 that keeps state like vLLM's runtime LoRA API: which loads, unloads and retries it does, and
 when the pod is ready. (The real vLLM does the same in tests/test_inference_pod_vllm.py.)"""
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator import adapters as agent_module
-from kubetune.operator.adapters import (
+from kubetune.trainer.serve import adapters as agent_module
+from kubetune.trainer.serve.adapters import (
     AdapterFileError,
     AdapterSync,
     Agent,
@@ -189,7 +189,7 @@ def test_probe_endpoints() -> None:
 
 def test_fetch_reads_the_adapters_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The init container fetches the set in the mounted file, like `--adapter` arguments."""
-    from kubetune.operator import fetch
+    from kubetune.trainer.serve import fetch
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(fetch, "fetch", lambda model, adapters, draft=None: seen.update(model=model, adapters=adapters) or [])
@@ -208,7 +208,7 @@ def test_the_agent_sends_the_services_api_key_on_every_call() -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from kubetune.operator.adapters import VLLMClient, api_key_from_env
+    from kubetune.trainer.serve.adapters import VLLMClient, api_key_from_env
 
     seen: list[tuple[str, str | None]] = []
 

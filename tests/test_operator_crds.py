@@ -227,7 +227,7 @@ def test_committed_crds_are_fresh() -> None:
 
 
 def test_cli_crds_writes_and_checks(tmp_path: Path) -> None:
-    from kubetune.trainer.cli import main
+    from kubetune.trainer.cli.main import main
 
     assert main(["crds", "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alignmentjobs.yaml", "finetunejobs.yaml", "inferenceservices.yaml"]
@@ -237,7 +237,7 @@ def test_cli_crds_writes_and_checks(tmp_path: Path) -> None:
 
 
 def test_cli_crds_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
-    from kubetune.trainer.cli import main
+    from kubetune.trainer.cli.main import main
 
     assert main(["crds"]) == 0
     docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
@@ -248,7 +248,7 @@ def test_cli_crds_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_registers_operator_without_importing_kopf() -> None:
     code = (
         "import sys\n"
-        "from kubetune.trainer.cli import build_parser\n"
+        "from kubetune.trainer.cli.main import build_parser\n"
         "parser = build_parser()\n"
         "args = parser.parse_args(['operator', '-n', 'a', '-n', 'b', '--standalone', '--reconcile-interval', '5'])\n"
         "assert args.namespace == ['a', 'b'] and args.standalone\n"

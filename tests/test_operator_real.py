@@ -932,7 +932,7 @@ def _review(obj: dict[str, Any], operation: str = "CREATE") -> dict[str, Any]:
 
 def _validate_cli(manifest: dict[str, Any], tmp_path: Path) -> tuple[int, str]:
     """What `kubetune validate job.yaml` prints (in-process: same code as the command)."""
-    from kubetune.trainer.cli import main
+    from kubetune.trainer.cli.main import main
 
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(manifest))

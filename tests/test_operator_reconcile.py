@@ -22,8 +22,8 @@ from kubetune.operator.reconcile import (
 from kubetune.operator.resources import AlignmentJobStatus, TrainingJobStatus
 from kubetune.operator.status import parse_trainer_status, progress_from_trainer
 from kubetune.operator.validation import AdmissionRefused, admit
-from kubetune.trainer.errors import SpecErrors
-from kubetune.trainer.specfile import load_spec
+from kubetune.trainer.api.errors import SpecErrors
+from kubetune.trainer.api.specfile import load_spec
 from tests.test_operator_crds import EXAMPLE_FTJ
 
 T0 = datetime.datetime(2025, 5, 1, 12, 0, tzinfo=datetime.UTC)
@@ -256,7 +256,7 @@ def test_status_read_gives_up_at_once_on_a_failing_endpoint(monkeypatch: pytest.
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from kubetune.operator.status import read_trainer_status
-    from kubetune.trainer.spec import StorageSpec
+    from kubetune.trainer.api.spec import StorageSpec
 
     requests: list[str] = []
 
@@ -303,7 +303,7 @@ def test_status_read_gives_up_quickly_on_an_endpoint_that_never_answers(monkeypa
 
     from kubetune.operator import status as status_module
     from kubetune.operator.status import read_trainer_status
-    from kubetune.trainer.spec import StorageSpec
+    from kubetune.trainer.api.spec import StorageSpec
 
     for name, value in {"AWS_ACCESS_KEY_ID": "AKIAOPERATORSTATUS02", "AWS_SECRET_ACCESS_KEY": "operator-status-secret2",
                         "AWS_DEFAULT_REGION": "us-east-1"}.items():

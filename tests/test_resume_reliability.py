@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.trainer import runner
-from kubetune.trainer.runner import run
-from kubetune.trainer.specfile import validate_training
-from kubetune.trainer.storage import output as output_module
-from kubetune.trainer.storage.output import MANIFEST_NAME, read_manifest
-from kubetune.trainer.storage.s3output import S3OutputSession
+from kubetune.trainer.api.specfile import validate_training
+from kubetune.trainer.artifacts import output as output_module
+from kubetune.trainer.artifacts.output import MANIFEST_NAME, read_manifest
+from kubetune.trainer.artifacts.s3output import S3OutputSession
+from kubetune.trainer.train import runner
+from kubetune.trainer.train.runner import run
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import S3Env
 
@@ -73,7 +73,7 @@ def test_rerun_of_a_finished_run_is_a_no_op(tmp_path: Path, caplog: pytest.LogCa
     def must_not_load(*_: object) -> None:
         raise AssertionError("a finished single-process run loads no model or data")
 
-    monkeypatch.setattr("kubetune.trainer.runner._load_inputs", must_not_load)
+    monkeypatch.setattr("kubetune.trainer.train.runner._load_inputs", must_not_load)
     with caplog.at_level(logging.INFO, logger="kubetune"):
         result = run(spec)
     assert result.global_step == 6 and not result.interrupted
@@ -84,7 +84,7 @@ def test_rerun_of_a_finished_run_is_a_no_op(tmp_path: Path, caplog: pytest.LogCa
 
 
 def test_rerun_of_a_finished_run_on_the_command_line_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from kubetune.trainer.cli import main
+    from kubetune.trainer.cli.main import main
 
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(small_spec(tmp_path, train={"maxSteps": 3}, data={"evalSize": 0})))
@@ -158,8 +158,8 @@ def test_keep_last_1_keeps_the_previous_checkpoint_until_the_next_is_complete(
 
 KILL_AT_STEP_7 = """
 import os, sys
-from kubetune.trainer import callbacks
-from kubetune.trainer.cli import main
+from kubetune.trainer.train import callbacks
+from kubetune.trainer.cli.main import main
 
 write = callbacks.MetricsWriter.write
 

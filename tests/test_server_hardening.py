@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.trainer.infer import create_engine
-from kubetune.trainer.infer.guards import MAX_CHARS_PER_TOKEN
-from kubetune.trainer.infer.server import ServerConfig, create_app
+from kubetune.trainer.serve import create_engine
+from kubetune.trainer.serve.guards import MAX_CHARS_PER_TOKEN
+from kubetune.trainer.serve.server import ServerConfig, create_app
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import S3Env
 

@@ -20,9 +20,9 @@ import openai
 import pytest
 
 from kubetune.operator.render.inference import ADAPTERS_FILE, render_inference
-from kubetune.trainer.infer import create_engine
-from kubetune.trainer.infer.loading import AdapterRef
-from kubetune.trainer.infer.server import ServerConfig, create_app
+from kubetune.trainer.serve import create_engine
+from kubetune.trainer.serve.loading import AdapterRef
+from kubetune.trainer.serve.server import ServerConfig, create_app
 
 from .test_infer_helpers import build_adapter, foreign_adapter
 from .test_inference_pod import _env
@@ -135,7 +135,7 @@ def test_adapters_sidecar_drives_kubetune_serve(tiny_model_dir: Path, tmp_path: 
                        "engine": "transformers", "gpus": 0, "port": port}}
         pod = render_inference(cr)[0]["spec"]["template"]["spec"]
         server, agent = pod["containers"]
-        assert "--adapter" not in server["args"] and agent["command"][:3] == ["python", "-m", "kubetune.operator.adapters"]
+        assert "--adapter" not in server["args"] and agent["command"][:3] == ["python", "-m", "kubetune.trainer.serve.adapters"]
         volume = tmp_path / "adapters"
         volume.mkdir()
         config = volume / Path(ADAPTERS_FILE).name

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.trainer.cli import main
-from kubetune.trainer.errors import SpecErrors
-from kubetune.trainer.specfile import apply_overrides, load_spec, validate_training
+from kubetune.trainer.api.errors import SpecErrors
+from kubetune.trainer.api.specfile import apply_overrides, load_spec, validate_training
+from kubetune.trainer.cli.main import main
 
 from .conftest import EXAMPLES
 
@@ -96,7 +96,7 @@ def test_missing_model_is_reported(tmp_path):
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kubetune.trainer.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run([sys.executable, "-m", "kubetune.trainer.cli.main", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
 @pytest.mark.parametrize(

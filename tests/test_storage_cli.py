@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.trainer.storage.cli import main
+from kubetune.trainer.cli.storage import main
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import SECRETS, S3Env
 

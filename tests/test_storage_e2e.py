@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.trainer.storage.output import MANIFEST_NAME
+from kubetune.trainer.artifacts.output import MANIFEST_NAME
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import DELAY_S, SECRETS, S3Env
 
@@ -286,9 +286,9 @@ def test_transient_faults_are_retried_and_a_wrong_bucket_fails_fast(inputs: S3En
 def test_a_failed_final_upload_is_never_reported_as_success(inputs: S3Env, tmp_path: Path) -> None:
     """Training does not report success until every upload has finished and been verified: when
     the final model cannot be stored, status.json says Failed (naming the object), not Succeeded."""
-    from kubetune.trainer.runner import run
-    from kubetune.trainer.specfile import validate_training
-    from kubetune.trainer.storage.client import StorageError
+    from kubetune.trainer.api.specfile import validate_training
+    from kubetune.trainer.artifacts.client import StorageError
+    from kubetune.trainer.train.runner import run
 
     s3, proxy = inputs, inputs.proxy
     out = "runs/unlucky"

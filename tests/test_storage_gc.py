@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.trainer.storage import localize
-from kubetune.trainer.storage.cache import _locked
-from kubetune.trainer.storage.cli import main
-from kubetune.trainer.storage.gc import parse_age, parse_size
+from kubetune.trainer.artifacts import localize
+from kubetune.trainer.artifacts.cache import _locked
+from kubetune.trainer.artifacts.gc import parse_age, parse_size
+from kubetune.trainer.cli.storage import main
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import S3Env
 

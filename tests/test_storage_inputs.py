@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.trainer.errors import SpecError
-from kubetune.trainer.storage import localize
-from kubetune.trainer.storage.client import StorageError
-from kubetune.trainer.storage.stream import iter_jsonl, iter_parquet_batches, list_files, open_stream
-from kubetune.trainer.storage.transfer import PART_MARKER
+from kubetune.trainer.api.errors import SpecError
+from kubetune.trainer.artifacts import localize
+from kubetune.trainer.artifacts.client import StorageError
+from kubetune.trainer.artifacts.stream import iter_jsonl, iter_parquet_batches, list_files, open_stream
+from kubetune.trainer.artifacts.transfer import PART_MARKER
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import S3Env
 
@@ -134,8 +134,8 @@ def test_local_paths_unchanged(tmp_path: Path) -> None:
 
 
 def test_streamed_s3_dataset_feeds_the_data_pipeline_without_downloading(s3: S3Env) -> None:
-    from kubetune.trainer.data.loader import load_source
-    from kubetune.trainer.spec import DatasetSpec
+    from kubetune.trainer.api.spec import DatasetSpec
+    from kubetune.trainer.train.data.loader import load_source
 
     rows = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(1200)]
     s3.put("big/part-0.jsonl", "".join(json.dumps(r) + "\n" for r in rows[:600]))
@@ -174,7 +174,7 @@ def test_listed_keys_with_dot_dot_are_refused_by_the_same_join(s3: S3Env) -> Non
 
 
 def test_safe_join_is_the_one_checked_join(tmp_path: Path) -> None:
-    from kubetune.trainer.storage.uri import safe_join
+    from kubetune.trainer.artifacts.uri import safe_join
 
     assert safe_join(tmp_path, "a/b", "c.txt") == tmp_path / "a" / "b" / "c.txt"
     assert safe_join(tmp_path, "") == tmp_path

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.trainer.spec import StorageSpec
-from kubetune.trainer.storage import open_output
-from kubetune.trainer.storage.client import StorageError
-from kubetune.trainer.storage.output import MANIFEST_NAME
-from kubetune.trainer.storage.s3output import S3OutputSession, shards_marker_name
+from kubetune.trainer.api.spec import StorageSpec
+from kubetune.trainer.artifacts import open_output
+from kubetune.trainer.artifacts.client import StorageError
+from kubetune.trainer.artifacts.output import MANIFEST_NAME
+from kubetune.trainer.artifacts.s3output import S3OutputSession, shards_marker_name
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import DELAY_S, S3Env
 
@@ -171,7 +171,7 @@ def test_finalize_raises_when_uploads_fail(s3: S3Env) -> None:
 def test_resumed_local_checkpoint_missing_in_s3_is_uploaded(s3: S3Env) -> None:
     session = _session(s3)
     path = _write_checkpoint(session.local_dir, 3)
-    from kubetune.trainer.storage.output import write_manifest
+    from kubetune.trainer.artifacts.output import write_manifest
 
     write_manifest(path, 3)  # complete locally, never reached S3 (killed mid-upload)
     assert session.latest_checkpoint() == path
@@ -195,7 +195,7 @@ def test_phase_change_uploads_status_at_once_with_the_s3_checkpoint(s3: S3Env) -
 
 
 def test_upload_directory(s3: S3Env, tmp_path: Path) -> None:
-    from kubetune.trainer.storage.transfer import upload_directory
+    from kubetune.trainer.artifacts.transfer import upload_directory
 
     (tmp_path / "m" / "sub").mkdir(parents=True)
     (tmp_path / "m" / "a.json").write_text("{}")

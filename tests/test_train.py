@@ -15,8 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from kubetune.trainer.runner import run
-from kubetune.trainer.specfile import validate_training
+from kubetune.trainer.api.specfile import validate_training
+from kubetune.trainer.train.runner import run
 
 from .conftest import EXAMPLES, REPO
 
@@ -51,7 +51,7 @@ def state_dict_of(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "kubetune.trainer.cli", *args],
+        [sys.executable, "-m", "kubetune.trainer.cli.main", *args],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, **(env or {})}, **kwargs,
     )

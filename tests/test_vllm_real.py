@@ -93,7 +93,7 @@ def vllm_server(tiny_model_dir, tmp_path_factory):
     port = free_port()
     workdir = tmp_path_factory.mktemp("vllm-serve")
     log_path = workdir / "serve.log"
-    argv = [python, "-m", "kubetune.trainer.cli", "serve", str(tiny_model_dir), "--engine", "vllm",
+    argv = [python, "-m", "kubetune.trainer.cli.main", "serve", str(tiny_model_dir), "--engine", "vllm",
             "--served-model-name", "tiny", "--adapter", f"{ADAPTER}={adapter}",
             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
             "--kv-cache-memory", "1G", "--max-batch-size", "4"]
@@ -126,8 +126,8 @@ def client(vllm_server):
 @pytest.fixture(scope="module")
 def reference(vllm_server, tiny_model_dir):
     """kubetune's own transformers engine on the same base and adapter (float32, greedy)."""
-    from kubetune.trainer.infer import create_engine
-    from kubetune.trainer.infer.loading import AdapterRef
+    from kubetune.trainer.serve import create_engine
+    from kubetune.trainer.serve.loading import AdapterRef
 
     engine = create_engine(str(tiny_model_dir), engine="transformers", served_name="tiny", dtype="float32",
                            adapters=[AdapterRef(ADAPTER, str(vllm_server["adapter"]))])
@@ -145,7 +145,7 @@ def test_chat_for_base_and_adapter_uses_the_kubetune_template(client, reference)
     """Chat works for both names (the builtin tokenizer has no template: kubetune passes its
     default one) and renders exactly what the transformers engine renders: same prompt length,
     same greedy text. The adapter visibly changes the output, so LoRA is applied."""
-    from kubetune.trainer.infer.params import SamplingParams
+    from kubetune.trainer.serve.params import SamplingParams
 
     texts = {}
     for name in ("tiny", ADAPTER):
@@ -161,7 +161,7 @@ def test_chat_for_base_and_adapter_uses_the_kubetune_template(client, reference)
 
 
 def test_completion_for_base_and_adapter(client, reference):
-    from kubetune.trainer.infer.params import SamplingParams
+    from kubetune.trainer.serve.params import SamplingParams
 
     for name in ("tiny", ADAPTER):
         response = client.completions.create(model=name, prompt="The capital of France is", max_tokens=5, temperature=0)
@@ -195,13 +195,13 @@ def test_unknown_model_is_404(client):
 def test_generate_with_the_offline_engine(vllm_server, reference, tiny_model_dir, tmp_path):
     """`kubetune generate --engine vllm` on the adapter output itself (served on its base): the
     offline VLLMEngine renders with kubetune's templates and applies the LoRA like transformers."""
-    from kubetune.trainer.infer.params import SamplingParams
+    from kubetune.trainer.serve.params import SamplingParams
 
     python = vllm_python()
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": HI[0]["content"], "input": "", "output": "Paris"}]))
     out = tmp_path / "out.jsonl"
-    argv = [python, "-m", "kubetune.trainer.cli", "generate", str(vllm_server["adapter"]), "--engine", "vllm",
+    argv = [python, "-m", "kubetune.trainer.cli.main", "generate", str(vllm_server["adapter"]), "--engine", "vllm",
             "--model-name", ADAPTER, "--data", str(data), "--out", str(out), "--quiet", "--max-tokens", "6",
             "--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory", "1G"]
     env = {**os.environ, "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
@@ -229,8 +229,8 @@ def _flag(argv: list[str], name: str) -> str | None:
 
 
 def test_server_command_passes_kubetunes_default_template_when_the_tokenizer_has_none(tiny_model_dir, tmp_path):
-    from kubetune.trainer.data.templates import TEMPLATES
-    from kubetune.trainer.infer.vllm_engine import server_command
+    from kubetune.trainer.serve.vllm_engine import server_command
+    from kubetune.trainer.train.data.templates import TEMPLATES
 
     base = tmp_path / "base"  # the demo model ships a template: a copy without one
     shutil.copytree(tiny_model_dir, base)
@@ -247,8 +247,8 @@ def test_server_command_keeps_a_saved_template_and_serves_an_adapter_output_on_i
     """An adapter output's tokenizer differs from the base's only by its chat template: vLLM loads
     the base's tokenizer and gets the adapter's template explicitly; a model with its own
     template is left to vLLM."""
-    from kubetune.trainer.data.templates import TEMPLATES
-    from kubetune.trainer.infer.vllm_engine import server_command
+    from kubetune.trainer.serve.vllm_engine import server_command
+    from kubetune.trainer.train.data.templates import TEMPLATES
 
     adapter = tmp_path / "run"
     shutil.copytree(build_adapter(ADAPTER, tiny_model_dir, seed=11), adapter)
@@ -272,8 +272,9 @@ def test_serve_dry_run_maps_the_cli_flags(tiny_model_dir, capsys, monkeypatch):
     --base and --kv-cache-memory reach vLLM (vLLM itself is not needed to print it)."""
     import shlex
 
-    from kubetune.trainer.data.templates import TEMPLATES
-    from kubetune.trainer.infer import cli, engine
+    from kubetune.trainer.cli import infer as cli
+    from kubetune.trainer.serve import engine
+    from kubetune.trainer.train.data.templates import TEMPLATES
 
     adapter = build_adapter(ADAPTER, tiny_model_dir, seed=11)
     monkeypatch.setattr(engine, "vllm_available", lambda: True)

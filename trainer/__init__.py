@@ -1,8 +1,8 @@
 """kubetune.trainer: fine-tuning that runs anywhere (CPU, one GPU, torchrun, DeepSpeed).
 
-It knows nothing of Kubernetes; the operator imports `kubetune.trainer.spec`, never the reverse.
+It knows nothing of Kubernetes; the operator imports `kubetune.trainer.api.spec`, never the reverse.
 """
 
-from kubetune.trainer.spec import TrainingSpec
+from kubetune.trainer.api.spec import TrainingSpec
 
 __all__ = ["TrainingSpec"]

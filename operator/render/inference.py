@@ -3,7 +3,7 @@
 Pure functions: the custom resource (a dict) and the resolved model/adapter locations in, the
 manifests out. The pod:
 
-- init container `fetch`: `python -m kubetune.operator.fetch` downloads the model, every adapter
+- init container `fetch`: `python -m kubetune.trainer.serve.fetch` downloads the model, every adapter
   (and the base model of a LoRA output, and a draft model) with the storage layer (parallel
   ranged GETs, verified, atomic) into the model cache volume. The cache is keyed by each object's
   ETag: a second replica on the node (hostPath), a later pod (hostPath, PVC) or a restarted
@@ -22,7 +22,7 @@ manifests out. The pod:
   the operator writes the current set (references resolved) into the ConfigMap
   `<name>-isvc-adapters`, mounted at /etc/kubetune/adapters. The init container fetches the whole
   set from it (so a pod started later, by a scale-up or a node drain, starts with the current
-  set), and a sidecar `adapters` (`python -m kubetune.operator.adapters`) keeps the server in line
+  set), and a sidecar `adapters` (`python -m kubetune.trainer.serve.adapters`) keeps the server in line
   with it: when the kubelet refreshes the mounted file it fetches new adapters into the cache and
   loads them through the server's runtime LoRA API (`/v1/load_lora_adapter`: vLLM's, with
   `VLLM_ALLOW_RUNTIME_LORA_UPDATING`, or `kubetune serve`'s own, which speaks the same API),
@@ -98,7 +98,7 @@ KIND = "InferenceService"
 SERVER = "server"
 FETCHER = "fetch"
 AGENT = "adapters"
-"""The sidecar that loads adapters into the running server (`python -m kubetune.operator.adapters`)."""
+"""The sidecar that loads adapters into the running server (`python -m kubetune.trainer.serve.adapters`)."""
 PERMISSIONS = "cache-permissions"
 ADAPTERS_MOUNT = "/etc/kubetune/adapters"
 ADAPTERS_KEY = "adapters.json"
@@ -332,7 +332,7 @@ def drain_seconds(spec: InferenceServiceSpec) -> int:
 
 
 def fetch_args(spec: InferenceServiceSpec, models: ResolvedModels) -> list[str]:
-    """The init container's arguments (its command is `python -m kubetune.operator.fetch`)."""
+    """The init container's arguments (its command is `python -m kubetune.trainer.serve.fetch`)."""
     args = ["--model", models.model]
     if runtime_adapters(spec):
         args += ["--adapters-file", ADAPTERS_FILE]  # the current set, also for pods started later
@@ -460,7 +460,7 @@ def _agent_container(cr: dict[str, Any], spec: InferenceServiceSpec, image: str,
     return {
         "name": AGENT,
         "image": image,
-        "command": ["python", "-m", "kubetune.operator.adapters"],
+        "command": ["python", "-m", "kubetune.trainer.serve.adapters"],
         "args": ["--config", ADAPTERS_FILE, "--server", f"http://127.0.0.1:{spec.port}", "--port", str(port),
                  "--keep", served_name(cr, spec)],
         "env": env,
@@ -523,7 +523,7 @@ def render_deployment(
     fetcher: dict[str, Any] = {
         "name": FETCHER,
         "image": image,
-        "command": ["python", "-m", "kubetune.operator.fetch"],
+        "command": ["python", "-m", "kubetune.trainer.serve.fetch"],
         "args": fetch_args(spec, models),
         "env": copy.deepcopy(env),
         "volumeMounts": [*copy.deepcopy(common_mounts), *copy.deepcopy(adapter_mounts)],

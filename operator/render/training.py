@@ -40,14 +40,14 @@ from kubetune.operator.resources import (
     ClusterFields,
     validate_spec,
 )
-from kubetune.trainer.prepare import CACHE_AUTO, cluster_default_cache
+from kubetune.trainer.train.prepare import CACHE_AUTO, cluster_default_cache
 
 CONTAINER = "trainer"
 CONFIG_DIR = "/etc/kubetune"
 JOB_FILE = "job.yaml"
 MASTER_PORT = 29500
 CONFIG_ERROR_EXIT_CODE = 2
-"""The trainer's exit code for a wrong spec (kubetune.trainer.errors.EXIT_CONFIG_ERROR): the Job
+"""The trainer's exit code for a wrong spec (kubetune.trainer.api.errors.EXIT_CONFIG_ERROR): the Job
 fails at once instead of restarting a gang that cannot succeed."""
 RUN_AS_USER = 1000
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"

@@ -1,0 +1,1 @@
+"""The spec and its errors: pure definitions every other part of kubetune imports."""

@@ -1,0 +1,775 @@
+"""Per-GPU memory estimate of a training spec: `kubetune estimate` and the operator's admission check.
+
+Pure arithmetic over the spec and the model's shape (its `config.json`, a known architecture, or
+`--params 7B`); nothing here imports torch, so the admission webhook can run it in milliseconds.
+
+Model states, per parameter (Psi = parameter count, Psi_t = trainable ones, N = data-parallel
+ranks = nodes x gpusPerNode); the split follows the ZeRO paper (Rajbhandari et al. 2020,
+arXiv:1910.02054, section 3.1: "2 Psi + 2 Psi + K Psi" with K = 12 for mixed-precision Adam) and
+LlamaFactory's accounting (Zheng et al. 2024, arXiv:2403.13372, section 3: 18 bytes per parameter
+for mixed precision, 8 for pure bfloat16, 0.6 for 4-bit QLoRA):
+
+- weights: the trainer's load dtype. Under bf16/fp16 mixed precision `full`/`freeze`/`galore`
+  keep fp32 master weights (4 bytes) plus the 16-bit copies autocast saves for backward (2);
+  `model.dtype: bfloat16` is pure bf16 (2). LoRA bases load in the compute dtype; QLoRA's linear
+  layers take 4.5 bits/param with NF4 (4.127 with double quantisation: one fp32 absmax per 64
+  weights, or 8-bit absmax per 64 plus fp32 per 256 blocks), and its remaining parameters are
+  cast to fp32 by PEFT's `prepare_model_for_kbit_training`. LoRA adapters are fp32 (PEFT's
+  `autocast_adapter_dtype`).
+- gradients: one per trainable parameter, in the trainable parameters' dtype.
+- optimizer: AdamW keeps two states per trainable parameter in the parameter's dtype (8 bytes
+  for fp32); 8-bit AdamW (bitsandbytes) two 1-byte states; SGD none; GaLore keeps AdamW states of
+  the rank-r projections (max(m, n) x r per m x n matrix, plus the min(m, n) x r projector).
+- DeepSpeed ZeRO keeps 16-bit weights and gradients and puts the fp32 master copy in the
+  optimizer (K = 12 bytes per trainable parameter); stage >= 1 divides the optimizer states by N,
+  stage >= 2 the gradients, stage 3 the weights (plus a working set of ~2 gathered layers).
+  `offloadOptimizer` moves the optimizer to CPU memory, `offloadParams` the weights.
+
+Activations, per GPU, for T = batchSize x maxLength tokens (every sequence padded or packed to
+maxLength: the worst case a step can hit). Per decoder layer and token the backward pass keeps
+(Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+arXiv:2205.05198, section 4.1, 34·s·b·h bytes per layer for a 16-bit GPT layer; redone here for a
+Llama layer with a gated MLP and fused SDPA/flash attention, Dao et al. 2022, which keeps no
+s x s score matrix):
+
+    elements per token per layer = 6h + 3·a·d + 2·k·d + 4·I
+      (each of the two RMSNorms keeps its input, the normalised input and its output, which is
+       the input of the q/k/v or gate/up projections: 6h; q, attention output and o_proj
+       input: 3·a·d; k and v: 2·k·d; gate, up, SiLU(gate) and their product: 4·I)
+
+times the activation width (2 bytes under bf16/fp16 autocast, 4 in fp32). (Checked against the
+tensors autograd actually saves for a 768-wide Llama in fp32: 64.6 KB per token and layer,
+formula 66.6 KB.) LoRA with dropout adds a copy of each adapted module's input plus a 1-byte
+mask (PEFT applies dropout per module). `eager` attention
+adds the a x s probability matrix per token (fp32 softmax + its 16-bit copy). With gradient
+checkpointing only each layer's input (h per token) is kept, plus one layer recomputed in
+backward. The loss adds T x vocab x (logits + their fp32 copy + log-softmax + its gradient).
+
+Gradients only exist from the backward pass to the optimizer step, while the activations are
+freed during backward: with one micro-batch per step on one process (no DDP buckets, no ZeRO
+buffers) the step's peak holds the larger of the two, not both (the `overlap` line subtracts
+the smaller one). Estimates are per GPU, at the peak of a training step; a fixed `overhead` (CUDA context, cuBLAS
+workspace, allocator slack) is added on GPUs. Checked against measured CPU RSS of a real run and
+against LlamaFactory's published numbers (tests/test_estimate.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from kubetune.trainer.api.errors import SpecError
+from kubetune.trainer.api.spec import ROLLOUT_STAGES, TrainingSpec
+
+GIB = 1024**3
+GPU_OVERHEAD_GIB = 0.75
+"""CUDA context, cuBLAS/NCCL workspaces and allocator slack, per GPU."""
+
+# --------------------------------------------------------------------------------------------
+# Model shapes
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about a decoder-only transformer."""
+
+    name: str
+    hidden: int
+    layers: int
+    vocab: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    gated_mlp: bool = True
+    tied_embeddings: bool = False
+    experts: int = 1
+    """MoE: experts per layer (all hold weights)."""
+    active_experts: int = 1
+    """MoE: experts each token passes through (they hold activations)."""
+    attention_bias: bool = False
+    params_override: int | None = None
+    """A parameter count given by the user (`--params 7B`): the groups below are scaled to it."""
+
+    # -- parameter groups (counts) -------------------------------------------------------
+    def linear_modules(self) -> dict[str, tuple[int, int]]:
+        """Per decoder layer: module name -> (in features, out features), one expert's MLP."""
+        h, a, k, d, i = self.hidden, self.heads, self.kv_heads, self.head_dim, self.intermediate
+        mods = {"q_proj": (h, a * d), "k_proj": (h, k * d), "v_proj": (h, k * d), "o_proj": (a * d, h)}
+        if self.gated_mlp:
+            mods.update(gate_proj=(h, i), up_proj=(h, i), down_proj=(i, h))
+        else:
+            mods.update(up_proj=(h, i), down_proj=(i, h))
+        return mods
+
+    def _scale(self) -> float:
+        if self.params_override is None:
+            return 1.0
+        return self.params_override / self._raw_total()
+
+    def _raw_groups(self) -> dict[str, float]:
+        mods = self.linear_modules()
+        attn = sum(i * o for n, (i, o) in mods.items() if n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        mlp = sum(i * o for n, (i, o) in mods.items() if n not in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.attention_bias else 0
+        router = self.hidden * self.experts if self.experts > 1 else 0
+        return {
+            "embed": self.vocab * self.hidden,
+            "lm_head": 0 if self.tied_embeddings else self.vocab * self.hidden,
+            "layer_linear": attn + mlp * self.experts,
+            "layer_other": 2 * self.hidden + bias + router,
+            "final_norm": self.hidden,
+        }
+
+    def _raw_total(self) -> float:
+        g = self._raw_groups()
+        return g["embed"] + g["lm_head"] + self.layers * (g["layer_linear"] + g["layer_other"]) + g["final_norm"]
+
+    def groups(self) -> dict[str, float]:
+        """Parameter counts: embed, lm_head, layer_linear and layer_other (per layer), final_norm."""
+        s = self._scale()
+        return {k: v * s for k, v in self._raw_groups().items()}
+
+    @property
+    def parameters(self) -> int:
+        return round(self.params_override if self.params_override is not None else self._raw_total())
+
+
+def _get(config: dict[str, Any], *names: str, default: Any = None) -> Any:
+    for name in names:
+        if config.get(name) is not None:
+            return config[name]
+    return default
+
+
+_UNGATED = {"gpt2", "opt", "gpt_neox", "gptj", "bloom", "falcon", "phi", "gpt_bigcode", "starcoder2"}
+_TIED_BY_DEFAULT = {"gpt2", "opt", "gemma", "gemma2", "gemma3_text", "bloom", "gpt_bigcode", "phi"}
+
+
+def shape_from_config(config: dict[str, Any], name: str = "model") -> ModelShape:
+    """A ModelShape from a Hugging Face `config.json` (Llama, Mistral, Qwen2, Gemma, Mixtral,
+    GPT-2/NeoX-style key names)."""
+    config = {**config, **(config.get("text_config") or {})}
+    model_type = str(config.get("model_type") or "")
+    hidden = _get(config, "hidden_size", "n_embd", "d_model")
+    layers = _get(config, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _get(config, "num_attention_heads", "n_head", "num_heads")
+    vocab = _get(config, "vocab_size")
+    if not all(isinstance(v, int) and v > 0 for v in (hidden, layers, heads, vocab)):
+        raise ValueError(f"{name}: config.json lacks hidden_size/num_hidden_layers/num_attention_heads/vocab_size")
+    intermediate = _get(config, "intermediate_size", "n_inner", "ffn_dim", "moe_intermediate_size", default=4 * hidden)
+    kv = _get(config, "num_key_value_heads", "num_kv_heads", default=heads)
+    head_dim = _get(config, "head_dim", default=hidden // heads)
+    experts = int(_get(config, "num_local_experts", "num_experts", "n_routed_experts", default=1) or 1)
+    active = int(_get(config, "num_experts_per_tok", "moe_topk", default=1) or 1)
+    tied = config.get("tie_word_embeddings")
+    if tied is None:
+        tied = model_type in _TIED_BY_DEFAULT
+    return ModelShape(
+        name=name, hidden=hidden, layers=layers, vocab=vocab, intermediate=intermediate or 4 * hidden,
+        heads=heads, kv_heads=kv, head_dim=head_dim, gated_mlp=model_type not in _UNGATED,
+        tied_embeddings=bool(tied), experts=experts, active_experts=min(active, experts),
+        attention_bias=bool(config.get("attention_bias") or model_type in ("qwen2", "qwen2_moe")),
+    )
+
+
+def _shape(name: str, h: int, layers: int, vocab: int, inter: int, heads: int, kv: int, **kw: Any) -> ModelShape:
+    return ModelShape(name=name, hidden=h, layers=layers, vocab=vocab, intermediate=inter, heads=heads,
+                      kv_heads=kv, head_dim=kw.pop("head_dim", h // heads), **kw)
+
+
+KNOWN_SHAPES: dict[str, ModelShape] = {
+    # Values from each model's public config.json; matched as substrings of a lowercased path.
+    "llama-2-7b": _shape("llama-2-7b", 4096, 32, 32000, 11008, 32, 32),
+    "llama-2-13b": _shape("llama-2-13b", 5120, 40, 32000, 13824, 40, 40),
+    "llama-2-70b": _shape("llama-2-70b", 8192, 80, 32000, 28672, 64, 8),
+    "llama-3.2-1b": _shape("llama-3.2-1b", 2048, 16, 128256, 8192, 32, 8, tied_embeddings=True),
+    "llama-3.2-3b": _shape("llama-3.2-3b", 3072, 28, 128256, 8192, 24, 8, tied_embeddings=True),
+    "llama-3.1-8b": _shape("llama-3.1-8b", 4096, 32, 128256, 14336, 32, 8),
+    "llama-3-8b": _shape("llama-3-8b", 4096, 32, 128256, 14336, 32, 8),
+    "llama-3.1-70b": _shape("llama-3.1-70b", 8192, 80, 128256, 28672, 64, 8),
+    "llama-3-70b": _shape("llama-3-70b", 8192, 80, 128256, 28672, 64, 8),
+    "mistral-7b": _shape("mistral-7b", 4096, 32, 32000, 14336, 32, 8),
+    "mixtral-8x7b": _shape("mixtral-8x7b", 4096, 32, 32000, 14336, 32, 8, experts=8, active_experts=2),
+    "qwen2.5-0.5b": _shape("qwen2.5-0.5b", 896, 24, 151936, 4864, 14, 2, tied_embeddings=True, attention_bias=True),
+    "qwen2.5-1.5b": _shape("qwen2.5-1.5b", 1536, 28, 151936, 8960, 12, 2, tied_embeddings=True, attention_bias=True),
+    "qwen2.5-7b": _shape("qwen2.5-7b", 3584, 28, 152064, 18944, 28, 4, attention_bias=True),
+    "qwen2.5-14b": _shape("qwen2.5-14b", 5120, 48, 152064, 13824, 40, 8, attention_bias=True),
+    "gemma-2b": _shape("gemma-2b", 2048, 18, 256000, 16384, 8, 1, head_dim=256, tied_embeddings=True),
+    "gemma-7b": _shape("gemma-7b", 3072, 28, 256000, 24576, 16, 16, head_dim=256, tied_embeddings=True),
+}
+_SCALE_REFERENCES = ("llama-3.2-1b", "llama-3.2-3b", "llama-2-7b", "llama-2-13b", "llama-2-70b")
+
+_PARAMS_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBtT]?)\s*$")
+
+
+def parse_params(text: str | int | float) -> int:
+    """`7B`, `350M`, `1.5b`, `7000000000` -> a parameter count."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return int(text)
+    match = _PARAMS_RE.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a parameter count (use e.g. 7B, 350M, 1.5B)")
+    unit = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2).lower()]
+    value = int(float(match.group(1)) * unit)
+    if value <= 0:
+        raise ValueError(f"{text!r} is not a positive parameter count")
+    return value
+
+
+def shape_for_params(params: int) -> ModelShape:
+    """A Llama shape for a bare parameter count: the nearest reference model's layout, its
+    parameter groups scaled to `params`."""
+    ref = min((KNOWN_SHAPES[n] for n in _SCALE_REFERENCES), key=lambda s: abs(math.log(s.parameters / params)))
+    return replace(ref, name=f"{_human(params)} ({ref.name}-like)", params_override=params)
+
+
+def known_shape(location: str) -> ModelShape | None:
+    lowered = location.lower().replace("_", "-")
+    for key in sorted(KNOWN_SHAPES, key=len, reverse=True):
+        if key in lowered:
+            return KNOWN_SHAPES[key]
+    return None
+
+
+def resolve_shape(model_path: str, params: str | int | None = None, *, read_local: bool = True) -> ModelShape | None:
+    """The model's shape: a local `config.json` (unless `read_local` is false: the operator's
+    disk is not the pod's), a builtin model, a known architecture named in the path; `params`
+    overrides the parameter count (and alone gives a Llama-like shape). None when nothing is
+    known (a private S3/hub model without `params`)."""
+    from kubetune.trainer.train.models.builtin import BUILTIN_VERSION, BUILTINS, PREFIX, cache_root
+
+    shape: ModelShape | None = None
+    builtin = model_path[len(PREFIX):] if model_path.startswith(PREFIX) else None
+    if builtin in BUILTINS:
+        built = cache_root() / "builtin" / f"{builtin}-v{BUILTIN_VERSION}" / "config.json"
+        # once built, its config has the tokenizer's real vocabulary size (<= the nominal one)
+        config = json.loads(built.read_text()) if built.is_file() else {"model_type": "llama", **BUILTINS[builtin]}
+        shape = shape_from_config(config, model_path)
+    elif read_local and "://" not in model_path and (Path(model_path).expanduser() / "config.json").is_file():
+        config = json.loads((Path(model_path).expanduser() / "config.json").read_text())
+        shape = shape_from_config(config, model_path)
+    else:
+        shape = known_shape(model_path)
+    if params is not None:
+        count = parse_params(params)
+        return replace(shape, params_override=count) if shape is not None else shape_for_params(count)
+    return shape
+
+
+# --------------------------------------------------------------------------------------------
+# The estimate
+
+
+@dataclass
+class Estimate:
+    """Bytes per GPU by component, and what went into them."""
+
+    components: dict[str, float]
+    shape: ModelShape
+    ranks: int
+    parameters: int
+    trainable: int
+    precision: str
+    device: str
+    cpu_offload_bytes: float = 0.0
+    working_set_bytes: float = 0.0
+    """ZeRO-3: the gathered layers' full weights (part of `weights`)."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.components.values())
+
+    @property
+    def total_gib(self) -> float:
+        return self.total / GIB
+
+    def gib(self, name: str) -> float:
+        return self.components.get(name, 0.0) / GIB
+
+    def fits(self, gpu_gib: float) -> bool:
+        return self.total_gib <= gpu_gib
+
+    def short(self) -> str:
+        return f"~{self.total_gib:.1f} GiB per GPU"
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in self.components.items() if v and k != "overlap")
+        return f"~{self.total_gib:.1f} GiB per GPU ({parts} GiB)"
+
+
+_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_TARGET_ALIASES = {
+    "query_key_value": ("q_proj", "k_proj", "v_proj"), "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "c_attn": ("q_proj", "k_proj", "v_proj"), "c_proj": ("o_proj", "down_proj"), "dense": ("o_proj",),
+    "c_fc": ("up_proj",), "fc1": ("up_proj",), "fc2": ("down_proj",), "w1": ("gate_proj",), "w3": ("up_proj",),
+    "w2": ("down_proj",), "gate_up_proj": ("gate_proj", "up_proj"), "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+def _targets(names: list[str], available: dict[str, tuple[int, int]]) -> list[str]:
+    """Which per-layer linear modules a list of module names (LoRA targets, GaLore substrings) hits."""
+    if names == ["all-linear"] or not names:
+        return list(available)
+    hit: set[str] = set()
+    for raw in names:
+        name = raw.split(".")[-1]
+        if name in available:
+            hit.add(name)
+        hit.update(n for n in _TARGET_ALIASES.get(name, ()) if n in available)
+        hit.update(n for n in available if name in n)
+    return [n for n in available if n in hit] or list(available)
+
+
+def _dtype_bytes(name: str) -> int:
+    return {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}[name]
+
+
+def _optimizer_state_bytes(optimizer: str, param_bytes: float) -> float:
+    """Optimizer state bytes per trainable parameter of dtype width `param_bytes`."""
+    name = optimizer.lower()
+    if "8bit" in name or "bnb" in name:
+        return 2.0
+    if name.startswith("sgd"):
+        return 0.0
+    if "adafactor" in name:
+        return 0.1 * param_bytes  # factored second moment: rows + columns, no first moment
+    if "lion" in name:
+        return param_bytes
+    return 2.0 * param_bytes  # adam, adamw, adamw_torch_fused, ...
+
+
+def estimate(
+    spec: TrainingSpec,
+    *,
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    shape: ModelShape | None = None,
+    params: str | int | None = None,
+    overhead_gib: float | None = None,
+) -> Estimate:
+    """Peak memory per GPU (or per CPU process when `gpus_per_node` is 0) of a training step."""
+    if shape is None:
+        shape = resolve_shape(spec.model.path, params)
+        if shape is None:
+            raise SpecError(
+                "model.path",
+                f"the size of {spec.model.path!r} is unknown (no local config.json, not a known architecture).",
+                "pass --params (e.g. --params 7B), or point model.path at a local model directory.",
+            )
+    elif params is not None:
+        shape = replace(shape, params_override=parse_params(params))
+    device = "gpu" if gpus_per_node > 0 else "cpu"
+    ranks = max(1, nodes) * max(1, gpus_per_node)
+    precision = spec.train.precision
+    if precision == "auto":
+        precision = "bf16" if device == "gpu" else "fp32"
+    mixed = precision in ("bf16", "fp16")
+    act_bytes = 2 if mixed else 4
+    groups = shape.groups()
+    layers = shape.layers
+    notes: list[str] = []
+
+    # -- which parameters train, and in which groups --------------------------------------
+    linear_names = shape.linear_modules()
+    per_layer_linear = groups["layer_linear"]
+    embed, lm_head = groups["embed"], groups["lm_head"]
+    norms = layers * groups["layer_other"] + groups["final_norm"]
+    total = embed + lm_head + layers * per_layer_linear + norms
+    method = spec.method
+    lora_params = 0.0
+    full_trainable = 0.0  # trained in place, in the weights' dtype
+
+    def module_share(modules: list[str]) -> float:
+        raw = {n: i * o for n, (i, o) in linear_names.items()}
+        raw_total = sum(raw.values()) + (shape.experts - 1) * sum(v for n, v in raw.items() if n not in _LINEAR_NAMES[:4])
+        return sum(raw[n] * (shape.experts if n not in _LINEAR_NAMES[:4] else 1) for n in modules) / raw_total
+
+    def by_name(patterns: list[str]) -> float:
+        count = 0.0
+        for pattern in patterns:
+            if "embed" in pattern or "wte" in pattern:
+                count += embed
+            elif "lm_head" in pattern or "output" in pattern:
+                count += lm_head
+            elif "norm" in pattern:
+                count += norms
+        return count
+
+    if method in ("full", "galore"):
+        full_trainable = total - by_name(spec.full.frozenModules)
+    elif method == "freeze":
+        n = min(abs(spec.freeze.trainableLayers), layers)
+        full_trainable = n * (per_layer_linear + groups["layer_other"]) + by_name(spec.freeze.trainableModules)
+    else:  # lora, qlora
+        targets = _targets(spec.lora.targetModules, linear_names)
+        r = spec.lora.rank
+        for name in targets:
+            fan_in, fan_out = linear_names[name]
+            experts = shape.experts if name not in _LINEAR_NAMES[:4] else 1
+            lora_params += experts * (r * (fan_in + fan_out) + (fan_out if spec.lora.useDora else 0))
+        lora_params *= layers * shape._scale()
+        saved = by_name(spec.lora.modulesToSave)
+        lora_params += saved  # trained copies of the saved modules (fp32, like the adapters)
+    trainable = full_trainable + lora_params
+
+    # -- bytes per parameter ----------------------------------------------------------------
+    ds = spec.distributed.deepspeed
+    model_dtype = None if spec.model.dtype == "auto" else spec.model.dtype
+    compute = _dtype_bytes(precision)
+    if ds is not None:
+        # DeepSpeed casts the module to the 16-bit compute dtype; the fp32 master lives in the optimizer.
+        weight_b = compute
+        master_b = 4.0 if mixed else 0.0
+    elif method in ("full", "freeze", "galore"):
+        weight_b = _dtype_bytes(model_dtype) if model_dtype else (4 if mixed else compute)
+        master_b = 0.0
+    else:
+        weight_b = _dtype_bytes(model_dtype) if model_dtype else compute
+        master_b = 0.0
+
+    weights = gradients = optimizer = 0.0
+    if method == "qlora":
+        q = spec.quantization
+        if q.bits == 8:
+            quant_b = 1.0 + 4 / 4096  # int8 weights + one fp32 scale per row (approx.)
+        else:  # 4 bits + the absmax constants per 64-weight block (fp32, or 8-bit + fp32 per 256 blocks)
+            quant_b = 0.5 + (8 / 64 + 32 / (64 * 256) if q.doubleQuant else 32 / 64) / 8
+        weights = layers * per_layer_linear * quant_b + (embed + lm_head + norms) * 4.0
+    else:
+        weights = total * weight_b
+        if ds is None and mixed and method in ("full", "freeze", "galore") and weight_b == 4:
+            # autocast keeps a 16-bit copy of every weight it used, saved for the backward pass
+            weights += total * 2.0
+    # the parameters that train in place share the weights' dtype; adapters are fp32
+    inplace_b = weight_b
+    adapter_b = 4.0
+    gradients = full_trainable * inplace_b + lora_params * adapter_b
+    opt = spec.train.optimizer
+    if method == "galore":
+        g = spec.galore
+        targets = _targets(g.targetModules, linear_names)
+        low_rank = 0.0
+        projected = 0.0
+        for name in targets:
+            fan_in, fan_out = linear_names[name]
+            experts = shape.experts if name not in _LINEAR_NAMES[:4] else 1
+            projected += experts * fan_in * fan_out
+            low_rank += experts * (max(fan_in, fan_out) * g.rank)
+            optimizer += experts * min(fan_in, fan_out) * g.rank * inplace_b  # projector
+        projected *= layers * shape._scale()
+        low_rank *= layers * shape._scale()
+        optimizer *= layers * shape._scale()
+        optimizer += (low_rank + (full_trainable - projected)) * _optimizer_state_bytes(opt, inplace_b)
+        if g.layerwise:
+            # each parameter is stepped (and its gradient freed) as soon as its gradient exists
+            gradients = max(embed, lm_head, max(i * o for i, o in linear_names.values()) * shape._scale()) * inplace_b
+    elif ds is not None:
+        # DeepSpeed's optimizer steps the fp32 master copy: fp32 states plus the master itself
+        optimizer = trainable * (_optimizer_state_bytes(opt, 4.0) + master_b)
+    else:
+        optimizer = full_trainable * _optimizer_state_bytes(opt, inplace_b) + lora_params * _optimizer_state_bytes(opt, adapter_b)
+    if ds is not None:
+        gradients = trainable * weight_b
+
+    # -- ZeRO partitioning and offload ----------------------------------------------------------
+    cpu_offload = 0.0
+    working_set = 0.0
+    if ds is not None:
+        if ds.stage >= 1:
+            optimizer /= ranks
+        if ds.stage >= 2:
+            gradients /= ranks
+        if ds.stage == 3:
+            if ranks > 1:
+                working_set = min(weights, (2 * (per_layer_linear + groups["layer_other"]) + embed + lm_head) * weight_b)
+            weights = weights / ranks + working_set
+        if ds.offloadOptimizer:
+            cpu_offload += optimizer
+            optimizer = 0.0
+        if ds.offloadParams:
+            sharded = weights
+            working_set = min(weights, (2 * (per_layer_linear + groups["layer_other"]) + embed + lm_head) * weight_b)
+            weights = working_set
+            cpu_offload += max(0.0, sharded - weights)
+        if ranks == 1 and ds.stage >= 1:
+            notes.append("ZeRO partitions across ranks: with one GPU only offloading saves memory")
+
+    # -- the training stage: sequences per row, frozen companion models ---------------------------
+    sequences, seq_len = _stage_sequences(spec)
+    frozen = _frozen_models(spec, total * weight_b if method != "qlora" else weights)
+    if frozen:
+        notes.append(f"stage {spec.stage} keeps {frozen / GIB:.1f} GiB of frozen models (reference/reward) per GPU")
+
+    # -- activations -------------------------------------------------------------------------------
+    tokens = sequences * seq_len
+    h, a, k, d, inter = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate
+    mlp_elems = (4 * inter) * shape.active_experts if shape.gated_mlp else 3 * inter * shape.active_experts
+    per_token_layer = (6 * h + 3 * a * d + 2 * k * d + mlp_elems) * act_bytes
+    if spec.uses_lora and spec.lora.dropout > 0:
+        # PEFT's dropout makes its own copy of each adapted module's input (kept for lora_A's
+        # backward) plus a 1-byte mask
+        fan_ins = sum(linear_names[n][0] * (shape.active_experts if n not in _LINEAR_NAMES[:4] else 1)
+                      for n in _targets(spec.lora.targetModules, linear_names))
+        per_token_layer += fan_ins * (act_bytes + 1)
+    if spec.model.attnImplementation == "eager":
+        per_token_layer += a * seq_len * (4 + act_bytes)
+    if spec.train.gradientCheckpointing:
+        residual_b = 4 if (mixed and weight_b == 4) else act_bytes
+        layer_acts = tokens * (layers * h * residual_b + per_token_layer)
+    else:
+        layer_acts = tokens * layers * per_token_layer
+    loss_acts = tokens * shape.vocab * (act_bytes + 4 + 4 + 4)
+    activations = layer_acts + loss_acts
+
+    components = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations}
+    if frozen:
+        components["frozen models"] = frozen
+    # Gradients are freed after every optimizer step (`zero_grad(set_to_none=True)`) and created
+    # during backward as the activations are freed, so the two peak at different moments, unless
+    # they persist: accumulated over micro-batches, DDP's reducer buckets, DeepSpeed's flat buffers.
+    persistent_grads = spec.train.gradientAccumulation > 1 or ds is not None or ranks > 1
+    if not persistent_grads and gradients and activations:
+        components["overlap"] = -min(gradients, activations)
+    if overhead_gib is None:
+        overhead_gib = GPU_OVERHEAD_GIB if device == "gpu" else 0.0
+    if overhead_gib:
+        components["overhead"] = overhead_gib * GIB
+    return Estimate(
+        components=components, shape=shape, ranks=ranks, parameters=round(total), trainable=round(trainable),
+        precision=precision, device=device, cpu_offload_bytes=cpu_offload, working_set_bytes=working_set, notes=notes,
+    )
+
+
+def _stage_sequences(spec: TrainingSpec) -> tuple[int, int]:
+    """(sequences per device per step, tokens per sequence) the stage's forward pass holds:
+    preference stages run chosen and rejected (KTO: matched and mismatched) in one batch; rollout
+    stages train on prompt + `maxNewTokens` answers, PPO on every sample of every prompt."""
+    sequences, seq_len = spec.train.batchSize, spec.data.maxLength
+    if spec.stage in ("rm", "dpo", "kto"):
+        sequences *= 2
+    if spec.stage in ROLLOUT_STAGES:
+        seq_len += spec.generation.maxNewTokens
+        if spec.stage == "ppo":
+            sequences *= spec.generation.samplesPerPrompt
+    return sequences, seq_len
+
+
+def _frozen_models(spec: TrainingSpec, model_bytes: float) -> float:
+    """Frozen copies next to the policy: the reference for dpo/kto/ppo/grpo(beta > 0) unless LoRA
+    provides it by disabling adapters (or the loss is reference-free), and a reward model (assumed
+    the policy's size; with LoRA assumed to be an adapter on the same base, which shares it)."""
+    reference_free = spec.stage == "dpo" and spec.dpo.lossType in ("simpo", "orpo")
+    needs_reference = spec.stage in ("dpo", "kto", "ppo") or (spec.stage == "grpo" and spec.grpo.beta > 0)
+    frozen = model_bytes if needs_reference and not reference_free and not spec.uses_lora else 0.0
+    if spec.stage in ROLLOUT_STAGES and spec.reward.model and not spec.uses_lora:
+        frozen += model_bytes
+    return frozen
+
+
+# --------------------------------------------------------------------------------------------
+# What would fit
+
+
+def _with(spec: TrainingSpec, **changes: Any) -> TrainingSpec:
+    """A copy of the spec with `block__field=value` changes."""
+    data = spec.to_document()
+    for path, value in changes.items():
+        node = data
+        *parents, last = path.split("__")
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[last] = value
+    return TrainingSpec.model_validate(data)
+
+
+def suggestions(
+    spec: TrainingSpec, *, nodes: int, gpus_per_node: int, gpu_gib: float, shape: ModelShape, max_nodes: int = 64
+) -> list[str]:
+    """Changes that make the job fit on GPUs of `gpu_gib`, each with its estimate, cheapest first."""
+    out: list[str] = []
+    gpn = max(1, gpus_per_node)
+
+    def fits(candidate: TrainingSpec, n: int) -> Estimate | None:
+        est = estimate(candidate, nodes=n, gpus_per_node=gpn, shape=shape)
+        return est if est.fits(gpu_gib) else None
+
+    def min_nodes(candidate: TrainingSpec) -> tuple[int, Estimate] | None:
+        for n in sorted({nodes, *[nodes * 2**i for i in range(1, 11)], max_nodes}):
+            if n > max(max_nodes, nodes):
+                break
+            est = fits(candidate, n)
+            if est is not None:
+                return n, est
+        return None
+
+    ds = spec.distributed.deepspeed
+    zero3 = {"stage": 3, "offloadOptimizer": bool(ds and ds.offloadOptimizer), "offloadParams": bool(ds and ds.offloadParams)}
+    if not (ds and ds.stage == 3):
+        found = min_nodes(_with(spec, distributed__deepspeed=zero3))
+        if found:
+            n, est = found
+            where = f"nodes: {n} with " if n != nodes else ""
+            out.append(f"{where}distributed.deepspeed.stage: 3 ({est.short()})")
+    elif nodes < max_nodes:
+        found = min_nodes(spec)
+        if found and found[0] != nodes:
+            out.append(f"nodes: {found[0]} ({found[1].short()})")
+    zero3_here = any(o.startswith("distributed.deepspeed.stage: 3") for o in out)
+    if not (ds and ds.offloadOptimizer) and not zero3_here:
+        cand = _with(spec, distributed__deepspeed={**zero3, "offloadOptimizer": True})
+        est = fits(cand, nodes)
+        if est:
+            out.append(f"distributed.deepspeed: {{stage: 3, offloadOptimizer: true}} ({est.short()}, "
+                       f"{est.cpu_offload_bytes / GIB:.0f} GiB in CPU memory)")
+    if not spec.train.gradientCheckpointing:
+        est = fits(_with(spec, train__gradientCheckpointing=True), nodes)
+        if est:
+            out.append(f"train.gradientCheckpointing: true ({est.short()})")
+    if spec.train.batchSize > 1:
+        est = fits(_with(spec, train__batchSize=1, train__gradientAccumulation=spec.train.gradientAccumulation * spec.train.batchSize), nodes)
+        if est:
+            out.append(f"train.batchSize: 1 with gradientAccumulation: "
+                       f"{spec.train.gradientAccumulation * spec.train.batchSize} ({est.short()})")
+    if spec.method not in ("lora", "qlora"):
+        est = fits(_with(spec, method="lora"), nodes)
+        if est:
+            out.append(f"method: lora ({est.short()})")
+    if spec.method != "qlora":
+        cand = _with(spec, method="qlora", train__gradientCheckpointing=True)
+        est = fits(cand, nodes)
+        if est:
+            ckpt = "" if spec.train.gradientCheckpointing else " with train.gradientCheckpointing: true"
+            out.append(f"method: qlora{ckpt} ({est.short()})")
+    return out
+
+
+def fit_message(
+    spec: TrainingSpec, *, nodes: int, gpus_per_node: int, gpu_gib: float, shape: ModelShape, est: Estimate | None = None
+) -> str:
+    """Why the job does not fit and what would (for the admission refusal and the CLI)."""
+    est = est or estimate(spec, nodes=nodes, gpus_per_node=gpus_per_node, shape=shape)
+    where = f"{nodes} node(s) x {gpus_per_node} GPU(s) of {gpu_gib:g} GiB"
+    text = (f"the training needs {est.summary()} with method {spec.method}, {est.precision}"
+            f"{_zero_text(spec)} on {where} ({shape.name}, {_human(est.parameters)} parameters).")
+    options = suggestions(spec, nodes=nodes, gpus_per_node=gpus_per_node, gpu_gib=gpu_gib, shape=shape)
+    if options:
+        text += " It would fit with: " + "; or ".join(options) + "."
+    else:
+        text += " Nothing tried fits (more nodes with ZeRO-3, CPU offload, QLoRA): use GPUs with more memory."
+    return text
+
+
+def _zero_text(spec: TrainingSpec) -> str:
+    ds = spec.distributed.deepspeed
+    if ds is None:
+        return ", no ZeRO (every GPU holds a full replica)"
+    off = [n for n, on in (("optimizer", ds.offloadOptimizer), ("params", ds.offloadParams)) if on]
+    return f", ZeRO-{ds.stage}" + (f" with {'+'.join(off)} offload" if off else "")
+
+
+def _human(count: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g}{unit}"
+    return str(int(count))
+
+
+# --------------------------------------------------------------------------------------------
+# `kubetune estimate`
+
+
+def register(subparsers: Any) -> None:
+    """The `estimate` subcommand (entry point `kubetune.cli`: estimate)."""
+    p = subparsers.add_parser(
+        "estimate",
+        help="estimate per-GPU memory of a training spec or FineTuneJob (weights, gradients, optimizer, activations)",
+        description="Estimate the peak memory per GPU of a training spec or a FineTuneJob/AlignmentJob manifest, "
+        "by component, and whether it fits on GPUs of --gpu-memory GiB. Nodes and GPUs per node come from "
+        "the manifest unless given.",
+    )
+    p.add_argument("file", help="a training spec YAML, or a FineTuneJob/AlignmentJob manifest")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training spec field, e.g. --set method=qlora (repeatable)")
+    p.add_argument("--nodes", type=int, default=None, help="nodes (default: the manifest's spec.nodes, else 1)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs per node (default: the manifest's spec.gpusPerNode, else 1; 0 estimates a CPU process)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="memory of one GPU in GiB, e.g. 80 (default: the manifest's spec.gpuMemoryGiB)")
+    p.add_argument("--params", default=None, metavar="N",
+                   help="parameter count, e.g. 7B, when model.path has no local config.json (S3, hub)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    p.set_defaults(func=cmd_estimate)
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from kubetune.trainer.api.specfile import apply_overrides, extract_training, read_yaml, validate_training
+
+    document = read_yaml(args.file)
+    training, kind, prefix = extract_training(document, str(args.file))
+    training = apply_overrides(training, args.overrides)
+    spec = validate_training(training, str(args.file), prefix)
+    cluster = (document.get("spec") or {}) if kind else {}
+    nodes = args.nodes if args.nodes is not None else int(cluster.get("nodes") or 1)
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else int(cluster.get("gpusPerNode", 1))
+    gpu_gib = args.gpu_memory if args.gpu_memory is not None else cluster.get("gpuMemoryGiB")
+    params = args.params if args.params is not None else cluster.get("modelParameters")
+    try:
+        shape = resolve_shape(spec.model.path, params)
+    except ValueError as exc:
+        raise SpecError("--params", str(exc)) from None
+    if shape is None:
+        raise SpecError(
+            f"{prefix + '.' if prefix else ''}model.path",
+            f"the size of {spec.model.path!r} is unknown (no local config.json, not a known architecture).",
+            "pass --params (e.g. --params 7B), or point model.path at a local model directory.",
+        )
+    est = estimate(spec, nodes=nodes, gpus_per_node=gpus, shape=shape)
+    if args.json:
+        print(json.dumps({
+            "model": shape.name, "parameters": est.parameters, "trainable": est.trainable,
+            "nodes": nodes, "gpusPerNode": gpus, "precision": est.precision,
+            "componentsGiB": {k: round(v / GIB, 3) for k, v in est.components.items()},
+            "totalGiB": round(est.total_gib, 3), "cpuOffloadGiB": round(est.cpu_offload_bytes / GIB, 3),
+            "gpuMemoryGiB": gpu_gib, "fits": None if gpu_gib is None else est.fits(float(gpu_gib)),
+        }, indent=2))
+        return 0 if gpu_gib is None or est.fits(float(gpu_gib)) else 1
+    unit = "GPU" if gpus > 0 else "process (CPU)"
+    print(f"model      {shape.name}: {_human(est.parameters)} parameters, {_human(est.trainable)} trainable "
+          f"({spec.method}, {est.precision}{_zero_text(spec)})")
+    print(f"layout     {nodes} node(s) x {gpus} GPU(s); {spec.train.batchSize} x {spec.data.maxLength} tokens per step per GPU"
+          + (", gradient checkpointing" if spec.train.gradientCheckpointing else ""))
+    print()
+    print(f"{'component':<14}{'GiB':>10}")
+    for name, value in est.components.items():
+        print(f"{name:<14}{value / GIB:>10.2f}" + ("  (gradients and activations do not peak together)" if name == "overlap" else ""))
+    print(f"{'total per ' + ('GPU' if gpus > 0 else 'process'):<14}{est.total_gib:>10.2f}")
+    if est.cpu_offload_bytes:
+        print(f"{'(CPU offload)':<14}{est.cpu_offload_bytes / GIB:>10.2f}")
+    for note in est.notes:
+        print(f"note: {note}")
+    if gpu_gib is None:
+        return 0
+    gpu_gib = float(gpu_gib)
+    if est.fits(gpu_gib):
+        print(f"\nfits: yes ({est.total_gib:.1f} of {gpu_gib:g} GiB per {unit})")
+        return 0
+    print(f"\nfits: NO: {fit_message(spec, nodes=nodes, gpus_per_node=gpus, gpu_gib=gpu_gib, shape=shape, est=est)}")
+    return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser(prog="kubetune")
+    register(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args()
+    sys.exit(ns.func(ns))

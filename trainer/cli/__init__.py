@@ -1,0 +1,1 @@
+"""`kubetune ...`: one explicit command table over library functions."""

@@ -1,0 +1,1 @@
+"""Training: the runner, its callbacks, data, models and one workflow per stage."""

@@ -1,0 +1,92 @@
+"""Batch collation for `transformers.Trainer(data_collator=...)`.
+
+Unpacked rows are right-padded (pad id, labels -100) with an `attention_mask`. Packed rows carry
+`position_ids` that restart at 0 for every example and get NO attention mask: transformers then
+detects the packing from the position ids and builds a block-diagonal causal mask (sdpa/eager),
+so packed examples never attend to each other. Two ways to batch packed rows:
+
+- padded (default for sdpa/eager): rows are right-padded; the padding gets its own positions
+  (0, 1, ...) so it forms a separate block, and labels -100;
+- flattened (for flash_attention_2, whose varlen path only reads packing from position ids
+  when the batch is a single row): all rows are concatenated into one `[1, total]` row.
+
+Packed batches also carry `use_cache=False`: transformers only looks for packed sequences when
+no KV cache is passed, and a model in training mode with `config.use_cache=True` (the default
+of most checkpoints) creates one, which silently turns the block-diagonal mask back into a plain
+causal one (examples would attend to each other). The training runner should set
+`model.config.use_cache = False` as well.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kubetune.trainer.api.spec import TrainingSpec
+from kubetune.trainer.train.data.processors import IGNORE_INDEX
+
+
+class DataCollator:
+    """Pads token rows into tensors; see the module docstring for packed rows."""
+
+    def __init__(
+        self, pad_token_id: int, *, flatten_packed: bool = False, pad_to_multiple_of: int | None = None
+    ):
+        self.pad_token_id = pad_token_id
+        self.flatten_packed = flatten_packed
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def _target_length(self, longest: int) -> int:
+        multiple = self.pad_to_multiple_of
+        if multiple and longest % multiple:
+            return longest + multiple - longest % multiple
+        return longest
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        packed = "position_ids" in features[0]
+        if packed and self.flatten_packed:
+            flat: dict[str, Any] = {
+                name: torch.tensor([[v for f in features for v in f[name]]], dtype=torch.long)
+                for name in ("input_ids", "labels", "position_ids")
+            }
+            flat["use_cache"] = False
+            return flat
+        length = self._target_length(max(len(f["input_ids"]) for f in features))
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+        if packed:
+            batch["position_ids"] = []
+        else:
+            batch["attention_mask"] = []
+        for f in features:
+            ids = list(f["input_ids"])
+            pad = length - len(ids)
+            batch["input_ids"].append(ids + [self.pad_token_id] * pad)
+            labels = list(f["labels"]) if "labels" in f else list(ids)
+            batch["labels"].append(labels + [IGNORE_INDEX] * pad)
+            if packed:
+                batch["position_ids"].append(list(f["position_ids"]) + list(range(pad)))
+            else:
+                batch["attention_mask"].append([1] * len(ids) + [0] * pad)
+        out: dict[str, Any] = {name: torch.tensor(rows, dtype=torch.long) for name, rows in batch.items()}
+        if packed:
+            out["use_cache"] = False
+        return out
+
+
+def make_collator(
+    tokenizer: Any,
+    spec: TrainingSpec,
+    *,
+    flatten_packed: bool | None = None,
+    pad_to_multiple_of: int | None = None,
+) -> DataCollator:
+    """The collator for this run. `flatten_packed` defaults to True only when the spec asks for
+    flash_attention_2 explicitly; a runner that resolves `attnImplementation: auto` to flash
+    attention should pass `flatten_packed=True`."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    if flatten_packed is None:
+        flatten_packed = spec.model.attnImplementation == "flash_attention_2"
+    return DataCollator(pad, flatten_packed=flatten_packed, pad_to_multiple_of=pad_to_multiple_of)

@@ -1,0 +1,114 @@
+"""`builtin:` models: tiny Llama-architecture models built locally, deterministically.
+
+They make the quickstart and the test suite work on a machine that cannot download from a hub.
+`builtin:tiny-llama` is a 2-layer Llama (head size 64, so vLLM's CPU kernels accept it) with a
+byte-level BPE tokenizer trained on the demo corpus, whose chat template is kubetune's `default`
+(set explicitly, as a chat model's tokenizer ships its own: the demo trains and chats on
+conversations, and a tokenizer without a template is refused for them). It is built once into the cache directory
+and reused; concurrent builders (torchrun ranks) race safely through an atomic rename.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from kubetune.trainer.api.errors import SpecError
+
+PREFIX = "builtin:"
+BUILTIN_VERSION = "2"
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+
+BUILTINS = {
+    "tiny-llama": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "vocab_size": 1024,
+    },
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune"))
+
+
+def is_builtin(path: str) -> bool:
+    return path.startswith(PREFIX)
+
+
+def resolve_builtin(path: str, field: str = "model.path") -> Path:
+    """Return the local directory of a builtin model, building it on first use."""
+    name = path[len(PREFIX):]
+    if name not in BUILTINS:
+        raise SpecError(field, f"unknown builtin model {name!r}.", f"use one of: {', '.join(PREFIX + n for n in BUILTINS)}.")
+    target = cache_root() / "builtin" / f"{name}-v{BUILTIN_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build_tiny_llama(staging, **BUILTINS[name])
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another process finished first; its copy is identical (deterministic build).
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (any input text encodes) as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def build_tiny_llama(directory: str | Path, *, vocab_size: int, seed: int = 0, chat_template: str | None = "default",
+                     **config_kwargs) -> Path:
+    """Build and save a randomly initialised tiny Llama and its tokenizer into `directory`;
+    `chat_template` (a built-in name, or None for a base model without one) goes with the tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kubetune.trainer.train.demo import demo_corpus
+
+    directory = Path(directory)
+    tokenizer = train_tokenizer(demo_corpus(), vocab_size)
+    tokenizer.model_max_length = config_kwargs["max_position_embeddings"]
+    if chat_template is not None:
+        from kubetune.trainer.train.data.templates import TEMPLATES
+
+        tokenizer.chat_template = TEMPLATES[chat_template]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **config_kwargs,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
