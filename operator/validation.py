@@ -122,7 +122,7 @@ def default_gpu_memory() -> float | None:
 
 def _memory_inputs(spec: ClusterFields) -> tuple[Any, float, Any] | None:
     """(training spec, GPU GiB, model shape) when the memory check applies and can run."""
-    from kubetune.trainer.api.estimate import resolve_shape
+    from kubetune.trainer.artifacts.model_shape import resolve_shape
 
     training = getattr(spec, "training", None)
     if training is None or spec.gpusPerNode == 0:

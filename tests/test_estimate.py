@@ -33,12 +33,12 @@ from kubetune.trainer.api.estimate import (
     estimate,
     fit_message,
     parse_params,
-    register,
-    resolve_shape,
     shape_for_params,
     shape_from_config,
 )
 from kubetune.trainer.api.spec import TrainingSpec
+from kubetune.trainer.artifacts.model_shape import resolve_shape
+from kubetune.trainer.cli.estimate import register
 
 from .conftest import EXAMPLES, REPO
 
@@ -335,7 +335,8 @@ def measured_runs(tmp_path_factory, mid_model) -> dict[str, tuple[float, float]]
     probe = json.loads(line[len("PROBE "):])
     out = {}
     for name in MEASURED:
-        est = estimate(TrainingSpec.model_validate(specs[name]), nodes=1, gpus_per_node=0)
+        spec = TrainingSpec.model_validate(specs[name])
+        est = estimate(spec, nodes=1, gpus_per_node=0, shape=resolve_shape(spec.model.path))
         out[name] = (probe[name]["peak"] - probe[name]["base"], est.total)
     return out
 

@@ -1,7 +1,9 @@
 """Per-GPU memory estimate of a training spec: `kubetune estimate` and the operator's admission check.
 
 Pure arithmetic over the spec and the model's shape (its `config.json`, a known architecture, or
-`--params 7B`); nothing here imports torch, so the admission webhook can run it in milliseconds.
+`--params 7B`); nothing here imports torch or reads a file, so the admission webhook can run it in
+milliseconds (`kubetune.trainer.artifacts.model_shape` reads a model's `config.json`;
+`kubetune.trainer.cli.estimate` is the command).
 
 Model states, per parameter (Psi = parameter count, Psi_t = trainable ones, N = data-parallel
 ranks = nodes x gpusPerNode); the split follows the ZeRO paper (Rajbhandari et al. 2020,
@@ -55,15 +57,12 @@ against LlamaFactory's published numbers (tests/test_estimate.py).
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
+from kubetune.trainer.api.builtin import BUILTINS, builtin_name
 from kubetune.trainer.api.errors import SpecError
 from kubetune.trainer.api.spec import ROLLOUT_STAGES, TrainingSpec
 
@@ -238,23 +237,16 @@ def known_shape(location: str) -> ModelShape | None:
     return None
 
 
-def resolve_shape(model_path: str, params: str | int | None = None, *, read_local: bool = True) -> ModelShape | None:
-    """The model's shape: a local `config.json` (unless `read_local` is false: the operator's
-    disk is not the pod's), a builtin model, a known architecture named in the path; `params`
-    overrides the parameter count (and alone gives a Llama-like shape). None when nothing is
-    known (a private S3/hub model without `params`)."""
-    from kubetune.trainer.train.models.builtin import BUILTIN_VERSION, BUILTINS, PREFIX, cache_root
-
-    shape: ModelShape | None = None
-    builtin = model_path[len(PREFIX):] if model_path.startswith(PREFIX) else None
-    if builtin in BUILTINS:
-        built = cache_root() / "builtin" / f"{builtin}-v{BUILTIN_VERSION}" / "config.json"
-        # once built, its config has the tokenizer's real vocabulary size (<= the nominal one)
-        config = json.loads(built.read_text()) if built.is_file() else {"model_type": "llama", **BUILTINS[builtin]}
-        shape = shape_from_config(config, model_path)
-    elif read_local and "://" not in model_path and (Path(model_path).expanduser() / "config.json").is_file():
-        config = json.loads((Path(model_path).expanduser() / "config.json").read_text())
-        shape = shape_from_config(config, model_path)
+def shape_for_path(model_path: str, params: str | int | None = None, *, config: dict[str, Any] | None = None) -> ModelShape | None:
+    """The model's shape from what is known without reading files: its `config.json` when the
+    caller read one (`kubetune.trainer.artifacts.model_shape.resolve_shape` does), a builtin
+    model's nominal config, a known architecture named in the path; `params` overrides the
+    parameter count (and alone gives a Llama-like shape). None when nothing is known."""
+    builtin = builtin_name(model_path)
+    if config is not None:
+        shape: ModelShape | None = shape_from_config(config, model_path)
+    elif builtin is not None:
+        shape = shape_from_config({"model_type": "llama", **BUILTINS[builtin]}, model_path)
     else:
         shape = known_shape(model_path)
     if params is not None:
@@ -356,9 +348,44 @@ def estimate(
     params: str | int | None = None,
     overhead_gib: float | None = None,
 ) -> Estimate:
-    """Peak memory per GPU (or per CPU process when `gpus_per_node` is 0) of a training step."""
+    """Peak memory per GPU (or per CPU process when `gpus_per_node` is 0) of a training step.
+
+    Without `shape`, the model's shape comes from its path alone (a builtin or known model, or
+    `params`): reading a local `config.json` is `artifacts.model_shape.resolve_shape`'s job."""
+    shape = _estimate_shape(spec, shape, params)
+    device = "gpu" if gpus_per_node > 0 else "cpu"
+    ranks = max(1, nodes) * max(1, gpus_per_node)
+    precision = _precision(spec, device)
+    mixed = precision in ("bf16", "fp16")
+    act_bytes = 2 if mixed else 4
+    counts = _parameter_counts(spec, shape)
+    weight_b, master_b = _parameter_bytes(spec, precision)
+    states = _ModelStates(
+        weights=_weight_bytes(spec, shape, counts, weight_b, mixed),
+        gradients=_gradient_bytes(spec, shape, counts, weight_b),
+        optimizer=_optimizer_bytes(spec, shape, counts, weight_b, master_b),
+    )
+    notes: list[str] = []
+    _zero_partition(spec, counts, states, ranks, weight_b, notes)
+    sequences, seq_len = _stage_sequences(spec)
+    frozen = _frozen_models(spec, counts.total * weight_b if spec.method != "qlora" else states.weights)
+    if frozen:
+        notes.append(f"stage {spec.stage} keeps {frozen / GIB:.1f} GiB of frozen models (reference/reward) per GPU")
+    residual_b = 4 if (mixed and weight_b == 4) else act_bytes
+    activations = _activation_bytes(spec, shape, sequences, seq_len, act_bytes, residual_b)
+    components = _components(spec, states, activations, frozen, ranks=ranks, device=device, overhead_gib=overhead_gib)
+    return Estimate(
+        components=components, shape=shape, ranks=ranks, parameters=round(counts.total),
+        trainable=round(counts.trainable), precision=precision, device=device,
+        cpu_offload_bytes=states.cpu_offload, working_set_bytes=states.working_set, notes=notes,
+    )
+
+
+def _estimate_shape(spec: TrainingSpec, shape: ModelShape | None, params: str | int | None) -> ModelShape:
+    """The shape to estimate with: the one given (its count overridden by `params`), else what
+    the model path and `params` tell."""
     if shape is None:
-        shape = resolve_shape(spec.model.path, params)
+        shape = shape_for_path(spec.model.path, params)
         if shape is None:
             raise SpecError(
                 "model.path",
@@ -367,186 +394,264 @@ def estimate(
             )
     elif params is not None:
         shape = replace(shape, params_override=parse_params(params))
-    device = "gpu" if gpus_per_node > 0 else "cpu"
-    ranks = max(1, nodes) * max(1, gpus_per_node)
+    return shape
+
+
+def _precision(spec: TrainingSpec, device: str) -> str:
+    """The training precision, `auto` resolved: bf16 on GPUs, fp32 on a CPU."""
     precision = spec.train.precision
     if precision == "auto":
         precision = "bf16" if device == "gpu" else "fp32"
-    mixed = precision in ("bf16", "fp16")
-    act_bytes = 2 if mixed else 4
-    groups = shape.groups()
-    layers = shape.layers
-    notes: list[str] = []
+    return precision
 
-    # -- which parameters train, and in which groups --------------------------------------
-    linear_names = shape.linear_modules()
-    per_layer_linear = groups["layer_linear"]
-    embed, lm_head = groups["embed"], groups["lm_head"]
-    norms = layers * groups["layer_other"] + groups["final_norm"]
-    total = embed + lm_head + layers * per_layer_linear + norms
-    method = spec.method
-    lora_params = 0.0
-    full_trainable = 0.0  # trained in place, in the weights' dtype
 
-    def module_share(modules: list[str]) -> float:
-        raw = {n: i * o for n, (i, o) in linear_names.items()}
-        raw_total = sum(raw.values()) + (shape.experts - 1) * sum(v for n, v in raw.items() if n not in _LINEAR_NAMES[:4])
-        return sum(raw[n] * (shape.experts if n not in _LINEAR_NAMES[:4] else 1) for n in modules) / raw_total
+# -- which parameters train, and in which groups ---------------------------------------------
 
-    def by_name(patterns: list[str]) -> float:
+
+@dataclass(frozen=True)
+class _Counts:
+    """Parameter counts (scaled to a given `params`) and what trains."""
+
+    embed: float
+    lm_head: float
+    per_layer_linear: float
+    layer_other: float
+    norms: float
+    total: float
+    full_trainable: float = 0.0
+    """Trained in place, in the weights' dtype."""
+    lora_params: float = 0.0
+    """Adapters and the trained copies of `modulesToSave` (fp32)."""
+
+    @property
+    def trainable(self) -> float:
+        return self.full_trainable + self.lora_params
+
+    def by_name(self, patterns: list[str]) -> float:
+        """Parameters of the embedding, lm_head and norm modules a list of module names hits."""
         count = 0.0
         for pattern in patterns:
             if "embed" in pattern or "wte" in pattern:
-                count += embed
+                count += self.embed
             elif "lm_head" in pattern or "output" in pattern:
-                count += lm_head
+                count += self.lm_head
             elif "norm" in pattern:
-                count += norms
+                count += self.norms
         return count
 
-    if method in ("full", "galore"):
-        full_trainable = total - by_name(spec.full.frozenModules)
-    elif method == "freeze":
-        n = min(abs(spec.freeze.trainableLayers), layers)
-        full_trainable = n * (per_layer_linear + groups["layer_other"]) + by_name(spec.freeze.trainableModules)
-    else:  # lora, qlora
-        targets = _targets(spec.lora.targetModules, linear_names)
-        r = spec.lora.rank
-        for name in targets:
-            fan_in, fan_out = linear_names[name]
-            experts = shape.experts if name not in _LINEAR_NAMES[:4] else 1
-            lora_params += experts * (r * (fan_in + fan_out) + (fan_out if spec.lora.useDora else 0))
-        lora_params *= layers * shape._scale()
-        saved = by_name(spec.lora.modulesToSave)
-        lora_params += saved  # trained copies of the saved modules (fp32, like the adapters)
-    trainable = full_trainable + lora_params
 
-    # -- bytes per parameter ----------------------------------------------------------------
-    ds = spec.distributed.deepspeed
+def _parameter_counts(spec: TrainingSpec, shape: ModelShape) -> _Counts:
+    """The model's parameter groups, and which of them the method trains."""
+    groups = shape.groups()
+    layers = shape.layers
+    embed, lm_head, per_layer_linear = groups["embed"], groups["lm_head"], groups["layer_linear"]
+    norms = layers * groups["layer_other"] + groups["final_norm"]
+    counts = _Counts(
+        embed=embed, lm_head=lm_head, per_layer_linear=per_layer_linear, layer_other=groups["layer_other"],
+        norms=norms, total=embed + lm_head + layers * per_layer_linear + norms,
+    )
+    if spec.method in ("full", "galore"):
+        return replace(counts, full_trainable=counts.total - counts.by_name(spec.full.frozenModules))
+    if spec.method == "freeze":
+        n = min(abs(spec.freeze.trainableLayers), layers)
+        trained = n * (per_layer_linear + groups["layer_other"]) + counts.by_name(spec.freeze.trainableModules)
+        return replace(counts, full_trainable=trained)
+    # lora, qlora: the adapters plus trained copies of the saved modules (fp32, like the adapters)
+    return replace(counts, lora_params=_lora_parameters(spec, shape) + counts.by_name(spec.lora.modulesToSave))
+
+
+def _experts(shape: ModelShape, module: str, active: bool = False) -> int:
+    """How many copies of a per-layer linear module there are (MoE MLPs: one per expert; with
+    `active`, per token)."""
+    if module in _LINEAR_NAMES[:4]:
+        return 1
+    return shape.active_experts if active else shape.experts
+
+
+def _lora_parameters(spec: TrainingSpec, shape: ModelShape) -> float:
+    """LoRA (and DoRA's magnitude vector) parameters over every targeted module of every layer."""
+    linear_names = shape.linear_modules()
+    r = spec.lora.rank
+    count = 0.0
+    for name in _targets(spec.lora.targetModules, linear_names):
+        fan_in, fan_out = linear_names[name]
+        count += _experts(shape, name) * (r * (fan_in + fan_out) + (fan_out if spec.lora.useDora else 0))
+    return count * (shape.layers * shape._scale())
+
+
+# -- model states: weights, gradients, optimizer ----------------------------------------------
+
+
+def _parameter_bytes(spec: TrainingSpec, precision: str) -> tuple[float, float]:
+    """(bytes per weight, bytes of the fp32 master copy DeepSpeed's optimizer keeps)."""
+    mixed = precision in ("bf16", "fp16")
     model_dtype = None if spec.model.dtype == "auto" else spec.model.dtype
     compute = _dtype_bytes(precision)
-    if ds is not None:
+    if spec.distributed.deepspeed is not None:
         # DeepSpeed casts the module to the 16-bit compute dtype; the fp32 master lives in the optimizer.
-        weight_b = compute
-        master_b = 4.0 if mixed else 0.0
-    elif method in ("full", "freeze", "galore"):
-        weight_b = _dtype_bytes(model_dtype) if model_dtype else (4 if mixed else compute)
-        master_b = 0.0
-    else:
-        weight_b = _dtype_bytes(model_dtype) if model_dtype else compute
-        master_b = 0.0
+        return compute, 4.0 if mixed else 0.0
+    if spec.method in ("full", "freeze", "galore"):
+        return _dtype_bytes(model_dtype) if model_dtype else (4 if mixed else compute), 0.0
+    return _dtype_bytes(model_dtype) if model_dtype else compute, 0.0
 
-    weights = gradients = optimizer = 0.0
-    if method == "qlora":
-        q = spec.quantization
-        if q.bits == 8:
-            quant_b = 1.0 + 4 / 4096  # int8 weights + one fp32 scale per row (approx.)
-        else:  # 4 bits + the absmax constants per 64-weight block (fp32, or 8-bit + fp32 per 256 blocks)
-            quant_b = 0.5 + (8 / 64 + 32 / (64 * 256) if q.doubleQuant else 32 / 64) / 8
-        weights = layers * per_layer_linear * quant_b + (embed + lm_head + norms) * 4.0
-    else:
-        weights = total * weight_b
-        if ds is None and mixed and method in ("full", "freeze", "galore") and weight_b == 4:
-            # autocast keeps a 16-bit copy of every weight it used, saved for the backward pass
-            weights += total * 2.0
-    # the parameters that train in place share the weights' dtype; adapters are fp32
-    inplace_b = weight_b
-    adapter_b = 4.0
-    gradients = full_trainable * inplace_b + lora_params * adapter_b
+
+def _quantized_bytes(spec: TrainingSpec) -> float:
+    """QLoRA: bytes per quantised linear weight."""
+    if spec.quantization.bits == 8:
+        return 1.0 + 4 / 4096  # int8 weights + one fp32 scale per row (approx.)
+    # 4 bits + the absmax constants per 64-weight block (fp32, or 8-bit + fp32 per 256 blocks)
+    return 0.5 + (8 / 64 + 32 / (64 * 256) if spec.quantization.doubleQuant else 32 / 64) / 8
+
+
+def _weight_bytes(spec: TrainingSpec, shape: ModelShape, counts: _Counts, weight_b: float, mixed: bool) -> float:
+    """The weights: quantised linear layers plus fp32 others (QLoRA), else every parameter in the
+    load dtype (plus autocast's 16-bit copies of fp32 weights that train in place)."""
+    if spec.method == "qlora":
+        rest = counts.embed + counts.lm_head + counts.norms
+        return shape.layers * counts.per_layer_linear * _quantized_bytes(spec) + rest * 4.0
+    weights = counts.total * weight_b
+    if spec.distributed.deepspeed is None and mixed and spec.method in ("full", "freeze", "galore") and weight_b == 4:
+        # autocast keeps a 16-bit copy of every weight it used, saved for the backward pass
+        weights += counts.total * 2.0
+    return weights
+
+
+def _gradient_bytes(spec: TrainingSpec, shape: ModelShape, counts: _Counts, weight_b: float) -> float:
+    """One gradient per trainable parameter in its dtype (adapters: fp32); DeepSpeed keeps them in
+    the 16-bit compute dtype; layerwise GaLore holds only the largest parameter's at a time."""
+    if spec.distributed.deepspeed is not None:
+        return counts.trainable * weight_b
+    if spec.method == "galore" and spec.galore.layerwise:
+        # each parameter is stepped (and its gradient freed) as soon as its gradient exists
+        largest = max(i * o for i, o in shape.linear_modules().values()) * shape._scale()
+        return max(counts.embed, counts.lm_head, largest) * weight_b
+    return counts.full_trainable * weight_b + counts.lora_params * 4.0
+
+
+def _optimizer_bytes(spec: TrainingSpec, shape: ModelShape, counts: _Counts, weight_b: float, master_b: float) -> float:
+    """Optimizer states of the trainable parameters (adapters: fp32; DeepSpeed: fp32 states plus
+    the fp32 master copy it steps)."""
     opt = spec.train.optimizer
-    if method == "galore":
-        g = spec.galore
-        targets = _targets(g.targetModules, linear_names)
-        low_rank = 0.0
-        projected = 0.0
-        for name in targets:
-            fan_in, fan_out = linear_names[name]
-            experts = shape.experts if name not in _LINEAR_NAMES[:4] else 1
-            projected += experts * fan_in * fan_out
-            low_rank += experts * (max(fan_in, fan_out) * g.rank)
-            optimizer += experts * min(fan_in, fan_out) * g.rank * inplace_b  # projector
-        projected *= layers * shape._scale()
-        low_rank *= layers * shape._scale()
-        optimizer *= layers * shape._scale()
-        optimizer += (low_rank + (full_trainable - projected)) * _optimizer_state_bytes(opt, inplace_b)
-        if g.layerwise:
-            # each parameter is stepped (and its gradient freed) as soon as its gradient exists
-            gradients = max(embed, lm_head, max(i * o for i, o in linear_names.values()) * shape._scale()) * inplace_b
-    elif ds is not None:
-        # DeepSpeed's optimizer steps the fp32 master copy: fp32 states plus the master itself
-        optimizer = trainable * (_optimizer_state_bytes(opt, 4.0) + master_b)
-    else:
-        optimizer = full_trainable * _optimizer_state_bytes(opt, inplace_b) + lora_params * _optimizer_state_bytes(opt, adapter_b)
-    if ds is not None:
-        gradients = trainable * weight_b
+    if spec.method == "galore":
+        return _galore_optimizer_bytes(spec, shape, counts, weight_b)
+    if spec.distributed.deepspeed is not None:
+        return counts.trainable * (_optimizer_state_bytes(opt, 4.0) + master_b)
+    return counts.full_trainable * _optimizer_state_bytes(opt, weight_b) + counts.lora_params * _optimizer_state_bytes(opt, 4.0)
 
-    # -- ZeRO partitioning and offload ----------------------------------------------------------
-    cpu_offload = 0.0
-    working_set = 0.0
-    if ds is not None:
-        if ds.stage >= 1:
-            optimizer /= ranks
-        if ds.stage >= 2:
-            gradients /= ranks
-        if ds.stage == 3:
-            if ranks > 1:
-                working_set = min(weights, (2 * (per_layer_linear + groups["layer_other"]) + embed + lm_head) * weight_b)
-            weights = weights / ranks + working_set
-        if ds.offloadOptimizer:
-            cpu_offload += optimizer
-            optimizer = 0.0
-        if ds.offloadParams:
-            sharded = weights
-            working_set = min(weights, (2 * (per_layer_linear + groups["layer_other"]) + embed + lm_head) * weight_b)
-            weights = working_set
-            cpu_offload += max(0.0, sharded - weights)
-        if ranks == 1 and ds.stage >= 1:
-            notes.append("ZeRO partitions across ranks: with one GPU only offloading saves memory")
 
-    # -- the training stage: sequences per row, frozen companion models ---------------------------
-    sequences, seq_len = _stage_sequences(spec)
-    frozen = _frozen_models(spec, total * weight_b if method != "qlora" else weights)
-    if frozen:
-        notes.append(f"stage {spec.stage} keeps {frozen / GIB:.1f} GiB of frozen models (reference/reward) per GPU")
+def _galore_optimizer_bytes(spec: TrainingSpec, shape: ModelShape, counts: _Counts, param_b: float) -> float:
+    """GaLore: states of the rank-r projections of the targeted matrices plus their projectors,
+    full states for every other trainable parameter."""
+    g = spec.galore
+    linear_names = shape.linear_modules()
+    low_rank = projected = projectors = 0.0
+    for name in _targets(g.targetModules, linear_names):
+        fan_in, fan_out = linear_names[name]
+        experts = _experts(shape, name)
+        projected += experts * fan_in * fan_out
+        low_rank += experts * (max(fan_in, fan_out) * g.rank)
+        projectors += experts * min(fan_in, fan_out) * g.rank * param_b
+    projected *= shape.layers * shape._scale()
+    low_rank *= shape.layers * shape._scale()
+    projectors *= shape.layers * shape._scale()
+    return projectors + (low_rank + (counts.full_trainable - projected)) * _optimizer_state_bytes(spec.train.optimizer, param_b)
 
-    # -- activations -------------------------------------------------------------------------------
-    tokens = sequences * seq_len
+
+@dataclass
+class _ModelStates:
+    """Bytes per GPU of the model states, and what ZeRO offloads or gathers."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    cpu_offload: float = 0.0
+    working_set: float = 0.0
+
+
+def _zero_partition(spec: TrainingSpec, counts: _Counts, states: _ModelStates, ranks: int, weight_b: float,
+                    notes: list[str]) -> None:
+    """DeepSpeed ZeRO: stage >= 1 divides the optimizer states by the ranks, >= 2 the gradients,
+    3 the weights (plus ~2 gathered layers); offload moves the optimizer/weights to CPU memory."""
+    ds = spec.distributed.deepspeed
+    if ds is None:
+        return
+    gathered = (2 * (counts.per_layer_linear + counts.layer_other) + counts.embed + counts.lm_head) * weight_b
+    if ds.stage >= 1:
+        states.optimizer /= ranks
+    if ds.stage >= 2:
+        states.gradients /= ranks
+    if ds.stage == 3:
+        if ranks > 1:
+            states.working_set = min(states.weights, gathered)
+        states.weights = states.weights / ranks + states.working_set
+    if ds.offloadOptimizer:
+        states.cpu_offload += states.optimizer
+        states.optimizer = 0.0
+    if ds.offloadParams:
+        sharded = states.weights
+        states.working_set = min(states.weights, gathered)
+        states.weights = states.working_set
+        states.cpu_offload += max(0.0, sharded - states.weights)
+    if ranks == 1 and ds.stage >= 1:
+        notes.append("ZeRO partitions across ranks: with one GPU only offloading saves memory")
+
+
+# -- activations ------------------------------------------------------------------------------
+
+
+def _layer_activation_bytes(spec: TrainingSpec, shape: ModelShape, seq_len: int, act_bytes: int) -> float:
+    """Bytes one decoder layer keeps per token for the backward pass (module docstring), plus
+    LoRA dropout's input copies and masks, plus eager attention's probability matrix."""
     h, a, k, d, inter = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate
     mlp_elems = (4 * inter) * shape.active_experts if shape.gated_mlp else 3 * inter * shape.active_experts
     per_token_layer = (6 * h + 3 * a * d + 2 * k * d + mlp_elems) * act_bytes
     if spec.uses_lora and spec.lora.dropout > 0:
         # PEFT's dropout makes its own copy of each adapted module's input (kept for lora_A's
         # backward) plus a 1-byte mask
-        fan_ins = sum(linear_names[n][0] * (shape.active_experts if n not in _LINEAR_NAMES[:4] else 1)
+        linear_names = shape.linear_modules()
+        fan_ins = sum(linear_names[n][0] * _experts(shape, n, active=True)
                       for n in _targets(spec.lora.targetModules, linear_names))
         per_token_layer += fan_ins * (act_bytes + 1)
     if spec.model.attnImplementation == "eager":
         per_token_layer += a * seq_len * (4 + act_bytes)
-    if spec.train.gradientCheckpointing:
-        residual_b = 4 if (mixed and weight_b == 4) else act_bytes
-        layer_acts = tokens * (layers * h * residual_b + per_token_layer)
-    else:
-        layer_acts = tokens * layers * per_token_layer
-    loss_acts = tokens * shape.vocab * (act_bytes + 4 + 4 + 4)
-    activations = layer_acts + loss_acts
+    return per_token_layer
 
-    components = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations}
+
+def _activation_bytes(spec: TrainingSpec, shape: ModelShape, sequences: int, seq_len: int, act_bytes: int,
+                      residual_b: int) -> float:
+    """Activations of a step: every layer's (with gradient checkpointing only each layer's input,
+    in `residual_b` bytes, plus one layer recomputed in backward) plus the loss's over the vocabulary."""
+    tokens = sequences * seq_len
+    per_token_layer = _layer_activation_bytes(spec, shape, seq_len, act_bytes)
+    if spec.train.gradientCheckpointing:
+        layer_acts = tokens * (shape.layers * shape.hidden * residual_b + per_token_layer)
+    else:
+        layer_acts = tokens * shape.layers * per_token_layer
+    loss_acts = tokens * shape.vocab * (act_bytes + 4 + 4 + 4)
+    return layer_acts + loss_acts
+
+
+# -- the total --------------------------------------------------------------------------------
+
+
+def _components(spec: TrainingSpec, states: _ModelStates, activations: float, frozen: float, *, ranks: int,
+                device: str, overhead_gib: float | None) -> dict[str, float]:
+    """Bytes per GPU by component, with the gradient/activation overlap and the GPU overhead."""
+    components = {"weights": states.weights, "gradients": states.gradients, "optimizer": states.optimizer,
+                  "activations": activations}
     if frozen:
         components["frozen models"] = frozen
     # Gradients are freed after every optimizer step (`zero_grad(set_to_none=True)`) and created
     # during backward as the activations are freed, so the two peak at different moments, unless
     # they persist: accumulated over micro-batches, DDP's reducer buckets, DeepSpeed's flat buffers.
-    persistent_grads = spec.train.gradientAccumulation > 1 or ds is not None or ranks > 1
-    if not persistent_grads and gradients and activations:
-        components["overlap"] = -min(gradients, activations)
+    persistent_grads = spec.train.gradientAccumulation > 1 or spec.distributed.deepspeed is not None or ranks > 1
+    if not persistent_grads and states.gradients and activations:
+        components["overlap"] = -min(states.gradients, activations)
     if overhead_gib is None:
         overhead_gib = GPU_OVERHEAD_GIB if device == "gpu" else 0.0
     if overhead_gib:
         components["overhead"] = overhead_gib * GIB
-    return Estimate(
-        components=components, shape=shape, ranks=ranks, parameters=round(total), trainable=round(trainable),
-        precision=precision, device=device, cpu_offload_bytes=cpu_offload, working_set_bytes=working_set, notes=notes,
-    )
+    return components
 
 
 def _stage_sequences(spec: TrainingSpec) -> tuple[int, int]:
@@ -683,93 +788,3 @@ def _human(count: float) -> str:
         if count >= size:
             return f"{count / size:.3g}{unit}"
     return str(int(count))
-
-
-# --------------------------------------------------------------------------------------------
-# `kubetune estimate`
-
-
-def register(subparsers: Any) -> None:
-    """The `estimate` subcommand (entry point `kubetune.cli`: estimate)."""
-    p = subparsers.add_parser(
-        "estimate",
-        help="estimate per-GPU memory of a training spec or FineTuneJob (weights, gradients, optimizer, activations)",
-        description="Estimate the peak memory per GPU of a training spec or a FineTuneJob/AlignmentJob manifest, "
-        "by component, and whether it fits on GPUs of --gpu-memory GiB. Nodes and GPUs per node come from "
-        "the manifest unless given.",
-    )
-    p.add_argument("file", help="a training spec YAML, or a FineTuneJob/AlignmentJob manifest")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a training spec field, e.g. --set method=qlora (repeatable)")
-    p.add_argument("--nodes", type=int, default=None, help="nodes (default: the manifest's spec.nodes, else 1)")
-    p.add_argument("--gpus-per-node", type=int, default=None,
-                   help="GPUs per node (default: the manifest's spec.gpusPerNode, else 1; 0 estimates a CPU process)")
-    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
-                   help="memory of one GPU in GiB, e.g. 80 (default: the manifest's spec.gpuMemoryGiB)")
-    p.add_argument("--params", default=None, metavar="N",
-                   help="parameter count, e.g. 7B, when model.path has no local config.json (S3, hub)")
-    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
-    p.set_defaults(func=cmd_estimate)
-
-
-def cmd_estimate(args: argparse.Namespace) -> int:
-    from kubetune.trainer.api.specfile import apply_overrides, extract_training, read_yaml, validate_training
-
-    document = read_yaml(args.file)
-    training, kind, prefix = extract_training(document, str(args.file))
-    training = apply_overrides(training, args.overrides)
-    spec = validate_training(training, str(args.file), prefix)
-    cluster = (document.get("spec") or {}) if kind else {}
-    nodes = args.nodes if args.nodes is not None else int(cluster.get("nodes") or 1)
-    gpus = args.gpus_per_node if args.gpus_per_node is not None else int(cluster.get("gpusPerNode", 1))
-    gpu_gib = args.gpu_memory if args.gpu_memory is not None else cluster.get("gpuMemoryGiB")
-    params = args.params if args.params is not None else cluster.get("modelParameters")
-    try:
-        shape = resolve_shape(spec.model.path, params)
-    except ValueError as exc:
-        raise SpecError("--params", str(exc)) from None
-    if shape is None:
-        raise SpecError(
-            f"{prefix + '.' if prefix else ''}model.path",
-            f"the size of {spec.model.path!r} is unknown (no local config.json, not a known architecture).",
-            "pass --params (e.g. --params 7B), or point model.path at a local model directory.",
-        )
-    est = estimate(spec, nodes=nodes, gpus_per_node=gpus, shape=shape)
-    if args.json:
-        print(json.dumps({
-            "model": shape.name, "parameters": est.parameters, "trainable": est.trainable,
-            "nodes": nodes, "gpusPerNode": gpus, "precision": est.precision,
-            "componentsGiB": {k: round(v / GIB, 3) for k, v in est.components.items()},
-            "totalGiB": round(est.total_gib, 3), "cpuOffloadGiB": round(est.cpu_offload_bytes / GIB, 3),
-            "gpuMemoryGiB": gpu_gib, "fits": None if gpu_gib is None else est.fits(float(gpu_gib)),
-        }, indent=2))
-        return 0 if gpu_gib is None or est.fits(float(gpu_gib)) else 1
-    unit = "GPU" if gpus > 0 else "process (CPU)"
-    print(f"model      {shape.name}: {_human(est.parameters)} parameters, {_human(est.trainable)} trainable "
-          f"({spec.method}, {est.precision}{_zero_text(spec)})")
-    print(f"layout     {nodes} node(s) x {gpus} GPU(s); {spec.train.batchSize} x {spec.data.maxLength} tokens per step per GPU"
-          + (", gradient checkpointing" if spec.train.gradientCheckpointing else ""))
-    print()
-    print(f"{'component':<14}{'GiB':>10}")
-    for name, value in est.components.items():
-        print(f"{name:<14}{value / GIB:>10.2f}" + ("  (gradients and activations do not peak together)" if name == "overlap" else ""))
-    print(f"{'total per ' + ('GPU' if gpus > 0 else 'process'):<14}{est.total_gib:>10.2f}")
-    if est.cpu_offload_bytes:
-        print(f"{'(CPU offload)':<14}{est.cpu_offload_bytes / GIB:>10.2f}")
-    for note in est.notes:
-        print(f"note: {note}")
-    if gpu_gib is None:
-        return 0
-    gpu_gib = float(gpu_gib)
-    if est.fits(gpu_gib):
-        print(f"\nfits: yes ({est.total_gib:.1f} of {gpu_gib:g} GiB per {unit})")
-        return 0
-    print(f"\nfits: NO: {fit_message(spec, nodes=nodes, gpus_per_node=gpus, gpu_gib=gpu_gib, shape=shape, est=est)}")
-    return 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    parser = argparse.ArgumentParser(prog="kubetune")
-    register(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args()
-    sys.exit(ns.func(ns))

@@ -10,32 +10,21 @@ and reused; concurrent builders (torchrun ranks) race safely through an atomic r
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from kubetune.trainer.api.builtin import BUILTIN_VERSION, BUILTINS, PREFIX
 from kubetune.trainer.api.errors import SpecError
+from kubetune.trainer.artifacts.cache import cache_root as storage_cache_root
 
-PREFIX = "builtin:"
-BUILTIN_VERSION = "2"
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
-
-BUILTINS = {
-    "tiny-llama": {
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "vocab_size": 1024,
-    },
-}
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune"))
+    """The local cache the builtin models are built into: the storage cache's root (the same
+    directory `kubetune estimate` reads a built model's config.json from)."""
+    return storage_cache_root()
 
 
 def is_builtin(path: str) -> bool:

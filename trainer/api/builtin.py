@@ -1,0 +1,28 @@
+"""The `builtin:` model catalogue: which `builtin:NAME` model paths exist and their shapes.
+
+A spec-level fact (the spec, `kubetune estimate` and the operator's admission check name these
+models without building them); `kubetune.trainer.train.models.builtin` builds them.
+"""
+
+from __future__ import annotations
+
+PREFIX = "builtin:"
+BUILTIN_VERSION = "2"
+
+BUILTINS = {
+    "tiny-llama": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "vocab_size": 1024,
+    },
+}
+
+
+def builtin_name(path: str) -> str | None:
+    """`tiny-llama` for `builtin:tiny-llama`; None for a path that does not name a builtin model."""
+    name = path[len(PREFIX):] if path.startswith(PREFIX) else None
+    return name if name in BUILTINS else None
