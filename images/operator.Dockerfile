@@ -17,10 +17,13 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/kubetune
 ENV PATH=/opt/kubetune/bin:$PATH
 COPY pyproject.toml setup.py README.md /src/
+COPY images/constraints.txt /src/images/constraints.txt
 COPY trainer /src/trainer
 COPY operator /src/operator
-RUN pip install --no-deps /src \
-    && pip install "kopf==${KOPF_VERSION}" "kubernetes==${KUBERNETES_VERSION}" \
+# The constraints pin the ML stack: none of it belongs here, and the constraint keeps it that way
+# at the tested versions should anything pull part of it in.
+RUN pip install -c /src/images/constraints.txt --no-deps /src \
+    && pip install -c /src/images/constraints.txt "kopf==${KOPF_VERSION}" "kubernetes==${KUBERNETES_VERSION}" \
         "pydantic==${PYDANTIC_VERSION}" "pyyaml==${PYYAML_VERSION}" "boto3==${BOTO3_VERSION}" \
         "numpy==${NUMPY_VERSION}" "tqdm==${TQDM_VERSION}" \
     && python -c "import kubetune.operator.handlers" \

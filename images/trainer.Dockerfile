@@ -2,7 +2,8 @@
 # The training image: `kubetune train` under torchrun/DeepSpeed (what FineTuneJob/AlignmentJob
 # pods run). Build from the repository root:
 #   docker build -f images/trainer.Dockerfile -t ghcr.io/kubetune/kubetune-trainer:0.1.0 .
-# Versions are pinned here and checked against pyproject.toml by tests/test_images.py.
+# Versions are pinned here and by images/constraints.txt (the pinned ML stack, which every pip
+# install below uses); tests/test_images.py checks both against pyproject.toml and each other.
 ARG CUDA_VERSION=12.8.1
 ARG UBUNTU_VERSION=24.04
 
@@ -24,17 +25,18 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
 RUN python${PYTHON_VERSION} -m venv /opt/kubetune
 ENV PATH=/opt/kubetune/bin:$PATH
 RUN pip install --upgrade pip setuptools wheel packaging ninja
+COPY images/constraints.txt /src/images/constraints.txt
 # CUDA build of torch first, so that nothing below pulls another one.
-RUN pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/${TORCH_CUDA}
+RUN pip install -c /src/images/constraints.txt "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/${TORCH_CUDA}
 COPY pyproject.toml setup.py README.md /src/
 COPY trainer /src/trainer
 COPY operator /src/operator
-RUN pip install "/src[deepspeed,quant,galore,serve]" \
+RUN pip install -c /src/images/constraints.txt "/src[deepspeed,quant,galore,serve]" \
         "deepspeed==${DEEPSPEED_VERSION}" \
         "bitsandbytes==${BITSANDBYTES_VERSION}" \
         "galore-torch==${GALORE_VERSION}"
 # flash-attn compiles against the torch above (prebuilt wheels are used when they match).
-RUN MAX_JOBS=${MAX_JOBS} pip install --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"
+RUN MAX_JOBS=${MAX_JOBS} pip install -c /src/images/constraints.txt --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"
 RUN python -c "import torch, deepspeed, bitsandbytes, flash_attn, kubetune.trainer.cli.main" \
     && kubetune --help >/dev/null
 

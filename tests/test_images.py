@@ -22,6 +22,11 @@ IMAGES = ROOT / "images"
 DOCKERFILES = sorted(IMAGES.glob("*.Dockerfile"))
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
+CONSTRAINTS = IMAGES / "constraints.txt"
+ML_STACK = {"torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "safetensors",
+            "deepspeed", "bitsandbytes", "galore-torch", "vllm"}
+"""What images/constraints.txt pins (the stack whose private internals kubetune relies on)."""
+
 BUILD_TOOLS = {"pip", "setuptools", "wheel", "packaging", "ninja"}
 """Installed only to build (not runtime dependencies of kubetune)."""
 PIP_OPTIONS_WITH_VALUE = {"--index-url", "-i", "--extra-index-url", "-r", "--requirement", "-c", "--constraint", "-f", "--find-links"}
@@ -54,28 +59,39 @@ def _expand(text: str, args: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), text)
 
 
-def pip_installs(dockerfile: Path) -> list[str]:
-    """Every requirement token of every `pip install` in a Dockerfile, build args expanded."""
+def pip_commands(dockerfile: Path) -> list[list[str]]:
+    """The words of every `pip install ...` command in a Dockerfile's RUN lines, build args expanded."""
     lines = _logical_lines(dockerfile.read_text())
     args = _args(lines)
-    tokens: list[str] = []
+    commands: list[list[str]] = []
     for line in lines:
         if not line.startswith("RUN"):
             continue
         for command in re.split(r"&&|;", line[3:]):
             words = shlex.split(_expand(command, args))
             words = [w for w in words if "=" not in w or not re.match(r"^[A-Z_]+=", w)]  # env prefixes
-            if words[:2] != ["pip", "install"]:
-                continue
+            if words[:2] == ["pip", "install"]:
+                commands.append(words)
+    return commands
+
+
+def _requirements(words: list[str]) -> list[str]:
+    """The requirement tokens of one `pip install` command (options and their values dropped)."""
+    tokens: list[str] = []
+    skip = False
+    for word in words[2:]:
+        if skip:
             skip = False
-            for word in words[2:]:
-                if skip:
-                    skip = False
-                elif word in PIP_OPTIONS_WITH_VALUE:
-                    skip = True
-                elif not word.startswith("-"):
-                    tokens.append(word)
+        elif word in PIP_OPTIONS_WITH_VALUE:
+            skip = True
+        elif not word.startswith("-"):
+            tokens.append(word)
     return tokens
+
+
+def pip_installs(dockerfile: Path) -> list[str]:
+    """Every requirement token of every `pip install` in a Dockerfile, build args expanded."""
+    return [token for words in pip_commands(dockerfile) for token in _requirements(words)]
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -229,3 +245,120 @@ def test_every_default_image_is_one_the_makefile_builds() -> None:
     assert options.image_for(InferenceServiceSpec.model_fields["engine"].default).split(":")[0].endswith("/kubetune-vllm")
     assert options.image_for("transformers") == RenderOptions.default_image
     assert "vllm" in (IMAGES / "vllm.Dockerfile").read_text() and "vllm" not in " ".join(pip_installs(IMAGES / "trainer.Dockerfile"))
+
+
+def _pins() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for raw in CONSTRAINTS.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            assert len(req.specifier) == 1 and next(iter(req.specifier)).operator == "==", f"constraints.txt: {line!r} is not an exact pin"
+            pins[canonicalize_name(req.name)] = next(iter(req.specifier)).version
+    return pins
+
+
+def test_constraints_pin_the_ml_stack_within_pyproject() -> None:
+    """images/constraints.txt pins the whole ML stack exactly, each pin inside what pyproject.toml
+    allows (its caps included), and the Dockerfiles, CI and the vLLM CPU lock agree with it."""
+    pins = _pins()
+    assert set(pins) >= ML_STACK, f"constraints.txt does not pin {sorted(ML_STACK - set(pins))}"
+    declared = _declared()
+    for name, version in pins.items():
+        assert name in declared, f"constraints.txt pins {name}, which pyproject.toml does not declare"
+        assert declared[name].specifier.contains(version, prereleases=True), (
+            f"constraints.txt pins {name}=={version}, outside pyproject.toml's {declared[name]}"
+        )
+    # Where a Dockerfile names a version of a constrained package, it is the constrained one.
+    for dockerfile in DOCKERFILES:
+        for token in pip_installs(dockerfile):
+            if token.startswith("/src"):
+                continue
+            req = Requirement(token)
+            name = canonicalize_name(req.name)
+            if name in pins:
+                assert req.specifier.contains(pins[name]), f"{dockerfile.name}: {token} contradicts constraints.txt's {name}=={pins[name]}"
+    vllm = _args(_logical_lines((IMAGES / "vllm.Dockerfile").read_text()))["VLLM_VERSION"]
+    assert vllm == pins["vllm"], f"vllm.Dockerfile's base is vLLM {vllm}, constraints.txt pins {pins['vllm']}"
+    # CI installs this torch first, and the vLLM CPU venv runs on the same one.
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f"pip install -q torch=={pins['torch']}\n" in ci, "the torch .ci/run installs first is not constraints.txt's"
+    assert f"\ntorch=={pins['torch']}\n" in (ROOT / ".ci" / "vllm-cpu.lock").read_text()
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_pip_installs_use_the_constraints(dockerfile: Path) -> None:
+    """Every pip install of an image is constrained by images/constraints.txt, which is copied in
+    before the first one and which the image's .dockerignore lets into the build context."""
+    import fnmatch
+
+    lines = _logical_lines(dockerfile.read_text())
+    copy = next((i for i, line in enumerate(lines) if line.startswith("COPY") and line.split()[1] == "images/constraints.txt"), None)
+    assert copy is not None, f"{dockerfile.name} does not COPY images/constraints.txt"
+    target = lines[copy].split()[2]
+    runs = [i for i, line in enumerate(lines) if line.startswith("RUN") and "pip install" in line]
+    for words in pip_commands(dockerfile):
+        if all(not r.startswith("/src") and canonicalize_name(Requirement(r).name) in BUILD_TOOLS for r in _requirements(words)):
+            continue  # upgrading pip itself: nothing of the stack
+        assert "-c" in words and words[words.index("-c") + 1] == target, f"{dockerfile.name}: {shlex.join(words)} is not constrained"
+    constrained = [i for i in runs if f"-c {target}" in lines[i]]
+    assert constrained and copy < min(constrained), f"{dockerfile.name} copies the constraints after using them"
+    # .dockerignore, Docker's rule: the last pattern matching the path or a parent folder decides.
+    ignore = dockerfile.with_name(dockerfile.name + ".dockerignore")
+    included = True
+    for pattern in _logical_lines(ignore.read_text()):
+        negated = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        if any(fnmatch.fnmatch(path, pattern) for path in ("images", "images/constraints.txt")):
+            included = negated
+    assert included, f"{ignore.name} keeps images/constraints.txt out of the build context"
+
+
+def test_ci_installs_with_the_constraints() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r'^python -m pip install -q -c images/constraints\.txt -e "\.\[dev\]"$', ci, re.M), ci
+
+
+def _next_releases():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("next_releases", ROOT / ".ci" / "next-releases.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_next_releases_compares_versions_the_pep440_way() -> None:
+    newer = _next_releases().newer_releases
+    available = ["0.8", "0.9", "0.9.1", "0.10", "1.0rc1", "1.0.dev0", "not-a-version", "0.9.post1"]
+    assert newer("0.9", available) == ["0.9.post1", "0.9.1", "0.10"]
+    assert newer("0.9", available, prereleases=True) == ["0.9.post1", "0.9.1", "0.10", "1.0.dev0", "1.0rc1"]
+    assert newer("0.10", available) == []
+
+
+def test_next_releases_dry_run_offline(tmp_path: Path) -> None:
+    """`.ci/next-releases.py --dry-run` against a fixture instead of PyPI: lists what is newer,
+    installs nothing."""
+    import json
+
+    pins = _pins()
+    torch = pins["torch"]
+    major, minor = (int(x) for x in torch.split(".")[:2])
+    fixture = tmp_path / "versions.json"
+    fixture.write_text(json.dumps({
+        "torch": [f"{major}.{minor - 1}.0", torch, f"{major}.{minor + 1}.0rc1", f"{major}.{minor + 1}.0"],
+        "trl": [pins["trl"]],
+    }))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "next-releases.py"), "--dry-run", "--offline-fixture", str(fixture),
+         "--package", "torch", "--package", "TRL"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(None, 3) for line in proc.stdout.splitlines()]
+    assert rows[0] == ["package", "pinned", "newest", "newer releases"]
+    assert rows[2] == ["torch", torch, f"{major}.{minor + 1}.0", f"{major}.{minor + 1}.0"]
+    assert rows[3] == ["trl", pins["trl"], pins["trl"], "up to date"]
+    bad = subprocess.run([sys.executable, str(ROOT / ".ci" / "next-releases.py"), "--dry-run", "--offline-fixture",
+                          str(fixture), "--package", "nonesuch"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "not pinned" in bad.stderr
