@@ -8,26 +8,46 @@ import pytest
 
 from kubetune.trainer.cli.infer import main as cli_main
 from kubetune.trainer.eval import corpus_bleu, exact_match, generation_scores, run_evaluation
-from kubetune.trainer.eval.metrics import lcs_length, rouge_l, rouge_n, rouge_tokens
+from kubetune.trainer.eval.metrics import rouge_scores, rouge_tokens
 
 from .test_infer_helpers import build_adapter, capitals_data, trained_model
 
 
-def test_metrics_match_the_reference_implementations():
-    """Values computed with sacreBLEU 2.6 and rouge-score 0.1.2 for the same inputs."""
+def test_metrics_are_the_reference_implementations():
+    """ROUGE is rouge-score's RougeScorer (F-measure, no stemming), BLEU sacreBLEU's corpus BLEU
+    (13a tokenizer), on the 0-100 scale `kubetune eval` reports."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
     ref = "The capital of France is Paris."
     assert corpus_bleu([ref], [ref]) == pytest.approx(100.0)
+    # sacreBLEU 2.6: BLEU = 33.52 100.0/75.0/33.3/25.0 (BP = 0.670 ratio = 0.714 hyp_len = 5 ref_len = 7)
     assert corpus_bleu(["The capital is Paris."], [ref]) == pytest.approx(33.51600230178196)
     assert corpus_bleu(["Paris"], [ref]) == 0.0
+    preds = ["The capital is Paris.", "It is sunny today in Paris", ref]
+    refs = [ref, "Today it is sunny in Paris", "The capital of Italy is Rome."]
+    assert corpus_bleu(preds, refs) == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score)
     assert exact_match("the capital of france is Paris", ref) == 1.0
     assert exact_match("Paris", ref) == 0.0
-    p, r = rouge_tokens("the cat sat on the mat"), rouge_tokens("the cat was on the mat")
-    assert rouge_n(p, r, 1) == pytest.approx(5 / 6)
-    assert rouge_n(p, r, 2) == pytest.approx(3 / 5)
-    assert lcs_length(p, r) == 5 and rouge_l(p, r) == pytest.approx(5 / 6)
-    assert rouge_tokens("北京是首都") == ["北", "京", "是", "首", "都"]
+    # rouge-score: 5 of 6 unigrams, 3 of 5 bigrams, an LCS of 5 tokens.
+    scores = rouge_scores("the cat sat on the mat", "the cat was on the mat")
+    assert scores == pytest.approx({"rouge1": 5 / 6, "rouge2": 3 / 5, "rougeL": 5 / 6})
+    plain = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    for pred, target in zip(preds, refs, strict=True):
+        expected = plain.score(target, pred)
+        assert rouge_scores(pred, target) == pytest.approx({k: v.fmeasure for k, v in expected.items()})
+    assert rouge_scores("the dogs are running", "the dog runs")["rouge1"] == pytest.approx(2 * (1 / 4 * 1 / 3) / (1 / 4 + 1 / 3))
+    # CJK characters are tokens of their own (rouge-score's tokenizer alone would drop them).
+    assert rouge_tokens("北京是首都 Paris!") == ["北", "京", "是", "首", "都", "paris"]
+    assert rouge_scores("北京是首都", "北京是首都")["rougeL"] == pytest.approx(1.0)
+    assert rouge_scores("北京是首都", "巴黎是首都")["rouge1"] == pytest.approx(3 / 5)
+    assert corpus_bleu(["北京是中国的首都"], ["北京是中国的首都"]) == pytest.approx(100.0)
+    assert corpus_bleu(["北京是中国的首都"], ["北京是中国的首都"]) == pytest.approx(
+        sacrebleu.corpus_bleu(["北京是中国的首都"], [["北京是中国的首都"]], tokenize="zh").score)
     scores = generation_scores(["The capital is Paris.", ref], [ref, ref])
     assert scores["exact_match"] == 50.0 and 0 < scores["bleu4"] < 100 and scores["rougeL"] > scores["rouge2"]
+    assert set(scores) == {"exact_match", "rouge1", "rouge2", "rougeL", "bleu4"}
+    assert generation_scores([ref], [ref]) == pytest.approx(dict.fromkeys(scores, 100.0))
 
 
 def _eval(model: str, out, capsys, *extra: str) -> dict:

@@ -1,27 +1,31 @@
-"""Text-generation metrics: exact match, ROUGE-1/2/L and BLEU-4, with no extra dependencies.
+"""Text-generation metrics: exact match (SQuAD), ROUGE-1/2/L (`rouge-score`) and BLEU-4 (`sacrebleu`).
+
+The ROUGE and BLEU numbers come from the reference implementations, so they are comparable with
+scores published elsewhere:
 
 - Exact match compares SQuAD-normalised strings (lower case, no punctuation, no articles, single
   spaces).
-- ROUGE-N / ROUGE-L are F1 scores averaged over examples, as `rouge-score` computes them without
-  stemming: tokens are lower-cased word characters; CJK characters are single tokens (as
-  LlamaFactory's Chinese evaluation tokenizes), ROUGE-L uses the longest common subsequence.
-- BLEU-4 is corpus BLEU as sacreBLEU computes it (clipped n-gram counts summed over the corpus,
-  geometric mean of the four precisions, brevity penalty, `exp` smoothing of zero counts), on
-  tokens split into words and single punctuation marks.
+- ROUGE-1/2/L are `rouge_score.rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"],
+  use_stemmer=False)` F-measures, averaged over examples. Its tokenizer (lower case, runs of
+  `[a-z0-9]`) is used unchanged for text without CJK characters; it would drop CJK characters
+  altogether, so those count as one token each (as LlamaFactory's Chinese evaluation tokenizes),
+  the rest of such a text going through rouge-score's own tokenizer.
+- BLEU-4 is `sacrebleu.corpus_bleu` (one reference per prediction; sacreBLEU's defaults: `exp`
+  smoothing, tokenizer `13a`), or tokenizer `zh` (Chinese characters split one per token) when
+  any prediction or reference has CJK characters.
 All scores are percentages (0-100).
 """
 
 from __future__ import annotations
 
-import math
 import re
 import string
-from collections import Counter
 from collections.abc import Iterable, Sequence
+from functools import cache
 
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 _CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
-_ROUGE_TOKEN = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+", re.UNICODE)
-_BLEU_TOKEN = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+|[^\w\s]", re.UNICODE)
+_CJK_CHAR = re.compile(rf"([{_CJK}])")
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCT = set(string.punctuation)
 
@@ -39,97 +43,62 @@ def exact_match(prediction: str, reference: str) -> float:
 
 
 def rouge_tokens(text: str) -> list[str]:
-    return _ROUGE_TOKEN.findall(text.lower())
+    """rouge-score's default tokens (no stemming), each CJK character one token besides."""
+    from rouge_score import tokenize
+
+    tokens: list[str] = []
+    for i, part in enumerate(_CJK_CHAR.split(text)):
+        if i % 2:  # a captured CJK character
+            tokens.append(part)
+        elif part:
+            tokens += tokenize.tokenize(part, None)
+    return tokens
 
 
-def bleu_tokens(text: str) -> list[str]:
-    return _BLEU_TOKEN.findall(text)
+@cache
+def _rouge_scorer():
+    from rouge_score import rouge_scorer, tokenizers
+
+    class _Tokenizer(tokenizers.Tokenizer):
+        def tokenize(self, text: str) -> list[str]:
+            return rouge_tokens(text)
+
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False, tokenizer=_Tokenizer())
 
 
-def ngrams(tokens: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-1/2/L F-measures (0-1) of one prediction against its reference."""
+    scores = _rouge_scorer().score(reference, prediction)  # rouge-score's order: target, prediction
+    return {name: scores[name].fmeasure for name in ROUGE_TYPES}
 
 
-def _f1(overlap: int, predicted: int, expected: int) -> float:
-    if overlap == 0 or predicted == 0 or expected == 0:
-        return 0.0
-    precision, recall = overlap / predicted, overlap / expected
-    return 2 * precision * recall / (precision + recall)
+def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """sacreBLEU's corpus BLEU-4 (one reference per prediction), 0-100."""
+    import sacrebleu
 
-
-def rouge_n(prediction: Sequence[str], reference: Sequence[str], n: int) -> float:
-    pred, ref = ngrams(prediction, n), ngrams(reference, n)
-    overlap = sum((pred & ref).values())
-    return _f1(overlap, sum(pred.values()), sum(ref.values()))
-
-
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    if not a or not b:
-        return 0
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
-def rouge_l(prediction: Sequence[str], reference: Sequence[str]) -> float:
-    return _f1(lcs_length(prediction, reference), len(prediction), len(reference))
-
-
-def corpus_bleu(predictions: Sequence[str], references: Sequence[str], max_order: int = 4) -> float:
-    """sacreBLEU-style corpus BLEU (one reference per prediction), 0-100."""
-    matches = [0] * max_order
-    totals = [0] * max_order
-    hyp_len = ref_len = 0
-    for prediction, reference in zip(predictions, references, strict=True):
-        hyp, ref = bleu_tokens(prediction), bleu_tokens(reference)
-        hyp_len += len(hyp)
-        ref_len += len(ref)
-        for n in range(1, max_order + 1):
-            h, r = ngrams(hyp, n), ngrams(ref, n)
-            matches[n - 1] += sum((h & r).values())
-            totals[n - 1] += max(len(hyp) - n + 1, 0)
-    if hyp_len == 0 or matches[0] == 0:
-        return 0.0
-    log_precision = 0.0
-    smooth = 1.0
-    for n in range(max_order):
-        if totals[n] == 0:
-            precision = 0.0
-        elif matches[n] == 0:
-            smooth *= 2
-            precision = 1.0 / (smooth * totals[n])
-        else:
-            precision = matches[n] / totals[n]
-        if precision == 0.0:
-            return 0.0
-        log_precision += math.log(precision) / max_order
-    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
-    return 100.0 * brevity * math.exp(log_precision)
+    predictions, references = list(predictions), list(references)
+    if len(predictions) != len(references):
+        raise ValueError("predictions and references differ in length")
+    cjk = any(_CJK_CHAR.search(text) for text in (*predictions, *references))
+    return float(sacrebleu.corpus_bleu(predictions, [references], tokenize="zh" if cjk else "13a").score)
 
 
 def generation_scores(predictions: Iterable[str], references: Iterable[str]) -> dict[str, float]:
-    """exact_match, rouge1, rouge2, rougeL (mean F1) and bleu4 (corpus), as percentages."""
+    """exact_match, rouge1, rouge2, rougeL (mean F-measure) and bleu4 (corpus), as percentages."""
     predictions, references = list(predictions), list(references)
     if len(predictions) != len(references):
         raise ValueError("predictions and references differ in length")
     if not predictions:
         return {"exact_match": 0.0, "rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0, "bleu4": 0.0}
-    r1 = r2 = rl = em = 0.0
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    em = 0.0
     for prediction, reference in zip(predictions, references, strict=True):
-        p, r = rouge_tokens(prediction), rouge_tokens(reference)
-        r1 += rouge_n(p, r, 1)
-        r2 += rouge_n(p, r, 2)
-        rl += rouge_l(p, r)
+        for name, value in rouge_scores(prediction, reference).items():
+            totals[name] += value
         em += exact_match(prediction, reference)
     count = len(predictions)
     return {
         "exact_match": 100.0 * em / count,
-        "rouge1": 100.0 * r1 / count,
-        "rouge2": 100.0 * r2 / count,
-        "rougeL": 100.0 * rl / count,
+        **{name: 100.0 * total / count for name, total in totals.items()},
         "bleu4": corpus_bleu(predictions, references),
     }
