@@ -1,7 +1,11 @@
 """Renders the spec reference (Markdown tables) from the pydantic models.
 
-The README's "Spec reference" section is this module's output between two markers; a test fails
-when they drift, so the documentation cannot fall behind the code.
+The documentation's spec reference page (docs/pages/reference/spec.md) is this module's output
+between two markers; a test (tests/test_docs.py) fails when they drift, so the documentation cannot
+fall behind the code.
+
+    PYTHONSAFEPATH=1 python -m kubetune.trainer.api.specdoc docs/pages/reference/spec.md   # rewrite it
+    PYTHONSAFEPATH=1 python -m kubetune.trainer.api.specdoc                                # print it
 """
 
 from __future__ import annotations
@@ -85,7 +89,8 @@ def render(root: type[BaseModel] = TrainingSpec) -> str:
 
 
 def update_readme(readme: Path) -> bool:
-    """Rewrite the generated section in place; returns True when it changed."""
+    """Rewrite the generated section of a Markdown file (the spec reference page) in place;
+    returns True when it changed."""
     text = readme.read_text()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
     new = text[:start] + "\n\n" + render() + "\n" + text[end:]
