@@ -505,33 +505,133 @@ def render_deployment(
     options = options or ServingOptions()
     name = cr["metadata"]["name"]
     deploy_name, _ = service_names(name)
+    deployment_spec: dict[str, Any] = {
+        "replicas": desired_replicas(spec),
+        "selector": {"matchLabels": pod_selector(name)},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "minReadySeconds": 5,
+        "revisionHistoryLimit": 5,
+        # Downloading and loading a big model takes a while before a new pod is ready.
+        "progressDeadlineSeconds": spec.startupTimeoutSeconds + 1800,
+        "template": _pod_template(cr, spec, models, options),
+    }
+    meta = _meta(cr, deploy_name, COMPONENT)
+    meta["annotations"] = {ANNOTATION_SPEC_HASH: spec_hash({k: v for k, v in deployment_spec.items() if k != "replicas"})}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": deployment_spec}
+
+
+def _pod_template(cr: dict[str, Any], spec: InferenceServiceSpec, models: ResolvedModels,
+                  options: ServingOptions) -> dict[str, Any]:
+    """The pod template: labels, the Prometheus scrape annotations, the pod spec."""
+    return {
+        "metadata": {
+            "labels": labels_for(KIND, cr["metadata"]["name"], COMPONENT),
+            "annotations": {
+                "kubectl.kubernetes.io/default-container": SERVER,
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(spec.port),
+                "prometheus.io/path": "/metrics",
+            },
+        },
+        "spec": _pod_spec(cr, spec, models, options),
+    }
+
+
+def _pod_spec(cr: dict[str, Any], spec: InferenceServiceSpec, models: ResolvedModels,
+              options: ServingOptions) -> dict[str, Any]:
+    """Init containers (cache permissions, the fetcher), the server, the adapter agent when adapters
+    change at runtime, their volumes and the scheduling fields."""
     image = spec.image or options.image_for(spec.engine)
-    resources: dict[str, Any] = {"requests": dict(spec.resources.requests), "limits": dict(spec.resources.limits)}
-    if spec.gpus > 0:
-        resources["requests"][spec.gpuResource] = spec.gpus
-        resources["limits"][spec.gpuResource] = spec.gpus
-    resources = {k: v for k, v in resources.items() if v}
-    common_mounts = [
+    env = _with_user_env(_common_env(spec, options.storage_defaults), spec)
+    key_env = _api_key_env(cr, spec)
+    resources = _container_resources(spec)
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": spec.terminationGracePeriodSeconds,
+        "securityContext": pod_security_context(options.run_as_user),
+        "initContainers": [_fetcher_container(spec, models, image, env, resources)],
+        "containers": [_server_container(cr, spec, models, image, env, key_env, resources)],
+        "volumes": _volumes(cr, spec, options),
+    }
+    if spec.cache.type == "hostPath":
+        pod_spec["initContainers"].insert(0, _permissions_container(options.image_for(spec.engine), options.run_as_user))
+    if runtime_adapters(spec):
+        agent = _agent_container(cr, spec, image, copy.deepcopy(env) + copy.deepcopy(key_env), _mounts(spec))
+        if spec.imagePullPolicy:
+            agent["imagePullPolicy"] = spec.imagePullPolicy
+        pod_spec["containers"].append(agent)
+        pod_spec["volumes"].append({"name": "adapters", "configMap": {
+            "name": adapters_config_name(cr["metadata"]["name"]), "items": [{"key": ADAPTERS_KEY, "path": ADAPTERS_KEY}]}})
+    pod_spec.update(scheduling_fields(spec))
+    return pod_spec
+
+
+def _mounts(spec: InferenceServiceSpec, *, adapters: bool = True) -> list[dict[str, Any]]:
+    """The mounts every container shares (model cache, /tmp, /cache), plus the adapters
+    ConfigMap's when adapters change at runtime and `adapters` is set."""
+    mounts = [
         {"name": "model-cache", "mountPath": CACHE_MOUNT},
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "cache", "mountPath": "/cache"},
     ]
-    runtime = runtime_adapters(spec)
-    adapter_mounts = [{"name": "adapters", "mountPath": ADAPTERS_MOUNT, "readOnly": True}] if runtime else []
-    env = _with_user_env(_common_env(spec, options.storage_defaults), spec)
-    http_get = {"path": "/health", "port": "http"}
+    if adapters and runtime_adapters(spec):
+        mounts.append({"name": "adapters", "mountPath": ADAPTERS_MOUNT, "readOnly": True})
+    return mounts
+
+
+def _volumes(cr: dict[str, Any], spec: InferenceServiceSpec, options: ServingOptions) -> list[dict[str, Any]]:
+    """The model cache, scratch directories and the memory-backed /dev/shm."""
+    shm: dict[str, Any] = {"medium": "Memory"}
+    if spec.shmSize is not None:
+        shm["sizeLimit"] = spec.shmSize
+    return [
+        _cache_volume(cr, spec, options),
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": shm},
+    ]
+
+
+def _container_resources(spec: InferenceServiceSpec) -> dict[str, Any]:
+    """The server's requests and limits, GPUs included (empty blocks left out)."""
+    resources: dict[str, Any] = {"requests": dict(spec.resources.requests), "limits": dict(spec.resources.limits)}
+    if spec.gpus > 0:
+        resources["requests"][spec.gpuResource] = spec.gpus
+        resources["limits"][spec.gpuResource] = spec.gpus
+    return {k: v for k, v in resources.items() if v}
+
+
+def _fetcher_container(spec: InferenceServiceSpec, models: ResolvedModels, image: str, env: list[dict[str, Any]],
+                       resources: dict[str, Any]) -> dict[str, Any]:
+    """The init container that downloads the model, adapters and draft model into the cache."""
     fetcher: dict[str, Any] = {
         "name": FETCHER,
         "image": image,
         "command": ["python", "-m", "kubetune.trainer.serve.fetch"],
         "args": fetch_args(spec, models),
         "env": copy.deepcopy(env),
-        "volumeMounts": [*copy.deepcopy(common_mounts), *copy.deepcopy(adapter_mounts)],
+        "volumeMounts": _mounts(spec),
         "securityContext": _security(spec),
     }
-    key_env = _api_key_env(cr, spec)
+    # The init container downloads with CPU and memory only.
+    fetch_resources = {
+        block: {k: v for k, v in values.items() if not k.endswith("/gpu") and k != spec.gpuResource}
+        for block, values in resources.items()
+    }
+    fetch_resources = {k: v for k, v in fetch_resources.items() if v}
+    if fetch_resources:
+        fetcher["resources"] = fetch_resources
+    if spec.imagePullPolicy:
+        fetcher["imagePullPolicy"] = spec.imagePullPolicy
+    return fetcher
+
+
+def _server_container(cr: dict[str, Any], spec: InferenceServiceSpec, models: ResolvedModels, image: str,
+                      env: list[dict[str, Any]], key_env: list[dict[str, Any]], resources: dict[str, Any]) -> dict[str, Any]:
+    """The `kubetune serve` container: its arguments, environment, port, probes and resources."""
     server_env = copy.deepcopy(env) + copy.deepcopy(key_env)
-    if runtime and spec.engine == "vllm" and not any(e["name"] == "VLLM_ALLOW_RUNTIME_LORA_UPDATING" for e in server_env):
+    if runtime_adapters(spec) and spec.engine == "vllm" and not any(
+            e["name"] == "VLLM_ALLOW_RUNTIME_LORA_UPDATING" for e in server_env):
         server_env.append(_env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True"))
     server: dict[str, Any] = {
         "name": SERVER,
@@ -540,7 +640,22 @@ def render_deployment(
         "args": serve_args(cr, spec, models),
         "env": server_env,
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
-        "volumeMounts": [*copy.deepcopy(common_mounts), {"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [*_mounts(spec, adapters=False), {"name": "dshm", "mountPath": "/dev/shm"}],
+        **_probes(spec),
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
+        "securityContext": _security(spec),
+    }
+    if resources:
+        server["resources"] = resources
+    if spec.imagePullPolicy:
+        server["imagePullPolicy"] = spec.imagePullPolicy
+    return server
+
+
+def _probes(spec: InferenceServiceSpec) -> dict[str, Any]:
+    """Startup (as long as `startupTimeoutSeconds`), liveness and readiness probes of the server."""
+    http_get = {"path": "/health", "port": "http"}
+    return {
         "startupProbe": {
             "httpGet": dict(http_get),
             "periodSeconds": STARTUP_PERIOD_SECONDS,
@@ -554,73 +669,7 @@ def render_deployment(
             "timeoutSeconds": 3,
             "failureThreshold": 2,
         },
-        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
-        "securityContext": _security(spec),
     }
-    if resources:
-        server["resources"] = resources
-        # The init container downloads with CPU and memory only.
-        fetch_resources = {
-            block: {k: v for k, v in values.items() if not k.endswith("/gpu") and k != spec.gpuResource}
-            for block, values in resources.items()
-        }
-        fetch_resources = {k: v for k, v in fetch_resources.items() if v}
-        if fetch_resources:
-            fetcher["resources"] = fetch_resources
-    if spec.imagePullPolicy:
-        server["imagePullPolicy"] = fetcher["imagePullPolicy"] = spec.imagePullPolicy
-    shm: dict[str, Any] = {"medium": "Memory"}
-    if spec.shmSize is not None:
-        shm["sizeLimit"] = spec.shmSize
-    pod_spec: dict[str, Any] = {
-        "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": spec.terminationGracePeriodSeconds,
-        "securityContext": pod_security_context(options.run_as_user),
-        "initContainers": [fetcher],
-        "containers": [server],
-        "volumes": [
-            _cache_volume(cr, spec, options),
-            {"name": "tmp", "emptyDir": {}},
-            {"name": "cache", "emptyDir": {}},
-            {"name": "dshm", "emptyDir": shm},
-        ],
-    }
-    if spec.cache.type == "hostPath":
-        pod_spec["initContainers"].insert(0, _permissions_container(options.image_for(spec.engine), options.run_as_user))
-    if runtime:
-        agent = _agent_container(cr, spec, image, copy.deepcopy(env) + copy.deepcopy(key_env),
-                                 [*copy.deepcopy(common_mounts), *copy.deepcopy(adapter_mounts)])
-        if spec.imagePullPolicy:
-            agent["imagePullPolicy"] = spec.imagePullPolicy
-        pod_spec["containers"].append(agent)
-        pod_spec["volumes"].append({"name": "adapters", "configMap": {
-            "name": adapters_config_name(name), "items": [{"key": ADAPTERS_KEY, "path": ADAPTERS_KEY}]}})
-    pod_spec.update(scheduling_fields(spec))
-    pod_labels = labels_for(KIND, name, COMPONENT)
-    deployment_spec: dict[str, Any] = {
-        "replicas": desired_replicas(spec),
-        "selector": {"matchLabels": pod_selector(name)},
-        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-        "minReadySeconds": 5,
-        "revisionHistoryLimit": 5,
-        # Downloading and loading a big model takes a while before a new pod is ready.
-        "progressDeadlineSeconds": spec.startupTimeoutSeconds + 1800,
-        "template": {
-            "metadata": {
-                "labels": pod_labels,
-                "annotations": {
-                    "kubectl.kubernetes.io/default-container": SERVER,
-                    "prometheus.io/scrape": "true",
-                    "prometheus.io/port": str(spec.port),
-                    "prometheus.io/path": "/metrics",
-                },
-            },
-            "spec": pod_spec,
-        },
-    }
-    meta = _meta(cr, deploy_name, COMPONENT)
-    meta["annotations"] = {ANNOTATION_SPEC_HASH: spec_hash({k: v for k, v in deployment_spec.items() if k != "replicas"})}
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": deployment_spec}
 
 
 def render_service(cr: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any]:
