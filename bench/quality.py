@@ -180,7 +180,7 @@ def markdown(rows: list[dict], args) -> str:
 def one_seed(args) -> list[dict]:
     """sft from the untrained model, then dpo and raft from kubetune's SFT output, for one seed."""
     from kubetune.trainer.api.spec import StorageSpec
-    from kubetune.trainer.train.models.loader import resolve_location
+    from kubetune.trainer.train.models.locations import resolve_location
 
     with tempfile.TemporaryDirectory(prefix="kubetune-quality-") as tmp:
         work = Path(tmp)

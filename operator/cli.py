@@ -1,5 +1,5 @@
 """`kubetune crds` and `kubetune operator`: the operator's subcommands, registered into the main
-CLI through the `kubetune.cli` entry point. kopf is imported only when the operator runs, so
+CLI by its command table (`kubetune.trainer.cli.main.COMMAND_MODULES`). kopf is imported only when the operator runs, so
 `kubetune train` never loads it."""
 
 from __future__ import annotations

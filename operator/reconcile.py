@@ -79,7 +79,7 @@ from kubetune.operator.status import (
 )
 from kubetune.operator.validation import memory_refusal, validate_resource
 from kubetune.trainer.api.errors import SpecErrors, cap_message
-from kubetune.trainer.train.prepare import cache_location, cluster_default_cache, prepare_skip_reason
+from kubetune.trainer.artifacts.datacache import cache_location, cluster_default_cache, prepare_skip_reason
 
 COND_DATA_PREPARED = "DataPrepared"
 """The datasets are tokenized into data.cache (False while the prepare Job runs, or after it failed)."""

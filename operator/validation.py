@@ -21,13 +21,13 @@ from kubetune.trainer.api.errors import (
     validation_error_to_spec_errors,
 )
 from kubetune.trainer.api.specfile import manifest_root_errors
-from kubetune.trainer.train.preflight import looks_like_local_path
+from kubetune.trainer.api.uri import looks_like_local_path
 
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 """Environment variable names that usually hold a secret."""
 
 try:  # the storage layer knows what an s3:// location is; keep working without it
-    from kubetune.trainer.artifacts.uri import is_s3
+    from kubetune.trainer.api.uri import is_s3
 except ImportError:  # pragma: no cover
     def is_s3(location: object) -> bool:
         return isinstance(location, str) and location.startswith("s3://")

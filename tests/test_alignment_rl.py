@@ -118,7 +118,7 @@ def test_raft_iterations_that_keep_nothing_leave_the_model_unchanged(tmp_path: P
     weight (no gradient at all, so neither momentum nor weight decay acts)."""
     from safetensors.torch import load_file
 
-    from kubetune.trainer.train.models.loader import resolve_location
+    from kubetune.trainer.train.models.locations import resolve_location
 
     rewards = tmp_path / "zero_reward.py"
     rewards.write_text("def score(prompts, completions, **columns):\n    return [0.0] * len(completions)\n")
@@ -311,7 +311,7 @@ def test_a_lora_reward_model_shares_the_policy_base_and_scores_like_the_merged_m
     standalone = load_scorer(spec)
     assert isinstance(standalone, ModelScorer)
 
-    from kubetune.trainer.train.models.loader import resolve_location
+    from kubetune.trainer.train.models.locations import resolve_location
 
     base = AutoModelForCausalLM.from_pretrained(resolve_location("builtin:tiny-llama", spec.storage, "model.path"))
     policy = apply_method(base, spec)

@@ -15,10 +15,11 @@ import yaml
 
 from kubetune.trainer.api.spec import TrainingSpec
 from kubetune.trainer.api.specfile import validate_training
+from kubetune.trainer.artifacts.datacache import cache_location, prepare_skip_reason
 from kubetune.trainer.train.data import build_datasets
 from kubetune.trainer.train.data import pipeline as pipeline_module
 from kubetune.trainer.train.data.cache import MARKER, TokenizedCache, cache_key
-from kubetune.trainer.train.prepare import cache_location, prepare, prepare_skip_reason
+from kubetune.trainer.train.prepare import prepare
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import S3Env
 

@@ -173,7 +173,7 @@ def test_rope_scaling_from_saved_config(tmp_path, tiny_model_dir):
 
 
 def _ref(name, path):
-    from kubetune.trainer.serve.loading import AdapterRef
+    from kubetune.trainer.artifacts.adapters import AdapterRef
 
     return AdapterRef(name, str(path))
 

@@ -42,9 +42,9 @@ from kubetune.operator.render.training import (
     shutdown_timeout,
 )
 from kubetune.operator.resources import validate_spec
+from kubetune.trainer.artifacts.datacache import cluster_default_cache, prepare_skip_reason
 from kubetune.trainer.artifacts.output import MANIFEST_NAME
 from kubetune.trainer.artifacts.s3output import shards_marker_name
-from kubetune.trainer.train.prepare import cluster_default_cache, prepare_skip_reason
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, S3Env
 

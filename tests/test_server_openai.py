@@ -18,8 +18,8 @@ from contextlib import contextmanager
 import openai
 import pytest
 
+from kubetune.trainer.artifacts.adapters import AdapterRef
 from kubetune.trainer.serve import create_engine
-from kubetune.trainer.serve.loading import AdapterRef
 from kubetune.trainer.serve.server import ServerConfig, create_app, make_server
 
 from .test_infer_helpers import build_adapter

@@ -20,8 +20,8 @@ import openai
 import pytest
 
 from kubetune.operator.render.inference import ADAPTERS_FILE, render_inference
+from kubetune.trainer.artifacts.adapters import AdapterRef
 from kubetune.trainer.serve import create_engine
-from kubetune.trainer.serve.loading import AdapterRef
 from kubetune.trainer.serve.server import ServerConfig, create_app
 
 from .test_infer_helpers import build_adapter, foreign_adapter

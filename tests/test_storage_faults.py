@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from kubetune.trainer.api.errors import SpecError
+from kubetune.trainer.api.uri import S3Uri
 from kubetune.trainer.artifacts import localize, open_output
 from kubetune.trainer.artifacts.transfer import Transfers
-from kubetune.trainer.artifacts.uri import S3Uri
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import SECRETS, S3Env
 

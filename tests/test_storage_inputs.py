@@ -174,7 +174,7 @@ def test_listed_keys_with_dot_dot_are_refused_by_the_same_join(s3: S3Env) -> Non
 
 
 def test_safe_join_is_the_one_checked_join(tmp_path: Path) -> None:
-    from kubetune.trainer.artifacts.uri import safe_join
+    from kubetune.trainer.api.uri import safe_join
 
     assert safe_join(tmp_path, "a/b", "c.txt") == tmp_path / "a" / "b" / "c.txt"
     assert safe_join(tmp_path, "") == tmp_path

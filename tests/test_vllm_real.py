@@ -126,8 +126,8 @@ def client(vllm_server):
 @pytest.fixture(scope="module")
 def reference(vllm_server, tiny_model_dir):
     """kubetune's own transformers engine on the same base and adapter (float32, greedy)."""
+    from kubetune.trainer.artifacts.adapters import AdapterRef
     from kubetune.trainer.serve import create_engine
-    from kubetune.trainer.serve.loading import AdapterRef
 
     engine = create_engine(str(tiny_model_dir), engine="transformers", served_name="tiny", dtype="float32",
                            adapters=[AdapterRef(ADAPTER, str(vllm_server["adapter"]))])

@@ -40,7 +40,7 @@ from kubetune.operator.resources import (
     ClusterFields,
     validate_spec,
 )
-from kubetune.trainer.train.prepare import CACHE_AUTO, cluster_default_cache
+from kubetune.trainer.artifacts.datacache import CACHE_AUTO, cluster_default_cache
 
 CONTAINER = "trainer"
 CONFIG_DIR = "/etc/kubetune"

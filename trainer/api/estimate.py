@@ -788,13 +788,3 @@ def _human(count: float) -> str:
         if count >= size:
             return f"{count / size:.3g}{unit}"
     return str(int(count))
-
-
-def register(subparsers: Any) -> None:
-    """TRANSITIONAL, not part of the api: the installed `kubetune.cli` entry point `estimate`
-    still names `kubetune.trainer.api.estimate:register` (pyproject.toml), and `kubetune` fails to
-    start without it. The command lives in `kubetune.trainer.cli.estimate`; delete this once the
-    entry point names `kubetune.trainer.cli.estimate:register` and the package is reinstalled."""
-    import importlib
-
-    importlib.import_module("kubetune.trainer.cli.estimate").register(subparsers)

@@ -184,7 +184,7 @@ class DataSpec(SpecModel):
         """A malformed `s3://` cache is refused with the spec, not when the first pod reads it."""
         if self.cache and self.cache.startswith("s3://"):
             from kubetune.trainer.api.errors import SpecError
-            from kubetune.trainer.artifacts.uri import S3Uri
+            from kubetune.trainer.api.uri import S3Uri
 
             try:
                 S3Uri.parse(self.cache, "data.cache")

@@ -29,9 +29,9 @@ from pathlib import Path
 
 from kubetune.trainer.api.errors import KubetuneError, SpecError
 from kubetune.trainer.api.spec import StorageSpec
+from kubetune.trainer.api.uri import S3Uri, safe_join
 from kubetune.trainer.artifacts.client import get_client, translate
 from kubetune.trainer.artifacts.transfer import ObjectInfo, Transfers, list_objects, remove_partials
-from kubetune.trainer.artifacts.uri import S3Uri, safe_join
 
 log = logging.getLogger("kubetune.storage")
 

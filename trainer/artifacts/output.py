@@ -25,12 +25,14 @@ from typing import Any
 
 from kubetune.trainer.api.errors import SpecError
 from kubetune.trainer.api.spec import StorageSpec
+from kubetune.trainer.api.uri import is_s3
 from kubetune.trainer.artifacts.hashing import file_hexdigest
-from kubetune.trainer.artifacts.uri import is_s3
 
 MANIFEST_NAME = "kubetune-manifest.json"
 """Written last into a checkpoint: its presence (and matching sizes) marks the checkpoint complete."""
 STATUS_NAME = "status.json"
+RESOLVED_SPEC_FILE = "kubetune-spec.yaml"
+"""The training spec with every default filled in, saved beside every trained output."""
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 RUN_LOGS = ("metrics.jsonl", "samples.jsonl")
 """Append-only files of a run (callbacks.METRICS_FILE, samples.SAMPLES_FILE), which every attempt
@@ -329,10 +331,4 @@ def read_output_file(output: str, name: str, settings: StorageSpec | None = None
         return None
 
 
-def open_output(location: str, settings: StorageSpec | None = None, *, keep_last: int | None = None) -> OutputSession:
-    """The output session for a local directory or an `s3://` prefix."""
-    if is_s3(location):
-        from kubetune.trainer.artifacts.s3output import S3OutputSession
-
-        return S3OutputSession(location, settings, keep_last=keep_last)
-    return OutputSession(location, settings, keep_last=keep_last)
+#END

@@ -63,6 +63,7 @@ from typing import Any
 
 from kubetune.trainer.api.errors import KubetuneError, SpecError
 from kubetune.trainer.api.spec import StorageSpec
+from kubetune.trainer.api.uri import S3Uri
 from kubetune.trainer.artifacts.cache import cache_root
 from kubetune.trainer.artifacts.client import StorageError, get_client, is_not_found, redact, translate
 from kubetune.trainer.artifacts.output import (
@@ -86,7 +87,6 @@ from kubetune.trainer.artifacts.transfer import (
     file_digests,
     list_objects,
 )
-from kubetune.trainer.artifacts.uri import S3Uri
 
 log = logging.getLogger("kubetune.storage")
 

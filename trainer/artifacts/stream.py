@@ -20,6 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from kubetune.trainer.api.errors import KubetuneError, SpecError
 from kubetune.trainer.api.spec import StorageSpec
+from kubetune.trainer.api.uri import S3Uri, is_s3
 from kubetune.trainer.artifacts.cache import resolve_objects
 from kubetune.trainer.artifacts.client import (
     CONNECT_TIMEOUT_S,
@@ -28,7 +29,6 @@ from kubetune.trainer.artifacts.client import (
     get_client,
     translate,
 )
-from kubetune.trainer.artifacts.uri import S3Uri, is_s3
 
 READ_AHEAD = 8 * 1024 * 1024
 """Bytes fetched per ranged GET: large enough that request latency is amortised."""

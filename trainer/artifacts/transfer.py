@@ -32,9 +32,9 @@ from s3transfer.utils import ChunksizeAdjuster
 from tqdm import tqdm
 
 from kubetune.trainer.api.spec import StorageSpec
+from kubetune.trainer.api.uri import S3Uri
 from kubetune.trainer.artifacts.client import StorageError, get_client, transfer_config
 from kubetune.trainer.artifacts.hashing import file_hexdigest
-from kubetune.trainer.artifacts.uri import S3Uri
 
 SHA256_META = "kubetune-sha256"
 PART_MARKER = ".kubetune-part-"

@@ -16,7 +16,7 @@ from kubetune.trainer.artifacts.model_shape import resolve_shape
 
 
 def register(subparsers: Any) -> None:
-    """The `estimate` subcommand (entry point `kubetune.cli`: estimate = kubetune.trainer.cli.estimate:register)."""
+    """The `estimate` subcommand."""
     p = subparsers.add_parser(
         "estimate",
         help="estimate per-GPU memory of a training spec or FineTuneJob (weights, gradients, optimizer, activations)",

@@ -82,7 +82,7 @@ def sampling_from_args(args: argparse.Namespace):
 
 
 def adapters_from_args(args: argparse.Namespace) -> list:
-    from kubetune.trainer.serve.loading import parse_adapter_arg
+    from kubetune.trainer.artifacts.adapters import parse_adapter_arg
 
     return [parse_adapter_arg(value) for value in args.adapter]
 
@@ -102,7 +102,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_engine(args: argparse.Namespace):
-    from kubetune.trainer.serve.engine import create_engine
+    from kubetune.trainer.serve.engines import create_engine
 
     kwargs = engine_kwargs(args)
     if args.engine == "vllm":
@@ -125,7 +125,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from kubetune.trainer.artifacts.uri import is_s3
+    from kubetune.trainer.api.uri import is_s3
     from kubetune.trainer.serve.batch import generate_file
     from kubetune.trainer.serve.output import s3_target
 

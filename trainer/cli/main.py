@@ -1,18 +1,22 @@
-"""`kubetune ...`: a thin shell over library functions.
+"""`kubetune ...`: a thin shell over library functions, with one explicit command table.
 
-Subcommands of other parts of kubetune (the operator's `crds`, `operator`, ...) are plugins
-registered under the `kubetune.cli` entry-point group, so this module never imports them.
+`COMMAND_MODULES` lists every module that adds subcommands, in help order. The trainer's own are
+always importable; the operator's (`crds`, `operator`) live in the control plane, which the data
+plane never imports by name at module level, so that group is imported here by its module path.
+When its third-party dependencies are missing (the `operator` extra), its commands still appear
+and say what to install; any other import error is a bug and surfaces with its traceback.
 Every user error ends as one paragraph on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from kubetune.trainer.api.errors import KubetuneError, SpecError, SpecErrors
 
@@ -70,18 +74,18 @@ def _admission(document: dict, args: argparse.Namespace) -> list[str]:
     apply` accepts. `--set` paths are relative to spec.training (spec for other kinds).
     Returns the webhook's warnings; raises its refusal (exit 2).
 
-    The function is found through the `kubetune.admission` entry point, as the operator's
-    subcommands are: the trainer (the data plane) never imports the operator by name."""
+    The operator's module is imported by path, as its commands are (see `COMMAND_MODULES`)."""
     import copy
 
     from kubetune.trainer.api.specfile import JOB_KINDS, apply_overrides
 
-    plugins = list(entry_points(group="kubetune.admission"))
     try:
-        admit = plugins[0].load()
-    except (IndexError, ImportError) as exc:  # the operator's part of kubetune is not installed
+        admit = importlib.import_module(ADMISSION_MODULE).admit
+    except ModuleNotFoundError as exc:
+        if _is_kubetune_module(exc.name):
+            raise
         raise KubetuneError(f"cannot check a {document.get('kind')} manifest here: the operator's admission "
-                            f"checks are unavailable ({exc or 'no kubetune.admission entry point'}). "
+                            f"checks need {exc.name!r}, which is not installed. "
                             "Fix: pip install 'kubetune[operator]'.") from None
     document = copy.deepcopy(document)
     spec = document.get("spec")
@@ -122,7 +126,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from kubetune.trainer.train.export import export_merged
+    from kubetune.trainer.train.models.locations import export_merged
 
     out = export_merged(args.adapter, args.out, base=args.base, dtype=args.dtype, max_shard_size=args.max_shard_size)
     print(f"Merged model written to {out}")
@@ -142,6 +146,59 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
     print(json.dumps(TrainingSpec.model_json_schema(), indent=2))
     return 0
+
+
+@dataclass(frozen=True)
+class CommandGroup:
+    """A module whose `register(subparsers)` adds `commands`; `extra` is the pip extra its
+    third-party imports come from (None: part of the core install)."""
+
+    module: str
+    commands: tuple[str, ...]
+    extra: str | None = None
+
+
+COMMAND_MODULES = (
+    CommandGroup("kubetune.trainer.cli.prepare", ("prepare",)),
+    CommandGroup("kubetune.trainer.cli.infer", ("generate", "chat", "serve")),
+    CommandGroup("kubetune.trainer.cli.eval", ("eval",)),
+    CommandGroup("kubetune.trainer.cli.estimate", ("estimate",)),
+    CommandGroup("kubetune.trainer.cli.storage", ("storage",)),
+    CommandGroup("kubetune.operator.cli", ("crds", "operator"), extra="operator"),
+)
+"""Every subcommand beyond train/validate/export/templates/schema, in help order."""
+ADMISSION_MODULE = "kubetune.operator.validation"
+"""Where `kubetune validate` finds the operator's admission decision (`admit`)."""
+
+
+def _is_kubetune_module(name: str | None) -> bool:
+    return bool(name) and (name == "kubetune" or name.startswith("kubetune."))
+
+
+def _add_group(sub: argparse._SubParsersAction, group: CommandGroup) -> None:
+    """Register a group's commands; a missing optional dependency registers commands that say
+    what to install instead of vanishing ("invalid choice") with the cause hidden."""
+    try:
+        module = importlib.import_module(group.module)
+    except ModuleNotFoundError as exc:
+        if group.extra is None or _is_kubetune_module(exc.name):
+            raise
+        missing = exc.name
+        for command in group.commands:
+            # no option prefix: whatever follows (even --help) reaches the message, not an argparse error
+            p = sub.add_parser(command, help=f"(needs: pip install 'kubetune[{group.extra}]')", add_help=False,
+                               prefix_chars="\x01")
+            p.add_argument("rest", nargs="*")
+            p.set_defaults(func=_missing_extra(command, group.extra, missing))
+        return
+    module.register(sub)
+
+
+def _missing_extra(command: str, extra: str, missing: str | None):
+    def fail(args: argparse.Namespace) -> int:
+        raise KubetuneError(f"`kubetune {command}` needs the {missing!r} package, which is not installed. "
+                            f"Fix: pip install 'kubetune[{extra}]'.")
+    return fail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,17 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the training spec's JSON schema")
     p.set_defaults(func=cmd_schema)
 
-    from kubetune.trainer.cli.storage import add_parser as add_storage_parser
-
-    add_storage_parser(sub)
-
-    for ep in entry_points(group="kubetune.cli"):
-        try:
-            register: Callable[[argparse._SubParsersAction], None] = ep.load()
-        except ImportError as exc:  # an optional part that is not installed
-            log.debug("kubetune.cli plugin %s unavailable: %s", ep.name, exc)
-            continue
-        register(sub)
+    for group in COMMAND_MODULES:
+        _add_group(sub, group)
     return parser
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from kubetune.trainer.api.errors import KubetuneError, SpecError
 from kubetune.trainer.api.spec import StorageSpec
+from kubetune.trainer.api.uri import S3Uri, is_s3, safe_join
 from kubetune.trainer.artifacts.cache import resolve_objects
 from kubetune.trainer.artifacts.client import StorageError, get_client, translate
 from kubetune.trainer.artifacts.transfer import (
@@ -26,7 +27,6 @@ from kubetune.trainer.artifacts.transfer import (
     list_objects,
     upload_directory,
 )
-from kubetune.trainer.artifacts.uri import S3Uri, is_s3, safe_join
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -324,3 +324,8 @@ def _gc(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def register(subparsers: Any) -> None:
+    """The main CLI's command table calls this (see `kubetune.trainer.cli.main.COMMAND_MODULES`)."""
+    add_parser(subparsers)

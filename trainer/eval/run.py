@@ -282,7 +282,8 @@ def run_evaluation(
     Writes eval_results.json / eval_results.md into `output_dir` when given.
     """
     from kubetune.trainer.serve.batch import load_examples, load_rows
-    from kubetune.trainer.serve.engine import Engine, create_engine
+    from kubetune.trainer.serve.engine import Engine
+    from kubetune.trainer.serve.engines import create_engine
 
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:

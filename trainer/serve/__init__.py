@@ -4,7 +4,8 @@ batch generation over datasets, the OpenAI-compatible server (`kubetune serve`) 
 Heavy modules (torch, transformers, FastAPI) are imported lazily by the functions that need them.
 """
 
-from kubetune.trainer.serve.engine import ENGINES, Engine, UnknownModel, create_engine, pick_engine
+from kubetune.trainer.serve.engine import ENGINES, Engine, UnknownModel, pick_engine
+from kubetune.trainer.serve.engines import create_engine
 from kubetune.trainer.serve.params import (
     Completion,
     Event,

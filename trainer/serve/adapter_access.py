@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kubetune.trainer.api.errors import SpecError
 from kubetune.trainer.api.spec import StorageSpec
-from kubetune.trainer.artifacts.uri import S3Uri, is_s3, is_within
+from kubetune.trainer.api.uri import S3Uri, is_s3, is_within
 from kubetune.trainer.serve.guards import ApiError
 from kubetune.trainer.serve.protocol import DEFAULT_MAX_ADAPTERS
 
@@ -70,7 +70,8 @@ def refused(name: str) -> ApiError:
 async def localize_adapter(access: AdapterAccess, storage: StorageSpec, name: str, location: str) -> Path:
     """The local directory of the adapter at `location` (downloaded into the cache for `s3://`), or
     the fixed 400 of `refused` when it is outside the allowed roots or holds no adapter."""
-    from kubetune.trainer.serve.loading import is_adapter_dir, resolve_path
+    from kubetune.trainer.artifacts.adapters import is_adapter_dir
+    from kubetune.trainer.serve.loading import resolve_path
 
     if not access.allows(location):
         log.warning("refused to load adapter %s from %r: outside the allowed roots", name, location)

@@ -157,7 +157,8 @@ def _message(text: str) -> str:
 def localize(name: str, location: str, storage: Any = None) -> str:
     """The adapter's local directory: downloaded into $KUBETUNE_CACHE (or found there)."""
     from kubetune.trainer.api.spec import StorageSpec
-    from kubetune.trainer.serve.loading import is_adapter_dir, resolve_path
+    from kubetune.trainer.artifacts.adapters import is_adapter_dir
+    from kubetune.trainer.serve.loading import resolve_path
 
     path = resolve_path(location, storage or StorageSpec(), f"adapter {name}")
     if not isinstance(path, Path) or not is_adapter_dir(path):

@@ -179,15 +179,3 @@ class Engine(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing to release
         """Release the model (the server calls it on shutdown)."""
-
-
-def create_engine(model: str, *, engine: str = "auto", adapters: list | None = None, **kwargs: Any) -> Engine:
-    """Load `model` (plus adapters) into the chosen engine. kwargs go to the engine's loader."""
-    choice = pick_engine(engine)
-    if choice == "vllm":
-        from kubetune.trainer.serve.vllm_engine import VLLMEngine
-
-        return VLLMEngine.load(model, adapters=adapters, **kwargs)
-    from kubetune.trainer.serve.transformers_engine import TransformersEngine
-
-    return TransformersEngine.load(model, adapters=adapters, **kwargs)

@@ -55,7 +55,7 @@ def fetch_one(location: str, field: str, storage: Any) -> dict[str, Any]:
 def fetch(model: str, adapters: list[str], draft: str | None = None, storage: Any = None) -> list[dict[str, Any]]:
     """Localize everything a server with these arguments loads; returns one record per location."""
     from kubetune.trainer.api.spec import StorageSpec
-    from kubetune.trainer.serve.loading import adapter_base, is_adapter_dir, parse_adapter_arg
+    from kubetune.trainer.artifacts.adapters import adapter_base, is_adapter_dir, parse_adapter_arg
 
     storage = storage or StorageSpec()
     records = []

@@ -22,23 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kubetune.trainer.api.errors import SpecError
 from kubetune.trainer.api.spec import StorageSpec
+from kubetune.trainer.artifacts.adapters import (
+    AdapterRef,
+    adapter_base,
+    has_tokenizer,
+    is_adapter_dir,
+    read_saved_spec,
+)
 
 log = logging.getLogger(__name__)
 
-RESOLVED_SPEC_FILE = "kubetune-spec.yaml"  # same name as kubetune.trainer.train.runner.RESOLVED_SPEC_FILE
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-@dataclass
-class AdapterRef:
-    """A LoRA adapter to serve under `name`."""
-
-    name: str
-    location: str
 
 
 @dataclass
@@ -69,58 +65,8 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
-def parse_adapter_arg(value: str) -> AdapterRef:
-    """`NAME=PATH` (vLLM's `--lora-modules` spelling) or a bare PATH (named after its directory)."""
-    head = value.split("=", 1)[0]
-    if "=" in value and "/" not in head and ":" not in head:
-        name, location = value.split("=", 1)
-    else:
-        location = value
-        name = Path(location.rstrip("/")).name
-    if not name or not location:
-        raise SpecError("--adapter", f"{value!r} is not NAME=PATH.", "write it as NAME=PATH, e.g. --adapter support=outputs/support.")
-    return AdapterRef(name=name, location=location)
-
-
-def read_saved_spec(directory: Path):
-    """The training spec saved beside a trained model or adapter, or None."""
-    from kubetune.trainer.api.specfile import validate_training
-
-    spec_file = directory / RESOLVED_SPEC_FILE
-    if not spec_file.is_file():
-        return None
-    try:
-        return validate_training(yaml.safe_load(spec_file.read_text()), str(spec_file))
-    except Exception as exc:  # an older/foreign spec must not block inference
-        log.warning("ignoring %s: %s", spec_file, str(exc).splitlines()[0] if str(exc) else exc)
-        return None
-
-
-def is_adapter_dir(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
-
-
-def has_tokenizer(path: Path) -> bool:
-    return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-
-
-def adapter_base(adapter_dir: Path) -> tuple[str, Any]:
-    """(base location, saved training spec or None) of a LoRA output directory."""
-    spec = read_saved_spec(adapter_dir)
-    if spec is not None:
-        return spec.model.path, spec
-    try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    except (OSError, ValueError):
-        raise SpecError("adapter", f"{str(adapter_dir)!r} has an unreadable adapter_config.json.", "pass a LoRA output directory.") from None
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise SpecError("--base", f"the adapter in {str(adapter_dir)!r} does not name its base model.", "pass --base PATH.")
-    return base, None
-
-
 def resolve_path(location: str, storage: StorageSpec, field: str, *, merge_adapters: bool = False) -> Path | str:
-    from kubetune.trainer.train.models.loader import resolve_location, resolve_model_location
+    from kubetune.trainer.train.models.locations import resolve_location, resolve_model_location
 
     resolved = (resolve_model_location if merge_adapters else resolve_location)(location, storage, field)
     path = Path(resolved)
@@ -155,6 +101,18 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+@dataclass
+class _Target:
+    """What a location resolves to before anything is loaded."""
+
+    base_local: Path | str
+    base_name: str
+    tokenizer_dir: Path | str
+    spec: Any = None
+    default_model: str | None = None
+    adapters: list[AdapterRef] = field(default_factory=list)
+
+
 def load_model(
     location: str,
     *,
@@ -173,42 +131,63 @@ def load_model(
     Raises SpecError (a user error: exit 2) for a missing path, a directory that holds no model,
     or an adapter that does not fit its base.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from kubetune.trainer.train.models.loader import load_config, pick_attn_implementation
     from kubetune.trainer.train.models.rope import context_length
 
     storage = storage or StorageSpec()
-    adapters = list(adapters or [])
     device = pick_device(device)
+    target = _resolve_target(location, list(adapters or []), base, served_name, storage)
+    adapter_dirs, adapter_specs = _resolve_adapters(target.adapters, storage, target.base_name)
+    spec = target.spec if target.spec is not None or not adapter_dirs else adapter_specs[next(iter(adapter_dirs))]
+    config = _load_base_config(spec if adapter_dirs else None, target.base_local, trust_remote_code)
+    tokenizer = _load_serving_tokenizer(target.tokenizer_dir, trust_remote_code)
+    torch_dtype = _pick_dtype(dtype, device)
+    model = _load_weights(target.base_local, config, torch_dtype, attn_implementation, trust_remote_code)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # new rows come from the adapter
+
+    templates: dict[str, str | None] = {target.base_name: template_of(target.base_local, tokenizer)}
+    if adapter_dirs:
+        model = _attach_adapters(model, adapter_dirs, str(target.base_local))
+        for name, path in adapter_dirs.items():
+            templates[name] = template_of(path, tokenizer)
+    model.to(device)
+    model.eval()
+    context = context_length(model.config) or getattr(tokenizer, "model_max_length", 2048)
+    if max_model_len:
+        context = min(context, max_model_len) if context else max_model_len
+    log.info("loaded %s on %s (%s); serving %s", target.base_local, device, torch_dtype,
+             ", ".join([target.base_name, *adapter_dirs]))
+    return LoadedModel(model=model, tokenizer=tokenizer, base_name=target.base_name,
+                       adapters={k: str(v) for k, v in adapter_dirs.items()}, templates=templates,
+                       context_length=int(context), location=str(target.base_local), default_model=target.default_model)
+
+
+def _resolve_target(location: str, adapters: list[AdapterRef], base: str | None, served_name: str | None,
+                    storage: StorageSpec) -> _Target:
+    """A model directory loads as-is; a LoRA output is served under its own name on its base."""
     local = resolve_path(location, storage, "model")
-    spec = None
-    default_model: str | None = None
-    tokenizer_dir: Path | str = local
     if isinstance(local, Path) and is_adapter_dir(local):
         # The tokenizer saved with the adapter is the one it was trained with (chat template, added tokens).
-        # The model itself is a LoRA output: serve it by its own name on its base.
         base_location, spec = adapter_base(local)
         base_location = base or base_location
         adapters.insert(0, AdapterRef(name=served_name or default_name(location, spec), location=str(local)))
-        default_model = adapters[0].name
-        served_name = None
         # A pipeline step's adapter sits on the previous step's output, itself maybe an adapter:
         # that base is the previous adapter merged into its own base (as the step trained on it).
         base_local = resolve_path(base_location, storage, "--base", merge_adapters=True)
-        base_name = default_name(base_location)
-        if not has_tokenizer(local):
-            tokenizer_dir = base_local
-    else:
-        if isinstance(local, Path) and local.is_dir() and not (local / "config.json").is_file():
-            raise SpecError("model", f"{str(local)!r} holds neither a model (config.json) nor a LoRA adapter (adapter_config.json).",
-                            "point it at a training output directory, a merged model or a hub id.")
-        if isinstance(local, Path) and local.is_file():
-            raise SpecError("model", f"{str(local)!r} is a file, not a model directory.", "pass the directory that holds config.json.")
-        base_local = local
-        spec = read_saved_spec(local) if isinstance(local, Path) else None
-        base_name = served_name or default_name(location, spec)
+        return _Target(base_local, default_name(base_location), local if has_tokenizer(local) else base_local,
+                       spec, adapters[0].name, adapters)
+    if isinstance(local, Path) and local.is_dir() and not (local / "config.json").is_file():
+        raise SpecError("model", f"{str(local)!r} holds neither a model (config.json) nor a LoRA adapter (adapter_config.json).",
+                        "point it at a training output directory, a merged model or a hub id.")
+    if isinstance(local, Path) and local.is_file():
+        raise SpecError("model", f"{str(local)!r} is a file, not a model directory.", "pass the directory that holds config.json.")
+    spec = read_saved_spec(local) if isinstance(local, Path) else None
+    return _Target(local, served_name or default_name(location, spec), local, spec, None, adapters)
 
+
+def _resolve_adapters(adapters: list[AdapterRef], storage: StorageSpec,
+                      base_name: str) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Adapter name -> local directory, and -> the training spec saved beside it."""
     adapter_dirs: dict[str, Path] = {}
     adapter_specs: dict[str, Any] = {}
     for ref in adapters:
@@ -220,19 +199,30 @@ def load_model(
             raise SpecError(f"adapter {ref.name}", "the name is used twice.", "give every adapter its own name.")
         adapter_dirs[ref.name] = path
         adapter_specs[ref.name] = read_saved_spec(path)
-    if adapter_dirs and spec is None:
-        spec = adapter_specs[next(iter(adapter_dirs))]
+    return adapter_dirs, adapter_specs
 
-    # Config: the saved one (RoPE scaling included); for a base under an adapter, the adapter's
-    # training spec re-applies the RoPE scaling it was trained with.
+
+def _load_base_config(adapter_spec: Any, base_local: Path | str, trust_remote_code: bool):
+    """The saved config (RoPE scaling included); for a base under an adapter, the adapter's
+    training spec re-applies the RoPE scaling it was trained with."""
+    from transformers import AutoConfig
+
+    from kubetune.trainer.train.models.locations import load_config
+
     try:
-        config = load_config(spec, str(base_local)) if spec is not None and adapter_dirs else \
-            AutoConfig.from_pretrained(str(base_local), trust_remote_code=trust_remote_code)
+        if adapter_spec is not None:
+            return load_config(adapter_spec, str(base_local))
+        return AutoConfig.from_pretrained(str(base_local), trust_remote_code=trust_remote_code)
     except SpecError:
         raise
     except (OSError, ValueError) as exc:
         raise SpecError("model", f"no model config could be loaded from {str(base_local)!r} ({_first_line(exc)}).",
                         "check the path or hub id, and that the hub is reachable (HF_HUB_OFFLINE).") from None
+
+
+def _load_serving_tokenizer(tokenizer_dir: Path | str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -240,11 +230,18 @@ def load_model(
                         "the directory should hold the tokenizer saved by training.") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side = "left"  # batched generation pads on the left
+    return tokenizer
 
-    torch_dtype = _pick_dtype(dtype, device)
+
+def _load_weights(base_local: Path | str, config: Any, torch_dtype: Any, attn_implementation: str,
+                  trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.trainer.train.models.loader import pick_attn_implementation
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        return AutoModelForCausalLM.from_pretrained(
             str(base_local), config=config, dtype=torch_dtype,
             attn_implementation=pick_attn_implementation(attn_implementation),
             trust_remote_code=trust_remote_code,
@@ -252,23 +249,6 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise SpecError("model", f"no model could be loaded from {str(base_local)!r} ({_first_line(exc)}).",
                         "check the path or hub id, and that the hub is reachable (HF_HUB_OFFLINE).") from None
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # new rows come from the adapter
-
-    templates: dict[str, str | None] = {base_name: template_of(base_local, tokenizer)}
-    if adapter_dirs:
-        model = _attach_adapters(model, adapter_dirs, str(base_local))
-        for name, path in adapter_dirs.items():
-            templates[name] = template_of(path, tokenizer)
-    model.to(device)
-    model.eval()
-    context = context_length(model.config) or getattr(tokenizer, "model_max_length", 2048)
-    if max_model_len:
-        context = min(context, max_model_len) if context else max_model_len
-    log.info("loaded %s on %s (%s); serving %s", base_local, device, torch_dtype, ", ".join([base_name, *adapter_dirs]))
-    return LoadedModel(model=model, tokenizer=tokenizer, base_name=base_name, adapters={k: str(v) for k, v in adapter_dirs.items()},
-                       templates=templates, context_length=int(context), location=str(base_local),
-                       default_model=default_model)
 
 
 def _attach_adapters(model, adapter_dirs: dict[str, Path], base_location: str):

@@ -17,7 +17,7 @@ from typing import IO
 
 from kubetune.trainer.api.errors import KubetuneError
 from kubetune.trainer.api.spec import StorageSpec
-from kubetune.trainer.artifacts.uri import S3Uri, is_s3
+from kubetune.trainer.api.uri import S3Uri, is_s3
 
 DEFAULT_NAME = "generations.jsonl"
 """Object name used when the S3 target is a prefix (`s3://bucket/run/`)."""

@@ -694,7 +694,7 @@ def make_server(app: Any, **uvicorn_kwargs: Any) -> DrainingServer:
 def serve(model: str, *, host: str = "0.0.0.0", port: int = 8000, config: ServerConfig | None = None,
           log_level: str = "info", template: str | None = None, **engine_kwargs: Any) -> int:
     """Run the server until SIGINT/SIGTERM (blocking). Returns the exit code."""
-    from kubetune.trainer.serve.engine import create_engine
+    from kubetune.trainer.serve.engines import create_engine
 
     failure: list[BaseException] = []
     server: DrainingServer | None = None

@@ -23,6 +23,12 @@ CPU_BACKEND = "gloo"
 would pick oneCCL when installed; gloo is always there and is what DDP on CPU uses)."""
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def world_info() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from the torchrun environment (0, 0, 1 standalone)."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -78,8 +84,6 @@ def prepare_deepspeed_world(timeout_s: int) -> bool:
     named, gives accelerate the real world; transformers (and every TRL config derived from the
     arguments, see `keep_configured_state`) then reuses it.
     """
-    from kubetune.trainer.train.models.loader import cuda_available
-
     world_size = world_info()[2]
     if world_size <= 1 or cuda_available():
         return False

@@ -11,18 +11,8 @@ from pathlib import Path
 from kubetune.trainer.api.errors import SpecError, SpecErrors
 from kubetune.trainer.api.spec import ROLLOUT_STAGES, DatasetSpec, TrainingSpec
 from kubetune.trainer.api.specfile import REFERENCE_SCHEME
+from kubetune.trainer.api.uri import looks_like_local_path
 from kubetune.trainer.train.models.builtin import BUILTINS, PREFIX, is_builtin
-
-DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow")
-
-
-def looks_like_local_path(location: str) -> bool:
-    """A hub id is `name` or `org/name`; anything else (./x, /x, a/b/c, x.jsonl) is a path."""
-    return (
-        location.startswith((".", "/", "~"))
-        or location.count("/") > 1
-        or location.lower().endswith(DATA_SUFFIXES)
-    )
 
 
 def _check_location(location: str, field: str, what: str) -> SpecError | None:

@@ -9,73 +9,27 @@ Job before the training gang (`kubetune.operator.render.training.render_prepare_
 
 Idempotent: when a complete entry for the key exists, nothing is tokenized or uploaded.
 
-This module is light at import (the operator imports `cache_location` and `prepare_skip_reason`
-to decide whether a job gets a prepare pod); the data pipeline, transformers and boto3 are
-imported only when something is prepared.
+Where the cache lives and whether a cluster job gets a prepare pod are decided from the spec alone
+in `kubetune.trainer.artifacts.datacache` (the operator imports that, not this module); the data
+pipeline, transformers and boto3 are imported here only when something is prepared.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from kubetune.trainer.api.errors import SpecError, SpecErrors
+from kubetune.trainer.api.errors import SpecError
 from kubetune.trainer.api.spec import TrainingSpec
-from kubetune.trainer.artifacts.uri import S3Uri, is_s3
+from kubetune.trainer.api.uri import S3Uri, is_s3
+from kubetune.trainer.artifacts.datacache import cache_location
 
 log = logging.getLogger("kubetune.prepare")
 
-CACHE_AUTO = "auto"
-CACHE_OFF = "off"
-CACHE_PREFIX = "kubetune-cache/"
-"""Key prefix of `data.cache: auto` in the output's bucket."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 """Files a tokenizer never needs: an S3 model's weights are not downloaded to prepare its data."""
-
-
-def cache_location(spec: TrainingSpec) -> str | None:
-    """The cache root `data.cache` names (None: no cache). `auto` sits beside the output: a
-    `kubetune-cache/` prefix in the output's bucket, or `<storage cache dir>/datasets` locally."""
-    value = spec.data.cache
-    if value is None or value == CACHE_OFF:
-        return None
-    if value == CACHE_AUTO:
-        output = spec.output_path
-        if is_s3(output):
-            return f"s3://{S3Uri.parse(output, 'output.path').bucket}/{CACHE_PREFIX}"
-        from kubetune.trainer.artifacts.cache import cache_root
-
-        return str(cache_root(spec.storage) / "datasets")
-    if is_s3(value):
-        S3Uri.parse(value, "data.cache")  # a malformed URI is a spec error naming the field
-    return value
-
-
-def cluster_default_cache(spec: TrainingSpec, nodes: int) -> TrainingSpec:
-    """The training spec a cluster job runs: with several nodes writing to S3 and no `data.cache`
-    (nor streaming, nor a pipeline, whose steps tokenize different data), the cache defaults to
-    `auto`, so the datasets are tokenized once by the prepare pod instead of once per node while
-    the other ranks wait at the first collective. `data.cache: off` keeps per-rank tokenization."""
-    if spec.data.cache is not None or nodes < 2 or spec.data.streaming or spec.pipeline or not is_s3(spec.output_path):
-        return spec
-    return spec.model_copy(update={"data": spec.data.model_copy(update={"cache": CACHE_AUTO})})
-
-
-def prepare_skip_reason(spec: TrainingSpec) -> str | None:
-    """Why a cluster job runs no prepare pod (None: it runs one). Only an `s3://` cache is shared
-    by the prepare pod and the training pods (each pod's disk is its own emptyDir)."""
-    location = cache_location(spec)
-    if location is None:
-        return "data.cache is not set"
-    if spec.data.streaming:
-        return "streamed datasets are tokenized on the fly, not cached"
-    if not is_s3(location):
-        return "data.cache is a local directory, which the training pods do not share"
-    return None
 
 
 @dataclass
@@ -137,10 +91,10 @@ def _tokenizer_only(spec: TrainingSpec) -> Any:
     if not is_s3(location):
         return spec.model
     from kubetune.trainer.api.errors import KubetuneError
+    from kubetune.trainer.api.uri import safe_join
     from kubetune.trainer.artifacts.cache import cache_root, resolve_objects
     from kubetune.trainer.artifacts.client import get_client, translate
     from kubetune.trainer.artifacts.transfer import Transfers
-    from kubetune.trainer.artifacts.uri import safe_join
 
     field = "model.tokenizer" if spec.model.tokenizer else "model.path"
     uri = S3Uri.parse(location, field)
@@ -163,42 +117,3 @@ def _tokenizer_only(spec: TrainingSpec) -> Any:
         raise translate(exc, location, field=field, action="download") from None
     log.info("tokenizer files of %s: %d file(s), weights skipped", location, len(wanted))
     return spec.model.model_copy(update={"tokenizer": str(target)})
-
-
-def register(subparsers: Any) -> None:
-    """The `prepare` subcommand (entry point `kubetune.cli`: prepare)."""
-    p = subparsers.add_parser(
-        "prepare",
-        help="tokenize a spec's datasets once into data.cache (what a FineTuneJob's prepare pod runs)",
-        description="Run the data pipeline of a training spec or FineTuneJob/AlignmentJob manifest and store the "
-        "token rows in data.cache, keyed by the data's content, tokenizer, template and length settings. A "
-        "training run with the same key reads them instead of tokenizing. A second run finds the entry and "
-        "does nothing.",
-    )
-    p.add_argument("file", help="a training spec YAML, or a FineTuneJob/AlignmentJob manifest")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec field, e.g. --set data.maxLength=2048 (repeatable)")
-    p.set_defaults(func=cmd_prepare)
-
-
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from kubetune.trainer.api.specfile import load_spec
-    from kubetune.trainer.train.preflight import preflight
-
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    loaded = load_spec(args.file, args.overrides)
-    preflight(loaded.spec, loaded.field_prefix, loaded.source)
-    try:
-        result = prepare(loaded.spec)
-    except SpecError as err:
-        raise SpecErrors([err.prefixed(loaded.field_prefix)], loaded.source) from None
-    if result.location is None:
-        print(f"Nothing cached: {result.note}.", file=sys.stderr)
-    elif result.hit:
-        print(f"Already prepared: {result.location}")
-    else:
-        train = result.stats.get("train") or {}
-        rows = train.get("packedRows", train.get("examples"))
-        print(f"Prepared {rows} training rows: {result.location}")
-    return 0

@@ -121,7 +121,7 @@ class ModelScorer:
 
 
 def reward_model_location(spec: TrainingSpec) -> str:
-    from kubetune.trainer.train.models.loader import resolve_location
+    from kubetune.trainer.train.models.locations import resolve_location
 
     assert spec.reward.model
     location = resolve_location(spec.reward.model, spec.storage, "reward.model")
@@ -207,7 +207,7 @@ def shares_base(spec: TrainingSpec, location: str, policy: Any) -> bool:
     path = Path(location)
     if policy is None or not isinstance(policy, PeftModel) or not (path / "adapter_config.json").is_file():
         return False
-    from kubetune.trainer.serve.loading import adapter_base
+    from kubetune.trainer.artifacts.adapters import adapter_base
 
     try:
         return adapter_base(path)[0] == spec.model.path
@@ -240,8 +240,8 @@ def load_reward_model(location: str, storage: StorageSpec) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from kubetune.trainer.serve.loading import adapter_base
-    from kubetune.trainer.train.models.loader import resolve_model_location
+    from kubetune.trainer.artifacts.adapters import adapter_base
+    from kubetune.trainer.train.models.locations import resolve_model_location
 
     path = Path(location)
     try:

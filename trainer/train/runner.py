@@ -17,6 +17,7 @@ import yaml
 
 from kubetune.trainer.api.errors import SpecError
 from kubetune.trainer.api.spec import TrainingSpec
+from kubetune.trainer.artifacts.output import RESOLVED_SPEC_FILE
 from kubetune.trainer.train.callbacks import (
     CheckpointRecorder,
     GracefulStop,
@@ -31,7 +32,6 @@ from kubetune.trainer.train.distributed import world_info
 
 log = logging.getLogger(__name__)
 
-RESOLVED_SPEC_FILE = "kubetune-spec.yaml"
 LOSS_PLOT_FILE = "loss.png"
 EXIT_INTERRUPTED = 143
 """Exit code after a graceful stop on SIGTERM (128 + 15): the job is retried and resumes."""
@@ -141,11 +141,11 @@ def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, ha
 
     from kubetune.trainer.train.distributed import (
         CPU_BACKEND,
+        cuda_available,
         deepspeed_config,
         keep_configured_state,
         prepare_deepspeed_world,
     )
-    from kubetune.trainer.train.models.loader import cuda_available
     from kubetune.trainer.train.models.methods import optimizer_settings
 
     t = spec.train
@@ -221,7 +221,7 @@ def save_final(trainer, spec: TrainingSpec, tokenizer, output_dir: Path) -> None
         return
     tokenizer.save_pretrained(str(output_dir))
     if spec.uses_lora and spec.output.mergeAdapter:
-        from kubetune.trainer.train.export import export_merged
+        from kubetune.trainer.train.models.locations import export_merged
 
         export_merged(str(output_dir), str(output_dir / "merged"), storage=spec.storage)
 
@@ -258,7 +258,7 @@ def run(spec: TrainingSpec) -> RunResult:
     if spec.pipeline:
         from kubetune.trainer.train.workflow import run_pipeline
 
-        return run_pipeline(spec)
+        return run_pipeline(spec, run)
     started = time.time()
     configure_logging(spec.logging.level)
     rank = world_info()[0]

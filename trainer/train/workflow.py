@@ -20,9 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kubetune.trainer.api.spec import TrainingSpec
+
+if TYPE_CHECKING:
+    from kubetune.trainer.train.runner import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +43,10 @@ def step_succeeded(spec: TrainingSpec) -> bool:
     return status is not None and status.get("phase") == "Succeeded"
 
 
-def run_pipeline(spec: TrainingSpec):
-    """Run every step; returns the last step's RunResult (interrupted if a step was)."""
+def run_pipeline(spec: TrainingSpec, run: Callable[[TrainingSpec], RunResult]) -> RunResult:
+    """Run every step with `run` (the runner's one-stage entry point, passed in so that the runner
+    alone depends on this module); returns the last step's RunResult (interrupted if a step was)."""
     from kubetune.trainer.train.distributed import world_info
-    from kubetune.trainer.train.runner import RunResult, run
 
     started = time.time()
     steps = spec.pipeline_specs()

@@ -43,7 +43,7 @@ import datasets
 
 from kubetune.trainer.api.errors import KubetuneError
 from kubetune.trainer.api.spec import DatasetSpec, StorageSpec, TrainingSpec
-from kubetune.trainer.artifacts.uri import S3Uri, is_s3
+from kubetune.trainer.api.uri import S3Uri, is_s3
 from kubetune.trainer.train.data.loader import is_local, list_files
 
 log = logging.getLogger("kubetune.data.cache")
@@ -144,8 +144,7 @@ def key_inputs(spec: TrainingSpec, tokenizer: Any) -> dict[str, Any] | None:
     applied, vocabulary extended)."""
     from dataclasses import asdict
 
-    from kubetune.trainer.train.data.pipeline import processor_config
-    from kubetune.trainer.train.data.processors import PROCESSORS
+    from kubetune.trainer.train.data.processors import PROCESSORS, processor_config
 
     data = spec.data
     sources = []
@@ -352,7 +351,7 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
 def load_cached(spec: TrainingSpec, tokenizer: Any) -> tuple[dict[str, datasets.Dataset | None], dict[str, Any]] | None:
     """For `build_datasets`: the cached rows and stats of this spec, or None (no cache configured,
     streaming, not cacheable, or no complete entry yet: the caller tokenizes)."""
-    from kubetune.trainer.train.prepare import cache_location
+    from kubetune.trainer.artifacts.datacache import cache_location
 
     location = cache_location(spec)
     if location is None or spec.data.streaming:

@@ -33,6 +33,7 @@ from kubetune.trainer.train.data.processors import (
     STAGE_DATA,
     ProcessorConfig,
     check_template,
+    processor_config,
 )
 from kubetune.trainer.train.data.templates import PLAIN, apply_template, resolve_template
 
@@ -251,13 +252,6 @@ def split_eval(
 
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
-
-
-def processor_config(spec: TrainingSpec) -> ProcessorConfig:
-    """What the stage's processor is given (also part of the tokenized-dataset cache key)."""
-    return ProcessorConfig(
-        max_length=spec.data.maxLength, mask_prompt=spec.data.maskPrompt, extra={"packing": spec.packing_enabled}
-    )
 
 
 def tokenize(

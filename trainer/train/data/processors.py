@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from kubetune.trainer.api.errors import SpecError
+from kubetune.trainer.api.spec import TrainingSpec
 from kubetune.trainer.train.data.templates import compile_template, current_template
 
 IGNORE_INDEX = -100
@@ -446,3 +447,10 @@ def first_conversation(row: dict[str, Any]) -> list[dict[str, str]] | None:
         answer = row.get("chosen") or row.get("completion") or []
         return list(row["prompt"]) + list(answer)
     return None
+
+
+def processor_config(spec: TrainingSpec) -> ProcessorConfig:
+    """What the stage's processor is given (also part of the tokenized-dataset cache key)."""
+    return ProcessorConfig(
+        max_length=spec.data.maxLength, mask_prompt=spec.data.maskPrompt, extra={"packing": spec.packing_enabled}
+    )

@@ -9,87 +9,17 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from pathlib import Path
 from typing import Any
 
 from kubetune.trainer.api.errors import SpecError
 from kubetune.trainer.api.spec import ModelSpec, StorageSpec, TrainingSpec
-from kubetune.trainer.api.specfile import REFERENCE_SCHEME
-from kubetune.trainer.train.models.builtin import is_builtin, resolve_builtin
+from kubetune.trainer.train.distributed import cuda_available
+from kubetune.trainer.train.models.locations import load_config, resolve_location, resolve_model_location
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def resolve_location(location: str, storage: StorageSpec, field: str) -> str:
-    """A local path for builtin, local and S3 locations; hub ids are returned unchanged."""
-    if location.startswith(REFERENCE_SCHEME):
-        raise SpecError(field, f"comes from another job's output ({location[len(REFERENCE_SCHEME):]}), which only the operator resolves.",
-                        "to run it here, pass that job's output location: --set model.path=outputs/NAME (or its s3:// URI).")
-    if is_builtin(location):
-        return str(resolve_builtin(location, field))
-    if location.startswith("s3://"):
-        from kubetune.trainer.artifacts import localize
-
-        return str(localize(location, storage, field=field))
-    path = Path(location).expanduser()
-    if path.exists():
-        return str(path)
-    if location.startswith((".", "/", "~")) or location.count("/") > 1:
-        raise SpecError(field, f"{location!r} does not exist.", "point it at a model directory, an s3:// URI or a hub id.")
-    return location  # a hub id such as `meta-llama/Llama-3.2-1B`
-
-
-def resolve_model_location(location: str, storage: StorageSpec, field: str) -> str:
-    """Like `resolve_location`, but a LoRA output directory (the previous stage of a pipeline, or
-    an AlignmentJob's `baseModelFrom` a LoRA FineTuneJob) becomes its adapter merged into its base:
-    the next stage trains (and, for DPO/PPO, refers to) the model the previous stage produced.
-    The merge is cached by the adapter's content, so ranks and retries share one copy."""
-    resolved = resolve_location(location, storage, field)
-    adapter_dir = Path(resolved)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        return resolved
-    return str(merged_adapter(adapter_dir, storage))
-
-
-def merged_adapter(adapter_dir: Path, storage: StorageSpec) -> Path:
-    import hashlib
-    import os
-    import shutil
-    import tempfile
-
-    from kubetune.trainer.artifacts.cache import cache_root, mark_used
-    from kubetune.trainer.artifacts.hashing import file_hexdigest
-    from kubetune.trainer.train.export import export_merged
-
-    digest = hashlib.sha256()
-    for file in sorted(p for p in adapter_dir.iterdir() if p.is_file()):
-        digest.update(f"{file.name}:{file_hexdigest(file)}\n".encode())  # streamed, not read whole
-    target = cache_root(storage) / "merged" / digest.hexdigest()[:24]
-    if (target / "config.json").is_file():
-        mark_used(target)  # for `kubetune storage gc`'s least-recently-used order
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".merging-", dir=target.parent))
-    try:
-        export_merged(str(adapter_dir), str(scratch / "model"), storage=storage)
-        try:
-            os.replace(scratch / "model", target)  # atomic: a reader never sees half a model
-        except OSError:
-            if not (target / "config.json").is_file():  # not another rank's finished copy
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    log.info("merged the adapter %s into its base for this stage (%s)", adapter_dir, target)
-    return target
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def pick_precision(requested: str) -> str:
@@ -165,20 +95,6 @@ def quantization_config(spec: TrainingSpec, compute_dtype: str):
         bnb_4bit_use_double_quant=q.doubleQuant,
         bnb_4bit_compute_dtype=getattr(torch, dtype),
     )
-
-
-def load_config(spec: TrainingSpec, location: str):
-    """The model config with spec-driven changes (RoPE scaling) applied before weights load."""
-    from transformers import AutoConfig
-
-    from kubetune.trainer.train.models.rope import apply_rope_scaling
-
-    try:
-        config = AutoConfig.from_pretrained(location, revision=spec.model.revision, trust_remote_code=spec.model.trustRemoteCode)
-    except (OSError, ValueError) as exc:
-        raise SpecError("model.path", f"no model config could be loaded from {location!r} ({_first_line(exc)}).",
-                        "check the path or hub id, and that the hub is reachable (HF_HUB_OFFLINE).") from None
-    return apply_rope_scaling(config, spec)
 
 
 def load_model(spec: TrainingSpec, precision: str, *, extra_kwargs: dict[str, Any] | None = None):

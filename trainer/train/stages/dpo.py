@@ -90,7 +90,7 @@ def preflight(spec: TrainingSpec) -> TrainingSpec:
         raise SpecError("dpo.referenceModel", f"lossType {spec.dpo.lossType} is reference-free and uses no reference model.",
                         "remove dpo.referenceModel, or pick a loss that uses one (sigmoid, ipo, hinge, robust).")
     if reference:
-        from kubetune.trainer.train.models.loader import resolve_location
+        from kubetune.trainer.train.models.locations import resolve_location
 
         resolve_location(reference, spec.storage, "dpo.referenceModel")
     if spec.dpo.lossType == "robust" and spec.dpo.labelSmoothing == 0:

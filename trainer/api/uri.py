@@ -107,3 +107,15 @@ def is_within(path: Path | str, root: Path | str) -> bool:
         return False
     real, real_base = os.path.realpath(path), os.path.realpath(root)
     return os.path.commonpath([real, real_base]) == real_base
+
+
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow")
+
+
+def looks_like_local_path(location: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else (./x, /x, a/b/c, x.jsonl) is a path."""
+    return (
+        location.startswith((".", "/", "~"))
+        or location.count("/") > 1
+        or location.lower().endswith(DATA_SUFFIXES)
+    )
