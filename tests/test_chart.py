@@ -30,6 +30,8 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune.operator.resources import crd_files
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "kubetune"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
@@ -220,7 +222,7 @@ def test_defaults_render_a_standalone_cluster_wide_operator(defaults: dict[str, 
     objects = defaults["objects"]
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == sorted(
-        ["CustomResourceDefinition"] * (len(list((ROOT / "crds").glob("*.yaml"))) + 2) + ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"]
+        ["CustomResourceDefinition"] * (len(crd_files()) + 2) + ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"]
     ), kinds
     assert not by_kind(objects, "ClusterKopfPeering")
     for obj in objects:
@@ -247,18 +249,20 @@ def test_defaults_render_a_standalone_cluster_wide_operator(defaults: dict[str, 
     assert "rollout status deployment/kubetune" in defaults["notes"]
 
 
-def test_chart_crds_are_the_generated_ones() -> None:
-    generated = sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
-    in_chart = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
-    assert in_chart == sorted([*generated, "kopf-peerings.yaml"])
-    for name in generated:
-        assert (CHART / "crds" / name).read_text() == (ROOT / "crds" / name).read_text(), f"charts/kubetune/crds/{name} is stale: cp crds/*.yaml charts/kubetune/crds/"
+def test_chart_crds_are_the_generated_ones_in_one_copy() -> None:
+    """One copy of each CRD (#18): the chart's `crds/` is a link to the top-level `crds/`, which holds the files
+    `kubetune crds` generates plus kopf's peering CRDs, byte for byte what the generator writes."""
+    assert (CHART / "crds").is_symlink() and (CHART / "crds").resolve() == (ROOT / "crds").resolve()
+    generated = crd_files()
+    assert sorted(p.name for p in (CHART / "crds").glob("*.yaml")) == sorted([*generated, "kopf-peerings.yaml"])
+    for name, text in generated.items():
+        assert (CHART / "crds" / name).read_text() == text, f"charts/kubetune/crds/{name} is stale: kubetune crds --out crds"
 
 
 def test_installed_crds_are_the_generated_ones(defaults: dict[str, Any]) -> None:
     crds = {c["metadata"]["name"]: c for c in by_kind(defaults["objects"], "CustomResourceDefinition")}
-    for path in (ROOT / "crds").glob("*.yaml"):
-        generated = yaml.safe_load(path.read_text())
+    for text in crd_files().values():
+        generated = yaml.safe_load(text)
         assert crds[generated["metadata"]["name"]]["spec"] == generated["spec"]
 
 
