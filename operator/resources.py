@@ -16,10 +16,19 @@ import copy
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    create_model,
+    model_validator,
+)
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import to_jsonable_python
 
+from kubetune.trainer.api import engine_flags
 from kubetune.trainer.api import spec as trainer_spec
 from kubetune.trainer.api.spec import TrainingSpec
 
@@ -297,7 +306,7 @@ class AlignmentJobSpec(ClusterFields):
 
 _SERVED_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """A model name clients send (`"model": NAME`): no `/`, `:` or `=` (it is passed as NAME=URI)."""
-_LOCATION = r"^[^\s-][^\s]*$"
+_LOCATION = engine_flags.LOCATION_PATTERN
 """A model location: no whitespace and no leading `-` (it is an argument of the pod's command)."""
 
 
@@ -331,33 +340,22 @@ class AdapterSource(ModelSource):
     """The model name clients send to use this adapter."""
 
 
-class EngineArgs(CrModel):
-    """Engine settings (the `kubetune serve` flags of the same names)."""
+def _engine_args_model() -> type[CrModel]:
+    """`spec.engineArgs`: its fields come from the engine flag table
+    (`kubetune.trainer.api.engine_flags`), which also names their `kubetune serve` flags and vLLM
+    arguments."""
+    fields: dict[str, Any] = {}
+    for flag in engine_flags.engine_args_fields():
+        if flag.repeated:
+            info = Field(default_factory=list, description=flag.description, **flag.constraints)
+        else:
+            info = Field(flag.default, description=flag.description, **flag.constraints)
+        fields[flag.crd] = (flag.type, info)
+    return create_model("EngineArgs", __base__=CrModel, __doc__="Engine settings (the `kubetune serve` flags of the "
+                        "same names).", __module__=__name__, **fields)
 
-    maxModelLen: int | None = Field(None, ge=1)
-    """Cap the context length (default: the model's)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantization: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$")
-    """vLLM quantization method (e.g. `awq`, `gptq`, `fp8`)."""
-    draftModel: Annotated[str, Field(pattern=_LOCATION)] | None = None
-    """Speculative decoding: an `s3://` URI of a smaller draft model with the same tokenizer
-    (fetched and cached like the model)."""
-    numSpeculativeTokens: int | None = Field(None, ge=1, le=16)
-    """Tokens the draft model proposes per step."""
-    maxBatchSize: int | None = Field(None, ge=1)
-    """Sequences decoded together (vLLM: `--max-num-seqs`)."""
-    gpuMemoryUtilization: float | None = Field(None, gt=0, le=1)
-    """vLLM: fraction of GPU memory for weights and KV cache."""
-    extraArgs: list[str] = Field(default_factory=list)
-    """vLLM: more arguments for vLLM's server, passed as is (e.g. `--enable-prefix-caching`)."""
-    maxLoras: int | None = Field(None, ge=1, le=256)
-    """vLLM: adapters used together in one batch (GPU slots; more adapters are swapped in from
-    host memory). Default 4 when `adapters` is set. Setting it turns LoRA support on even with no
-    adapters yet, so that the first adapter is loaded without restarting the pods."""
-    maxLoraRank: Literal[8, 16, 32, 64, 128, 256, 320, 512] | None = None
-    """vLLM: the largest LoRA rank an adapter may have (vLLM's default 16; a LoRA model's own rank
-    when the model is a LoRA output). An adapter added at runtime with a larger rank is refused
-    (the pods' adapter agent logs why): raise this, which rolls the pods once."""
+
+EngineArgs = _engine_args_model()
 
 
 ScalingMetric = Literal["cpu", "requestsInFlight", "queueDepth"]
@@ -501,12 +499,9 @@ class InferenceServiceSpec(CrModel):
         if self.model.name and self.model.name in names:
             raise ValueError(f"adapter name {self.model.name!r} is the base model's name")
         if self.engine != "vllm":
+            vllm_only = [(f"engineArgs.{flag.crd}", getattr(self.engineArgs, flag.crd)) for flag in engine_flags.vllm_only()]
             for name, value in (("tensorParallelSize", self.tensorParallelSize and self.tensorParallelSize > 1),
-                                ("engineArgs.quantization", self.engineArgs.quantization),
-                                ("engineArgs.gpuMemoryUtilization", self.engineArgs.gpuMemoryUtilization),
-                                ("engineArgs.extraArgs", self.engineArgs.extraArgs),
-                                ("engineArgs.maxLoras", self.engineArgs.maxLoras),
-                                ("engineArgs.maxLoraRank", self.engineArgs.maxLoraRank)):
+                                *vllm_only):
                 if value:
                     raise ValueError(f"{name} needs engine vllm")
         if self.tensorParallelSize and self.gpus and self.tensorParallelSize > self.gpus:

@@ -93,6 +93,7 @@ from kubetune.operator.render.common import (
 )
 from kubetune.operator.render.training import RenderOptions
 from kubetune.operator.resources import InferenceServiceSpec, validate_spec
+from kubetune.trainer.api import engine_flags
 
 KIND = "InferenceService"
 SERVER = "server"
@@ -345,45 +346,33 @@ def fetch_args(spec: InferenceServiceSpec, models: ResolvedModels) -> list[str]:
 
 
 def serve_args(cr: dict[str, Any], spec: InferenceServiceSpec, models: ResolvedModels) -> list[str]:
-    """The server container's arguments (its command is `kubetune`)."""
-    e = spec.engineArgs
+    """The server container's arguments (its command is `kubetune`); the engine settings' flags
+    come from the engine's flag table (`kubetune.trainer.api.engine_flags`)."""
+    tensor_parallel = spec.tensorParallelSize or (spec.gpus if spec.gpus > 1 else None)
+    values = {**spec.engineArgs.model_dump(), engine_flags.TENSOR_PARALLEL_SIZE.crd: tensor_parallel}
     args = [
         "serve", models.model,
         "--engine", spec.engine,
         "--served-model-name", served_name(cr, spec),
         "--host", "0.0.0.0",
         "--port", str(spec.port),
-        "--dtype", e.dtype,
+        *engine_flags.serve_args(spec.engine, values, names=("dtype",)),
         "--drain-timeout", str(drain_seconds(spec)),
     ]
     if not runtime_adapters(spec):
         for name, location in models.adapters.items():
             args += ["--adapter", f"{name}={location}"]
-    if e.maxModelLen:
-        args += ["--max-model-len", str(e.maxModelLen)]
-    if e.maxBatchSize:
-        args += ["--max-batch-size", str(e.maxBatchSize)]
-    if e.draftModel:
-        args += ["--draft-model", e.draftModel]
-        if e.numSpeculativeTokens:
-            args += ["--num-assistant-tokens", str(e.numSpeculativeTokens)]
-    if spec.engine == "vllm":
-        tp = spec.tensorParallelSize or (spec.gpus if spec.gpus > 1 else None)
-        if tp:
-            args += ["--tensor-parallel-size", str(tp)]
-        if e.quantization:
-            args += ["--quantization", e.quantization]
-        if e.gpuMemoryUtilization:
-            args += ["--gpu-memory-utilization", str(e.gpuMemoryUtilization)]
-        if runtime_adapters(spec):
-            # Fixed LoRA capacity: it must not depend on the adapter list, or every change would
-            # change the pod template. The adapters themselves come from the sidecar.
-            args += ["--vllm-arg=--enable-lora", f"--vllm-arg=--max-loras={e.maxLoras or DEFAULT_MAX_LORAS}"]
-            if e.maxLoraRank:
-                args.append(f"--vllm-arg=--max-lora-rank={e.maxLoraRank}")
-        for extra in e.extraArgs:
-            args.append(f"--vllm-arg={extra}")  # one token: a value starting with `-` stays a value
-    return args
+    args += engine_flags.serve_args(spec.engine, values, names=[
+        flag.crd for flag in engine_flags.ENGINES[spec.engine] if flag.crd not in ("dtype", engine_flags.EXTRA_ARGS.crd)])
+    if spec.engine == "vllm" and runtime_adapters(spec):
+        # Fixed LoRA capacity: it must not depend on the adapter list, or every change would
+        # change the pod template. The adapters themselves come from the sidecar.
+        e = spec.engineArgs
+        args += [engine_flags.vllm_arg(engine_flags.ENABLE_LORA, True),
+                 engine_flags.vllm_arg(engine_flags.MAX_LORAS, e.maxLoras or DEFAULT_MAX_LORAS)]
+        if e.maxLoraRank:
+            args.append(engine_flags.vllm_arg(engine_flags.MAX_LORA_RANK, e.maxLoraRank))
+    return args + engine_flags.serve_args(spec.engine, values, names=(engine_flags.EXTRA_ARGS.crd,))
 
 
 def host_cache_path(root: str, namespace: str, sub_path: str | None) -> str:

@@ -93,7 +93,7 @@ class EngineFlag:
 
 # -- the settings --------------------------------------------------------------------------------
 
-DTYPE = EngineFlag("dtype", "--dtype", Literal["auto", "float32", "bfloat16", "float16"], default="auto",
+DTYPE = EngineFlag("dtype", "--dtype", Literal[DTYPES], default="auto",
                    choices=DTYPES, vllm="--dtype")
 MAX_MODEL_LEN = EngineFlag(
     "maxModelLen", "--max-model-len", int | None, vllm="--max-model-len", constraints={"ge": 1},
@@ -122,13 +122,15 @@ GPU_MEMORY_UTILIZATION = EngineFlag(
     "gpuMemoryUtilization", "--gpu-memory-utilization", float | None, vllm="--gpu-memory-utilization", group="vllm",
     constraints={"gt": 0, "le": 1}, help="fraction of GPU memory (vLLM's CPU build: of the node's RAM) to reserve",
     description="vLLM: fraction of GPU memory for weights and KV cache.")
+ENABLE_LORA = EngineFlag(None, None, bool, vllm="--enable-lora")
+"""LoRA support: on when the operator serves adapters (`kubetune serve` turns it on for `--adapter`)."""
 MAX_LORAS = EngineFlag(
     "maxLoras", None, int | None, vllm="--max-loras", constraints={"ge": 1, "le": 256},
     description="vLLM: adapters used together in one batch (GPU slots; more adapters are swapped in from host "
                 "memory). Default 4 when `adapters` is set. Setting it turns LoRA support on even with no adapters "
                 "yet, so that the first adapter is loaded without restarting the pods.")
 MAX_LORA_RANK = EngineFlag(
-    "maxLoraRank", None, Literal[8, 16, 32, 64, 128, 256, 320, 512] | None, vllm="--max-lora-rank",
+    "maxLoraRank", None, Literal[LORA_RANKS] | None, vllm="--max-lora-rank",
     description="vLLM: the largest LoRA rank an adapter may have (vLLM's default 16; a LoRA model's own rank when "
                 "the model is a LoRA output). An adapter added at runtime with a larger rank is refused (the pods' "
                 "adapter agent logs why): raise this, which rolls the pods once.")
@@ -143,7 +145,7 @@ DEVICE = EngineFlag(None, "--device", str, default="auto", help="auto, cpu, cuda
 
 VLLM: tuple[EngineFlag, ...] = (
     DTYPE, MAX_MODEL_LEN, MAX_BATCH_SIZE, DRAFT_MODEL, NUM_SPECULATIVE_TOKENS, TENSOR_PARALLEL_SIZE, QUANTIZATION,
-    GPU_MEMORY_UTILIZATION, MAX_LORAS, MAX_LORA_RANK, EXTRA_ARGS, KV_CACHE_MEMORY,
+    GPU_MEMORY_UTILIZATION, ENABLE_LORA, MAX_LORAS, MAX_LORA_RANK, EXTRA_ARGS, KV_CACHE_MEMORY,
 )
 """vLLM's settings, in the order the operator renders them."""
 TRANSFORMERS: tuple[EngineFlag, ...] = (DTYPE, MAX_MODEL_LEN, MAX_BATCH_SIZE, DRAFT_MODEL, NUM_SPECULATIVE_TOKENS, DEVICE)
@@ -223,3 +225,9 @@ def vllm_args(values: Mapping[str, Any]) -> list[str]:
 def vllm_arg(flag: EngineFlag, value: Any) -> str:
     """`kubetune serve`'s pass-through spelling of a vLLM argument (`--vllm-arg=--max-loras=4`)."""
     return f"{EXTRA_ARGS.cli}={flag.vllm}" if value is True else f"{EXTRA_ARGS.cli}={flag.vllm}={value}"
+
+
+def vllm_flag_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The values (by argparse `dest`, e.g. `vars(args)`) of the `kubetune serve` flags that are
+    vLLM arguments of their own: what `vllm_args` turns into vLLM's argv."""
+    return {flag.dest: values[flag.dest] for flag in VLLM if flag.vllm and flag.dest and flag.dest in values}

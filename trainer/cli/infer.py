@@ -34,22 +34,40 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", help="name of the base model in requests and /v1/models (default: its directory name)")
     g.add_argument("--engine", default="auto", choices=["auto", "transformers", "vllm"],
                    help="auto: vllm when installed on a GPU machine, else transformers")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (transformers engine)")
-    g.add_argument("--max-model-len", type=int, help="cap the context length (default: the model's, RoPE scaling included)")
     g.add_argument("--template", help="override the chat template: a built-in name (kubetune templates) or a Jinja string")
     g.add_argument("--trust-remote-code", action="store_true")
-    g.add_argument("--draft-model", help="speculative decoding with this smaller draft model (same tokenizer)")
     g.add_argument("--prompt-lookup", type=int, metavar="N",
                    help="speculative decoding without a draft: propose N tokens by n-gram lookup in the prompt")
-    g.add_argument("--num-assistant-tokens", type=int, help="tokens the draft model proposes per step")
-    g.add_argument("--kv-cache-memory", metavar="SIZE",
-                   help="vllm engine: KV cache size, e.g. 1G (vLLM's --kv-cache-memory-bytes; on CPU instead of "
-                        "reserving 92%% of the node's RAM)")
+    add_engine_arguments(g, "model")
     s3 = parser.add_argument_group("S3 endpoint for s3:// locations (default: AWS, or AWS_ENDPOINT_URL_S3)")
     s3.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://minio:9000")
     s3.add_argument("--region", help="bucket region (default: AWS_REGION / shared config)")
     s3.add_argument("--path-style", action="store_true", help="address buckets as endpoint/bucket")
+
+
+def add_engine_arguments(group: argparse._ActionsContainer, name: str) -> None:
+    """The engine settings' flags of one argument group, from the engines' flag table."""
+    from kubetune.trainer.api.engine_flags import cli_flags
+
+    for flag in cli_flags(name):
+        kwargs: dict[str, Any] = {"default": flag.flag_default, "help": flag.help}
+        if flag.repeated:
+            kwargs["action"] = "append"
+        elif flag.choices:
+            kwargs["choices"] = list(flag.choices)
+        else:
+            kwargs["type"] = _value_type(flag.type)
+        if flag.metavar:
+            kwargs["metavar"] = flag.metavar
+        group.add_argument(flag.cli, **kwargs)
+
+
+def _value_type(annotation: Any) -> type:
+    """`int | None` -> int: what argparse converts a flag's value with."""
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
 
 
 def storage_from_args(args: argparse.Namespace):
@@ -213,17 +231,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _exec_vllm(args: argparse.Namespace) -> int:
+    from kubetune.trainer.api.engine_flags import vllm_flag_values
     from kubetune.trainer.serve.vllm_engine import server_command
 
     argv = server_command(args.model, host=args.host, port=args.port, adapters=adapters_from_args(args), base=args.base,
-                          served_name=args.served_model_name, max_model_len=args.max_model_len, dtype=args.dtype,
-                          api_key_env=args.api_key_env, draft=args.draft_model, prompt_lookup=args.prompt_lookup,
-                          num_speculative_tokens=args.num_assistant_tokens or 4,
-                          tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
-                          gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
-                          max_num_seqs=args.max_batch_size, template=args.template,
-                          trust_remote_code=args.trust_remote_code, extra_args=args.vllm_arg,
-                          storage=storage_from_args(args))
+                          served_name=args.served_model_name, api_key_env=args.api_key_env, draft=args.draft_model,
+                          prompt_lookup=args.prompt_lookup, num_speculative_tokens=args.num_assistant_tokens or 4,
+                          template=args.template, trust_remote_code=args.trust_remote_code, extra_args=args.vllm_arg,
+                          storage=storage_from_args(args), **vllm_flag_values(vars(args)))
     _hint_cpu_memory(args)
     print("exec: " + shlex.join(argv), file=sys.stderr, flush=True)
     if args.dry_run:
@@ -275,7 +290,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together (vLLM: --max-num-seqs)")
+    add_engine_arguments(p, "serve")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill once a request arrives")
     p.add_argument("--max-queue", type=int, default=1024, help="waiting sequences before requests get 503")
     p.add_argument("--api-key-env", default="KUBETUNE_API_KEY",
@@ -294,10 +309,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lim.add_argument("--max-adapters", type=int, default=DEFAULT_MAX_ADAPTERS, metavar="N",
                      help=f"adapters served at once; /v1/load_lora_adapter beyond it gets a 409 (default: {DEFAULT_MAX_ADAPTERS})")
     v = p.add_argument_group("vllm engine")
-    v.add_argument("--tensor-parallel-size", type=int)
-    v.add_argument("--quantization")
-    v.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory (vLLM's CPU build: of the node's RAM) to reserve")
-    v.add_argument("--vllm-arg", action="append", default=[], help="extra argument passed to vLLM's server (repeatable)")
+    add_engine_arguments(v, "vllm")
     v.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
     p.set_defaults(func=cmd_serve)
 

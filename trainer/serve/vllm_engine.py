@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune.trainer.api import engine_flags
+from kubetune.trainer.api.engine_flags import parse_size
 from kubetune.trainer.api.errors import SpecError
 from kubetune.trainer.api.spec import StorageSpec
 from kubetune.trainer.serve.engine import Engine
@@ -177,21 +179,22 @@ def _warn_adapter_templates(p: VLLMPlan, template: str | None) -> None:
 
 
 def server_command(model: str, *, host: str = "0.0.0.0", port: int = 8000, adapters: list[AdapterRef] | None = None,
-                   base: str | None = None, served_name: str | None = None, max_model_len: int | None = None,
-                   dtype: str = "auto", api_key_env: str | None = None, draft: str | None = None,
-                   prompt_lookup: int | None = None, num_speculative_tokens: int = 4,
-                   tensor_parallel_size: int | None = None, quantization: str | None = None,
-                   gpu_memory_utilization: float | None = None, kv_cache_memory: str | None = None,
-                   max_num_seqs: int | None = None, template: str | None = None, trust_remote_code: bool = False,
-                   extra_args: list[str] | None = None, storage: StorageSpec | None = None,
-                   python: str | None = None) -> list[str]:
-    """The argv of vLLM's OpenAI server for these serve settings (run it without a shell)."""
+                   base: str | None = None, served_name: str | None = None, api_key_env: str | None = None,
+                   draft: str | None = None, prompt_lookup: int | None = None, num_speculative_tokens: int = 4,
+                   template: str | None = None, trust_remote_code: bool = False, extra_args: list[str] | None = None,
+                   storage: StorageSpec | None = None, python: str | None = None, **flags: Any) -> list[str]:
+    """The argv of vLLM's OpenAI server for these serve settings (run it without a shell).
+
+    `flags` are the `kubetune serve` flags that are vLLM arguments of their own, by argparse name
+    (`max_model_len=256`, `dtype=...`, `max_batch_size=...`, `kv_cache_memory="1G"`, ...: the
+    vLLM table of `kubetune.trainer.api.engine_flags` maps them)."""
+    unknown = sorted(set(flags) - set(engine_flags.vllm_flag_values({name: None for name in flags})))
+    if unknown:
+        raise TypeError(f"server_command() got unexpected keyword arguments: {', '.join(unknown)}")
     p = plan(model, adapters=adapters, base=base, served_name=served_name, storage=storage)
     argv = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", p.model, "--tokenizer", p.tokenizer, "--served-model-name", p.served_name,
-            "--host", host, "--port", str(port), "--dtype", dtype]
-    if max_model_len:
-        argv += ["--max-model-len", str(max_model_len)]
+            "--host", host, "--port", str(port), *engine_flags.vllm_args(flags)]
     jinja = chat_template(p, template)
     if jinja:
         argv += ["--chat-template", jinja]  # vLLM takes a template string as well as a file
@@ -199,8 +202,8 @@ def server_command(model: str, *, host: str = "0.0.0.0", port: int = 8000, adapt
     if trust_remote_code:
         argv += ["--trust-remote-code"]
     if p.adapters:
-        argv += ["--enable-lora", "--max-lora-rank", str(_supported_rank(p.max_lora_rank)),
-                 "--max-loras", str(len(p.adapters)), "--lora-modules"]
+        argv += [engine_flags.ENABLE_LORA.vllm, engine_flags.MAX_LORA_RANK.vllm, str(_supported_rank(p.max_lora_rank)),
+                 engine_flags.MAX_LORAS.vllm, str(len(p.adapters)), "--lora-modules"]
         argv += [f"{name}={path}" for name, path in p.adapters.items()]
     if draft or prompt_lookup:
         speculative: dict[str, Any] = {"num_speculative_tokens": prompt_lookup or num_speculative_tokens}
@@ -209,16 +212,6 @@ def server_command(model: str, *, host: str = "0.0.0.0", port: int = 8000, adapt
         else:
             speculative.update(method="ngram", prompt_lookup_max=prompt_lookup, prompt_lookup_min=1)
         argv += ["--speculative-config", json.dumps(speculative)]
-    if tensor_parallel_size:
-        argv += ["--tensor-parallel-size", str(tensor_parallel_size)]
-    if quantization:
-        argv += ["--quantization", quantization]
-    if gpu_memory_utilization:
-        argv += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
-    if kv_cache_memory:
-        argv += ["--kv-cache-memory-bytes", str(parse_size(kv_cache_memory))]
-    if max_num_seqs:
-        argv += ["--max-num-seqs", str(max_num_seqs)]
     if api_key_env and os.environ.get(api_key_env):
         # vLLM reads VLLM_API_KEY itself; passing it there keeps the key out of the process list.
         os.environ["VLLM_API_KEY"] = os.environ[api_key_env]
@@ -226,22 +219,9 @@ def server_command(model: str, *, host: str = "0.0.0.0", port: int = 8000, adapt
     return argv
 
 
-def parse_size(value: str | int) -> int:
-    """`1G` -> bytes, as vLLM's --kv-cache-memory-bytes reads it (K/M/G/T binary, k/m/g/t decimal)."""
-    import re
-
-    text = str(value).strip()
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgGtT]?)", text)
-    if not match:
-        raise SpecError("--kv-cache-memory", f"{text!r} is not a size.", "write it like 1G, 512M or a number of bytes.")
-    number, unit = match.groups()
-    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
-    return int(float(number) * scale)
-
-
 def _supported_rank(rank: int) -> int:
     """vLLM accepts a fixed set of max LoRA ranks; round up to the next one."""
-    for allowed in (8, 16, 32, 64, 128, 256, 320, 512):
+    for allowed in engine_flags.LORA_RANKS:
         if rank <= allowed:
             return allowed
     return rank
