@@ -281,7 +281,6 @@ def run_evaluation(
     storage=spec.storage)`. `served_model` picks an adapter by name when several are loaded.
     Writes eval_results.json / eval_results.md into `output_dir` when given.
     """
-    from kubetune.trainer.serve.batch import load_examples, load_rows
     from kubetune.trainer.serve.engine import Engine
     from kubetune.trainer.serve.engines import create_engine
 
@@ -305,23 +304,30 @@ def run_evaluation(
     for source in sources:
         name = source.path if isinstance(source, DatasetSpec) else str(source)
         for task in tasks:
-            if task == "perplexity":
-                rows = load_rows(source, format=format, max_samples=max_samples, storage=storage)
-                metrics = perplexity(eng, rows, model=selected, batch_size=batch_size)
-                count = len(rows)
-            elif task == "generation":
-                examples = load_examples(source, format=format, max_samples=max_samples, storage=storage)
-                predictions = out / PREDICTIONS if out else None
-                metrics = generation(eng, examples, model=selected, batch_size=batch_size,
-                                     max_new_tokens=max_new_tokens, predictions_file=predictions)
-                count = sum(1 for e in examples if e.is_chat and e.reference is not None)
-            else:
-                metrics = choice_accuracy(eng, name, model=selected, max_samples=max_samples, batch_size=batch_size,
-                                          storage=storage)
-                count = int(metrics.pop("_samples"))
+            metrics, count = _run_task(eng, task, source, name, model=selected, format=format, max_samples=max_samples,
+                                       batch_size=batch_size, max_new_tokens=max_new_tokens, out=out, storage=storage)
             report.results.append(EvalResult(model=label, dataset=name, task=task, metrics=metrics, samples=count))
             log.info("eval %s on %s (%s): %s", label, name, task, metrics)
     report.runtime_seconds = time.time() - started
     if out is not None:
         report.write(out)
     return report
+
+
+def _run_task(eng: Any, task: str, source: str | DatasetSpec, name: str, *, model: str | None, format: str,
+              max_samples: int | None, batch_size: int, max_new_tokens: int, out: Path | None,
+              storage: StorageSpec) -> tuple[dict[str, float], int]:
+    """One task on one dataset: (metrics, samples scored)."""
+    from kubetune.trainer.serve.batch import load_examples, load_rows
+
+    if task == "perplexity":
+        rows = load_rows(source, format=format, max_samples=max_samples, storage=storage)
+        return perplexity(eng, rows, model=model, batch_size=batch_size), len(rows)
+    if task == "generation":
+        examples = load_examples(source, format=format, max_samples=max_samples, storage=storage)
+        predictions = out / PREDICTIONS if out else None
+        metrics = generation(eng, examples, model=model, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, predictions_file=predictions)
+        return metrics, sum(1 for e in examples if e.is_chat and e.reference is not None)
+    metrics = choice_accuracy(eng, name, model=model, max_samples=max_samples, batch_size=batch_size, storage=storage)
+    return metrics, int(metrics.pop("_samples"))

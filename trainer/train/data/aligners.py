@@ -546,6 +546,28 @@ def align_source(
     silent empty set.
     """
     _check_column_map(source, spec.columns, field=field)
+    name, aligner, cols = _source_aligner(source, spec, field=field, kind=kind)
+    stats: dict[str, Any] = {"path": spec.path, "format": name}
+    if source.lmflow_type is not None and name == "lmflow":
+        stats["lmflowType"] = source.lmflow_type  # text2text and text_only render differently by default
+    if isinstance(source.dataset, datasets.Dataset):
+        data, counts = _align_in_memory(source.dataset, aligner, cols, spec, name=name, field=field)
+    else:
+        if kind != "chat":
+            raise SpecError("data.streaming", "preference data cannot be streamed.", "set data.streaming: false.")
+        data = source.dataset.map(_row_fn(aligner, cols)).select_columns(list(aligner.features))
+        data = data.cast(aligner.features).filter(
+            lambda row: bool(row["messages"]) or row["text"] is not None
+        )
+        counts = {"rows": None, "invalid": None}
+    stats.update(counts)
+    return data, stats
+
+
+def _source_aligner(source: LoadedSource, spec: DatasetSpec, *, field: str,
+                    kind: str) -> tuple[str, Aligner, dict[str, str | None]]:
+    """(format name, aligner, resolved columns) of a source: its format (detected when `auto`)
+    must fit the stage's kind and its first row must fit the format."""
     name = detect_format(source, spec.columns, field=field, kind=kind) if spec.format == "auto" else spec.format
     if name not in DATA_KINDS[kind]:
         wanted = KIND_NEEDS.get(kind, "conversations or text (formats " + ", ".join(ALIGNERS) + ")")
@@ -564,37 +586,29 @@ def align_source(
             f"the first example does not fit format {name!r}: {exc}.",
             "set the right `format` (or `auto`), or fix the data.",
         ) from exc
+    return name, aligner, cols
 
-    stats: dict[str, Any] = {"path": spec.path, "format": name}
-    if source.lmflow_type is not None and name == "lmflow":
-        stats["lmflowType"] = source.lmflow_type  # text2text and text_only render differently by default
-    data = source.dataset
-    if isinstance(data, datasets.Dataset):
-        before = len(data)
-        data = data.map(
-            _batch_fn(aligner, cols),
-            batched=True,
-            batch_size=1000,
-            remove_columns=data.column_names,
-            features=aligner.features,
-            keep_in_memory=True,
-            new_fingerprint=f"{data._fingerprint}-align-{name}",
-            desc=f"Aligning {spec.path} ({name})",
+
+def _align_in_memory(data: datasets.Dataset, aligner: Aligner, cols: dict[str, str | None], spec: DatasetSpec, *,
+                     name: str, field: str) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """Align an in-memory dataset in batches: (aligned rows, {rows, invalid}); none fitting is a
+    spec error."""
+    before = len(data)
+    data = data.map(
+        _batch_fn(aligner, cols),
+        batched=True,
+        batch_size=1000,
+        remove_columns=data.column_names,
+        features=aligner.features,
+        keep_in_memory=True,
+        new_fingerprint=f"{data._fingerprint}-align-{name}",
+        desc=f"Aligning {spec.path} ({name})",
+    )
+    produced = len(data) // 2 if isinstance(aligner, UnpairedFromPairs) else len(data)  # two rows per pair
+    if len(data) == 0:
+        raise SpecError(
+            f"{field}.path",
+            f"no example of {spec.path!r} fits format {name!r}.",
+            "fix the data or `format`.",
         )
-        produced = len(data) // 2 if isinstance(aligner, UnpairedFromPairs) else len(data)  # two rows per pair
-        stats.update(rows=len(data), invalid=before - produced)
-        if len(data) == 0:
-            raise SpecError(
-                f"{field}.path",
-                f"no example of {spec.path!r} fits format {name!r}.",
-                "fix the data or `format`.",
-            )
-    else:
-        if kind != "chat":
-            raise SpecError("data.streaming", "preference data cannot be streamed.", "set data.streaming: false.")
-        data = data.map(_row_fn(aligner, cols)).select_columns(list(aligner.features))
-        data = data.cast(aligner.features).filter(
-            lambda row: bool(row["messages"]) or row["text"] is not None
-        )
-        stats.update(rows=None, invalid=None)
-    return data, stats
+    return data, {"rows": len(data), "invalid": before - produced}

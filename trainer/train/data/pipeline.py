@@ -258,30 +258,43 @@ def tokenize(
     ds: AnyDataset, spec: TrainingSpec, tokenizer: Any, *, is_eval: bool, num_proc: int | None = None
 ) -> tuple[AnyDataset, dict[str, Any]]:
     """Run the stage's processor (and the packer when packing is on); returns rows and stats."""
-    packing = spec.packing_enabled
     cfg = processor_config(spec)
     processor = PROCESSORS[spec.stage](tokenizer, cfg)
     if spec.stage not in LM_STAGES:
         return _tokenize_rows(ds, spec, processor, cfg, tokenizer, is_eval=is_eval, num_proc=num_proc)
-    if spec.stage == "pt":
-        packer = pack_concat(spec.data.maxLength, drop_tail=not is_eval)
-    else:
-        packer = pack_greedy(spec.data.maxLength)
-    name = "eval" if is_eval else "train"
     if isinstance(ds, datasets.Dataset):
         check_template(tokenizer, ds.select(range(min(len(ds), TEMPLATE_CHECK_ROWS))))
     else:
         check_template(tokenizer, ds.take(TEMPLATE_CHECK_ROWS))
-
-    if not isinstance(ds, datasets.Dataset):
         ds = ds.map(processor, batched=True, batch_size=BATCH_SIZE, remove_columns=INTERNAL_COLUMNS)
         ds = ds.remove_columns(["truncated"])
-        if packing:
+        if spec.packing_enabled:
             ds = ds.map(
-                packer, batched=True, batch_size=PACK_BATCH_SIZE, remove_columns=["input_ids", "labels"]
+                _lm_packer(spec, is_eval), batched=True, batch_size=PACK_BATCH_SIZE, remove_columns=["input_ids", "labels"]
             )
         return ds, {"examples": None, "streaming": True}
+    ds, stats = _tokenize_lm_in_memory(ds, spec, processor, cfg, tokenizer, is_eval=is_eval, num_proc=num_proc)
+    if spec.packing_enabled and len(ds):
+        ds = _pack_in_memory(ds, spec, is_eval=is_eval)
+        stats["packedRows"] = len(ds)
+        stats["packedTokens"] = len(pc.list_flatten(ds.data.column("labels"))) if len(ds) else 0
+    return ds, stats
 
+
+def _lm_packer(spec: TrainingSpec, is_eval: bool) -> Any:
+    """pt concatenates and cuts (dropping a training tail); sft packs whole examples greedily."""
+    if spec.stage == "pt":
+        return pack_concat(spec.data.maxLength, drop_tail=not is_eval)
+    return pack_greedy(spec.data.maxLength)
+
+
+def _tokenize_lm_in_memory(
+    ds: datasets.Dataset, spec: TrainingSpec, processor: Any, cfg: ProcessorConfig, tokenizer: Any, *, is_eval: bool,
+    num_proc: int | None,
+) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """Tokenize an in-memory pt/sft split: rows, token stats, dropped and truncated counts; every
+    example dropped is a spec error (unless pt packs them)."""
+    name = "eval" if is_eval else "train"
     before = len(ds)
     procs = num_proc if num_proc and before >= MIN_ROWS_PER_PROC else None
     ds = ds.map(
@@ -298,32 +311,33 @@ def tokenize(
     ds = ds.remove_columns(["truncated"])
     stats = token_stats(ds, tokenizer, first=not is_eval)
     stats.update(droppedNoLabels=before - len(ds), truncated=truncated)
-    if len(ds) == 0 and not (packing and spec.stage == "pt"):
+    if len(ds) == 0 and not (spec.packing_enabled and spec.stage == "pt"):
         raise SpecError(
             "data.evalDatasets" if is_eval and spec.data.evalDatasets else "data.datasets",
             f"every {name} example was dropped: none has a token to train on after templating and "
             f"truncation to data.maxLength={spec.data.maxLength} ({before} had no assistant answer left).",
             "check that conversations contain assistant turns, or raise data.maxLength.",
         )
-    if packing and len(ds):
-        ds = (
-            ds.with_format("arrow")
-            .map(
-                packer,
-                batched=True,
-                batch_size=PACK_BATCH_SIZE,
-                remove_columns=ds.column_names,
-                keep_in_memory=True,
-                new_fingerprint=_fingerprint(
-                    ds._fingerprint, "pack", spec.stage, spec.data.maxLength, is_eval
-                ),
-                desc=f"Packing {name}",
-            )
-            .with_format(None)
-        )
-        stats["packedRows"] = len(ds)
-        stats["packedTokens"] = len(pc.list_flatten(ds.data.column("labels"))) if len(ds) else 0
     return ds, stats
+
+
+def _pack_in_memory(ds: datasets.Dataset, spec: TrainingSpec, *, is_eval: bool) -> datasets.Dataset:
+    """Pack tokenized rows into sequences of data.maxLength."""
+    return (
+        ds.with_format("arrow")
+        .map(
+            _lm_packer(spec, is_eval),
+            batched=True,
+            batch_size=PACK_BATCH_SIZE,
+            remove_columns=ds.column_names,
+            keep_in_memory=True,
+            new_fingerprint=_fingerprint(
+                ds._fingerprint, "pack", spec.stage, spec.data.maxLength, is_eval
+            ),
+            desc=f"Packing {'eval' if is_eval else 'train'}",
+        )
+        .with_format(None)
+    )
 
 
 def _tokenize_rows(
