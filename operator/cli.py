@@ -5,7 +5,6 @@ CLI by its command table (`kubetune.trainer.cli.main.COMMAND_MODULES`). kopf is 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -104,50 +103,9 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
-def operator_environment(args: argparse.Namespace) -> dict[str, str]:
-    """The handler module's settings, from the flags (read when it is imported)."""
-    env: dict[str, str] = {}
-    if args.trainer_image:
-        env["KUBETUNE_TRAINER_IMAGE"] = args.trainer_image
-    if args.metrics_port is not None:
-        env["KUBETUNE_METRICS_PORT"] = str(args.metrics_port)
-    if args.server_image:
-        env["KUBETUNE_SERVER_IMAGE"] = args.server_image
-    if args.vllm_image:
-        env["KUBETUNE_VLLM_IMAGE"] = args.vllm_image
-    if args.host_cache_root:
-        env["KUBETUNE_HOST_CACHE_ROOT"] = args.host_cache_root
-    if args.default_s3_endpoint:
-        env["KUBETUNE_DEFAULT_S3_ENDPOINT"] = args.default_s3_endpoint
-    if args.default_s3_secret:
-        env["KUBETUNE_DEFAULT_S3_SECRET"] = args.default_s3_secret
-    if args.gpu_memory_gib is not None:
-        env["KUBETUNE_GPU_MEMORY_GIB"] = str(args.gpu_memory_gib)
-    if args.reconcile_interval is not None:
-        env["KUBETUNE_RECONCILE_INTERVAL"] = str(args.reconcile_interval)
-    if args.webhook_port is not None:
-        env["KUBETUNE_WEBHOOK_PORT"] = str(args.webhook_port)
-        for flag, name in ((args.webhook_host, "HOST"), (args.webhook_cert, "CERT"), (args.webhook_key, "KEY"),
-                           (args.webhook_managed, "MANAGED")):
-            if flag:
-                env[f"KUBETUNE_WEBHOOK_{name}"] = flag
-    return env
-
-
 def cmd_operator(args: argparse.Namespace) -> int:
-    os.environ.update(operator_environment(args))
-    import kopf
+    from kubetune.operator.config import config_from_args
+    from kubetune.operator.main import run
 
-    kopf.configure(verbose=args.verbose, debug=args.debug)
-    import kubetune.operator.handlers  # noqa: F401  (registers the handlers)
-
-    namespaces = list(args.namespace)
-    kopf.run(
-        standalone=args.standalone,
-        peering_name=args.peering,
-        priority=args.priority,
-        liveness_endpoint=args.liveness,
-        clusterwide=not namespaces,
-        namespaces=namespaces,
-    )
+    run(config_from_args(args), args)
     return 0

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.operator.render.common import StorageDefaults, effective_storage
+from kubetune.operator.common import StorageDefaults, effective_storage
 from kubetune.operator.status import FAILED, READY_TO_START, SUCCEEDED
 
 SECRET_NOT_FOUND = "SecretNotFound"

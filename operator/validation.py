@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.operator.render.training import training_hash
 from kubetune.operator.resources import KINDS, ClusterFields, validate_spec
+from kubetune.operator.training.render import training_hash
 from kubetune.trainer.api.errors import (
     EXIT_CONFIG_ERROR,
     KubetuneError,
@@ -108,10 +108,15 @@ def pod_invisible_data(spec: ClusterFields) -> list[SpecError]:
 
 
 GPU_MEMORY_ENV = "KUBETUNE_GPU_MEMORY_GIB"
-"""The operator's default GPU memory for jobs without `spec.gpuMemoryGiB` (`--gpu-memory-gib`)."""
+"""Where `kubetune validate` finds the cluster's default GPU memory (what the operator gets from
+`--gpu-memory-gib`), to apply the admission check a cluster applies."""
 
 
-def default_gpu_memory() -> float | None:
+def default_gpu_memory(configured: float | None = None) -> float | None:
+    """The default GPU memory for jobs without `spec.gpuMemoryGiB`: the operator's
+    `--gpu-memory-gib` (passed in), else `$KUBETUNE_GPU_MEMORY_GIB` (for `kubetune validate`)."""
+    if configured:
+        return configured
     raw = os.environ.get(GPU_MEMORY_ENV, "").strip()
     try:
         value = float(raw) if raw else None
@@ -120,14 +125,14 @@ def default_gpu_memory() -> float | None:
     return value if value and value > 0 else None
 
 
-def _memory_inputs(spec: ClusterFields) -> tuple[Any, float, Any] | None:
+def _memory_inputs(spec: ClusterFields, default_gib: float | None = None) -> tuple[Any, float, Any] | None:
     """(training spec, GPU GiB, model shape) when the memory check applies and can run."""
     from kubetune.trainer.artifacts.model_shape import resolve_shape
 
     training = getattr(spec, "training", None)
     if training is None or spec.gpusPerNode == 0:
         return None
-    gpu_gib = spec.gpuMemoryGiB or default_gpu_memory()
+    gpu_gib = spec.gpuMemoryGiB or default_gpu_memory(default_gib)
     if gpu_gib is None:
         return None
     try:
@@ -138,12 +143,13 @@ def _memory_inputs(spec: ClusterFields) -> tuple[Any, float, Any] | None:
     return (training, gpu_gib, shape) if shape is not None else None
 
 
-def memory_refusal(spec: ClusterFields, body: dict[str, Any] | None = None, source: str | None = None) -> str | None:
+def memory_refusal(spec: ClusterFields, body: dict[str, Any] | None = None, source: str | None = None,
+                   default_gib: float | None = None) -> str | None:
     """Why the job cannot fit in GPU memory on nodes x gpusPerNode (with what would), or None
     when it fits or cannot be checked (no GPU memory known, model size unknown)."""
     from kubetune.trainer.api.estimate import estimate, fit_message
 
-    inputs = _memory_inputs(spec)
+    inputs = _memory_inputs(spec, default_gib)
     if inputs is None:
         return None
     training, gpu_gib, shape = inputs
@@ -151,7 +157,7 @@ def memory_refusal(spec: ClusterFields, body: dict[str, Any] | None = None, sour
     if est.fits(gpu_gib):
         return None
     where = f"{source or source_of(body)}: " if (source or body) else ""
-    memory = "spec.gpuMemoryGiB" if spec.gpuMemoryGiB else f"the operator's default, ${GPU_MEMORY_ENV}"
+    memory = "spec.gpuMemoryGiB" if spec.gpuMemoryGiB else f"the operator's default, --gpu-memory-gib / ${GPU_MEMORY_ENV}"
     return (
         f"{where}spec.training does not fit in GPU memory ({memory}): "
         + fit_message(training, nodes=spec.nodes, gpus_per_node=spec.gpusPerNode, gpu_gib=gpu_gib, shape=shape, est=est)
@@ -172,15 +178,15 @@ def literal_secret_warnings(spec: Any) -> list[str]:
     ]
 
 
-def warnings_for(spec: ClusterFields) -> list[str]:
+def warnings_for(spec: ClusterFields, default_gib: float | None = None) -> list[str]:
     """Things that are allowed but probably not what the user wants."""
     out = literal_secret_warnings(spec)
     training = getattr(spec, "training", None)
     if (
         training is not None
         and spec.gpusPerNode > 0
-        and (spec.gpuMemoryGiB or default_gpu_memory())
-        and _memory_inputs(spec) is None
+        and (spec.gpuMemoryGiB or default_gpu_memory(default_gib))
+        and _memory_inputs(spec, default_gib) is None
     ):
         out.append(
             f"the GPU memory needed was not checked: the size of {training.model.path!r} is unknown; "
@@ -221,10 +227,11 @@ class AdmissionRefused(KubetuneError):
         super().__init__(cap_message(message))
 
 
-def admit(operation: str | None, old: dict[str, Any] | None, new: dict[str, Any], source: str | None = None) -> list[str]:
+def admit(operation: str | None, old: dict[str, Any] | None, new: dict[str, Any], source: str | None = None,
+          default_gib: float | None = None) -> list[str]:
     """The validating webhook's decision, and `kubetune validate`'s for a manifest of any kind
     (with `source`, the file, naming where): the warnings to return, or AdmissionRefused with
-    the message `kubectl apply` shows."""
+    the message `kubectl apply` shows. `default_gib`: the operator's `--gpu-memory-gib`."""
     if operation == "UPDATE" and old and old.get("spec") == new.get("spec"):
         return []  # metadata-only changes (labels, kopf's annotations) are always fine
     try:
@@ -237,10 +244,10 @@ def admit(operation: str | None, old: dict[str, Any] | None, new: dict[str, Any]
             raise AdmissionRefused(refusal)
     started = bool(((old or {}).get("status") or {}).get("trainingHash"))
     if not started:  # a running job keeps running; what it trains cannot change anyway
-        refusal = memory_refusal(spec, new, source)
+        refusal = memory_refusal(spec, new, source, default_gib)
         if refusal:
             raise AdmissionRefused(refusal)
-    return warnings_for(spec)
+    return warnings_for(spec, default_gib)
 
 
 # -- hostPath model caches (InferenceService) ------------------------------------------------

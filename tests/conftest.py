@@ -96,3 +96,60 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         if name in counts:
             summary = ", ".join(f"{n} {outcome}" for outcome, n in counts[name].items())
             terminalreporter.write_line(f"{what} ({name}): {summary}")
+
+
+# -- the fast lane's guard (#18 item 6) --------------------------------------------------------
+
+_SPAWNED = pytest.StashKey[list]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    """With KUBETUNE_FAST_LANE_GUARD=1 (tests/test_fast_lane.py sets it), a test not marked `slow`
+    that starts a subprocess (`subprocess.run`/`Popen`, asyncio's subprocesses) fails, named: the
+    fast lane (`pytest -m "not slow"`) is unit tests."""
+    if os.environ.get("KUBETUNE_FAST_LANE_GUARD") != "1" or item.get_closest_marker("slow"):
+        yield
+        return
+    import subprocess
+
+    spawned = item.stash[_SPAWNED] = []
+    original = subprocess.Popen.__init__
+
+    def refuse(self, args, *rest, **kwargs):
+        if _finding_a_library():  # `import torch` runs `ldconfig -p` (ctypes.util.find_library)
+            return original(self, args, *rest, **kwargs)
+        spawned.append(repr(args)[:200])
+        raise AssertionError(f"{item.nodeid} starts a subprocess ({spawned[-1]}) but is not marked slow; "
+                             "mark it @pytest.mark.slow or test it in-process")
+
+    subprocess.Popen.__init__ = refuse
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = original
+
+
+def _finding_a_library() -> bool:
+    import ctypes.util
+    import sys
+
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename != ctypes.util.__file__:
+        frame = frame.f_back
+    return frame is not None
+
+
+_FAILED: set[str] = set()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.failed:
+        _FAILED.add(report.nodeid)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """The guard's refusal fails the test also where the code under test caught the error."""
+    if (spawned := item.stash.get(_SPAWNED, None)) and item.nodeid not in _FAILED:
+        raise AssertionError(f"{item.nodeid} (not marked slow) tried to start subprocesses: {spawned}")

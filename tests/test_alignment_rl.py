@@ -271,8 +271,8 @@ def test_preference_data_without_rejected_fails_before_the_model_loads(tmp_path:
 
 
 def test_alignment_job_reward_model_from_fills_the_reward_model() -> None:
-    from kubetune.operator.render.training import resolved_manifest
     from kubetune.operator.resources import AlignmentJobSpec
+    from kubetune.operator.training.render import resolved_manifest
 
     cr = {"apiVersion": "kubetune.io/v1alpha1", "kind": "AlignmentJob", "metadata": {"name": "raft", "namespace": "ml"},
           "spec": {"baseModelFrom": {"fineTuneJob": "sft"}, "rewardModelFrom": {"alignmentJob": "rm"},

@@ -2,7 +2,8 @@
 
 The import graph is built from the source with `ast`, imports inside functions included (they are
 how a heavy dependency is deferred, but they are still dependencies); only imports under
-`if TYPE_CHECKING:` are left out, as they never run. Two rules:
+`if TYPE_CHECKING:` are left out, as they never run; importing `a.b.c` counts as importing the
+packages `a` and `a.b` as well, since their `__init__` runs first. Two rules:
 - no cycles between modules;
 - the layers: `trainer.api` (the spec, errors, estimate: pure) imports nothing else of kubetune;
   `trainer.artifacts` (URIs, S3, caches, outputs) only `api`; the operator (the control plane)
@@ -25,6 +26,7 @@ ALLOWED = {
     "kubetune.trainer": ("kubetune.trainer",),
 }
 """Module prefix -> the prefixes it may import (the longest matching prefix applies)."""
+ROOT_PACKAGES = {"kubetune.trainer", "kubetune.operator"}
 MAX_FUNCTION_LINES = 80
 
 
@@ -81,7 +83,19 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = {resolve(name) for name in names}
             graph[module].update(t for t in targets if t and t != module)
+    for module in list(graph):  # importing a.b.c runs a/__init__ and a/b/__init__ first
+        for target in list(graph[module]):
+            graph[module].update(_parent_packages(target, module, known))
     return graph
+
+
+def _parent_packages(target: str, importer: str, known: dict[str, Path]) -> set[str]:
+    """The packages whose `__init__` runs when `target` is imported, other than the importer's own
+    ancestors (already running when it is imported)."""
+    parts = target.split(".")
+    parents = {".".join(parts[:i]) for i in range(1, len(parts))}
+    return {p for p in parents if p in known and known[p].name == "__init__.py"
+            and not (importer == p or importer.startswith(p + "."))}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -140,9 +154,19 @@ def test_imports_flow_one_way_between_the_layers() -> None:
     forbidden = []
     for module, targets in import_graph().items():
         for target in sorted(targets):
+            if target in ROOT_PACKAGES:
+                continue  # their __init__ imports no more than the api (checked below)
             if not any(target == p or target.startswith(p + ".") for p in allowed_prefixes(module)):
                 forbidden.append(f"{module} -> {target}")
     assert not forbidden, "imports across a layer boundary:\n" + "\n".join(forbidden)
+
+
+def test_the_root_packages_import_only_the_api() -> None:
+    """`kubetune.trainer` and `kubetune.operator` run their `__init__` for every import below them:
+    it may import the api (which everyone may), nothing else, or the layer rules would not hold."""
+    graph = import_graph()
+    for package in ROOT_PACKAGES:
+        assert all(t.startswith("kubetune.trainer.api") for t in graph[package]), (package, graph[package])
 
 
 def test_the_checker_sees_function_level_imports_and_cycles() -> None:
@@ -151,7 +175,9 @@ def test_the_checker_sees_function_level_imports_and_cycles() -> None:
     assert "kubetune.trainer.serve.engine" in graph["kubetune.trainer.serve.engines"]  # imported at module level
     assert "kubetune.trainer.serve.vllm_engine" in graph["kubetune.trainer.serve.engines"]  # inside create_engine
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    assert allowed_prefixes("kubetune.operator.render.training") == ALLOWED["kubetune.operator"]
+    # importing kubetune.operator.training.render runs the package's __init__ too
+    assert "kubetune.operator.training" in graph["kubetune.operator.validation"]
+    assert allowed_prefixes("kubetune.operator.training.render") == ALLOWED["kubetune.operator"]
 
 
 def test_no_function_is_longer_than_80_lines() -> None:
@@ -198,3 +224,23 @@ def test_a_missing_optional_dependency_names_the_extra_and_a_broken_import_surfa
     with pytest.raises(ModuleNotFoundError, match=r"kubetune\.trainer\.no_such_module"):
         cli._add_group(sub, cli.CommandGroup("broken_cmds", ("broken",), extra="operator"))
     sys.modules.pop("needs_extra", None)
+
+
+def test_the_architecture_page_names_real_files_and_functions() -> None:
+    """docs/pages/architecture.md walks the request paths as `file.py:function` hops: each must
+    exist, or the page has gone stale."""
+    import re
+
+    text = (REPO / "docs" / "pages" / "architecture.md").read_text()
+    hops = set(re.findall(r"`((?:trainer|operator)/[\w/]+\.py):(\w+)`", text))
+    assert len(hops) >= 20, hops
+    for path, name in sorted(hops):
+        source = REPO / path
+        assert source.is_file(), f"{path} does not exist"
+        defined = {n.name for n in ast.walk(ast.parse(source.read_text()))
+                   if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)}
+        defined |= {t.id for n in ast.walk(ast.parse(source.read_text())) if isinstance(n, ast.Assign)
+                    for t in n.targets if isinstance(t, ast.Name)}
+        assert name in defined, f"{path} has no {name}"
+    for path in set(re.findall(r"`((?:trainer|operator)/[\w/]+\.py)`", text)):
+        assert (REPO / path).is_file(), f"{path} does not exist"

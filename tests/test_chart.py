@@ -333,8 +333,16 @@ def test_cluster_values_render(renders: dict[str, dict[str, Any]]) -> None:
 
 
 def test_webhook_path_is_the_operators_handler_id() -> None:
-    # kopf serves an admission handler at /<handler id>.
-    assert 'id="validate-spec"' in (ROOT / "operator" / "handlers.py").read_text()
+    # kopf serves an admission handler at /<handler id>: the registry built with a webhook has it.
+    import kopf
+
+    from kubetune.operator.config import OperatorConfig, WebhookConfig
+    from kubetune.operator.handlers import register
+
+    with_webhook = register(kopf.OperatorRegistry(), OperatorConfig(webhook=WebhookConfig(port=9443)))
+    ids = {h.id for h in with_webhook._webhooks.get_all_handlers()}
+    assert ids == {"validate-spec"}, ids
+    assert not register(kopf.OperatorRegistry(), OperatorConfig())._webhooks.get_all_handlers()
     assert "path: /validate-spec" in (CHART / "templates" / "webhook.yaml").read_text()
 
 
@@ -393,16 +401,17 @@ def _parse(args: list[str]) -> Any:
 
 
 def test_operator_parses_the_chart_args(defaults: dict[str, Any], renders: dict[str, dict[str, Any]]) -> None:
-    from kubetune.operator.cli import operator_environment
+    from kubetune.operator.config import config_from_args
 
     for result in (defaults, *renders.values()):
         parsed = _parse(_operator_args(result["objects"]))
         assert parsed.func.__name__ == "cmd_operator"
-        env = operator_environment(parsed)
-        assert env["KUBETUNE_TRAINER_IMAGE"].endswith("trainer:0.1.0")
+        assert config_from_args(parsed, {}).training.default_image.endswith("trainer:0.1.0")
     webhook = _parse(_operator_args(renders["namespaced-values.yaml"]["objects"]))
     assert webhook.webhook_port == 9443 and webhook.webhook_cert == "/etc/kubetune/webhook/tls.crt"
-    assert operator_environment(webhook)["KUBETUNE_SERVER_IMAGE"] == "registry.example.com/kubetune/vllm:0.1.0"
+    config = config_from_args(webhook, {})
+    assert config.serving.default_image == "registry.example.com/kubetune/vllm:0.1.0"
+    assert config.webhook is not None and config.webhook.port == 9443 and config.webhook.cert == "/etc/kubetune/webhook/tls.crt"
     assert webhook.namespace == ["team-a", "team-b"] and webhook.peering == "kubetune"
 
 
@@ -410,35 +419,29 @@ def test_chart_passes_the_job_s3_defaults(defaults: dict[str, Any], renders: dic
     """`jobs.s3.*` (falling back to `s3.endpoint`) become the operator's --default-s3-* flags:
     the S3 settings of job and serving pods whose manifest sets none. Only the Secret's name
     is passed; its values stay in the Secret."""
-    from kubetune.operator.cli import operator_environment
+    from kubetune.operator.common import StorageDefaults
+    from kubetune.operator.config import config_from_args
 
     assert not any(a.startswith("--default-s3") for a in _operator_args(defaults["objects"]))
     args = _operator_args(renders["namespaced-values.yaml"]["objects"])
     assert "--default-s3-endpoint=http://minio.minio:9000" in args  # from s3.endpoint
     assert "--default-s3-secret=team-s3" in args
-    env = operator_environment(_parse(args))
-    assert env["KUBETUNE_DEFAULT_S3_ENDPOINT"] == "http://minio.minio:9000" and env["KUBETUNE_DEFAULT_S3_SECRET"] == "team-s3"
+    config = config_from_args(_parse(args), {})
+    expected = StorageDefaults("http://minio.minio:9000", "team-s3")
+    assert config.training.storage_defaults == expected and config.serving.storage_defaults == expected
 
 
 def test_chart_serving_defaults_match_the_engines(defaults: dict[str, Any], renders: dict[str, dict[str, Any]]) -> None:
     """With the chart's defaults the operator gives `engine: vllm` (the CRD's default engine) the
     kubetune-vllm image and `engine: transformers` the trainer image (which has no vLLM), and
     hostPath caches live under serving.hostPathCacheRoot."""
-    from kubetune.operator.cli import operator_environment
-    from kubetune.operator.render.inference import ServingOptions
+    from kubetune.operator.config import config_from_args
     from kubetune.operator.resources import InferenceServiceSpec
 
     args = _operator_args(defaults["objects"])
     assert "--vllm-image=ghcr.io/kubetune/kubetune-vllm:0.1.0" in args
     assert "--host-cache-root=/var/lib/kubetune/cache" in args
-    env = operator_environment(_parse(args))
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        options = ServingOptions.from_environment()
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    options = config_from_args(_parse(args), {}).serving
     default_engine = InferenceServiceSpec.model_fields["engine"].default
     assert default_engine == "vllm" and options.image_for(default_engine) == "ghcr.io/kubetune/kubetune-vllm:0.1.0"
     assert options.image_for("transformers") == "ghcr.io/kubetune/kubetune-trainer:0.1.0"
@@ -446,11 +449,11 @@ def test_chart_serving_defaults_match_the_engines(defaults: dict[str, Any], rend
 
 
 def test_operator_serves_metrics_on_the_port_the_chart_passes(renders: dict[str, dict[str, Any]]) -> None:
-    from kubetune.operator.cli import operator_environment
+    from kubetune.operator.config import config_from_args
 
     args = _operator_args(renders["namespaced-values.yaml"]["objects"])
     port = next(a.split("=", 1)[1] for a in args if a.startswith("--metrics-port="))
-    assert operator_environment(_parse(args))["KUBETUNE_METRICS_PORT"] == port
+    assert config_from_args(_parse(args), {}).metrics_port == int(port)
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,11 +470,12 @@ def _granted(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
 def test_rbac_covers_every_resource_the_operator_watches(peered: dict[str, Any]) -> None:
     """kopf lists and watches every resource a handler is registered for: a new kind of handler
     (e.g. InferenceService) fails here until the chart grants it."""
-    from kopf._core.intents.registries import get_default_registry
+    import kopf
 
-    import kubetune.operator.handlers  # noqa: F401  (registers the handlers)
+    from kubetune.operator.config import OperatorConfig, WebhookConfig
+    from kubetune.operator.handlers import register
 
-    registry = get_default_registry()
+    registry = register(kopf.OperatorRegistry(), OperatorConfig(webhook=WebhookConfig(port=9443)))
     handlers = [*registry._changing.get_all_handlers(), *registry._watching.get_all_handlers(),
                 *registry._spawning.get_all_handlers(), *registry._webhooks.get_all_handlers()]
     watched = {(h.selector.group or "", h.selector.plural or h.selector.any_name) for h in handlers if h.selector is not None}

@@ -189,7 +189,7 @@ def test_operator_runs_without_the_training_stack() -> None:
 def test_chart_and_operator_defaults_name_these_images() -> None:
     import yaml
 
-    from kubetune.operator.render.training import RenderOptions
+    from kubetune.operator.training.render import RenderOptions
 
     version = PYPROJECT["project"]["version"]
     chart = yaml.safe_load((ROOT / "charts/kubetune/Chart.yaml").read_text())
@@ -221,8 +221,8 @@ def test_every_default_image_is_one_the_makefile_builds() -> None:
     import yaml
 
     from kubetune.operator.render.inference import ServingOptions
-    from kubetune.operator.render.training import RenderOptions
     from kubetune.operator.resources import InferenceServiceSpec
+    from kubetune.operator.training.render import RenderOptions
 
     version = PYPROJECT["project"]["version"]
     registry = re.search(r"^REGISTRY \?= (\S+)", (IMAGES / "Makefile").read_text(), re.M).group(1)

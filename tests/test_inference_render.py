@@ -1,5 +1,5 @@
 """InferenceService: the CRD, the pure renderer (Deployment, Service, HPA) and the pure decision
-logic (`kubetune.operator.serving.reconcile_service`), without a cluster."""
+logic (`kubetune.operator.serving.decide.reconcile_service`), without a cluster."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from kubetune.operator.render.inference import (
     selector_string,
 )
 from kubetune.operator.resources import InferenceServiceStatus, crd
-from kubetune.operator.serving import ServingObserved, merge_diff, reconcile_service
+from kubetune.operator.serving.decide import ServingObserved, merge_diff, reconcile_service
 from kubetune.operator.validation import admit, validate_resource
 from kubetune.trainer.api.errors import SpecErrors
 from tests.test_operator_crds import _to_jsonschema
@@ -330,7 +330,7 @@ def _check_hostpath_permissions(node_dir: Path) -> None:
 
 
 def test_operator_s3_defaults_apply_only_where_the_resource_sets_none() -> None:
-    from kubetune.operator.render.common import StorageDefaults
+    from kubetune.operator.common import StorageDefaults
 
     options = ServingOptions(storage_defaults=StorageDefaults(endpoint="http://minio.platform:9000", secret="team-s3"))
 
@@ -357,8 +357,8 @@ def test_operator_s3_defaults_apply_only_where_the_resource_sets_none() -> None:
 
 
 def test_operator_s3_defaults_reach_training_pods() -> None:
-    from kubetune.operator.render.common import StorageDefaults
-    from kubetune.operator.render.training import RenderOptions, render_training
+    from kubetune.operator.common import StorageDefaults
+    from kubetune.operator.training.render import RenderOptions, render_training
     from tests.test_operator_render import _cr as training_cr
 
     options = RenderOptions(storage_defaults=StorageDefaults(endpoint="http://minio.platform:9000", secret="team-s3"))
@@ -379,20 +379,16 @@ def test_operator_s3_defaults_reach_training_pods() -> None:
 def test_operator_flags_set_the_s3_defaults() -> None:
     import argparse
 
-    from kubetune.operator.cli import operator_environment, register
-    from kubetune.operator.render.common import StorageDefaults
+    from kubetune.operator.cli import register
+    from kubetune.operator.common import StorageDefaults
+    from kubetune.operator.config import config_from_args
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["operator", "--default-s3-endpoint", "http://minio:9000", "--default-s3-secret", "team-s3"])
-    env = operator_environment(args)
-    assert env["KUBETUNE_DEFAULT_S3_ENDPOINT"] == "http://minio:9000" and env["KUBETUNE_DEFAULT_S3_SECRET"] == "team-s3"
-    import os
-    from unittest import mock
-
-    with mock.patch.dict(os.environ, env):
-        assert StorageDefaults.from_environment() == StorageDefaults("http://minio:9000", "team-s3")
-        assert ServingOptions.from_environment().storage_defaults.secret == "team-s3"
+    config = config_from_args(args, {})
+    assert config.serving.storage_defaults == StorageDefaults("http://minio:9000", "team-s3")
+    assert config.training.storage_defaults == config.serving.storage_defaults
 
 
 def test_service_selects_the_pods_and_names_are_deterministic() -> None:
@@ -473,7 +469,7 @@ def test_missing_secret_waits() -> None:
     plan = reconcile_service(EXAMPLE_ISVC, _observed(secret_found=False), NOW)
     assert plan.create == [] and plan.status["reason"] == "SecretNotFound"
     # The operator's default Secret, missing in the service's namespace: the message says so.
-    from kubetune.operator.render.common import StorageDefaults
+    from kubetune.operator.common import StorageDefaults
 
     options = ServingOptions(storage_defaults=StorageDefaults(secret="team-s3"))
     plan = reconcile_service(_cr(storage={}), _observed(secret_found=False), NOW, options)
@@ -742,14 +738,21 @@ class _FakeKube:
         self.events.append((type_, reason, message))
 
 
+def _reconcile_service(kube: Any) -> None:
+    """The operator's own loop (read, observe, decide, apply, report) for llama-chat in ml."""
+    from kubetune.operator.apply import reconcile_resource
+    from kubetune.operator.config import OperatorConfig
+    from kubetune.operator.serving.component import COMPONENT
+
+    reconcile_resource(kube, COMPONENT, "ml", "llama-chat", OperatorConfig(serving=ServingOptions()))
+
+
 def test_the_shell_creates_a_random_key_and_never_logs_or_reports_it(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    from kubetune.operator.serving import reconcile_service_object
-
     kube = _FakeKube(copy.deepcopy(EXAMPLE_ISVC), {("FineTuneJob", "legal-sft"): _job("Succeeded")})
     with caplog.at_level(logging.DEBUG):
-        reconcile_service_object(kube, "ml", "llama-chat", ServingOptions())
+        _reconcile_service(kube)
     secrets = [w[3] for w in kube.writes if w[:2] == ("create", "Secret")]
     assert len(secrets) == 1 and kube.writes[0][1] == "Secret"  # before the Deployment that references it
     key = secrets[0]["stringData"]["api-key"]
@@ -760,7 +763,7 @@ def test_the_shell_creates_a_random_key_and_never_logs_or_reports_it(caplog: pyt
                  json.dumps([w for w in kube.writes if w[1] != "Secret"])):
         assert key not in text
     kube2 = _FakeKube(copy.deepcopy(EXAMPLE_ISVC), {("FineTuneJob", "legal-sft"): _job("Succeeded")})
-    reconcile_service_object(kube2, "ml", "llama-chat", ServingOptions())
+    _reconcile_service(kube2)
     assert next(w[3] for w in kube2.writes if w[1] == "Secret")["stringData"]["api-key"] != key
 
 
@@ -768,8 +771,6 @@ def test_a_forbidden_call_is_reported_and_does_not_block_the_other_changes() -> 
     """The chart once lacked `patch` on ConfigMaps: adding an adapter failed with a 403 the user
     never saw, and the exception stopped every other change. Now the other changes go through
     and the service says which permission is missing (Ready=False/Forbidden + a Warning event)."""
-    from kubetune.operator.serving import reconcile_service_object
-
     objs = _by_kind(render_inference(EXAMPLE_ISVC, MODELS))
     deployed = _deployment(ready=1)
     children = {("Deployment", "llama-chat-isvc"): deployed, ("Service", "llama-chat-isvc"): objs["Service"],
@@ -780,7 +781,7 @@ def test_a_forbidden_call_is_reported_and_does_not_block_the_other_changes() -> 
                        {"name": "sales", "uri": "s3://outputs/sales-lora"}],
              engineArgs={"maxModelLen": 4096, "dtype": "bfloat16", "quantization": "fp8"})
     kube = _FakeKube(cr, children, forbid={("patch", "ConfigMap")})
-    reconcile_service_object(kube, "ml", "llama-chat", ServingOptions())
+    _reconcile_service(kube)
     assert any(w[:3] == ("patch", "Deployment", "llama-chat-isvc") for w in kube.writes)  # the roll still happens
     status = next(w[3] for w in kube.writes if w[1] == "InferenceService/status")["status"]
     ready = _cond(status, "Ready")
@@ -791,7 +792,7 @@ def test_a_forbidden_call_is_reported_and_does_not_block_the_other_changes() -> 
     cr["status"] = status
     kube.events.clear()
     kube.writes.clear()
-    reconcile_service_object(kube, "ml", "llama-chat", ServingOptions())
+    _reconcile_service(kube)
     assert not [e for e in kube.events if e[1] == "Forbidden"]
 
 

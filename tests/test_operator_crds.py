@@ -252,8 +252,8 @@ def test_cli_registers_operator_without_importing_kopf() -> None:
         "parser = build_parser()\n"
         "args = parser.parse_args(['operator', '-n', 'a', '-n', 'b', '--standalone', '--reconcile-interval', '5'])\n"
         "assert args.namespace == ['a', 'b'] and args.standalone\n"
-        "from kubetune.operator.cli import operator_environment\n"
-        "assert operator_environment(args) == {'KUBETUNE_RECONCILE_INTERVAL': '5.0'}\n"
+        "from kubetune.operator.config import config_from_args\n"
+        "assert config_from_args(args, {}).reconcile_interval == 5.0\n"
         "assert 'kopf' not in sys.modules, 'kopf imported by the CLI'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator.reconcile import INSUFFICIENT_GPU_MEMORY, Observed, reconcile
 from kubetune.operator.resources import TrainingJobStatus
+from kubetune.operator.training.decide import INSUFFICIENT_GPU_MEMORY, Observed, reconcile
 from kubetune.operator.validation import (
     GPU_MEMORY_ENV,
     AdmissionRefused,
@@ -106,8 +106,10 @@ def test_no_gpu_memory_no_check_and_the_operator_default_applies(monkeypatch):
     cr = full_7b()
     del cr["spec"]["gpuMemoryGiB"]
     assert admit("CREATE", None, cr) == []
-    monkeypatch.setenv(GPU_MEMORY_ENV, "80")
-    assert f"the operator's default, ${GPU_MEMORY_ENV}" in refusal_of(cr)
+    with pytest.raises(AdmissionRefused, match="--gpu-memory-gib"):  # the operator's flag, passed in
+        admit("CREATE", None, cr, default_gib=80)
+    monkeypatch.setenv(GPU_MEMORY_ENV, "80")  # what `kubetune validate` reads
+    assert f"the operator's default, --gpu-memory-gib / ${GPU_MEMORY_ENV}" in refusal_of(cr)
     cr["spec"]["gpuMemoryGiB"] = 141  # this job's GPUs are bigger than the default: it fits
     assert admit("CREATE", None, cr) == []
     cr["spec"]["gpusPerNode"] = 0  # CPU jobs are not checked

@@ -35,13 +35,13 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator.render import render_training
-from kubetune.operator.render.training import (
+from kubetune.operator.resources import validate_spec
+from kubetune.operator.training.render import (
     COMPLETION_INDEX_ANNOTATION,
     render_prepare_job,
+    render_training,
     shutdown_timeout,
 )
-from kubetune.operator.resources import validate_spec
 from kubetune.trainer.artifacts.datacache import cluster_default_cache, prepare_skip_reason
 from kubetune.trainer.artifacts.output import MANIFEST_NAME
 from kubetune.trainer.artifacts.s3output import shards_marker_name

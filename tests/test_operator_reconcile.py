@@ -11,16 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.operator.reconcile import (
-    Observed,
-    Plan,
-    needs_reconcile,
-    needs_trainer_status,
-    reconcile,
-    status_patch,
-)
+from kubetune.operator.plan import Plan, status_patch
 from kubetune.operator.resources import AlignmentJobStatus, TrainingJobStatus
 from kubetune.operator.status import parse_trainer_status, progress_from_trainer
+from kubetune.operator.training.decide import Observed, needs_reconcile, needs_trainer_status, reconcile
 from kubetune.operator.validation import AdmissionRefused, admit
 from kubetune.trainer.api.errors import SpecErrors
 from kubetune.trainer.api.specfile import load_spec
@@ -206,9 +200,9 @@ def test_missing_default_secret_waits_like_its_own() -> None:
     (--default-s3-secret) in its pods: it is checked like the job's own, so a missing one keeps
     the job Pending (SecretNotFound, saying which Secret) instead of leaving its pods in
     CreateContainerConfigError."""
-    from kubetune.operator.handlers import observe
-    from kubetune.operator.render.common import StorageDefaults
-    from kubetune.operator.render.training import RenderOptions
+    from kubetune.operator.common import StorageDefaults
+    from kubetune.operator.training.observe import observe
+    from kubetune.operator.training.render import RenderOptions
 
     options = RenderOptions(storage_defaults=StorageDefaults(secret="team-s3"))
     cr = _cr(storage={"endpoint": "http://minio.minio:9000"})
@@ -505,7 +499,8 @@ def test_only_a_spec_change_brings_a_failed_job_back() -> None:
 def test_timers_run_only_while_there_is_something_to_observe() -> None:
     """kopf keeps its finalizer on a resource while a timer runs for it: a finished job (even
     Failed/InvalidSpec, which kept one forever) and a Ready service have none."""
-    from kubetune.operator.handlers import _observe_job, _observe_service
+    from kubetune.operator.handlers import wants_job_timer as _observe_job
+    from kubetune.operator.handlers import wants_service_timer as _observe_service
 
     for phase in ("Pending", "Running", "Suspended", None):
         assert _observe_job(status={"phase": phase})
@@ -525,10 +520,12 @@ def test_timers_run_only_while_there_is_something_to_observe() -> None:
 def test_child_watches_match_only_our_own_children() -> None:
     import kopf
 
-    from kubetune.operator import handlers  # noqa: F401  (registers the handlers)
+    from kubetune.operator.config import OperatorConfig
+    from kubetune.operator.handlers import register
 
+    registry = register(kopf.OperatorRegistry(), OperatorConfig())
     watched = {handler.selector.any_name: handler.labels
-               for handler in kopf.get_default_registry()._watching._handlers
+               for handler in registry._watching._handlers
                if handler.selector is not None and handler.selector.any_name in ("jobs", "deployments")}
     assert set(watched) == {"jobs", "deployments"}
     for plural, owner in (("jobs", "finetunejob"), ("deployments", "inferenceservice")):
@@ -619,7 +616,13 @@ def test_admission_immutability_and_warnings() -> None:
 def test_handler_turns_refusals_into_admission_errors() -> None:
     import kopf
 
-    from kubetune.operator.handlers import _admit
+    from kubetune.operator.config import OperatorConfig
+    from kubetune.operator.webhook import validate_handler
+
+    memo = kopf.Memo(config=OperatorConfig())
+
+    def _admit(**kwargs: Any) -> None:
+        validate_handler(memo=memo, **kwargs)
 
     bad = copy.deepcopy(EXAMPLE_FTJ)
     bad["spec"]["nodes"] = 0
@@ -782,14 +785,18 @@ def test_a_forbidden_call_on_a_training_job_is_a_condition_and_one_event() -> No
     """Under too narrow an RBAC the Job create is refused (403): the FineTuneJob says which grant
     is missing (Synced=False/Forbidden, one Warning event), claims no Job it does not have, and
     goes on once the grant is there."""
-    from kubetune.operator.handlers import reconcile_object
-    from kubetune.operator.render.training import RenderOptions
+    from kubetune.operator.apply import reconcile_resource
+    from kubetune.operator.config import OperatorConfig
+    from kubetune.operator.training.component import component
+
+    def reconcile_object(kind: str, namespace: str, name: str, kube: Any) -> None:
+        reconcile_resource(kube, component(kind), namespace, name, OperatorConfig())
 
     cr = _cr()
     cr["metadata"].update(namespace="ml", uid="u-1")
     kube = _RefusingKube(cr, forbid={("create", "Job")})
     for _ in range(2):  # the timer's retry: still refused, reported once
-        reconcile_object("FineTuneJob", "ml", "llama-sft", kube=kube, options=RenderOptions())
+        reconcile_object("FineTuneJob", "ml", "llama-sft", kube=kube)
     status = kube.objects[("FineTuneJob", "llama-sft")].get("status") or {}
     synced = next(c for c in status["conditions"] if c["type"] == "Synced")
     assert synced["status"] == "False" and synced["reason"] == "Forbidden"
@@ -797,7 +804,7 @@ def test_a_forbidden_call_on_a_training_job_is_a_condition_and_one_event() -> No
     assert status.get("phase") != "Pending" and not status.get("jobName")
     assert [(t, r) for t, r, _ in kube.events] == [("Warning", "Forbidden")]
     kube.forbid.clear()
-    reconcile_object("FineTuneJob", "ml", "llama-sft", kube=kube, options=RenderOptions())
+    reconcile_object("FineTuneJob", "ml", "llama-sft", kube=kube)
     status = kube.objects[("FineTuneJob", "llama-sft")]["status"]
     assert status["phase"] == "Pending" and status["jobName"] == "llama-sft-ftj-a1"
     assert next(c for c in status["conditions"] if c["type"] == "Synced")["status"] == "True"

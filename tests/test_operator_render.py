@@ -12,8 +12,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kubetune.operator.render import render_training
-from kubetune.operator.render.common import dns_label, label_value
+from kubetune.operator.common import dns_label, label_value
+from kubetune.operator.training.render import render_training
 from kubetune.trainer.api.specfile import load_spec
 from tests.test_operator_crds import EXAMPLE_FTJ
 
@@ -227,8 +227,8 @@ def test_alignment_job_yaml_resolves_base_model_reference(tmp_path: Path) -> Non
 
 
 def test_prepare_job_tokenizes_once_without_gpus() -> None:
-    from kubetune.operator.render.training import render_prepare_job
     from kubetune.operator.resources import validate_spec
+    from kubetune.operator.training.render import render_prepare_job
 
     cr = _cr(storage={"secretRef": {"name": "s3"}, "endpoint": "http://minio:9000"},
              resources={"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "64Gi"}},

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator.reconcile import Observed, reconcile
+from kubetune.operator.training.decide import Observed, reconcile
 from tests.cluster.fixtures import Kubectl
 from tests.cluster.sim import (
     COMPLETE_DELAY,

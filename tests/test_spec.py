@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -95,8 +94,30 @@ def test_missing_model_is_reported(tmp_path):
     assert "model: is required" in str(info.value)
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kubetune.trainer.cli.main", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """`kubetune ARGS` in-process: `main` returns the exit code (an error it does not turn into one
+    propagates, so "no traceback" holds by the test not erroring); stdout and stderr captured."""
+    start = Path.cwd()
+
+    def run(*args: str, cwd: Path | None = None) -> CliResult:
+        monkeypatch.chdir(cwd or start)
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exit:  # argparse's usage errors
+            code = exit.code if isinstance(exit.code, int) else 1
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return run
 
 
 @pytest.mark.parametrize(
@@ -111,7 +132,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         ("model: [unclosed\n", "is not valid YAML"),
     ],
 )
-def test_cli_rejects_bad_specs_with_exit_code_2_and_no_traceback(tmp_path, text, expect):
+def test_cli_rejects_bad_specs_with_exit_code_2_and_no_traceback(run_cli, tmp_path, text, expect):
     spec = write(tmp_path, text)
     result = run_cli("validate", str(spec), cwd=EXAMPLES.parent)
     assert result.returncode == 2, result.stdout + result.stderr
@@ -120,7 +141,7 @@ def test_cli_rejects_bad_specs_with_exit_code_2_and_no_traceback(tmp_path, text,
     assert len(result.stderr.strip().splitlines()) <= 3  # one paragraph, not a dump
 
 
-def test_cli_names_manifest_fields_with_their_full_path(tmp_path):
+def test_cli_names_manifest_fields_with_their_full_path(run_cli, tmp_path):
     manifest = yaml.safe_load((EXAMPLES / "finetunejob-quickstart.yaml").read_text())
     manifest["spec"]["training"]["train"]["learningRate"] = -1
     result = run_cli("validate", str(write(tmp_path, yaml.safe_dump(manifest))), cwd=EXAMPLES.parent)
@@ -162,7 +183,7 @@ ISVC = {
 }
 
 
-def test_validate_checks_an_inference_service_like_the_webhook(tmp_path):
+def test_validate_checks_an_inference_service_like_the_webhook(run_cli, tmp_path):
     """It refused every InferenceService ("kind 'InferenceService' cannot be trained")."""
     from kubetune.operator.validation import AdmissionRefused, admit
 
@@ -180,7 +201,7 @@ def test_validate_checks_an_inference_service_like_the_webhook(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["validate", "train"])
-def test_an_unknown_top_level_field_is_refused_like_kubectl_apply(tmp_path, command):
+def test_an_unknown_top_level_field_is_refused_like_kubectl_apply(run_cli, tmp_path, command):
     manifest = yaml.safe_load((EXAMPLES / "finetunejob-quickstart.yaml").read_text())
     manifest["definitelyNotAField"] = 3
     result = run_cli(command, str(write(tmp_path, yaml.safe_dump(manifest))), cwd=EXAMPLES.parent)
@@ -191,7 +212,7 @@ def test_an_unknown_top_level_field_is_refused_like_kubectl_apply(tmp_path, comm
     assert result.returncode == 2 and "did you mean `spec`?" in result.stderr
 
 
-def test_a_manifest_with_local_data_trains_here_but_is_refused_for_the_cluster(tmp_path):
+def test_a_manifest_with_local_data_trains_here_but_is_refused_for_the_cluster(run_cli, tmp_path):
     manifest = yaml.safe_load((EXAMPLES / "finetunejob-quickstart.yaml").read_text())
     manifest["spec"]["training"]["data"]["datasets"][0]["path"] = "examples/data/demo_alpaca.json"
     path = write(tmp_path, yaml.safe_dump(manifest))
@@ -201,7 +222,7 @@ def test_a_manifest_with_local_data_trains_here_but_is_refused_for_the_cluster(t
     assert "spec.training.data.datasets[0].path" in result.stderr and "upload the file to S3" in result.stderr
 
 
-def test_validate_echoes_a_huge_value_briefly(tmp_path):
+def test_validate_echoes_a_huge_value_briefly(run_cli, tmp_path):
     manifest = yaml.safe_load((EXAMPLES / "finetunejob-quickstart.yaml").read_text())
     manifest["spec"]["training"]["method"] = "m" * 100_000
     for text in (yaml.safe_dump(manifest), yaml.safe_dump(manifest["spec"]["training"])):
@@ -210,7 +231,7 @@ def test_validate_echoes_a_huge_value_briefly(tmp_path):
         assert len(result.stderr) < 2000, len(result.stderr)
 
 
-def test_validate_warns_about_a_literal_secret_in_env(tmp_path):
+def test_validate_warns_about_a_literal_secret_in_env(run_cli, tmp_path):
     manifest = yaml.safe_load((EXAMPLES / "finetunejob-quickstart.yaml").read_text())
     manifest["spec"]["env"] = [{"name": "HF_TOKEN", "value": "hf_secret"}]
     result = run_cli("validate", str(write(tmp_path, yaml.safe_dump(manifest))), cwd=EXAMPLES.parent)

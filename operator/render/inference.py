@@ -75,12 +75,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.operator.render.common import (
+from kubetune.operator.common import (
     StorageDefaults,
     child_names,
     effective_storage,
@@ -91,8 +90,8 @@ from kubetune.operator.render.common import (
     selector_labels,
     storage_env,
 )
-from kubetune.operator.render.training import RenderOptions
 from kubetune.operator.resources import InferenceServiceSpec, validate_spec
+from kubetune.operator.training.render import RenderOptions
 from kubetune.trainer.api import engine_flags
 
 KIND = "InferenceService"
@@ -156,20 +155,6 @@ class ServingOptions:
         if self.default_image:
             return self.default_image
         return self.vllm_image if engine == "vllm" else self.trainer_image
-
-    @classmethod
-    def from_environment(cls) -> ServingOptions:
-        from kubetune.operator.validation import check_host_cache_root
-
-        env = os.environ
-        kwargs: dict[str, Any] = {"default_image": env.get("KUBETUNE_SERVER_IMAGE") or None,
-                                  "storage_defaults": StorageDefaults.from_environment()}
-        for name, key in (("KUBETUNE_VLLM_IMAGE", "vllm_image"), ("KUBETUNE_TRAINER_IMAGE", "trainer_image")):
-            if env.get(name):
-                kwargs[key] = env[name]
-        if env.get("KUBETUNE_HOST_CACHE_ROOT"):
-            kwargs["host_cache_root"] = check_host_cache_root(env["KUBETUNE_HOST_CACHE_ROOT"])
-        return cls(**kwargs)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ corpus that takes longer than the collective timeout, so ranks die waiting at th
 (and GPUs idle while CPUs tokenize). `prepare` runs the data pipeline once, stores the result
 under `data.cache` (see `kubetune.trainer.train.data.cache` for the key and the layout), and every rank
 of the training run then only reads it. On the cluster the operator runs it in a one-pod, CPU-only
-Job before the training gang (`kubetune.operator.render.training.render_prepare_job`).
+Job before the training gang (`kubetune.operator.training.render.render_prepare_job`).
 
 Idempotent: when a complete entry for the key exists, nothing is tokenized or uploaded.
 

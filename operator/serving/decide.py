@@ -1,9 +1,9 @@
-"""The decision logic of InferenceService, as plain functions over dicts (plus its thin I/O shell).
+"""The decision logic of InferenceService, as plain functions over dicts (pure: no I/O).
 
 `reconcile_service(cr, observed, now)` looks at an InferenceService and what exists around it
 (its Deployment, Service and HPA, the S3 Secret, the training jobs it references) and returns a
 `ServingPlan`: objects to create, merge patches, deletions, the new status and the events. The
-kopf handlers (`handlers.py`) call `reconcile_service_object`, which observes, decides and acts;
+kopf handlers run it through the operator's one loop (`apply.reconcile_resource`: observe, decide, act);
 running it twice on the same world changes nothing.
 
 Lifecycle:
@@ -38,32 +38,26 @@ Lifecycle:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import logging
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.operator.kube import KubeError
-from kubetune.operator.reconcile import Event, StatusDecisions
+from kubetune.operator.plan import Event, Plan, StatusDecisions
 from kubetune.operator.references import (
     REFERENCE_FAILED,
     DependencyChecks,
-    observe_references,
-    observe_secret,
     reference_key,
     service_references,
 )
-from kubetune.operator.render.common import is_owned_by
 from kubetune.operator.render.inference import (
     ANNOTATION_SPEC_HASH,
     API_KEY_SECRET_KEY,
     KIND,
     ResolvedModels,
     ServingOptions,
-    adapters_config_name,
     api_key_source,
     render_adapters_config_map,
     render_api_key_secret,
@@ -115,16 +109,8 @@ class ServingObserved:
     """Children's names taken by objects this resource does not own."""
 
 
-@dataclass
-class ServingPlan:
-    status: dict[str, Any]
-    create: list[dict[str, Any]] = field(default_factory=list)
-    patch: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
-    """(kind, name, merge patch) for existing children."""
-    delete: list[tuple[str, str]] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-    api_key_secret: dict[str, Any] | None = None
-    """The generated API key's Secret to create if absent (without data: the shell adds the key)."""
+ServingPlan = Plan
+"""The serving decision's plan: the shared `Plan` (it uses every field)."""
 
 
 def merge_diff(old: Any, new: Any) -> Any:
@@ -229,6 +215,7 @@ class _ServiceReconciler(DependencyChecks, StatusDecisions):
         if source.generated and (recorded.get("apiKeySecret") != source.secret or self.obs.deployment is None
                                  or recorded.get("observedGeneration") != self.generation):
             self.plan.api_key_secret = render_api_key_secret(self.cr)
+            self.plan.api_key_field = API_KEY_SECRET_KEY
         if source.secret:
             self.status["apiKeySecret"] = source.secret
         else:
@@ -388,102 +375,12 @@ def reconcile_service(
     return _ServiceReconciler(cr, observed, now, options or ServingOptions()).run()
 
 
-# --------------------------------------------------------------------------------------------
-# The I/O shell (called by the kopf handlers)
-
-
-def observe_service(kube: Any, cr: dict[str, Any], options: ServingOptions | None = None) -> ServingObserved:
-    meta = cr["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
-    child, _ = service_names(name)
-    observed = ServingObserved()
-    for kind, attr in zip(CHILD_KINDS, ("deployment", "service", "hpa"), strict=True):
-        obj = kube.get(kind, namespace, child)
-        if obj is not None and not is_owned_by(obj, cr):
-            observed.foreign.append(f"{kind} {child}")
-            obj = None
-        setattr(observed, attr, obj)
-    config = kube.get("ConfigMap", namespace, adapters_config_name(name))
-    if config is not None and not is_owned_by(config, cr):
-        observed.foreign.append(f"ConfigMap {adapters_config_name(name)}")
-        config = None
-    observed.adapters_config = config
-    try:
-        spec: InferenceServiceSpec = validate_resource(cr)  # type: ignore[assignment]
-    except SpecErrors:
-        return observed
-    # The Secret the pods will reference (its own, or the operator's default): metadata only.
-    observed.secret_found = observe_secret(kube, namespace, spec, (options or ServingOptions()).storage_defaults)
-    observed.references = observe_references(kube, namespace, service_references(spec))
-    return observed
-
-
-def reconcile_service_object(kube: Any, namespace: str, name: str, options: ServingOptions | None = None) -> None:
-    """Read, observe, decide, act — for one InferenceService."""
-    from kubetune.operator.reconcile import status_patch
-
-    cr = kube.get(KIND, namespace, name)
-    if cr is None or (cr.get("metadata") or {}).get("deletionTimestamp"):
-        return
-    cr.setdefault("metadata", {}).setdefault("namespace", namespace)
-    cr.setdefault("kind", KIND)
-    options = options or ServingOptions.from_environment()
-    plan = reconcile_service(cr, observe_service(kube, cr, options), options=options)
-    forbidden = _act(kube, cr, plan)
-    if forbidden:
-        _report_forbidden(cr, plan, forbidden)
-    for event in plan.events:  # before the status, as for training jobs
-        kube.post_event(cr, event.type, event.reason, event.message)
-    patch = status_patch(cr.get("status"), plan.status)
-    if patch:
-        kube.patch(KIND, namespace, name, {"status": patch}, subresource="status")
-
-
-def _act(kube: Any, cr: dict[str, Any], plan: ServingPlan) -> list[KubeError]:
-    """Carry out the plan's writes. A write the operator's RBAC forbids (403) is collected and
-    the others still run: one missing permission (say `patch` on ConfigMaps, an adapter change)
-    must not block every other change (a scale, a new model version). Other errors raise, as
-    before (kopf retries the handler)."""
-    meta = cr["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
-    forbidden: list[KubeError] = []
-
-    def attempt(action: Any) -> None:
-        try:
-            action()
-        except KubeError as exc:
-            if not exc.forbidden:
-                raise
-            forbidden.append(exc)
-
-    if plan.api_key_secret is not None:
-        attempt(lambda: _create_api_key_secret(kube, plan.api_key_secret))
-    for obj in plan.create:
-        def create(obj: dict[str, Any] = obj) -> None:
-            _, created = kube.create(obj)
-            log.info("%s %s/%s: %s %s %s", KIND, namespace, name, "created" if created else "found existing",
-                     obj["kind"], obj["metadata"]["name"])
-        attempt(create)
-    for kind, child, patch in plan.patch:
-        attempt(lambda kind=kind, child=child, patch=patch: kube.patch(kind, namespace, child, patch))
-    for kind, child in plan.delete:
-        with contextlib.suppress(Exception):
-            kube.delete(kind, namespace, child)
-    return forbidden
-
-
-def _create_api_key_secret(kube: Any, secret: dict[str, Any]) -> None:
-    """Create the generated API key's Secret unless it exists. The key is made here, sent once
-    in the create request and forgotten: it is never logged, put in an event or the status."""
-    body = {**secret, "stringData": {API_KEY_SECRET_KEY: secrets.token_urlsafe(32)}}
-    if kube.create_if_absent(body):
-        log.info("%s %s/%s: created Secret %s (a generated API key)", KIND, secret["metadata"]["namespace"],
-                 secret["metadata"]["ownerReferences"][0]["name"], secret["metadata"]["name"])
-
-
-def _report_forbidden(cr: dict[str, Any], plan: ServingPlan, forbidden: list[KubeError]) -> None:
+def report_forbidden(cr: dict[str, Any], plan: Plan, forbidden: list[KubeError]) -> None:
     """Ready=False (reason Forbidden) and a Warning event naming each refused call, so that a
-    missing RBAC grant shows in `kubectl describe` instead of only in the operator's log."""
+    missing RBAC grant shows in `kubectl describe` instead of only in the operator's log. With
+    nothing refused there is nothing to do: the decision set Ready from what it observed."""
+    if not forbidden:
+        return
     calls = sorted({exc.permission() for exc in forbidden})
     message = (f"the operator is not allowed to {'; '.join(calls)} (HTTP 403): the change is not applied. "
                "Grant it to the operator's ServiceAccount (the Helm chart's RBAC does: upgrade the chart).")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -113,10 +112,6 @@ def is_owned_by(obj: dict[str, Any], cr: dict[str, Any]) -> bool:
     return False
 
 
-DEFAULT_S3_ENDPOINT_ENV = "KUBETUNE_DEFAULT_S3_ENDPOINT"
-DEFAULT_S3_SECRET_ENV = "KUBETUNE_DEFAULT_S3_SECRET"
-
-
 @dataclass(frozen=True)
 class StorageDefaults:
     """The operator's S3 settings for pods whose resource sets none (`--default-s3-endpoint`,
@@ -127,11 +122,6 @@ class StorageDefaults:
     endpoint: str | None = None
     secret: str | None = None
     """A Secret (in each resource's namespace) with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
-
-    @classmethod
-    def from_environment(cls) -> StorageDefaults:
-        return cls(endpoint=os.environ.get(DEFAULT_S3_ENDPOINT_ENV) or None,
-                   secret=os.environ.get(DEFAULT_S3_SECRET_ENV) or None)
 
 
 def effective_storage(spec: Any, defaults: StorageDefaults | None) -> Any:

@@ -33,29 +33,23 @@ from __future__ import annotations
 
 import copy
 import datetime
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.operator.references import (
-    REFERENCE_FAILED,
-    DependencyChecks,
-    output_uri_of,
-    training_references,
-)
-from kubetune.operator.render.common import (
+from kubetune.operator.common import (
     ANNOTATION_ATTEMPT,
     ANNOTATION_TRAINING_HASH,
     LABEL_ATTEMPT,
     child_names,
 )
-from kubetune.operator.render.training import (
-    RenderOptions,
-    prepare_job_name,
-    render_config_map,
-    render_job,
-    render_prepare_job,
-    render_service,
-    training_hash,
+from kubetune.operator.kube import KubeError
+from kubetune.operator.plan import Event, Plan, StatusDecisions
+from kubetune.operator.references import (
+    REFERENCE_FAILED,
+    DependencyChecks,
+    output_uri_of,
+    training_references,
 )
 from kubetune.operator.resources import TERMINAL_PHASES, ClusterFields
 from kubetune.operator.status import (
@@ -63,6 +57,7 @@ from kubetune.operator.status import (
     COND_RUNNING,
     COND_SUCCEEDED,
     COND_SUSPENDED,
+    COND_SYNCED,
     FAILED,
     PENDING,
     READY_TO_START,
@@ -71,15 +66,27 @@ from kubetune.operator.status import (
     SUCCEEDED,
     SUSPENDED,
     TrainerReport,
+    get_condition,
     now_iso,
     parse_time,
     parse_trainer_status,
     progress_of,
     set_condition,
 )
+from kubetune.operator.training.render import (
+    RenderOptions,
+    prepare_job_name,
+    render_config_map,
+    render_job,
+    render_prepare_job,
+    render_service,
+    training_hash,
+)
 from kubetune.operator.validation import memory_refusal, validate_resource
-from kubetune.trainer.api.errors import SpecErrors, cap_message
+from kubetune.trainer.api.errors import SpecErrors
 from kubetune.trainer.artifacts.datacache import cache_location, cluster_default_cache, prepare_skip_reason
+
+log = logging.getLogger("kubetune.operator")
 
 COND_DATA_PREPARED = "DataPrepared"
 """The datasets are tokenized into data.cache (False while the prepare Job runs, or after it failed)."""
@@ -103,22 +110,6 @@ class Observed:
     """The trainer's status.json, when readable."""
 
 
-@dataclass
-class Event:
-    type: str
-    reason: str
-    message: str
-
-
-@dataclass
-class Plan:
-    status: dict[str, Any]
-    create: list[dict[str, Any]] = field(default_factory=list)
-    patch: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
-    """(kind, name, merge patch) for existing children."""
-    events: list[Event] = field(default_factory=list)
-
-
 def job_attempt(job: dict[str, Any]) -> int:
     meta = job.get("metadata") or {}
     raw = (meta.get("annotations") or {}).get(ANNOTATION_ATTEMPT) or (meta.get("labels") or {}).get(LABEL_ATTEMPT)
@@ -133,30 +124,6 @@ def job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
         if cond.get("type") == type_ and cond.get("status") == "True":
             return cond
     return None
-
-
-class StatusDecisions:
-    """Phase transitions (with their events) and conditions, shared by the training and serving
-    reconcilers. Subclasses set `status`, `plan` (with `.events`), `ts` and `generation`."""
-
-    status: dict[str, Any]
-    plan: Any
-    ts: str
-    generation: Any
-
-    def event(self, type_: str, reason: str, message: str) -> None:
-        self.plan.events.append(Event(type_, reason, cap_message(message)))
-
-    def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
-        """Set the phase; an event is posted when the phase or its reason changes. Messages are
-        capped (`cap_message`): they may echo spec values of any size."""
-        message = cap_message(message)
-        if self.status.get("phase") != phase or self.status.get("reason") != reason:
-            self.event(event_type, reason, message)
-        self.status.update(phase=phase, reason=reason, message=message)
-
-    def condition(self, type_: str, value: bool, reason: str, message: str = "") -> bool:
-        return set_condition(self.status, type_, value, reason, message, now=self.ts, generation=self.generation)
 
 
 class _Reconciler(DependencyChecks, StatusDecisions):
@@ -223,7 +190,7 @@ class _Reconciler(DependencyChecks, StatusDecisions):
 
         if not started_hash:
             # Refused before anything is scheduled: a job that cannot fit would only OOM later.
-            refusal = memory_refusal(spec, self.cr)
+            refusal = memory_refusal(spec, self.cr, default_gib=self.options.gpu_memory_gib)
             if refusal:
                 self.condition(SPEC_VALID, False, INSUFFICIENT_GPU_MEMORY, refusal)
                 self.finish(FAILED, INSUFFICIENT_GPU_MEMORY, refusal)
@@ -526,27 +493,6 @@ def reconcile(
     return _Reconciler(cr, observed, now, options or RenderOptions()).run()
 
 
-def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any] | None:
-    """A merge patch turning status `old` into `new` (None for removed keys), or None when
-    nothing changed."""
-    old = old or {}
-    if old == new:
-        return None
-    patch: dict[str, Any] = {}
-    for key, value in new.items():
-        before = old.get(key)
-        if before == value:
-            continue
-        if isinstance(before, dict) and isinstance(value, dict):
-            patch[key] = status_patch(before, value)
-        else:
-            patch[key] = value
-    for key in old:
-        if key not in new:
-            patch[key] = None
-    return patch
-
-
 RETRIED_ON_SPEC_CHANGE = ("InvalidSpec", INSUFFICIENT_GPU_MEMORY)
 """Failed reasons a new spec (generation) may fix: the resource is reconciled again then."""
 
@@ -570,3 +516,28 @@ def needs_trainer_status(cr: dict[str, Any]) -> str | None:
     if not status.get("attempts"):
         return None  # the prepare Job is still tokenizing: no trainer has written anything yet
     return status.get("outputUri") or output_uri_of(cr)
+
+
+def report_forbidden(cr: dict[str, Any], plan: Any, forbidden: list[KubeError]) -> None:
+    """Condition `Synced` (False, reason Forbidden) and one Warning event naming each refused
+    call, so that a missing RBAC grant shows in `kubectl describe`, not only in the operator's
+    log. The condition turns True again once every call is allowed. The rest of the status is
+    left as it was: the plan assumed its calls succeed."""
+    before = get_condition(cr.get("status") or {}, COND_SYNCED) or {}
+    generation = (cr.get("metadata") or {}).get("generation")
+    if not forbidden:
+        if before.get("reason") == "Forbidden":
+            set_condition(plan.status, COND_SYNCED, True, "Reconciled", "", now=now_iso(), generation=generation)
+        return
+    # Not everything the plan describes happened: keep the status (and the events) as they were,
+    # so the next pass decides again from what exists, rather than from a Job that was refused.
+    plan.status = copy.deepcopy(cr.get("status") or {})
+    plan.events = []
+    calls = sorted({exc.permission() for exc in forbidden})
+    message = (f"the operator is not allowed to {'; '.join(calls)} (HTTP 403): the change is not applied. "
+               "Grant it to the operator's ServiceAccount (the Helm chart's RBAC does: upgrade the chart).")
+    set_condition(plan.status, COND_SYNCED, False, "Forbidden", message, now=now_iso(), generation=generation)
+    if before.get("reason") == "Forbidden" and before.get("message") == message:
+        return  # reported already; the timer retries every few seconds
+    log.warning("%s %s/%s: %s", cr["kind"], cr["metadata"]["namespace"], cr["metadata"]["name"], message)
+    plan.events.append(Event("Warning", "Forbidden", message))

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from kubetune.operator.render.common import (
+from kubetune.operator.common import (
     ANNOTATION_ATTEMPT,
     ANNOTATION_TRAINING_HASH,
     LABEL_ATTEMPT,
@@ -62,6 +62,8 @@ class RenderOptions:
     run_as_user: int = RUN_AS_USER
     storage_defaults: StorageDefaults = field(default_factory=StorageDefaults)
     """S3 endpoint/Secret for jobs whose spec.storage sets none (`--default-s3-*`)."""
+    gpu_memory_gib: float | None = None
+    """`--gpu-memory-gib`: GPU memory of jobs without spec.gpuMemoryGiB (the admission check)."""
 
 
 def training_hash(training: Any) -> str:

@@ -1,0 +1,106 @@
+"""The operator's typed configuration: what `kubetune operator`'s flags decide.
+
+Nothing is read at import time and nothing travels through environment variables: the flags
+become one `OperatorConfig` (`config_from_args`), the handlers are registered into a registry
+built for it (`handlers.register`), and kopf hands it to every handler in its `memo` (`main.run`).
+A test builds the same registry with any config it likes, in-process.
+
+A few settings are read from the environment once, here, because the Helm chart sets them for
+every replica (`KUBETUNE_KOPF_SCANNING`, `KUBETUNE_WATCH_TIMEOUT`, `KUBETUNE_KOPF_EVENTS`) or a
+test harness needs them (`KUBETUNE_WEBHOOK_ADDR`, `KUBETUNE_WEBHOOK_INSECURE`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.operator.common import StorageDefaults
+from kubetune.operator.render.inference import ServingOptions
+from kubetune.operator.training.render import RenderOptions
+
+DEFAULT_RECONCILE_INTERVAL = 10.0
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """The validating admission webhook's server (kopf serves it)."""
+
+    port: int
+    addr: str = "0.0.0.0"
+    host: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    managed: str | None = None
+    """The ValidatingWebhookConfiguration kopf creates/updates (None: someone else manages it)."""
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Everything the operator's flags decide, passed to every handler in kopf's memo."""
+
+    training: RenderOptions = field(default_factory=RenderOptions)
+    serving: ServingOptions = field(default_factory=ServingOptions)
+    reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
+    """Seconds between observations of a resource in flight (its Job, status.json)."""
+    metrics_port: int | None = None
+    webhook: WebhookConfig | None = None
+    kopf_events: bool = True
+    """Let kopf post its own log lines as events (ours are always posted)."""
+    scanning: bool = True
+    """kopf's cluster scanning for namespaces/CRDs (the chart turns it off: no cluster-wide list)."""
+    watch_timeout: int = 300
+
+    @property
+    def gpu_memory_gib(self) -> float | None:
+        return self.training.gpu_memory_gib
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    return default if value is None else value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> OperatorConfig:
+    """The configuration `kubetune operator ARGS` runs with."""
+    env = os.environ if environ is None else environ
+    storage = StorageDefaults(endpoint=args.default_s3_endpoint or None, secret=args.default_s3_secret or None)
+    training = RenderOptions(storage_defaults=storage, gpu_memory_gib=args.gpu_memory_gib,
+                             **({"default_image": args.trainer_image} if args.trainer_image else {}))
+    serving_kwargs: dict[str, Any] = {"default_image": args.server_image or None, "storage_defaults": storage}
+    for value, key in ((args.vllm_image, "vllm_image"), (args.trainer_image, "trainer_image"),
+                       (args.host_cache_root, "host_cache_root")):
+        if value:
+            serving_kwargs[key] = value
+    webhook = None
+    if args.webhook_port is not None:
+        webhook = WebhookConfig(port=args.webhook_port, addr=env.get("KUBETUNE_WEBHOOK_ADDR", "0.0.0.0"),
+                                host=args.webhook_host or None, cert=args.webhook_cert or None,
+                                key=args.webhook_key or None, managed=args.webhook_managed or None,
+                                insecure=_flag(env.get("KUBETUNE_WEBHOOK_INSECURE"), False))
+    return OperatorConfig(
+        training=training,
+        serving=ServingOptions(**serving_kwargs),
+        reconcile_interval=args.reconcile_interval or DEFAULT_RECONCILE_INTERVAL,
+        metrics_port=args.metrics_port,
+        webhook=webhook,
+        kopf_events=_flag(env.get("KUBETUNE_KOPF_EVENTS"), True),
+        scanning=_flag(env.get("KUBETUNE_KOPF_SCANNING"), True),
+        watch_timeout=int(env.get("KUBETUNE_WATCH_TIMEOUT", "300")),
+    )
+
+
+class Locks:
+    """One lock per resource: its handlers (change, timer, a child's event) never overlap."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str, str], threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def of(self, kind: str, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault((kind, namespace, name), threading.Lock())
