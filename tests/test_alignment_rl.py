@@ -18,6 +18,7 @@ import yaml
 
 from kubetune.trainer.api.errors import SpecError, SpecErrors
 from kubetune.trainer.api.specfile import validate_training
+from kubetune.trainer.cli.main import main
 from kubetune.trainer.train.data.demo_preferences import demo_preferences
 from kubetune.trainer.train.preflight import preflight
 from kubetune.trainer.train.reward_functions import exact_match, word_f1
@@ -225,7 +226,7 @@ def _fields(exc: SpecErrors) -> list[str]:
     return [e.field for e in exc.errors]
 
 
-def test_reward_function_that_does_not_import_is_refused_up_front(tmp_path: Path) -> None:
+def test_reward_function_that_does_not_import_is_refused_up_front(tmp_path: Path, capsys, monkeypatch) -> None:
     spec = validate_training(rl_spec("raft", tmp_path, reward={"function": "no_such_module_xyz:score"}))
     with pytest.raises(SpecErrors) as caught:
         preflight(spec)
@@ -235,9 +236,10 @@ def test_reward_function_that_does_not_import_is_refused_up_front(tmp_path: Path
         import_function("kubetune.trainer.train.reward_functions:nope")
     spec_file = tmp_path / "raft.yaml"
     spec_file.write_text(yaml.safe_dump(rl_spec("raft", tmp_path / "out", reward={"function": "no_such_module_xyz:score"})))
-    proc = subprocess.run([sys.executable, "-m", "kubetune.trainer.cli.main", "train", str(spec_file)], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env={**os.environ, "PYTHONSAFEPATH": "1"})
-    assert proc.returncode == 2 and "reward.function" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+    assert main(["train", str(spec_file)]) == 2  # `kubetune train`, in-process: an uncaught error would propagate
+    assert "reward.function" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything was written
     bad_signature = tmp_path / "rewards.py"
     bad_signature.write_text("def score(x):\n    return [0.0]\n")

@@ -37,6 +37,8 @@ CHART = ROOT / "charts" / "kubetune"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 RELEASE_NAMESPACE = "kubetune"
 
+pytestmark = pytest.mark.slow  # the real Helm engine, each install in a subprocess
+
 # Kinds kubernetes-validate has no schema for (custom resources of other projects); each is
 # checked by hand below instead.
 NO_K8S_SCHEMA = {

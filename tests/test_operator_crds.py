@@ -245,6 +245,7 @@ def test_cli_crds_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
                                                                       "inferenceservices.kubetune.io"]
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_cli_registers_operator_without_importing_kopf() -> None:
     code = (
         "import sys\n"
