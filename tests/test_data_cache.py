@@ -67,6 +67,7 @@ def rows(ds: datasets.Dataset | None) -> list[dict[str, Any]]:
     return [] if ds is None else ds.to_list()
 
 
+@pytest.mark.slow  # trains a model
 def test_prepare_then_train_reads_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             caplog: pytest.LogCaptureFixture) -> None:
     from kubetune.trainer.cli.main import main
@@ -187,6 +188,7 @@ def test_cache_locations_and_when_the_operator_prepares(tmp_path: Path) -> None:
     assert "streamed" in (prepare_skip_reason(streaming) or "")
 
 
+@pytest.mark.slow  # > 1 s
 def test_s3_cache_prepared_once_and_read_on_a_fresh_disk(s3: S3Env, tmp_path: Path, tok: Any, tiny_model_dir: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     s3.put("data/train.jsonl", "".join(json.dumps(r) + "\n" for r in ROWS))

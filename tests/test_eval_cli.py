@@ -59,6 +59,7 @@ def _eval(model: str, out, capsys, *extra: str) -> dict:
     return {r["task"]: r["metrics"] for r in results}
 
 
+@pytest.mark.slow  # trains a model
 def test_training_improves_eval_metrics(tmp_path, capsys):
     """The acceptance check: after a short training run, perplexity is lower and exact match is
     higher than for the untrained model, on the same data, through the CLI."""

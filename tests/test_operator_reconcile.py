@@ -286,6 +286,7 @@ def test_status_read_gives_up_at_once_on_a_failing_endpoint(monkeypatch: pytest.
     assert 1 <= len(requests) <= 2, requests
 
 
+@pytest.mark.slow  # > 1 s: waits out the status read's timeouts
 def test_status_read_gives_up_quickly_on_an_endpoint_that_never_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     """An endpoint that accepts connections and never answers (a hung proxy, a black-holed load
     balancer) must not hold the reconcile for the storage layer's socket timeouts (60 s per

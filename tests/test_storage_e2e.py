@@ -186,7 +186,15 @@ def test_sigkill_during_checkpoint_upload_then_resume_on_an_empty_disk(inputs: S
     output = finish(first, timeout=60)
     assert first.returncode == -signal.SIGKILL, output[-4000:]
     held.times = 0
-    time.sleep(DELAY_S + 0.5)  # the PUTs the proxy held still land: a half-uploaded checkpoint
+    # The PUTs the proxy held still land (a half-uploaded checkpoint): wait until the store has answered each.
+    deadline = time.monotonic() + DELAY_S + 60
+    while True:
+        with proxy.lock:
+            landed = all(request.status for mode, request in proxy.injected if mode == "delay")
+        if landed:
+            break
+        assert time.monotonic() < deadline, "the PUTs the proxy held never reached the store"
+        time.sleep(0.05)
 
     # Right after the crash: 5 and 10 are complete and whole, 15 has objects but no manifest.
     after_crash = remote_checkpoints(s3, run)

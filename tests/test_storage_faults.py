@@ -26,6 +26,7 @@ def _no_secrets(*texts: str) -> None:
             assert secret not in text
 
 
+@pytest.mark.slow  # > 1 s: retries with backoff
 def test_transient_faults_are_retried(s3: S3Env, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     s3.put("m/config.json", '{"x": 1}')
@@ -99,6 +100,7 @@ def test_status_and_errors_never_carry_credentials(s3: S3Env) -> None:
     session.close()
 
 
+@pytest.mark.slow  # > 1 s: 200 MB through S3
 def test_200mb_file_multipart_round_trip(s3: S3Env, tmp_path: Path) -> None:
     source = tmp_path / "big.bin"
     digest = hashlib.sha256()

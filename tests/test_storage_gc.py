@@ -118,7 +118,11 @@ def test_locked_entry_survives_and_a_waiter_relocks_a_removed_lock_file(
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    time.sleep(0.2)
+    inode = os.stat(lock).st_ino  # wait until the waiter is blocked on the old file (a "->" line in /proc/locks)
+    deadline = time.monotonic() + 10
+    while not any(" -> " in line and f":{inode} " in line for line in Path("/proc/locks").read_text().splitlines()):
+        assert time.monotonic() < deadline and thread.is_alive(), "the waiter never blocked on the lock"
+        time.sleep(0.01)
     lock.unlink()
     os.close(gc_side)  # releases the old inode
     assert entered.wait(10)

@@ -36,6 +36,7 @@ def test_localize_single_file_then_cache_hit(s3: S3Env) -> None:
     assert s3.proxy.count("GET", "/data/train.jsonl", objects_only=True) == gets  # nothing downloaded
 
 
+@pytest.mark.slow  # > 1 s
 def test_localize_prefix_changed_and_removed_objects(s3: S3Env) -> None:
     s3.put("models/tiny/config.json", '{"a": 1}')
     s3.put("models/tiny/weights/model.safetensors", b"\x00" * 5000)
@@ -99,6 +100,7 @@ def test_corrupt_cache_entry_is_downloaded_again(s3: S3Env) -> None:
     assert s3.proxy.count("GET", "/d/a.txt", objects_only=True) == 2
 
 
+@pytest.mark.slow  # > 1 s
 def test_streaming_jsonl_and_parquet(s3: S3Env) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -36,6 +36,7 @@ def _session(s3: S3Env, prefix: str = "runs/a", settings: StorageSpec | None = N
     return session
 
 
+@pytest.mark.slow  # > 1 s
 def test_checkpoint_uploads_in_background_with_manifest_last(s3: S3Env) -> None:
     session = _session(s3)
     assert str(session.local_dir).startswith(str(s3.cache))
@@ -60,6 +61,7 @@ def test_checkpoint_uploads_in_background_with_manifest_last(s3: S3Env) -> None:
     session.close()
 
 
+@pytest.mark.slow  # > 1 s
 def test_resume_from_s3_on_empty_disk_ignores_incomplete(s3: S3Env, tmp_path: Path) -> None:
     first = _session(s3)
     for step in (10, 20):
@@ -103,6 +105,7 @@ def test_no_checkpoint_anywhere(s3: S3Env) -> None:
     session.close()
 
 
+@pytest.mark.slow  # > 1 s
 def test_retention_in_s3_survives_local_rotation(s3: S3Env) -> None:
     session = _session(s3, keep_last=2)
     s3.proxy.add_fault("delay", times=1, method="PUT", path_contains="checkpoint-1/")
@@ -145,6 +148,7 @@ def test_finalize_uploads_outputs_and_status(s3: S3Env) -> None:
     session.close()
 
 
+@pytest.mark.slow  # > 1 s
 def test_finalize_waits_for_a_slow_checkpoint_upload(s3: S3Env) -> None:
     session = _session(s3)
     s3.proxy.add_fault("delay", times=1, method="PUT", path_contains="checkpoint-7/model")
@@ -222,6 +226,7 @@ def _node_checkpoint(session: S3OutputSession, files: dict[str, bytes]) -> Path:
     return path
 
 
+@pytest.mark.slow  # > 1 s
 def test_a_multi_node_checkpoint_is_complete_only_with_every_nodes_files(s3: S3Env) -> None:
     node0, node1 = _node_session(s3, "node0"), _node_session(s3, "node1")
     path0 = _node_checkpoint(node0, {"model.safetensors": b"m" * 5000, SHARD0: b"0" * 3000})
@@ -255,6 +260,7 @@ def test_a_multi_node_checkpoint_is_complete_only_with_every_nodes_files(s3: S3E
         session.close()
 
 
+@pytest.mark.slow  # > 1 s
 def test_a_node_that_fails_its_upload_leaves_the_checkpoint_incomplete(s3: S3Env) -> None:
     node0, node1 = _node_session(s3, "node0"), _node_session(s3, "node1", maxAttempts=2)
     path0 = _node_checkpoint(node0, {"model.safetensors": b"m" * 5000})
@@ -273,6 +279,7 @@ def test_a_node_that_fails_its_upload_leaves_the_checkpoint_incomplete(s3: S3Env
     node1.close()
 
 
+@pytest.mark.slow  # > 1 s
 def test_a_node_that_never_reports_leaves_the_checkpoint_incomplete(s3: S3Env) -> None:
     node0 = S3OutputSession(s3.uri("runs/a"), s3.settings(), shards_timeout=1.0)
     path0 = _node_checkpoint(node0, {"model.safetensors": b"m" * 5000})
@@ -283,6 +290,7 @@ def test_a_node_that_never_reports_leaves_the_checkpoint_incomplete(s3: S3Env) -
     node0.close()
 
 
+@pytest.mark.slow  # > 1 s
 def test_other_nodes_rotate_their_own_uploaded_checkpoints(s3: S3Env) -> None:
     """Rank 0's session rotates only rank 0's disk: every other node's uploader
     deletes its own checkpoint directories beyond `keep_last`, once uploaded and older than the
@@ -352,6 +360,7 @@ def test_run_logs_travel_with_the_checkpoint_and_reach_the_prefix_before_its_man
     session.close()
 
 
+@pytest.mark.slow  # > 1 s
 def test_a_lost_log_upload_loses_no_records_on_resume(s3: S3Env) -> None:
     """The prefix's metrics.jsonl never lands (killed, or refused): a fresh disk resuming from
     checkpoint-3 still gets every record up to step 3, from the checkpoint's own copy, and none
