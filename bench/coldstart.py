@@ -60,7 +60,7 @@ def ready_status(url: str) -> int:
 
 def one_start(uri: str, cache: Path, env: dict[str, str]) -> dict:
     """Init container, then server container until ready; seconds for each."""
-    from kubetune.operator.render.inference import render_inference
+    from kubetune.operator.serving.render import render_inference
 
     port = free_port()
     cr = {"apiVersion": "kubetune.io/v1alpha1", "kind": "InferenceService",

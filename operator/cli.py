@@ -81,7 +81,7 @@ def _host_cache_root(value: str) -> str:
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
-    from kubetune.operator.resources import crd_files
+    from kubetune.operator.crdgen import crd_files
 
     files = crd_files()
     if not args.out:

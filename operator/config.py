@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.operator.common import StorageDefaults
-from kubetune.operator.render.inference import ServingOptions
+from kubetune.operator.serving.render import ServingOptions
 from kubetune.operator.training.render import RenderOptions
 
 DEFAULT_RECONCILE_INTERVAL = 10.0

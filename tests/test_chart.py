@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.operator.resources import crd_files
+from kubetune.operator.crdgen import crd_files
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "kubetune"

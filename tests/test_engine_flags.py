@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator.render.inference import ResolvedModels, render_inference
-from kubetune.operator.resources import EngineArgs, crd
+from kubetune.operator.crdgen import crd
+from kubetune.operator.resources import EngineArgs
+from kubetune.operator.serving.render import ResolvedModels, render_inference
 from kubetune.trainer.api import engine_flags
 from kubetune.trainer.api.engine_flags import ALL, ENGINES, TRANSFORMERS, VLLM, EngineFlag
 from kubetune.trainer.cli.main import build_parser

@@ -222,8 +222,8 @@ def test_every_default_image_is_one_the_makefile_builds() -> None:
     contain that engine: vLLM is only in kubetune-vllm."""
     import yaml
 
-    from kubetune.operator.render.inference import ServingOptions
     from kubetune.operator.resources import InferenceServiceSpec
+    from kubetune.operator.serving.render import ServingOptions
     from kubetune.operator.training.render import RenderOptions
 
     version = PYPROJECT["project"]["version"]

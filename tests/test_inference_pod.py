@@ -20,7 +20,7 @@ from typing import Any
 import openai
 import pytest
 
-from kubetune.operator.render.inference import ADAPTERS_MOUNT, render_inference
+from kubetune.operator.serving.render import ADAPTERS_MOUNT, render_inference
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import S3Env
 

@@ -27,7 +27,7 @@ from typing import Any
 import openai
 import pytest
 
-from kubetune.operator.render.inference import ADAPTERS_FILE, ADAPTERS_MOUNT, agent_port, render_inference
+from kubetune.operator.serving.render import ADAPTERS_FILE, ADAPTERS_MOUNT, agent_port, render_inference
 from kubetune.operator.validation import validate_resource
 from tests.storage_fixtures import *  # noqa: F403
 from tests.storage_fixtures import S3Env

@@ -15,14 +15,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kubetune.operator.render.inference import (
+from kubetune.operator.crdgen import crd
+from kubetune.operator.resources import InferenceServiceStatus
+from kubetune.operator.serving.decide import ServingObserved, merge_diff, reconcile_service
+from kubetune.operator.serving.render import (
     ResolvedModels,
     ServingOptions,
     render_inference,
     selector_string,
 )
-from kubetune.operator.resources import InferenceServiceStatus, crd
-from kubetune.operator.serving.decide import ServingObserved, merge_diff, reconcile_service
 from kubetune.operator.validation import admit, validate_resource
 from kubetune.trainer.api.errors import SpecErrors
 from tests.test_operator_crds import _to_jsonschema
@@ -634,7 +635,7 @@ def test_hostpath_cache_lives_under_the_operators_root_per_namespace() -> None:
 
 
 def test_host_path_is_checked_again_when_rendered() -> None:
-    from kubetune.operator.render.inference import host_cache_path
+    from kubetune.operator.serving.render import host_cache_path
 
     assert host_cache_path("/var/lib/kubetune/cache", "ml", "llama") == "/var/lib/kubetune/cache/ml/llama"
     for namespace, sub in (("ml", ".."), ("..", "x"), ("ml", "a/../../.."), ("", "x")):
@@ -660,7 +661,7 @@ def test_every_service_gets_a_generated_api_key_by_reference() -> None:
     """No API key used to mean an open admin API (/v1/load_lora_adapter). Now the server and the
     adapters sidecar read KUBETUNE_API_KEY from the service's own Secret; the init container (a
     downloader) does not get it, and the key itself is nowhere in the pod template."""
-    from kubetune.operator.render.inference import api_key_secret_name
+    from kubetune.operator.serving.render import api_key_secret_name
 
     pod = _pod(render_inference(_cr(), MODELS))
     containers = {c["name"]: c for c in pod["containers"] + pod["initContainers"]}

@@ -13,7 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kubetune.operator.resources import KINDS, TrainingJobStatus, crd, crd_files
+from kubetune.operator.crdgen import crd, crd_files
+from kubetune.operator.resources import KINDS, TrainingJobStatus
 
 REPO = Path(__file__).resolve().parents[1]
 K8S_VERSION = kubernetes_validate.latest_version()

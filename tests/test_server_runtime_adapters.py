@@ -19,7 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from kubetune.operator.render.inference import ADAPTERS_FILE, render_inference
+from kubetune.operator.serving.render import ADAPTERS_FILE, render_inference
 from kubetune.trainer.artifacts.adapters import AdapterRef
 from kubetune.trainer.serve import create_engine
 from kubetune.trainer.serve.server import ServerConfig, create_app

@@ -52,7 +52,8 @@ from kubetune.operator.references import (
     reference_key,
     service_references,
 )
-from kubetune.operator.render.inference import (
+from kubetune.operator.resources import InferenceServiceSpec
+from kubetune.operator.serving.render import (
     ANNOTATION_SPEC_HASH,
     API_KEY_SECRET_KEY,
     KIND,
@@ -70,7 +71,6 @@ from kubetune.operator.render.inference import (
     service_names,
     url_of,
 )
-from kubetune.operator.resources import InferenceServiceSpec
 from kubetune.operator.status import (
     FAILED,
     PENDING,

@@ -8,9 +8,9 @@ from typing import Any
 
 from kubetune.operator.common import is_owned_by
 from kubetune.operator.references import observe_references, observe_secret, service_references
-from kubetune.operator.render.inference import ServingOptions, adapters_config_name, service_names
 from kubetune.operator.resources import InferenceServiceSpec
 from kubetune.operator.serving.decide import CHILD_KINDS, ServingObserved
+from kubetune.operator.serving.render import ServingOptions, adapters_config_name, service_names
 from kubetune.operator.validation import validate_resource
 from kubetune.trainer.api.errors import SpecErrors
 

@@ -3,7 +3,7 @@
 Each `EngineFlag` says how one setting is spelled everywhere it travels:
 
     InferenceService `spec.engineArgs.<crd>`        (operator/resources.py builds the CRD schema)
-      -> the server container's `kubetune serve <cli>` (operator/render/inference.py renders it)
+      -> the server container's `kubetune serve <cli>` (operator/serving/render.py renders it)
       -> `kubetune serve`'s argparse flag `<cli>`     (trainer/cli/infer.py adds it)
       -> vLLM's server argument `<vllm>`              (trainer/serve/vllm_engine.py builds the argv)
 

@@ -1,1 +1,0 @@
-"""InferenceService rendering (moving to `kubetune.operator.serving.render`)."""
