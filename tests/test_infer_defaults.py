@@ -16,6 +16,8 @@ from .test_infer_helpers import capitals_data
 
 CONTEXT = 256  # builtin:tiny-llama's max_position_embeddings
 
+pytestmark = pytest.mark.slow  # > 1 s each: generates up to the context's length
+
 
 def test_chat_defaults_fit_the_demo_models_context(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture) -> None:
