@@ -244,3 +244,14 @@ def test_the_architecture_page_names_real_files_and_functions() -> None:
         assert name in defined, f"{path} has no {name}"
     for path in set(re.findall(r"`((?:trainer|operator)/[\w/]+\.py)`", text)):
         assert (REPO / path).is_file(), f"{path} does not exist"
+
+
+def test_the_api_reads_and_writes_no_files() -> None:
+    """`trainer.api` is the pure contract (#18): the spec, its errors, the estimate; reading a
+    spec file is the CLI's job (`cli/specfiles.py`), reading a model's config the artifacts'."""
+    import re
+
+    calls = re.compile(r"\b(open|read_text|write_text|read_bytes|write_bytes|urlopen)\(")
+    found = [f"{path.relative_to(REPO)}: {m.group(0)}" for module, path in modules().items()
+             if module.startswith("kubetune.trainer.api") for m in calls.finditer(path.read_text())]
+    assert not found, found

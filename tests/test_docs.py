@@ -88,8 +88,7 @@ def test_spec_reference_page_is_current():
     text = SPEC_PAGE.read_text()
     generated = text[text.index(BEGIN) + len(BEGIN): text.index(END)].strip()
     assert generated == render().strip(), (
-        "the spec reference is stale: run `PYTHONSAFEPATH=1 python -m kubetune.trainer.api.specdoc "
-        "docs/pages/reference/spec.md`")
+        "the spec reference is stale: run `kubetune schema --reference docs/pages/reference/spec.md`")
 
 
 def test_readme_is_short_and_points_at_the_docs():

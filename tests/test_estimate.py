@@ -236,7 +236,7 @@ PROBE = textwrap.dedent(
 
     import transformers
     from kubetune.trainer.train.runner import run
-    from kubetune.trainer.api.specfile import load_spec
+    from kubetune.trainer.cli.specfiles import load_spec
 
     def rss():
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -83,7 +83,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> float
 @pytest.fixture(scope="module")
 def quickstart_and_adapter(tmp_path_factory) -> tuple[Path, Path]:
     """The quickstart (examples/quickstart.yaml, shortened) and a LoRA adapter trained on its output."""
-    from kubetune.trainer.api.specfile import load_spec
+    from kubetune.trainer.cli.specfiles import load_spec
     from kubetune.trainer.train.runner import run
 
     root = tmp_path_factory.mktemp("trained")

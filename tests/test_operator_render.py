@@ -14,7 +14,7 @@ import yaml
 
 from kubetune.operator.common import dns_label, label_value
 from kubetune.operator.training.render import render_training
-from kubetune.trainer.api.specfile import load_spec
+from kubetune.trainer.cli.specfiles import load_spec
 from tests.test_operator_crds import EXAMPLE_FTJ
 
 K8S_VERSION = kubernetes_validate.latest_version()

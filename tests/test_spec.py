@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from kubetune.trainer.api.errors import SpecErrors
-from kubetune.trainer.api.specfile import apply_overrides, load_spec, validate_training
+from kubetune.trainer.api.specfile import apply_overrides, validate_training
 from kubetune.trainer.cli.main import main
+from kubetune.trainer.cli.specfiles import load_spec
 
 from .conftest import EXAMPLES
 

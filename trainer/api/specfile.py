@@ -1,4 +1,5 @@
-"""Reading a spec from a file: a bare training spec or a kubetune custom resource.
+"""A spec document, parsed: a bare training spec or a kubetune custom resource (reading the file is
+`kubetune.trainer.cli.specfiles`'s job; this module does no I/O).
 
 `kubetune train job.yaml` accepts exactly what `kubectl apply -f job.yaml` accepts. For a
 `FineTuneJob`/`AlignmentJob` manifest the training spec is `spec.training`; the cluster fields
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -53,31 +52,6 @@ def manifest_root_errors(document: dict[str, Any]) -> list[SpecError]:
                                     f"{hint}a manifest has only {', '.join(MANIFEST_ROOT_FIELDS)}; "
                                     "cluster and training settings go under spec."))
     return errors
-
-
-@dataclass(frozen=True)
-class LoadedSpec:
-    """A validated spec and where it came from (for messages and the resolved-spec file)."""
-
-    spec: TrainingSpec
-    source: str
-    kind: str | None = None
-    """The custom resource kind when the file was a manifest, else None."""
-    field_prefix: str = ""
-    """Where the training spec sits in the file (`spec.training` for manifests)."""
-
-
-def read_yaml(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(str(path), "file not found.", "pass the path of a spec or manifest YAML file.")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(str(path), f"is not valid YAML{where}: {problem}.", "fix the YAML syntax.") from None
 
 
 def extract_training(document: Any, source: str) -> tuple[dict[str, Any], str | None, str]:
@@ -176,12 +150,3 @@ def validate_training(data: Any, source: str = "", prefix: str = "") -> Training
         return TrainingSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecErrors(validation_error_to_spec_errors(exc, TrainingSpec, prefix), source) from None
-
-
-def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> LoadedSpec:
-    """Read, extract, override and validate a spec file."""
-    source = str(path)
-    document = read_yaml(path)
-    training, kind, prefix = extract_training(document, source)
-    training = apply_overrides(training, overrides)
-    return LoadedSpec(validate_training(training, source, prefix), source, kind, prefix)

@@ -11,8 +11,9 @@ from typing import Any
 
 from kubetune.trainer.api.errors import SpecError
 from kubetune.trainer.api.estimate import GIB, _human, _zero_text, estimate, fit_message
-from kubetune.trainer.api.specfile import apply_overrides, extract_training, read_yaml, validate_training
+from kubetune.trainer.api.specfile import apply_overrides, extract_training, validate_training
 from kubetune.trainer.artifacts.model_shape import resolve_shape
+from kubetune.trainer.cli.specfiles import read_yaml
 
 
 def register(subparsers: Any) -> None:

@@ -33,7 +33,7 @@ def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from kubetune.trainer.api.specfile import load_spec
+    from kubetune.trainer.cli.specfiles import load_spec
     from kubetune.trainer.train.preflight import preflight
 
     loaded = load_spec(args.file, args.overrides)
@@ -96,7 +96,8 @@ def _admission(document: dict, args: argparse.Namespace) -> list[str]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from kubetune.trainer.api.specfile import JOB_KINDS, RESOURCE_KINDS, is_manifest, read_yaml
+    from kubetune.trainer.api.specfile import JOB_KINDS, RESOURCE_KINDS, is_manifest
+    from kubetune.trainer.cli.specfiles import read_yaml
 
     document = read_yaml(args.file)
     warnings: list[str] = []
@@ -144,7 +145,19 @@ def cmd_templates(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     from kubetune.trainer.api.spec import TrainingSpec
 
-    print(json.dumps(TrainingSpec.model_json_schema(), indent=2))
+    if args.reference is None:
+        print(json.dumps(TrainingSpec.model_json_schema(), indent=2))
+        return 0
+    from pathlib import Path
+
+    from kubetune.trainer.api.specdoc import replace_generated
+
+    page = Path(args.reference)
+    text = page.read_text()
+    new = replace_generated(text)
+    if new != text:
+        page.write_text(new)
+    print(f"{page}: {'updated' if new != text else 'up to date'}")
     return 0
 
 
@@ -229,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_templates)
 
     p = sub.add_parser("schema", help="print the training spec's JSON schema")
+    p.add_argument("--reference", metavar="PAGE", default=None,
+                   help="instead, regenerate the spec reference tables in this Markdown page "
+                   "(docs/pages/reference/spec.md)")
     p.set_defaults(func=cmd_schema)
 
     for group in COMMAND_MODULES:

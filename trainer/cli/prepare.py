@@ -27,7 +27,7 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from kubetune.trainer.api.specfile import load_spec
+    from kubetune.trainer.cli.specfiles import load_spec
     from kubetune.trainer.train.preflight import preflight
 
     if not logging.getLogger().handlers:
