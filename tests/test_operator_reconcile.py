@@ -17,7 +17,7 @@ from kubetune.operator.status import parse_trainer_status, progress_from_trainer
 from kubetune.operator.training.decide import Observed, needs_reconcile, needs_trainer_status, reconcile
 from kubetune.operator.validation import AdmissionRefused, admit
 from kubetune.trainer.api.errors import SpecErrors
-from kubetune.trainer.api.specfile import load_spec
+from kubetune.trainer.cli.specfiles import load_spec
 from tests.test_operator_crds import EXAMPLE_FTJ
 
 T0 = datetime.datetime(2025, 5, 1, 12, 0, tzinfo=datetime.UTC)
