@@ -150,3 +150,20 @@ def _kind(flag: EngineFlag) -> type:
     from kubetune.trainer.cli.infer import _value_type
 
     return _value_type(flag.type)
+
+
+def test_kubetune_never_caps_vllm_below_its_own_defaults() -> None:
+    """#19 item 8: `kubetune serve` used to pass `--max-num-seqs 16` (its transformers engine's
+    batch size) to vLLM, queueing above 16 streams what plain vLLM batches. Unset, vLLM decides."""
+    import argparse
+
+    from kubetune.trainer.cli.infer import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "some/model", "--engine", "vllm"])
+    argv = engine_flags.vllm_args(engine_flags.vllm_flag_values(vars(args)))
+    assert "--max-num-seqs" not in argv, argv
+    args = parser.parse_args(["serve", "some/model", "--engine", "vllm", "--max-batch-size", "64"])
+    argv = engine_flags.vllm_args(engine_flags.vllm_flag_values(vars(args)))
+    assert argv[argv.index("--max-num-seqs") + 1] == "64"

@@ -100,9 +100,11 @@ MAX_MODEL_LEN = EngineFlag(
     help="cap the context length (default: the model's, RoPE scaling included)",
     description="Cap the context length (default: the model's).")
 MAX_BATCH_SIZE = EngineFlag(
-    "maxBatchSize", "--max-batch-size", int | None, cli_default=16, vllm="--max-num-seqs", constraints={"ge": 1},
-    group="serve", help="sequences decoded together (vLLM: --max-num-seqs)",
-    description="Sequences decoded together (vLLM: `--max-num-seqs`).")
+    "maxBatchSize", "--max-batch-size", int | None, vllm="--max-num-seqs", constraints={"ge": 1},
+    group="serve", help="sequences decoded together (vLLM: --max-num-seqs; default: vLLM's own, 16 for the "
+    "transformers engine)",
+    description="Sequences decoded together (vLLM: `--max-num-seqs`). Unset: vLLM's own default (far above "
+                "16: kubetune never caps vLLM below it), 16 for the transformers engine.")
 DRAFT_MODEL = EngineFlag(
     "draftModel", "--draft-model", str | None, constraints={"pattern": LOCATION_PATTERN},
     help="speculative decoding with this smaller draft model (same tokenizer)",

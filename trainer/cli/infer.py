@@ -221,7 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
-    config = ServerConfig(max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000.0,
+    config = ServerConfig(max_batch_size=args.max_batch_size or ServerConfig.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000.0,
                           max_queue=args.max_queue, api_key=api_key or None, drain_timeout_s=args.drain_timeout,
                           drain_delay_s=args.drain_delay, max_request_bytes=args.max_request_bytes,
                           adapter_roots=list(args.adapter_root), max_adapters=args.max_adapters)
