@@ -284,11 +284,8 @@ def run(spec: TrainingSpec) -> RunResult:
 def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunResult:
     import transformers
 
-    from kubetune.trainer.train.context import RunContext
-    from kubetune.trainer.train.data import make_collator
     from kubetune.trainer.train.distributed import agree
     from kubetune.trainer.train.models.loader import pick_precision
-    from kubetune.trainer.train.models.methods import loraplus_optimizer
     from kubetune.trainer.train.samples import sample_prompts
     from kubetune.trainer.train.stages import stage_module
 
@@ -319,24 +316,9 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
     # One process per node cleans up and downloads the checkpoint; the others then find it local.
     with args.main_process_first(local=True, desc="resolving the checkpoint to resume from"):
         resume_from = resolve_resume(spec, session)
-    # Under DeepSpeed the baseline evaluation runs inside `train()`, once the engine exists: before
-    # it, ZeRO-0/1/2 have no engine to evaluate with and ZeRO-3 leaves transformers with a stale
-    # one (transformers PR #44889). A resumed run has its baseline already.
-    args.eval_on_start = data.eval is not None and spec.distributed.deepspeed is not None and resume_from is None
-    optimizers = (loraplus_optimizer(model, spec, args), None) if spec.uses_lora and spec.lora.loraplusRatio else (None, None)
-    flash = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
-    counter = TokenCounter(make_collator(tokenizer, spec, flatten_packed=flash))
-    metrics = MetricsWriter(output_dir, counter)
-    checkpoints = CheckpointRecorder(session, resumed_from=Path(resume_from) if resume_from else None)
-    status = StatusReporter(session, metrics, checkpoints, data=data_summary(data.stats))
-    stop = GracefulStop()
-    ctx = RunContext(spec=spec, model=model, tokenizer=tokenizer, data=data, training_args=args,
-                     callbacks=[StepBudget(), metrics, checkpoints, status, stop], optimizers=optimizers,
-                     data_collator=counter)
-    trainer = stage.build_trainer(ctx)
+    trainer, metrics, status, stop = _wire_trainer(spec, stage, model, tokenizer, data, args, session, resume_from)
     progress.update(status=status, trainer=trainer)
     resumed = public_location(spec, resume_from)
-
     if rank == 0:
         # A killed attempt may have logged steps this run trains again: continue from the logs as
         # they were at the checkpoint, so that every record is there once.
@@ -360,6 +342,30 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
     _finish(trainer, spec, session, data, metrics, status, tokenizer, prompts)
     return RunResult(output_dir, state.global_step, resumed_from=resumed, eval_metrics=metrics.last_eval,
                      runtime_seconds=time.time() - started)
+
+
+def _wire_trainer(spec: TrainingSpec, stage, model, tokenizer, data, args, session, resume_from: str | None):
+    """The stage's trainer with kubetune's callbacks (step budget, metrics, checkpoint markers,
+    status.json, graceful stop), its collator and optimizer; returns (trainer, metrics, status, stop)."""
+    from kubetune.trainer.train.context import RunContext
+    from kubetune.trainer.train.data import make_collator
+    from kubetune.trainer.train.models.methods import loraplus_optimizer
+
+    # Under DeepSpeed the baseline evaluation runs inside `train()`, once the engine exists: before
+    # it, ZeRO-0/1/2 have no engine to evaluate with and ZeRO-3 leaves transformers with a stale
+    # one (transformers PR #44889). A resumed run has its baseline already.
+    args.eval_on_start = data.eval is not None and spec.distributed.deepspeed is not None and resume_from is None
+    optimizers = (loraplus_optimizer(model, spec, args), None) if spec.uses_lora and spec.lora.loraplusRatio else (None, None)
+    flash = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
+    counter = TokenCounter(make_collator(tokenizer, spec, flatten_packed=flash))
+    metrics = MetricsWriter(session.local_dir, counter)
+    checkpoints = CheckpointRecorder(session, resumed_from=Path(resume_from) if resume_from else None)
+    status = StatusReporter(session, metrics, checkpoints, data=data_summary(data.stats))
+    stop = GracefulStop()
+    ctx = RunContext(spec=spec, model=model, tokenizer=tokenizer, data=data, training_args=args,
+                     callbacks=[StepBudget(), metrics, checkpoints, status, stop], optimizers=optimizers,
+                     data_collator=counter)
+    return stage.build_trainer(ctx), metrics, status, stop
 
 
 def data_summary(stats: dict) -> dict:
