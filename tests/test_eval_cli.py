@@ -74,6 +74,7 @@ def test_training_improves_eval_metrics(tmp_path, capsys):
     assert len(predictions) == 24 and all({"prompt", "prediction", "reference"} <= set(p) for p in predictions)
 
 
+@pytest.mark.slow  # trains a model (trained_model())
 def test_choice_task_and_adapters(tmp_path, tiny_model_dir):
     data = tmp_path / "mc.jsonl"
     rows = [{"question": "Capital of France?", "choices": ["Paris", "Oslo", "Lima"], "answer": "A"},

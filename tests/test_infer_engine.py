@@ -29,6 +29,7 @@ def trained_engine():
     return create_engine(str(trained_model()), engine="transformers")
 
 
+@pytest.mark.slow  # trains a model (trained_model())
 def test_batched_decoding_matches_generate(trained_engine):
     """Prompts of different lengths decoded together (left padding, KV cache, rows leaving the
     batch as they finish) give exactly model.generate's greedy tokens for each prompt alone."""
@@ -43,6 +44,7 @@ def test_batched_decoding_matches_generate(trained_engine):
     assert sequences[0].text.strip().startswith("The capital of")
 
 
+@pytest.mark.slow  # trains a model (trained_model())
 def test_sequences_join_a_running_batch(trained_engine):
     """Continuous batching: sequences admitted while others are decoding (prompts shorter and
     longer than the running cache) finish on their own schedule, and each produces exactly the
@@ -92,6 +94,7 @@ def test_sliding_window_cache_admits_only_into_an_empty_batch(tmp_path, tiny_tok
         assert seq.token_ids == greedy_reference(eng.model, eng.tokenizer, seq.prompt_ids, 10, eos_token_id=None)
 
 
+@pytest.mark.slow  # trains a model (trained_model())
 def test_speculative_decoding_is_exactly_greedy(trained_engine):
     """A draft model (the untrained builtin) and prompt lookup only speed decoding up: the greedy
     output is token for token the target's own greedy output."""
@@ -108,6 +111,7 @@ def test_speculative_decoding_is_exactly_greedy(trained_engine):
             assert seq.finish_reason == "length"
 
 
+@pytest.mark.slow  # trains a model (trained_model())
 def test_sampling_settings(trained_engine):
     eng = trained_engine
     ids = eng.encode_chat([{"role": "user", "content": "What is the capital of Spain?"}])
@@ -127,6 +131,7 @@ def test_sampling_settings(trained_engine):
         SamplingParams(temperature=5).validate()
 
 
+@pytest.mark.slow  # trains a model (trained_model())
 def test_streaming_events_add_up(trained_engine):
     events = []
     seq = Sequence(prompt_ids=trained_engine.encode_chat([{"role": "user", "content": "Capital of Italy?"}]),
@@ -182,6 +187,7 @@ def _ref(name, path):
 # CLI
 
 
+@pytest.mark.slow  # trains a model (trained_model())
 def test_generate_cli_writes_jsonl(tmp_path, capsys):
     out = tmp_path / "gen.jsonl"
     code = infer_main(["generate", str(trained_model()), "--data", str(capitals_data()), "--out", str(out),
@@ -194,6 +200,7 @@ def test_generate_cli_writes_jsonl(tmp_path, capsys):
         assert r["output"] and r["finish_reason"] in ("stop", "length") and r["completion_tokens"] > 0
 
 
+@pytest.mark.slow  # trains a model (trained_model())
 def test_chat_cli_is_multi_turn(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("Capital of France?\n/reset\nCapital of Peru?\n"))
     code = infer_main(["chat", str(trained_model()), "--temperature", "0", "--max-tokens", "12"])

@@ -343,6 +343,7 @@ def _metrics(*steps: int) -> str:
     return "".join(json.dumps({"step": step, "loss": 1.0 / step}) + "\n" for step in steps)
 
 
+@pytest.mark.slow  # > 1 s
 def test_run_logs_travel_with_the_checkpoint_and_reach_the_prefix_before_its_manifest(s3: S3Env) -> None:
     """A kill right after the manifest must not cost the records logged up to the checkpoint."""
     session = _session(s3)
