@@ -65,9 +65,9 @@ def _flag(value: str | None, default: bool) -> bool:
     return default if value is None else value.strip().lower() not in ("0", "false", "no", "off", "")
 
 
-def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> OperatorConfig:
-    """The configuration `kubetune operator ARGS` runs with."""
-    env = os.environ if environ is None else environ
+def platform_config(args: argparse.Namespace) -> OperatorConfig:
+    """The settings that shape the pods (images, S3 defaults, cache root, GPU memory): what
+    `kubetune render` takes from the same flags as `kubetune operator`."""
     storage = StorageDefaults(endpoint=args.default_s3_endpoint or None, secret=args.default_s3_secret or None)
     training = RenderOptions(storage_defaults=storage, gpu_memory_gib=args.gpu_memory_gib,
                              **({"default_image": args.trainer_image} if args.trainer_image else {}))
@@ -76,6 +76,13 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
                        (args.host_cache_root, "host_cache_root")):
         if value:
             serving_kwargs[key] = value
+    return OperatorConfig(training=training, serving=ServingOptions(**serving_kwargs))
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> OperatorConfig:
+    """The configuration `kubetune operator ARGS` runs with."""
+    env = os.environ if environ is None else environ
+    platform = platform_config(args)
     webhook = None
     if args.webhook_port is not None:
         webhook = WebhookConfig(port=args.webhook_port, addr=env.get("KUBETUNE_WEBHOOK_ADDR", "0.0.0.0"),
@@ -83,8 +90,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
                                 key=args.webhook_key or None, managed=args.webhook_managed or None,
                                 insecure=_flag(env.get("KUBETUNE_WEBHOOK_INSECURE"), False))
     return OperatorConfig(
-        training=training,
-        serving=ServingOptions(**serving_kwargs),
+        training=platform.training,
+        serving=platform.serving,
         reconcile_interval=args.reconcile_interval or DEFAULT_RECONCILE_INTERVAL,
         metrics_port=args.metrics_port,
         webhook=webhook,

@@ -12,8 +12,7 @@ from typing import Any
 from kubetune.trainer.api.errors import SpecError
 from kubetune.trainer.api.estimate import GIB, _human, _zero_text, estimate, fit_message
 from kubetune.trainer.api.specfile import apply_overrides, extract_training, validate_training
-from kubetune.trainer.artifacts.model_shape import resolve_shape
-from kubetune.trainer.cli.specfiles import read_yaml
+from kubetune.trainer.artifacts.documents import read_yaml
 
 
 def register(subparsers: Any) -> None:
@@ -40,6 +39,8 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
+    from kubetune.trainer.artifacts.model_shape import resolve_shape  # boto3 behind it: not for --help
+
     document = read_yaml(args.file)
     training, kind, prefix = extract_training(document, str(args.file))
     training = apply_overrides(training, args.overrides)

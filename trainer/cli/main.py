@@ -97,7 +97,7 @@ def _admission(document: dict, args: argparse.Namespace) -> list[str]:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from kubetune.trainer.api.specfile import JOB_KINDS, RESOURCE_KINDS, is_manifest
-    from kubetune.trainer.cli.specfiles import read_yaml
+    from kubetune.trainer.artifacts.documents import read_yaml
 
     document = read_yaml(args.file)
     warnings: list[str] = []
@@ -177,7 +177,7 @@ COMMAND_MODULES = (
     CommandGroup("kubetune.trainer.cli.eval", ("eval",)),
     CommandGroup("kubetune.trainer.cli.estimate", ("estimate",)),
     CommandGroup("kubetune.trainer.cli.storage", ("storage",)),
-    CommandGroup("kubetune.operator.cli", ("crds", "operator"), extra="operator"),
+    CommandGroup("kubetune.operator.cli", ("crds", "render", "operator"), extra="operator"),
 )
 """Every subcommand beyond train/validate/export/templates/schema, in help order."""
 ADMISSION_MODULE = "kubetune.operator.validation"
