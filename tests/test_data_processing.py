@@ -334,7 +334,7 @@ def test_packed_logits_match_each_example_alone(tmp_path: Path, tok: Any, tiny_m
     from transformers import AutoModelForCausalLM
 
     path = write_jsonl(tmp_path / "a.jsonl", sft_rows(12))
-    spec = make_spec(path, maxLength=128, packing=True)
+    spec = make_spec(path, maxLength=128, packing=True, paddingFree=False)
     rows = list(build_datasets(spec, tok).train)
     batch = make_collator(tok, spec)(rows[:2])  # padded packed batch: no attention_mask
     assert "attention_mask" not in batch and "position_ids" in batch
@@ -366,7 +366,7 @@ def test_packed_logits_match_each_example_alone(tmp_path: Path, tok: Any, tiny_m
 
 
 def test_collator_pads_unpacked_rows(tok: Any) -> None:
-    spec = make_spec("unused.jsonl")
+    spec = make_spec("unused.jsonl", paddingFree=False)
     collate = make_collator(tok, spec)
     batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
     pad = tok.pad_token_id
@@ -381,14 +381,57 @@ def test_collator_packed_rows_padded_and_flattened(tok: Any) -> None:
         {"input_ids": [1, 2, 3, 4], "labels": [-100, 2, -100, 4], "position_ids": [0, 1, 0, 1]},
         {"input_ids": [5, 6], "labels": [-100, 6], "position_ids": [0, 1]},
     ]
-    padded = make_collator(tok, make_spec("unused.jsonl", packing=True))(rows)
+    padded = make_collator(tok, make_spec("unused.jsonl", packing=True, paddingFree=False))(rows)
     assert "attention_mask" not in padded
     assert padded["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
     assert padded["labels"].tolist()[1] == [-100, 6, -100, -100]
-    flat = make_collator(tok, make_spec("unused.jsonl"), flatten_packed=True)(rows)
+    flat = make_collator(tok, make_spec("unused.jsonl", paddingFree=False), flatten_packed=True)(rows)
     assert flat["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6]]
     assert flat["position_ids"].tolist() == [[0, 1, 0, 1, 0, 1]]
     assert flat["use_cache"] is False and "attention_mask" not in flat
+
+
+def test_padding_free_is_the_default_and_flattens_the_batch(tok: Any) -> None:
+    """#19 item 1: `sft`/`pt` batches carry no pad tokens by default: one row, positions
+    restarting per example, no label across an example boundary, no attention mask."""
+    spec = make_spec("unused.jsonl")
+    assert spec.padding_free_enabled and spec.to_document()["data"]["paddingFree"] is True
+    assert not make_spec("unused.jsonl", stage="dpo").padding_free_enabled  # TRL collates pairs
+    remote = TrainingSpec.model_validate({"stage": "sft", "model": {"path": "builtin:tiny-llama", "trustRemoteCode": True},
+                                          "data": {"datasets": [{"path": "unused.jsonl"}]}})
+    assert not remote.padding_free_enabled  # its attention may not read packed positions
+    batch = make_collator(tok, spec)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    assert "attention_mask" not in batch and batch["use_cache"] is False
+
+
+def test_padding_free_loss_equals_the_padded_batch_and_nothing_crosses_a_boundary(tmp_path: Path, tok: Any,
+                                                                                   tiny_model_dir: Path) -> None:
+    """The loss of one flattened batch equals the padded batch's (the token mean over the same
+    labelled tokens) to 1e-4, and changing one example leaves another's logits untouched."""
+    from transformers import AutoModelForCausalLM
+
+    path = write_jsonl(tmp_path / "a.jsonl", sft_rows(8))
+    rows = list(build_datasets(make_spec(path, maxLength=128), tok).train)[:4]
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # different lengths: the padded batch pads
+    flat = make_collator(tok, make_spec(path))(rows)
+    padded = make_collator(tok, make_spec(path, paddingFree=False))(rows)
+    for impl in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=impl, dtype=torch.float32)
+        model.eval()
+        with torch.no_grad():
+            flat_loss = model(**{k: v for k, v in flat.items() if k != "use_cache"}, use_cache=False).loss
+            padded_loss = model(**padded).loss
+            assert abs(flat_loss.item() - padded_loss.item()) < 1e-4, (impl, flat_loss, padded_loss)
+            changed = [dict(rows[0], input_ids=[3] * len(rows[0]["input_ids"])), *rows[1:]]
+            again = make_collator(tok, make_spec(path))(changed)
+            first = len(rows[0]["input_ids"])
+            logits = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], use_cache=False).logits
+            logits2 = model(input_ids=again["input_ids"], position_ids=again["position_ids"], use_cache=False).logits
+        assert (logits[0, first:] - logits2[0, first:]).abs().max() < 1e-5  # the other examples do not see it
+        assert (logits[0, :first] - logits2[0, :first]).abs().max() > 1e-3  # the check is meaningful
 
 
 def test_deterministic_for_a_seed(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -156,6 +156,12 @@ class DataSpec(SpecModel):
     """Maximum tokens per training sequence; longer examples are truncated."""
     packing: bool | None = None
     """Concatenate examples into full-length sequences. Default: on for `pt`, off for `sft`."""
+    paddingFree: bool | None = None
+    """Batches without pad tokens (`pt`, `sft`): a batch's examples are concatenated into one row
+    whose `position_ids` restart at every example, so attention never crosses examples (SDPA,
+    eager and flash-attn read the boundaries from the positions) and no compute goes to padding;
+    the loss is the same as padded batches'. Default: on, except for models with remote code
+    (`model.trustRemoteCode`), whose attention may not read packed positions: padded then."""
     template: str | None = None
     """Chat template: a built-in name (see `kubetune templates`) or a Jinja string. Default: by the
     data's format: LMFlow `text2text` as input, output and eos (`plain`, as LMFlow trains it), plain
@@ -624,6 +630,12 @@ class TrainingSpec(SpecModel):
         return self.data.packing if self.data.packing is not None else self.stage == "pt"
 
     @property
+    def padding_free_enabled(self) -> bool:
+        if self.stage not in ("pt", "sft"):
+            return False  # preference pairs and RL batches are collated by their TRL trainers
+        return self.data.paddingFree if self.data.paddingFree is not None else not self.model.trustRemoteCode
+
+    @property
     def output_path(self) -> str:
         return self.output.path or f"outputs/{self.name or 'kubetune'}"
 
@@ -668,8 +680,9 @@ class TrainingSpec(SpecModel):
 
     def to_document(self) -> dict[str, Any]:
         """The spec as it is written in YAML: camelCase keys, every default filled in, those derived
-        from other fields too (`data.packing` from the stage), so the saved spec says what ran."""
+        from other fields too (`data.packing`, `data.paddingFree`), so the saved spec says what ran."""
         document = self.model_dump(mode="json")
         if not self.pipeline:  # each step derives its own
             document["data"]["packing"] = self.packing_enabled
+            document["data"]["paddingFree"] = self.padding_free_enabled
         return document

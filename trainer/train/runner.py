@@ -325,7 +325,7 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
         session.rewind_run_logs(Path(resume_from) if resume_from else None)
         (output_dir / RESOLVED_SPEC_FILE).write_text(yaml.safe_dump(spec.to_document(), sort_keys=False))
         metrics.write({"event": "start", "time": time.time(), "resumedFrom": resumed, "precision": precision,
-                       "worldSize": world_size, "data": data.stats})
+                       "worldSize": world_size, "batching": batching_of(spec), "data": data.stats})
     # Generating on one rank needs the whole model there: not so with ZeRO-partitioned weights.
     find_prompts = getattr(stage, "sample_prompts", sample_prompts)
     prompts = find_prompts(data.eval, spec.logging.samples) if rank == 0 and spec.distributed.deepspeed is None else []
@@ -366,6 +366,16 @@ def _wire_trainer(spec: TrainingSpec, stage, model, tokenizer, data, args, sessi
                      callbacks=[StepBudget(), metrics, checkpoints, status, stop], optimizers=optimizers,
                      data_collator=counter)
     return stage.build_trainer(ctx), metrics, status, stop
+
+
+def batching_of(spec: TrainingSpec) -> str:
+    """How batches are built, for the start record and the log."""
+    if spec.stage not in ("pt", "sft"):
+        return "the stage's own (TRL's collator)"
+    if spec.padding_free_enabled:
+        return "padding-free (examples concatenated, positions restart per example)"
+    why = "data.paddingFree: false" if spec.data.paddingFree is False else "a remote-code model: set data.paddingFree to try"
+    return f"{'packed rows, ' if spec.packing_enabled else ''}padded ({why})"
 
 
 def data_summary(stats: dict) -> dict:

@@ -1,6 +1,13 @@
 """Batch collation for `transformers.Trainer(data_collator=...)`.
 
-Unpacked rows are right-padded (pad id, labels -100) with an `attention_mask`. Packed rows carry
+Padding-free (`data.paddingFree`, the default for `pt`/`sft`): every row of the batch is
+concatenated into one `[1, total]` row whose `position_ids` restart at 0 for each row (a packed
+row keeps its own positions), the first label of each row is -100 (it would be predicted from the
+previous row), and there is no attention mask: transformers reads the boundaries from the
+positions (a block-diagonal causal mask for sdpa/eager, varlen kernels for flash attention), so
+the loss equals the padded batch's and no compute goes to pad tokens.
+
+Otherwise: unpacked rows are right-padded (pad id, labels -100) with an `attention_mask`. Packed rows carry
 `position_ids` that restart at 0 for every example and get NO attention mask: transformers then
 detects the packing from the position ids and builds a block-diagonal causal mask (sdpa/eager),
 so packed examples never attend to each other. Two ways to batch packed rows:
@@ -31,11 +38,28 @@ class DataCollator:
     """Pads token rows into tensors; see the module docstring for packed rows."""
 
     def __init__(
-        self, pad_token_id: int, *, flatten_packed: bool = False, pad_to_multiple_of: int | None = None
+        self, pad_token_id: int, *, flatten_packed: bool = False, pad_to_multiple_of: int | None = None,
+        padding_free: bool = False,
     ):
         self.pad_token_id = pad_token_id
         self.flatten_packed = flatten_packed
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.padding_free = padding_free
+
+    @staticmethod
+    def flatten(features: list[dict[str, Any]]) -> dict[str, Any]:
+        """All rows as one row, positions restarting per row, no label across a row boundary."""
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for f in features:
+            row = list(f["input_ids"])
+            ids += row
+            row_labels = list(f["labels"]) if "labels" in f else list(row)
+            labels += [IGNORE_INDEX, *row_labels[1:]] if row_labels else []
+            positions += list(f["position_ids"]) if "position_ids" in f else list(range(len(row)))
+        return {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long),
+                "position_ids": torch.tensor([positions], dtype=torch.long), "use_cache": False}
 
     def _target_length(self, longest: int) -> int:
         multiple = self.pad_to_multiple_of
@@ -45,13 +69,8 @@ class DataCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         packed = "position_ids" in features[0]
-        if packed and self.flatten_packed:
-            flat: dict[str, Any] = {
-                name: torch.tensor([[v for f in features for v in f[name]]], dtype=torch.long)
-                for name in ("input_ids", "labels", "position_ids")
-            }
-            flat["use_cache"] = False
-            return flat
+        if self.padding_free or (packed and self.flatten_packed):
+            return self.flatten(features)
         length = self._target_length(max(len(f["input_ids"]) for f in features))
         batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
         if packed:
@@ -89,4 +108,5 @@ def make_collator(
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     if flatten_packed is None:
         flatten_packed = spec.model.attnImplementation == "flash_attention_2"
-    return DataCollator(pad, flatten_packed=flatten_packed, pad_to_multiple_of=pad_to_multiple_of)
+    return DataCollator(pad, flatten_packed=flatten_packed, pad_to_multiple_of=pad_to_multiple_of,
+                        padding_free=spec.padding_free_enabled)
