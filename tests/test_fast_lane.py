@@ -17,19 +17,11 @@ pytestmark = pytest.mark.slow  # runs pytest in a subprocess
 REPO = Path(__file__).resolve().parents[1]
 FAST_LANE_BUDGET_S = 150  # the goal is under 2 minutes on 2 cores; the rest is a loaded machine's slack
 
-# Fast-lane tests that still start a subprocess, in files this change could not edit: each is
-# deselected here (and only here) until it is marked slow or made in-process.
-KNOWN_SPAWNERS = [
-    "tests/test_docs.py::test_kubetune_help_lists_the_subcommands_the_docs_use",  # `python -m ... --help`
-    "tests/test_inference_render.py::test_hostpath_permissions_container_makes_the_cache_writable_for_uid_1000",  # as root
-]
-
 
 def test_the_fast_lane_is_unit_tests_and_fast() -> None:
-    deselect = [arg for nodeid in KNOWN_SPAWNERS for arg in ("--deselect", nodeid)]
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "not slow", "-q", "-x", "-p", "no:cacheprovider", *deselect],
+        [sys.executable, "-m", "pytest", "-m", "not slow", "-q", "-x", "-p", "no:cacheprovider"],
         cwd=REPO, env={**os.environ, "KUBETUNE_FAST_LANE_GUARD": "1", "PYTHONSAFEPATH": "1"},
         capture_output=True, text=True, timeout=900,
     )

@@ -304,6 +304,7 @@ def test_hostpath_cache_is_handed_to_the_pods_user_first() -> None:
         assert [c["name"] for c in _pod(render_inference(_cr(cache=cache), MODELS))["initContainers"]] == ["fetch"]
 
 
+@pytest.mark.slow  # runs the container's command as root in a subprocess
 def test_hostpath_permissions_container_makes_the_cache_writable_for_uid_1000() -> None:
     """The rendered command for real: a root-owned 0755 directory (what the kubelet creates)
     becomes writable for the pods' user."""
