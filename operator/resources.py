@@ -191,8 +191,9 @@ class ClusterFields(CrModel):
     Literal values are copied into the job's ConfigMap: give secrets as valueFrom.secretKeyRef."""
     backoffLimit: int = Field(3, ge=0, le=100)
     """Gang restarts after a failure: the whole gang restarts as a new attempt from the last
-    complete checkpoint, at most this many times (so at most backoffLimit + 1 attempts). A
-    configuration error (trainer exit code 2) fails the job at once."""
+    complete checkpoint, at most this many times. A configuration error (trainer exit code 2)
+    fails the job at once; a pod lost to preemption, eviction or a node drain restarts the gang
+    without counting here (`status.preemptions`)."""
     activeDeadlineSeconds: int | None = Field(None, ge=1)
     """Wall-clock limit for the whole job, across attempts."""
     ttlSecondsAfterFinished: int | None = Field(None, ge=0)
@@ -568,6 +569,8 @@ class TrainingJobStatus(StatusModel):
     observedGeneration: int | None = None
     attempts: int | None = None
     """Gang attempts started so far (1 + restarts)."""
+    preemptions: int | None = None
+    """Restarts caused by preemption, eviction or a node drain (not counted against backoffLimit)."""
     startTime: str | None = None
     completionTime: str | None = None
     jobName: str | None = None

@@ -118,6 +118,34 @@ def test_failure_restarts_the_gang_until_backoff_limit() -> None:
     assert final.status["reason"] == "BackoffLimitExceeded"
 
 
+def test_preemption_restarts_the_gang_without_using_up_backoff_limit() -> None:
+    """#20 item 3: a pod preempted, evicted or drained (the Job's podFailurePolicy fails the attempt
+    on `DisruptionTarget`) restarts the gang from its checkpoint and is counted apart: with
+    backoffLimit 0, two preemptions and then a real failure leave the job Failed only then."""
+    cr = _cr(backoffLimit=0)
+    first = reconcile(cr, Observed(secret_found=True), now=T0)
+    rules = _job(first)["spec"]["podFailurePolicy"]["rules"]
+    assert rules[1] == {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    cr = _apply(cr, first)
+    disrupted = {"conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message":
+                                 "Pod ml/llama-sft-ftj-a1-0-x has condition DisruptionTarget matching FailJob rule at index 1"}]}
+    jobs = [_with(_job(first), **disrupted)]
+    plan = reconcile(cr, _world(first, jobs), now=T0)
+    cr = _apply(cr, plan)
+    assert [o["metadata"]["name"] for o in plan.create] == ["llama-sft-ftj-a2"]
+    assert cr["status"]["reason"] == "Preempted" and cr["status"]["preemptions"] == 1 and cr["status"]["attempts"] == 2
+    jobs.append(_with(plan.create[0], **disrupted))
+    plan = reconcile(cr, _world(first, jobs), now=T0)
+    cr = _apply(cr, plan)
+    assert cr["status"]["preemptions"] == 2 and cr["status"]["attempts"] == 3 and cr["status"]["phase"] == "Pending"
+    failed = {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "pod 0 failed"}]}
+    jobs.append(_with(plan.create[0], **failed))
+    final = reconcile(cr, _world(first, jobs), now=T0)
+    assert final.create == [] and final.status["reason"] == "BackoffLimitExceeded"
+    assert "not counting 2 preemptions" in final.status["message"]
+    TrainingJobStatus.model_validate(final.status)
+
+
 def test_exit_code_2_fails_without_retry() -> None:
     cr, first = _start()
     failed = {"conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "exit code 2"}]}

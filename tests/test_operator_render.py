@@ -60,7 +60,9 @@ def test_indexed_job_gang() -> None:
     assert spec["completions"] == spec["parallelism"] == 2
     assert spec["backoffLimit"] == 0  # any failed pod fails the attempt; the operator restarts the gang
     assert spec["podFailurePolicy"]["rules"] == [
-        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]}}
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]}},
+        # preemption/eviction/drain ends the attempt too; the operator restarts it without counting it
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]
     assert spec["activeDeadlineSeconds"] == 86400
     pod = spec["template"]["spec"]

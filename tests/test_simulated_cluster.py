@@ -258,3 +258,38 @@ def test_finetunejob_children_run_the_gang_and_are_garbage_collected(
     wait_for(lambda: all(sim_cluster.get(path) is None for path in children),
              "the garbage collector to delete the FineTuneJob's children")
     wait_for(lambda: not sim_cluster.job_pods(namespace, name), "the Job's pods to be deleted")
+
+
+def test_a_preempted_gang_restarts_without_using_up_its_backoff_limit(
+        sim_cluster: SimCluster, gpu_nodes: NodePool, namespace: str, kubectl: Kubectl,
+        crds_installed: None) -> None:
+    """#20 item 3 on the real Job controller: the operator's Job for a 2-node gang, one pod of it
+    disrupted (kwok sets `DisruptionTarget`, as preemption and eviction do) -> the Job fails
+    through the podFailurePolicy's disruption rule, and the operator's decision on what the API
+    server then holds restarts the gang as attempt 2 with `preemptions: 1`, backoffLimit 0 intact."""
+    cr = copy.deepcopy(EXAMPLE_FTJ)
+    cr["metadata"] = {"name": "preemptible", "namespace": namespace}
+    cr["spec"].pop("affinity")
+    cr["spec"]["backoffLimit"] = 0
+    cr["spec"]["training"]["data"]["cache"] = "off"
+    cr["spec"]["nodeSelector"] = {**cr["spec"]["nodeSelector"], **gpu_nodes.selector}
+    stored = json.loads(kubectl("-n", namespace, "create", "-o", "json", "-f", "-", stdin=json.dumps(cr)).stdout)
+    first = reconcile(stored, Observed(secret_found=True))
+    (job,) = [o for o in first.create if o["kind"] == "Job"]
+    job["spec"]["template"]["metadata"].setdefault("annotations", {})[COMPLETE_DELAY] = "60s"
+    for child in first.create:
+        sim_cluster.create(child)
+    name = job["metadata"]["name"]
+    wait_for(lambda: len([p for p in sim_cluster.job_pods(namespace, name) if p["status"].get("phase") == "Running"]) == 2,
+             "both pods of the gang to run")
+    victim = sim_cluster.job_pods(namespace, name)[0]["metadata"]["name"]
+    sim_cluster.label_pod(namespace, victim, {DISRUPT_LABEL: "true"})
+    finished = sim_cluster.wait_job_finished(namespace, name, timeout=90)
+    failed = condition(finished, "Failed")
+    assert failed and failed["reason"] == "PodFailurePolicy" and "DisruptionTarget" in failed["message"], finished["status"]
+
+    status = {**stored, "status": first.status}
+    plan = reconcile(status, Observed(jobs=[finished], config_map=first.create[0], service=first.create[1],
+                                      secret_found=True))
+    assert [o["metadata"]["name"] for o in plan.create] == [name.replace("-a1", "-a2")]
+    assert plan.status["reason"] == "Preempted" and plan.status["preemptions"] == 1 and plan.status["attempts"] == 2

@@ -21,7 +21,9 @@ Lifecycle:
   Pending (Preparing, DataPrepared=False); when it completes (DataPrepared=True) the training Job
   is created, and its failure fails the resource (PrepareFailed). Gang restarts never rerun it;
 - Job active -> Running; Job complete -> Succeeded;
-- Job failed: exit code 2 (podFailurePolicy) -> Failed (ConfigError); deadline -> Failed;
+- Job failed: exit code 2 (podFailurePolicy) -> Failed (ConfigError); deadline -> Failed; a pod
+  preempted, evicted or drained (DisruptionTarget, podFailurePolicy) -> the gang restarts as the
+  next attempt without counting against backoffLimit (status.preemptions);
   otherwise the whole gang restarts as attempt n+1 (a new Job; the trainer resumes from the last
   complete checkpoint) while attempts <= backoffLimit, else Failed (BackoffLimitExceeded);
 - `suspend: true` suspends the Job (pods stop, saving a checkpoint on SIGTERM) -> Suspended;
@@ -74,6 +76,7 @@ from kubetune.operator.status import (
     set_condition,
 )
 from kubetune.operator.training.render import (
+    DISRUPTION_CONDITION,
     RenderOptions,
     prepare_job_name,
     render_config_map,
@@ -453,6 +456,9 @@ class _Reconciler(DependencyChecks, StatusDecisions):
     def attempt_failed(self, spec: ClusterFields, attempt: int, failed: dict[str, Any], left: int | None) -> None:
         reason = failed.get("reason") or "Failed"
         detail = failed.get("message") or reason
+        if reason == "PodFailurePolicy" and DISRUPTION_CONDITION in detail:
+            self.attempt_disrupted(spec, attempt, detail, left)
+            return
         if reason == "PodFailurePolicy":
             self.finish(
                 FAILED,
@@ -464,11 +470,13 @@ class _Reconciler(DependencyChecks, StatusDecisions):
         if reason == "DeadlineExceeded" or (left is not None and left <= 0):
             self.finish(FAILED, "DeadlineExceeded", f"activeDeadlineSeconds ({spec.activeDeadlineSeconds}) exceeded")
             return
-        if attempt > spec.backoffLimit:
+        failures = attempt - (self.status.get("preemptions") or 0)  # disruptions are not failures
+        if failures > spec.backoffLimit:
             self.finish(
                 FAILED,
                 "BackoffLimitExceeded",
-                f"attempt {attempt} failed ({reason}: {detail}); backoffLimit {spec.backoffLimit} reached.",
+                f"attempt {attempt} failed ({reason}: {detail}); backoffLimit {spec.backoffLimit} reached "
+                f"({failures} failures{self.preemption_note()}).",
             )
             return
         self.create_job(spec, attempt + 1)
@@ -480,6 +488,30 @@ class _Reconciler(DependencyChecks, StatusDecisions):
             f"{attempt + 1} from the last complete checkpoint.",
             "Warning",
         )
+
+
+    def attempt_disrupted(self, spec: ClusterFields, attempt: int, detail: str, left: int | None) -> None:
+        """A pod of the gang was preempted, evicted or drained: not the job's fault. The whole gang
+        restarts from the last complete checkpoint (the pods saved one on SIGTERM) without using
+        up backoffLimit; `status.preemptions` counts these restarts."""
+        if left is not None and left <= 0:
+            self.finish(FAILED, "DeadlineExceeded", f"activeDeadlineSeconds ({spec.activeDeadlineSeconds}) exceeded")
+            return
+        self.status["preemptions"] = (self.status.get("preemptions") or 0) + 1
+        self.create_job(spec, attempt + 1)
+        self.condition(COND_RUNNING, False, "Preempted", f"attempt {attempt}: a pod was disrupted")
+        self.transition(
+            PENDING,
+            "Preempted",
+            f"attempt {attempt} lost a pod to preemption, eviction or a node drain ({detail}); restarting the "
+            f"gang as attempt {attempt + 1} from the last complete checkpoint. Disruptions do not count against "
+            f"backoffLimit ({self.status['preemptions']} so far).",
+            "Warning",
+        )
+
+    def preemption_note(self) -> str:
+        count = self.status.get("preemptions") or 0
+        return f", not counting {count} preemption{'s' if count != 1 else ''}" if count else ""
 
 
 def reconcile(

@@ -45,6 +45,8 @@ from kubetune.trainer.artifacts.datacache import CACHE_AUTO, cluster_default_cac
 CONTAINER = "trainer"
 CONFIG_DIR = "/etc/kubetune"
 JOB_FILE = "job.yaml"
+DISRUPTION_CONDITION = "DisruptionTarget"
+"""The pod condition Kubernetes sets on a pod it preempts, evicts or drains."""
 MASTER_PORT = 29500
 CONFIG_ERROR_EXIT_CODE = 2
 """The trainer's exit code for a wrong spec (kubetune.trainer.api.errors.EXIT_CONFIG_ERROR): the Job
@@ -444,15 +446,19 @@ def _kubetune_pod(spec: ClusterFields, options: RenderOptions, config_map: str, 
 
 
 def _fail_fast_template(container: str, labels: dict[str, str], pod_spec: dict[str, Any]) -> dict[str, Any]:
-    """The Job's pod template, and a podFailurePolicy that fails the Job at once when `container`
-    exits with the trainer's configuration-error code (a retry cannot fix a bad spec)."""
+    """The Job's pod template, and a podFailurePolicy that ends the attempt at once, with the
+    cause in the Job's Failed condition (reason PodFailurePolicy, the rule's index in its
+    message): rule 0, `container` exited with the trainer's configuration-error code (a retry
+    cannot fix a bad spec); rule 1, a pod was disrupted (preemption, eviction, node drain: the
+    `DisruptionTarget` condition), which the operator restarts without counting it as a failure."""
     return {
         "podFailurePolicy": {
             "rules": [
                 {
                     "action": "FailJob",
                     "onExitCodes": {"containerName": container, "operator": "In", "values": [CONFIG_ERROR_EXIT_CODE]},
-                }
+                },
+                {"action": "FailJob", "onPodConditions": [{"type": DISRUPTION_CONDITION, "status": "True"}]},
             ]
         },
         "template": {
