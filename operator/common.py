@@ -188,3 +188,35 @@ def pod_security_context(uid: int) -> dict[str, Any]:
         "fsGroup": uid,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+"""Kueue's label: a resource that carries it is admitted by Kueue (its Jobs start suspended)."""
+RESERVED_PREFIXES = ("kubetune.io/", "app.kubernetes.io/", "kopf.zalando.org/", "kubectl.kubernetes.io/")
+"""Label/annotation keys never copied from a resource to its children (ours, kopf's, kubectl's)."""
+
+
+def queued(cr: dict[str, Any]) -> str | None:
+    """The Kueue LocalQueue the resource is submitted to, or None."""
+    return ((cr.get("metadata") or {}).get("labels") or {}).get(QUEUE_LABEL) or None
+
+
+def propagated_metadata(cr: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """The resource's own labels and annotations for its Jobs and pods (Kueue's queue-name and
+    priority-class, a team's cost labels, a mesh's annotations), minus the reserved keys."""
+    meta = cr.get("metadata") or {}
+
+    def keep(items: dict[str, Any] | None) -> dict[str, str]:
+        return {k: str(v) for k, v in (items or {}).items() if not k.startswith(RESERVED_PREFIXES)}
+
+    return keep(meta.get("labels")), keep(meta.get("annotations"))
+
+
+def with_propagated(cr: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """`job` with the resource's labels/annotations on it and its pod template; ours win."""
+    labels, annotations = propagated_metadata(cr)
+    for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
+        meta["labels"] = {**labels, **(meta.get("labels") or {})}
+        if annotations or meta.get("annotations"):
+            meta["annotations"] = {**annotations, **(meta.get("annotations") or {})}
+    return job

@@ -20,6 +20,7 @@ _CORE = {"ConfigMap": "configmaps", "Service": "services", "Secret": "secrets", 
 _BATCH = {"Job": "jobs"}
 _APPS = {"Deployment": "deployments"}
 _AUTOSCALING = {"HorizontalPodAutoscaler": "horizontalpodautoscalers"}
+_POLICY = {"PodDisruptionBudget": "poddisruptionbudgets"}
 MERGE_PATCH = "application/merge-patch+json"
 PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
@@ -69,6 +70,8 @@ def collection_path(kind: str, namespace: str) -> str:
         return f"/apis/apps/v1/namespaces/{namespace}/{_APPS[kind]}"
     if kind in _AUTOSCALING:
         return f"/apis/autoscaling/v2/namespaces/{namespace}/{_AUTOSCALING[kind]}"
+    if kind in _POLICY:
+        return f"/apis/policy/v1/namespaces/{namespace}/{_POLICY[kind]}"
     if kind in KINDS:
         return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{KINDS[kind].plural}"
     raise KeyError(f"unknown kind {kind}")

@@ -39,7 +39,7 @@ ALIGNMENT_STAGES = ("rm", "dpo", "kto", "ppo", "raft", "grpo")
 
 GPU_RESOURCE = "nvidia.com/gpu"
 
-Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 PHASES: tuple[str, ...] = get_args(Phase)
 TERMINAL_PHASES = ("Succeeded", "Failed")
 

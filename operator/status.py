@@ -23,6 +23,8 @@ from pydantic import (
 from kubetune.trainer.api.errors import MESSAGE_LIMIT, cap_message, shorten
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
+QUEUED = "Queued"
+"""Waiting for Kueue to admit the Job (or re-admit it after a preemption)."""
 
 # Condition types.
 SPEC_VALID = "SpecValid"
@@ -95,6 +97,30 @@ def set_condition(
     conditions.append(cond)
     status["conditions"] = conditions
     return True
+
+
+# -- summary conditions: kstatus (Flux, `kubectl wait`), Argo CD -----------------------------
+
+COND_READY, COND_RECONCILING, COND_STALLED = "Ready", "Reconciling", "Stalled"
+
+
+def summary_conditions(status: dict[str, Any], kind: str, *, now: str, generation: int | None = None) -> None:
+    """The conditions tools read without knowing kubetune: `Reconciling` while the resource
+    works towards its goal, `Stalled` when it stopped short of it (Failed), and for the training
+    kinds `Ready` once Succeeded (an InferenceService sets its own `Ready`: a replica serves), so
+    `kubectl wait --for=condition=Ready`, kstatus (Flux, kpt) and Argo CD agree with the phase."""
+    phase, reason, message = status.get("phase"), status.get("reason") or "", status.get("message") or ""
+    failed, settled = phase == "Failed", phase in ("Succeeded", "Suspended", "Failed")
+    if kind == "InferenceService":
+        rolling = condition_is(status, "Progressing", "True")
+        settled = failed or (phase == "Ready" and not rolling)
+    else:
+        set_condition(status, COND_READY, phase == "Succeeded", reason or (phase or "Pending"),
+                      message if phase != "Succeeded" else "", now=now, generation=generation)
+    set_condition(status, COND_STALLED, failed, reason if failed else "NotStalled", message if failed else "",
+                  now=now, generation=generation)
+    set_condition(status, COND_RECONCILING, not settled, (reason or phase or "Pending") if not settled else "Settled",
+                  message if not settled else "", now=now, generation=generation)
 
 
 # -- the trainer's status.json: untrusted input ------------------------------------------------

@@ -156,7 +156,9 @@ def test_every_child_validates_against_kubernetes_schemas(spec: dict[str, Any]) 
         assert kubernetes_validate.validate(obj, K8S_VERSION, strict=True), obj["kind"]
     kinds = [o["kind"] for o in objs]
     autoscaled = (spec.get("maxReplicas", 4) or 0) > spec.get("minReplicas", 1)
-    assert kinds == ["Deployment", "Service", "ConfigMap"] + (["HorizontalPodAutoscaler"] if autoscaled else [])
+    budget = spec.get("minReplicas", 1) >= 2
+    assert kinds == ["Deployment", "Service", "ConfigMap"] + (["HorizontalPodAutoscaler"] if autoscaled else []) + (
+        ["PodDisruptionBudget"] if budget else [])
 
 
 @pytest.mark.parametrize(
@@ -809,3 +811,28 @@ def test_children_validate_against_the_oldest_kubernetes_the_chart_claims() -> N
             assert kubernetes_validate.validate(obj, oldest, strict=True), obj["kind"]
     secret = reconcile_service(EXAMPLE_ISVC, _observed(), NOW).api_key_secret
     assert kubernetes_validate.validate({**secret, "stringData": {"api-key": "x"}}, oldest, strict=True)
+
+
+def test_two_or_more_replicas_get_a_disruption_budget_and_spread_over_nodes() -> None:
+    """#20 item 6: from two replicas a PodDisruptionBudget lets drains and upgrades evict one
+    replica at a time (never below two: a budget on one replica blocks every drain), and the
+    replicas spread over nodes where the scheduler can (soft), whatever their number."""
+    one = _by_kind(render_inference(_cr(minReplicas=1, maxReplicas=1), MODELS))
+    assert "PodDisruptionBudget" not in one
+    two = _by_kind(render_inference(_cr(minReplicas=2, maxReplicas=4), MODELS))
+    # scaling never changes the pod template (it would roll the pods)
+    assert one["Deployment"]["spec"]["template"] == two["Deployment"]["spec"]["template"]
+    pdb = two["PodDisruptionBudget"]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == two["Deployment"]["spec"]["selector"]["matchLabels"]
+    (spread,) = two["Deployment"]["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway" and spread["topologyKey"] == "kubernetes.io/hostname"
+    assert kubernetes_validate.validate(pdb, "1.30", strict=True)
+    # The decision creates it with the service and deletes it when minReplicas drops below two.
+    cr = _cr(minReplicas=2, maxReplicas=4)
+    plan = reconcile_service(cr, _observed(), NOW)
+    assert "PodDisruptionBudget" in [o["kind"] for o in plan.create]
+    lower = reconcile_service(_cr(minReplicas=1, maxReplicas=4), _observed(deployment=_deployment(ready=2), pdb=pdb), NOW)
+    assert ("PodDisruptionBudget", "llama-chat-isvc") in lower.delete
+    steady = reconcile_service(cr, _observed(deployment=_deployment(ready=2, cr=cr), pdb=pdb), NOW)
+    assert not [o for o in steady.create if o["kind"] == "PodDisruptionBudget"] and not steady.delete

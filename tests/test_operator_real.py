@@ -835,8 +835,9 @@ def test_inference_service_through_every_update_path(operator: ChartOperator, ad
     assert new["metadata"]["generation"] > old["metadata"]["generation"]
     assert "4096" in json.dumps(new["spec"]["template"]["spec"]["containers"][0])
     assert "4096" not in json.dumps(old["spec"]["template"]["spec"]["containers"][0])
-    replica_sets = [r for r in admin.list("ReplicaSet", NS) if owned_by(r, new)]
-    assert sorted(r["spec"]["replicas"] for r in replica_sets) == [0, 1], "the old ReplicaSet is scaled down"
+    # the Deployment controller scales the old ReplicaSet down in its own step, just after
+    eventually(lambda: sorted(r["spec"]["replicas"] for r in admin.list("ReplicaSet", NS) if owned_by(r, new)) == [0, 1],
+               what="the old ReplicaSet scaled down")
     no_forbidden(rolled)
 
     # `kubectl scale` through the InferenceService's scale subresource sets spec.replicas.
@@ -867,6 +868,10 @@ def test_inference_service_autoscaling_turned_on_later(operator: ChartOperator, 
     apply(kctl, inferenceservice(name, kubelet.placement, engine="transformers", gpus=0, minReplicas=2))
     deployment = eventually(lambda: admin.get("Deployment", NS, child), what="Deployment")
     assert deployment["spec"]["replicas"] == 2 and admin.get("HorizontalPodAutoscaler", NS, child) is None
+    # two replicas: a disruption budget, accepted by the real policy/v1 API (#20 item 6)
+    pdb = eventually(lambda: admin.get("PodDisruptionBudget", NS, child), what="PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     ready = eventually(lambda: phase_is(admin, "InferenceService", name, "Ready"), timeout=60, what="Ready")
     assert ready["status"]["readyReplicas"] == 2 and ready["status"]["engine"] == "transformers"
     assert ready["status"]["selector"]
@@ -883,6 +888,8 @@ def test_inference_service_autoscaling_turned_on_later(operator: ChartOperator, 
     assert adapter_names(admin, "tf-isvc-adapters") == ["sales"]
     assert admin.get("Deployment", NS, child)["spec"]["template"] == template
     assert any("sales" in e["message"] for e in events(admin, name) if e["reason"] == "AdaptersUpdated")
+    merge(kctl, "InferenceService", name, {"spec": {"minReplicas": 1}})  # below two: the budget goes
+    eventually(lambda: admin.get("PodDisruptionBudget", NS, child) is None, what="PodDisruptionBudget deleted")
     kctl("-n", NS, "delete", "kisvc", name, "--wait=false")
 
 
@@ -1079,6 +1086,7 @@ def test_rbac_is_exactly_what_the_operator_called(request: pytest.FixtureRequest
             ("apps", "deployments", "patch"), ("", "services", "patch"),
             ("autoscaling", "horizontalpodautoscalers", "create"), ("autoscaling", "horizontalpodautoscalers", "patch"),
             ("autoscaling", "horizontalpodautoscalers", "delete"),
+            ("policy", "poddisruptionbudgets", "create"), ("policy", "poddisruptionbudgets", "delete"),
             ("kopf.dev", "clusterkopfpeerings", "patch")} <= calls, sorted(calls)
     # The operator never reads a Secret: not even metadata (see kubetune.rules in _helpers.tpl).
     assert not {v for g, r, v in granted if (g, r) == ("", "secrets")} - {"create"}

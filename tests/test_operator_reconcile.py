@@ -837,3 +837,43 @@ def test_a_forbidden_call_on_a_training_job_is_a_condition_and_one_event() -> No
     status = kube.objects[("FineTuneJob", "llama-sft")]["status"]
     assert status["phase"] == "Pending" and status["jobName"] == "llama-sft-ftj-a1"
     assert next(c for c in status["conditions"] if c["type"] == "Synced")["status"] == "True"
+
+
+def test_kueue_admits_a_queued_job_and_the_operator_never_fights_its_suspend() -> None:
+    """#20 item 1: the resource's labels and annotations (Kueue's queue-name and priority-class,
+    a mesh's annotations) reach the Job and its pods, the Job starts suspended for Kueue to admit,
+    and the operator shows Queued instead of un-suspending it; a Kueue preemption (suspend again
+    after running) waits for re-admission in the same attempt, nothing counted."""
+    cr = _cr(backoffLimit=0)
+    cr["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a", "kueue.x-k8s.io/priority-class": "high",
+                                "app.kubernetes.io/name": "not-ours-to-copy"}
+    cr["metadata"]["annotations"] = {"sidecar.istio.io/inject": "false",
+                                     "kubectl.kubernetes.io/last-applied-configuration": "{}"}
+    first = reconcile(cr, Observed(secret_found=True), now=T0)
+    job = _job(first)
+    assert job["spec"]["suspend"] is True
+    for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
+        assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert meta["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+        assert meta["labels"]["app.kubernetes.io/name"] == "kubetune"  # ours win
+        assert meta["annotations"]["sidecar.istio.io/inject"] == "false"
+        assert "kubectl.kubernetes.io/last-applied-configuration" not in meta["annotations"]
+    cr = _apply(cr, first)
+    waiting = reconcile(cr, _world(first, [_with(job, active=0)]), now=T0)
+    assert not waiting.patch and not waiting.create
+    assert waiting.status["phase"] == "Queued" and "team-a" in waiting.status["message"]
+    cr = _apply(cr, waiting)
+    admitted = {**job, "spec": {**job["spec"], "suspend": False}}
+    running = reconcile(cr, _world(first, [_with(admitted, active=2, ready=2)]), now=T0)
+    assert running.status["phase"] == "Running" and not running.patch
+    cr = _apply(cr, running)
+    preempted = reconcile(cr, _world(first, [_with(job, active=0)]), now=T0)
+    assert preempted.status["phase"] == "Queued" and "preempted by Kueue" in preempted.status["message"]
+    assert not preempted.patch and not preempted.create and preempted.status["attempts"] == 1
+    TrainingJobStatus.model_validate(preempted.status)
+
+
+def test_without_a_queue_an_external_suspend_is_undone() -> None:
+    cr, first = _start()
+    plan = reconcile(cr, _world(first, [_with({**_job(first), "spec": {**_job(first)["spec"], "suspend": True}})]), now=T0)
+    assert ("Job", _job(first)["metadata"]["name"], {"spec": {"suspend": False}}) in plan.patch

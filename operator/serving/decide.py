@@ -64,6 +64,7 @@ from kubetune.operator.serving.render import (
     render_api_key_secret,
     render_deployment,
     render_hpa,
+    render_pdb,
     render_service,
     runtime_adapters,
     selector_string,
@@ -78,6 +79,7 @@ from kubetune.operator.status import (
     SPEC_VALID,
     now_iso,
     set_condition,
+    summary_conditions,
 )
 from kubetune.operator.validation import validate_resource
 from kubetune.trainer.api.errors import SpecErrors
@@ -89,7 +91,7 @@ COND_READY = "Ready"
 """At least one replica is available (serving)."""
 COND_PROGRESSING = "Progressing"
 """A rollout is in progress (True) or complete (False, reason RolloutComplete)."""
-CHILD_KINDS = ("Deployment", "Service", "HorizontalPodAutoscaler")
+CHILD_KINDS = ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget")
 
 
 @dataclass
@@ -99,6 +101,7 @@ class ServingObserved:
     deployment: dict[str, Any] | None = None
     service: dict[str, Any] | None = None
     hpa: dict[str, Any] | None = None
+    pdb: dict[str, Any] | None = None
     adapters_config: dict[str, Any] | None = None
     """The ConfigMap with the current adapter set."""
     secret_found: bool | None = None
@@ -270,22 +273,36 @@ class _ServiceReconciler(DependencyChecks, StatusDecisions):
                 "spec": {k: service["spec"][k] for k in ("type", "selector", "ports")},
             }))
 
+        hpa = self.ensure_hpa(spec, observed)
+        self.ensure_pdb(spec)
+        if observed is None:
+            kinds = "Deployment, Service" + (", HPA" if hpa is not None else "")
+            self.event("Normal", "Created", f"created {kinds} {self.child}")
+
+    def ensure_hpa(self, spec: InferenceServiceSpec, deployment: dict[str, Any] | None) -> dict[str, Any] | None:
         hpa = render_hpa(self.cr, spec)
         if hpa is None and self.obs.hpa is not None:
             self.plan.delete.append(("HorizontalPodAutoscaler", self.child))
             self.event("Normal", "AutoscalingOff", "minReplicas == maxReplicas: HPA deleted, spec.replicas sets the replicas")
         elif hpa is not None and self.obs.hpa is None:
             self.plan.create.append(hpa)
-            if observed is not None:
+            if deployment is not None:
                 self.event("Normal", "AutoscalingOn", f"HPA created: {spec.minReplicas}-{spec.maxReplicas} replicas")
         elif hpa is not None and _hash_of(self.obs.hpa) != _hash_of(hpa):
             self.plan.patch.append(("HorizontalPodAutoscaler", self.child, {
                 "metadata": {"labels": hpa["metadata"]["labels"], "annotations": hpa["metadata"]["annotations"]},
                 "spec": merge_diff((self.obs.hpa or {}).get("spec") or {}, hpa["spec"]),
             }))
-        if observed is None:
-            kinds = "Deployment, Service" + (", HPA" if hpa is not None else "")
-            self.event("Normal", "Created", f"created {kinds} {self.child}")
+        return hpa
+
+    def ensure_pdb(self, spec: InferenceServiceSpec) -> None:
+        """The disruption budget follows minReplicas: created from two, deleted below. Its spec
+        never changes (one replica at a time), so it is never patched."""
+        pdb = render_pdb(self.cr, spec)
+        if pdb is not None and self.obs.pdb is None:
+            self.plan.create.append(pdb)
+        elif pdb is None and self.obs.pdb is not None:
+            self.plan.delete.append(("PodDisruptionBudget", self.child))
 
     def change_summary(self, spec: InferenceServiceSpec, models: ResolvedModels) -> str:
         before = {a.get("name"): a.get("uri") for a in self.status.get("adapters") or []}
@@ -372,7 +389,9 @@ def reconcile_service(
 ) -> ServingPlan:
     """Decide what to do for one InferenceService (pure: no I/O)."""
     now = now or datetime.datetime.now(datetime.UTC)
-    return _ServiceReconciler(cr, observed, now, options or ServingOptions()).run()
+    plan = _ServiceReconciler(cr, observed, now, options or ServingOptions()).run()
+    summary_conditions(plan.status, KIND, now=now_iso(now), generation=(cr.get("metadata") or {}).get("generation"))
+    return plan
 
 
 def report_forbidden(cr: dict[str, Any], plan: Plan, forbidden: list[KubeError]) -> None:

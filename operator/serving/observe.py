@@ -20,7 +20,7 @@ def observe_service(kube: Any, cr: dict[str, Any], options: ServingOptions | Non
     namespace, name = meta["namespace"], meta["name"]
     child, _ = service_names(name)
     observed = ServingObserved()
-    for kind, attr in zip(CHILD_KINDS, ("deployment", "service", "hpa"), strict=True):
+    for kind, attr in zip(CHILD_KINDS, ("deployment", "service", "hpa", "pdb"), strict=True):
         obj = kube.get(kind, namespace, child)
         if obj is not None and not is_owned_by(obj, cr):
             observed.foreign.append(f"{kind} {child}")

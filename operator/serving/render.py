@@ -537,6 +537,14 @@ def _pod_spec(cr: dict[str, Any], spec: InferenceServiceSpec, models: ResolvedMo
         pod_spec["volumes"].append({"name": "adapters", "configMap": {
             "name": adapters_config_name(cr["metadata"]["name"]), "items": [{"key": ADAPTERS_KEY, "path": ADAPTERS_KEY}]}})
     pod_spec.update(scheduling_fields(spec))
+    if "affinity" not in pod_spec:
+        # Replicas on different nodes where the scheduler can (soft: never leaves a pod pending),
+        # so one node's loss or drain takes one replica, not all. Whatever the replica count, so
+        # that scaling never changes the pod template (which would roll the pods).
+        pod_spec["topologySpreadConstraints"] = [{
+            "maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": pod_selector(cr["metadata"]["name"])},
+        }]
     return pod_spec
 
 
@@ -697,11 +705,24 @@ def render_hpa(cr: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any]
     return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": meta, "spec": body}
 
 
+def render_pdb(cr: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any] | None:
+    """A PodDisruptionBudget when the service always runs two or more replicas: a node drain or
+    cluster upgrade evicts one replica at a time, so the endpoint keeps serving. None below two
+    (a budget on a single replica would block every drain)."""
+    if spec.minReplicas < 2:
+        return None
+    name = cr["metadata"]["name"]
+    pdb_name, _ = service_names(name)
+    body = {"maxUnavailable": 1, "selector": {"matchLabels": pod_selector(name)}}
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(cr, pdb_name, COMPONENT),
+            "spec": body}
+
+
 def render_inference(
     cr: dict[str, Any], models: ResolvedModels | None = None, options: ServingOptions | None = None
 ) -> list[dict[str, Any]]:
-    """Every child of an InferenceService: Deployment, Service, adapters ConfigMap, and the HPA
-    when autoscaled.
+    """Every child of an InferenceService: Deployment, Service, adapters ConfigMap, the HPA when
+    autoscaled, the PodDisruptionBudget from two replicas up.
     Without `models`, the spec's URIs are used (job references must be resolved by the caller)."""
     spec: InferenceServiceSpec = validate_spec(KIND, cr.get("spec"))  # type: ignore[assignment]
     if models is None:
@@ -710,7 +731,5 @@ def render_inference(
         models = ResolvedModels(spec.model.uri, {a.name: a.uri for a in spec.adapters if a.uri})
     objs = [render_deployment(cr, spec, models, options), render_service(cr, spec),
             render_adapters_config_map(cr, spec, models)]
-    hpa = render_hpa(cr, spec)
-    if hpa is not None:
-        objs.append(hpa)
+    objs += [child for child in (render_hpa(cr, spec), render_pdb(cr, spec)) if child is not None]
     return objs

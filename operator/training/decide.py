@@ -44,6 +44,7 @@ from kubetune.operator.common import (
     ANNOTATION_TRAINING_HASH,
     LABEL_ATTEMPT,
     child_names,
+    queued,
 )
 from kubetune.operator.kube import KubeError
 from kubetune.operator.plan import Event, Plan, StatusDecisions
@@ -62,6 +63,7 @@ from kubetune.operator.status import (
     COND_SYNCED,
     FAILED,
     PENDING,
+    QUEUED,
     READY_TO_START,
     RUNNING,
     SPEC_VALID,
@@ -74,6 +76,7 @@ from kubetune.operator.status import (
     parse_trainer_status,
     progress_of,
     set_condition,
+    summary_conditions,
 )
 from kubetune.operator.training.render import (
     DISRUPTION_CONDITION,
@@ -339,6 +342,9 @@ class _Reconciler(DependencyChecks, StatusDecisions):
             self.condition(COND_SUSPENDED, True, "Suspended", "spec.suspend is true")
             self.transition(SUSPENDED, "Suspended", "suspended while preparing the datasets")
             return
+        if job_suspended and queued(self.cr):
+            self.await_admission(name)
+            return
         if job_suspended:
             self.plan.patch.append(("Job", name, {"spec": {"suspend": False}}))
         if self.status.get("phase") == SUSPENDED or job_suspended:
@@ -408,6 +414,9 @@ class _Reconciler(DependencyChecks, StatusDecisions):
             self.condition(COND_SUSPENDED, True, "Suspended", "spec.suspend is true")
             self.condition(COND_RUNNING, False, "Suspended", "the job is suspended")
             self.transition(SUSPENDED, "Suspended", "suspended: the pods are stopped (each saves a checkpoint on SIGTERM)")
+            return
+        if job_suspended and queued(self.cr):
+            self.await_admission(self.names.job(attempt))
             return
         if job_suspended:
             self.plan.patch.append(("Job", self.names.job(attempt), {"spec": {"suspend": False}}))
@@ -490,6 +499,19 @@ class _Reconciler(DependencyChecks, StatusDecisions):
         )
 
 
+    def await_admission(self, job: str) -> None:
+        """Kueue decides when a queued Job runs: its suspend flag is Kueue's, never patched here.
+        A Job that ran and is suspended again was preempted by Kueue: its pods saved a checkpoint
+        on SIGTERM, and it resumes from there when re-admitted (same attempt, nothing counted)."""
+        queue = queued(self.cr)
+        if self.status.get("phase") == RUNNING:
+            message = (f"Job {job} was preempted by Kueue (queue {queue}): its pods saved a checkpoint; it resumes "
+                       "from there when Kueue admits it again")
+        else:
+            message = f"Job {job} waits for Kueue to admit it (queue {queue}): quota, priority and fair sharing decide"
+        self.condition(COND_RUNNING, False, QUEUED, message)
+        self.transition(QUEUED, "WaitingForAdmission", message)
+
     def attempt_disrupted(self, spec: ClusterFields, attempt: int, detail: str, left: int | None) -> None:
         """A pod of the gang was preempted, evicted or drained: not the job's fault. The whole gang
         restarts from the last complete checkpoint (the pods saved one on SIGTERM) without using
@@ -522,7 +544,9 @@ def reconcile(
 ) -> Plan:
     """Decide what to do for one training resource (pure: no I/O)."""
     now = now or datetime.datetime.now(datetime.UTC)
-    return _Reconciler(cr, observed, now, options or RenderOptions()).run()
+    plan = _Reconciler(cr, observed, now, options or RenderOptions()).run()
+    summary_conditions(plan.status, cr["kind"], now=now_iso(now), generation=(cr.get("metadata") or {}).get("generation"))
+    return plan
 
 
 RETRIED_ON_SPEC_CHANGE = ("InvalidSpec", INSUFFICIENT_GPU_MEMORY)

@@ -30,9 +30,11 @@ from kubetune.operator.common import (
     labels_for,
     owner_reference,
     pod_security_context,
+    queued,
     scheduling_fields,
     selector_labels,
     storage_env,
+    with_propagated,
 )
 from kubetune.operator.resources import (
     BASE_MODEL_PLACEHOLDER,
@@ -290,7 +292,7 @@ def render_job(
         "parallelism": spec.nodes,
         "backoffLimit": 0,
         **_fail_fast_template(CONTAINER, pod_labels, pod_spec),
-        "suspend": spec.suspend if suspend is None else suspend,
+        "suspend": _suspend(cr, spec, suspend),
     }
     deadline = active_deadline_seconds if active_deadline_seconds is not None else spec.activeDeadlineSeconds
     if deadline is not None:
@@ -300,7 +302,13 @@ def render_job(
     meta = _meta(cr, job_name, "trainer", ns)
     meta["labels"][LABEL_ATTEMPT] = str(attempt)
     meta["annotations"] = {ANNOTATION_ATTEMPT: str(attempt)}
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+    return with_propagated(cr, {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec})
+
+
+def _suspend(cr: dict[str, Any], spec: ClusterFields, suspend: bool | None) -> bool:
+    """A Job starts suspended when asked to, and always when Kueue admits it (queue-name label):
+    Kueue unsuspends what it admits."""
+    return bool(spec.suspend if suspend is None else suspend) or queued(cr) is not None
 
 
 PREPARE_CONTAINER = "prepare"
@@ -360,12 +368,13 @@ def render_prepare_job(
         "parallelism": 1,
         "backoffLimit": spec.backoffLimit,
         **_fail_fast_template(PREPARE_CONTAINER, labels_for(cr["kind"], name, "prepare"), pod_spec),
-        "suspend": spec.suspend if suspend is None else suspend,
+        "suspend": _suspend(cr, spec, suspend),
     }
     deadline = active_deadline_seconds if active_deadline_seconds is not None else spec.activeDeadlineSeconds
     if deadline is not None:
         job_spec["activeDeadlineSeconds"] = max(1, int(deadline))
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(cr, job_name, "prepare", ns), "spec": job_spec}
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(cr, job_name, "prepare", ns), "spec": job_spec}
+    return with_propagated(cr, job)
 
 
 def render_training(

@@ -83,6 +83,8 @@ run of the operator and with the calls in operator/handlers.py, kube.py and serv
 - apps Deployments (InferenceService): kopf watches them (deployment-changed); the handlers
   get, create and patch them (rolling updates);
 - HorizontalPodAutoscalers (InferenceService): get, create, patch, delete (autoscaling off);
+- PodDisruptionBudgets (InferenceService, from two replicas): get, create, delete (below two;
+  never patched: their spec does not change);
 - ConfigMaps: get, create (the resolved spec, the adapters set), patch (an InferenceService's
   adapters change); Services: get, create, patch (the headless training Service, the
   InferenceService's Service);
@@ -112,6 +114,9 @@ garbage collector removes them with their resource.
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
   verbs: [get, create, patch, delete]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, create, delete]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, patch]
