@@ -488,15 +488,15 @@ class _Reconciler(DependencyChecks, StatusDecisions):
                 f"({failures} failures{self.preemption_note()}).",
             )
             return
+        self.restart_gang(spec, attempt, "Restarting", f"attempt {attempt} failed: {reason}",
+                          f"attempt {attempt} failed ({reason}: {detail}); restarting the whole gang as attempt "
+                          f"{attempt + 1} from the last complete checkpoint.")
+
+    def restart_gang(self, spec: ClusterFields, attempt: int, reason: str, short: str, message: str) -> None:
+        """Attempt n+1: a new Job for the whole gang, which resumes from the last checkpoint."""
         self.create_job(spec, attempt + 1)
-        self.condition(COND_RUNNING, False, "Restarting", f"attempt {attempt} failed: {reason}")
-        self.transition(
-            PENDING,
-            "Restarting",
-            f"attempt {attempt} failed ({reason}: {detail}); restarting the whole gang as attempt "
-            f"{attempt + 1} from the last complete checkpoint.",
-            "Warning",
-        )
+        self.condition(COND_RUNNING, False, reason, short)
+        self.transition(PENDING, reason, message, "Warning")
 
 
     def await_admission(self, job: str) -> None:
@@ -520,16 +520,10 @@ class _Reconciler(DependencyChecks, StatusDecisions):
             self.finish(FAILED, "DeadlineExceeded", f"activeDeadlineSeconds ({spec.activeDeadlineSeconds}) exceeded")
             return
         self.status["preemptions"] = (self.status.get("preemptions") or 0) + 1
-        self.create_job(spec, attempt + 1)
-        self.condition(COND_RUNNING, False, "Preempted", f"attempt {attempt}: a pod was disrupted")
-        self.transition(
-            PENDING,
-            "Preempted",
-            f"attempt {attempt} lost a pod to preemption, eviction or a node drain ({detail}); restarting the "
-            f"gang as attempt {attempt + 1} from the last complete checkpoint. Disruptions do not count against "
-            f"backoffLimit ({self.status['preemptions']} so far).",
-            "Warning",
-        )
+        self.restart_gang(spec, attempt, "Preempted", f"attempt {attempt}: a pod was disrupted",
+                          f"attempt {attempt} lost a pod to preemption, eviction or a node drain ({detail}); restarting "
+                          f"the gang as attempt {attempt + 1} from the last complete checkpoint. Disruptions do not "
+                          f"count against backoffLimit ({self.status['preemptions']} so far).")
 
     def preemption_note(self) -> str:
         count = self.status.get("preemptions") or 0
