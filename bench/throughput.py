@@ -11,23 +11,30 @@ tokenizer of 8192 tokens trained by kubetune's builtin-model code on the benchma
 Everything else is each tool's own default, on purpose:
   - kubetune: `kubetune train SPEC.yaml` with only model, dataset, method (+ LoRA r/alpha), lr,
     batch size, max length, epochs and the output path (row "kubetune");
-  - TRL: `trl.SFTTrainer` / `trl.DPOTrainer` with `SFTConfig`/`DPOConfig` given the same task
-    (TRL's defaults include bf16 autocast and gradient checkpointing, also on CPU), a PEFT
-    `LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")`;
+  - TRL: `trl.SFTTrainer` / `trl.DPOTrainer` with `SFTConfig`/`DPOConfig` given the same task and
+    a PEFT `LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")`. TRL's defaults stay,
+    gradient checkpointing on included; one is changed where it cannot run: its bf16=True makes
+    transformers refuse to start without a GPU, so on CPU bf16 is off (fp32, like the others);
+    QLoRA loads the model with `BitsAndBytesConfig` NF4 + double quantisation, fp32 compute;
   - LlamaFactory: `llamafactory-cli train config.yaml` from its own venv
     (bench/setup-llamafactory.sh), `finetuning_type`, `lora_target: all`, `lora_rank/alpha`,
     `quantization_bit: 4`, `cutoff_len`, reporting and eval off.
-LoRA dropout stays each tool's default (kubetune 0.05, PEFT/TRL 0, LlamaFactory 0).
+LoRA dropout stays each tool's default (kubetune 0.05, PEFT/TRL 0, LlamaFactory 0). kubetune's
+default DPO adds the chosen answers' NLL (`dpo.rpoAlpha: 1`), so its DPO loss is not comparable
+with the others' plain sigmoid loss (0.693 at the start).
 
 What each renders (one alpaca row; the tokenizer's chat template is kubetune's `default`):
   - kubetune: alpaca data + a tokenizer with a chat template -> that template:
-    `<s>User: {instruction}\\n{input}\\nAssistant: {output}</s>\\n`, loss on the response only;
+    `<s>User: {instruction}\\n{input}\\nAssistant: {output}</s>`, loss on the response only (the
+    template's `\\n` after `</s>` is not trained on: one token per row fewer than the others);
   - TRL: the rows as conversational prompt/completion (`[{"role": "user", ...}]` /
-    `[{"role": "assistant", ...}]`), which TRL renders with the same chat template: the same text,
-    completion-only loss (its default for prompt/completion data);
+    `[{"role": "assistant", ...}]`), which TRL renders with the same chat template:
+    `<s>User: {instruction}\\n{input}\\nAssistant: {output}</s>\\n`, completion-only loss (its
+    default for prompt/completion data);
   - LlamaFactory: no `template` given, so it parses the tokenizer's chat template into its own
-    template (`parse_template`): the same text up to LlamaFactory's own joins, which the
-    results file records (`rendered`), response-only loss (`train_on_prompt` off).
+    template (`parse_template`): the same text as TRL (prompt and response tokenized apart),
+    response-only loss (`train_on_prompt` off). The results file records each one's rendering
+    of a short row (`rendered`).
 DPO: the same prompt rendering, chosen/rejected as the assistant turn.
 
 Useful tokens: the non-padding tokens of the batches each tool actually trained on, counted in
@@ -46,7 +53,7 @@ step from the process start (a global `torch.optim` step hook), and the final tr
 of the last 10 steps' losses). The table shows the median over rounds.
 
     python bench/throughput.py                 # 400 rows, 3 rounds, the 21M model
-    python bench/throughput.py --quick         # 120 rows, 2 rounds, a 128x2 model: < 12 minutes here
+    python bench/throughput.py --quick         # 80 rows, 2 rounds, a 128x2 model: ~10 minutes here
     python bench/throughput.py --rounds 1 --rows 40 --methods lora   # smoke test
 
 Writes bench/results/throughput.{json,md,png}.
@@ -79,7 +86,7 @@ LOSS_WINDOW = 10
 # ----------------------------------------------------------------------------- data and model
 
 
-def word_list(seed: int, count: int = 3000) -> list[str]:
+def word_list(seed: int, count: int = 6000) -> list[str]:
     rng = random.Random(seed)
     syllables = [c + v for c in "bcdfghklmnprstvwz" for v in "aeiou"]
     words: set[str] = set()
@@ -368,8 +375,16 @@ def rendered_examples(work: Path, lf: Path | None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(work / "model"))
     messages = [{"role": "user", "content": f"{short['instruction']}\n{short['input']}"},
                 {"role": "assistant", "content": short["output"]}]
-    shown = {"kubetune": tokenizer.apply_chat_template(messages, tokenize=False),
-             "trl": tokenizer.apply_chat_template(messages, tokenize=False)}
+    with tempfile.TemporaryDirectory() as tmp:  # kubetune: its own data pipeline's token row, decoded
+        from kubetune.trainer.api.specfile import validate_training
+        from kubetune.trainer.train.data import build_datasets
+
+        (Path(tmp) / "row.json").write_text(json.dumps([short]))
+        spec = kubetune_spec("lora", work, Path(tmp) / "out")
+        spec["data"]["datasets"][0]["path"] = str(Path(tmp) / "row.json")
+        kubetune_ids = build_datasets(validate_training(spec), tokenizer).train[0]["input_ids"]
+    # TRL: conversational prompt/completion, rendered with the tokenizer's chat template
+    shown = {"kubetune": tokenizer.decode(kubetune_ids), "trl": tokenizer.apply_chat_template(messages, tokenize=False)}
     if lf is not None:
         script = (
             "import json,sys\nfrom transformers import AutoTokenizer\n"
@@ -476,10 +491,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; --quick 2)")
-    parser.add_argument("--rows", type=int, default=None, help="training rows (default 400; --quick 120)")
+    parser.add_argument("--rows", type=int, default=None, help="training rows (default 400; --quick 80)")
     parser.add_argument("--hidden", type=int, default=None, help="model hidden size (default 512; --quick 128)")
     parser.add_argument("--layers", type=int, default=None, help="model layers (default 4; --quick 2)")
-    parser.add_argument("--quick", action="store_true", help="120 rows, 2 rounds, a 128x2 model (< 12 minutes on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="80 rows, 2 rounds, a 128x2 model (~10 minutes on 2 CPU cores)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated subset of {','.join(TOOLS)}")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every run")
@@ -488,7 +503,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None, help="keep the model, data and logs here")
     parser.add_argument("--no-write", action="store_true", help="print the table only, do not write bench/results")
     args = parser.parse_args(argv)
-    quick = {"rounds": 2, "rows": 120, "hidden": 128, "layers": 2}
+    quick = {"rounds": 2, "rows": 80, "hidden": 128, "layers": 2}
     full = {"rounds": 3, "rows": 400, "hidden": 512, "layers": 4}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
@@ -520,7 +535,7 @@ def main(argv: list[str]) -> int:
     work.mkdir(parents=True, exist_ok=True)
     log_dir = work / "logs"
     log_dir.mkdir(exist_ok=True)
-    started = time.time()
+    started, load_start = time.time(), os.getloadavg()
     make_data(work / "data", args.rows, args.seed)
     params = json.loads(helper(["_build", str(work), str(args.hidden), str(args.layers)]).splitlines()[-1])
     print(f"model: {params / 1e6:.1f}M parameters (hidden {args.hidden}, {args.layers} layers); data: {args.rows} rows; "
@@ -559,7 +574,8 @@ def main(argv: list[str]) -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "elapsed_s": time.time() - started,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "python": platform.python_version()},
+                    "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "settings": {"rounds": args.rounds, "rows": args.rows, "hidden": args.hidden, "layers": args.layers,
                      "parameters": params, "threads": args.threads, "seed": args.seed, "quick": args.quick,
                      "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lr": LR, "batch": BATCH, "cutoff": CUTOFF, "epochs": 1},
@@ -579,7 +595,14 @@ def main(argv: list[str]) -> int:
                   f"LoRA r {LORA_R} alpha {LORA_ALPHA}; {args.rounds} interleaved rounds (median), "
                   f"OMP_NUM_THREADS={args.threads}, {os.cpu_count()} CPUs, no GPU. `python bench/throughput.py"
                   f"{' --quick' if args.quick else ''}`\n\n")
-        (RESULTS / "throughput.md").write_text(header + text)
+        rendered = "\n".join(f"- {tool}: `{json.dumps(text)[1:-1]}`" for tool, text in report["rendered"].items())
+        notes = ("\nMedians over rounds. Useful tokens/s: non-padding tokens of the batches each tool trained on / "
+                 "the wall time of `Trainer.train`; first step: seconds from the process start to the first optimizer "
+                 "step; final loss: mean of the last 10 steps (kubetune's DPO default adds the chosen answers' NLL, "
+                 "`dpo.rpoAlpha: 1`: not comparable with the plain DPO loss of the others). kubetune runs its default "
+                 "spec; TRL its defaults (gradient checkpointing on; bf16 off, as transformers refuses it without a GPU); "
+                 "LlamaFactory its defaults. Each renders a row as (first 3 words per field):\n\n" + rendered + "\n")
+        (RESULTS / "throughput.md").write_text(header + text + notes)
         chart(rows, tools, methods, RESULTS / "throughput.png")
         print(f"wrote {RESULTS / 'throughput.json'}, .md, .png")
     if args.workdir is None:
