@@ -487,6 +487,35 @@ def chart(rows: list[dict], tools: list[str], methods: list[str], path: Path) ->
     plt.close(fig)
 
 
+def write_report(args, context: dict, runs: list[dict], tools: list[str], methods: list[str], skipped: dict,
+                 completed: int, started: float, load_start: tuple) -> None:
+    rows = summarize(runs, tools, methods, skipped)
+    report = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "elapsed_s": time.time() - started,
+              "rounds_completed": completed, **context, "summary": rows, "runs": runs}
+    report["machine"] = {**context["machine"], "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "throughput.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    params = context["settings"]["parameters"]
+    plural = "s" if args.rounds > 1 else ""
+    rounds = f"{completed} interleaved round{plural}" if completed == args.rounds else f"{completed} of {args.rounds} rounds"
+    header = (f"Training throughput, {report['date']}: {params / 1e6:.1f}M-parameter Llama (hidden {args.hidden}, "
+              f"{args.layers} layers), {args.rows} alpaca rows, 1 epoch, batch {BATCH}, cutoff {CUTOFF}, lr {LR:g}, "
+              f"LoRA r {LORA_R} alpha {LORA_ALPHA}; {rounds} (median), OMP_NUM_THREADS={args.threads}, "
+              f"{os.cpu_count()} CPUs, no GPU, load average {load_start[0]:.1f} at the start and "
+              f"{report['machine']['loadavg_end'][0]:.1f} at the end (other work shared the machine). "
+              f"`python bench/throughput.py {' '.join(context['argv'])}`\n\n")
+    rendered = "\n".join(f"- {tool}: `{json.dumps(text)[1:-1]}`" for tool, text in report["rendered"].items())
+    notes = ("\nMedians over rounds. Useful tokens/s: non-padding tokens of the batches each tool trained on / "
+             "the wall time of `Trainer.train`; first step: seconds from the process start to the first optimizer "
+             "step; final loss: mean of the last 10 steps (kubetune's DPO default adds the chosen answers' NLL, "
+             "`dpo.rpoAlpha: 1`: not comparable with the plain DPO loss of the others). kubetune runs its default "
+             "spec; TRL its defaults (gradient checkpointing on; bf16 off, as transformers refuses it without a GPU); "
+             "LlamaFactory its defaults. Each renders a row as (first 3 words per field):\n\n" + rendered + "\n")
+    (RESULTS / "throughput.md").write_text(header + table(rows) + notes)
+    chart(rows, tools, methods, RESULTS / "throughput.png")
+    print(f"wrote {RESULTS / 'throughput.json'}, .md, .png ({completed} of {args.rounds} rounds)", flush=True)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -552,6 +581,19 @@ def main(argv: list[str]) -> int:
                 skipped[("llamafactory", m)] = f"skipped ({reason})"
         else:
             pythons["llamafactory"] = str(lf)
+    context = {
+        "argv": argv,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "python": platform.python_version()},
+        "settings": {"rounds": args.rounds, "rows": args.rows, "hidden": args.hidden, "layers": args.layers,
+                     "parameters": params, "threads": args.threads, "seed": args.seed, "quick": args.quick,
+                     "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lr": LR, "batch": BATCH, "cutoff": CUTOFF, "epochs": 1},
+        "versions": {"kubetune_venv": versions(sys.executable),
+                     **({"llamafactory_venv": versions(str(lf))} if lf else {})},
+        "kubetune_spec_lora": kubetune_spec("lora", Path("WORK"), Path("OUT")),
+        "llamafactory_config_lora": llamafactory_config("lora", Path("WORK"), Path("OUT")),
+        "rendered": json.loads(helper(["_render", str(work)] + ([str(lf)] if lf else [])).splitlines()[-1]),
+    }
     runs: list[dict] = []
     for round_index in range(args.rounds):
         order = tools[round_index % len(tools):] + tools[:round_index % len(tools)]
@@ -565,46 +607,12 @@ def main(argv: list[str]) -> int:
                 status = f"{record['tokens_per_s']:.0f} tok/s" if record.get("tokens_per_s") else f"FAILED: {record.get('error')}"
                 print(f"round {round_index + 1}/{args.rounds} {method:6s} {tool:13s} {status} "
                       f"(rss {record['peak_rss_mb']:.0f} MB, wall {record.get('wall_s', 0):.0f}s)", flush=True)
+        if not args.no_write:  # after every round: an interrupted run keeps the rounds it finished
+            write_report(args, context, runs, tools, methods, skipped, round_index + 1, started, load_start)
 
     rows = summarize(runs, tools, methods, skipped)
-    text = table(rows)
     print()
-    print(text)
-    report = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "elapsed_s": time.time() - started,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
-        "settings": {"rounds": args.rounds, "rows": args.rows, "hidden": args.hidden, "layers": args.layers,
-                     "parameters": params, "threads": args.threads, "seed": args.seed, "quick": args.quick,
-                     "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lr": LR, "batch": BATCH, "cutoff": CUTOFF, "epochs": 1},
-        "versions": {"kubetune_venv": versions(sys.executable),
-                     **({"llamafactory_venv": versions(str(lf))} if lf else {})},
-        "kubetune_spec_lora": kubetune_spec("lora", Path("WORK"), Path("OUT")),
-        "llamafactory_config_lora": llamafactory_config("lora", Path("WORK"), Path("OUT")),
-        "rendered": json.loads(helper(["_render", str(work)] + ([str(lf)] if lf else [])).splitlines()[-1]),
-        "summary": rows,
-        "runs": runs,
-    }
-    if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "throughput.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        header = (f"Training throughput, {report['date']}: {params / 1e6:.1f}M-parameter Llama (hidden {args.hidden}, "
-                  f"{args.layers} layers), {args.rows} alpaca rows, 1 epoch, batch {BATCH}, cutoff {CUTOFF}, lr {LR:g}, "
-                  f"LoRA r {LORA_R} alpha {LORA_ALPHA}; {args.rounds} interleaved rounds (median), "
-                  f"OMP_NUM_THREADS={args.threads}, {os.cpu_count()} CPUs, no GPU. `python bench/throughput.py"
-                  f"{' --quick' if args.quick else ''}`\n\n")
-        rendered = "\n".join(f"- {tool}: `{json.dumps(text)[1:-1]}`" for tool, text in report["rendered"].items())
-        notes = ("\nMedians over rounds. Useful tokens/s: non-padding tokens of the batches each tool trained on / "
-                 "the wall time of `Trainer.train`; first step: seconds from the process start to the first optimizer "
-                 "step; final loss: mean of the last 10 steps (kubetune's DPO default adds the chosen answers' NLL, "
-                 "`dpo.rpoAlpha: 1`: not comparable with the plain DPO loss of the others). kubetune runs its default "
-                 "spec; TRL its defaults (gradient checkpointing on; bf16 off, as transformers refuses it without a GPU); "
-                 "LlamaFactory its defaults. Each renders a row as (first 3 words per field):\n\n" + rendered + "\n")
-        (RESULTS / "throughput.md").write_text(header + text + notes)
-        chart(rows, tools, methods, RESULTS / "throughput.png")
-        print(f"wrote {RESULTS / 'throughput.json'}, .md, .png")
+    print(table(rows))
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
