@@ -502,7 +502,7 @@ def write_report(args, context: dict, runs: list[dict], tools: list[str], method
               f"{args.layers} layers), {args.rows} alpaca rows, 1 epoch, batch {BATCH}, cutoff {CUTOFF}, lr {LR:g}, "
               f"LoRA r {LORA_R} alpha {LORA_ALPHA}; {rounds} (median), OMP_NUM_THREADS={args.threads}, "
               f"{os.cpu_count()} CPUs, no GPU, load average {load_start[0]:.1f} at the start and "
-              f"{report['machine']['loadavg_end'][0]:.1f} at the end (other work shared the machine). "
+              f"{report['machine']['loadavg_end'][0]:.1f} at the end. "
               f"`python bench/throughput.py {' '.join(context['argv'])}`\n\n")
     rendered = "\n".join(f"- {tool}: `{json.dumps(text)[1:-1]}`" for tool, text in report["rendered"].items())
     notes = ("\nMedians over rounds. Useful tokens/s: non-padding tokens of the batches each tool trained on / "
