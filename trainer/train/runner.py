@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -29,22 +28,13 @@ from kubetune.trainer.train.callbacks import (
     evaluated_at,
 )
 from kubetune.trainer.train.distributed import world_info
+from kubetune.trainer.train.result import RunResult
 
 log = logging.getLogger(__name__)
 
 LOSS_PLOT_FILE = "loss.png"
 EXIT_INTERRUPTED = 143
 """Exit code after a graceful stop on SIGTERM (128 + 15): the job is retried and resumes."""
-
-
-@dataclass
-class RunResult:
-    output_dir: Path
-    global_step: int
-    interrupted: bool = False
-    resumed_from: str | None = None
-    eval_metrics: dict[str, float] = field(default_factory=dict)
-    runtime_seconds: float = 0.0
 
 
 def configure_logging(level: str) -> None:

@@ -22,12 +22,9 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from kubetune.trainer.api.spec import TrainingSpec
-
-if TYPE_CHECKING:
-    from kubetune.trainer.train.runner import RunResult
+from kubetune.trainer.train.result import RunResult
 
 log = logging.getLogger(__name__)
 
