@@ -479,3 +479,34 @@ def test_pt_on_conversations_renders_the_template_and_trains_everything(tmp_path
     row = build_datasets(spec, tok).train[0]
     assert row["labels"] == row["input_ids"]
     assert tok.decode(row["input_ids"]) == f"<s>User: What is the opposite of hot?\nAssistant: {ANSWER}</s>"
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_logits_on_labelled_positions_give_the_full_loss_and_gradients(tmp_path: Path, tok: Any, tiny_model_dir: Path,
+                                                                       padding_free: bool) -> None:
+    """`train.logitsOnLabels`: the loss from logits at labelled positions only equals the model's own
+    loss over full logits (to 1e-5), normalised per batch and by `num_items_in_batch`, and so do the
+    gradients; fewer logits are computed when prompts are masked."""
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.trainer.train.stages.causal_lm import labelled_logits_loss, labelled_positions
+
+    path = write_jsonl(tmp_path / "a.jsonl", sft_rows(8))
+    rows = list(build_datasets(make_spec(path, maxLength=128), tok).train)[:4]
+    batch = make_collator(tok, make_spec(path, paddingFree=padding_free))(rows)
+    batch.pop("use_cache", None)
+    assert len(labelled_positions(batch["labels"])) < batch["labels"].shape[1] - 1  # prompts are skipped
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    for items in (None, torch.tensor(57)):
+        extra = {} if items is None else {"num_items_in_batch": items}
+        model.zero_grad()
+        full = model(**batch, use_cache=False, **extra).loss
+        full.backward()
+        full_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        ours = labelled_logits_loss(model, {**batch, "use_cache": False}, items)
+        ours.backward()
+        assert abs(full.item() - ours.item()) < 1e-5, (items, full, ours)
+        for a, (name, p) in zip(full_grads, model.named_parameters(), strict=True):
+            assert torch.allclose(a, p.grad, atol=1e-6, rtol=1e-4), name

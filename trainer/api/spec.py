@@ -95,9 +95,11 @@ class ModelSpec(SpecModel):
     """Allow model code from the model repository to run. Off by default: it executes remote code."""
     ropeScaling: RopeScalingSpec | None = None
     """Extend the context window (position interpolation). Saved into the model's config."""
-    ligerKernel: bool = False
-    """Use Liger's fused Triton kernels (RMSNorm, SwiGLU, fused linear cross-entropy) when the
-    `liger-kernel` package and a GPU are present; ignored with a warning otherwise."""
+    ligerKernel: bool | None = None
+    """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy). Default:
+    on when the `liger-kernel` package and a CUDA GPU are present, else off; `true` asks for them
+    (a warning when they cannot run), `false` keeps the standard kernels. The start record of
+    metrics.jsonl says which ran."""
 
 
 class ColumnMap(SpecModel):
@@ -437,6 +439,10 @@ class TrainSpec(SpecModel):
     precision: Precision = "auto"
     """`auto`: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."""
     gradientCheckpointing: bool = False
+    logitsOnLabels: bool = True
+    """`pt`, `sft`: run the output layer and the loss only at positions that carry a label (in SFT
+    the completion, not the prompt): the same loss and gradients as full logits, without the
+    (tokens x vocabulary) logits of the prompt. Off: the model's own loss over every position."""
     evalEverySteps: PositiveInt | None = None
     """Evaluate every N steps. Default: once per epoch. An evaluation also runs before training."""
 

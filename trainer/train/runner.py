@@ -315,7 +315,8 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
         session.rewind_run_logs(Path(resume_from) if resume_from else None)
         (output_dir / RESOLVED_SPEC_FILE).write_text(yaml.safe_dump(spec.to_document(), sort_keys=False))
         metrics.write({"event": "start", "time": time.time(), "resumedFrom": resumed, "precision": precision,
-                       "worldSize": world_size, "batching": batching_of(spec), "data": data.stats})
+                       "worldSize": world_size, "batching": batching_of(spec), "kernels": kernels_of(trainer, model),
+                       "data": data.stats})
     # Generating on one rank needs the whole model there: not so with ZeRO-partitioned weights.
     find_prompts = getattr(stage, "sample_prompts", sample_prompts)
     prompts = find_prompts(data.eval, spec.logging.samples) if rank == 0 and spec.distributed.deepspeed is None else []
@@ -356,6 +357,14 @@ def _wire_trainer(spec: TrainingSpec, stage, model, tokenizer, data, args, sessi
                      callbacks=[StepBudget(), metrics, checkpoints, status, stop], optimizers=optimizers,
                      data_collator=counter)
     return stage.build_trainer(ctx), metrics, status, stop
+
+
+def kernels_of(trainer, model) -> dict:
+    """The fast paths this run took, for the start record: attention implementation, Liger's fused
+    kernels, and whether the loss computed logits at labelled positions only."""
+    return {"attention": getattr(model.config, "_attn_implementation", None),
+            "liger": bool(getattr(model, "kubetune_liger", False)),
+            "logitsOnLabels": bool(getattr(trainer, "labelled_logits_only", False))}
 
 
 def batching_of(spec: TrainingSpec) -> str:

@@ -131,14 +131,19 @@ def load_model(spec: TrainingSpec, precision: str, *, extra_kwargs: dict[str, An
         raise SpecError("model.path", f"no model could be loaded from {location!r} ({_first_line(exc)}).",
                         "check the path or hub id, and that the hub is reachable (HF_HUB_OFFLINE).") from None
     log.info("loaded %s (%s, %s)", location, dtype_name, kwargs["attn_implementation"])
-    if spec.model.ligerKernel:
-        apply_liger(model)
+    if spec.model.ligerKernel or (spec.model.ligerKernel is None and liger_available()):
+        model.kubetune_liger = apply_liger(model)
     return model
+
+
+def liger_available() -> bool:
+    """Liger's kernels are Triton kernels: they need the package and a CUDA GPU."""
+    return importlib.util.find_spec("liger_kernel") is not None and cuda_available()
 
 
 def apply_liger(model) -> bool:
     """Swap in Liger's fused kernels where the package and a GPU are present."""
-    if importlib.util.find_spec("liger_kernel") is None or not cuda_available():
+    if not liger_available():
         log.warning("model.ligerKernel is set but liger-kernel or a GPU is missing: using the standard kernels")
         return False
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
