@@ -160,3 +160,44 @@ def test_kto_splits_pairwise_data_into_a_desirable_and_an_undesirable_row():
     assert first["prompt"] == second["prompt"] == [{"role": "user", "content": pairs[0]["instruction"]}]
     assert (first["completion"][0]["content"], first["label"]) == (pairs[0]["chosen"], True)
     assert (second["completion"][0]["content"], second["label"]) == (pairs[0]["rejected"], False)
+
+
+def _padding_and_order(args, data, tiny_model_dir) -> tuple[int, list[int]]:
+    """Pad tokens over one epoch of the Trainer's own dataloader, and the order of the examples."""
+    from transformers import AutoModelForCausalLM, Trainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=lambda rows: rows)
+    pads, order = 0, []
+    for batch in trainer.get_train_dataloader():
+        widths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in batch]
+        pads += max(widths) * len(widths) - sum(widths)
+        order += [r["index"] for r in batch]
+    return pads, order
+
+
+@pytest.mark.slow
+def test_preference_batches_are_grouped_by_length_seeded_and_cover_every_pair(tmp_path, tiny_tokenizer, tiny_model_dir):
+    """DPO pairs are padded to the batch's longest: with `data.groupByLength` the run's sampler
+    groups them by length (less padding than random batches), every pair once per epoch, the same
+    order for the same seed."""
+    from kubetune.trainer.train.data import build_datasets
+    from kubetune.trainer.train.runner import build_training_args, with_lengths
+
+    assert build_training_args(validate_training(_spec(tmp_path, PREFS)), tmp_path / "o", "fp32",
+                               has_eval=False).train_sampling_strategy == "random"  # opt-in (see data.groupByLength)
+    spec = validate_training(_spec(tmp_path, PREFS, data={"datasets": [{"path": PREFS}], "maxLength": 256,
+                                                            "groupByLength": True}, train={"batchSize": 8}))
+    data = with_lengths(spec, build_datasets(spec, tiny_tokenizer))
+    data.train = data.train.add_column("index", list(range(len(data.train))))
+    assert data.train["length"][0] == len(data.train[0]["prompt_ids"]) + max(len(data.train[0]["chosen_ids"]),
+                                                                             len(data.train[0]["rejected_ids"]))
+    grouped = build_training_args(spec, tmp_path / "o", "fp32", has_eval=False)
+    assert grouped.train_sampling_strategy == "group_by_length"
+    pads, order = _padding_and_order(grouped, data, tiny_model_dir)
+    assert sorted(order) == list(range(len(data.train)))
+    assert _padding_and_order(grouped, data, tiny_model_dir)[1] == order  # seeded
+    random_args = build_training_args(spec, tmp_path / "o", "fp32", has_eval=False)
+    random_args.train_sampling_strategy = "random"
+    random_pads, _ = _padding_and_order(random_args, data, tiny_model_dir)
+    assert pads < 0.5 * random_pads, (pads, random_pads)

@@ -164,6 +164,12 @@ class DataSpec(SpecModel):
     eager and flash-attn read the boundaries from the positions) and no compute goes to padding;
     the loss is the same as padded batches'. Default: on, except for models with remote code
     (`model.trustRemoteCode`), whose attention may not read packed positions: padded then."""
+    groupByLength: bool = False
+    """Where batches are padded (`rm`/`dpo` pairs; `pt`/`sft` with `paddingFree: false`), draw
+    them grouped by length (seeded mega-batches sorted inside, random across): far less padding,
+    but batches of similar examples. Off by default: on the demo reward-model task it cut the pad
+    tokens 6x and held-out accuracy fell from 0.94-1.0 to 0.69-0.92 over three seeds. For large
+    datasets with widely spread lengths, where padding dominates the step time."""
     template: str | None = None
     """Chat template: a built-in name (see `kubetune templates`) or a Jinja string. Default: by the
     data's format: LMFlow `text2text` as input, output and eos (`plain`, as LMFlow trains it), plain

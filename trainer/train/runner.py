@@ -129,6 +129,7 @@ def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, ha
     """
     from transformers import TrainingArguments
 
+    from kubetune.trainer.train.data.lengths import sampling_settings
     from kubetune.trainer.train.distributed import (
         CPU_BACKEND,
         cuda_available,
@@ -159,6 +160,7 @@ def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, ha
         weight_decay=t.weightDecay,
         max_grad_norm=t.maxGradNorm,
         **optimizer_settings(spec),
+        **sampling_settings(spec),
         deepspeed=deepspeed_config(spec.distributed.deepspeed) if spec.distributed.deepspeed else None,
         accelerator_config={"use_configured_state": True} if configured else None,
         seed=t.seed,
@@ -367,14 +369,26 @@ def kernels_of(trainer, model) -> dict:
             "logitsOnLabels": bool(getattr(trainer, "labelled_logits_only", False))}
 
 
+def with_lengths(spec: TrainingSpec, data):
+    """The data bundle with a `length` column where batches are grouped by length (`data.lengths`)."""
+    from kubetune.trainer.train.data.lengths import length_grouped, with_length_column
+
+    if length_grouped(spec):
+        data.train, data.eval = with_length_column(data.train), with_length_column(data.eval)
+    return data
+
+
 def batching_of(spec: TrainingSpec) -> str:
     """How batches are built, for the start record and the log."""
+    from kubetune.trainer.train.data.lengths import length_grouped
+
+    grouped = ", grouped by length (seeded mega-batches)" if length_grouped(spec) else ""
     if spec.stage not in ("pt", "sft"):
-        return "the stage's own (TRL's collator)"
+        return f"the stage's own (TRL's collator){grouped}"
     if spec.padding_free_enabled:
         return "padding-free (examples concatenated, positions restart per example)"
     why = "data.paddingFree: false" if spec.data.paddingFree is False else "a remote-code model: set data.paddingFree to try"
-    return f"{'packed rows, ' if spec.packing_enabled else ''}padded ({why})"
+    return f"{'packed rows, ' if spec.packing_enabled else ''}padded{grouped} ({why})"
 
 
 def data_summary(stats: dict) -> dict:
@@ -400,7 +414,7 @@ def _load_inputs(spec: TrainingSpec, stage, precision: str):
 
     tokenizer = load_tokenizer(spec.model, spec.storage)
     added_tokens = extend_tokenizer(spec, tokenizer) if spec.vocab.enabled else []
-    data = build_datasets(spec, tokenizer)
+    data = with_lengths(spec, build_datasets(spec, tokenizer))
     model = stage.load_model(spec, precision, tokenizer) if hasattr(stage, "load_model") else load_model(spec, precision)
     if added_tokens:
         resize_embeddings(model, len(tokenizer), spec.vocab.noiseStd, spec.train.seed)
