@@ -72,6 +72,13 @@ def register(subparsers: Any) -> None:
                     "whose spec.storage has no secretRef and that name no serviceAccountName; passed as secretKeyRef")
     op.add_argument("--gpu-memory-gib", type=float, default=None, metavar="GIB",
                     help="GPU memory for jobs without spec.gpuMemoryGiB; jobs that cannot fit are refused")
+    for flag, metavar, text in (
+        ("--prometheus-address", "URL", "Prometheus that KEDA queries for InferenceServices with minReplicas 0 "
+         "(default http://prometheus-operated.monitoring.svc:9090)"),
+        ("--platform-defaults", "FILE", "YAML/JSON of the platform's pod defaults (podTemplate, nodeSelector, "
+         "tolerations) under every resource's own (Helm platformDefaults)"),
+    ):
+        op.add_argument(flag, default=None, metavar=metavar, help=text)
     op.add_argument("--reconcile-interval", type=float, default=None, metavar="SECONDS",
                     help="how often a running job's Job and status.json are observed (default 10)")
     op.add_argument("--webhook-port", type=int, default=None, help="serve the validating admission webhook on this port")
@@ -95,6 +102,11 @@ def _add_platform_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-s3-endpoint", default=None, metavar="URL", help="the operator's --default-s3-endpoint")
     parser.add_argument("--default-s3-secret", default=None, metavar="NAME", help="the operator's --default-s3-secret")
     parser.add_argument("--gpu-memory-gib", type=float, default=None, metavar="GIB", help="the operator's --gpu-memory-gib")
+    parser.add_argument("--prometheus-address", default=None, metavar="URL", help="the operator's --prometheus-address")
+    parser.add_argument("--platform-defaults", default=None, metavar="FILE", help="the operator's --platform-defaults")
+    parser.add_argument("--values", default=None, metavar="FILE",
+                        help="a Helm values file of the kubetune chart: the flags and platformDefaults it passes to the operator "
+                        "(flags given here win)")
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -102,7 +114,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from kubetune.operator.config import platform_config
+    from kubetune.operator.config import platform_config, with_chart_values
     from kubetune.operator.preview import render_manifest
     from kubetune.trainer.api.specfile import JOB_KINDS, apply_overrides
     from kubetune.trainer.artifacts.documents import read_yaml
@@ -117,7 +129,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     target = spec.get("training") if isinstance(spec, dict) and document.get("kind") in JOB_KINDS else spec
     if args.overrides and isinstance(target, dict):
         apply_overrides(target, args.overrides)
-    objects = render_manifest(document, platform_config(args), namespace=args.namespace, source=str(args.file))
+    config = platform_config(with_chart_values(args))
+    objects = render_manifest(document, config, namespace=args.namespace, source=str(args.file))
     sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False))
     return 0
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.operator.common import StorageDefaults
+from kubetune.operator.overrides import PlatformDefaults
 from kubetune.operator.serving.render import ServingOptions
 from kubetune.operator.training.render import RenderOptions
 
@@ -65,15 +66,74 @@ def _flag(value: str | None, default: bool) -> bool:
     return default if value is None else value.strip().lower() not in ("0", "false", "no", "off", "")
 
 
+def load_platform_defaults(path: str | None = None, values: str | None = None) -> PlatformDefaults | None:
+    """The platform's defaults from `--platform-defaults FILE` (YAML or JSON: what the chart's
+    `platformDefaults` value holds, mounted from a ConfigMap) or, for `kubetune render`, the
+    `platformDefaults` key of a chart values file (`--values`). None when neither is given;
+    a SpecErrors naming the field when the document is wrong."""
+    from pydantic import ValidationError
+
+    from kubetune.trainer.api.errors import SpecError, SpecErrors, validation_error_to_spec_errors
+    from kubetune.trainer.artifacts.documents import read_yaml
+
+    source = path or values
+    if source is None:
+        return None
+    document = read_yaml(source)
+    if values and not path:
+        document = (document or {}).get("platformDefaults") if isinstance(document, dict) else None
+    if document is None or document == {}:
+        return None
+    if not isinstance(document, dict):
+        raise SpecError(source, "platform defaults must be a mapping (podTemplate, nodeSelector, tolerations).",
+                        "see the chart's platformDefaults value.")
+    prefix = "platformDefaults" if values and not path else ""
+    try:
+        return PlatformDefaults.model_validate(document)
+    except ValidationError as exc:
+        raise SpecErrors(validation_error_to_spec_errors(exc, PlatformDefaults, prefix), source) from None
+
+
+CHART_VALUE_FLAGS = (
+    ("trainer_image", ("jobs", "trainerImage")), ("server_image", ("jobs", "serverImage")),
+    ("vllm_image", ("serving", "vllmImage")), ("host_cache_root", ("serving", "hostPathCacheRoot")),
+    ("prometheus_address", ("serving", "prometheusAddress")), ("default_s3_endpoint", ("jobs", "s3", "endpoint")),
+    ("default_s3_endpoint", ("s3", "endpoint")), ("default_s3_secret", ("jobs", "s3", "existingSecret")),
+)
+"""The chart values the Deployment template turns into the operator's flags (deployment.yaml)."""
+
+
+def with_chart_values(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with the flags the chart would pass, from `--values FILE` (a flag given on the
+    command line wins), so `kubetune render --values` shows what that release's operator creates."""
+    from kubetune.trainer.artifacts.documents import read_yaml
+
+    if not getattr(args, "values", None):
+        return args
+    values = read_yaml(args.values)
+    values = values if isinstance(values, dict) else {}
+    out = argparse.Namespace(**vars(args))
+    for flag, path in CHART_VALUE_FLAGS:
+        node: Any = values
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node and not getattr(out, flag, None):
+            setattr(out, flag, str(node))
+    return out
+
+
 def platform_config(args: argparse.Namespace) -> OperatorConfig:
-    """The settings that shape the pods (images, S3 defaults, cache root, GPU memory): what
-    `kubetune render` takes from the same flags as `kubetune operator`."""
+    """The settings that shape the pods (images, S3 defaults, cache root, GPU memory, the
+    platform's pod defaults): what `kubetune render` takes from the same flags as `kubetune operator`."""
     storage = StorageDefaults(endpoint=args.default_s3_endpoint or None, secret=args.default_s3_secret or None)
-    training = RenderOptions(storage_defaults=storage, gpu_memory_gib=args.gpu_memory_gib,
+    defaults = load_platform_defaults(getattr(args, "platform_defaults", None), getattr(args, "values", None))
+    training = RenderOptions(storage_defaults=storage, gpu_memory_gib=args.gpu_memory_gib, platform_defaults=defaults,
                              **({"default_image": args.trainer_image} if args.trainer_image else {}))
-    serving_kwargs: dict[str, Any] = {"default_image": args.server_image or None, "storage_defaults": storage}
+    serving_kwargs: dict[str, Any] = {"default_image": args.server_image or None, "storage_defaults": storage,
+                                      "platform_defaults": defaults}
     for value, key in ((args.vllm_image, "vllm_image"), (args.trainer_image, "trainer_image"),
-                       (args.host_cache_root, "host_cache_root")):
+                       (args.host_cache_root, "host_cache_root"),
+                       (getattr(args, "prometheus_address", None), "prometheus_address")):
         if value:
             serving_kwargs[key] = value
     return OperatorConfig(training=training, serving=ServingOptions(**serving_kwargs))

@@ -66,13 +66,13 @@ def wants_job_timer(status: kopf.Status, **_: Any) -> bool:
 
 def wants_service_timer(status: kopf.Status, **_: Any) -> bool:
     """While an InferenceService waits for something no watch of ours reports (a referenced job,
-    a Secret, a foreign object in the way) or has not settled. A Ready one follows its
+    a Secret, a foreign object in the way, KEDA to be installed) or has not settled. A Ready one follows its
     Deployment's events; one that Failed for its spec or its rollout waits for a change."""
     phase = status.get("phase")
     if phase == "Ready":
         return condition_is(dict(status), READY_TO_START, "False")
     if phase == "Failed":
-        return status.get("reason") in ("NameConflict", "ReferenceFailed")
+        return status.get("reason") in ("NameConflict", "ReferenceFailed", "KedaNotInstalled")
     return True
 
 

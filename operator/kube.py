@@ -21,6 +21,8 @@ _BATCH = {"Job": "jobs"}
 _APPS = {"Deployment": "deployments"}
 _AUTOSCALING = {"HorizontalPodAutoscaler": "horizontalpodautoscalers"}
 _POLICY = {"PodDisruptionBudget": "poddisruptionbudgets"}
+_KEDA = {"ScaledObject": "scaledobjects"}
+KEDA_GROUP_VERSION = "keda.sh/v1alpha1"
 MERGE_PATCH = "application/merge-patch+json"
 PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
@@ -72,6 +74,8 @@ def collection_path(kind: str, namespace: str) -> str:
         return f"/apis/autoscaling/v2/namespaces/{namespace}/{_AUTOSCALING[kind]}"
     if kind in _POLICY:
         return f"/apis/policy/v1/namespaces/{namespace}/{_POLICY[kind]}"
+    if kind in _KEDA:
+        return f"/apis/{KEDA_GROUP_VERSION}/namespaces/{namespace}/{_KEDA[kind]}"
     if kind in KINDS:
         return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{KINDS[kind].plural}"
     raise KeyError(f"unknown kind {kind}")
@@ -143,6 +147,17 @@ class Kube:
             if exc.status == 404:
                 return None
             raise
+
+    def serves(self, group_version: str, resource: str) -> bool:
+        """Whether the API server serves `resource` in `group_version` (its CRD is installed):
+        one discovery request, which every authenticated client may make (no RBAC grant)."""
+        try:
+            found = self._call("GET", f"/apis/{group_version}")
+        except KubeError as exc:
+            if exc.status in (404, 503):
+                return False
+            raise
+        return any(r.get("name") == resource for r in found.get("resources") or [])
 
     def list(self, kind: str, namespace: str, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
         query = []

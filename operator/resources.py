@@ -154,6 +154,176 @@ class ClusterStorage(CrModel):
     `spec.training.storage.endpointUrl` takes precedence when set."""
 
 
+# -- Pod template overrides (issue 20 item 4): what a platform adds to kubetune's pods. Merged by
+# `overrides.py`; kubetune's own fields win, and admission refuses a conflict with them.
+
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+VOLUME_SOURCES = (
+    "awsElasticBlockStore", "azureDisk", "azureFile", "cephfs", "cinder", "configMap", "csi", "downwardAPI",
+    "emptyDir", "ephemeral", "fc", "flexVolume", "flocker", "gcePersistentDisk", "gitRepo", "glusterfs", "hostPath",
+    "image", "iscsi", "nfs", "persistentVolumeClaim", "photonPersistentDisk", "portworxVolume", "projected",
+    "quobyte", "rbd", "scaleIO", "secret", "storageos", "vsphereVolume",
+)
+"""The volume sources of a core/v1 Volume (Kubernetes 1.37)."""
+CAPABILITIES = ("IPC_LOCK", "SYS_NICE", "SYS_RESOURCE", "NET_RAW", "NET_BIND_SERVICE")
+"""Capabilities a pod template may add to kubetune's main container (RDMA: IPC_LOCK)."""
+
+
+def _one_volume(value: dict[str, Any]) -> dict[str, Any]:
+    import re
+
+    name = value.get("name")
+    if not isinstance(name, str) or not re.match(_DNS_LABEL, name) or len(name) > 63:
+        raise ValueError(f"a volume needs a name that is a DNS label (lowercase letters, digits, '-'), not {name!r}")
+    sources = [k for k in value if k != "name"]
+    unknown = [k for k in sources if k not in VOLUME_SOURCES]
+    if unknown:
+        raise ValueError(f"volume {name!r}: {', '.join(unknown)} is not a core/v1 volume source "
+                         f"(one of {', '.join(VOLUME_SOURCES)})")
+    if len(sources) != 1 or not isinstance(value[sources[0]], dict):
+        raise ValueError(f"volume {name!r} needs exactly one source object (e.g. persistentVolumeClaim: "
+                         "{claimName: ...}), not " + (", ".join(sources) or "none"))
+    return value
+
+
+Volume = Annotated[
+    dict[str, Any],
+    AfterValidator(bounded_depth),
+    AfterValidator(_one_volume),
+    WithJsonSchema({"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}},
+                    "x-kubernetes-preserve-unknown-fields": True,
+                    "description": "A core/v1 Volume: a name and one volume source (persistentVolumeClaim, nfs, csi, "
+                                   "configMap, secret, emptyDir, ...)."}),
+]
+
+
+class VolumeMount(CrModel):
+    """A core/v1 VolumeMount."""
+
+    name: str = Field(min_length=1)
+    """The volume (from podTemplate.spec.volumes)."""
+    mountPath: str = Field(pattern=r"^/")
+    readOnly: bool | None = None
+    subPath: str | None = None
+    subPathExpr: str | None = None
+    mountPropagation: Literal["None", "HostToContainer", "Bidirectional"] | None = None
+    recursiveReadOnly: Literal["Disabled", "IfPossible", "Enabled"] | None = None
+
+
+class LocalObjectReference(CrModel):
+    """A core/v1 LocalObjectReference (an object in the same namespace)."""
+
+    name: str = Field(min_length=1)
+
+
+class OptionalReference(LocalObjectReference):
+    """A ConfigMap or Secret whose keys become environment variables."""
+
+    optional: bool | None = None
+
+
+class EnvFromSource(CrModel):
+    """A core/v1 EnvFromSource: every key of a ConfigMap or Secret as a variable."""
+
+    prefix: str | None = None
+    configMapRef: OptionalReference | None = None
+    secretRef: OptionalReference | None = None
+
+
+class AddCapabilities(CrModel):
+    """Capabilities added to the container (every other one stays dropped)."""
+
+    add: list[Literal[CAPABILITIES]] = Field(default_factory=list)  # type: ignore[valid-type]
+    """E.g. `[IPC_LOCK]` for RDMA memory registration. Not allowed by the restricted or baseline
+    Pod Security Standard (the namespace must allow privileged pods), and for a non-root
+    process a capability only reaches the bounding set: the image must grant it to the binary
+    (file capabilities) for it to take effect."""
+
+
+class ContainerSecurity(CrModel):
+    """The parts of a container's securityContext an override may set; the rest stays
+    kubetune's restricted default (non-root, no privilege escalation, every capability dropped)."""
+
+    capabilities: AddCapabilities = Field(default_factory=AddCapabilities)
+    readOnlyRootFilesystem: bool | None = None
+    runAsUser: int | None = Field(None, ge=1)
+    """Non-root only."""
+    runAsGroup: int | None = Field(None, ge=0)
+
+
+class ContainerOverride(CrModel):
+    """Additions to kubetune's main container (the trainer, or the server)."""
+
+    env: list[EnvVar] = Field(default_factory=list)
+    """Extra variables; a name kubetune (or spec.env) sets is refused."""
+    envFrom: list[EnvFromSource] = Field(default_factory=list)
+    volumeMounts: list[VolumeMount] = Field(default_factory=list)
+    """Mounts of podTemplate.spec.volumes; a path kubetune mounts is refused."""
+    securityContext: ContainerSecurity = Field(default_factory=ContainerSecurity)
+
+
+class ExtraContainer(CrModel):
+    """An init container or sidecar of the pod (a core/v1 Container, the fields a platform
+    agent needs). It runs non-root like kubetune's, unless its securityContext says more."""
+
+    name: str = Field(pattern=_DNS_LABEL, max_length=63)
+    image: str = Field(min_length=1)
+    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    command: list[str] = Field(default_factory=list)
+    args: list[str] = Field(default_factory=list)
+    workingDir: str | None = None
+    env: list[EnvVar] = Field(default_factory=list)
+    envFrom: list[EnvFromSource] = Field(default_factory=list)
+    ports: list[AnyObject] = Field(default_factory=list)
+    """core/v1 ContainerPorts."""
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    """CPU and memory of this container (no accelerators)."""
+    volumeMounts: list[VolumeMount] = Field(default_factory=list)
+    restartPolicy: Literal["Always"] | None = None
+    """`Always` in initContainers: a native sidecar (starts before, runs beside the main container)."""
+    securityContext: ContainerSecurity = Field(default_factory=ContainerSecurity)
+    livenessProbe: AnyObject | None = None
+    readinessProbe: AnyObject | None = None
+    startupProbe: AnyObject | None = None
+    lifecycle: AnyObject | None = None
+
+
+class PodMetadataOverride(CrModel):
+    """Labels and annotations of the pods (e.g. `sidecar.istio.io/inject: "false"`)."""
+
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class PodSpecOverride(CrModel):
+    """Pod-level additions."""
+
+    imagePullSecrets: list[LocalObjectReference] = Field(default_factory=list)
+    schedulerName: str | None = None
+    runtimeClassName: str | None = None
+    hostNetwork: bool | None = None
+    """Use the node's network (RDMA/RoCE without a CNI for it); kubetune sets dnsPolicy
+    ClusterFirstWithHostNet so the gang still resolves its Service. Needs a privileged namespace."""
+    volumes: list[Volume] = Field(default_factory=list)
+    initContainers: list[ExtraContainer] = Field(default_factory=list)
+    """Run before kubetune's own init containers."""
+    containers: list[ExtraContainer] = Field(default_factory=list)
+    """Sidecars beside kubetune's containers."""
+
+
+class PodTemplate(CrModel):
+    """Additions to the pods kubetune renders: metadata, pod fields, volumes, init containers,
+    sidecars, and the main container's env, mounts and capabilities (Kubeflow Trainer's
+    podTemplateOverrides, for kubetune's one pod shape). Merged over the platform's defaults
+    (the operator's `--platform-defaults`); kubetune's own fields win: a name, path or
+    variable kubetune uses is refused at admission."""
+
+    metadata: PodMetadataOverride = Field(default_factory=PodMetadataOverride)
+    spec: PodSpecOverride = Field(default_factory=PodSpecOverride)
+    container: ContainerOverride = Field(default_factory=ContainerOverride)
+    """Applied to the main container (`trainer`, `prepare`, `server`)."""
+
+
 class ClusterFields(CrModel):
     """Where and how the training runs on the cluster (shared by the training kinds)."""
 
@@ -206,6 +376,8 @@ class ClusterFields(CrModel):
     suspend: bool = False
     """Suspend the job: its pods are stopped (each saves a checkpoint on SIGTERM); clearing it
     resumes from the last complete checkpoint."""
+    podTemplate: PodTemplate = Field(default_factory=PodTemplate)
+    """Additions to the training pods (volumes, labels, sidecars, ...): see PodTemplate."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,6 +544,11 @@ class Autoscaling(CrModel):
     waiting sequences for queueDepth (default 4)."""
     scaleDownStabilizationSeconds: int = Field(300, ge=0, le=3600)
     """Scale down only after the load has been lower for this long (model pods start slowly)."""
+    activationQuery: str | None = Field(None, min_length=1, max_length=2000)
+    """With minReplicas 0 (KEDA): a PromQL query that is above 0 while clients want the service,
+    seen in front of it (e.g. your gateway's or mesh's request rate to its Service). At zero no
+    server runs, so the server's own metrics cannot wake it: without this query (or KEDA's HTTP
+    add-on in front) a service at zero stays there."""
 
     @property
     def effective_target(self) -> int:
@@ -445,7 +622,9 @@ class InferenceServiceSpec(CrModel):
     replicas: int | None = Field(None, ge=0)
     """Replicas when autoscaling is off (minReplicas == maxReplicas); `kubectl scale` sets it.
     Default: minReplicas."""
-    minReplicas: int = Field(1, ge=1, le=1000)
+    minReplicas: int = Field(1, ge=0, le=1000)
+    """0: scale to zero when idle, through a KEDA ScaledObject (needs KEDA in the cluster and
+    maxReplicas); each first request after idling waits for a cold start (model download and load)."""
     maxReplicas: int | None = Field(None, ge=1, le=1000)
     """Above minReplicas: a HorizontalPodAutoscaler scales in between. Default: minReplicas (no
     autoscaling)."""
@@ -485,6 +664,8 @@ class InferenceServiceSpec(CrModel):
     init container's download)."""
     readOnlyRootFilesystem: bool = True
     """Run the server containers with a read-only root filesystem (writable emptyDirs for caches)."""
+    podTemplate: PodTemplate = Field(default_factory=PodTemplate)
+    """Additions to the server pods (volumes, labels, sidecars, ...): see PodTemplate."""
 
     @model_validator(mode="after")
     def _serving_rules(self) -> InferenceServiceSpec:
@@ -506,12 +687,24 @@ class InferenceServiceSpec(CrModel):
             raise ValueError(f"tensorParallelSize ({self.tensorParallelSize}) exceeds gpus ({self.gpus})")
         if self.autoscaled and self.autoscaling.metric == "cpu" and "cpu" not in self.resources.requests:
             raise ValueError("autoscaling on cpu needs resources.requests.cpu (utilization is relative to it)")
+        if self.minReplicas == 0 and not self.maxReplicas:
+            raise ValueError("minReplicas 0 (scale to zero) needs maxReplicas (at least 1): the most replicas KEDA starts")
+        if self.minReplicas == 0 and self.autoscaling.metric == "cpu":
+            raise ValueError("minReplicas 0 cannot scale on cpu (no pod, no CPU to measure): use autoscaling.metric "
+                             "requestsInFlight or queueDepth")
+        if self.autoscaling.activationQuery and self.minReplicas != 0:
+            raise ValueError("autoscaling.activationQuery is for minReplicas 0 (KEDA's scale from zero)")
         return self
 
     @property
     def autoscaled(self) -> bool:
-        """A HorizontalPodAutoscaler manages the replicas."""
+        """An autoscaler (an HPA, or KEDA's for scale to zero) manages the replicas."""
         return self.maxReplicas is not None and self.maxReplicas > self.minReplicas
+
+    @property
+    def scales_to_zero(self) -> bool:
+        """minReplicas 0: a KEDA ScaledObject, not an HPA, manages the replicas."""
+        return self.minReplicas == 0
 
 
 # --------------------------------------------------------------------------------------------

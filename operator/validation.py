@@ -59,10 +59,44 @@ def validate_resource(body: dict[str, Any], source: str | None = None) -> Cluste
         validated = validate_spec(kind, spec)
     except ValidationError as exc:
         raise SpecErrors(validation_error_to_spec_errors(exc, KINDS[kind].spec_model, "spec"), source) from None
-    unreachable = pod_invisible_data(validated)
+    unreachable = pod_invisible_data(validated) + pod_template_conflicts(body, validated)
     if unreachable:
         raise SpecErrors(unreachable, source)
     return validated
+
+
+def pod_template_conflicts(body: dict[str, Any], spec: Any) -> list[SpecError]:
+    """`spec.podTemplate` entries that collide with what kubetune renders into the same pods
+    (a label, volume, mount path, variable or container name of its own): kubetune's win, so
+    the override is refused here rather than silently dropped. Checked against the pods
+    rendered without the override (pure rendering, default operator options)."""
+    from kubetune.operator.overrides import apply_pod_template
+    from kubetune.operator.resources import PodTemplate
+
+    if spec.podTemplate == PodTemplate():
+        return []
+    cr = {**body, "metadata": {**(body.get("metadata") or {}), "name": (body.get("metadata") or {}).get("name") or "x"}}
+    bare = spec.model_copy(update={"podTemplate": PodTemplate()})
+    seen: dict[str, SpecError] = {}
+    for template, main in _bare_templates(cr, bare):
+        _, conflicts = apply_pod_template(template, spec.podTemplate, main, {e.name for e in spec.env})
+        for c in conflicts:
+            seen.setdefault(c.field, SpecError(f"spec.podTemplate.{c.field}", c.problem, c.fix))
+    return list(seen.values())
+
+
+def _bare_templates(cr: dict[str, Any], spec: Any) -> list[tuple[dict[str, Any], str]]:
+    """(pod template, main container) of every pod shape a resource renders."""
+    from kubetune.operator.training import render as training
+
+    if cr.get("kind") == "InferenceService":
+        from kubetune.operator.serving import render as serving
+
+        ref = "kubetune-ref://model"
+        models = serving.ResolvedModels(spec.model.uri or ref, {a.name: a.uri or ref for a in spec.adapters})
+        return [(serving.render_deployment(cr, spec, models)["spec"]["template"], serving.SERVER)]
+    return [(training.render_job(cr, spec, attempt=1)["spec"]["template"], training.CONTAINER),
+            (training.render_prepare_job(cr, spec)["spec"]["template"], training.PREPARE_CONTAINER)]
 
 
 def dataset_fields(training: Any) -> list[tuple[str, Any]]:
@@ -180,7 +214,9 @@ def literal_secret_warnings(spec: Any) -> list[str]:
 
 def warnings_for(spec: ClusterFields, default_gib: float | None = None) -> list[str]:
     """Things that are allowed but probably not what the user wants."""
-    out = literal_secret_warnings(spec)
+    from kubetune.operator.overrides import privileged_warnings
+
+    out = literal_secret_warnings(spec) + privileged_warnings(spec.podTemplate)
     training = getattr(spec, "training", None)
     if (
         training is not None
@@ -194,12 +230,22 @@ def warnings_for(spec: ClusterFields, default_gib: float | None = None) -> list[
         )
     if training is not None:
         output = training.output.path
-        if not output or not is_s3(output):
+        if not output or not (is_s3(output) or on_mounted_volume(spec, output)):
             out.append(
                 f"spec.training.output.path {output!r} is not an s3:// location: outputs stay on the "
                 "pods' ephemeral disk and are lost when the pods end."
             )
     return out
+
+
+def on_mounted_volume(spec: ClusterFields, path: str) -> bool:
+    """Whether a pod path (relative: below the pods' working directory, /workspace) is on a
+    volume spec.podTemplate mounts into the trainer (e.g. a shared file system's claim)."""
+    import posixpath
+
+    where = posixpath.normpath(posixpath.join("/workspace", path))
+    mounts = [m.mountPath.rstrip("/") for m in spec.podTemplate.container.volumeMounts]
+    return any(where == m or where.startswith(m + "/") for m in mounts)
 
 
 def immutable_change(old: dict[str, Any] | None, new: dict[str, Any]) -> str | None:

@@ -433,6 +433,48 @@ def test_chart_passes_the_job_s3_defaults(defaults: dict[str, Any], renders: dic
     assert config.training.storage_defaults == expected and config.serving.storage_defaults == expected
 
 
+PLATFORM_DEFAULTS = {
+    "nodeSelector": {"pool": "gpu"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "podTemplate": {"metadata": {"annotations": {"sidecar.istio.io/inject": "false"}},
+                    "spec": {"imagePullSecrets": [{"name": "registry"}],
+                             "volumes": [{"name": "shared", "persistentVolumeClaim": {"claimName": "team-fs"}}]},
+                    "container": {"volumeMounts": [{"name": "shared", "mountPath": "/mnt/shared"}]}},
+}
+
+
+def test_chart_passes_the_platform_defaults(defaults: dict[str, Any], tmp_path: Path) -> None:
+    """`platformDefaults` becomes a ConfigMap mounted into the operator and its
+    --platform-defaults flag (with a checksum annotation, so a change restarts the operator);
+    the operator reads back exactly the value. `serving.prometheusAddress` becomes
+    --prometheus-address. Neither appears with the default values."""
+    from kubetune.operator.config import config_from_args
+    from kubetune.operator.overrides import PlatformDefaults
+
+    assert not [o for o in defaults["objects"] if o["kind"] == "ConfigMap" and "platform" in o["metadata"]["name"]]
+    assert not any(a.startswith(("--platform-defaults", "--prometheus-address")) for a in _operator_args(defaults["objects"]))
+    result = installed({"platformDefaults": PLATFORM_DEFAULTS,
+                        "serving": {"prometheusAddress": "http://prometheus.monitoring:9090"}}, tmp_path)
+    objects = result["objects"]
+    (config_map,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-platform-defaults")]
+    text = config_map["data"]["platform-defaults.json"]
+    deployment = one(objects, "Deployment")
+    pod = deployment["spec"]["template"]
+    assert pod["metadata"]["annotations"]["kubetune.io/platform-defaults-checksum"]
+    args = _operator_args(objects)
+    flag = next(a for a in args if a.startswith("--platform-defaults="))
+    path = flag.split("=", 1)[1]
+    (mount,) = [m for m in pod["spec"]["containers"][0]["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    local = tmp_path / "platform-defaults.json"
+    local.write_text(text)
+    config = config_from_args(_parse([a if a != flag else f"--platform-defaults={local}" for a in args]), {})
+    expected = PlatformDefaults.model_validate(PLATFORM_DEFAULTS)
+    assert config.training.platform_defaults == expected and config.serving.platform_defaults == expected
+    assert config.serving.prometheus_address == "http://prometheus.monitoring:9090"
+
+
 def test_chart_serving_defaults_match_the_engines(defaults: dict[str, Any], renders: dict[str, dict[str, Any]]) -> None:
     """With the chart's defaults the operator gives `engine: vllm` (the CRD's default engine) the
     kubetune-vllm image and `engine: transformers` the trainer image (which has no vLLM), and

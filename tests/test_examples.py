@@ -185,3 +185,26 @@ def test_argocd_application_points_at_the_overlay() -> None:
     assert (ROOT / spec["source"]["path"] / "kustomization.yaml").is_file()
     assert spec["destination"]["namespace"] == "ml-prod"
     assert spec["syncPolicy"]["automated"]["prune"] is False
+
+
+def test_the_shared_cluster_example_renders_with_the_platform_defaults_example(kubetune) -> None:
+    """docs/pages/cluster/operator.md's two manifests: the platform team's chart values
+    (examples/platform-defaults/values.yaml) under a job's own podTemplate, as `kubetune render
+    --values` shows what the operator creates."""
+    code, out, err = kubetune("render", "examples/finetunejob-shared-cluster.yaml", "--values",
+                              "examples/platform-defaults/values.yaml", "-n", "ml")
+    assert code == 0, err
+    job = [o for o in yaml.safe_load_all(out) if o["kind"] == "Job"][-1]
+    assert job["spec"]["suspend"] is True  # queued: Kueue admits it
+    pod = job["spec"]["template"]
+    assert pod["metadata"]["labels"]["cost-center"] == "ml-platform"  # the platform's
+    assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"  # the resource's
+    assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert pod["spec"]["nodeSelector"] == {"node.kubernetes.io/instance-type": "p5.48xlarge"}
+    (trainer,) = pod["spec"]["containers"]
+    assert trainer["image"] == "registry.example.com/ml/kubetune-trainer:0.1.0"
+    mounts = {m["mountPath"]: m["name"] for m in trainer["volumeMounts"]}
+    assert mounts["/workspace/shared"] == "shared" and mounts["/datasets"] == "datasets"
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert claims == {"shared": "team-a-fs", "datasets": "datasets-ro"}

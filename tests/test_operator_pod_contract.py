@@ -172,16 +172,26 @@ class Kubelet:
         # Volumes: the ConfigMap's files, and a fresh directory for every emptyDir.
         mounts: dict[str, Path] = {}
         volumes = {v["name"]: v for v in pod_spec["volumes"]}
-        for mount in container["volumeMounts"]:
+        for mount in sorted(container["volumeMounts"], key=lambda m: len(m["mountPath"])):
             volume = volumes[mount["name"]]
             local = base / "volumes" / mount["name"]
-            local.mkdir(parents=True)
+            if "persistentVolumeClaim" in volume:  # a shared file system: one directory for every pod
+                local = self.root / "claims" / volume["persistentVolumeClaim"]["claimName"]
+                local.mkdir(parents=True, exist_ok=True)
+            else:
+                local.mkdir(parents=True)
             if "configMap" in volume:
                 assert volume["configMap"]["name"] == self.config_map["metadata"]["name"]
                 for name, text in self.config_map["data"].items():
                     (local / name).write_text(text)
             else:
-                assert "emptyDir" in volume, volume
+                assert "emptyDir" in volume or "persistentVolumeClaim" in volume, volume
+            # A mount below another one shows inside it (e.g. /workspace/shared in /workspace).
+            parent = next((p for p in sorted(mounts, key=len, reverse=True) if mount["mountPath"].startswith(p + "/")), None)
+            if parent is not None:
+                link = mounts[parent] / mount["mountPath"][len(parent) + 1:]
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(local)
             mounts[mount["mountPath"]] = local
 
         def local_path(value: str) -> str:
@@ -214,7 +224,7 @@ class Kubelet:
                     raise AssertionError(f"unexpected env source {source}")
             env[item["name"]] = value
         # The two translations (gang pods only): pod 0's DNS name and a free rendezvous port.
-        if job is None:
+        if job is None and self.job["spec"]["completions"] > 1:
             assert env["KUBETUNE_MASTER_ADDR"] == self.master_dns()
             env["KUBETUNE_MASTER_ADDR"] = "127.0.0.1"
         rendered_port = str(self.service["spec"]["ports"][0]["targetPort"])
@@ -310,6 +320,29 @@ def complete_checkpoints(s3: S3Env, run: str) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def test_a_pod_override_mounts_a_volume_the_trainer_writes_to(s3: S3Env, moto_endpoint: str, kubelet_factory: Any,
+                                                              tmp_path: Path):
+    """spec.podTemplate adds a shared volume (a PersistentVolumeClaim: here one local directory
+    for every pod) below the working directory; the trainer of the rendered pod writes its
+    checkpoints and final model there, and they outlive the pod."""
+    cr = finetunejob(s3, moto_endpoint, "unused", distributed={"deepspeed": None}, train={"maxSteps": 4},
+                     checkpoint={"everySteps": 2, "keepLast": 2}, output={"path": "shared/runs/override"})
+    cr["spec"]["nodes"] = 1
+    cr["spec"]["podTemplate"] = {
+        "spec": {"volumes": [{"name": "shared", "persistentVolumeClaim": {"claimName": "team-fs"}}]},
+        "container": {"volumeMounts": [{"name": "shared", "mountPath": "/workspace/shared"}]},
+    }
+    kubelet = kubelet_factory(cr)
+    (trainer,) = kubelet.pod_spec["containers"]
+    assert {"name": "shared", "mountPath": "/workspace/shared"} in trainer["volumeMounts"]
+    assert kubelet.prepare is None
+    kubelet.start("a1")
+    assert kubelet.wait(timeout=600) == [0], kubelet.pods[0].output()
+    run = tmp_path / "claims" / "team-fs" / "runs" / "override"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"], list(run.iterdir())
+    assert (run / "metrics.jsonl").is_file() and list(run.glob("*.safetensors")), list(run.iterdir())
 
 
 def test_rendered_pod_command_is_an_argument_list_runnable_as_is(s3: S3Env, moto_endpoint: str):

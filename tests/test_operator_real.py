@@ -893,6 +893,76 @@ def test_inference_service_autoscaling_turned_on_later(operator: ChartOperator, 
     kctl("-n", NS, "delete", "kisvc", name, "--wait=false")
 
 
+def test_pod_template_reaches_the_real_job_and_a_conflict_is_refused_at_admission(
+        operator: ChartOperator, admin: Client, kctl: Kubectl) -> None:
+    """spec.podTemplate (#20 item 4): a mount at a path kubetune uses is refused by the webhook
+    with the field named; a good override (labels, annotations, pull secret, a claim mounted into
+    the trainer, env, an init container and a sidecar) is in the Job the operator creates, which
+    the real batch/v1 API validated as a pod template."""
+    bad = finetunejob("override-bad", {}, podTemplate={
+        "spec": {"volumes": [{"name": "shared", "persistentVolumeClaim": {"claimName": "team-fs"}}]},
+        "container": {"volumeMounts": [{"name": "shared", "mountPath": "/etc/kubetune"}]}})
+    out = kctl("-n", NS, "apply", "--dry-run=server", "-f", "-", stdin=json.dumps(bad), check=False)
+    assert out.returncode != 0 and WEBHOOK_DENIED in out.stderr, out.stderr
+    assert "spec.podTemplate.container.volumeMounts[0].mountPath" in out.stderr and "/etc/kubetune" in out.stderr
+    name = "override"
+    apply(kctl, finetunejob(name, {}, nodes=1, podTemplate={
+        "metadata": {"labels": {"team": "nlp"}, "annotations": {"sidecar.istio.io/inject": "false"}},
+        "spec": {"imagePullSecrets": [{"name": "registry"}],
+                 "volumes": [{"name": "shared", "persistentVolumeClaim": {"claimName": "team-fs"}}],
+                 "initContainers": [{"name": "warm", "image": "busybox:1.37", "command": ["true"]}],
+                 "containers": [{"name": "log-shipper", "image": "fluent/fluent-bit:3",
+                                 "volumeMounts": [{"name": "shared", "mountPath": "/logs", "readOnly": True}]}]},
+        "container": {"env": [{"name": "NCCL_IB_HCA", "value": "mlx5"}],
+                      "volumeMounts": [{"name": "shared", "mountPath": "/mnt/shared"}]}}))
+    job = eventually(lambda: admin.get("Job", NS, f"{name}-ftj-a1"), what="the Job with the override")
+    pod = job["spec"]["template"]
+    assert pod["metadata"]["labels"]["team"] == "nlp"
+    assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "registry"}]
+    assert [c["name"] for c in pod["spec"]["initContainers"]] == ["warm"]
+    trainer, shipper = pod["spec"]["containers"]
+    assert shipper["name"] == "log-shipper" and shipper["securityContext"]["runAsNonRoot"] is True
+    assert {"name": "shared", "mountPath": "/mnt/shared"} in [
+        {k: m[k] for k in ("name", "mountPath")} for m in trainer["volumeMounts"]]
+    assert {"name": "NCCL_IB_HCA", "value": "mlx5"} in trainer["env"]
+    kctl("-n", NS, "delete", "ftj", name, "--wait=false")
+
+
+KEDA_CRD = REPO / "tests" / "cluster" / "keda" / "keda.sh_scaledobjects.yaml"
+
+
+def test_scale_to_zero_waits_for_keda_then_runs_on_a_scaled_object(operator: ChartOperator, admin: Client,
+                                                                   kctl: Kubectl) -> None:
+    """minReplicas 0 (#20 item 6) without KEDA: Failed, KedaNotInstalled, nothing created. With
+    KEDA's own ScaledObject CRD installed (v2.20.2, schema and CEL rules), the operator notices
+    (discovery) and creates a ScaledObject the real API server accepts, the Deployment at zero
+    replicas, no HPA; a changed maxReplicas patches it; minReplicas 1 deletes it for an HPA."""
+    name, child = "idle", "idle-isvc"
+    apply(kctl, inferenceservice(name, {}, engine="transformers", gpus=0, minReplicas=0, maxReplicas=2))
+    failed = eventually(lambda: phase_is(admin, "InferenceService", name, "Failed"), what="Failed without KEDA")
+    assert failed["status"]["reason"] == "KedaNotInstalled", failed["status"]
+    assert admin.get("Deployment", NS, child) is None
+    kctl("apply", "-f", str(KEDA_CRD))
+    try:
+        kctl("wait", "--for=condition=Established", "--timeout=30s", "-f", str(KEDA_CRD))
+        scaled = eventually(lambda: admin.get("ScaledObject", NS, child), timeout=60, what="the ScaledObject")
+        assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (0, 2)
+        assert scaled["spec"]["triggers"][0]["type"] == "prometheus"
+        assert scaled["spec"]["triggers"][0]["metadata"]["query"].startswith("sum(kubetune_requests_in_flight{")
+        assert admin.get("Deployment", NS, child)["spec"]["replicas"] == 0
+        assert admin.get("HorizontalPodAutoscaler", NS, child) is None
+        eventually(lambda: phase_is(admin, "InferenceService", name, "Ready", reason="ScaledToZero"),
+                   what="Ready at zero replicas")
+        merge(kctl, "InferenceService", name, {"spec": {"maxReplicas": 3}})
+        eventually(lambda: admin.get("ScaledObject", NS, child)["spec"]["maxReplicaCount"] == 3, what="patched")
+        merge(kctl, "InferenceService", name, {"spec": {"minReplicas": 1}})
+        eventually(lambda: admin.get("ScaledObject", NS, child) is None, what="the ScaledObject deleted")
+        eventually(lambda: admin.get("HorizontalPodAutoscaler", NS, child), what="an HPA instead")
+    finally:
+        kctl("-n", NS, "delete", "kisvc", name, "--wait=false")
+
+
 # --------------------------------------------------------------------------------------------
 # the webhook served directly (the test plays the API server)
 
@@ -1087,6 +1157,8 @@ def test_rbac_is_exactly_what_the_operator_called(request: pytest.FixtureRequest
             ("autoscaling", "horizontalpodautoscalers", "create"), ("autoscaling", "horizontalpodautoscalers", "patch"),
             ("autoscaling", "horizontalpodautoscalers", "delete"),
             ("policy", "poddisruptionbudgets", "create"), ("policy", "poddisruptionbudgets", "delete"),
+            ("keda.sh", "scaledobjects", "create"), ("keda.sh", "scaledobjects", "patch"),
+            ("keda.sh", "scaledobjects", "delete"),
             ("kopf.dev", "clusterkopfpeerings", "patch")} <= calls, sorted(calls)
     # The operator never reads a Secret: not even metadata (see kubetune.rules in _helpers.tpl).
     assert not {v for g, r, v in granted if (g, r) == ("", "secrets")} - {"create"}

@@ -65,6 +65,7 @@ from kubetune.operator.serving.render import (
     render_deployment,
     render_hpa,
     render_pdb,
+    render_scaled_object,
     render_service,
     runtime_adapters,
     selector_string,
@@ -92,6 +93,7 @@ COND_READY = "Ready"
 COND_PROGRESSING = "Progressing"
 """A rollout is in progress (True) or complete (False, reason RolloutComplete)."""
 CHILD_KINDS = ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget")
+KEDA_RESOURCE = "scaledobjects.keda.sh"
 
 
 @dataclass
@@ -108,6 +110,10 @@ class ServingObserved:
     """None when no Secret is referenced."""
     references: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     """`Kind/name` of each referenced job -> the job, or None when it does not exist."""
+    scaled_object: dict[str, Any] | None = None
+    """The KEDA ScaledObject (minReplicas 0)."""
+    keda: bool | None = None
+    """Whether KEDA's ScaledObject CRD is installed (None: not asked, the service does not scale to zero)."""
     foreign: list[str] = field(default_factory=list)
     """Children's names taken by objects this resource does not own."""
 
@@ -173,6 +179,12 @@ class _ServiceReconciler(DependencyChecks, StatusDecisions):
                        "it, or give this InferenceService another name.")
             self.condition(READY_TO_START, False, "NameConflict", message)
             self.transition(FAILED, "NameConflict", message, "Warning")
+            return self.plan
+        if spec.scales_to_zero and self.obs.keda is False:
+            message = (f"minReplicas 0 (scale to zero) needs KEDA, and the cluster serves no {KEDA_RESOURCE} "
+                       "(its CRD is not installed): install KEDA (https://keda.sh), or set minReplicas to 1 or more.")
+            self.condition(READY_TO_START, False, "KedaNotInstalled", message)
+            self.transition(FAILED, "KedaNotInstalled", message, "Warning")
             return self.plan
         models = self.dependencies(spec)
         if models is None:
@@ -257,9 +269,14 @@ class _ServiceReconciler(DependencyChecks, StatusDecisions):
                     "spec": merge_diff(current, wanted),
                 }
                 self.event("Normal", "RollingUpdate", f"updating Deployment {self.child}: {self.change_summary(spec, models)}")
-            if not spec.autoscaled and (observed.get("spec") or {}).get("replicas") != deployment["spec"]["replicas"]:
+            replicas = (observed.get("spec") or {}).get("replicas")
+            if not spec.autoscaled and replicas != deployment["spec"]["replicas"]:
                 patch.setdefault("spec", {})["replicas"] = deployment["spec"]["replicas"]
                 self.event("Normal", "Scaled", f"replicas set to {deployment['spec']['replicas']}")
+            elif spec.autoscaled and not spec.scales_to_zero and (replicas or 0) < spec.minReplicas:
+                # Back from zero (KEDA's ScaledObject gone): an HPA never scales a target at 0.
+                patch.setdefault("spec", {})["replicas"] = spec.minReplicas
+                self.event("Normal", "Scaled", f"replicas set to minReplicas {spec.minReplicas}")
             if patch:
                 self.plan.patch.append(("Deployment", self.child, patch))
 
@@ -274,6 +291,7 @@ class _ServiceReconciler(DependencyChecks, StatusDecisions):
             }))
 
         hpa = self.ensure_hpa(spec, observed)
+        self.ensure_scaled_object(spec)
         self.ensure_pdb(spec)
         if observed is None:
             kinds = "Deployment, Service" + (", HPA" if hpa is not None else "")
@@ -294,6 +312,23 @@ class _ServiceReconciler(DependencyChecks, StatusDecisions):
                 "spec": merge_diff((self.obs.hpa or {}).get("spec") or {}, hpa["spec"]),
             }))
         return hpa
+
+    def ensure_scaled_object(self, spec: InferenceServiceSpec) -> None:
+        """KEDA's ScaledObject for minReplicas 0 (created, patched when its spec changes, deleted
+        when minReplicas leaves 0; the HPA is then the operator's again)."""
+        scaled = render_scaled_object(self.cr, spec, self.options)
+        observed = self.obs.scaled_object
+        if scaled is None and observed is not None:
+            self.plan.delete.append(("ScaledObject", self.child))
+            self.event("Normal", "ScaleToZeroOff", "minReplicas is above 0: KEDA's ScaledObject deleted")
+        elif scaled is not None and observed is None:
+            self.plan.create.append(scaled)
+            self.event("Normal", "ScaleToZeroOn", f"KEDA ScaledObject created: 0-{spec.maxReplicas} replicas")
+        elif scaled is not None and _hash_of(observed) != _hash_of(scaled):
+            self.plan.patch.append(("ScaledObject", self.child, {
+                "metadata": {"labels": scaled["metadata"]["labels"], "annotations": scaled["metadata"]["annotations"]},
+                "spec": merge_diff((observed or {}).get("spec") or {}, scaled["spec"]),
+            }))
 
     def ensure_pdb(self, spec: InferenceServiceSpec) -> None:
         """The disruption budget follows minReplicas: created from two, deleted below. Its spec
@@ -371,7 +406,11 @@ class _ServiceReconciler(DependencyChecks, StatusDecisions):
             self.condition(COND_PROGRESSING, False, "RolloutComplete", f"{updated}/{wanted} replicas up to date")
         else:
             self.condition(COND_PROGRESSING, True, "RollingUpdate", f"{updated}/{wanted} replicas updated, {ready} ready")
-        if available > 0:
+        if wanted == 0 and replicas == 0 and self.obs.scaled_object is not None:
+            self.condition(COND_READY, True, "ScaledToZero", "idle: no replica runs; KEDA starts one on demand")
+            self.transition(READY, "ScaledToZero", "idle at zero replicas: the next request waits for a cold start "
+                            "(model download and load) once KEDA sees demand")
+        elif available > 0:
             self.condition(COND_READY, True, "ReplicasAvailable", f"{ready}/{wanted} replicas ready")
             detail = f"{ready}/{wanted} replicas ready" + ("" if rolled else f", rolling update ({updated} updated)")
             self.transition(READY, "Serving", f"serving {', '.join(self.status.get('servedModels') or [])}: {detail}")

@@ -90,6 +90,7 @@ from kubetune.operator.common import (
     selector_labels,
     storage_env,
 )
+from kubetune.operator.overrides import PlatformDefaults, customized
 from kubetune.operator.resources import InferenceServiceSpec, validate_spec
 from kubetune.operator.training.render import RenderOptions
 from kubetune.trainer.api import engine_flags
@@ -132,6 +133,12 @@ STARTUP_PERIOD_SECONDS = 10
 ANNOTATION_SPEC_HASH = "kubetune.io/spec-hash"
 """Hash of what the operator rendered: a child is patched only when it changes."""
 METRIC_NAMES = {"requestsInFlight": "kubetune_requests_in_flight", "queueDepth": "kubetune_queue_depth"}
+DEFAULT_PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"
+"""The Prometheus Operator's Service for a Prometheus in `monitoring` (`--prometheus-address`)."""
+KEDA_API_VERSION = "keda.sh/v1alpha1"
+VLLM_METRICS = {"requestsInFlight": ("vllm:num_requests_running", "vllm:num_requests_waiting"),
+                "queueDepth": ("vllm:num_requests_waiting",)}
+"""vLLM's own gauges for kubetune's two scaling metrics (the same meaning, summed)."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,10 @@ class ServingOptions:
     run_as_user: int = RUN_AS_USER
     storage_defaults: StorageDefaults = field(default_factory=StorageDefaults)
     """S3 endpoint/Secret for services whose spec.storage sets none (`--default-s3-*`)."""
+    platform_defaults: PlatformDefaults | None = None
+    """`--platform-defaults`: the platform's pod template and placement under each resource's own."""
+    prometheus_address: str = DEFAULT_PROMETHEUS
+    """`--prometheus-address`: where KEDA queries the servers' metrics (scale to zero)."""
 
     def image_for(self, engine: str) -> str:
         """The operator's image for an engine: one that has it (vLLM is only in kubetune-vllm)."""
@@ -496,8 +507,9 @@ def render_deployment(
 
 def _pod_template(cr: dict[str, Any], spec: InferenceServiceSpec, models: ResolvedModels,
                   options: ServingOptions) -> dict[str, Any]:
-    """The pod template: labels, the Prometheus scrape annotations, the pod spec."""
-    return {
+    """The pod template: labels, the Prometheus scrape annotations, the pod spec, then the
+    platform's defaults and the resource's podTemplate (`overrides.py`)."""
+    template = {
         "metadata": {
             "labels": labels_for(KIND, cr["metadata"]["name"], COMPONENT),
             "annotations": {
@@ -509,6 +521,7 @@ def _pod_template(cr: dict[str, Any], spec: InferenceServiceSpec, models: Resolv
         },
         "spec": _pod_spec(cr, spec, models, options),
     }
+    return customized(template, spec, options.platform_defaults, SERVER)
 
 
 def _pod_spec(cr: dict[str, Any], spec: InferenceServiceSpec, models: ResolvedModels,
@@ -669,8 +682,8 @@ def render_service(cr: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, 
 
 def render_hpa(cr: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any] | None:
     """The autoscaling/v2 HPA on the Deployment, or None when min == max (then `spec.replicas`,
-    i.e. `kubectl scale`, sets the replicas)."""
-    if not spec.autoscaled:
+    i.e. `kubectl scale`, sets the replicas) or min is 0 (KEDA's ScaledObject instead)."""
+    if not spec.autoscaled or spec.scales_to_zero:
         return None
     name = cr["metadata"]["name"]
     hpa_name, _ = service_names(name)
@@ -705,6 +718,49 @@ def render_hpa(cr: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any]
     return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": meta, "spec": body}
 
 
+def scaling_query(cr: dict[str, Any], spec: InferenceServiceSpec) -> str:
+    """PromQL for the service's load: the scaling metric summed over its pods (Prometheus
+    scrapes them through their `prometheus.io/*` annotations; `namespace` and `pod` labels as
+    the usual kubernetes-pods scrape job sets them). vLLM pods export vLLM's gauges."""
+    base, _ = service_names(cr["metadata"]["name"])
+    namespace = cr["metadata"].get("namespace") or "default"
+    selector = f'{{namespace="{namespace}",pod=~"{base}-[a-z0-9]+-[a-z0-9]+"}}'
+    metric = spec.autoscaling.metric
+    names = VLLM_METRICS[metric] if spec.engine == "vllm" else (METRIC_NAMES[metric],)
+    return " + ".join(f"sum({name}{selector})" for name in names)
+
+
+def render_scaled_object(cr: dict[str, Any], spec: InferenceServiceSpec,
+                         options: ServingOptions | None = None) -> dict[str, Any] | None:
+    """For minReplicas 0, a KEDA ScaledObject on the Deployment instead of an HPA: KEDA scales
+    it to zero when the load query has been 0 for `scaleDownStabilizationSeconds`, back to one
+    when it (or `autoscaling.activationQuery`) is above 0, and between 1 and maxReplicas with
+    its own HPA on the same query. None for any other service."""
+    if not spec.scales_to_zero:
+        return None
+    options = options or ServingOptions()
+    name, _ = service_names(cr["metadata"]["name"])
+    target = str(spec.autoscaling.effective_target)
+    triggers = [{"type": "prometheus", "name": "load", "metadata": {
+        "serverAddress": options.prometheus_address, "query": scaling_query(cr, spec),
+        "threshold": target, "activationThreshold": "0"}}]
+    if spec.autoscaling.activationQuery:
+        triggers.append({"type": "prometheus", "name": "demand", "metadata": {
+            "serverAddress": options.prometheus_address, "query": spec.autoscaling.activationQuery,
+            "threshold": target, "activationThreshold": "0"}})
+    body = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+        "minReplicaCount": 0,
+        "maxReplicaCount": spec.maxReplicas,
+        "pollingInterval": 15,
+        "cooldownPeriod": spec.autoscaling.scaleDownStabilizationSeconds,
+        "triggers": triggers,
+    }
+    meta = _meta(cr, name, COMPONENT)
+    meta["annotations"] = {ANNOTATION_SPEC_HASH: spec_hash(body)}
+    return {"apiVersion": KEDA_API_VERSION, "kind": "ScaledObject", "metadata": meta, "spec": body}
+
+
 def render_pdb(cr: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any] | None:
     """A PodDisruptionBudget when the service always runs two or more replicas: a node drain or
     cluster upgrade evicts one replica at a time, so the endpoint keeps serving. None below two
@@ -731,5 +787,6 @@ def render_inference(
         models = ResolvedModels(spec.model.uri, {a.name: a.uri for a in spec.adapters if a.uri})
     objs = [render_deployment(cr, spec, models, options), render_service(cr, spec),
             render_adapters_config_map(cr, spec, models)]
-    objs += [child for child in (render_hpa(cr, spec), render_pdb(cr, spec)) if child is not None]
+    autoscaler = render_scaled_object(cr, spec, options) if spec.scales_to_zero else render_hpa(cr, spec)
+    objs += [child for child in (autoscaler, render_pdb(cr, spec)) if child is not None]
     return objs

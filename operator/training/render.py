@@ -36,6 +36,7 @@ from kubetune.operator.common import (
     storage_env,
     with_propagated,
 )
+from kubetune.operator.overrides import PlatformDefaults, customized
 from kubetune.operator.resources import (
     BASE_MODEL_PLACEHOLDER,
     AlignmentJobSpec,
@@ -68,6 +69,8 @@ class RenderOptions:
     """S3 endpoint/Secret for jobs whose spec.storage sets none (`--default-s3-*`)."""
     gpu_memory_gib: float | None = None
     """`--gpu-memory-gib`: GPU memory of jobs without spec.gpuMemoryGiB (the admission check)."""
+    platform_defaults: PlatformDefaults | None = None
+    """`--platform-defaults`: the platform's pod template and placement under each resource's own."""
 
 
 def training_hash(training: Any) -> str:
@@ -294,6 +297,7 @@ def render_job(
         **_fail_fast_template(CONTAINER, pod_labels, pod_spec),
         "suspend": _suspend(cr, spec, suspend),
     }
+    job_spec["template"] = customized(job_spec["template"], spec, options.platform_defaults, CONTAINER)
     deadline = active_deadline_seconds if active_deadline_seconds is not None else spec.activeDeadlineSeconds
     if deadline is not None:
         job_spec["activeDeadlineSeconds"] = max(1, int(deadline))
@@ -370,6 +374,7 @@ def render_prepare_job(
         **_fail_fast_template(PREPARE_CONTAINER, labels_for(cr["kind"], name, "prepare"), pod_spec),
         "suspend": _suspend(cr, spec, suspend),
     }
+    job_spec["template"] = customized(job_spec["template"], spec, options.platform_defaults, PREPARE_CONTAINER)
     deadline = active_deadline_seconds if active_deadline_seconds is not None else spec.activeDeadlineSeconds
     if deadline is not None:
         job_spec["activeDeadlineSeconds"] = max(1, int(deadline))

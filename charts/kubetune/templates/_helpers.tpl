@@ -85,6 +85,9 @@ run of the operator and with the calls in operator/handlers.py, kube.py and serv
 - HorizontalPodAutoscalers (InferenceService): get, create, patch, delete (autoscaling off);
 - PodDisruptionBudgets (InferenceService, from two replicas): get, create, delete (below two;
   never patched: their spec does not change);
+- KEDA ScaledObjects (InferenceService with minReplicas 0): get, create, patch, delete (minReplicas
+  above 0 again); whether KEDA is installed is a discovery request (GET /apis/keda.sh/v1alpha1),
+  which needs no grant;
 - ConfigMaps: get, create (the resolved spec, the adapters set), patch (an InferenceService's
   adapters change); Services: get, create, patch (the headless training Service, the
   InferenceService's Service);
@@ -117,6 +120,9 @@ garbage collector removes them with their resource.
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, create, delete]
+- apiGroups: [keda.sh]
+  resources: [scaledobjects]
+  verbs: [get, create, patch, delete]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, patch]
