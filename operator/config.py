@@ -89,9 +89,15 @@ def load_platform_defaults(path: str | None = None, values: str | None = None) -
                         "see the chart's platformDefaults value.")
     prefix = "platformDefaults" if values and not path else ""
     try:
-        return PlatformDefaults.model_validate(document)
+        defaults = PlatformDefaults.model_validate(document)
     except ValidationError as exc:
         raise SpecErrors(validation_error_to_spec_errors(exc, PlatformDefaults, prefix), source) from None
+    from kubetune.operator.validation import platform_default_conflicts
+
+    conflicts = platform_default_conflicts(defaults)
+    if conflicts:
+        raise SpecErrors(conflicts, source)
+    return defaults
 
 
 CHART_VALUE_FLAGS = (

@@ -85,6 +85,27 @@ def pod_template_conflicts(body: dict[str, Any], spec: Any) -> list[SpecError]:
     return list(seen.values())
 
 
+PROBE_TRAINING = {"model": {"path": "s3://probe/model"}, "data": {"datasets": [{"path": "s3://probe/data.jsonl"}]},
+                  "output": {"path": "s3://probe/out"}}
+"""A minimal training spec: the pods a platform default is checked against."""
+
+
+def platform_default_conflicts(defaults: Any) -> list[SpecError]:
+    """Where the platform's pod template collides with kubetune's own pods (a training pod,
+    the prepare step's, a server's): those defaults would never apply, so the operator refuses
+    to start with them (`--platform-defaults`) rather than drop them without a word."""
+    seen: dict[str, SpecError] = {}
+    template = defaults.podTemplate.model_dump(mode="json", exclude_none=True)
+    probes = [("FineTuneJob", {"training": PROBE_TRAINING}), ("InferenceService", {"model": {"uri": "s3://probe/model"}})]
+    for kind, spec in probes:
+        body = {"apiVersion": "kubetune.io/v1alpha1", "kind": kind, "metadata": {"name": "probe"},
+                "spec": {**spec, "podTemplate": template}}
+        for error in pod_template_conflicts(body, validate_spec(kind, body["spec"])):
+            field = error.field.replace("spec.podTemplate.", "platformDefaults.podTemplate.", 1)
+            seen.setdefault(field, SpecError(field, error.problem, error.fix))
+    return list(seen.values())
+
+
 def _bare_templates(cr: dict[str, Any], spec: Any) -> list[tuple[dict[str, Any], str]]:
     """(pod template, main container) of every pod shape a resource renders."""
     from kubetune.operator.training import render as training

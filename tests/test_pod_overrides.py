@@ -199,8 +199,7 @@ DEFAULTS = {
     "podTemplate": {
         "metadata": {"labels": {"team": "platform", "cost-center": "ml"}},
         "spec": {"imagePullSecrets": [{"name": "registry"}],
-                 "volumes": [{"name": "shared", "nfs": {"server": "fs.local", "path": "/ml"}},
-                             {"name": "cache", "emptyDir": {}}]},
+                 "volumes": [{"name": "shared", "nfs": {"server": "fs.local", "path": "/ml"}}]},
         "container": {"volumeMounts": [{"name": "shared", "mountPath": "/mnt/shared"}],
                       "env": [{"name": "NCCL_IB_HCA", "value": "mlx5"}]},
     },
@@ -223,7 +222,9 @@ def test_platform_defaults_sit_under_the_resources_own_template() -> None:
 
 
 def test_the_operator_renders_with_its_platform_defaults_and_the_resource_wins() -> None:
-    defaults = PlatformDefaults.model_validate(DEFAULTS)
+    colliding = copy.deepcopy(DEFAULTS)
+    colliding["podTemplate"]["spec"]["volumes"].append({"name": "cache", "emptyDir": {}})
+    defaults = PlatformDefaults.model_validate(colliding)  # as if it had passed the start-up check
     cr = finetunejob({"metadata": {"labels": {"team": "nlp"}}}, nodeSelector={"zone": "b"})
     job = render_job(cr, validate_resource(cr), attempt=1, options=RenderOptions(platform_defaults=defaults))
     pod = pod_of(job)
@@ -247,6 +248,14 @@ def test_platform_defaults_from_the_chart_values(tmp_path: Path) -> None:
     path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump(values))
     assert load_platform_defaults(values=str(path)) == PlatformDefaults.model_validate(DEFAULTS)
+    values["platformDefaults"] = {"podTemplate": {"container": {"env": [{"name": "HF_HOME", "value": "/x"}]},
+                                                  "spec": {"containers": [{"name": "server", "image": "x"}]}}}
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(SpecErrors) as info:  # defaults kubetune's own fields would override: refused at start
+        load_platform_defaults(values=str(path))
+    message = str(info.value)
+    assert "platformDefaults.podTemplate.container.env[0].name" in message and "HF_HOME" in message
+    assert "platformDefaults.podTemplate.spec.containers[0].name" in message, message
     values["platformDefaults"] = {"podTemplate": {"spec": {"volumes": [{"name": "x"}]}}}
     path.write_text(yaml.safe_dump(values))
     with pytest.raises(SpecErrors) as info:
