@@ -75,7 +75,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+RESULTS = Path(os.environ.get("KUBETUNE_BENCH_RESULTS") or REPO / "bench" / "results")  # bench/gpu.sh: its own folder
 TOOLS = ["kubetune", "trl", "llamafactory"]
 METHODS = ["lora", "full", "qlora", "dpo"]
 LF_VERSION = "0.9.5"
