@@ -178,6 +178,7 @@ COMMAND_MODULES = (
     CommandGroup("kubetune.trainer.cli.estimate", ("estimate",)),
     CommandGroup("kubetune.trainer.cli.storage", ("storage",)),
     CommandGroup("kubetune.operator.cli", ("crds", "render", "operator"), extra="operator"),
+    CommandGroup("kubetune.operator.console.cli", ("console",), extra="serve"),
 )
 """Every subcommand beyond train/validate/export/templates/schema, in help order."""
 ADMISSION_MODULE = "kubetune.operator.validation"

@@ -1,0 +1,98 @@
+"""Cluster mode: FineTuneJobs, AlignmentJobs and InferenceServices read and created through the
+`kubernetes` client with the user's own kubeconfig (or the pod's service account), so the console
+can do nothing the user could not do with kubectl. A manifest passes the operator's admission
+check (`validation.admit`, what `kubetune validate` and the webhook run) before it is sent."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+from kubetune.operator.common import selector_labels
+from kubetune.operator.console.runs import RunRow
+from kubetune.operator.resources import GROUP, VERSION
+
+KINDS = {"FineTuneJob": "finetunejobs", "AlignmentJob": "alignmentjobs", "InferenceService": "inferenceservices"}
+LOG_LINES = 400
+
+
+def _age(timestamp: str | None) -> float | None:
+    if not timestamp:
+        return None
+    try:
+        return time.time() - datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def row_of(obj: dict[str, Any]) -> RunRow:
+    """A Jobs-table row from a resource as the API server returns it."""
+    meta, status = obj.get("metadata") or {}, obj.get("status") or {}
+    progress = status.get("progress") or {}
+    kind, ns, name = obj.get("kind", ""), meta.get("namespace", ""), meta.get("name", "")
+    return RunRow(name, kind, ns, status.get("phase") or "Pending", progress.get("step"), progress.get("totalSteps"),
+                  progress.get("loss"), progress.get("etaSeconds"), status.get("attempts"),
+                  _age(meta.get("creationTimestamp")), f"/cluster/{ns}/{kind}/{name}")
+
+
+class Cluster:
+    """The API calls the console makes: list, get, create (custom objects), events, pod logs."""
+
+    def __init__(self, kubeconfig: str | None = None, in_cluster: bool = False, context: str | None = None):
+        from kubernetes import client, config
+
+        if in_cluster:
+            config.load_incluster_config()
+            api = client.ApiClient()
+        else:
+            api = config.new_client_from_config(config_file=kubeconfig, context=context)
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+
+    def rows(self, namespace: str | None = None) -> list[RunRow]:
+        out = []
+        for kind, plural in KINDS.items():
+            if namespace:
+                listed = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
+            else:
+                listed = self.custom.list_cluster_custom_object(GROUP, VERSION, plural)
+            for item in listed.get("items", []):
+                item.setdefault("kind", kind)
+                out.append(row_of(item))
+        return out
+
+    def get(self, namespace: str, kind: str, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, KINDS[kind], name)
+
+    def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        listed = self.core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+        return [{"type": e.type, "reason": e.reason, "message": e.message, "count": e.count,
+                 "last": str(e.last_timestamp or e.event_time or "")} for e in listed.items]
+
+    def pod_logs(self, namespace: str, kind: str, name: str) -> dict[str, str]:
+        """The last lines of each pod of the resource (its selector labels)."""
+        selector = ",".join(f"{k}={v}" for k, v in selector_labels(kind, name).items())
+        logs = {}
+        for pod in self.core.list_namespaced_pod(namespace, label_selector=selector).items:
+            try:
+                logs[pod.metadata.name] = self.core.read_namespaced_pod_log(pod.metadata.name, namespace, tail_lines=LOG_LINES)
+            except Exception as exc:  # a pod not started yet has no log: say so, keep the others
+                logs[pod.metadata.name] = f"(no log: {getattr(exc, 'reason', exc)})"
+        return logs
+
+    def create(self, manifest: dict[str, Any], namespace: str) -> dict[str, Any]:
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, KINDS[manifest["kind"]], manifest)
+
+
+def job_manifest(training: dict[str, Any], kind: str, name: str, namespace: str, cluster: dict[str, Any]) -> dict[str, Any]:
+    """The FineTuneJob/AlignmentJob a user would write around a training spec."""
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name, "namespace": namespace},
+            "spec": {**cluster, "training": training}}
+
+
+def admit(manifest: dict[str, Any]) -> list[str]:
+    """The operator's admission check of a new resource; its warnings (raises on refusal)."""
+    from kubetune.operator.validation import admit as operator_admit
+
+    return operator_admit("CREATE", None, manifest, source=f"{manifest['kind']}/{manifest['metadata']['name']}")
