@@ -199,7 +199,8 @@ def _launch_routes(app: FastAPI, console: Console) -> None:
     @app.get("/launch")
     def launch(request: Request) -> Response:
         values = form.document_to_form(console.quickstart, console.sections)
-        return console.page(request, "launch.jinja", values=values, **console.check(values))
+        return console.page(request, "launch.jinja", values=values, default_namespace=console.config.namespace,
+                            **console.check(values))
 
     @app.post("/launch/check")
     async def check(request: Request) -> Response:
@@ -235,8 +236,9 @@ def _launch_routes(app: FastAPI, console: Console) -> None:
         namespace = str(values.get("_namespace") or console.config.namespace)
         try:
             kind, name = _apply(console, result["document"], values, namespace)
-        except SpecErrors as exc:  # the admission check: messages on the fields they are about
-            errors = [SpecError(e.field.removeprefix(TRAINING_PREFIX), e.problem, e.fix) for e in exc.errors]
+        except (SpecErrors, SpecError) as exc:  # the admission check: messages on the fields they are about
+            found = exc.errors if isinstance(exc, SpecErrors) else [exc]
+            errors = [SpecError(e.field.removeprefix(TRAINING_PREFIX), e.problem, e.fix) for e in found]
             by_field, general = form.errors_by_field(errors, console.sections)
             return console.page(request, "_check.jinja", **{**result, "errors": by_field, "general": general,
                                                             "valid": False}, oob=True)

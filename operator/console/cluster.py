@@ -92,7 +92,11 @@ def job_manifest(training: dict[str, Any], kind: str, name: str, namespace: str,
 
 
 def admit(manifest: dict[str, Any]) -> list[str]:
-    """The operator's admission check of a new resource; its warnings (raises on refusal)."""
+    """The operator's admission check of a new resource; its warnings. Raises SpecErrors (with
+    the fields, for the form) when the resource is invalid, AdmissionRefused for the rest."""
     from kubetune.operator.validation import admit as operator_admit
+    from kubetune.operator.validation import validate_resource
 
-    return operator_admit("CREATE", None, manifest, source=f"{manifest['kind']}/{manifest['metadata']['name']}")
+    source = f"{manifest['kind']}/{manifest['metadata']['name']}"
+    validate_resource(manifest, source)  # the same first step as admit, keeping the field of each error
+    return operator_admit("CREATE", None, manifest, source=source)
