@@ -905,6 +905,12 @@ def test_pod_template_reaches_the_real_job_and_a_conflict_is_refused_at_admissio
     out = kctl("-n", NS, "apply", "--dry-run=server", "-f", "-", stdin=json.dumps(bad), check=False)
     assert out.returncode != 0 and WEBHOOK_DENIED in out.stderr, out.stderr
     assert "spec.podTemplate.container.volumeMounts[0].mountPath" in out.stderr and "/etc/kubetune" in out.stderr
+    # The CRD embeds Kubernetes' own Volume schema: a volume source's fields are checked by the API server.
+    typo = finetunejob("override-typo", {}, podTemplate={
+        "spec": {"volumes": [{"name": "shared", "persistentVolumeClaim": {"claimNam": "team-fs"}}]}})
+    out = kctl("-n", NS, "apply", "--dry-run=server", "-f", "-", stdin=json.dumps(typo), check=False)
+    assert out.returncode != 0 and "unknown field" in out.stderr and "claimNam" in out.stderr, out.stderr
+    assert WEBHOOK_DENIED not in out.stderr  # the schema refused it before the webhook
     name = "override"
     apply(kctl, finetunejob(name, {}, nodes=1, podTemplate={
         "metadata": {"labels": {"team": "nlp"}, "annotations": {"sidecar.istio.io/inject": "false"}},

@@ -358,3 +358,22 @@ def test_with_keda_the_scaled_object_is_created_patched_and_deleted() -> None:
 def test_render_preview_shows_the_scaled_object() -> None:
     objects = render_manifest(inferenceservice(minReplicas=0, maxReplicas=2), OperatorConfig())
     assert "ScaledObject" in [o["kind"] for o in objects]
+
+
+def test_the_crds_embed_kubernetes_own_volume_schema() -> None:
+    """operator/core-v1-volume.json is Kubernetes 1.37's core/v1 Volume schema, regenerated here
+    from kubernetes-validate (stale: `python -m tests.k8s_schemas`), and every CRD's
+    podTemplate.spec.volumes items are it."""
+    from kubetune.operator.crdgen import crd
+    from tests import k8s_schemas
+
+    assert k8s_schemas.VOLUME_SCHEMA.read_text() == k8s_schemas.text(), "run python -m tests.k8s_schemas"
+    expected = k8s_schemas.volume_schema()
+    for kind in ("FineTuneJob", "AlignmentJob", "InferenceService"):
+        spec = crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        items = spec["properties"]["podTemplate"]["properties"]["spec"]["properties"]["volumes"]["items"]
+        assert items == expected
+    claim = expected["properties"]["persistentVolumeClaim"]
+    assert claim["required"] == ["claimName"] and expected["required"] == ["name"]
+    assert expected["properties"]["emptyDir"]["properties"]["sizeLimit"] == {"x-kubernetes-int-or-string": True}
+
