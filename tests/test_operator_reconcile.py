@@ -870,7 +870,17 @@ def test_kueue_admits_a_queued_job_and_the_operator_never_fights_its_suspend() -
     preempted = reconcile(cr, _world(first, [_with(job, active=0)]), now=T0)
     assert preempted.status["phase"] == "Queued" and "preempted by Kueue" in preempted.status["message"]
     assert not preempted.patch and not preempted.create and preempted.status["attempts"] == 1
+    assert preempted.status["reason"] == "PreemptedByKueue"
+    # Not a restart: status.preemptions counts restarts (attempts - preemptions = failures).
+    assert not preempted.status.get("preemptions")
     TrainingJobStatus.model_validate(preempted.status)
+    cr = _apply(cr, preempted)  # the next reconciles keep saying so until Kueue re-admits it
+    still = reconcile(cr, _world(first, [_with(job, active=0)]), now=T0)
+    assert still.status["reason"] == "PreemptedByKueue" and "preempted by Kueue" in still.status["message"]
+    assert not still.events
+    cr = _apply(cr, still)
+    resumed = reconcile(cr, _world(first, [_with(admitted, active=2, ready=2)]), now=T0)
+    assert resumed.status["phase"] == "Running" and resumed.status["attempts"] == 1
 
 
 def test_without_a_queue_an_external_suspend_is_undone() -> None:

@@ -98,6 +98,8 @@ COND_DATA_PREPARED = "DataPrepared"
 """The datasets are tokenized into data.cache (False while the prepare Job runs, or after it failed)."""
 PREPARING, PREPARED, PREPARE_FAILED = "Preparing", "Prepared", "PrepareFailed"
 INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
+PREEMPTED_BY_KUEUE = "PreemptedByKueue"
+"""Reason of a Queued job whose Job Kueue suspended after it ran (it resumes when re-admitted)."""
 
 
 @dataclass
@@ -502,15 +504,19 @@ class _Reconciler(DependencyChecks, StatusDecisions):
     def await_admission(self, job: str) -> None:
         """Kueue decides when a queued Job runs: its suspend flag is Kueue's, never patched here.
         A Job that ran and is suspended again was preempted by Kueue: its pods saved a checkpoint
-        on SIGTERM, and it resumes from there when re-admitted (same attempt, nothing counted)."""
+        on SIGTERM, and it resumes from there when re-admitted (same attempt, nothing counted).
+        Reason PreemptedByKueue stays until it runs again, so later reconciles keep saying so."""
         queue = queued(self.cr)
-        if self.status.get("phase") == RUNNING:
+        phase, reason = self.status.get("phase"), self.status.get("reason")
+        if phase == RUNNING or (phase == QUEUED and reason == PREEMPTED_BY_KUEUE):
+            reason = PREEMPTED_BY_KUEUE
             message = (f"Job {job} was preempted by Kueue (queue {queue}): its pods saved a checkpoint; it resumes "
                        "from there when Kueue admits it again")
         else:
+            reason = "WaitingForAdmission"
             message = f"Job {job} waits for Kueue to admit it (queue {queue}): quota, priority and fair sharing decide"
         self.condition(COND_RUNNING, False, QUEUED, message)
-        self.transition(QUEUED, "WaitingForAdmission", message)
+        self.transition(QUEUED, reason, message)
 
     def attempt_disrupted(self, spec: ClusterFields, attempt: int, detail: str, left: int | None) -> None:
         """A pod of the gang was preempted, evicted or drained: not the job's fault. The whole gang

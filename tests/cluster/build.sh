@@ -7,13 +7,18 @@
 # so the binaries are compiled from the pinned module versions below. The result is
 # cached by version; when every requested binary is already there this is a no-op.
 #
+# Kueue (sigs.k8s.io/kueue: quotas and admission for batch Jobs) is built the same way, in
+# its own scratch module at its own go.mod's dependency versions (k8s.io client libraries
+# v0.35, one minor behind the server, which talks to them fine).
+#
 # Usage: tests/cluster/build.sh [COMPONENT...]
-#   COMPONENT: etcd kube-apiserver kube-controller-manager kube-scheduler kwok
+#   COMPONENT: etcd kube-apiserver kube-controller-manager kube-scheduler kwok kueue
 #   (default: etcd kube-apiserver)
 # Environment:
 #   KUBETUNE_K8S_VERSION   Kubernetes release, default v1.36.3
 #   KUBETUNE_ETCD_VERSION  etcd release, default v3.6.17 (the 3.6 line Kubernetes 1.34-1.36 use)
 #   KUBETUNE_KWOK_VERSION  kwok release, default v0.8.0 (built against k8s.io/client-go v0.36)
+#   KUBETUNE_KUEUE_VERSION Kueue release, default v0.17.0 (client-go v0.35.3)
 #   KUBETUNE_CACHE_DIR     cache root, default ${XDG_CACHE_HOME:-$HOME/.cache}/kubetune
 #   KUBETUNE_GOSUMDB       checksum database, default off (sum.golang.org is unreachable here)
 # The last line printed is the bin directory.
@@ -22,6 +27,7 @@ set -euo pipefail
 K8S_VERSION="${KUBETUNE_K8S_VERSION:-v1.36.3}"
 ETCD_VERSION="${KUBETUNE_ETCD_VERSION:-v3.6.17}"
 KWOK_VERSION="${KUBETUNE_KWOK_VERSION:-v0.8.0}"
+KUEUE_VERSION="${KUBETUNE_KUEUE_VERSION:-v0.17.0}"
 CACHE_ROOT="${KUBETUNE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kubetune}"
 BIN="$CACHE_ROOT/k8s-$K8S_VERSION/bin"
 
@@ -47,6 +53,7 @@ wanted_version() {
   case "$1" in
     etcd) echo "$ETCD_VERSION" ;;
     kwok) echo "$KWOK_VERSION" ;;
+    kueue) echo "$KUEUE_VERSION" ;;
     *) echo "$K8S_VERSION" ;;
   esac
 }
@@ -139,12 +146,26 @@ build_kwok() {
   install_bin kwok "$work/out/kwok"
 }
 
+# A sigs.k8s.io controller (Kueue): a scratch module that requires the release (no replace
+# lines in its go.mod, so its dependency versions are taken as they are), the version
+# stamped as its Makefile does. The CRDs and webhook manifests the tests apply are read
+# from the module cache (tests/cluster/kueue.py: `go mod download -json MODULE@VERSION`).
+build_sigs() {
+  local work="$1" name="$2" module="$3" pkg="$4" ldflags="$5" dir="$1/$2"
+  mkdir -p "$dir" "$work/out"
+  (cd "$dir" && quiet go mod init "kubetune.local/${name}bin" &&
+    quiet nice -n 19 go get "$module@$(wanted_version "$name")")
+  log "compiling $name $(wanted_version "$name") (cold: several minutes)"
+  (cd "$dir" && nice -n 19 go build -trimpath -ldflags "-s -w $ldflags" -o "$work/out/$name" "$pkg")
+  install_bin "$name" "$work/out/$name"
+}
+
 main() {
   local components=("$@") missing_k8s=() c
   [[ ${#components[@]} -gt 0 ]] || components=(etcd kube-apiserver)
   for c in "${components[@]}"; do
     case "$c" in
-      etcd | kube-apiserver | kube-controller-manager | kube-scheduler | kwok) ;;
+      etcd | kube-apiserver | kube-controller-manager | kube-scheduler | kwok | kueue) ;;
       *) log "unknown component: $c"; exit 2 ;;
     esac
   done
@@ -159,6 +180,8 @@ main() {
     case "$c" in
       etcd) build_etcd "$WORK" ;;
       kwok) build_kwok "$WORK" ;;
+      kueue) build_sigs "$WORK" kueue sigs.k8s.io/kueue sigs.k8s.io/kueue/cmd/kueue \
+        "-X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" ;;
       *) missing_k8s+=("$c") ;;
     esac
   done
