@@ -100,6 +100,13 @@ class ModelSpec(SpecModel):
     on when the `liger-kernel` package and a CUDA GPU are present, else off; `true` asks for them
     (a warning when they cannot run), `false` keeps the standard kernels. The start record of
     metrics.jsonl says which ran."""
+    shiftAttention: bool = False
+    """LongLoRA's shifted sparse attention (S²-Attn, LlamaFactory's `shift_attn`) for
+    Llama-architecture models: in training, tokens attend inside groups of a quarter of
+    `data.maxLength`, half of the heads over groups shifted by half a group, so attention costs
+    O(length x group) rather than O(length²); evaluation, generation and the saved model use full
+    attention. Works with padding-free batches (no attention across examples); needs sdpa or
+    eager attention (`auto` picks sdpa)."""
 
 
 class ColumnMap(SpecModel):
@@ -621,6 +628,14 @@ class TrainingSpec(SpecModel):
             )
         if self.reward.model and self.reward.function:
             raise ValueError("set reward.model or reward.function, not both")
+        if self.model.shiftAttention and self.model.attnImplementation == "flash_attention_2":
+            raise ValueError(
+                "model.shiftAttention gives each group its own mask, which flash_attention_2 cannot "
+                "take: set model.attnImplementation to sdpa (or auto), or model.shiftAttention to false"
+            )
+        if self.model.shiftAttention and self.stage == "rm":
+            raise ValueError("model.shiftAttention trains causal language models (pt, sft, dpo, ...), not a "
+                             "reward model: set it to false for stage rm")
         if self.stage in ROLLOUT_STAGES and self.distributed.deepspeed and self.distributed.deepspeed.stage == 3:
             raise ValueError(
                 f"stage {self.stage} generates with the policy on each rank, which ZeRO-3 partitions: "

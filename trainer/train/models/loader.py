@@ -35,8 +35,11 @@ def pick_precision(requested: str) -> str:
     return "fp32"
 
 
-def pick_attn_implementation(requested: str) -> str:
-    """`auto`: flash_attention_2 when installed on an Ampere+ GPU, else sdpa."""
+def pick_attn_implementation(requested: str, shift_attention: bool = False) -> str:
+    """`auto`: flash_attention_2 when installed on an Ampere+ GPU, else sdpa (always sdpa under
+    `model.shiftAttention`, whose per-group masks flash-attn cannot take)."""
+    if requested == "auto" and shift_attention:
+        return "sdpa"
     if requested != "auto":
         if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise SpecError(
@@ -114,7 +117,7 @@ def load_model(spec: TrainingSpec, precision: str, *, extra_kwargs: dict[str, An
     kwargs: dict[str, Any] = {
         "config": config,
         "dtype": getattr(torch, dtype_name),
-        "attn_implementation": pick_attn_implementation(spec.model.attnImplementation),
+        "attn_implementation": pick_attn_implementation(spec.model.attnImplementation, spec.model.shiftAttention),
         "revision": spec.model.revision,
         "trust_remote_code": spec.model.trustRemoteCode,
     }
@@ -131,6 +134,10 @@ def load_model(spec: TrainingSpec, precision: str, *, extra_kwargs: dict[str, An
         raise SpecError("model.path", f"no model could be loaded from {location!r} ({_first_line(exc)}).",
                         "check the path or hub id, and that the hub is reachable (HF_HUB_OFFLINE).") from None
     log.info("loaded %s (%s, %s)", location, dtype_name, kwargs["attn_implementation"])
+    if spec.model.shiftAttention:
+        from kubetune.trainer.train.models.shift_attn import apply_shift_attention
+
+        apply_shift_attention(model, spec.data.maxLength)
     if spec.model.ligerKernel or (spec.model.ligerKernel is None and liger_available()):
         model.kubetune_liger = apply_liger(model)
     return model
