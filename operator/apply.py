@@ -91,8 +91,16 @@ def write_outcome(kube: Any, cr: dict[str, Any], plan: Plan) -> None:
         kube.patch(cr["kind"], meta["namespace"], meta["name"], {"status": patch}, subresource="status")
 
 
+CREATED_IF_ABSENT = ("PodGroup",)
+"""Kinds created without reading an existing one back (no `get` grant): a gang's PodGroup,
+created before each attempt's Job and never changed."""
+
+
 def _create(kube: Any, obj: dict[str, Any], where: str) -> None:
-    _, created = kube.create(obj)
+    if obj["kind"] in CREATED_IF_ABSENT:
+        created = kube.create_if_absent(obj)
+    else:
+        _, created = kube.create(obj)
     log.info("%s: %s %s %s", where, "created" if created else "found existing", obj["kind"], obj["metadata"]["name"])
 
 

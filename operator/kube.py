@@ -23,6 +23,9 @@ _AUTOSCALING = {"HorizontalPodAutoscaler": "horizontalpodautoscalers"}
 _POLICY = {"PodDisruptionBudget": "poddisruptionbudgets"}
 _KEDA = {"ScaledObject": "scaledobjects"}
 KEDA_GROUP_VERSION = "keda.sh/v1alpha1"
+_BY_API_VERSION = {("scheduling.x-k8s.io/v1alpha1", "PodGroup"): "podgroups",
+                   ("scheduling.volcano.sh/v1beta1", "PodGroup"): "podgroups"}
+"""Kinds whose name alone does not say their API (the gang schedulers' PodGroups)."""
 MERGE_PATCH = "application/merge-patch+json"
 PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
@@ -63,7 +66,9 @@ def _describe(method: str, path: str) -> tuple[str, str, str]:
     return verb, resource, namespace
 
 
-def collection_path(kind: str, namespace: str) -> str:
+def collection_path(kind: str, namespace: str, api_version: str | None = None) -> str:
+    if (api_version, kind) in _BY_API_VERSION:
+        return f"/apis/{api_version}/namespaces/{namespace}/{_BY_API_VERSION[api_version, kind]}"
     if kind in _CORE:
         return f"/api/v1/namespaces/{namespace}/{_CORE[kind]}"
     if kind in _BATCH:
@@ -168,6 +173,12 @@ class Kube:
             items = [i for i in items if all(((i.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in labels.items())]
         return items
 
+    def list_custom(self, group_version: str, plural: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """Objects of another project's API (e.g. Kueue's Workloads) matching a label
+        `selector`; a KubeError with status 404 when the API is not served."""
+        path = f"/apis/{group_version}/namespaces/{namespace}/{plural}"
+        return self._call("GET", path, query=[("labelSelector", selector)]).get("items") or []
+
     def create(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Create; when it already exists, return the existing object (created=False)."""
         meta = body["metadata"]
@@ -184,7 +195,7 @@ class Kube:
         reads the existing object back: for Secrets, which the operator may create but not read."""
         meta = body["metadata"]
         try:
-            self._call("POST", collection_path(body["kind"], meta["namespace"]), body)
+            self._call("POST", collection_path(body["kind"], meta["namespace"], body.get("apiVersion")), body)
             return True
         except KubeError as exc:
             if exc.status == 409:

@@ -324,6 +324,44 @@ class PodTemplate(CrModel):
     """Applied to the main container (`trainer`, `prepare`, `server`)."""
 
 
+GANG_SCHEDULER_NAMES = {"coscheduling": "scheduler-plugins-scheduler", "volcano": "volcano"}
+"""The schedulerName each gang scheduler answers to by default (scheduler-plugins' chart
+installs the coscheduling plugin as a second scheduler of that name; Volcano's is `volcano`)."""
+
+
+class GangScheduling(CrModel):
+    """All-or-nothing placement of the gang by a gang scheduler: kubetune creates a PodGroup
+    (minMember = `nodes`, minResources = the gang's GPUs) owned by the resource before the
+    Job, and the pods join it and go to that scheduler, which binds all of them or none."""
+
+    scheduler: Literal["coscheduling", "volcano"]
+    """`coscheduling`: the scheduler-plugins Coscheduling plugin (PodGroup
+    scheduling.x-k8s.io/v1alpha1, pod label `scheduling.x-k8s.io/pod-group`); `volcano`: the
+    Volcano scheduler (PodGroup scheduling.volcano.sh/v1beta1, pod annotation
+    `scheduling.k8s.io/group-name`)."""
+    schedulerName: str | None = Field(None, min_length=1, max_length=253)
+    """The pods' schedulerName; default `scheduler-plugins-scheduler` (coscheduling) or
+    `volcano`."""
+    scheduleTimeoutSeconds: int | None = Field(None, ge=1)
+    """coscheduling: how long the PodGroup waits for all its pods to be placeable before the
+    waiting ones are rejected and retried (the plugin's default when unset)."""
+    queue: str | None = Field(None, min_length=1, max_length=253)
+    """volcano: the Volcano Queue of the PodGroup (Volcano's `default` when unset)."""
+
+    @model_validator(mode="after")
+    def _fields_of_the_scheduler(self) -> GangScheduling:
+        if self.queue is not None and self.scheduler != "volcano":
+            raise ValueError("queue is a Volcano setting: set scheduler: volcano, or remove queue")
+        if self.scheduleTimeoutSeconds is not None and self.scheduler != "coscheduling":
+            raise ValueError("scheduleTimeoutSeconds is a coscheduling setting: set scheduler: coscheduling, "
+                             "or remove it")
+        return self
+
+    @property
+    def pods_scheduler(self) -> str:
+        return self.schedulerName or GANG_SCHEDULER_NAMES[self.scheduler]
+
+
 class ClusterFields(CrModel):
     """Where and how the training runs on the cluster (shared by the training kinds)."""
 
@@ -363,7 +401,7 @@ class ClusterFields(CrModel):
     """Gang restarts after a failure: the whole gang restarts as a new attempt from the last
     complete checkpoint, at most this many times. A configuration error (trainer exit code 2)
     fails the job at once; a pod lost to preemption, eviction or a node drain restarts the gang
-    without counting here (`status.preemptions`)."""
+    without counting here (`status.failures` counts what does, `status.preemptions` the rest)."""
     activeDeadlineSeconds: int | None = Field(None, ge=1)
     """Wall-clock limit for the whole job, across attempts."""
     ttlSecondsAfterFinished: int | None = Field(None, ge=0)
@@ -378,6 +416,9 @@ class ClusterFields(CrModel):
     resumes from the last complete checkpoint."""
     podTemplate: PodTemplate = Field(default_factory=PodTemplate)
     """Additions to the training pods (volumes, labels, sidecars, ...): see PodTemplate."""
+    gang: GangScheduling | None = None
+    """Place the gang all-or-nothing with a gang scheduler (a PodGroup for coscheduling or
+    Volcano); without it, Kueue's admission (quota) is the all-or-nothing step."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -761,9 +802,15 @@ class TrainingJobStatus(StatusModel):
     message: str | None = None
     observedGeneration: int | None = None
     attempts: int | None = None
-    """Gang attempts started so far (1 + restarts)."""
+    """Gang attempts started so far: 1 + restarts (after a failure or a disrupted pod). A Kueue
+    preemption does not start one: the same attempt resumes when Kueue re-admits it."""
+    failures: int | None = None
+    """Attempts that failed (a pod failed on its own): what backoffLimit bounds."""
     preemptions: int | None = None
-    """Restarts caused by preemption, eviction or a node drain (not counted against backoffLimit)."""
+    """Times the job lost its pods to the platform, never counted against backoffLimit: Kueue
+    preempted it (its Workload evicted, reason Preempted: the same attempt resumes when
+    re-admitted) or a pod was preempted, evicted or drained (DisruptionTarget: the gang restarts
+    as the next attempt)."""
     startTime: str | None = None
     completionTime: str | None = None
     jobName: str | None = None
@@ -858,6 +905,7 @@ _TRAINING_COLUMNS = [
     {"name": "Nodes", "type": "integer", "jsonPath": ".spec.nodes", "priority": 1},
     {"name": "GPUs/Node", "type": "integer", "jsonPath": ".spec.gpusPerNode", "priority": 1},
     {"name": "Attempts", "type": "integer", "jsonPath": ".status.attempts", "priority": 1},
+    {"name": "Preemptions", "type": "integer", "jsonPath": ".status.preemptions", "priority": 1},
     {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

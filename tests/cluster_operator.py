@@ -47,6 +47,8 @@ COLLECTIONS = {
     "HorizontalPodAutoscaler": "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
     "PodDisruptionBudget": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
     "ScaledObject": "/apis/keda.sh/v1alpha1/namespaces/{ns}/scaledobjects",
+    "PodGroup": "/apis/scheduling.x-k8s.io/v1alpha1/namespaces/{ns}/podgroups",
+    "VolcanoPodGroup": "/apis/scheduling.volcano.sh/v1beta1/namespaces/{ns}/podgroups",
     "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
     "Service": "/api/v1/namespaces/{ns}/services",
     "Secret": "/api/v1/namespaces/{ns}/secrets",
@@ -443,6 +445,8 @@ class ChartOperator:
     def __init__(self, cluster: Any, chart: list[dict[str, Any]], workdir: Path, release_namespace: str,
                  flags: dict[str, str | None] | None = None, env: dict[str, str] | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
+        self.chart = chart
+        """The chart's objects it runs under (its ClusterRole: what it may call)."""
         account = one(chart, "ServiceAccount")["metadata"]["name"]
         self.service_account = f"system:serviceaccount:{release_namespace}:{account}"
         self.kubeconfig = cluster.service_account_kubeconfig(release_namespace, account)
@@ -508,3 +512,22 @@ class ChartOperator:
         fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
         return ticks / os.sysconf("SC_CLK_TCK"), self._peak_rss
+
+
+def granted_calls(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) of every grant in RBAC `rules`."""
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def audited_calls(cluster: Any, operator: ChartOperator) -> set[tuple[str, str, str]]:
+    """(group, resource[/subresource], verb) of every request the operator process made since it
+    started, from the API server's audit log (kubectl run with its token by a test, `auth can-i`
+    and `whoami`, is left out)."""
+    calls = set()
+    for event in cluster.audit_events(operator.service_account, since=operator.audit_offset):
+        ref = event.get("objectRef")
+        if not ref or event.get("userAgent", "").startswith("kubectl"):
+            continue
+        resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+        calls.add((ref.get("apiGroup", ""), resource, event["verb"]))
+    return calls

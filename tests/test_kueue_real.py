@@ -37,7 +37,16 @@ from tests.cluster.kueue import (
     user_namespaces_work,
 )
 from tests.cluster.sim import COMPLETE_DELAY, GPU, NodePool, SimCluster
-from tests.cluster_operator import ChartOperator, Client, apply_chart, chart_objects, eventually
+from tests.cluster_operator import (
+    ChartOperator,
+    Client,
+    apply_chart,
+    audited_calls,
+    chart_objects,
+    eventually,
+    granted_calls,
+    one,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # the first session builds the binaries
 
@@ -179,6 +188,13 @@ def test_a_16_gpu_cluster_queue_admits_one_2x8_job_and_queues_the_second(
                               timeout=30, what="second's Workload without quota")
         message = condition(workload, "QuotaReserved")["message"]
         assert "insufficient unused quota for nvidia.com/gpu" in message and "16 more needed" in message, message
+        # ... and the FineTuneJob says it too, in Kueue's words (kubectl describe / get -o yaml).
+        second = eventually(lambda: (s := status(admin, namespace, "second")) and
+                            "insufficient unused quota for nvidia.com/gpu" in s.get("message", "") and s,
+                            timeout=30, what="Kueue's reason in second's status")
+        assert f"Kueue: {message}" in second["message"], second
+        assert message in condition({"status": second}, "Running")["message"]
+        assert second["reason"] == "WaitingForAdmission" and not second.get("preemptions"), second
         assert admin.list("Pod", namespace, f"batch.kubernetes.io/job-name={job_name('second')}") == []
         assert len(gpu_pods(admin, namespace, "first")) == 2
         assert condition(workload_of(kueue, namespace, job_name("first")), "Admitted").get("status") == "True"
@@ -198,9 +214,9 @@ def test_a_higher_priority_job_preempts_a_lower_one_which_resumes_the_same_attem
         kueue: Kueue, operator: ChartOperator, admin: Client, sim_cluster: SimCluster, namespace: str) -> None:
     """`low` (experiments) holds the whole 16-GPU quota; `high` (release) arrives: Kueue evicts
     `low` (suspends its Job: the pods get SIGTERM and are deleted), `low` shows Queued,
-    preempted, `attempts` unchanged and nothing in `preemptions` (which counts restarts); `high`
+    preempted, `preemptions` 1 and `attempts` unchanged (no failure, no new attempt); `high`
     runs and completes; Kueue re-admits `low`, whose same Job (attempt 1, same job.yaml, so the
-    same checkpoint location) runs again."""
+    same checkpoint location) runs again, still counted once."""
     pool = sim_cluster.add_gpu_nodes(2, prefix="kp", exclusive=True)
     try:
         queue = queue_for(kueue, sim_cluster.unique("cq"), namespace, gpus=16)
@@ -214,8 +230,8 @@ def test_a_higher_priority_job_preempts_a_lower_one_which_resumes_the_same_attem
         admin.create(ftj("high", pool, queue, runs_for="20s", priority="release"), namespace)
         low = eventually(lambda: (s := status(admin, namespace, "low")).get("phase") == "Queued" and s,
                          timeout=60, what="low preempted (Queued)")
-        assert "preempted by Kueue" in low["message"], low
-        assert low["attempts"] == 1 and not low.get("preemptions"), low  # not a restart: nothing counted
+        assert "preempted by Kueue" in low["message"] and low["reason"] == "PreemptedByKueue", low
+        assert low["attempts"] == 1 and low["preemptions"] == 1 and low["failures"] == 0, low
         evicted = condition(workload_of(kueue, namespace, job_name("low")), "Evicted")
         assert evicted.get("status") == "True" and evicted.get("reason") == "Preempted", evicted
         assert job_of(admin, namespace, "low")["spec"]["suspend"] is True
@@ -227,7 +243,7 @@ def test_a_higher_priority_job_preempts_a_lower_one_which_resumes_the_same_attem
         eventually(lambda: len(gpu_pods(admin, namespace, "low")) == 2 and
                    status(admin, namespace, "low").get("phase") == "Running", timeout=90, what="low re-admitted")
         low = status(admin, namespace, "low")
-        assert low["attempts"] == 1 and not low.get("preemptions"), low
+        assert low["attempts"] == 1 and low["preemptions"] == 1 and low["failures"] == 0, low
         assert job_of(admin, namespace, "low", 2) is None  # no new attempt: the same Job resumed
         resumed = gpu_pods(admin, namespace, "low")
         assert not {p["metadata"]["uid"] for p in resumed} & first_pods  # new pods, same Job
@@ -270,8 +286,28 @@ def test_a_gang_that_cannot_be_fully_placed_holds_no_gpus(
                              what="Kueue evicting the partial gang (waitForPodsReady)")
         assert evicted
         eventually(lambda: gpu_pods(admin, namespace, "gang") == [], timeout=30, what="the bound pod deleted")
-        eventually(lambda: status(admin, namespace, "gang").get("phase") == "Queued", timeout=30,
-                   what="gang Queued again")
-        assert status(admin, namespace, "gang")["attempts"] == 1
+        gang = eventually(lambda: (s := status(admin, namespace, "gang")).get("reason") == "EvictedByKueue" and s,
+                          timeout=30, what="gang Queued again, evicted by Kueue")
+        assert gang["phase"] == "Queued" and "PodsReadyTimeout" in gang["message"], gang
+        assert gang["attempts"] == 1 and not gang.get("preemptions"), gang  # not a preemption
     finally:
         sim_cluster.delete_nodes(pool.nodes)
+
+
+def test_the_operator_calls_only_what_the_chart_grants_kueue_included(
+        request: pytest.FixtureRequest, real_cluster: ControlPlane, operator: ChartOperator) -> None:
+    """The API server's audit log of the operator's ServiceAccount while this module ran: every
+    call is granted by the chart's ClusterRole, and the one grant for Kueue, `list` on
+    kueue.x-k8s.io workloads, is used (tests/test_operator_real.py checks the rest of the grants
+    are all used). Runs last, and only when the whole module ran."""
+    module_tests = {name for name in globals() if name.startswith("test_")}
+    ran = {item.originalname for item in request.session.items if getattr(item, "module", None) is not None
+           and item.module.__name__ == __name__}
+    if ran != module_tests:
+        pytest.skip(f"checks the calls of the whole module's run; not run here: {sorted(module_tests - ran)}")
+    granted = granted_calls(one(operator.chart, "ClusterRole")["rules"])
+    calls = audited_calls(real_cluster, operator)
+    assert calls <= granted, f"called but not granted: {sorted(calls - granted)}"
+    kueue = {c for c in calls if c[0] == "kueue.x-k8s.io"}
+    assert kueue == {("kueue.x-k8s.io", "workloads", "list")}, kueue
+    assert {g for g in granted if g[0] == "kueue.x-k8s.io"} == kueue

@@ -65,8 +65,10 @@ from tests.cluster_operator import (
     FakeKubelet,
     GarbageCollectorProbe,
     apply_chart,
+    audited_calls,
     chart_objects,
     eventually,
+    granted_calls,
     one,
 )
 
@@ -935,6 +937,42 @@ def test_pod_template_reaches_the_real_job_and_a_conflict_is_refused_at_admissio
     kctl("-n", NS, "delete", "ftj", name, "--wait=false")
 
 
+GANG_CRDS = {"coscheduling": REPO / "tests" / "cluster" / "gang" / "scheduling.x-k8s.io_podgroups.yaml",
+             "volcano": REPO / "tests" / "cluster" / "gang" / "scheduling.volcano.sh_podgroups.yaml"}
+
+
+def test_gang_scheduling_creates_the_pod_group_before_the_job(operator: ChartOperator, admin: Client,
+                                                              kctl: Kubectl) -> None:
+    """spec.gang (#20 item 2) for both gang schedulers. Without the scheduler's PodGroup CRD the
+    job waits (Pending, PodGroupNotInstalled) and creates nothing; with the CRD (coscheduling's,
+    from scheduler-plugins; Volcano's, generated from volcano.sh/apis) the operator creates a
+    PodGroup the real API server validates against that schema (minMember = nodes, the gang's
+    GPUs as minResources, owned by the resource), before the Job, whose pods join it (label or
+    annotation) and go to that scheduler. No gang scheduler runs here: the pods stay Pending."""
+    for scheduler, kind, pods_scheduler, joins in (
+            ("coscheduling", "PodGroup", "scheduler-plugins-scheduler", ("labels", "scheduling.x-k8s.io/pod-group")),
+            ("volcano", "VolcanoPodGroup", "volcano", ("annotations", "scheduling.k8s.io/group-name"))):
+        name = f"gang-{scheduler[:4]}"
+        apply(kctl, finetunejob(name, {}, gang={"scheduler": scheduler}))
+        waiting = eventually(lambda name=name: phase_is(admin, "FineTuneJob", name, "Pending",
+                                                        reason="PodGroupNotInstalled"),
+                             what=f"{name} waiting for the {scheduler} CRD")
+        assert "serves no PodGroup" in waiting["status"]["message"] and admin.get("Job", NS, f"{name}-ftj-a1") is None
+        kctl("apply", "--server-side", "-f", str(GANG_CRDS[scheduler]))
+        kctl("wait", "--for=condition=Established", "--timeout=30s", "-f", str(GANG_CRDS[scheduler]))
+        job = eventually(lambda name=name: admin.get("Job", NS, f"{name}-ftj-a1"), timeout=60, what=f"{name}'s Job")
+        group = admin.get(kind, NS, f"{name}-ftj")
+        assert group is not None, f"no {kind} {name}-ftj"
+        cr = admin.get("FineTuneJob", NS, name)
+        assert owned_by(group, cr) and group["spec"]["minMember"] == 2, group
+        assert group["spec"]["minResources"] == {"nvidia.com/gpu": "2"}, group
+        assert group["metadata"]["creationTimestamp"] <= job["metadata"]["creationTimestamp"]
+        pod = job["spec"]["template"]
+        assert pod["spec"]["schedulerName"] == pods_scheduler
+        assert pod["metadata"][joins[0]][joins[1]] == f"{name}-ftj"
+        kctl("-n", NS, "delete", "ftj", name, "--wait=false")
+
+
 KEDA_CRD = REPO / "tests" / "cluster" / "keda" / "keda.sh_scaledobjects.yaml"
 
 
@@ -1118,25 +1156,10 @@ def test_webhook_bounds_echoes_warns_about_literal_secrets_and_judges_every_kind
 STATIC_ONLY = {
     ("batch", "jobs", "get"): "Kube.create() reads the existing Job back after a 409 conflict "
     "(an operator restart mid-reconcile, which tests/test_operator_upgrades.py exercises), operator/kube.py",
+    ("kueue.x-k8s.io", "workloads", "list"): "a queued job's Workload, read only where Kueue runs: "
+    "tests/test_kueue_real.py audits it (test_the_operator_calls_only_what_the_chart_grants_kueue_included)",
 }
 """Granted for a path this module's run may not take."""
-
-
-def _granted(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
-
-
-def audited_calls(cluster: ControlPlane, operator: ChartOperator) -> set[tuple[str, str, str]]:
-    """(group, resource[/subresource], verb) of every request the operator process made since it
-    started (kubectl run with its token by a test, `auth can-i` and `whoami`, is left out)."""
-    calls = set()
-    for event in cluster.audit_events(operator.service_account, since=operator.audit_offset):
-        ref = event.get("objectRef")
-        if not ref or event.get("userAgent", "").startswith("kubectl"):
-            continue
-        resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
-        calls.add((ref.get("apiGroup", ""), resource, event["verb"]))
-    return calls
 
 
 def test_rbac_is_exactly_what_the_operator_called(request: pytest.FixtureRequest, cluster: ControlPlane,
@@ -1150,7 +1173,7 @@ def test_rbac_is_exactly_what_the_operator_called(request: pytest.FixtureRequest
            and item.module.__name__ == __name__}
     if ran != module_tests:
         pytest.skip(f"compares the calls of the whole module's run; not run here: {sorted(module_tests - ran)}")
-    granted = _granted(one(installed, "ClusterRole")["rules"])
+    granted = granted_calls(one(installed, "ClusterRole")["rules"])
     calls = audited_calls(cluster, operator)
     missing = calls - granted
     assert not missing, f"the operator calls these but the chart does not grant them: {sorted(missing)}"
@@ -1165,6 +1188,7 @@ def test_rbac_is_exactly_what_the_operator_called(request: pytest.FixtureRequest
             ("policy", "poddisruptionbudgets", "create"), ("policy", "poddisruptionbudgets", "delete"),
             ("keda.sh", "scaledobjects", "create"), ("keda.sh", "scaledobjects", "patch"),
             ("keda.sh", "scaledobjects", "delete"),
+            ("scheduling.x-k8s.io", "podgroups", "create"), ("scheduling.volcano.sh", "podgroups", "create"),
             ("kopf.dev", "clusterkopfpeerings", "patch")} <= calls, sorted(calls)
     # The operator never reads a Secret: not even metadata (see kubetune.rules in _helpers.tpl).
     assert not {v for g, r, v in granted if (g, r) == ("", "secrets")} - {"create"}

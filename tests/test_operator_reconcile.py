@@ -871,16 +871,89 @@ def test_kueue_admits_a_queued_job_and_the_operator_never_fights_its_suspend() -
     assert preempted.status["phase"] == "Queued" and "preempted by Kueue" in preempted.status["message"]
     assert not preempted.patch and not preempted.create and preempted.status["attempts"] == 1
     assert preempted.status["reason"] == "PreemptedByKueue"
-    # Not a restart: status.preemptions counts restarts (attempts - preemptions = failures).
-    assert not preempted.status.get("preemptions")
+    # Not a restart and not a failure: counted once in preemptions, attempts and failures stay.
+    assert preempted.status["preemptions"] == 1 and preempted.status["failures"] == 0
     TrainingJobStatus.model_validate(preempted.status)
     cr = _apply(cr, preempted)  # the next reconciles keep saying so until Kueue re-admits it
     still = reconcile(cr, _world(first, [_with(job, active=0)]), now=T0)
     assert still.status["reason"] == "PreemptedByKueue" and "preempted by Kueue" in still.status["message"]
-    assert not still.events
+    assert not still.events and still.status["preemptions"] == 1
     cr = _apply(cr, still)
     resumed = reconcile(cr, _world(first, [_with(admitted, active=2, ready=2)]), now=T0)
     assert resumed.status["phase"] == "Running" and resumed.status["attempts"] == 1
+    assert resumed.status["preemptions"] == 1
+
+
+def _workload(job: dict[str, Any], *conditions: dict[str, str]) -> dict[str, Any]:
+    """A Kueue Workload of `job` with these conditions (the shape Kueue v0.17 writes)."""
+    return {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+            "metadata": {"name": f"job-{job['metadata']['name']}-1a2b3", "namespace": "ml",
+                         "ownerReferences": [{"kind": "Job", "name": job["metadata"]["name"], "uid": "job-uid",
+                                              "controller": True}]},
+            "status": {"conditions": [{"lastTransitionTime": "2025-05-01T12:00:00Z", **c} for c in conditions]}}
+
+
+NO_QUOTA = {"type": "QuotaReserved", "status": "False", "reason": "Pending", "message":
+            "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in flavor h100, "
+            "16 more needed"}
+
+
+def test_queued_status_says_why_in_kueues_words_and_counts_its_preemptions() -> None:
+    """#20: while Kueue holds the Job the status message carries its Workload's QuotaReserved
+    message; an eviction with reason Preempted (seen even before the pods ran) counts once in
+    preemptions, never in attempts or failures; a PodsReadyTimeout eviction is EvictedByKueue,
+    not a preemption; and a later failure with backoffLimit 0 still fails the job (a Kueue
+    preemption buys no extra retry)."""
+    cr = _cr(backoffLimit=0)
+    cr["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a"}
+    first = reconcile(cr, Observed(secret_found=True), now=T0)
+    job = _job(first)
+    name = job["metadata"]["name"]
+    cr = _apply(cr, first)
+    world = _world(first, [_with(job, active=0)])
+    world.workloads = {name: _workload(job, NO_QUOTA)}
+    waiting = reconcile(cr, world, now=T0)
+    assert waiting.status["reason"] == "WaitingForAdmission"
+    for text in (waiting.status["message"], next(c for c in waiting.status["conditions"] if c["type"] == "Running")["message"]):
+        assert "queue team-a" in text and "insufficient unused quota for nvidia.com/gpu in flavor h100" in text, text
+    cr = _apply(cr, waiting)
+
+    # Admitted, then preempted before the operator saw a pod run: the Workload says so.
+    evicted = {"type": "Evicted", "status": "True", "reason": "Preempted",
+               "message": "Preempted to accommodate a workload (UID: u, JobUID: j) due to prioritization in the ClusterQueue"}
+    world.workloads = {name: _workload(job, evicted, NO_QUOTA)}
+    preempted = reconcile(cr, world, now=T0)
+    assert preempted.status["reason"] == "PreemptedByKueue" and preempted.status["preemptions"] == 1
+    assert "insufficient unused quota" in preempted.status["message"]
+    assert preempted.status["attempts"] == 1 and preempted.status["failures"] == 0 and not preempted.create
+    cr = _apply(cr, preempted)
+    assert reconcile(cr, world, now=T0).status["preemptions"] == 1  # counted once
+
+    timeout = {"type": "Evicted", "status": "True", "reason": "PodsReadyTimeout",
+               "message": "Exceeded the PodsReady timeout ml/job-x"}
+    world.workloads = {name: _workload(job, timeout)}
+    requeued = reconcile({**cr, "status": {**cr["status"], "phase": "Running", "reason": "Training"}}, world, now=T0)
+    assert requeued.status["reason"] == "EvictedByKueue" and requeued.status["phase"] == "Queued"
+    assert "PodsReadyTimeout: Exceeded the PodsReady timeout" in requeued.status["message"]
+    assert requeued.status["preemptions"] == 1
+
+    failed = {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "pod 0 failed"}]}
+    final = reconcile(cr, Observed(jobs=[_with(job, **failed)], config_map=world.config_map, service=world.service,
+                                   secret_found=True), now=T0)
+    assert final.status["phase"] == "Failed" and final.status["reason"] == "BackoffLimitExceeded"
+    assert final.status["failures"] == 1 and "not counting 1 preemption" in final.status["message"]
+
+
+def test_an_older_operators_status_gets_its_failures_counted() -> None:
+    """Resources started before `status.failures`: attempts - 1 - preemptions (the gang
+    restarts of that operator) becomes `failures`, so backoffLimit keeps its meaning."""
+    cr, first = _start()
+    job3 = {**_job(first), "metadata": {**_job(first)["metadata"], "name": "llama-sft-ftj-a3",
+                                        "annotations": {"kubetune.io/attempt": "3"}}}
+    status = {k: v for k, v in cr["status"].items() if k != "failures"}
+    cr = {**cr, "status": {**status, "attempts": 3, "preemptions": 1, "jobName": "llama-sft-ftj-a3"}}
+    plan = reconcile(cr, _world(first, [_with(job3, active=2)]), now=T0)
+    assert plan.status["failures"] == 1 and plan.status["attempts"] == 3
 
 
 def test_without_a_queue_an_external_suspend_is_undone() -> None:

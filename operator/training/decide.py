@@ -25,7 +25,10 @@ Lifecycle:
   preempted, evicted or drained (DisruptionTarget, podFailurePolicy) -> the gang restarts as the
   next attempt without counting against backoffLimit (status.preemptions);
   otherwise the whole gang restarts as attempt n+1 (a new Job; the trainer resumes from the last
-  complete checkpoint) while attempts <= backoffLimit, else Failed (BackoffLimitExceeded);
+  complete checkpoint) while status.failures <= backoffLimit, else Failed (BackoffLimitExceeded);
+- queued (Kueue's queue-name label): the Job waits suspended, Queued with Kueue's reason from its
+  Workload; a Kueue preemption suspends it (Queued, PreemptedByKueue, status.preemptions + 1,
+  the same attempt resumes when re-admitted);
 - `suspend: true` suspends the Job (pods stop, saving a checkpoint on SIGTERM) -> Suspended;
 - spec.training changed after start -> SpecValid=False (TrainingSpecImmutable) + a Warning
   event; the job keeps training the original spec.
@@ -78,12 +81,15 @@ from kubetune.operator.status import (
     set_condition,
     summary_conditions,
 )
+from kubetune.operator.training.kueue import view as kueue_view
 from kubetune.operator.training.render import (
     DISRUPTION_CONDITION,
+    POD_GROUP_API,
     RenderOptions,
     prepare_job_name,
     render_config_map,
     render_job,
+    render_pod_group,
     render_prepare_job,
     render_service,
     training_hash,
@@ -100,6 +106,9 @@ PREPARING, PREPARED, PREPARE_FAILED = "Preparing", "Prepared", "PrepareFailed"
 INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
 PREEMPTED_BY_KUEUE = "PreemptedByKueue"
 """Reason of a Queued job whose Job Kueue suspended after it ran (it resumes when re-admitted)."""
+EVICTED_BY_KUEUE = "EvictedByKueue"
+"""Reason of a Queued job whose Workload Kueue evicted for another cause than a preemption (e.g.
+PodsReadyTimeout: waitForPodsReady gave up on a gang the nodes could not place)."""
 
 
 @dataclass
@@ -116,6 +125,11 @@ class Observed:
     """baseModelFrom/rewardModelFrom -> the referenced resource, or None when it does not exist."""
     trainer_status: dict[str, Any] | None = None
     """The trainer's status.json, when readable."""
+    workloads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Job name -> Kueue's Workload, for the Jobs Kueue holds suspended (`kueue.py`)."""
+    pod_group_api: bool | None = None
+    """With spec.gang, before the job starts: whether the API server serves its PodGroup kind
+    (discovery); None when not asked."""
 
 
 def job_attempt(job: dict[str, Any]) -> int:
@@ -222,6 +236,9 @@ class _Reconciler(DependencyChecks, StatusDecisions):
         if attempts and max(attempts) > (self.status.get("attempts") or 0):
             self.status["attempts"] = max(attempts)
             self.status["jobName"] = self.names.job(max(attempts))
+        if self.status.get("attempts") and "failures" not in self.status:
+            # Started by an operator without `failures`: its preemptions were all gang restarts.
+            self.status["failures"] = max(0, self.status["attempts"] - 1 - (self.status.get("preemptions") or 0))
         if not self.status.get("trainingHash") and (self.obs.jobs or self.obs.config_map):
             annotations = ((self.obs.config_map or {}).get("metadata") or {}).get("annotations") or {}
             self.status["trainingHash"] = annotations.get(ANNOTATION_TRAINING_HASH) or training_hash(
@@ -237,6 +254,10 @@ class _Reconciler(DependencyChecks, StatusDecisions):
         references = self.resolve_dependencies(spec, training_references(spec), first_waiting_blocks=True)
         if references is None:
             return None
+        if spec.gang is not None and self.obs.pod_group_api is False:
+            api = POD_GROUP_API[spec.gang.scheduler]
+            return self.blocked("PodGroupNotInstalled", f"spec.gang.scheduler is {spec.gang.scheduler}, but the cluster "
+                                f"serves no PodGroup of {api}: install that scheduler (its CRD), or remove spec.gang.")
         self.condition(READY_TO_START, True, "Ready", "dependencies are available")
         return references
 
@@ -265,6 +286,7 @@ class _Reconciler(DependencyChecks, StatusDecisions):
             )
         if self.obs.service is None:
             self.plan.create.append(render_service(self.cr, namespace=self.namespace, options=self.options))
+        self.create_pod_group(spec)
         if self.has_prepare_step(spec):
             self.create_prepare_job(spec)
             return
@@ -353,7 +375,16 @@ class _Reconciler(DependencyChecks, StatusDecisions):
             self.condition(COND_SUSPENDED, False, "Resumed", "spec.suspend is false")
         self.transition(PENDING, PREPARING, f"tokenizing the datasets in Job {name} (no GPUs)")
 
+    def create_pod_group(self, spec: ClusterFields) -> None:
+        """With `spec.gang`, the PodGroup the gang's pods join (created if absent, so the
+        operator asks for it before each attempt's Job, and first thing at the start)."""
+        group = render_pod_group(self.cr, spec, namespace=self.namespace)
+        if group is not None and group not in self.plan.create:
+            self.plan.create.append(group)
+
     def create_job(self, spec: ClusterFields, attempt: int) -> None:
+        """The attempt's Job, after the PodGroup its pods join (`spec.gang`)."""
+        self.create_pod_group(spec)
         self.plan.create.append(
             render_job(
                 self.cr, spec, attempt=attempt, namespace=self.namespace, options=self.options,
@@ -362,6 +393,7 @@ class _Reconciler(DependencyChecks, StatusDecisions):
         )
         self.status["attempts"] = attempt
         self.status["jobName"] = self.names.job(attempt)
+        self.status.setdefault("failures", 0)
 
     def ensure_support_objects(self, spec: ClusterFields, current_hash: str) -> None:
         """Recreate a ConfigMap/Service someone deleted (the ConfigMap only while the training
@@ -481,7 +513,8 @@ class _Reconciler(DependencyChecks, StatusDecisions):
         if reason == "DeadlineExceeded" or (left is not None and left <= 0):
             self.finish(FAILED, "DeadlineExceeded", f"activeDeadlineSeconds ({spec.activeDeadlineSeconds}) exceeded")
             return
-        failures = attempt - (self.status.get("preemptions") or 0)  # disruptions are not failures
+        failures = (self.status.get("failures") or 0) + 1  # disruptions and preemptions are not failures
+        self.status["failures"] = failures
         if failures > spec.backoffLimit:
             self.finish(
                 FAILED,
@@ -503,18 +536,32 @@ class _Reconciler(DependencyChecks, StatusDecisions):
 
     def await_admission(self, job: str) -> None:
         """Kueue decides when a queued Job runs: its suspend flag is Kueue's, never patched here.
-        A Job that ran and is suspended again was preempted by Kueue: its pods saved a checkpoint
-        on SIGTERM, and it resumes from there when re-admitted (same attempt, nothing counted).
-        Reason PreemptedByKueue stays until it runs again, so later reconciles keep saying so."""
+        The status says why it waits in Kueue's own words (its Workload's QuotaReserved or
+        Admitted message). A Job that Kueue evicted was preempted (Evicted reason Preempted; or,
+        without a readable Workload, it was Running): its pods saved a checkpoint on SIGTERM, it
+        resumes from there when re-admitted (the same attempt) and `status.preemptions` counts it
+        once. Another eviction (e.g. waitForPodsReady's PodsReadyTimeout) is EvictedByKueue. The
+        reason stays until the Job runs again, so later reconciles keep saying so."""
         queue = queued(self.cr)
-        phase, reason = self.status.get("phase"), self.status.get("reason")
-        if phase == RUNNING or (phase == QUEUED and reason == PREEMPTED_BY_KUEUE):
+        kueue = kueue_view(self.obs.workloads.get(job))
+        phase, before = self.status.get("phase"), self.status.get("reason")
+        if kueue is not None and kueue.evicted_reason and not kueue.preempted:
+            reason = EVICTED_BY_KUEUE
+            message = (f"Kueue evicted Job {job} ({kueue.evicted_reason}: {kueue.evicted_message}) and requeued it "
+                       f"in queue {queue}; it resumes from its last checkpoint when admitted again")
+        elif (kueue is not None and kueue.preempted) or phase == RUNNING or (phase == QUEUED and before == PREEMPTED_BY_KUEUE):
             reason = PREEMPTED_BY_KUEUE
             message = (f"Job {job} was preempted by Kueue (queue {queue}): its pods saved a checkpoint; it resumes "
                        "from there when Kueue admits it again")
+            if before != PREEMPTED_BY_KUEUE:
+                self.status["preemptions"] = (self.status.get("preemptions") or 0) + 1
         else:
             reason = "WaitingForAdmission"
-            message = f"Job {job} waits for Kueue to admit it (queue {queue}): quota, priority and fair sharing decide"
+            message = f"Job {job} waits for Kueue to admit it (queue {queue})"
+            if not (kueue and kueue.waiting):
+                message += ": quota, priority and fair sharing decide"
+        if kueue is not None and kueue.waiting:
+            message += f". Kueue: {kueue.waiting}"
         self.condition(COND_RUNNING, False, QUEUED, message)
         self.transition(QUEUED, reason, message)
 

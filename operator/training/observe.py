@@ -1,6 +1,6 @@
 """What exists around a FineTuneJob/AlignmentJob: its Jobs (every attempt), ConfigMap and
-Service, the S3 Secret and the referenced jobs before it starts, the trainer's status.json while
-it runs. The only reads of the training loop; `decide.py` turns them into a plan."""
+Service, the S3 Secret and the referenced jobs before it starts, Kueue's Workload of a Job that
+Kueue holds (`kueue.py`), the trainer's status.json while it runs. The only reads of the training loop; `decide.py` turns them into a plan."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from kubetune.operator.references import observe_references, observe_secret, tra
 from kubetune.operator.resources import TERMINAL_PHASES
 from kubetune.operator.status import read_trainer_status
 from kubetune.operator.training.decide import Observed, needs_trainer_status
-from kubetune.operator.training.render import RenderOptions
+from kubetune.operator.training.kueue import observe_workloads
+from kubetune.operator.training.render import POD_GROUP_API, RenderOptions
 from kubetune.operator.validation import validate_resource
 from kubetune.trainer.api.errors import SpecErrors
 
@@ -42,6 +43,7 @@ def observe(kube: Any, cr: dict[str, Any], options: RenderOptions | None = None)
         jobs=jobs,
         config_map=kube.get("ConfigMap", namespace, names.config_map),
         service=kube.get("Service", namespace, names.service),
+        workloads=observe_workloads(kube, cr, jobs),
     )
     started = bool(status.get("trainingHash")) or bool(jobs)
     if not started and status.get("phase") not in TERMINAL_PHASES:
@@ -54,6 +56,8 @@ def observe(kube: Any, cr: dict[str, Any], options: RenderOptions | None = None)
             defaults = (options or RenderOptions()).storage_defaults
             observed.secret_found = observe_secret(kube, namespace, spec, defaults)
             observed.references = observe_references(kube, namespace, training_references(spec))
+            if spec.gang is not None:  # discovery: no RBAC grant
+                observed.pod_group_api = kube.serves(POD_GROUP_API[spec.gang.scheduler], "podgroups")
     location = needs_trainer_status(cr)
     if location:
         observed.trainer_status = read_trainer_status(location, storage_settings(cr, (options or RenderOptions()).storage_defaults))

@@ -56,6 +56,12 @@ CONFIG_ERROR_EXIT_CODE = 2
 fails at once instead of restarting a gang that cannot succeed."""
 RUN_AS_USER = 1000
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+POD_GROUP_API = {"coscheduling": "scheduling.x-k8s.io/v1alpha1", "volcano": "scheduling.volcano.sh/v1beta1"}
+"""The PodGroup each gang scheduler reads (`spec.gang.scheduler`)."""
+COSCHEDULING_POD_LABEL = "scheduling.x-k8s.io/pod-group"
+"""The pod label naming its PodGroup for the coscheduling plugin (scheduler-plugins v0.28+)."""
+VOLCANO_POD_ANNOTATION = "scheduling.k8s.io/group-name"
+"""The pod annotation naming its PodGroup for Volcano."""
 
 
 @dataclass(frozen=True)
@@ -297,6 +303,7 @@ def render_job(
         **_fail_fast_template(CONTAINER, pod_labels, pod_spec),
         "suspend": _suspend(cr, spec, suspend),
     }
+    _join_gang(job_spec["template"], spec, names.base)
     job_spec["template"] = customized(job_spec["template"], spec, options.platform_defaults, CONTAINER)
     deadline = active_deadline_seconds if active_deadline_seconds is not None else spec.activeDeadlineSeconds
     if deadline is not None:
@@ -307,6 +314,41 @@ def render_job(
     meta["labels"][LABEL_ATTEMPT] = str(attempt)
     meta["annotations"] = {ANNOTATION_ATTEMPT: str(attempt)}
     return with_propagated(cr, {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec})
+
+
+def render_pod_group(cr: dict[str, Any], spec: ClusterFields, *, namespace: str | None = None) -> dict[str, Any] | None:
+    """With `spec.gang`: the PodGroup the gang scheduler places all-or-nothing: `nodes` pods
+    (minMember) and the gang's GPUs (minResources), owned by the resource (collected with it).
+    One for the resource, not per attempt: an attempt's pods are gone before the next one's
+    exist, and the operator creates it (if absent) before each attempt's Job."""
+    gang = spec.gang
+    if gang is None:
+        return None
+    group: dict[str, Any] = {"minMember": spec.nodes}
+    if spec.gpusPerNode > 0:
+        group["minResources"] = {spec.gpuResource: str(spec.nodes * spec.gpusPerNode)}
+    if gang.scheduleTimeoutSeconds is not None:
+        group["scheduleTimeoutSeconds"] = gang.scheduleTimeoutSeconds
+    if gang.queue is not None:
+        group["queue"] = gang.queue
+    if gang.scheduler == "volcano" and spec.priorityClassName:
+        group["priorityClassName"] = spec.priorityClassName
+    name = child_names(cr["kind"], cr["metadata"]["name"]).base
+    return {"apiVersion": POD_GROUP_API[gang.scheduler], "kind": "PodGroup",
+            "metadata": _meta(cr, name, "podgroup", _namespace(cr, namespace)), "spec": group}
+
+
+def _join_gang(template: dict[str, Any], spec: ClusterFields, group: str) -> None:
+    """The training pods join the PodGroup `group` and go to the gang scheduler. Set before the
+    podTemplate is applied, so an override's other schedulerName is refused at admission."""
+    if spec.gang is None:
+        return
+    template["spec"]["schedulerName"] = spec.gang.pods_scheduler
+    meta = template["metadata"]
+    if spec.gang.scheduler == "coscheduling":
+        meta["labels"] = {**meta.get("labels", {}), COSCHEDULING_POD_LABEL: group}
+    else:
+        meta["annotations"] = {**meta.get("annotations", {}), VOLCANO_POD_ANNOTATION: group}
 
 
 def _suspend(cr: dict[str, Any], spec: ClusterFields, suspend: bool | None) -> bool:
@@ -391,11 +433,14 @@ def render_training(
     references: dict[str, str] | None = None,
     active_deadline_seconds: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Every child of a training resource for one attempt: ConfigMap, Service, Job."""
+    """Every child of a training resource for one attempt: ConfigMap, Service, the PodGroup
+    (with `spec.gang`), Job."""
     spec = validate_spec(cr["kind"], cr.get("spec"))
+    group = render_pod_group(cr, spec, namespace=namespace)
     return [
         render_config_map(cr, spec, namespace=namespace, references=references),
         render_service(cr, namespace=namespace, options=options),
+        *([group] if group else []),
         render_job(
             cr, spec, attempt=attempt, namespace=namespace, options=options,
             active_deadline_seconds=active_deadline_seconds,

@@ -88,6 +88,12 @@ run of the operator and with the calls in operator/handlers.py, kube.py and serv
 - KEDA ScaledObjects (InferenceService with minReplicas 0): get, create, patch, delete (minReplicas
   above 0 again); whether KEDA is installed is a discovery request (GET /apis/keda.sh/v1alpha1),
   which needs no grant;
+- Kueue Workloads: list only, for a queued job whose Job Kueue holds suspended: the Workload
+  owned by that Job (Kueue's kueue.x-k8s.io/job-uid label selects it) says why it waits and
+  whether it was preempted (operator/training/kueue.py); no watch, the timer re-reads it;
+- PodGroups (a training job with spec.gang: coscheduling's scheduling.x-k8s.io or Volcano's
+  scheduling.volcano.sh): create only, before each attempt's Job; AlreadyExists is fine and
+  nothing is read back. Whether the CRD is installed is a discovery request (no grant);
 - ConfigMaps: get, create (the resolved spec, the adapters set), patch (an InferenceService's
   adapters change); Services: get, create, patch (the headless training Service, the
   InferenceService's Service);
@@ -123,6 +129,12 @@ garbage collector removes them with their resource.
 - apiGroups: [keda.sh]
   resources: [scaledobjects]
   verbs: [get, create, patch, delete]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list]
+- apiGroups: [scheduling.x-k8s.io, scheduling.volcano.sh]
+  resources: [podgroups]
+  verbs: [create]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, patch]
