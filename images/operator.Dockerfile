@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1.7
-# The operator image: `kubetune operator` (kopf). Slim: the operator never imports torch or
-# transformers (tests/test_images.py imports it with them blocked), so kubetune is installed
-# without its training dependencies, plus exactly what the operator imports. Build from the
+# The operator image: `kubetune operator` (kopf), and `kubetune console` (the chart's
+# console.enabled). Slim: neither imports torch or transformers (tests/test_images.py imports
+# them with those blocked), so kubetune is installed without its training dependencies, plus
+# exactly what the operator and the console import. Build from the
 # repository root:
 #   docker build -f images/operator.Dockerfile -t ghcr.io/kubetune/kubetune-operator:0.1.0 .
 ARG PYTHON_VERSION=3.12
@@ -13,6 +14,9 @@ ARG PYYAML_VERSION=6.0.3
 ARG BOTO3_VERSION=1.44.5
 ARG NUMPY_VERSION=2.4.6
 ARG TQDM_VERSION=4.70.1
+ARG FASTAPI_VERSION=0.165.0
+ARG UVICORN_VERSION=0.55.0
+ARG JINJA2_VERSION=3.1.6
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/kubetune
 ENV PATH=/opt/kubetune/bin:$PATH
@@ -26,8 +30,9 @@ RUN pip install -c /src/images/constraints.txt --no-deps /src \
     && pip install -c /src/images/constraints.txt "kopf==${KOPF_VERSION}" "kubernetes==${KUBERNETES_VERSION}" \
         "pydantic==${PYDANTIC_VERSION}" "pyyaml==${PYYAML_VERSION}" "boto3==${BOTO3_VERSION}" \
         "numpy==${NUMPY_VERSION}" "tqdm==${TQDM_VERSION}" \
-    && python -c "import kubetune.operator.handlers" \
-    && kubetune operator --help >/dev/null
+        "fastapi==${FASTAPI_VERSION}" "uvicorn==${UVICORN_VERSION}" "jinja2==${JINJA2_VERSION}" \
+    && python -c "import kubetune.operator.handlers, kubetune.operator.console.app" \
+    && kubetune operator --help >/dev/null && kubetune console --help >/dev/null
 
 FROM python:${PYTHON_VERSION}-slim
 RUN groupadd --gid 1000 kubetune && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp kubetune

@@ -366,6 +366,9 @@ def test_webhook_path_is_the_operators_handler_id() -> None:
         ({"serving": {"hostPathCacheRoot": "/var/lib/kubelet/pods"}}, "hostPathCacheRoot"),
         ({"serving": {"hostPathCacheRoot": "/var/lib/../../etc"}}, "hostPathCacheRoot"),
         ({"serving": {"hostPathCacheRoot": "cache"}}, "hostPathCacheRoot"),
+        ({"console": {"enabled": "yes"}}, "enabled"),
+        ({"console": {"impersonation": {"userHeader": "X User: admin"}}}, "userHeader"),
+        ({"console": {"service": {"type": "Ingress"}}}, "type"),
     ],
 )
 def test_schema_refuses_wrong_values(values: dict[str, Any], field: str, tmp_path: Path) -> None:
@@ -534,6 +537,91 @@ def test_namespaced_rbac_has_the_same_rules(renders: dict[str, dict[str, Any]], 
     for role in by_kind(renders["namespaced-values.yaml"]["objects"], "Role"):
         namespaced = _granted(role["rules"])
         assert namespaced == {(g, "kopfpeerings" if r == "clusterkopfpeerings" else r, v) for g, r, v in cluster_rules}
+
+
+# --------------------------------------------------------------------------------------------
+# the console (console.enabled): its own Deployment, Service, ServiceAccount and RBAC
+
+CONSOLE_COMPONENT = "console"
+AUTH_PROXY = {"image": "quay.io/oauth2-proxy/oauth2-proxy:v7.9.0",
+              "args": ["--upstream=http://127.0.0.1:8090", "--http-address=0.0.0.0:4180", "--pass-user-headers"]}
+
+
+def console_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objects if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == CONSOLE_COMPONENT]
+
+
+def _console_container(objects: list[dict[str, Any]], name: str = "console") -> dict[str, Any]:
+    pod = one(console_objects(objects), "Deployment")["spec"]["template"]["spec"]
+    return next(c for c in pod["containers"] if c["name"] == name)
+
+
+@pytest.fixture(scope="module")
+def with_console(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return installed({"console": {"enabled": True, "namespace": "team-a"}}, tmp_path_factory.mktemp("console"))
+
+
+def test_console_renders_restricted_with_a_token_and_exactly_its_rbac(with_console: dict[str, Any]) -> None:
+    objects = with_console["objects"]
+    mine = console_objects(objects)
+    assert sorted(o["kind"] for o in mine) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Secret", "Service",
+                                               "ServiceAccount"]
+    for obj in mine:
+        _validate(obj)
+    deploy = one(mine, "Deployment")
+    pod = deploy["spec"]["template"]
+    # Its pods are not the operator's: neither Deployment's selector selects the other's pods.
+    operator = next(d for d in by_kind(objects, "Deployment") if d not in mine)
+    for selector, labels in ((operator["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"]),
+                             (deploy["spec"]["selector"]["matchLabels"], operator["spec"]["template"]["metadata"]["labels"])):
+        assert not selector.items() <= labels.items()
+    container = _console_container(objects)
+    parsed = _parse(container["args"])
+    assert parsed.func.__name__ == "cmd_console" and parsed.in_cluster and parsed.no_local_runs
+    assert (parsed.host, parsed.port, parsed.namespace, parsed.impersonate_user_header) == ("0.0.0.0", 8090, "team-a", None)
+    assert container["image"] == "ghcr.io/kubetune/kubetune-operator:0.1.0"
+    # Off loopback the console needs its token: from the chart's Secret (random, 40 characters).
+    (token,) = [e for e in container["env"] if e["name"] == "KUBETUNE_CONSOLE_TOKEN"]
+    secret = one(mine, "Secret")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "token"}
+    assert len(base64.b64decode(secret["data"]["token"])) == 40
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # Restricted pod security (checked by the real API server's PodSecurity admission in
+    # tests/test_console_cluster.py): non-root, seccomp, no privilege escalation, no capabilities.
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["spec"]["serviceAccountName"] == one(mine, "ServiceAccount")["metadata"]["name"]
+    assert one(mine, "Service")["spec"]["ports"][0]["targetPort"] == "http"
+    assert _granted(one(mine, "ClusterRole")["rules"]) == {
+        ("kubetune.io", r, v) for r in ("finetunejobs", "alignmentjobs", "inferenceservices") for v in ("get", "list", "create")
+    } | {("", "events", "list"), ("", "pods", "list"), ("", "pods/log", "get")}
+    binding = one(mine, "ClusterRoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": one(mine, "ServiceAccount")["metadata"]["name"],
+                                    "namespace": RELEASE_NAMESPACE}]
+
+
+def test_console_impersonation_needs_its_proxy_and_grants_only_impersonate(tmp_path: Path) -> None:
+    (tmp_path / "proxied").mkdir()
+    refused = helm_install({"console": {"enabled": True, "impersonation": {"enabled": True}}}, tmp_path)
+    assert "needs console.impersonation.proxy" in refused.get("error", ""), refused
+    objects = installed({"console": {"enabled": True, "impersonation": {"enabled": True, "proxy": AUTH_PROXY}}},
+                        tmp_path / "proxied")["objects"]
+    mine = console_objects(objects)
+    for obj in mine:
+        _validate(obj)
+    assert not by_kind(mine, "Secret")  # no token: only the proxy reaches the console
+    parsed = _parse(_console_container(objects)["args"])
+    assert parsed.host == "127.0.0.1" and parsed.impersonate_user_header == "X-Forwarded-User"
+    assert parsed.impersonate_groups_header == "X-Forwarded-Groups"
+    assert _granted(one(mine, "ClusterRole")["rules"]) == {("", "users", "impersonate"), ("", "groups", "impersonate")}
+    proxy = _console_container(objects, "auth-proxy")
+    assert proxy["ports"] == [{"name": "proxy", "containerPort": 4180, "protocol": "TCP"}]
+    assert proxy["args"] == AUTH_PROXY["args"] and proxy["securityContext"]["runAsNonRoot"] is True
+    assert one(mine, "Service")["spec"]["ports"][0]["targetPort"] == "proxy"
+    probe = _console_container(objects)["readinessProbe"]["exec"]["command"]
+    assert probe[:2] == ["python", "-c"] and "127.0.0.1:8090/healthz" in probe[2]
 
 
 if __name__ == "__main__":  # one `helm install` into the emulator (see helm_install)

@@ -75,3 +75,206 @@ def test_apply_from_the_form_then_list_and_status(cluster_console, kubectl: Kube
     assert page.locator("#phase").inner_text() == "Running"
     assert "step 3 of 10" in page.inner_text("main")
     _shot(page, "resource")
+
+
+# ---------------------------------------------------------------- the chart's console (console.enabled)
+
+RELEASE_NS = "kubetune"
+RESTRICTED_NS = "kt-console-restricted"
+
+
+def _token_get(url: str, token: str | None = None, headers: dict[str, str] | None = None,
+               body: dict[str, str] | None = None) -> tuple[int, str]:
+    """One request to the console, as a browser's htmx would send it."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    data = urllib.parse.urlencode(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={
+        **({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {}),
+        **({"Content-Type": "application/x-www-form-urlencoded"} if data else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _chart_console(values: dict, tmp: Path, suffix: str = "") -> list[dict]:
+    """The console's objects as the real Helm engine renders them (tests/test_chart.py), renamed
+    with `suffix` so two variants' RBAC can live side by side."""
+    from tests.cluster_operator import chart_objects
+    from tests.test_chart import console_objects
+
+    objects = console_objects(chart_objects({"console": {"enabled": True, "namespace": NAMESPACE, **values}}, tmp))
+    for obj in objects:
+        obj["metadata"]["name"] += suffix
+        if obj["kind"] == "ClusterRoleBinding":
+            obj["roleRef"]["name"] += suffix
+            obj["subjects"][0]["name"] += suffix
+        if obj["kind"] == "Deployment":
+            obj["spec"]["template"]["spec"]["serviceAccountName"] += suffix
+    return objects
+
+
+def _one(objects: list[dict], kind: str) -> dict:
+    (found,) = [o for o in objects if o["kind"] == kind]
+    return found
+
+
+def _start_chart_console(objects: list[dict], real_cluster: ControlPlane, tmp: Path, env: dict[str, str]):
+    """`kubetune console` with the chart Deployment's arguments, as the chart's ServiceAccount
+    (a real token), on a loopback port of this machine instead of the pod's."""
+    import os
+
+    from tests.cluster_operator import local_operator_command
+
+    account = _one(objects, "ServiceAccount")["metadata"]["name"]
+    kubeconfig = real_cluster.service_account_kubeconfig(RELEASE_NS, account)
+    container = _one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    port = _free_port()
+    argv = local_operator_command(container["args"], {"--in-cluster": None, "--kubeconfig": str(kubeconfig),
+                                                      "--host": "127.0.0.1", "--port": str(port)})
+    os.environ.update(env)  # read by the child only (KUBETUNE_CONSOLE_TOKEN)
+    try:
+        process = _start(argv, f"http://127.0.0.1:{port}/healthz", tmp / "console.log")
+    finally:
+        for key in env:
+            os.environ.pop(key, None)
+    return process, f"http://127.0.0.1:{port}", f"system:serviceaccount:{RELEASE_NS}:{account}"
+
+
+def _apply_rbac(kubectl: Kubectl, objects: list[dict]) -> None:
+    import yaml
+
+    kubectl("create", "namespace", RELEASE_NS, check=False)
+    rbac = [o for o in objects if o["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")]
+    kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(rbac))
+
+
+def _form(name: str) -> dict[str, str]:
+    import yaml
+
+    from kubetune.operator.console import form
+
+    document = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    values = form.document_to_form(document)
+    values.update({"name": name, "data.datasets[0].path": "s3://demo/a.json", "output.path": f"s3://demo/{name}",
+                   "_namespace": NAMESPACE, "_nodes": "1", "_gpusPerNode": "1"})
+    return values
+
+
+def _inference_form(name: str) -> dict[str, str]:
+    return {"_kind": "InferenceService", "_name": name, "_namespace": NAMESPACE, "model.uri": "s3://demo/model",
+            "model.name": "demo", "engine": "transformers", "gpus": "0"}
+
+
+def _calls(real_cluster: ControlPlane, user: str, since: int) -> list[dict]:
+    return [e for e in real_cluster.audit_events(user, since=since)
+            if e.get("stage") == "ResponseComplete" and e.get("objectRef")]
+
+
+def test_the_charts_console_pods_pass_restricted_pod_security(cluster_console, kubectl: Kubectl,
+                                                               tmp_path: Path) -> None:
+    """The API server's own PodSecurity admission at `restricted` admits the console's pod, with
+    and without the auth proxy sidecar (and refuses a root pod, so the check is live)."""
+    import yaml
+
+    from tests.test_chart import AUTH_PROXY
+
+    kubectl("create", "namespace", RESTRICTED_NS, check=False)
+    kubectl("label", "--overwrite", "namespace", RESTRICTED_NS, "pod-security.kubernetes.io/enforce=restricted")
+    kubectl("-n", RESTRICTED_NS, "create", "serviceaccount", "kubetune-console", check=False)
+    variants = {"token": {}, "proxy": {"impersonation": {"enabled": True, "proxy": AUTH_PROXY}}}
+    for variant, values in variants.items():
+        (tmp_path / variant).mkdir()
+        template = _one(_chart_console(values, tmp_path / variant), "Deployment")["spec"]["template"]
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"console-{variant}", "namespace": RESTRICTED_NS},
+               "spec": template["spec"]}
+        result = kubectl("create", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(pod), check=False)
+        assert result.returncode == 0, f"{variant}: {result.stderr}"
+        root = {**pod, "spec": {**pod["spec"], "securityContext": {"runAsUser": 0}}}
+        refused = kubectl("create", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(root), check=False)
+        assert refused.returncode != 0 and "restricted" in refused.stderr
+
+
+def test_the_charts_console_rbac_is_exactly_what_it_calls(cluster_console, real_cluster: ControlPlane,
+                                                          kubectl: Kubectl, tmp_path: Path) -> None:
+    """The chart's console as its own ServiceAccount through every page that reaches the API
+    server: Jobs (all namespaces and one), Apply, a resource's page with its events and its pod's
+    log. Every call the real API server audited is granted, without a 403, and every grant is used."""
+    from kubetune.operator.common import selector_labels
+    from tests.test_chart import _granted
+
+    objects = _chart_console({}, tmp_path)
+    _apply_rbac(kubectl, objects)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "rbac-job-pod", "namespace": NAMESPACE,
+           "labels": selector_labels("FineTuneJob", "rbac-job")},
+           "spec": {"containers": [{"name": "trainer", "image": "trainer:x"}]}}
+    kubectl("apply", "-f", "-", stdin=json.dumps(pod))
+    since = real_cluster.audit_offset()
+    process, url, user = _start_chart_console(objects, real_cluster, tmp_path, {"KUBETUNE_CONSOLE_TOKEN": "t0ken"})
+    try:
+        assert _token_get(f"{url}/jobs")[0] == 401
+        assert _token_get(f"{url}/jobs", "t0ken")[0] == 200
+        assert _token_get(f"{url}/jobs?namespace={NAMESPACE}", "t0ken")[0] == 200
+        status, body = _token_get(f"{url}/launch/apply", "t0ken", body=_form("rbac-job"))
+        assert status == 204, body
+        status, page = _token_get(f"{url}/cluster/{NAMESPACE}/FineTuneJob/rbac-job", "t0ken")
+        assert status == 200 and "rbac-job-pod" in page
+        dpo = {**_form("rbac-dpo"), "stage": "dpo", "data.datasets[0].format": "preference"}
+        assert _token_get(f"{url}/launch/apply", "t0ken", body=dpo)[0] == 204
+        assert _token_get(f"{url}/cluster/{NAMESPACE}/AlignmentJob/rbac-dpo", "t0ken")[0] == 200
+        status, body = _token_get(f"{url}/launch/apply", "t0ken", body=_inference_form("rbac-serve"))
+        assert status == 204, body
+        assert _token_get(f"{url}/cluster/{NAMESPACE}/InferenceService/rbac-serve", "t0ken")[0] == 200
+        assert 'id="run-button"' not in _token_get(f"{url}/launch", "t0ken")[1]  # --no-local-runs
+    finally:
+        process.terminate()
+        process.wait(30)
+    calls = _calls(real_cluster, user, since)
+    assert not [e for e in calls if e["responseStatus"]["code"] == 403], "the console was refused a call"
+    made = {(e["objectRef"].get("apiGroup", ""), e["objectRef"]["resource"]
+             + (f"/{e['objectRef']['subresource']}" if e["objectRef"].get("subresource") else ""), e["verb"]) for e in calls}
+    assert made == _granted(_one(objects, "ClusterRole")["rules"]), sorted(made)
+
+
+def test_the_charts_console_acts_as_the_proxys_user(cluster_console, real_cluster: ControlPlane, kubectl: Kubectl,
+                                                    tmp_path: Path) -> None:
+    """With impersonation the console's ServiceAccount may only impersonate: alice, bound to a
+    Role in one namespace, applies there and sees its jobs; bob may not; no user header, no answer.
+    The API server's audit log shows each call made as the user, in the groups the proxy named."""
+    from tests.test_chart import AUTH_PROXY
+
+    objects = _chart_console({"impersonation": {"enabled": True, "proxy": AUTH_PROXY}}, tmp_path, "-imp")
+    _apply_rbac(kubectl, objects)
+    kubectl("-n", NAMESPACE, "create", "role", "ml-engineer", "--verb=get,list,create",
+            "--resource=finetunejobs.kubetune.io,alignmentjobs.kubetune.io,inferenceservices.kubetune.io")
+    kubectl("-n", NAMESPACE, "create", "rolebinding", "ml-engineers", "--role=ml-engineer", "--group=ml-team")
+    since = real_cluster.audit_offset()
+    process, url, user = _start_chart_console(objects, real_cluster, tmp_path, {})
+    alice = {"X-Forwarded-User": "alice", "X-Forwarded-Groups": "ml-team, other"}
+    try:
+        assert _token_get(f"{url}/jobs")[0] == 401  # the proxy named nobody
+        status, body = _token_get(f"{url}/launch/apply", headers=alice, body=_form("alice-job"))
+        assert status == 204, body
+        status, page = _token_get(f"{url}/jobs?namespace={NAMESPACE}", headers=alice)
+        assert status == 200 and 'data-name="alice-job"' in page and '">alice</span>' in page
+        status, page = _token_get(f"{url}/jobs", headers=alice)  # all namespaces: not alice's to list
+        assert status == 200 and "forbidden" in page.lower()
+        status, body = _token_get(f"{url}/launch/apply", headers={"X-Forwarded-User": "bob"}, body=_form("bob-job"))
+        assert status == 200 and "bob" in body and "cannot create" in body
+    finally:
+        process.terminate()
+        process.wait(30)
+    created = json.loads(kubectl("-n", NAMESPACE, "get", "finetunejob", "alice-job", "-o", "json").stdout)
+    assert created["spec"]["training"]["output"]["path"] == "s3://demo/alice-job"
+    assert kubectl("-n", NAMESPACE, "get", "finetunejob", "bob-job", check=False).returncode != 0
+    calls = _calls(real_cluster, user, since)
+    assert calls and all("impersonatedUser" in e for e in calls), calls
+    creates = [e for e in calls if e["verb"] == "create" and e["objectRef"]["resource"] == "finetunejobs"]
+    by_user = {e["impersonatedUser"]["username"]: e for e in creates}
+    assert set(by_user) == {"alice", "bob"}
+    assert by_user["alice"]["responseStatus"]["code"] == 201 and by_user["bob"]["responseStatus"]["code"] == 403
+    assert {"ml-team", "other"} <= set(by_user["alice"]["impersonatedUser"]["groups"])

@@ -35,6 +35,7 @@ class FakeCluster:
         self.created: list[tuple[dict[str, Any], str]] = []
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.fail = fail
+        self.users: list[tuple[str, tuple[str, ...]]] = []
 
     def rows(self, namespace: str | None = None):
         if self.fail:
@@ -49,6 +50,10 @@ class FakeCluster:
 
     def pod_logs(self, namespace: str, kind: str, name: str) -> dict[str, str]:
         return {f"{name}-0": "step 1 loss 2.0"}
+
+    def as_user(self, user: str, groups: tuple[str, ...] = ()) -> FakeCluster:
+        self.users.append((user, groups))
+        return self
 
     def create(self, manifest: dict[str, Any], namespace: str) -> dict[str, Any]:
         if self.fail:
@@ -354,3 +359,72 @@ def test_playground_refuses_non_http_endpoints_and_reports_unreachable_ones(clie
         assert client.get("/playground/models", params={"endpoint": endpoint}).text == '<option value="">(ValueError)</option>'
     unreachable = _post(client, "/playground/chat", {"endpoint": "http://127.0.0.1:9", "message": "hi"})
     assert unreachable.status_code == 200 and unreachable.text.startswith("[error: cannot reach")
+
+
+# ---------------------------------------------------------------- more than one dataset, InferenceService
+
+
+def test_a_list_grows_by_the_add_button_and_from_yaml(client: TestClient) -> None:
+    values = _quickstart_form()
+    grown = _post(client, "/launch/add", {**values, "_add": "data.datasets"})
+    assert grown.status_code == 200
+    assert 'id="f-data-datasets-1-path"' in grown.text and 'id="f-data-datasets-2-path"' not in grown.text
+    two = _post(client, "/launch/check", {**values, "data.datasets[1].path": "examples/data/demo_alpaca.json",
+                                          "data.datasets[1].weight": "2"})
+    assert "weight: 2" in two.text and two.text.count("- path: examples/data/demo_alpaca.json") == 2
+    text = (REPO / "examples" / "quickstart.yaml").read_text().replace(
+        "      format: alpaca\n", "      format: alpaca\n    - path: b.jsonl\n    - path: c.jsonl\n")
+    from_yaml = _post(client, "/launch/yaml", {"_yaml": text})
+    assert 'name="data.datasets[2].path" value="c.jsonl"' in from_yaml.text
+
+
+def test_an_inferenceservice_from_its_own_schema_checked_and_applied(tmp_path: Path) -> None:
+    cluster = FakeCluster()
+    with _client(tmp_path, cluster=cluster) as c:
+        page = c.get("/launch", params={"kind": "InferenceService"})
+        assert page.status_code == 200
+        assert 'id="f-model-uri"' in page.text and 'id="f-minReplicas"' in page.text and 'id="f-adapters-0-name"' in page.text
+        assert 'id="f-train-learningRate"' not in page.text and 'id="run-button"' not in page.text
+        values = {"_kind": "InferenceService", "_name": "Chat Bot", "model.uri": "s3://m/base", "model.name": "chat",
+                  "engine": "transformers", "gpus": "-1", "adapters[0].name": "sft", "adapters[0].uri": "s3://m/sft"}
+        bad = _post(c, "/launch/check", values)
+        assert "greater than or equal to 0" in bad.text.split('id="err-gpus"', 1)[1].split("</p>", 1)[0]
+        assert _post(c, "/launch/run", {**values, "gpus": "0"}).status_code == 404  # nothing local to run
+        applied = _post(c, "/launch/apply", {**values, "gpus": "0"})
+        assert applied.status_code == 204 and applied.headers["hx-redirect"] == "/cluster/default/InferenceService/chat-bot"
+        (manifest, _), = cluster.created
+        assert manifest["kind"] == "InferenceService" and manifest["metadata"]["name"] == "chat-bot"
+        assert manifest["spec"] == {"model": {"uri": "s3://m/base", "name": "chat"}, "engine": "transformers",
+                                    "gpus": 0, "adapters": [{"uri": "s3://m/sft", "name": "sft"}]}
+        as_yaml = _post(c, "/launch/yaml", {"_kind": "InferenceService", "_name": "x",
+                                             "_yaml": (REPO / "examples" / "inferenceservice.yaml").read_text()})
+        assert 'value="support-assistant-sft"' in as_yaml.text  # a manifest's spec fills the form
+
+
+# ---------------------------------------------------------------- a console in a pod: health, cluster only, impersonation
+
+
+def test_health_needs_no_token_and_no_local_runs_means_none(tmp_path: Path) -> None:
+    with _client(tmp_path, token="s3cret", local_runs=False, cluster=FakeCluster()) as c:
+        health = c.get("/healthz")
+        assert health.status_code == 200 and health.text == "ok"
+        auth = {"Authorization": "Bearer s3cret"}
+        assert 'id="run-button"' not in c.get("/launch", headers=auth).text
+        assert _post(c, "/launch/run", _quickstart_form(), **auth).status_code == 404
+        assert c.get("/runs/anything", headers=auth).status_code == 400
+        assert 'href="/compare"' not in c.get("/jobs", headers=auth).text
+    assert not (tmp_path / "runs").exists()  # a read-only pod: nothing written
+
+
+def test_impersonation_takes_the_user_from_the_proxys_header_or_refuses(tmp_path: Path) -> None:
+    cluster = FakeCluster()
+    with _client(tmp_path, cluster=cluster, user_header="X-Forwarded-User") as c:
+        refused = c.get("/jobs")
+        assert refused.status_code == 401 and "X-Forwarded-User" in refused.json()["detail"]
+        assert c.get("/healthz").status_code == 200 and c.get("/static/console.css").status_code == 200
+        page = c.get("/jobs", headers={"X-Forwarded-User": "alice", "X-Forwarded-Groups": "ml-team, ,admins"})
+        assert page.status_code == 200 and 'id="user"' in page.text and ">alice<" in page.text
+        assert cluster.users == [("alice", ("ml-team", "admins"))]
+        values = {**_quickstart_form(), "data.datasets[0].path": "s3://d/a.json", "output.path": "s3://d/o"}
+        assert _post(c, "/launch/apply", values, **{"X-Forwarded-User": "bob"}).status_code == 204
+        assert cluster.users[-1] == ("bob", ())

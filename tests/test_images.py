@@ -176,7 +176,7 @@ def test_operator_runs_without_the_training_stack() -> None:
     code = (
         "import sys\n"
         f"for m in {blocked!r}: sys.modules[m] = None\n"
-        "import kubetune.operator.handlers, kubetune.trainer.serve.fetch\n"
+        "import kubetune.operator.handlers, kubetune.operator.console.app, kubetune.trainer.serve.fetch\n"
         "from kubetune.trainer.cli.main import main\n"
         "try:\n    main(['operator', '--help'])\nexcept SystemExit as e:\n    sys.exit(e.code)\n"
     )
@@ -184,7 +184,7 @@ def test_operator_runs_without_the_training_stack() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     # And what the operator image installs is exactly what it imports (besides kubetune).
     names = {canonicalize_name(Requirement(t).name) for t in pip_installs(IMAGES / "operator.Dockerfile") if not t.startswith("/src")}
-    assert names == {"kopf", "kubernetes", "pydantic", "pyyaml", "boto3", "numpy", "tqdm"}
+    assert names == {"kopf", "kubernetes", "pydantic", "pyyaml", "boto3", "numpy", "tqdm", "fastapi", "uvicorn", "jinja2"}
 
 
 @pytest.mark.slow  # runs make

@@ -19,10 +19,11 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from kubetune.operator.console import charts, form, i18n, playground
-from kubetune.operator.console.runs import LocalRuns, RunRow
+from kubetune.operator.console.runs import LocalRuns, NoLocalRuns, RunRow
 from kubetune.trainer.api.errors import KubetuneError, SpecError, SpecErrors
 
 HERE = Path(__file__).parent
+HEALTH = "/healthz"
 MAX_BODY = 1024 * 1024
 TERMINAL = ("Succeeded", "Failed")
 TOKEN_COOKIE = "kubetune_console_token"
@@ -38,6 +39,9 @@ class ConsoleConfig:
     endpoint: str = "http://127.0.0.1:8000"
     poll_s: float = 1.0
     workdir: Path | None = None
+    local_runs: bool = True  # False: cluster resources only (the chart's in-cluster console)
+    user_header: str | None = None  # impersonation: the trusted auth proxy's header naming the user
+    groups_header: str = "X-Forwarded-Groups"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,22 +68,38 @@ class Console:
 
     def __init__(self, config: ConsoleConfig):
         self.config = config
-        self.runs = LocalRuns(config.runs_dir, config.workdir)
+        self.runs = LocalRuns(config.runs_dir, config.workdir) if config.local_runs else NoLocalRuns()
         self.env = _templates()
-        self.sections = form.sections()
-        self.quickstart = form.from_yaml((HERE / "quickstart.yaml").read_text())
+        from kubetune.operator.resources import InferenceServiceSpec
+        from kubetune.trainer.api.spec import TrainingSpec
+
+        schemas = {TRAINING: TrainingSpec.model_json_schema(), SERVING: InferenceServiceSpec.model_json_schema()}
+        self.forms = {kind: form.sections(schema) for kind, schema in schemas.items()}
+        self.orders = {kind: list(schema["properties"]) for kind, schema in schemas.items()}
+        self.starts = {TRAINING: form.from_yaml((HERE / "quickstart.yaml").read_text()),
+                       SERVING: form.from_yaml((HERE / "inferenceservice.yaml").read_text(), None)}
 
     def page(self, request: Request, template: str, **context: Any) -> HTMLResponse:
         lang = request.cookies.get("lang", "en")
         html = self.env.get_template(template).render(t=i18n.strings(lang), lang=lang, request=request,
-                                                      cluster=self.config.cluster is not None, **context)
+                                                      cluster=self.config.cluster is not None,
+                                                      local=self.config.local_runs,
+                                                      user=request.scope.get("kubetune.user"), **context)
         return HTMLResponse(html)
 
-    def rows(self, namespace: str | None, phase: str | None) -> tuple[list[RunRow], str | None]:
+    def cluster(self, request: Request) -> Any:
+        """The cluster as this request's user: the console's own identity, or (impersonation)
+        the user and groups the auth proxy named, checked present by the middleware."""
+        cluster, user = self.config.cluster, request.scope.get("kubetune.user")
+        if cluster is None or user is None:
+            return cluster
+        return cluster.as_user(user, request.scope.get("kubetune.groups", ()))
+
+    def rows(self, request: Request, namespace: str | None, phase: str | None) -> tuple[list[RunRow], str | None]:
         rows, error = list(self.runs.rows()), None
         if self.config.cluster is not None:
             try:
-                rows += self.config.cluster.rows(namespace or None)
+                rows += self.cluster(request).rows(namespace or None)
             except Exception as exc:  # the API server's refusal is shown, local runs still listed
                 error = f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
         if namespace:
@@ -88,15 +108,41 @@ class Console:
             rows = [r for r in rows if r.phase == phase]
         return rows, error
 
-    def check(self, values: dict[str, str]) -> dict[str, Any]:
-        """Everything the Launch page shows for a form's values: field errors, YAML, estimate."""
-        document = form.form_to_document(values, self.sections)
-        spec, errors = form.check(document)
-        by_field, general = form.errors_by_field(errors, self.sections)
-        nodes, gpus = _int(values.get("_nodes"), 1), _int(values.get("_gpusPerNode"), 1)
+    def values_of(self, kind: str, document: dict[str, Any]) -> dict[str, str]:
+        """The form's values for a spec, with as many items of each list as it has."""
+        sections = form.expand(self.forms[kind], form.counts_of_document(document, self.forms[kind]))
+        return {**form.document_to_form(document, sections), "_kind": kind}
+
+    def check(self, values: dict[str, str], add: str | None = None) -> dict[str, Any]:
+        """Everything the Launch page shows for a form's values: field errors, YAML, estimate.
+        The kind's own check: the training validator (`kubetune validate`), or the operator's
+        check of an InferenceService's spec. `add`: one more item of that list."""
+        kind = kind_of(values)
+        sections = form.expand(self.forms[kind], form.counts_of_values(values, self.forms[kind], add))
+        document = form.form_to_document(values, sections, self.orders[kind])
+        if kind == SERVING:
+            spec, errors = form.check_resource(SERVING, document, _resource_name(values))
+            estimate = None
+        else:
+            spec, errors = form.check(document)
+            nodes, gpus = _int(values.get("_nodes"), 1), _int(values.get("_gpusPerNode"), 1)
+            estimate = _estimate(spec, nodes, gpus) if spec else None
+        by_field, general = form.errors_by_field(errors, sections)
         return {"document": document, "yaml": form.to_yaml(document), "errors": by_field, "general": general,
-                "estimate": _estimate(spec, nodes, gpus) if spec else None, "valid": spec is not None,
-                "sections": self.sections}
+                "estimate": estimate, "valid": spec is not None, "sections": sections, "kind": kind}
+
+
+TRAINING, SERVING = "training", "InferenceService"
+"""The Launch form's kinds: a training spec (a FineTuneJob, or an AlignmentJob for preference and
+RL stages) and an InferenceService's spec."""
+
+
+def kind_of(values: dict[str, str]) -> str:
+    return SERVING if values.get("_kind") == SERVING else TRAINING
+
+
+def _resource_name(values: dict[str, str]) -> str:
+    return form.slug(str(values.get("_name") or "inference")).lower()
 
 
 def _int(text: str | None, default: int) -> int:
@@ -122,12 +168,23 @@ def _estimate(spec: Any, nodes: int, gpus: int) -> dict[str, Any] | None:
 
 
 def _guard(config: ConsoleConfig):
-    """Bearer token (header, or a cookie set from `?token=` once) and a request size bound."""
+    """Bearer token (header, or a cookie set from `?token=` once), a request size bound, and with
+    impersonation the user the auth proxy names (no user, no answer: never the console's own
+    identity). /healthz, the pod's probe, needs neither."""
 
     async def middleware(request: Request, call_next):
+        if request.url.path == HEALTH:
+            return await call_next(request)
         if int(request.headers.get("content-length") or 0) > MAX_BODY or (
                 request.method == "POST" and "chunked" in request.headers.get("transfer-encoding", "")):
             return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
+        if config.user_header and not request.url.path.startswith("/static/"):
+            user = request.headers.get(config.user_header, "").strip()
+            if not user:
+                return JSONResponse({"detail": f"no {config.user_header} header from the auth proxy"}, status_code=401)
+            request.scope["kubetune.user"] = user
+            groups = request.headers.get(config.groups_header, "")
+            request.scope["kubetune.groups"] = tuple(g.strip() for g in groups.split(",") if g.strip())
         if config.token:
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
             given = given or request.cookies.get(TOKEN_COOKIE, "") or request.query_params.get("token", "")
@@ -172,6 +229,10 @@ def _jobs_routes(app: FastAPI, console: Console) -> None:
     def index() -> Response:
         return RedirectResponse("/jobs")
 
+    @app.get(HEALTH)
+    def health() -> Response:
+        return Response("ok", media_type="text/plain")
+
     @app.get("/lang/{code}")
     def language(code: str, next: str = "/jobs") -> Response:
         response = RedirectResponse(next if next.startswith("/") and not next.startswith("//") else "/jobs")
@@ -180,13 +241,13 @@ def _jobs_routes(app: FastAPI, console: Console) -> None:
 
     @app.get("/jobs")
     def jobs(request: Request, namespace: str = "", phase: str = "") -> Response:
-        rows, error = console.rows(namespace, phase)
+        rows, error = console.rows(request, namespace, phase)
         template = "_table.jinja" if request.headers.get("hx-request") else "jobs.jinja"
         return console.page(request, template, rows=rows, error=error, namespace=namespace, phase=phase)
 
     @app.get("/cluster/{namespace}/{kind}/{name}")
     def cluster_detail(request: Request, namespace: str, kind: str, name: str) -> Response:
-        cluster = console.config.cluster
+        cluster = console.cluster(request)
         if cluster is None or kind not in ("FineTuneJob", "AlignmentJob", "InferenceService"):
             return HTMLResponse("not found", status_code=404)
         obj = cluster.get(namespace, kind, name)
@@ -197,10 +258,16 @@ def _jobs_routes(app: FastAPI, console: Console) -> None:
 
 def _launch_routes(app: FastAPI, console: Console) -> None:
     @app.get("/launch")
-    def launch(request: Request) -> Response:
-        values = form.document_to_form(console.quickstart, console.sections)
+    def launch(request: Request, kind: str = TRAINING) -> Response:
+        kind = kind_of({"_kind": kind})
+        values = console.values_of(kind, console.starts[kind])
         return console.page(request, "launch.jinja", values=values, default_namespace=console.config.namespace,
                             **console.check(values))
+
+    @app.post("/launch/add")
+    async def add_item(request: Request) -> Response:
+        values = await form.read_form(request)
+        return console.page(request, "_yaml_result.jinja", values=values, **console.check(values, values.get("_add")))
 
     @app.post("/launch/check")
     async def check(request: Request) -> Response:
@@ -210,17 +277,20 @@ def _launch_routes(app: FastAPI, console: Console) -> None:
     @app.post("/launch/yaml")
     async def from_yaml(request: Request) -> Response:
         data = await form.read_form(request)
+        kind = kind_of(data)
         try:
-            document = form.from_yaml(str(data.get("_yaml", "")))
+            document = form.from_yaml(str(data.get("_yaml", "")), "training" if kind == TRAINING else None)
         except KubetuneError as exc:
             return console.page(request, "_check.jinja", **console.check(data), oob=True, general_extra=[str(exc)])
-        values = form.document_to_form(document, console.sections)
-        values["_nodes"], values["_gpusPerNode"] = data.get("_nodes", "1"), data.get("_gpusPerNode", "1")
+        values = console.values_of(kind, document)
+        values.update({k: v for k, v in data.items() if k in ("_nodes", "_gpusPerNode", "_name", "_namespace")})
         return console.page(request, "_yaml_result.jinja", values=values, **console.check(values))
 
     @app.post("/launch/run")
     async def run(request: Request) -> Response:
         values = await form.read_form(request)
+        if not console.config.local_runs or kind_of(values) != TRAINING:
+            return HTMLResponse("this console starts no local runs of that", status_code=404)
         result = console.check(values)
         if not result["valid"]:
             return console.page(request, "_check.jinja", **result, oob=True)
@@ -235,11 +305,12 @@ def _launch_routes(app: FastAPI, console: Console) -> None:
             return console.page(request, "_check.jinja", **result, oob=True)
         namespace = str(values.get("_namespace") or console.config.namespace)
         try:
-            kind, name = _apply(console, result["document"], values, namespace)
+            kind, name = _apply(console.cluster(request), result["document"], values, namespace)
         except (SpecErrors, SpecError) as exc:  # the admission check: messages on the fields they are about
             found = exc.errors if isinstance(exc, SpecErrors) else [exc]
-            errors = [SpecError(e.field.removeprefix(TRAINING_PREFIX), e.problem, e.fix) for e in found]
-            by_field, general = form.errors_by_field(errors, console.sections)
+            prefix = TRAINING_PREFIX if result["kind"] == TRAINING else "spec."
+            errors = [SpecError(e.field.removeprefix(prefix), e.problem, e.fix) for e in found]
+            by_field, general = form.errors_by_field(errors, result["sections"])
             return console.page(request, "_check.jinja", **{**result, "errors": by_field, "general": general,
                                                             "valid": False}, oob=True)
         except Exception as exc:  # the API server's answer (RBAC, a name taken), next to the buttons
@@ -251,17 +322,22 @@ def _launch_routes(app: FastAPI, console: Console) -> None:
 TRAINING_PREFIX = "spec.training."
 
 
-def _apply(console: Console, document: dict[str, Any], values: dict[str, str], namespace: str) -> tuple[str, str]:
-    """The job a user would write around the form's spec, admitted as the operator admits it, created."""
-    from kubetune.operator.console.cluster import admit, job_manifest
+def _apply(cluster: Any, document: dict[str, Any], values: dict[str, str], namespace: str) -> tuple[str, str]:
+    """The resource a user would write around the form's spec (a job around a training spec, an
+    InferenceService around its spec), admitted as the operator admits it, created."""
+    from kubetune.operator.console.cluster import admit, job_manifest, resource_manifest
     from kubetune.operator.resources import ALIGNMENT_STAGES
 
-    kind = "AlignmentJob" if document.get("stage", "sft") in ALIGNMENT_STAGES else "FineTuneJob"
-    name = form.slug(str(document.get("name") or "job")).lower()
-    layout = {"nodes": _int(values.get("_nodes"), 1), "gpusPerNode": _int(values.get("_gpusPerNode"), 1)}
-    manifest = job_manifest(document, kind, name, namespace, layout)
+    if kind_of(values) == SERVING:
+        kind, name = SERVING, _resource_name(values)
+        manifest = resource_manifest(document, kind, name, namespace)
+    else:
+        kind = "AlignmentJob" if document.get("stage", "sft") in ALIGNMENT_STAGES else "FineTuneJob"
+        name = form.slug(str(document.get("name") or "job")).lower()
+        layout = {"nodes": _int(values.get("_nodes"), 1), "gpusPerNode": _int(values.get("_gpusPerNode"), 1)}
+        manifest = job_manifest(document, kind, name, namespace, layout)
     admit(manifest)
-    console.config.cluster.create(manifest, namespace)
+    cluster.create(manifest, namespace)
     return kind, name
 
 

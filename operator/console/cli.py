@@ -34,6 +34,15 @@ def register(subparsers: Any) -> None:
                    help=f"bearer token every request must carry (default ${TOKEN_ENV}); required off loopback")
     p.add_argument("--endpoint", default="http://127.0.0.1:8000", metavar="URL",
                    help="the playground's default OpenAI-compatible endpoint (e.g. a local `kubetune serve`)")
+    p.add_argument("--no-local-runs", action="store_true",
+                   help="cluster resources only: no local runs listed or started (a console in a pod)")
+    p.add_argument("--impersonate-user-header", default=None, metavar="HEADER",
+                   help="act in the cluster as the user a trusted auth proxy names in this request header "
+                   "(e.g. X-Forwarded-User), through Kubernetes impersonation; a request without it is refused. "
+                   "Only behind that proxy: whoever reaches the console directly could name any user")
+    p.add_argument("--impersonate-groups-header", default="X-Forwarded-Groups", metavar="HEADER",
+                   help="with --impersonate-user-header: the header with the user's groups, comma-separated "
+                   "(default X-Forwarded-Groups)")
     p.set_defaults(func=cmd_console)
 
 
@@ -54,6 +63,9 @@ def config_from_args(args: argparse.Namespace):
         raise SpecError("--host", f"{args.host} is reachable from other machines, and there is no token.",
                         f"pass --token (or set ${TOKEN_ENV}), or bind 127.0.0.1.")
     cluster = None
+    if args.impersonate_user_header and not (args.kubeconfig or args.in_cluster):
+        raise SpecError("--impersonate-user-header", "impersonates users in a cluster, and no cluster is given.",
+                        "add --in-cluster or --kubeconfig.")
     if args.kubeconfig or args.in_cluster:
         from kubetune.operator.console.cluster import Cluster
 
@@ -63,7 +75,8 @@ def config_from_args(args: argparse.Namespace):
             raise KubetuneError(f"cannot use the cluster ({type(exc).__name__}: {exc}). "
                                 "Fix: check --kubeconfig/--context, or run without them for local runs only.") from None
     return ConsoleConfig(runs_dir=Path(args.runs_dir), token=token, cluster=cluster, namespace=args.namespace,
-                         endpoint=args.endpoint)
+                         endpoint=args.endpoint, local_runs=not args.no_local_runs,
+                         user_header=args.impersonate_user_header, groups_header=args.impersonate_groups_header)
 
 
 def cmd_console(args: argparse.Namespace) -> int:

@@ -15,6 +15,31 @@ from kubetune.operator.resources import GROUP, VERSION
 
 KINDS = {"FineTuneJob": "finetunejobs", "AlignmentJob": "alignmentjobs", "InferenceService": "inferenceservices"}
 LOG_LINES = 400
+USERS_KEPT = 64
+
+
+def impersonating_client(configuration: Any, user: str, groups: tuple[str, ...]) -> Any:
+    """An ApiClient whose every request impersonates `user` and `groups`. The kubernetes client
+    keeps headers in a plain dict (one value per name), while the API server wants one
+    Impersonate-Group header per group: the groups are added to the request's urllib3 header
+    dict, which sends each value as its own header line."""
+    from kubernetes import client
+    from urllib3 import HTTPHeaderDict
+
+    api = client.ApiClient(configuration=configuration)
+    api.set_default_header("Impersonate-User", user)
+    pool = api.rest_client.pool_manager
+    send = pool.request
+
+    def request(method: str, url: str, *args: Any, headers: Any = None, **kwargs: Any) -> Any:
+        merged = HTTPHeaderDict(headers or {})
+        merged.discard("Impersonate-Group")
+        for group in groups:
+            merged.add("Impersonate-Group", group)
+        return send(method, url, *args, headers=merged, **kwargs)
+
+    pool.request = request
+    return api
 
 
 def _age(timestamp: str | None) -> float | None:
@@ -37,18 +62,35 @@ def row_of(obj: dict[str, Any]) -> RunRow:
 
 
 class Cluster:
-    """The API calls the console makes: list, get, create (custom objects), events, pod logs."""
+    """The API calls the console makes: list, get, create (custom objects), events, pod logs.
+    The chart's RBAC for the console (charts/kubetune/templates/_helpers.tpl, `kubetune.consoleRules`)
+    grants exactly these; tests/test_console_cluster.py compares it with the API server's audit log."""
 
-    def __init__(self, kubeconfig: str | None = None, in_cluster: bool = False, context: str | None = None):
+    def __init__(self, kubeconfig: str | None = None, in_cluster: bool = False, context: str | None = None,
+                 api: Any = None):
         from kubernetes import client, config
 
-        if in_cluster:
+        if api is None and in_cluster:
             config.load_incluster_config()
             api = client.ApiClient()
-        else:
+        elif api is None:
             api = config.new_client_from_config(config_file=kubeconfig, context=context)
+        self.api = api
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
+        self._users: dict[tuple[str, tuple[str, ...]], Cluster] = {}
+
+    def as_user(self, user: str, groups: tuple[str, ...] = ()) -> Cluster:
+        """This cluster as `user` in `groups`, through Kubernetes impersonation: every call carries
+        Impersonate-User and one Impersonate-Group header per group, so the API server authorizes
+        it as that user (the console's own identity needs only the `impersonate` verb). Clients
+        are kept per user, up to USERS_KEPT."""
+        key = (user, tuple(groups))
+        if key not in self._users:
+            if len(self._users) >= USERS_KEPT:
+                self._users.pop(next(iter(self._users)))
+            self._users[key] = Cluster(api=impersonating_client(self.api.configuration, user, key[1]))
+        return self._users[key]
 
     def rows(self, namespace: str | None = None) -> list[RunRow]:
         out = []
@@ -83,6 +125,12 @@ class Cluster:
 
     def create(self, manifest: dict[str, Any], namespace: str) -> dict[str, Any]:
         return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, KINDS[manifest["kind"]], manifest)
+
+
+def resource_manifest(spec: dict[str, Any], kind: str, name: str, namespace: str) -> dict[str, Any]:
+    """A resource of `kind` with this spec, as a user would write it (an InferenceService)."""
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name, "namespace": namespace},
+            "spec": spec}
 
 
 def job_manifest(training: dict[str, Any], kind: str, name: str, namespace: str, cluster: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -27,6 +27,8 @@ MAX_DEPTH = 3
 SKIPPED = ("pipeline",)
 """Top-level fields edited in the YAML view only (a list of whole stages)."""
 SCALARS = ("string", "integer", "number", "boolean")
+MAX_ITEMS = 32
+"""The most items of one list the form shows (more stay in the YAML view)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ class Field:
 class Section:
     title: str
     fields: list[Field] = field(default_factory=list)
+    arrays: list[str] = field(default_factory=list)
+    """Lists of objects in this section (`data.datasets`): their fields are `name[0].*`, and
+    `expand` repeats them for as many items as the document has."""
 
 
 def slug(name: str) -> str:
@@ -89,13 +94,16 @@ def _walk(schema: dict[str, Any], node: dict[str, Any], prefix: str, section: Se
             section.fields.append(Field(name, kind, key, (prop.get("description") or "").strip(),
                                         prop.get("default"), tuple(str(c) for c in prop.get("enum", ()))))
         elif depth < MAX_DEPTH and prop.get("type") == "array" and "$ref" in prop.get("items", {}):
+            if "[" not in name:
+                section.arrays.append(name)
             _walk(schema, _resolve(schema, prop["items"]), f"{name}[0]", section, depth + 1)
         elif depth < MAX_DEPTH and "properties" in prop:
             _walk(schema, prop, name, section, depth + 1)
 
 
 def sections(schema: dict[str, Any] | None = None) -> list[Section]:
-    """The form's sections: the spec's top-level scalars, then one per nested settings group."""
+    """The form's sections: the spec's top-level scalars, then one per nested settings group.
+    Any spec's schema: the training spec (default) or a resource's spec (InferenceService)."""
     schema = schema or TrainingSpec.model_json_schema()
     general = Section("general")
     out = [general]
@@ -109,7 +117,48 @@ def sections(schema: dict[str, Any] | None = None) -> list[Section]:
             group = Section(key)
             _walk(schema, prop, key, group, 1)
             out.append(group)
+        elif prop.get("type") == "array" and "$ref" in prop.get("items", {}):  # a list of objects (adapters)
+            group = Section(key)
+            _walk(schema, {"properties": {key: raw}}, "", group, 0)
+            out.append(group)
     return [s for s in out if s.fields]
+
+
+def expand(form: list[Section], counts: dict[str, int]) -> list[Section]:
+    """The form with each list of objects repeated for `counts[list]` items (one by default):
+    `data.datasets[1].path` after `data.datasets[0].*`, and so on."""
+    out = []
+    for section in form:
+        fields = list(section.fields)
+        for prefix in section.arrays:
+            head = f"{prefix}[0]"
+            group = [f for f in section.fields if f.name.startswith(head)]
+            if counts.get(prefix, 1) > 1 and group:
+                at = fields.index(group[-1]) + 1
+                fields[at:at] = [replace(f, name=f"{prefix}[{i}]{f.name[len(head):]}")
+                                 for i in range(1, counts[prefix]) for f in group]
+        out.append(Section(section.title, fields, section.arrays))
+    return out
+
+
+def counts_of_document(document: dict[str, Any], form: list[Section]) -> dict[str, int]:
+    """How many items each list of objects has in a document."""
+    counts = {}
+    for prefix in (p for s in form for p in s.arrays):
+        items = _get(document, _parts(prefix))
+        if isinstance(items, list) and items:
+            counts[prefix] = len(items)
+    return counts
+
+
+def counts_of_values(values: dict[str, str], form: list[Section], add: str | None = None) -> dict[str, int]:
+    """How many items each list of objects has in a form's values (its highest index), one more
+    for the list named by `add` (the "add" button)."""
+    counts = {}
+    for prefix in (p for s in form for p in s.arrays):
+        found = [int(m.group(1)) for key in values if (m := re.match(re.escape(prefix) + r"\[(\d+)\]\.", key))]
+        counts[prefix] = min(MAX_ITEMS, max(found, default=0) + 1 + (add == prefix))
+    return counts
 
 
 _PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
@@ -205,7 +254,8 @@ def _prune(node: Any) -> Any:
     return node
 
 
-def form_to_document(values: dict[str, str], form: list[Section] | None = None) -> dict[str, Any]:
+def form_to_document(values: dict[str, str], form: list[Section] | None = None,
+                     order: list[str] | None = None) -> dict[str, Any]:
     """The spec document a form describes: only the fields the user filled, as they wrote them."""
     form = form or sections()
     try:
@@ -218,12 +268,11 @@ def form_to_document(values: dict[str, str], form: list[Section] | None = None) 
         text = (values.get(f.name) or "").strip()
         if text:
             _set(document, _parts(f.name), _value(f.kind, text))
-    return _order(document)
+    return _order(document, order or list(TrainingSpec.model_json_schema()["properties"]))
 
 
-def _order(document: dict[str, Any]) -> dict[str, Any]:
+def _order(document: dict[str, Any], order: list[str]) -> dict[str, Any]:
     """Top-level keys in the schema's order, as in the README's examples."""
-    order = list(TrainingSpec.model_json_schema()["properties"])
     return dict(sorted(document.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
@@ -237,6 +286,19 @@ def check(document: dict[str, Any]) -> tuple[TrainingSpec | None, list[SpecError
         return None, [exc]
     except KubetuneError as exc:
         return None, [SpecError("", str(exc))]
+
+
+def check_resource(kind: str, document: dict[str, Any], name: str) -> tuple[Any, list[SpecError]]:
+    """A resource's spec (InferenceService) checked as the operator checks it, errors named by
+    their field in the spec (`model.path`, as the form names it)."""
+    from kubetune.operator.validation import validate_resource
+
+    manifest = {"apiVersion": "kubetune.io/v1alpha1", "kind": kind, "metadata": {"name": name or "unnamed"},
+                "spec": document}
+    try:
+        return validate_resource(manifest, f"{kind}/{name}"), []
+    except SpecErrors as exc:
+        return None, [SpecError(e.field.removeprefix("spec."), e.problem, e.fix) for e in exc.errors]
 
 
 def errors_by_field(errors: list[SpecError], form: list[Section]) -> tuple[dict[str, str], list[str]]:
@@ -257,14 +319,15 @@ def to_yaml(document: dict[str, Any]) -> str:
     return yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
 
 
-def from_yaml(text: str) -> dict[str, Any]:
-    """A YAML document from the YAML view; a training spec or a job manifest's spec.training."""
+def from_yaml(text: str, key: str | None = "training") -> dict[str, Any]:
+    """A YAML document from the YAML view; a training spec or a job manifest's spec.training
+    (`key`; None: a resource's spec, or the manifest's spec)."""
     try:
         document = yaml.safe_load(text) if text.strip() else {}
     except yaml.YAMLError as exc:
         raise SpecError("(yaml)", f"is not valid YAML: {str(exc).splitlines()[0]}", "fix the YAML syntax.") from None
-    if isinstance(document, dict) and isinstance(document.get("spec"), dict) and "training" in document["spec"]:
-        document = document["spec"]["training"]
+    if isinstance(document, dict) and isinstance(document.get("spec"), dict) and (key is None or key in document["spec"]):
+        document = document["spec"][key] if key else document["spec"]
     if not isinstance(document, dict):
         raise SpecError("(yaml)", "is not a mapping of training settings.", "write `key: value` lines.")
     return document

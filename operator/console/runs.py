@@ -180,3 +180,20 @@ class LocalRuns:
         for process in self.processes.values():
             if process.poll() is None:
                 process.terminate()
+
+
+class NoLocalRuns:
+    """The runs of a console started with --no-local-runs (cluster only, e.g. in a pod): none
+    listed, none found, none started."""
+
+    def rows(self) -> list[RunRow]:
+        return []
+
+    def names(self) -> list[str]:
+        return []
+
+    def path(self, name: str) -> Path:
+        raise SpecError("run", f"{name!r}: this console has no local runs.", "use the Jobs page's cluster resources.")
+
+    def stop_all(self) -> None:
+        pass

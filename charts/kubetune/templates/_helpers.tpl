@@ -156,3 +156,63 @@ garbage collector removes them with their resource.
   verbs: [list, watch, patch]
 {{- end }}
 {{- end }}
+
+{{/* The console (console.enabled): its own name and selector, apart from the operator's pods. */}}
+{{- define "kubetune.consoleName" -}}
+{{- printf "%s-console" (include "kubetune.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kubetune.consoleSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-console" (include "kubetune.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "kubetune.consoleLabels" -}}
+helm.sh/chart: {{ include "kubetune.chart" . }}
+{{ include "kubetune.consoleSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubetune
+app.kubernetes.io/component: console
+{{- end }}
+
+{{- define "kubetune.consoleServiceAccountName" -}}
+{{- if .Values.console.serviceAccount.create }}
+{{- default (include "kubetune.consoleName" .) .Values.console.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.console.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetune.consoleTokenSecret" -}}
+{{- default (printf "%s-token" (include "kubetune.consoleName" .)) .Values.console.token.existingSecret }}
+{{- end }}
+
+{{/*
+The console's API access in cluster mode, and nothing more (operator/console/cluster.py;
+tests/test_console_cluster.py compares it with the real API server's audit log of the console):
+- the three kinds: list (the Jobs table, one namespace or all), get (a resource's page), create
+  (Apply); never update, patch or delete;
+- events: list (a resource's page); pods: list (its pods, by the selector labels) and pods/log:
+  get (their logs). No Secrets, ConfigMaps or Jobs.
+With impersonation (console.impersonation.enabled) every call is made as the user the auth
+proxy names, and the console's own identity needs only the `impersonate` verb on users and
+groups: what a user may do is that user's own RBAC.
+*/}}
+{{- define "kubetune.consoleRules" -}}
+{{- if .Values.console.impersonation.enabled }}
+- apiGroups: [""]
+  resources: [users, groups]
+  verbs: [impersonate]
+{{- else }}
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs, alignmentjobs, inferenceservices]
+  verbs: [get, list, create]
+- apiGroups: [""]
+  resources: [events, pods]
+  verbs: [list]
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]
+{{- end }}
+{{- end }}
