@@ -19,6 +19,21 @@ BUILTINS = {
         "max_position_embeddings": 256,
         "vocab_size": 1024,
     },
+    # A Mixtral-architecture mixture of experts: the tiny Llama's attention, and in each layer 4
+    # experts of which every token goes through 2 (for the MoE tests: ZeRO-3 leaf modules, the
+    # router's load-balancing loss, LoRA on expert weights, active vs total parameters).
+    "tiny-mixtral": {
+        "model_type": "mixtral",
+        "hidden_size": 128,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 256,
+        "vocab_size": 1024,
+    },
 }
 
 

@@ -233,6 +233,23 @@ class LoraSpec(SpecModel):
     """Adapter initialisation: PiSSA/OLoRA start from the principal components / QR of the weights."""
     loraplusRatio: PositiveFloat | None = None
     """LoRA+: the B matrices learn at `learningRate x loraplusRatio` (the paper suggests 16)."""
+    targetParameters: list[str] = Field(default_factory=list)
+    """Parameters (not modules) to adapt, by name suffix: the 3-D expert weights of an MoE model,
+    which are not linear layers (e.g. `experts.gate_up_proj`, `experts.down_proj` for Mixtral and
+    Qwen-MoE); PEFT's `target_parameters`. Empty: no expert weights are adapted. PEFT's parameter
+    adapters take no dropout: with these, `dropout` defaults to 0 (a non-zero one is refused)."""
+
+    @model_validator(mode="after")
+    def _parameter_adapters_take_no_dropout(self) -> LoraSpec:
+        if self.targetParameters and "dropout" in self.model_fields_set and self.dropout > 0:
+            raise ValueError("lora.targetParameters adapts weights through PEFT's parameter wrappers, which "
+                             "take no dropout: set lora.dropout to 0 (or leave it unset)")
+        return self
+
+    @property
+    def effective_dropout(self) -> float:
+        """`dropout`, or 0 with `targetParameters` when it was left unset."""
+        return 0.0 if self.targetParameters and "dropout" not in self.model_fields_set else self.dropout
 
 
 class FreezeSpec(SpecModel):
@@ -290,6 +307,20 @@ class DeepSpeedSpec(SpecModel):
         if self.offloadParams and self.stage != 3:
             raise ValueError("offloadParams needs stage 3: ZeRO-1/2 do not partition parameters")
         return self
+
+
+class MoeSpec(SpecModel):
+    """Mixture-of-experts models (Mixtral, Qwen-MoE, ...): the router's load-balancing loss. Used
+    when the model has routed experts; under ZeRO-3 their MoE blocks are always gathered whole
+    (DeepSpeed leaf modules)."""
+
+    routerAuxLoss: bool = True
+    """Add the router's load-balancing loss to the training loss (the model's `output_router_logits`),
+    logged as `aux_loss` in metrics.jsonl: without it a fine-tune can collapse the routing onto a
+    few experts."""
+    auxLossCoef: float | None = Field(None, ge=0)
+    """Weight of the load-balancing loss. Default: the model's `router_aux_loss_coef` (0.02 for
+    Mixtral, 0.001 for Qwen-MoE)."""
 
 
 class DistributedSpec(SpecModel):
@@ -577,6 +608,8 @@ class TrainingSpec(SpecModel):
     """Tokens to add to the vocabulary before training."""
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     """DeepSpeed ZeRO settings for multi-GPU/multi-node runs."""
+    moe: MoeSpec = Field(default_factory=MoeSpec)
+    """Router load-balancing loss of mixture-of-experts models."""
     train: TrainSpec = Field(default_factory=TrainSpec)
     """Optimisation hyper-parameters, precision, evaluation cadence."""
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)

@@ -343,6 +343,7 @@ def _wire_trainer(spec: TrainingSpec, stage, model, tokenizer, data, args, sessi
     from kubetune.trainer.train.context import RunContext
     from kubetune.trainer.train.data import make_collator
     from kubetune.trainer.train.models.methods import loraplus_optimizer
+    from kubetune.trainer.train.models.moe import RouterAuxLoss, router_aux_enabled
 
     # Under DeepSpeed the baseline evaluation runs inside `train()`, once the engine exists: before
     # it, ZeRO-0/1/2 have no engine to evaluate with and ZeRO-3 leaves transformers with a stale
@@ -355,8 +356,10 @@ def _wire_trainer(spec: TrainingSpec, stage, model, tokenizer, data, args, sessi
     checkpoints = CheckpointRecorder(session, resumed_from=Path(resume_from) if resume_from else None)
     status = StatusReporter(session, metrics, checkpoints, data=data_summary(data.stats))
     stop = GracefulStop()
+    # An MoE model's router loss joins each log record before the metrics writer sees it.
+    router = [RouterAuxLoss(model)] if router_aux_enabled(model) else []
     ctx = RunContext(spec=spec, model=model, tokenizer=tokenizer, data=data, training_args=args,
-                     callbacks=[StepBudget(), metrics, checkpoints, status, stop], optimizers=optimizers,
+                     callbacks=[StepBudget(), *router, metrics, checkpoints, status, stop], optimizers=optimizers,
                      data_collator=counter)
     return stage.build_trainer(ctx), metrics, status, stop
 

@@ -74,10 +74,11 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 def build_tiny_llama(directory: str | Path, *, vocab_size: int, seed: int = 0, chat_template: str | None = "default",
                      **config_kwargs) -> Path:
-    """Build and save a randomly initialised tiny Llama and its tokenizer into `directory`;
-    `chat_template` (a built-in name, or None for a base model without one) goes with the tokenizer."""
+    """Build and save a randomly initialised tiny Llama (or, with `model_type: mixtral`, a Mixtral
+    MoE) and its tokenizer into `directory`; `chat_template` (a built-in name, or None for a base
+    model without one) goes with the tokenizer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from kubetune.trainer.train.demo import demo_corpus
 
@@ -88,7 +89,8 @@ def build_tiny_llama(directory: str | Path, *, vocab_size: int, seed: int = 0, c
         from kubetune.trainer.train.data.templates import TEMPLATES
 
         tokenizer.chat_template = TEMPLATES[chat_template]
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        config_kwargs.pop("model_type", "llama"),
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -97,7 +99,7 @@ def build_tiny_llama(directory: str | Path, *, vocab_size: int, seed: int = 0, c
         **config_kwargs,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

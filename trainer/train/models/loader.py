@@ -138,6 +138,9 @@ def load_model(spec: TrainingSpec, precision: str, *, extra_kwargs: dict[str, An
         from kubetune.trainer.train.models.shift_attn import apply_shift_attention
 
         apply_shift_attention(model, spec.data.maxLength)
+    from kubetune.trainer.train.models.moe import prepare_moe
+
+    prepare_moe(model, spec)
     if spec.model.ligerKernel or (spec.model.ligerKernel is None and liger_available()):
         model.kubetune_liger = apply_liger(model)
     return model

@@ -24,6 +24,7 @@ from transformers import Trainer
 
 from kubetune.trainer.train.context import RunContext
 from kubetune.trainer.train.data.processors import IGNORE_INDEX
+from kubetune.trainer.train.models.moe import aux_loss_term
 
 
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -39,15 +40,19 @@ def labelled_logits_loss(model: Any, inputs: dict[str, Any], num_items_in_batch:
     labels = inputs["labels"]
     positions = labelled_positions(labels)
     model_inputs = {name: value for name, value in inputs.items() if name != "labels"}
-    logits = model(**model_inputs, logits_to_keep=positions).logits
+    outputs = model(**model_inputs, logits_to_keep=positions)
+    logits = outputs.logits
     targets = labels[:, 1:][:, positions].to(logits.device)
     total = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                               ignore_index=IGNORE_INDEX, reduction="sum")
     if num_items_in_batch is None:
-        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+        loss = total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    else:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        loss = total / num_items_in_batch
+    aux = aux_loss_term(model, outputs)  # an MoE model's router loss, which its own loss would add
+    return loss if aux is None else loss + aux.to(loss.device)
 
 
 def takes_logits_to_keep(model: Any) -> bool:
