@@ -219,6 +219,7 @@ def create_app(config: ConsoleConfig) -> FastAPI:
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     _jobs_routes(app, console)
     _launch_routes(app, console)
+    _apply_routes(app, console)
     _watch_routes(app, console)
     playground.routes(app, console)
     return app
@@ -297,6 +298,8 @@ def _launch_routes(app: FastAPI, console: Console) -> None:
         name = console.runs.launch(result["document"])
         return Response(status_code=204, headers={"HX-Redirect": f"/runs/{name}"})
 
+
+def _apply_routes(app: FastAPI, console: Console) -> None:
     @app.post("/launch/apply")
     async def apply(request: Request) -> Response:
         values = await form.read_form(request)
