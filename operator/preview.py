@@ -6,8 +6,8 @@ check (`validation.admit`, so a manifest the webhook refuses is refused here wit
 message), then the kind's pure decision (`training/decide.py:reconcile`,
 `serving/decide.py:reconcile_service`) with a world in which the S3 Secret exists and every
 referenced job has succeeded. What it prints is what that decision creates: for a job, its
-ConfigMap, headless Service and attempt-1 Job (or first the prepare Job, when the datasets are
-tokenized once into an `s3://` cache); for an InferenceService, its Deployment, Service, adapters
+ConfigMap, headless Service, the PodGroup with `spec.gang`, and attempt-1 Job (or first the
+prepare Job, when the datasets are tokenized once into an `s3://` cache); for an InferenceService, its Deployment, Service, adapters
 ConfigMap, HPA and the API key's Secret (without the key, which is generated at creation).
 
 A referenced job's output (`baseModelFrom`, `fromJob`) is only known on the cluster: it is shown

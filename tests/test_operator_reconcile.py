@@ -960,3 +960,42 @@ def test_without_a_queue_an_external_suspend_is_undone() -> None:
     cr, first = _start()
     plan = reconcile(cr, _world(first, [_with({**_job(first), "spec": {**_job(first)["spec"], "suspend": True}})]), now=T0)
     assert ("Job", _job(first)["metadata"]["name"], {"spec": {"suspend": False}}) in plan.patch
+
+
+class _WorkloadApi:
+    """Kueue's Workload API as the operator sees it: `served` versions, or a 403."""
+
+    def __init__(self, served: tuple[str, ...], items: list[dict[str, Any]], status: int | None = None) -> None:
+        self.served, self.items, self.status, self.calls = served, items, status, []
+
+    def list_custom(self, group_version: str, plural: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        from kubetune.operator.kube import KubeError
+
+        self.calls.append((group_version, plural, namespace, selector))
+        if self.status:
+            raise KubeError(self.status, "forbidden", verb="list", resource=plural, namespace=namespace)
+        if group_version.split("/")[1] not in self.served:
+            raise KubeError(404, "not found")
+        return self.items
+
+
+def test_the_workload_is_found_by_its_owner_reference_in_the_served_kueue_api() -> None:
+    """Only a queued resource's suspended, unfinished Jobs are looked up; the list is narrowed by
+    Kueue's job-uid label and the owner reference decides; v1beta1 when v1beta2 is not served;
+    no Kueue API or a 403: no Workload, and the reconcile goes on."""
+    from kubetune.operator.training.kueue import observe_workloads
+
+    cr = _cr()
+    cr["metadata"].update(namespace="ml", labels={"kueue.x-k8s.io/queue-name": "team-a"})
+    held = {"metadata": {"name": "llama-sft-ftj-a1", "namespace": "ml", "uid": "job-uid"}, "spec": {"suspend": True}}
+    running = {"metadata": {"name": "llama-sft-ftj-a0", "namespace": "ml", "uid": "other"}, "spec": {"suspend": False}}
+    mine = _workload(held)
+    stranger = {**mine, "metadata": {**mine["metadata"], "ownerReferences": [{"uid": "x", "controller": True}]}}
+    api = _WorkloadApi(("v1beta1",), [stranger, mine])
+    assert observe_workloads(api, cr, [held, running]) == {"llama-sft-ftj-a1": mine}
+    assert [c[0] for c in api.calls] == ["kueue.x-k8s.io/v1beta2", "kueue.x-k8s.io/v1beta1"]
+    assert api.calls[-1][1:] == ("workloads", "ml", "kueue.x-k8s.io/job-uid=job-uid")
+    assert observe_workloads(_WorkloadApi((), [mine]), cr, [held]) == {}
+    assert observe_workloads(_WorkloadApi(("v1beta2",), [mine], status=403), cr, [held]) == {}
+    unqueued = _WorkloadApi(("v1beta2",), [mine])
+    assert observe_workloads(unqueued, _cr(), [held]) == {} and unqueued.calls == []

@@ -1,5 +1,6 @@
 """FineTuneJob / AlignmentJob -> ConfigMap + headless Service + Indexed batch/v1 Job (and, with
-an `s3://` `data.cache`, a one-pod CPU-only prepare Job that tokenizes the datasets first).
+an `s3://` `data.cache`, a one-pod CPU-only prepare Job that tokenizes the datasets first; with
+`spec.gang`, the PodGroup of a gang scheduler that the Job's pods join).
 
 The pod runs exactly what a user runs locally: `kubetune train /etc/kubetune/job.yaml`, where
 job.yaml is the resolved custom resource (defaults filled in, references resolved), under
