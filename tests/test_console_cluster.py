@@ -77,6 +77,39 @@ def test_apply_from_the_form_then_list_and_status(cluster_console, kubectl: Kube
     _shot(page, "resource")
 
 
+def test_apply_an_inferenceservice_and_the_chinese_pages(cluster_console, kubectl: Kubectl, page) -> None:  # noqa: F811
+    """The InferenceService tab: the form from its schema, the operator's message on its field,
+    Apply, the resource's page; then the Jobs page in Chinese (a CJK font installed by .ci/run)."""
+    url = cluster_console
+    page.goto(f"{url}/launch?kind=InferenceService")
+    page.fill("#f-resource-name", "chat")
+    page.fill("#f-model-uri", "s3://demo/outputs/console-job")
+    page.fill("#f-gpus", "-1")
+    page.locator("#f-gpus").blur()
+    error = page.locator("#err-gpus")
+    error.wait_for(state="visible", timeout=15000)
+    assert "greater than or equal to 0" in error.inner_text()
+    page.fill("#f-gpus", "0")
+    page.select_option("#f-engine", "transformers")
+    page.click("#add-adapters")
+    page.locator("#f-adapters-1-name").wait_for(timeout=15000)
+    page.fill("#f-adapters-0-name", "sft")
+    page.fill("#f-adapters-0-uri", "s3://demo/outputs/console-job")
+    page.locator("#f-adapters-0-uri").blur()
+    page.wait_for_function("document.getElementById('yaml-view').value.includes('name: sft')", timeout=15000)
+    _shot(page, "launch-inferenceservice")
+    page.click("#apply-button")
+    page.wait_for_url(f"{url}/cluster/{NAMESPACE}/InferenceService/chat", timeout=30000)
+    stored = json.loads(kubectl("-n", NAMESPACE, "get", "inferenceservice", "chat", "-o", "json").stdout)["spec"]
+    assert stored["model"]["uri"] == "s3://demo/outputs/console-job" and stored["gpus"] == 0
+    assert [a["name"] for a in stored["adapters"]] == ["sft"]  # the empty second item is left out
+    page.goto(f"{url}/lang/zh?next=/jobs")
+    page.wait_for_url(f"{url}/jobs", timeout=15000)
+    assert "任务" in page.inner_text("h1")
+    assert page.locator('tr[data-name="chat"]').count() == 1
+    _shot(page, "jobs-zh")
+
+
 # ---------------------------------------------------------------- the chart's console (console.enabled)
 
 RELEASE_NS = "kubetune"

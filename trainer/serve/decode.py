@@ -245,6 +245,8 @@ class DecodeBatch:
             kwargs["adapter_names"] = [row.seq.adapter or BASE_ADAPTER for row in rows]
         if prefill and not all_positions and self.engine.supports_logits_to_keep:
             kwargs["logits_to_keep"] = 1  # the prompt's other positions need no logits (memory: rows x len x vocab)
+        if prefill:
+            kwargs.update(prefill_media([row.seq.media for row in rows]))
         out = self.engine.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
                          use_cache=True, **kwargs)
         return out.logits if all_positions else out.logits[:, -1, :]
@@ -261,6 +263,18 @@ class DecodeBatch:
         self.rows, self.cache, self.attention, self.logits = [], None, None, None
         self.mergeable = True
         self._fed = None
+
+
+def prefill_media(media: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """The pictures of the rows being prefilled as one set of model inputs: each tensor (pixel
+    values, grid sizes) concatenated in row order, the order in which the model fills the rows'
+    image tokens with features."""
+    import torch
+
+    present = [m for m in media if m]
+    if not present:
+        return {}
+    return {key: torch.cat([m[key] for m in present if key in m]) for key in present[0]}
 
 
 def _prompt_logprobs(logits: Any, seq: Sequence) -> list[TokenLogprob | None]:

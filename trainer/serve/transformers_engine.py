@@ -37,6 +37,9 @@ class TransformersEngine(Engine):
                          default_model=loaded.default_model)
         self.loaded = loaded
         self.model = loaded.model
+        self.processor = getattr(loaded, "processor", None)
+        """A vision-language model's processor (its image token, image processor), else None."""
+        self.image_token = getattr(self.processor, "image_token", None)
         self.draft_model = draft_model
         self.prompt_lookup = prompt_lookup
         self.num_assistant_tokens = num_assistant_tokens
@@ -75,6 +78,24 @@ class TransformersEngine(Engine):
             draft_kwargs = {k: v for k, v in kwargs.items() if k in ("storage", "dtype", "device", "trust_remote_code")}
             draft_model = load_model(draft, **draft_kwargs).model
         return cls(loaded, draft_model=draft_model, prompt_lookup=prompt_lookup, num_assistant_tokens=num_assistant_tokens)
+
+    def encode_chat_images(self, messages: list[dict[str, Any]], images: list[Any], model: str | None = None,
+                           tools: Any = None) -> tuple[list[int], dict[str, Any]]:
+        """The processor expands each image token into the vision encoder's feature count; its
+        image tensors go with the sequence and into the prefill forward (`DecodeBatch`)."""
+        from kubetune.trainer.serve.params import InvalidRequest
+
+        if self.processor is None:
+            return super().encode_chat_images(messages, images, model, tools)
+        if self.speculative:
+            raise InvalidRequest("messages", "images are not served with speculative decoding.", "serve without --draft-model/--prompt-lookup.")
+        text = self.render_chat(messages, model, tools)
+        if text.count(self.image_token) != len(images):
+            raise InvalidRequest("messages", f"the text holds the image token {self.image_token!r} {text.count(self.image_token)} "
+                                 f"time(s) for {len(images)} image(s).", "send images as image_url parts only.")
+        out = self.processor(text=[text], images=images, add_special_tokens=False, return_tensors="pt")
+        media = {k: v.to(self.loaded.device) for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+        return out["input_ids"][0].tolist(), media
 
     # -- generation ------------------------------------------------------------------------
     def open_batch(self) -> DecodeBatch | None:
