@@ -93,6 +93,8 @@ class ModelShape:
     active_experts: int = 1
     """MoE: experts each token passes through (they hold activations)."""
     attention_bias: bool = False
+    shared_intermediate: int = 0
+    """MoE: width of the shared expert every token also passes through (Qwen-MoE), 0 for none."""
     params_override: int | None = None
     """A parameter count given by the user (`--params 7B`): the groups below are scaled to it."""
 
@@ -118,11 +120,12 @@ class ModelShape:
         mlp = sum(i * o for n, (i, o) in mods.items() if n not in ("q_proj", "k_proj", "v_proj", "o_proj"))
         bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.attention_bias else 0
         router = self.hidden * self.experts if self.experts > 1 else 0
+        shared = 3 * self.hidden * self.shared_intermediate  # the shared expert's gated MLP
         return {
             "embed": self.vocab * self.hidden,
             "lm_head": 0 if self.tied_embeddings else self.vocab * self.hidden,
-            "layer_linear": attn + mlp * self.experts,
-            "layer_other": 2 * self.hidden + bias + router,
+            "layer_linear": attn + mlp * self.experts + shared,
+            "layer_other": 2 * self.hidden + bias + router + (self.hidden if shared else 0),
             "final_norm": self.hidden,
         }
 
@@ -138,6 +141,14 @@ class ModelShape:
     @property
     def parameters(self) -> int:
         return round(self.params_override if self.params_override is not None else self._raw_total())
+
+    @property
+    def active_parameters(self) -> int:
+        """Parameters one token passes through: all of them for a dense model; for an MoE model
+        the experts it is not routed to are left out (every expert still holds memory)."""
+        mlp = sum(i * o for n, (i, o) in self.linear_modules().items() if n not in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        idle = self.layers * mlp * (self.experts - self.active_experts)
+        return round(self.parameters - idle * self._scale())
 
 
 def _get(config: dict[str, Any], *names: str, default: Any = None) -> Any:
@@ -162,10 +173,12 @@ def shape_from_config(config: dict[str, Any], name: str = "model") -> ModelShape
     vocab = _get(config, "vocab_size")
     if not all(isinstance(v, int) and v > 0 for v in (hidden, layers, heads, vocab)):
         raise ValueError(f"{name}: config.json lacks hidden_size/num_hidden_layers/num_attention_heads/vocab_size")
-    intermediate = _get(config, "intermediate_size", "n_inner", "ffn_dim", "moe_intermediate_size", default=4 * hidden)
+    experts = int(_get(config, "num_local_experts", "num_experts", "n_routed_experts", default=1) or 1)
+    # an MoE config may also name a dense MLP width (`intermediate_size`, Qwen-MoE): experts use theirs
+    names = ("moe_intermediate_size",) if experts > 1 else ()
+    intermediate = _get(config, *names, "intermediate_size", "n_inner", "ffn_dim", "moe_intermediate_size", default=4 * hidden)
     kv = _get(config, "num_key_value_heads", "num_kv_heads", default=heads)
     head_dim = _get(config, "head_dim", default=hidden // heads)
-    experts = int(_get(config, "num_local_experts", "num_experts", "n_routed_experts", default=1) or 1)
     active = int(_get(config, "num_experts_per_tok", "moe_topk", default=1) or 1)
     tied = config.get("tie_word_embeddings")
     if tied is None:
@@ -175,6 +188,7 @@ def shape_from_config(config: dict[str, Any], name: str = "model") -> ModelShape
         heads=heads, kv_heads=kv, head_dim=head_dim, gated_mlp=model_type not in _UNGATED,
         tied_embeddings=bool(tied), experts=experts, active_experts=min(active, experts),
         attention_bias=bool(config.get("attention_bias") or model_type in ("qwen2", "qwen2_moe")),
+        shared_intermediate=int(config.get("shared_expert_intermediate_size") or 0) if experts > 1 else 0,
     )
 
 

@@ -63,7 +63,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     est = estimate(spec, nodes=nodes, gpus_per_node=gpus, shape=shape)
     if args.json:
         print(json.dumps({
-            "model": shape.name, "parameters": est.parameters, "trainable": est.trainable,
+            "model": shape.name, "parameters": est.parameters, "activeParameters": shape.active_parameters,
+            "experts": shape.experts, "activeExperts": shape.active_experts, "trainable": est.trainable,
             "nodes": nodes, "gpusPerNode": gpus, "precision": est.precision,
             "componentsGiB": {k: round(v / GIB, 3) for k, v in est.components.items()},
             "totalGiB": round(est.total_gib, 3), "cpuOffloadGiB": round(est.cpu_offload_bytes / GIB, 3),
@@ -73,6 +74,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     unit = "GPU" if gpus > 0 else "process (CPU)"
     print(f"model      {shape.name}: {_human(est.parameters)} parameters, {_human(est.trainable)} trainable "
           f"({spec.method}, {est.precision}{_zero_text(spec)})")
+    if shape.experts > 1:
+        print(f"experts    {shape.experts} per layer, {shape.active_experts} per token: {_human(shape.active_parameters)} "
+              f"of {_human(est.parameters)} parameters active per token (every expert is held in memory)")
     print(f"layout     {nodes} node(s) x {gpus} GPU(s); {spec.train.batchSize} x {spec.data.maxLength} tokens per step per GPU"
           + (", gradient checkpointing" if spec.train.gradientCheckpointing else ""))
     print()

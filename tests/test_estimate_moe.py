@@ -1,0 +1,44 @@
+"""`kubetune estimate` on mixture-of-experts models: total vs active parameters, checked against
+the published counts of Mixtral-8x7B and Qwen1.5-MoE-A2.7B, and on the builtin tiny Mixtral."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kubetune.trainer.api.estimate import KNOWN_SHAPES, shape_for_path, shape_from_config
+
+from .conftest import REPO
+
+QWEN_MOE_A2_7B = {  # Qwen/Qwen1.5-MoE-A2.7B's config.json
+    "model_type": "qwen2_moe", "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16,
+    "num_key_value_heads": 16, "vocab_size": 151936, "intermediate_size": 5632, "moe_intermediate_size": 1408,
+    "shared_expert_intermediate_size": 5632, "num_experts": 60, "num_experts_per_tok": 4, "tie_word_embeddings": False,
+}
+
+
+def test_active_and_total_parameters_match_the_published_counts():
+    mixtral = KNOWN_SHAPES["mixtral-8x7b"]  # "46.7B total parameters, 12.9B used per token"
+    assert mixtral.parameters == pytest.approx(46.7e9, rel=0.005)
+    assert mixtral.active_parameters == pytest.approx(12.9e9, rel=0.005)
+    qwen = shape_from_config(QWEN_MOE_A2_7B)  # "14.3B parameters, 2.7B activated" (expert width 1408 + a shared expert)
+    assert qwen.parameters == pytest.approx(14.3e9, rel=0.005)
+    assert qwen.active_parameters == pytest.approx(2.7e9, rel=0.01)
+    dense = KNOWN_SHAPES["llama-2-7b"]
+    assert dense.active_parameters == dense.parameters
+
+
+def test_the_cli_reports_experts_and_active_parameters(tmp_path):
+    spec = tmp_path / "moe.yaml"
+    spec.write_text("model: {path: 'builtin:tiny-mixtral'}\ndata: {datasets: [{path: x.json}], maxLength: 64}\n")
+    shape = shape_for_path("builtin:tiny-mixtral")
+    assert (shape.experts, shape.active_experts) == (4, 2) and shape.active_parameters < shape.parameters
+    cli = [sys.executable, "-m", "kubetune.trainer.cli.main", "estimate", str(spec), "--gpus-per-node", "1"]
+    text = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "experts    4 per layer, 2 per token" in text, text
+    report = json.loads(subprocess.run([*cli, "--json"], cwd=REPO, capture_output=True, text=True, check=True).stdout)
+    assert report["experts"] == 4 and report["activeExperts"] == 2
+    assert report["activeParameters"] < report["parameters"]
