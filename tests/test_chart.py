@@ -597,6 +597,8 @@ def test_console_renders_restricted_with_a_token_and_exactly_its_rbac(with_conso
     assert _granted(one(mine, "ClusterRole")["rules"]) == {
         ("kubetune.io", r, v) for r in ("finetunejobs", "alignmentjobs", "inferenceservices") for v in ("get", "list", "create")
     } | {("", "events", "list"), ("", "pods", "list"), ("", "pods/log", "get")}
+    assert "port-forward svc/kubetune-console 8090:80" in with_console["notes"]
+    assert f"get secret {secret['metadata']['name']}" in with_console["notes"]
     binding = one(mine, "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": one(mine, "ServiceAccount")["metadata"]["name"],
                                     "namespace": RELEASE_NAMESPACE}]
