@@ -428,3 +428,45 @@ def test_impersonation_takes_the_user_from_the_proxys_header_or_refuses(tmp_path
         values = {**_quickstart_form(), "data.datasets[0].path": "s3://d/a.json", "output.path": "s3://d/o"}
         assert _post(c, "/launch/apply", values, **{"X-Forwarded-User": "bob"}).status_code == 204
         assert cluster.users[-1] == ("bob", ())
+
+
+def test_impersonating_clients_send_one_group_header_per_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the API server reads: Impersonate-User once, Impersonate-Group once per group (the
+    kubernetes client alone would send one header per name). Clients are kept per user, a few."""
+    from kubernetes import client
+
+    from kubetune.operator.console import cluster as cluster_module
+
+    seen: list[tuple[list[str], list[str]]] = []
+
+    class Api(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            seen.append((self.headers.get_all("Impersonate-User") or [], self.headers.get_all("Impersonate-Group") or []))
+            body = b'{"items": []}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        configuration = client.Configuration()
+        configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
+        base = cluster_module.Cluster(api=client.ApiClient(configuration))
+        alice = base.as_user("alice", ("ml-team", "system:authenticated"))
+        alice.rows("team-a")
+        assert seen[0] == (["alice"], ["ml-team", "system:authenticated"])
+        base.rows("team-a")
+        assert seen[-1] == ([], [])  # the console's own identity is untouched
+        monkeypatch.setattr(cluster_module, "USERS_KEPT", 2)
+        assert base.as_user("alice", ("ml-team", "system:authenticated")) is alice
+        base.as_user("bob")
+        base.as_user("carol")  # the oldest (alice) goes
+        assert base.as_user("alice", ("ml-team", "system:authenticated")) is not alice
+    finally:
+        server.shutdown()

@@ -87,8 +87,8 @@ class Cluster:
         are kept per user, up to USERS_KEPT."""
         key = (user, tuple(groups))
         if key not in self._users:
-            if len(self._users) >= USERS_KEPT:
-                self._users.pop(next(iter(self._users)))
+            if len(self._users) >= USERS_KEPT:  # the oldest user's client goes
+                self._users.pop(next(iter(self._users))).api.close()
             self._users[key] = Cluster(api=impersonating_client(self.api.configuration, user, key[1]))
         return self._users[key]
 
