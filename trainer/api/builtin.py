@@ -9,15 +9,32 @@ from __future__ import annotations
 PREFIX = "builtin:"
 BUILTIN_VERSION = "2"
 
+TINY_LLAMA = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "vocab_size": 1024,
+}
+
 BUILTINS = {
-    "tiny-llama": {
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "vocab_size": 1024,
+    "tiny-llama": TINY_LLAMA,
+    # A LLaVA-architecture vision-language model: the tiny Llama above as its language model, a
+    # 2-layer CLIP vision encoder on 32x32 pictures (16 patches of 8x8, so 16 image tokens) and
+    # LLaVA's two-layer projector. Its tokenizer also knows the words of the shapes demo.
+    "tiny-llava": {
+        **TINY_LLAMA,
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
     },
     # A Mixtral-architecture mixture of experts: the tiny Llama's attention, and in each layer 4
     # experts of which every token goes through 2 (for the MoE tests: ZeRO-3 leaf modules, the

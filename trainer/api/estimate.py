@@ -97,6 +97,30 @@ class ModelShape:
     """MoE: width of the shared expert every token also passes through (Qwen-MoE), 0 for none."""
     params_override: int | None = None
     """A parameter count given by the user (`--params 7B`): the groups below are scaled to it."""
+    vision_hidden: int = 0
+    """Vision-language models: the vision tower's width (0: a text model), layers and MLP width."""
+    vision_layers: int = 0
+    vision_intermediate: int = 0
+    vision_patches: int = 0
+    """Patch embeddings (+ class and position) of one image: the tower's input layer."""
+
+    @property
+    def vision_params(self) -> int:
+        """The vision tower's parameters: per layer attention (4 h x h + biases), MLP and norms,
+        plus the patch and position embeddings."""
+        h, i = self.vision_hidden, self.vision_intermediate
+        per_layer = 4 * (h * h + h) + 2 * h * i + h + i + 4 * h
+        return self.vision_layers * per_layer + self.vision_patches * h + 4 * h if h else 0
+
+    @property
+    def projector_params(self) -> int:
+        """LLaVA's projector: vision width -> text width -> text width (two linear layers)."""
+        return self.vision_hidden * self.hidden + self.hidden * self.hidden + 2 * self.hidden if self.vision_hidden else 0
+
+    def vision_lora_params(self, rank: int) -> int:
+        """LoRA on the tower's linear layers (q, k, v, out, fc1, fc2) at `rank`."""
+        h, i = self.vision_hidden, self.vision_intermediate
+        return self.vision_layers * rank * (4 * 2 * h + 2 * (h + i))
 
     # -- parameter groups (counts) -------------------------------------------------------
     def linear_modules(self) -> dict[str, tuple[int, int]]:
@@ -183,13 +207,27 @@ def shape_from_config(config: dict[str, Any], name: str = "model") -> ModelShape
     tied = config.get("tie_word_embeddings")
     if tied is None:
         tied = model_type in _TIED_BY_DEFAULT
-    return ModelShape(
+    vision = _vision_shape(config.get("vision_config") or {})
+    return ModelShape(**vision,
         name=name, hidden=hidden, layers=layers, vocab=vocab, intermediate=intermediate or 4 * hidden,
         heads=heads, kv_heads=kv, head_dim=head_dim, gated_mlp=model_type not in _UNGATED,
         tied_embeddings=bool(tied), experts=experts, active_experts=min(active, experts),
         attention_bias=bool(config.get("attention_bias") or model_type in ("qwen2", "qwen2_moe")),
         shared_intermediate=int(config.get("shared_expert_intermediate_size") or 0) if experts > 1 else 0,
     )
+
+
+def _vision_shape(vision: dict[str, Any]) -> dict[str, int]:
+    """A vision-language model's tower (`vision_config`, CLIP/SigLIP key names) for ModelShape."""
+    hidden = _get(vision, "hidden_size", "embed_dim", default=0)
+    if not hidden:
+        return {}
+    image, patch = _get(vision, "image_size", default=224), _get(vision, "patch_size", default=14)
+    channels = _get(vision, "num_channels", "in_channels", default=3)
+    patches = (image // patch) ** 2 if isinstance(image, int) and isinstance(patch, int) else 256
+    return {"vision_hidden": hidden, "vision_layers": _get(vision, "num_hidden_layers", "depth", default=24),
+            "vision_intermediate": _get(vision, "intermediate_size", default=4 * hidden),
+            "vision_patches": patches + 1 + channels * (patch if isinstance(patch, int) else 14) ** 2}
 
 
 def _shape(name: str, h: int, layers: int, vocab: int, inter: int, heads: int, kv: int, **kw: Any) -> ModelShape:
@@ -372,7 +410,7 @@ def estimate(
     precision = _precision(spec, device)
     mixed = precision in ("bf16", "fp16")
     act_bytes = 2 if mixed else 4
-    counts = _parameter_counts(spec, shape)
+    counts = _with_vision(spec, shape, _parameter_counts(spec, shape))
     weight_b, master_b = _parameter_bytes(spec, precision)
     states = _ModelStates(
         weights=_weight_bytes(spec, shape, counts, weight_b, mixed),
@@ -474,6 +512,21 @@ def _parameter_counts(spec: TrainingSpec, shape: ModelShape) -> _Counts:
     return replace(counts, lora_params=_lora_parameters(spec, shape) + counts.by_name(spec.lora.modulesToSave))
 
 
+def _with_vision(spec: TrainingSpec, shape: ModelShape, counts: _Counts) -> _Counts:
+    """A vision-language model's tower and projector: in the weights always, trained only as
+    `vision` asks (in full under full/freeze; under LoRA the tower gets adapters and the projector
+    a trained fp32 copy)."""
+    tower, projector = shape.vision_params, shape.projector_params
+    if not tower:
+        return counts
+    counts = replace(counts, total=counts.total + tower + projector)
+    if spec.uses_lora:
+        extra = (shape.vision_lora_params(spec.lora.rank) if spec.vision.trainTower else 0) + (projector if spec.vision.trainProjector else 0)
+        return replace(counts, lora_params=counts.lora_params + extra)
+    extra = (tower if spec.vision.trainTower else 0) + (projector if spec.vision.trainProjector else 0)
+    return replace(counts, full_trainable=counts.full_trainable + extra)
+
+
 def _experts(shape: ModelShape, module: str, active: bool = False) -> int:
     """How many copies of a per-layer linear module there are (MoE MLPs: one per expert; with
     `active`, per token)."""
@@ -521,7 +574,7 @@ def _weight_bytes(spec: TrainingSpec, shape: ModelShape, counts: _Counts, weight
     """The weights: quantised linear layers plus fp32 others (QLoRA), else every parameter in the
     load dtype (plus autocast's 16-bit copies of fp32 weights that train in place)."""
     if spec.method == "qlora":
-        rest = counts.embed + counts.lm_head + counts.norms
+        rest = counts.embed + counts.lm_head + counts.norms + shape.vision_params + shape.projector_params
         return shape.layers * counts.per_layer_linear * _quantized_bytes(spec) + rest * 4.0
     weights = counts.total * weight_b
     if spec.distributed.deepspeed is None and mixed and spec.method in ("full", "freeze", "galore") and weight_b == 4:

@@ -309,6 +309,27 @@ class DeepSpeedSpec(SpecModel):
         return self
 
 
+class VisionSpec(SpecModel):
+    """Vision-language models (a model whose config has a `vision_config`: LLaVA, Qwen2-VL, ...),
+    trained with `stage: sft` on conversations whose turns hold `<image>` placeholders and whose
+    `images` list the pictures. The language model is trained by `method` (LoRA adapters on its
+    layers by default); the vision tower and the projector that maps its features into the
+    language model stay frozen unless asked for here, as LlamaFactory and LLaVA's recipes do."""
+
+    trainProjector: bool = False
+    """Train the multimodal projector too (in full: under LoRA it is saved with the adapter).
+    LLaVA's pretraining stage trains only this; worth turning on when the vision features are new
+    to the language model."""
+    trainTower: bool = False
+    """Train the vision encoder too (LoRA adapters on its linear layers under `lora`/`qlora`, every
+    weight under `full`). Costs memory and rarely helps on small data: off by default."""
+    maxImages: PositiveInt = 8
+    """Images one example may carry; an example with more is refused with its row named."""
+    maxImageMb: PositiveFloat = 20.0
+    """Largest image file read (MB), from disk or `s3://`: a bound against a dataset (or a request
+    to `kubetune serve`) that points at something that is not a picture."""
+
+
 class MoeSpec(SpecModel):
     """Mixture-of-experts models (Mixtral, Qwen-MoE, ...): the router's load-balancing loss. Used
     when the model has routed experts; under ZeRO-3 their MoE blocks are always gathered whole
@@ -610,6 +631,9 @@ class TrainingSpec(SpecModel):
     """DeepSpeed ZeRO settings for multi-GPU/multi-node runs."""
     moe: MoeSpec = Field(default_factory=MoeSpec)
     """Router load-balancing loss of mixture-of-experts models."""
+    vision: VisionSpec = Field(default_factory=VisionSpec)
+    """Vision-language models: which of the vision tower and projector train, image limits. Used
+    when the model has a vision encoder (see docs: Training > Multimodal)."""
     train: TrainSpec = Field(default_factory=TrainSpec)
     """Optimisation hyper-parameters, precision, evaluation cadence."""
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)

@@ -129,6 +129,16 @@ class Engine(ABC):
     def encode_chat(self, messages: list[dict[str, Any]], model: str | None = None, tools: Any = None) -> list[int]:
         return self.tokenizer(self.render_chat(messages, model, tools), add_special_tokens=False)["input_ids"]
 
+    image_token: str | None = None
+    """The token that stands for a picture in the prompt text, for an engine serving a
+    vision-language model; None: the model takes no images."""
+
+    def encode_chat_images(self, messages: list[dict[str, Any]], images: list[Any], model: str | None = None,
+                           tools: Any = None) -> tuple[list[int], dict[str, Any]]:
+        """A conversation whose text holds `image_token` once per picture in `images`: its token
+        ids and its pictures as `Sequence.media` (see each engine)."""
+        raise InvalidRequest("messages", f"the model {model or self.base_name!r} takes no images.", "send text content.")
+
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 

@@ -52,6 +52,8 @@ class LoadedModel:
     context_length: int = 2048
     location: str = ""
     """Local directory of the base model."""
+    processor: Any = None
+    """A vision-language model's processor (image token, image processor); None for text models."""
     default_model: str | None = None
     """The served name of what `location` pointed at: the adapter's for a LoRA output, else None
     (the base). Generation without an explicit model name uses it."""
@@ -140,6 +142,7 @@ def load_model(
     spec = target.spec if target.spec is not None or not adapter_dirs else adapter_specs[next(iter(adapter_dirs))]
     config = _load_base_config(spec if adapter_dirs else None, target.base_local, trust_remote_code)
     tokenizer = _load_serving_tokenizer(target.tokenizer_dir, trust_remote_code)
+    processor = _load_processor(target.tokenizer_dir, config, tokenizer, trust_remote_code)
     torch_dtype = _pick_dtype(dtype, device)
     model = _load_weights(target.base_local, config, torch_dtype, attn_implementation, trust_remote_code)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -159,7 +162,8 @@ def load_model(
              ", ".join([target.base_name, *adapter_dirs]))
     return LoadedModel(model=model, tokenizer=tokenizer, base_name=target.base_name,
                        adapters={k: str(v) for k, v in adapter_dirs.items()}, templates=templates,
-                       context_length=int(context), location=str(target.base_local), default_model=target.default_model)
+                       context_length=int(context), location=str(target.base_local), default_model=target.default_model,
+                       processor=processor)
 
 
 def _resolve_target(location: str, adapters: list[AdapterRef], base: str | None, served_name: str | None,
@@ -234,14 +238,34 @@ def _load_serving_tokenizer(tokenizer_dir: Path | str, trust_remote_code: bool):
     return tokenizer
 
 
+def _load_processor(directory: Path | str, config: Any, tokenizer: Any, trust_remote_code: bool) -> Any:
+    """A vision-language model's processor (saved with its tokenizer, by training too), sharing the
+    serving tokenizer; None for a text model."""
+    from transformers import AutoProcessor
+
+    from kubetune.trainer.train.models.vision import is_vision_config
+
+    if not is_vision_config(config):
+        return None
+    try:
+        processor = AutoProcessor.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SpecError("model", f"{str(directory)!r} is a vision-language model without its processor ({_first_line(exc)}).",
+                        "serve the directory training wrote (it saves the processor), or copy the base's processor files.") from None
+    processor.tokenizer = tokenizer
+    return processor
+
+
 def _load_weights(base_local: Path | str, config: Any, torch_dtype: Any, attn_implementation: str,
                   trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from kubetune.trainer.train.models.loader import pick_attn_implementation
+    from kubetune.trainer.train.models.vision import is_vision_config
 
+    auto_class = AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        return auto_class.from_pretrained(
             str(base_local), config=config, dtype=torch_dtype,
             attn_implementation=pick_attn_implementation(attn_implementation),
             trust_remote_code=trust_remote_code,

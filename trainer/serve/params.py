@@ -127,6 +127,9 @@ class Sequence:
     """Called (on the engine's thread) with each piece of text as it is decoded."""
     lstrip: bool = False
     """Drop leading whitespace (chat replies: templates put a space after `Assistant:`)."""
+    media: dict[str, Any] | None = None
+    """The prompt's pictures as the engine takes them: the processor's tensors (`pixel_values`,
+    ...) for the transformers engine, vLLM's `multi_modal_data` for vLLM; None for text."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     """Set it (from any thread) to stop generating this sequence and free its batch slot."""
     # results, filled by the engine

@@ -89,14 +89,20 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
-    def as_template_message(self) -> dict[str, Any]:
+    def as_template_message(self, image_token: str | None = None) -> dict[str, Any]:
+        """The message as chat templates take it: text content, each `image_url` part replaced by
+        `image_token` (the served model's, None when it takes no images: such parts are refused)."""
         content = self.content
         if isinstance(content, list):
             parts = []
             for part in content:
-                if part.get("type") not in ("text", None):
-                    raise InvalidRequest("messages", f"content parts of type {part.get('type')!r} are not supported.",
-                                         "send text content.")
+                kind = part.get("type")
+                if kind == "image_url" and image_token is not None:
+                    parts.append(image_token)
+                    continue
+                if kind not in ("text", None):
+                    why = "this model takes no images" if kind == "image_url" else f"content parts of type {kind!r} are not supported"
+                    raise InvalidRequest("messages", f"{why}.", "send text content.")
                 parts.append(str(part.get("text") or ""))
             content = "".join(parts)
         role = "system" if self.role == "developer" else self.role

@@ -394,8 +394,8 @@ async def generate(request: Request, endpoint: str, req: ChatCompletionRequest |
                 param = "logprobs" if req.logprobs not in (None, False) else "best_of"
                 raise InvalidRequest(param, f"{param} needs token logprobs, which are not computed with "
                                      "speculative decoding.", "serve without --draft-model/--prompt-lookup.")
-            prompts = await prompt_ids(state, eng, req, params)
-            run = Run(state, endpoint, req, prompts, params, adapter, lstrip=endpoint == "chat")
+            prompts, media = await prompt_ids(state, eng, req, params)
+            run = Run(state, endpoint, req, prompts, params, adapter, lstrip=endpoint == "chat", media=media)
             run.submit()
         except (KubetuneError, Overloaded) as exc:
             raise translate(exc) from None
@@ -410,13 +410,18 @@ async def generate(request: Request, endpoint: str, req: ChatCompletionRequest |
 
 
 async def prompt_ids(state: ServerState, eng: Engine, req: ChatCompletionRequest | CompletionRequest,
-                     params: SamplingParams) -> list[list[int]]:
-    """The request's prompts as token ids, each checked against the context. A prompt with more
-    characters than the context could hold is refused before tokenizing; rendering and tokenizing
-    run on `state.tokenize_pool`, so a long prompt does not hold up the event loop (probes, streams)."""
+                     params: SamplingParams) -> tuple[list[list[int]], list[dict | None]]:
+    """The request's prompts as token ids, each checked against the context, and each prompt's
+    pictures (`Sequence.media`; None for text). A prompt with more characters than the context
+    could hold is refused before tokenizing; fetching images, rendering and tokenizing run on
+    `state.tokenize_pool`, so a long prompt does not hold up the event loop (probes, streams)."""
+    from kubetune.trainer.serve.media import fetch_images, image_urls
+
+    media: list[dict | None] = [None]
     if isinstance(req, ChatCompletionRequest):
         param = "messages"
-        messages = [m.as_template_message() for m in req.messages]
+        messages = [m.as_template_message(eng.image_token) for m in req.messages]
+        urls = [url for m in req.messages for url in image_urls(m.content)]
         tools = req.offered_tools()
         if tools and not eng.template_supports_tools(req.model):
             raise InvalidRequest("tools", f"the chat template of {req.model!r} does not render tools, so the "
@@ -425,7 +430,10 @@ async def prompt_ids(state: ServerState, eng: Engine, req: ChatCompletionRequest
         check_prompt_chars(sum(len(m["content"]) for m in messages), eng.context_length, param)
 
         def encode() -> list[list[int]]:
-            return [eng.encode_chat(messages, req.model, tools=tools)]
+            if not urls:
+                return [eng.encode_chat(messages, req.model, tools=tools)]
+            ids, media[0] = eng.encode_chat_images(messages, fetch_images(urls, state.config.storage), req.model, tools=tools)
+            return [ids]
     else:
         param = "prompt"
         texts = req.prompts()
@@ -444,14 +452,14 @@ async def prompt_ids(state: ServerState, eng: Engine, req: ChatCompletionRequest
         eng.check_length(len(ids), params, param)
         if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
             raise InvalidRequest("prompt", "the prompt holds token ids outside the vocabulary.")
-    return prompts
+    return prompts, media if len(media) == len(prompts) else [None] * len(prompts)
 
 
 class Run:
     """One request's sequences (`n`, or `best_of`, per prompt) and the events flowing back from the engine."""
 
     def __init__(self, state: ServerState, endpoint: str, req: Any, prompts: list[list[int]], params: SamplingParams,
-                 adapter: str | None, *, lstrip: bool):
+                 adapter: str | None, *, lstrip: bool, media: list[dict | None] | None = None):
         self.state = state
         self.endpoint = endpoint
         self.req = req
@@ -468,7 +476,7 @@ class Run:
             for j in range(self.per_prompt):
                 index = p_index * self.per_prompt + j
                 seq = Sequence(prompt_ids=ids, params=params.for_choice(j), adapter=adapter, lstrip=lstrip,
-                               emit=self._emitter(index), tag=index)
+                               emit=self._emitter(index), tag=index, media=(media or [None] * len(prompts))[p_index])
                 self.sequences.append(seq)
         self.prompt_tokens = sum(len(ids) for ids in prompts)
         self.completion_tokens = 0

@@ -244,6 +244,7 @@ class VLLMEngine(Engine):
         self.llm = llm
         self.plan = p
         self._lora_ids = {name: i + 1 for i, name in enumerate(p.adapters)}
+        self.image_token = image_token_of(p.model)
 
     @classmethod
     def load(cls, model: str, *, adapters: list[AdapterRef] | None = None, served_name: str | None = None,
@@ -272,6 +273,14 @@ class VLLMEngine(Engine):
         context = llm.llm_engine.model_config.max_model_len
         return cls(llm, p, context_length=int(context))
 
+    def encode_chat_images(self, messages: list[dict[str, Any]], images: list[Any], model: str | None = None,
+                           tools: Any = None) -> tuple[list[int], dict[str, Any]]:
+        """vLLM expands the image token itself (its own processor): the prompt keeps one per
+        picture, and the pictures go with it as `multi_modal_data` (`run`)."""
+        if self.image_token is None:
+            return super().encode_chat_images(messages, images, model, tools)
+        return self.encode_chat(messages, model, tools), {"image": images if len(images) > 1 else images[0]}
+
     def _sampling(self, seq: Sequence):
         import vllm
 
@@ -292,7 +301,7 @@ class VLLMEngine(Engine):
             groups.setdefault(seq.adapter, []).append(seq)
         for adapter, group in groups.items():
             lora = LoRARequest(adapter, self._lora_ids[adapter], self.adapters[adapter]) if adapter else None
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s.prompt_ids) for s in group],
+            outputs = self.llm.generate([vllm_prompt(TokensPrompt, s) for s in group],
                                         sampling_params=[self._sampling(s) for s in group],
                                         lora_request=lora, use_tqdm=False)
             for seq, out in zip(group, outputs, strict=True):
@@ -311,3 +320,22 @@ class VLLMEngine(Engine):
             with contextlib.suppress(Exception):
                 core.shutdown()
         del self.llm
+
+
+def vllm_prompt(prompt_type: Any, seq: Sequence) -> Any:
+    """vLLM's prompt for a sequence: its token ids, and its pictures as `multi_modal_data`."""
+    if seq.media:
+        return prompt_type(prompt_token_ids=seq.prompt_ids, multi_modal_data=seq.media)
+    return prompt_type(prompt_token_ids=seq.prompt_ids)
+
+
+def image_token_of(model_dir: str | Path) -> str | None:
+    """The image token of a vision-language model directory (its processor's), None for text."""
+    from kubetune.trainer.train.models.vision import is_vision_config
+
+    config = Path(str(model_dir)) / "config.json"
+    if not config.is_file() or not is_vision_config(json.loads(config.read_text())):
+        return None
+    from transformers import AutoProcessor
+
+    return getattr(AutoProcessor.from_pretrained(str(model_dir)), "image_token", None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,15 @@ MIN_IMPROVEMENT = 0.05
 def heldout_examples(eval_rows: Any, count: int = MAX_EXAMPLES) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) of up to `count` unpacked eval rows: the tokens before the first
     labelled one, and the run of labelled tokens that follows (the first answer, eos included)."""
-    examples: list[tuple[list[int], list[int]]] = []
+    return [(prompt, answer) for _, prompt, answer in indexed_examples(eval_rows, count)]
+
+
+def indexed_examples(eval_rows: Any, count: int = MAX_EXAMPLES) -> list[tuple[int, list[int], list[int]]]:
+    """`heldout_examples` with each example's row index (where its other inputs, a picture, are)."""
+    examples: list[tuple[int, list[int], list[int]]] = []
     if eval_rows is None or "labels" not in getattr(eval_rows, "column_names", ()) or "position_ids" in eval_rows.column_names:
         return examples  # preference/prompt rows, or packed rows holding several examples
-    for row in eval_rows.select(range(min(len(eval_rows), 4 * count))):
+    for index, row in enumerate(eval_rows.select_columns(["input_ids", "labels"]).select(range(min(len(eval_rows), 4 * count)))):
         labels = row["labels"]
         first = next((i for i, label in enumerate(labels) if label != -100), None)
         if not first:
@@ -41,14 +47,16 @@ def heldout_examples(eval_rows: Any, count: int = MAX_EXAMPLES) -> list[tuple[li
         end = first
         while end < len(labels) and labels[end] != -100:
             end += 1
-        examples.append((list(row["input_ids"][:first]), list(row["input_ids"][first:end])))
+        examples.append((index, list(row["input_ids"][:first]), list(row["input_ids"][first:end])))
         if len(examples) >= count:
             break
     return examples
 
 
-def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: list[int]) -> list[list[int]]:
-    """Greedy continuations of `prompts` (left-padded batches), each cut at its eos."""
+def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: list[int],
+                   extra: Callable[[int, int], dict] | None = None) -> list[list[int]]:
+    """Greedy continuations of `prompts` (left-padded batches), each cut at its eos; `extra(start,
+    end)` gives further `generate` inputs for prompts[start:end] (a vision model's pixels)."""
     import torch
 
     was_training = model.training
@@ -62,7 +70,8 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new
             width = max(len(p) for p in chunk)
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad,
+            more = {k: v.to(device) for k, v in extra(start, start + len(chunk)).items()} if extra else {}
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **more,
                                  eos_token_id=tokenizer.eos_token_id, max_new_tokens=max(max_new[start:start + BATCH]))
             for row in out[:, width:].tolist():
                 cut = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
@@ -72,14 +81,15 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new
     return answers
 
 
-def exact_match(model: Any, tokenizer: Any, examples: list[tuple[list[int], list[int]]]) -> tuple[float, dict[str, str]]:
+def exact_match(model: Any, tokenizer: Any, examples: list[tuple[list[int], list[int]]],
+                extra: Callable[[int, int], dict] | None = None) -> tuple[float, dict[str, str]]:
     """Percent of held-out answers reproduced exactly (decoded text, surrounding spaces ignored),
     and the first example as {prompt, expected, answer} for the log."""
     def text(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     budgets = [min(len(answer) + 8, MAX_NEW_TOKENS) for _, answer in examples]
-    answers = greedy_answers(model, tokenizer, [prompt for prompt, _ in examples], budgets)
+    answers = greedy_answers(model, tokenizer, [prompt for prompt, _ in examples], budgets, extra)
     hits = sum(text(got) == text(want) for got, (_, want) in zip(answers, examples, strict=True))
     prompt, want = examples[0]
     first = {"prompt": tokenizer.decode(prompt)[-200:], "expected": text(want), "answer": text(answers[0])}
@@ -111,20 +121,30 @@ def loss_verdict(losses: list[float], vocab_size: int) -> dict[str, Any]:
             "learned": final < (1 - MIN_IMPROVEMENT) * level}
 
 
+def _by_rows(indexed: list[tuple[int, list[int], list[int]]], row_inputs: Callable[[list[int]], dict]) -> Callable[[int, int], dict]:
+    """`extra(start, end)` for `greedy_answers` from inputs looked up by eval-row index."""
+    def extra(start: int, end: int) -> dict:
+        return row_inputs([index for index, _, _ in indexed[start:end]])
+    return extra
+
+
 def learning_check(model: Any, tokenizer: Any, eval_rows: Any, metrics_path: Path, *, vocab_size: int,
-                   generate: bool = True) -> dict[str, Any] | None:
+                   generate: bool = True, row_inputs: Callable[[list[int]], dict] | None = None) -> dict[str, Any] | None:
     """The end-of-run report of a run with an eval split (None without one): held-out exact match
     of greedy answers (when the rows have prompts and `generate`), next to the eval loss and its
-    verdict against the guessing level. Logged, with a warning when nothing was learned."""
+    verdict against the guessing level. Logged, with a warning when nothing was learned.
+    `row_inputs(row indices)` gives the further `generate` inputs of those eval rows (pictures)."""
     losses = eval_losses(metrics_path)
-    examples = heldout_examples(eval_rows) if generate else []
+    indexed = indexed_examples(eval_rows) if generate else []
+    examples = [(prompt, answer) for _, prompt, answer in indexed]
+    extra = _by_rows(indexed, row_inputs) if row_inputs is not None else None
     if not losses and not examples:
         return None
     report: dict[str, Any] = {"event": "heldout"}
     if losses:
         report.update(loss_verdict(losses, vocab_size))
     if examples:
-        score, first = exact_match(model, tokenizer, examples)
+        score, first = exact_match(model, tokenizer, examples, extra)
         report.update(exact_match=round(score, 2), examples=len(examples), firstAnswer=first)
         log.info("did it learn? held-out exact match: %.1f%% of %d greedy answers (e.g. %r -> %r, expected %r)",
                  score, len(examples), first["prompt"][-60:], first["answer"], first["expected"])

@@ -279,17 +279,18 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
     from kubetune.trainer.train.distributed import agree
     from kubetune.trainer.train.models.loader import pick_precision
     from kubetune.trainer.train.samples import sample_prompts
-    from kubetune.trainer.train.stages import stage_module
+    from kubetune.trainer.train.stages import stage_for
 
     rank = world_info()[0]
     transformers.set_seed(spec.train.seed)
     precision = pick_precision(spec.train.precision)
     output_dir = session.local_dir
-    stage = stage_module(spec.stage)
+    stage = stage_for(spec)
     # Optional stage hooks: `preflight(spec) -> spec` checks what only the stage knows about
     # (reward functions import, reward/reference models exist) before anything is loaded;
     # `load_model(spec, precision, tokenizer)` replaces the causal-LM loader (reward models);
-    # `sample_prompts(eval_rows, count)` finds prompts in the stage's own eval rows.
+    # `sample_prompts(eval_rows, count)` finds prompts in the stage's own eval rows; a vision-language
+    # model's workflow also replaces the tokenizer, data, collator, method and held-out check hooks.
     if hasattr(stage, "preflight"):
         spec = stage.preflight(spec)
 
@@ -332,7 +333,7 @@ def _train(spec: TrainingSpec, session, started: float, progress: dict) -> RunRe
             session.finalize()
         return RunResult(output_dir, state.global_step, interrupted=True, resumed_from=resumed,
                          runtime_seconds=time.time() - started)
-    _finish(trainer, spec, session, data, metrics, status, tokenizer, prompts)
+    _finish(trainer, spec, session, data, metrics, status, tokenizer, prompts, stage)
     return RunResult(output_dir, state.global_step, resumed_from=resumed, eval_metrics=metrics.last_eval,
                      runtime_seconds=time.time() - started)
 
@@ -351,7 +352,8 @@ def _wire_trainer(spec: TrainingSpec, stage, model, tokenizer, data, args, sessi
     args.eval_on_start = data.eval is not None and spec.distributed.deepspeed is not None and resume_from is None
     optimizers = (loraplus_optimizer(model, spec, args), None) if spec.uses_lora and spec.lora.loraplusRatio else (None, None)
     flash = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
-    counter = TokenCounter(make_collator(tokenizer, spec, flatten_packed=flash))
+    collator = stage.make_collator(tokenizer, spec) if hasattr(stage, "make_collator") else make_collator(tokenizer, spec, flatten_packed=flash)
+    counter = TokenCounter(collator)
     metrics = MetricsWriter(session.local_dir, counter)
     checkpoints = CheckpointRecorder(session, resumed_from=Path(resume_from) if resume_from else None)
     status = StatusReporter(session, metrics, checkpoints, data=data_summary(data.stats))
@@ -415,14 +417,15 @@ def _load_inputs(spec: TrainingSpec, stage, precision: str):
     from kubetune.trainer.train.models.methods import apply_method
     from kubetune.trainer.train.models.vocab import extend_tokenizer, resize_embeddings
 
-    tokenizer = load_tokenizer(spec.model, spec.storage)
+    tokenizer = stage.load_tokenizer(spec) if hasattr(stage, "load_tokenizer") else load_tokenizer(spec.model, spec.storage)
     added_tokens = extend_tokenizer(spec, tokenizer) if spec.vocab.enabled else []
-    data = with_lengths(spec, build_datasets(spec, tokenizer))
+    build = getattr(stage, "build_datasets", build_datasets)
+    data = with_lengths(spec, build(spec, tokenizer))
     model = stage.load_model(spec, precision, tokenizer) if hasattr(stage, "load_model") else load_model(spec, precision)
     if added_tokens:
         resize_embeddings(model, len(tokenizer), spec.vocab.noiseStd, spec.train.seed)
         spec = with_trainable_embeddings(spec, model)
-    model = apply_method(model, spec)
+    model = getattr(stage, "apply_method", apply_method)(model, spec)
     # A KV cache is useless in training and, when present, transformers skips the packed-sequence
     # detection that keeps packed examples from attending to each other.
     model.config.use_cache = False
@@ -450,7 +453,7 @@ def _fit(trainer, spec: TrainingSpec, data, stop: GracefulStop, resume_from: str
 
 
 def _finish(trainer, spec: TrainingSpec, session, data, metrics: MetricsWriter, status: StatusReporter,
-            tokenizer, prompts: list) -> None:
+            tokenizer, prompts: list, stage) -> None:
     """Final evaluation, model, samples, metrics, plot and Succeeded status; then every rank waits."""
     import torch
 
@@ -468,8 +471,10 @@ def _finish(trainer, spec: TrainingSpec, session, data, metrics: MetricsWriter, 
         record_samples(output_dir / SAMPLES_FILE, "after", state.global_step, generate_samples(trainer.model, tokenizer, prompts))
         heldout = None
         if spec.stage in ("pt", "sft"):  # a per-token loss, comparable with guessing; answers to reproduce
-            heldout = learning_check(trainer.model, tokenizer, data.eval, metrics.path, vocab_size=trainer.model.config.vocab_size,
-                                     generate=spec.distributed.deepspeed is None)  # ZeRO shards the weights
+            check = getattr(stage, "learning_check", learning_check)
+            vocab_size = trainer.model.config.get_text_config().vocab_size  # a vision-language model's is its LM's
+            heldout = check(trainer.model, tokenizer, data.eval, metrics.path, vocab_size=vocab_size,
+                            generate=spec.distributed.deepspeed is None)  # ZeRO shards the weights
         if heldout is not None:
             metrics.write({**heldout, "step": state.global_step})
             if "exact_match" in heldout:

@@ -4,8 +4,11 @@ They make the quickstart and the test suite work on a machine that cannot downlo
 `builtin:tiny-llama` is a 2-layer Llama (head size 64, so vLLM's CPU kernels accept it) with a
 byte-level BPE tokenizer trained on the demo corpus, whose chat template is kubetune's `default`
 (set explicitly, as a chat model's tokenizer ships its own: the demo trains and chats on
-conversations, and a tokenizer without a template is refused for them). It is built once into the cache directory
-and reused; concurrent builders (torchrun ranks) race safely through an atomic rename.
+conversations, and a tokenizer without a template is refused for them). `builtin:tiny-llava` is a
+LLaVA-architecture vision-language model around the same tiny Llama (a 2-layer CLIP encoder on
+32x32 pictures, LLaVA's projector) with its processor, for the multimodal demo and tests. Each is
+built once into the cache directory and reused; concurrent builders (torchrun ranks) race safely
+through an atomic rename.
 """
 
 from __future__ import annotations
@@ -42,7 +45,12 @@ def resolve_builtin(path: str, field: str = "model.path") -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        build_tiny_llama(staging, **BUILTINS[name])
+        shape = dict(BUILTINS[name])
+        vision = shape.pop("vision_config", None)
+        if vision is not None:
+            build_tiny_llava(staging, vision_config=vision, **shape)
+        else:
+            build_tiny_llama(staging, **shape)
         try:
             staging.rename(target)
         except OSError:
@@ -102,4 +110,49 @@ def build_tiny_llama(directory: str | Path, *, vocab_size: int, seed: int = 0, c
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return directory
+
+
+IMAGE_TOKEN = "<image>"
+
+
+def build_tiny_llava(directory: str | Path, *, vocab_size: int, vision_config: dict, seed: int = 0, **text_kwargs) -> Path:
+    """Build and save a randomly initialised tiny LLaVA and its processor into `directory`: the
+    tokenizer (demo and shapes words, plus the `<image>` token) with kubetune's `default` chat
+    template, a CLIP image processor sized to the encoder, and LLaVA's processor, which expands
+    each `<image>` into one token per patch."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from kubetune.trainer.train.data.templates import TEMPLATES
+    from kubetune.trainer.train.demo import demo_corpus
+    from kubetune.trainer.train.shapes import shapes_corpus
+
+    directory = Path(directory)
+    tokenizer = train_tokenizer(demo_corpus() + shapes_corpus(), vocab_size)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.model_max_length = text_kwargs["max_position_embeddings"]
+    tokenizer.chat_template = TEMPLATES["default"]
+    vision = CLIPVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
+    text = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **text_kwargs)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False)
+    size = vision.image_size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    # "default" drops the encoder's CLS feature: one image token per patch (num_additional_image_tokens
+    # says the encoder adds that one, so the processor counts patches + 1 - 1).
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
+                               num_additional_image_tokens=1, vision_feature_select_strategy="default",
+                               image_token=IMAGE_TOKEN, chat_template=TEMPLATES["default"])
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(config).save_pretrained(directory)
+    processor.save_pretrained(directory)
     return directory

@@ -100,8 +100,9 @@ def quantization_config(spec: TrainingSpec, compute_dtype: str):
     )
 
 
-def load_model(spec: TrainingSpec, precision: str, *, extra_kwargs: dict[str, Any] | None = None):
-    """The causal LM in the dtype that fits the precision, with the chosen attention kernel."""
+def load_model(spec: TrainingSpec, precision: str, *, extra_kwargs: dict[str, Any] | None = None, auto_class: Any = None):
+    """The causal LM (or `auto_class`'s model: a vision-language one) in the dtype that fits the
+    precision, with the chosen attention kernel."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -129,7 +130,7 @@ def load_model(spec: TrainingSpec, precision: str, *, extra_kwargs: dict[str, An
             kwargs["device_map"] = {"": world_info()[1]}
     kwargs.update(extra_kwargs or {})
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        model = (auto_class or AutoModelForCausalLM).from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
         raise SpecError("model.path", f"no model could be loaded from {location!r} ({_first_line(exc)}).",
                         "check the path or hub id, and that the hub is reachable (HF_HUB_OFFLINE).") from None

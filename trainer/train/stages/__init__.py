@@ -3,13 +3,18 @@
 A stage module exposes `build_trainer(ctx) -> transformers.Trainer`; the runner owns everything
 shared (output session, resume, model loading, callbacks, saving). Optional hooks (see
 `runner._train`): `preflight(spec) -> spec`, `load_model(spec, precision, tokenizer)`,
-`sample_prompts(eval_rows, count)`.
+`sample_prompts(eval_rows, count)`. `stage_for(spec)` picks the vision-language workflow
+(`stages.vision`) for `sft` on a model with a vision encoder.
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kubetune.trainer.api.spec import TrainingSpec
 
 STAGE_MODULES = {
     "pt": "kubetune.trainer.train.stages.causal_lm",
@@ -25,3 +30,13 @@ STAGE_MODULES = {
 
 def stage_module(stage: str) -> ModuleType:
     return importlib.import_module(STAGE_MODULES[stage])
+
+
+def stage_for(spec: TrainingSpec) -> ModuleType:
+    """The workflow of this run: the stage's, or the vision-language one when the model has a
+    vision encoder (whose `preflight` refuses the stages it does not train)."""
+    from kubetune.trainer.train.models.vision import is_vision_model
+
+    if is_vision_model(spec):
+        return importlib.import_module("kubetune.trainer.train.stages.vision")
+    return stage_module(spec.stage)

@@ -1,0 +1,242 @@
+"""Image-text conversations for vision-language SFT: rows, pictures, token rows, batches.
+
+Two source forms, both aligned to (messages, image locations):
+
+- sharegpt / LlamaFactory: `messages` (or `conversations`) whose turns hold `<image>`
+  placeholders, and an `images` list, one entry per placeholder in order;
+- LMFlow's image-text form (its multimodal dataset reads LLaVA's JSON): `image` (one picture) and
+  `conversations` with `from`/`value` turns, the first holding `<image>`.
+
+An image location is `s3://...` (downloaded once into the cache by the storage layer) or a path
+relative to the dataset file's directory, joined by `safe_join` (the storage layer's one checked
+join: no `..`, no absolute path leaves the dataset's directory). A row with images but no
+placeholder gets them before its first user turn, as LlamaFactory does.
+
+Token rows are rendered with the tokenizer's chat template exactly as text SFT renders them
+(`ChatRenderer`), each `<image>` replaced by the processor's image token; every text piece is then
+encoded by the model's own processor, which expands an image token into as many tokens as the
+vision encoder yields features. Labels are -100 everywhere but the assistant's answers: prompt,
+template and image tokens are never trained on. Pixels are computed per batch by the collator
+(`VisionCollator`) from the stored paths, so the token cache holds no tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from kubetune.trainer.api.errors import SpecError
+from kubetune.trainer.api.spec import DatasetSpec, StorageSpec, TrainingSpec
+from kubetune.trainer.api.uri import is_s3, safe_join
+from kubetune.trainer.train.data.aligners import SHAREGPT_ROLES, InvalidRow, _text
+from kubetune.trainer.train.data.pipeline import DataBundle, log_data_summary
+from kubetune.trainer.train.data.processors import IGNORE_INDEX, ChatRenderer
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDER = "<image>"
+"""The image placeholder in dataset text (LlamaFactory's and LLaVA's)."""
+
+
+def align_row(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
+    """(messages, image locations) of one row in either form; InvalidRow when it fits neither."""
+    turns = row.get("messages") or row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise InvalidRow("needs `messages` (or `conversations`): a non-empty list of turns")
+    messages = []
+    for turn in turns:
+        speaker = turn.get("role") if turn.get("role") is not None else turn.get("from")
+        role = SHAREGPT_ROLES.get(str(speaker).lower())
+        if role is None:
+            raise InvalidRow(f"unknown speaker {speaker!r}")
+        content = turn.get("content") if turn.get("content") is not None else turn.get("value")
+        messages.append({"role": role, "content": _text(content)})
+    images = row.get("images")
+    if images is None and row.get("image") is not None:
+        images = [row["image"]]
+    images = [images] if isinstance(images, str) else list(images or [])
+    if not all(isinstance(image, str) and image for image in images):
+        raise InvalidRow("`images` must list image locations (paths or s3:// URIs)")
+    placeholders = sum(m["content"].count(PLACEHOLDER) for m in messages)
+    if images and placeholders == 0:
+        first = next((i for i, m in enumerate(messages) if m["role"] == "user"), 0)
+        messages[first] = {**messages[first], "content": PLACEHOLDER * len(images) + messages[first]["content"]}
+    elif placeholders != len(images):
+        raise InvalidRow(f"{placeholders} {PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
+    return messages, images
+
+
+def resolve_image(location: str, root: Path, storage: StorageSpec, *, field: str, max_mb: float) -> Path:
+    """The local file of an image: an `s3://` object through the cache, or a path below the
+    dataset's directory (the checked join); refused when missing or larger than `max_mb`."""
+    if is_s3(location):
+        from kubetune.trainer.artifacts import localize
+
+        path = localize(location, storage, field=field)
+    else:
+        path = safe_join(root, location, location=location, field=field)
+    if not path.is_file():
+        raise SpecError(field, f"image {location!r} does not exist (looked for {path}).",
+                        "image paths are relative to the dataset file's directory, or s3:// URIs.")
+    if path.stat().st_size > max_mb * 1024 * 1024:
+        raise SpecError(field, f"image {location!r} is {path.stat().st_size / 2**20:.1f} MB, over vision.maxImageMb ({max_mb}).",
+                        "shrink the picture or raise vision.maxImageMb.")
+    return path
+
+
+def open_image(path: str | Path) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def dataset_root(source: DatasetSpec, storage: StorageSpec, field: str) -> Path:
+    """The directory relative image paths start from: the dataset file's (or directory's)."""
+    from kubetune.trainer.artifacts import localize
+
+    local = localize(source.path, storage, field=f"{field}.path")
+    return local if local.is_dir() else local.parent
+
+
+def load_rows(spec: TrainingSpec, sources: list[DatasetSpec], prefix: str) -> list[dict[str, Any]]:
+    """Every source's rows as {messages, images (local paths)}; a bad row is an error naming it."""
+    from kubetune.trainer.train.data.loader import load_source
+
+    rows: list[dict[str, Any]] = []
+    for index, source in enumerate(sources):
+        field = f"{prefix}[{index}]"
+        loaded = load_source(source, field=field, storage=spec.storage)
+        root = dataset_root(source, spec.storage, field)
+        for number, row in enumerate(loaded.dataset):
+            try:
+                messages, images = align_row(row)
+            except InvalidRow as exc:
+                raise SpecError(field, f"row {number} is not an image-text conversation: {exc}.",
+                                "use messages + images (sharegpt) or image + conversations (LLaVA/LMFlow).") from None
+            if len(images) > spec.vision.maxImages:
+                raise SpecError(field, f"row {number} has {len(images)} images, over vision.maxImages ({spec.vision.maxImages}).",
+                                "split the conversation or raise vision.maxImages.")
+            paths = [str(resolve_image(image, root, spec.storage, field=f"{field} row {number}", max_mb=spec.vision.maxImageMb))
+                     for image in images]
+            rows.append({"messages": messages, "images": paths})
+    return rows
+
+
+def encode_row(processor: Any, renderer: ChatRenderer, row: dict[str, Any], max_length: int) -> dict[str, Any] | None:
+    """input_ids and labels of one conversation (answers trained, everything else -100) and the
+    text pieces for the log; None when no answer token is left within `max_length`."""
+    token = getattr(processor, "image_token", None) or PLACEHOLDER
+    messages = [{**m, "content": m["content"].replace(PLACEHOLDER, token)} for m in row["messages"]]
+    full, spans = renderer.spans(messages, None)
+    pieces, cursor = [], 0
+    for start, end in spans:
+        pieces += [(full[cursor:start], False), (full[start:end], True)]
+        cursor = max(cursor, end)
+    pieces.append((full[cursor:], False))
+    images = [open_image(path) for path in row["images"]]
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in pieces:
+        if not text:
+            continue
+        count = text.count(token)
+        kwargs = {"images": images[:count]} if count else {}
+        images = images[count:]
+        encoded = processor(text=[text], add_special_tokens=False, **kwargs)["input_ids"][0]
+        encoded = encoded.tolist() if hasattr(encoded, "tolist") else list(encoded)
+        ids += encoded
+        labels += encoded if trained else [IGNORE_INDEX] * len(encoded)
+    if len(ids) > max_length:
+        # The model needs every image's tokens: a cut through (or before) one drops the row.
+        image_id = processor.tokenizer.convert_tokens_to_ids(token)
+        if image_id in ids[max_length:]:
+            return None
+        ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return {"input_ids": ids, "labels": labels, "images": row["images"],
+            "segments": [{"text": text, "trained": trained} for text, trained in pieces if text]}
+
+
+def tokenize(processor: Any, rows: list[dict[str, Any]], spec: TrainingSpec) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """Token rows of `rows` (dropped: those with nothing to train on) and their statistics."""
+    renderer = ChatRenderer(processor.tokenizer)
+    encoded = [e for e in (encode_row(processor, renderer, row, spec.data.maxLength) for row in rows) if e is not None]
+    tokens = sum(len(e["input_ids"]) for e in encoded)
+    masked = sum(sum(label == IGNORE_INDEX for label in e["labels"]) for e in encoded)
+    stats: dict[str, Any] = {"examples": len(encoded), "dropped": len(rows) - len(encoded), "tokens": tokens,
+                             "images": sum(len(e["images"]) for e in encoded),
+                             "meanLength": tokens / max(len(encoded), 1), "maskedFraction": masked / max(tokens, 1)}
+    if encoded:
+        stats["firstExample"] = encoded[0]["segments"]
+    table = {name: [e[name] for e in encoded] for name in ("input_ids", "labels", "images")}
+    return datasets.Dataset.from_dict(table), stats
+
+
+def build_vision_datasets(spec: TrainingSpec, processor: Any) -> DataBundle:
+    """Training (and held-out) token rows of the spec's image-text datasets. The held-out split is
+    `data.evalDatasets`, else a seeded `data.evalSize` share of the training rows."""
+    from kubetune.trainer.train.data.templates import apply_template, current_template
+
+    apply_template(processor.tokenizer, spec.data.template)
+    if current_template(processor.tokenizer) is None:
+        raise SpecError("data.template", "the model's tokenizer has no chat template.", "set data.template (see `kubetune templates`).")
+    train_rows = load_rows(spec, spec.data.datasets, "data.datasets")
+    eval_rows = load_rows(spec, spec.data.evalDatasets, "data.evalDatasets") if spec.data.evalDatasets else []
+    rng = random.Random(spec.train.seed)
+    if not eval_rows and spec.data.evalSize > 0:
+        rng.shuffle(train_rows)
+        size = spec.data.evalSize
+        count = min(len(train_rows) - 1, int(size) if size >= 1 else max(1, round(size * len(train_rows))))
+        eval_rows, train_rows = train_rows[:count], train_rows[count:]
+    if spec.data.shuffle:
+        rng.shuffle(train_rows)
+    train, train_stats = tokenize(processor, train_rows, spec)
+    if len(train) == 0:
+        raise SpecError("data.datasets", "no training example is left after tokenization.", "check the data and data.maxLength.")
+    stats: dict[str, Any] = {"template": "tokenizer", "templateReason": "the model's own chat template, images by its processor",
+                             "stage": spec.stage, "packing": False, "train": train_stats}
+    eval_ds = None
+    if eval_rows:
+        eval_ds, stats["eval"] = tokenize(processor, eval_rows, spec)
+    log_data_summary(stats)
+    return DataBundle(train=train, eval=eval_ds, stats=stats)
+
+
+class VisionCollator:
+    """Right-padded token rows with an attention mask, plus the pictures as the processor's image
+    tensors (`pixel_values`, and `image_grid_thw` and the like for models that have them), in row
+    order: the model replaces the image tokens with their features in that order."""
+
+    def __init__(self, processor: Any):
+        tokenizer = processor.tokenizer
+        self.processor = processor
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        ids, labels, mask, images = [], [], [], []
+        for f in features:
+            pad = width - len(f["input_ids"])
+            ids.append(list(f["input_ids"]) + [self.pad] * pad)
+            labels.append(list(f["labels"]) + [IGNORE_INDEX] * pad)
+            mask.append([1] * len(f["input_ids"]) + [0] * pad)
+            images += list(f.get("images") or [])
+        batch: dict[str, Any] = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+        batch.update(image_inputs(self.processor, images))
+        return batch
+
+
+def image_inputs(processor: Any, images: list[Any]) -> dict[str, Any]:
+    """The image processor's tensors for pictures (local paths or PIL images), in order; {} for none."""
+    if not images:
+        return {}
+    pictures = [open_image(image) if isinstance(image, str | Path) else image for image in images]
+    return dict(processor.image_processor(pictures, return_tensors="pt"))
