@@ -92,7 +92,7 @@ def _emulator_class() -> Any:
     return HelmCluster
 
 
-async def _install(values: dict[str, Any] | None, workdir: Path) -> dict[str, Any]:
+async def _install(values: dict[str, Any] | None, workdir: Path, upgrade: bool = False) -> dict[str, Any]:
     import helm_sdkpy
     import kmock
     from kmock._internal import apps
@@ -112,18 +112,23 @@ async def _install(values: dict[str, Any] | None, workdir: Path) -> dict[str, An
         config = helm_sdkpy.Configuration(namespace=RELEASE_NAMESPACE, kubeconfig=str(kubeconfig))
         try:
             release = await helm_sdkpy.Install(config).run("kubetune", str(CHART), values=values, wait=False, timeout=60)
+            before = [copy.deepcopy(obj.raw) for obj in cluster.objects.values() if not obj.deleted]
+            if upgrade:  # `helm upgrade` with the same values, on top of the install
+                release = await helm_sdkpy.Upgrade(config).run("kubetune", str(CHART), values=values, wait=False,
+                                                                timeout=60)
         except helm_sdkpy.HelmError as exc:
             return {"error": str(exc)}
         objects = [copy.deepcopy(obj.raw) for obj in cluster.objects.values() if not obj.deleted]
-    return {"objects": objects, "manifest": release.get("manifest", ""), "notes": (release.get("info") or {}).get("notes", "")}
+    return {"objects": objects, "manifest": release.get("manifest", ""), "notes": (release.get("info") or {}).get("notes", ""),
+            "installed": before}
 
 
-def helm_install(values: dict[str, Any] | None, tmp_path: Path) -> dict[str, Any]:
+def helm_install(values: dict[str, Any] | None, tmp_path: Path, upgrade: bool = False) -> dict[str, Any]:
     values_file = tmp_path / "values.json"
     values_file.write_text(json.dumps(values))
     env = {**os.environ, "HELM_DRIVER": "memory"}
     proc = subprocess.run(
-        [sys.executable, __file__, str(values_file), str(tmp_path)],
+        [sys.executable, __file__, str(values_file), str(tmp_path), *(["upgrade"] if upgrade else [])],
         env=env, capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -604,6 +609,18 @@ def test_console_renders_restricted_with_a_token_and_exactly_its_rbac(with_conso
                                     "namespace": RELEASE_NAMESPACE}]
 
 
+def test_console_token_is_kept_on_upgrade(tmp_path: Path) -> None:
+    """The chart's random token survives `helm upgrade` (read back with `lookup`): a browser's
+    cookie stays valid. A new install gets a new token."""
+    result = helm_install({"console": {"enabled": True}}, tmp_path, upgrade=True)
+    assert "error" not in result, result.get("error")
+    tokens = [one(console_objects(objects), "Secret")["data"]["token"] for objects in (result["installed"], result["objects"])]
+    assert tokens[0] == tokens[1]
+    (tmp_path / "again").mkdir()
+    again = installed({"console": {"enabled": True}}, tmp_path / "again")
+    assert one(console_objects(again["objects"]), "Secret")["data"]["token"] != tokens[0]
+
+
 def test_console_impersonation_needs_its_proxy_and_grants_only_impersonate(tmp_path: Path) -> None:
     (tmp_path / "proxied").mkdir()
     refused = helm_install({"console": {"enabled": True, "impersonation": {"enabled": True}}}, tmp_path)
@@ -628,4 +645,4 @@ def test_console_impersonation_needs_its_proxy_and_grants_only_impersonate(tmp_p
 
 if __name__ == "__main__":  # one `helm install` into the emulator (see helm_install)
     _values = json.loads(Path(sys.argv[1]).read_text())
-    print(json.dumps(asyncio.run(_install(_values, Path(sys.argv[2])))))
+    print(json.dumps(asyncio.run(_install(_values, Path(sys.argv[2]), upgrade=sys.argv[3:] == ["upgrade"]))))
