@@ -43,6 +43,19 @@ def test_what_the_form_has_no_field_for_survives_the_round_trip() -> None:
     assert form.form_to_document(form.document_to_form(document)) == document
 
 
+def test_every_dataset_gets_fields_and_more_than_the_form_shows_is_kept() -> None:
+    base = form.sections()
+    document = {"model": {"path": "m"}, "data": {"datasets": [{"path": f"d{i}.jsonl", "weight": i + 1} for i in range(35)]}}
+    shown = form.expand(base, form.counts_of_document(document, base))
+    values = form.document_to_form(document, shown)
+    assert values["data.datasets[1].path"] == "d1.jsonl" and values["data.datasets[31].weight"] == "32"
+    assert "data.datasets[32].path" not in values and "d34.jsonl" in values["_extra"]  # past MAX_ITEMS
+    again = form.expand(base, form.counts_of_values(values, base))
+    assert form.form_to_document(values, again) == document
+    added = form.counts_of_values({"data.datasets[0].path": "a"}, base, add="data.datasets")
+    assert added["data.datasets"] == 2
+
+
 def test_field_errors_come_from_the_validator_and_land_on_their_field() -> None:
     sections = form.sections()
     values = form.document_to_form(yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text()), sections)

@@ -146,8 +146,8 @@ def counts_of_document(document: dict[str, Any], form: list[Section]) -> dict[st
     counts = {}
     for prefix in (p for s in form for p in s.arrays):
         items = _get(document, _parts(prefix))
-        if isinstance(items, list) and items:
-            counts[prefix] = len(items)
+        if isinstance(items, list) and items:  # past MAX_ITEMS, items stay in `_extra`
+            counts[prefix] = min(MAX_ITEMS, len(items))
     return counts
 
 

@@ -110,11 +110,13 @@ def load_model(spec: TrainingSpec, precision: str, *, extra_kwargs: dict[str, An
     if precision in ("bf16", "fp16") and spec.method in ("full", "freeze", "galore") and spec.model.dtype == "auto":
         # Mixed precision keeps fp32 master weights for fully trained parameters.
         dtype_name = "float32"
+    from kubetune.trainer.train.models.prequantized import check_prequantized
     from kubetune.trainer.train.models.rope import warn_beyond_context
 
     location = resolve_model_location(spec.model.path, spec.storage, "model.path")
     config = load_config(spec, location)
     warn_beyond_context(config, spec)
+    check_prequantized(spec, config, location)  # GPTQ/AWQ/AQLM: LoRA only, kernels present
     kwargs: dict[str, Any] = {
         "config": config,
         "dtype": getattr(torch, dtype_name),

@@ -91,15 +91,21 @@ def keep_4bit_weights_trainable(model) -> int:
 def apply_lora(model, spec: TrainingSpec):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if spec.method == "qlora":
+    from kubetune.trainer.train.models.prequantized import quant_method, quantized_linear_names
+
+    config = lora_config(spec)
+    prequantized = quant_method(model.config) is not None
+    if prequantized and spec.lora.targetModules == ["all-linear"]:
+        config.target_modules = quantized_linear_names(model) or "all-linear"
+    if spec.method == "qlora" or prequantized:
         keep_4bit_weights_trainable(model)
-        # Casts norms to fp32 and enables input grads so the frozen 4/8-bit base backpropagates.
+        # Casts norms to fp32 and enables input grads so the frozen quantized base backpropagates.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=spec.train.gradientCheckpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     try:
-        return get_peft_model(model, lora_config(spec))
+        return get_peft_model(model, config)
     except ValueError as exc:
         raise SpecError("lora.targetModules", f"{exc}", "list module names that exist in the model (e.g. q_proj, v_proj) or use all-linear.") from None
 
