@@ -29,6 +29,8 @@ class Example:
     reference: str | None = None
     tools: str | None = None
     """Tool definitions (JSON) offered to the model, from sharegpt data."""
+    images: list[str] | None = None
+    """Local paths of the pictures the conversation's `<image>` placeholders stand for, in order."""
 
     @property
     def is_chat(self) -> bool:
@@ -72,8 +74,12 @@ def load_rows(data: str | DatasetSpec, *, format: str = "auto", max_samples: int
 
 def load_examples(data: str | DatasetSpec, *, format: str = "auto", max_samples: int | None = None,
                   storage: StorageSpec | None = None, field: str = "--data") -> list[Example]:
-    """Read a dataset into prompts (+ references) with the training pipeline's loader/aligners."""
+    """Read a dataset into prompts (+ references) with the training pipeline's loader/aligners;
+    image-text rows (sharegpt `images`, LLaVA/LMFlow `image`) keep their pictures."""
     path = data.path if isinstance(data, DatasetSpec) else data
+    image_examples = load_image_examples(data, format=format, max_samples=max_samples, storage=storage, field=field)
+    if image_examples is not None:
+        return image_examples
     data = load_rows(data, format=format, max_samples=max_samples, storage=storage, field=field)
     examples: list[Example] = []
     for row in data:
@@ -94,7 +100,41 @@ def load_examples(data: str | DatasetSpec, *, format: str = "auto", max_samples:
     return examples
 
 
+def load_image_examples(data: str | DatasetSpec, *, format: str = "auto", max_samples: int | None = None,
+                        storage: StorageSpec | None = None, field: str = "--data") -> list[Example] | None:
+    """The examples of an image-text dataset (None for other data), answers held back as references."""
+    from kubetune.trainer.api.spec import VisionSpec
+    from kubetune.trainer.train.data.loader import load_source
+    from kubetune.trainer.train.data.vision import has_images, load_image_rows
+
+    source = dataset_spec(data, format=format, max_samples=max_samples, field=field)
+    if format not in ("auto", "sharegpt") or not has_images(load_source(source, field=field, storage=storage).columns):
+        return None
+    examples = []
+    for row in load_image_rows([source], field, storage or StorageSpec(), VisionSpec()):
+        messages = row["messages"]
+        reference = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+        examples.append(Example(messages=messages[:-1] if reference is not None else messages, reference=reference,
+                                images=row["images"]))
+    return examples
+
+
 def encode_example(engine: Any, example: Example, model: str | None = None) -> list[int]:
+    return encode_example_media(engine, example, model)[0]
+
+
+def encode_example_media(engine: Any, example: Example, model: str | None = None) -> tuple[list[int], dict | None]:
+    """The example's prompt ids and, for an image-text example, its pictures (`Sequence.media`)."""
+    if example.images:
+        from kubetune.trainer.train.data.vision import PLACEHOLDER, open_image
+
+        token = engine.image_token or PLACEHOLDER
+        messages = [{**m, "content": m["content"].replace(PLACEHOLDER, token)} for m in example.messages or []]
+        return engine.encode_chat_images(messages, [open_image(p) for p in example.images], model)
+    return encode_plain(engine, example, model), None
+
+
+def encode_plain(engine: Any, example: Example, model: str | None = None) -> list[int]:
     if example.is_chat:
         tools = json.loads(example.tools) if example.tools else None
         return engine.encode_chat(example.messages, model, tools=tools)
@@ -114,13 +154,13 @@ def generate_examples(engine: Any, examples: list[Example], params: SamplingPara
         for start in range(0, len(examples), batch_size):
             batch = []
             for i, example in enumerate(examples[start:start + batch_size], start=start):
-                ids = encode_example(engine, example, model)
+                ids, media = encode_example_media(engine, example, model)
                 try:
                     engine.check_length(len(ids), params, "prompt")
                 except SpecError as exc:
                     raise SpecError(f"example {i}", exc.problem, "raise the model's context (--max-model-len with RoPE "
                                     "scaling), lower --max-tokens, or drop long examples.") from None
-                batch.append(Sequence(prompt_ids=ids, params=params, adapter=adapter, lstrip=example.is_chat, tag=i))
+                batch.append(Sequence(prompt_ids=ids, params=params, adapter=adapter, lstrip=example.is_chat, tag=i, media=media))
             engine.run(batch)
             done += batch
             if on_batch is not None:

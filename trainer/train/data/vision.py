@@ -30,7 +30,7 @@ from typing import Any
 import datasets
 
 from kubetune.trainer.api.errors import SpecError
-from kubetune.trainer.api.spec import DatasetSpec, StorageSpec, TrainingSpec
+from kubetune.trainer.api.spec import DatasetSpec, StorageSpec, TrainingSpec, VisionSpec
 from kubetune.trainer.api.uri import is_s3, safe_join
 from kubetune.trainer.train.data.aligners import SHAREGPT_ROLES, InvalidRow, _text
 from kubetune.trainer.train.data.pipeline import DataBundle, log_data_summary
@@ -105,26 +105,37 @@ def dataset_root(source: DatasetSpec, storage: StorageSpec, field: str) -> Path:
 
 def load_rows(spec: TrainingSpec, sources: list[DatasetSpec], prefix: str) -> list[dict[str, Any]]:
     """Every source's rows as {messages, images (local paths)}; a bad row is an error naming it."""
+    return load_image_rows(sources, prefix, spec.storage, spec.vision)
+
+
+def load_image_rows(sources: list[DatasetSpec], prefix: str, storage: StorageSpec, limits: VisionSpec) -> list[dict[str, Any]]:
+    """`load_rows` for any caller (`kubetune generate` too): the storage settings and the
+    `vision` limits given."""
     from kubetune.trainer.train.data.loader import load_source
 
     rows: list[dict[str, Any]] = []
     for index, source in enumerate(sources):
-        field = f"{prefix}[{index}]"
-        loaded = load_source(source, field=field, storage=spec.storage)
-        root = dataset_root(source, spec.storage, field)
+        field = f"{prefix}[{index}]" if len(sources) > 1 or prefix.startswith("data.") else prefix
+        loaded = load_source(source, field=field, storage=storage)
+        root = dataset_root(source, storage, field)
         for number, row in enumerate(loaded.dataset):
             try:
                 messages, images = align_row(row)
             except InvalidRow as exc:
                 raise SpecError(field, f"row {number} is not an image-text conversation: {exc}.",
                                 "use messages + images (sharegpt) or image + conversations (LLaVA/LMFlow).") from None
-            if len(images) > spec.vision.maxImages:
-                raise SpecError(field, f"row {number} has {len(images)} images, over vision.maxImages ({spec.vision.maxImages}).",
+            if len(images) > limits.maxImages:
+                raise SpecError(field, f"row {number} has {len(images)} images, over vision.maxImages ({limits.maxImages}).",
                                 "split the conversation or raise vision.maxImages.")
-            paths = [str(resolve_image(image, root, spec.storage, field=f"{field} row {number}", max_mb=spec.vision.maxImageMb))
+            paths = [str(resolve_image(image, root, storage, field=f"{field} row {number}", max_mb=limits.maxImageMb))
                      for image in images]
             rows.append({"messages": messages, "images": paths})
     return rows
+
+
+def has_images(columns: list[str]) -> bool:
+    """Whether rows with these columns carry pictures (`images`, or LLaVA's `image`)."""
+    return "images" in columns or "image" in columns
 
 
 def encode_row(processor: Any, renderer: ChatRenderer, row: dict[str, Any], max_length: int) -> dict[str, Any] | None:

@@ -102,8 +102,14 @@ def lora_targets(model: Any, spec: TrainingSpec) -> list[str]:
 
 
 def projector_modules(model: Any) -> list[str]:
-    """Names of the projector's top modules (what PEFT saves in full beside the adapter)."""
-    return sorted({name for name, _ in model.named_modules() if name.split(".")[-1] in PROJECTOR_NAMES})
+    """Full names of the projector's linear layers: what PEFT trains and saves in full beside the
+    adapter. Its layers rather than the projector module, so that PEFT's mixed-adapter batches
+    (the server's rows with different adapters) can route each row, which it does for linear
+    layers only."""
+    import torch
+
+    return sorted(name for name, module in model.named_modules()
+                  if isinstance(module, torch.nn.Linear) and part_of(name) == "projector")
 
 
 def with_vision_targets(spec: TrainingSpec, model: Any) -> TrainingSpec:
