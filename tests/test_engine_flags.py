@@ -30,7 +30,7 @@ BASE_CR: dict[str, Any] = {
 SAMPLE: dict[str, Any] = {
     "dtype": "float16", "maxModelLen": 4096, "maxBatchSize": 8, "draftModel": "s3://models/draft",
     "numSpeculativeTokens": 3, "tensorParallelSize": 2, "quantization": "fp8", "gpuMemoryUtilization": 0.5,
-    "maxLoras": 3, "maxLoraRank": 64, "extraArgs": ["--enable-prefix-caching"],
+    "maxLoras": 3, "maxLoraRank": 64, "extraArgs": ["--enable-prefix-caching"], "maxImagesPerPrompt": 2,
 }
 
 

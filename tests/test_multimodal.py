@@ -184,6 +184,19 @@ def test_image_urls_are_bounded_and_only_data_or_s3():
         fetch_image("data:image/png;base64," + base64.b64encode(b"not a png").decode())
 
 
+def test_an_inference_service_bounds_images_per_request_on_either_engine():
+    """`spec.engineArgs.maxImagesPerPrompt` -> `kubetune serve --max-images` -> vLLM's
+    `--limit-mm-per-prompt`, or the transformers engine's own bound."""
+    from kubetune.trainer.api.engine_flags import serve_args, vllm_args
+    from kubetune.trainer.serve.media import fetch_images
+
+    assert serve_args("vllm", {"maxImagesPerPrompt": 2}) == serve_args("transformers", {"maxImagesPerPrompt": 2}) == ["--max-images", "2"]
+    argv = vllm_args({"max_images": 2})
+    assert argv[argv.index("--limit-mm-per-prompt") + 1] == '{"image": 2}'
+    with pytest.raises(InvalidRequest, match="at most 1"):
+        fetch_images([data_url(), data_url()], max_images=1)
+
+
 def test_vllm_gets_the_pictures_as_multi_modal_data(tiny_llava_dir):
     """The vLLM engine path: one image token per picture in the prompt (vLLM expands it with its
     own processor) and the pictures as `multi_modal_data` in the prompt vLLM is given."""

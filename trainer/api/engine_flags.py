@@ -145,12 +145,27 @@ KV_CACHE_MEMORY = EngineFlag(
          "the node's RAM)")
 DEVICE = EngineFlag(None, "--device", str, default="auto", help="auto, cpu, cuda, cuda:1 (transformers engine)")
 
+
+def image_limit(count: int) -> str:
+    """vLLM's `--limit-mm-per-prompt` value for `count` images per prompt."""
+    return f'{{"image": {int(count)}}}'
+
+
+MAX_IMAGES = EngineFlag(
+    "maxImagesPerPrompt", "--max-images", int | None, vllm="--limit-mm-per-prompt", to_vllm=image_limit,
+    constraints={"ge": 1, "le": 64}, group="serve",
+    help="vision-language models: images one request may carry (default 8 for the transformers engine; vLLM: "
+         "--limit-mm-per-prompt, default its own)",
+    description="Vision-language models: images one chat request may carry in `image_url` parts (vLLM: "
+                "`--limit-mm-per-prompt`). Unset: 8 for the transformers engine, vLLM's own default.")
+
 VLLM: tuple[EngineFlag, ...] = (
     DTYPE, MAX_MODEL_LEN, MAX_BATCH_SIZE, DRAFT_MODEL, NUM_SPECULATIVE_TOKENS, TENSOR_PARALLEL_SIZE, QUANTIZATION,
-    GPU_MEMORY_UTILIZATION, ENABLE_LORA, MAX_LORAS, MAX_LORA_RANK, EXTRA_ARGS, KV_CACHE_MEMORY,
+    GPU_MEMORY_UTILIZATION, ENABLE_LORA, MAX_LORAS, MAX_LORA_RANK, EXTRA_ARGS, KV_CACHE_MEMORY, MAX_IMAGES,
 )
 """vLLM's settings, in the order the operator renders them."""
-TRANSFORMERS: tuple[EngineFlag, ...] = (DTYPE, MAX_MODEL_LEN, MAX_BATCH_SIZE, DRAFT_MODEL, NUM_SPECULATIVE_TOKENS, DEVICE)
+TRANSFORMERS: tuple[EngineFlag, ...] = (DTYPE, MAX_MODEL_LEN, MAX_BATCH_SIZE, DRAFT_MODEL, NUM_SPECULATIVE_TOKENS, DEVICE,
+                                         MAX_IMAGES)
 """The transformers engine's settings."""
 ENGINES: dict[str, tuple[EngineFlag, ...]] = {"vllm": VLLM, "transformers": TRANSFORMERS}
 

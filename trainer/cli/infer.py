@@ -224,7 +224,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(max_batch_size=args.max_batch_size or ServerConfig.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000.0,
                           max_queue=args.max_queue, api_key=api_key or None, drain_timeout_s=args.drain_timeout,
                           drain_delay_s=args.drain_delay, max_request_bytes=args.max_request_bytes,
-                          adapter_roots=list(args.adapter_root), max_adapters=args.max_adapters)
+                          adapter_roots=list(args.adapter_root), max_adapters=args.max_adapters,
+                          max_images=args.max_images or ServerConfig.max_images)
     kwargs = {**engine_kwargs(args), "engine": "transformers"}
     return serve(args.model, host=args.host, port=args.port, config=config, log_level=args.log_level,
                  template=args.template, **kwargs)

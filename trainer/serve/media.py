@@ -28,7 +28,7 @@ from kubetune.trainer.serve.params import InvalidRequest
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 """The largest image a request may carry or point at (as OpenAI's API)."""
 MAX_IMAGES = 8
-"""Images per request."""
+"""Images per request, unless the server's `--max-images` says otherwise."""
 
 
 def image_urls(content: Any) -> list[str]:
@@ -64,9 +64,11 @@ def fetch_image(url: str, storage: StorageSpec | None = None, max_bytes: int = M
         raise InvalidRequest("messages", f"image {url[:60]!r} is not a picture PIL can read.", "send a PNG, JPEG or WebP image.") from None
 
 
-def fetch_images(urls: list[str], storage: StorageSpec | None = None, max_bytes: int = MAX_IMAGE_BYTES) -> list[Any]:
-    if len(urls) > MAX_IMAGES:
-        raise InvalidRequest("messages", f"{len(urls)} images in one request; at most {MAX_IMAGES} are taken.", "send fewer images.")
+def fetch_images(urls: list[str], storage: StorageSpec | None = None, max_bytes: int = MAX_IMAGE_BYTES, *,
+                 max_images: int = MAX_IMAGES) -> list[Any]:
+    if len(urls) > max_images:
+        raise InvalidRequest("messages", f"{len(urls)} images in one request; this server takes at most {max_images}.",
+                             "send fewer images (the server's --max-images).")
     return [fetch_image(url, storage, max_bytes) for url in urls]
 
 

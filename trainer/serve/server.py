@@ -60,6 +60,7 @@ from kubetune.trainer.serve.guards import (
     validation_error,
 )
 from kubetune.trainer.serve.logprobs import LogprobFormatter, mean_logprob
+from kubetune.trainer.serve.media import MAX_IMAGES
 from kubetune.trainer.serve.metrics import ServerMetrics
 from kubetune.trainer.serve.params import Event, InvalidRequest, SamplingParams, Sequence, TokenLogprob
 from kubetune.trainer.serve.protocol import (
@@ -97,6 +98,8 @@ class ServerConfig:
     """How `s3://` adapters given to `/v1/load_lora_adapter` are reached."""
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     """Larger request bodies get a 413 before they are read."""
+    max_images: int = MAX_IMAGES
+    """Images one chat request may carry (`--max-images`)."""
     adapter_roots: list[str] = field(default_factory=list)
     """Besides the model cache, the directories and `s3://` prefixes `/v1/load_lora_adapter` may
     load from (`--adapter-root`)."""
@@ -432,7 +435,8 @@ async def prompt_ids(state: ServerState, eng: Engine, req: ChatCompletionRequest
         def encode() -> list[list[int]]:
             if not urls:
                 return [eng.encode_chat(messages, req.model, tools=tools)]
-            ids, media[0] = eng.encode_chat_images(messages, fetch_images(urls, state.config.storage), req.model, tools=tools)
+            images = fetch_images(urls, state.config.storage, max_images=state.config.max_images)
+            ids, media[0] = eng.encode_chat_images(messages, images, req.model, tools=tools)
             return [ids]
     else:
         param = "prompt"
