@@ -24,6 +24,36 @@ def moe_spec(tmp_path: Path, **overrides) -> dict:
                       checkpoint={"everySteps": 10}, logging={"everySteps": 1, "samples": 0}, **overrides)
 
 
+def test_router_loss_in_training_forwards_only_and_leaf_blocks_under_zero3(tmp_path):
+    """`prepare_moe`: the aux loss comes with training forwards (and joins the loss computed at
+    labelled positions), not with evaluation or generation; under ZeRO-3 the MoE blocks are leaves."""
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.trainer.train.models.builtin import resolve_builtin
+    from kubetune.trainer.train.models.moe import aux_loss_term, prepare_moe, router_aux_enabled
+    from kubetune.trainer.train.stages.causal_lm import labelled_logits_loss
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_builtin("builtin:tiny-mixtral"))
+    spec = validate_training(moe_spec(tmp_path, distributed={"deepspeed": {"stage": 3}}, moe={"auxLossCoef": 0.5}))
+    prepare_moe(model, spec)
+    assert router_aux_enabled(model)
+    blocks = [m for m in model.modules() if type(m).__name__ == "MixtralSparseMoeBlock"]
+    assert len(blocks) == 2 and all(getattr(b, "_z3_leaf", False) for b in blocks)
+    ids = torch.tensor([[5, 60, 70, 80, 90, 100]])
+    labels = torch.tensor([[-100, -100, 70, 80, 90, 100]])
+    model.train()
+    outputs = model(ids)
+    assert outputs.aux_loss is not None
+    assert float(aux_loss_term(model, outputs)) == pytest.approx(0.5 * float(outputs.aux_loss))
+    with_aux = labelled_logits_loss(model, {"input_ids": ids, "labels": labels})
+    own = model(ids, labels=labels).loss  # the model's own loss adds the same term
+    assert float(with_aux) == pytest.approx(float(own), rel=1e-5)
+    model.eval()
+    with torch.no_grad():
+        assert model(ids).aux_loss is None
+        assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+
+
 @pytest.mark.slow
 def test_lora_on_the_experts_trains_with_the_router_loss_logged(tmp_path):
     result = run(validate_training(moe_spec(tmp_path)))
