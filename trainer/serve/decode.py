@@ -15,8 +15,9 @@ generating starts at the next step instead of waiting for the whole batch to fin
 
 Rows may use different LoRA adapters: PEFT's mixed-adapter batches (`adapter_names`) apply each
 row's adapter in the same forward pass. Merging caches needs plain full-attention layers
-(`DynamicLayer`); for models whose cache is different (sliding-window or hybrid layers) new
-sequences are admitted only when the batch is empty, which is still correct, just less eager.
+(`DynamicLayer`, or kubetune's `GrowingLayer`, which appends in place: see `kvcache.py`); for
+models whose cache is different (sliding-window or hybrid layers) new sequences are admitted only
+when the batch is empty, which is still correct, just less eager.
 
 We do not use transformers' own continuous batching (`generate_batch`, `ContinuousBatchingManager`):
 it runs the model on its own paged KV cache (switching eager attention to a paged variant), takes
@@ -247,8 +248,9 @@ class DecodeBatch:
             kwargs["logits_to_keep"] = 1  # the prompt's other positions need no logits (memory: rows x len x vocab)
         if prefill:
             kwargs.update(prefill_media([row.seq.media for row in rows]))
-        out = self.engine.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                         use_cache=True, **kwargs)
+        kwargs[self.engine.cache_argument] = cache
+        out = self.engine.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                                **kwargs)
         return out.logits if all_positions else out.logits[:, -1, :]
 
     # -- leaving ---------------------------------------------------------------------------
@@ -289,12 +291,12 @@ def _prompt_logprobs(logits: Any, seq: Sequence) -> list[TokenLogprob | None]:
 def _plain_layers(cache: Any, width: int) -> bool:
     """Whether every layer is a plain full-attention `DynamicLayer` holding `width` positions:
     then caches can be padded and concatenated along the batch axis."""
-    from transformers.cache_utils import DynamicLayer
+    from kubetune.trainer.serve.kvcache import is_plain_layer
 
     layers = getattr(cache, "layers", None)
     if not layers:
         return False
-    return all(type(layer) is DynamicLayer and layer.is_initialized and layer.keys.shape[-2] == width for layer in layers)
+    return all(is_plain_layer(layer) and layer.is_initialized and layer.keys.shape[-2] == width for layer in layers)
 
 
 def _pad_left(tensor: Any, width: int, *, dim: int) -> Any:

@@ -49,7 +49,10 @@ class TransformersEngine(Engine):
         self.eos_ids = {e for e in [*eos_list, self.tokenizer.eos_token_id] if e is not None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         base = self.model.get_base_model() if self.is_peft else self.model
-        self.supports_logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+        forward_parameters = inspect.signature(base.forward).parameters
+        self.supports_logits_to_keep = "logits_to_keep" in forward_parameters
+        self.cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
+        """transformers >= 5.2x names the KV cache argument `cache` (`past_key_values` is deprecated)."""
         self.roots: dict[str, str] = {}
         """Served adapter name -> the `lora_path` it was loaded from at runtime (`/v1/models` root)."""
         self._peft_names: dict[str, str] = {name: name for name in self.adapters}
@@ -219,9 +222,9 @@ class TransformersEngine(Engine):
             log.info("adapter %s released", peft_name)
 
     def new_cache(self) -> Any:
-        from transformers import DynamicCache
+        from kubetune.trainer.serve.kvcache import growing_cache
 
-        return DynamicCache(config=self.model.config)
+        return growing_cache(self.model.config)
 
     def _with_adapter(self, adapter: str | None, fn, arg) -> None:
         if not self.is_peft:
