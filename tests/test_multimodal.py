@@ -298,6 +298,7 @@ def test_estimate_counts_the_vision_tower(tiny_llava_dir):
     trained = estimate(spec.model_copy(update={"vision": spec.vision.model_copy(update={"trainTower": True})}), shape=vlm)
     assert frozen.parameters - estimate(spec, shape=text).parameters == vlm.vision_params + vlm.projector_params
     assert trained.trainable > frozen.trainable and trained.total > frozen.total
+    assert any("vision encoder" in note and "frozen" in note for note in frozen.notes)
     assert "vision_config" in config
 
 

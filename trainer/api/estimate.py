@@ -418,6 +418,10 @@ def estimate(
         optimizer=_optimizer_bytes(spec, shape, counts, weight_b, master_b),
     )
     notes: list[str] = []
+    if shape.vision_hidden:
+        trained = [part for part, on in (("encoder", spec.vision.trainTower), ("projector", spec.vision.trainProjector)) if on]
+        notes.append(f"vision encoder {_human(shape.vision_params)} + projector {_human(shape.projector_params)} parameters "
+                     f"counted ({' and '.join(trained) + ' trained' if trained else 'frozen'}); image tokens count in data.maxLength")
     _zero_partition(spec, counts, states, ranks, weight_b, notes)
     sequences, seq_len = _stage_sequences(spec)
     frozen = _frozen_models(spec, counts.total * weight_b if spec.method != "qlora" else states.weights)
