@@ -236,6 +236,10 @@ class LoraSpec(SpecModel):
     targetParameters: list[str] = Field(default_factory=list)
     """Parameters (not modules) to adapt, by name suffix: the 3-D expert weights of an MoE model,
     which are not linear layers (e.g. `experts.gate_up_proj`, `experts.down_proj` for Mixtral and
+    Qwen-MoE); PEFT's `target_parameters`. Empty: no expert weights are adapted."""
+    targetParameters: list[str] = Field(default_factory=list)
+    """Parameters (not modules) to adapt, by name suffix: the 3-D expert weights of an MoE model,
+    which are not linear layers (e.g. `experts.gate_up_proj`, `experts.down_proj` for Mixtral and
     Qwen-MoE); PEFT's `target_parameters`. Empty: no expert weights are adapted. PEFT's parameter
     adapters take no dropout: with these, `dropout` defaults to 0 (a non-zero one is refused)."""
 
@@ -338,7 +342,7 @@ class MoeSpec(SpecModel):
     routerAuxLoss: bool = True
     """Add the router's load-balancing loss to the training loss (the model's `output_router_logits`),
     logged as `aux_loss` in metrics.jsonl: without it a fine-tune can collapse the routing onto a
-    few experts."""
+    few experts. `pt` and `sft`; the preference and RL stages train as the model's config says."""
     auxLossCoef: float | None = Field(None, ge=0)
     """Weight of the load-balancing loss. Default: the model's `router_aux_loss_coef` (0.02 for
     Mixtral, 0.001 for Qwen-MoE)."""

@@ -46,7 +46,9 @@ def prepare_moe(model, spec: TrainingSpec) -> None:
     if not is_moe(config):
         return
     if hasattr(config, "output_router_logits"):
-        if spec.moe.routerAuxLoss:
+        # pt/sft compute their loss here (causal_lm); TRL's trainers (dpo, kto, ...) have their own
+        # loss, to which the router term is not added: they train as the model's config says.
+        if spec.moe.routerAuxLoss and spec.stage in ("pt", "sft"):
             model.register_forward_pre_hook(_router_logits_in_training, with_kwargs=True)
             model.kubetune_router_aux = True
         if spec.moe.auxLossCoef is not None:
