@@ -4,14 +4,12 @@ the published counts of Mixtral-8x7B and Qwen1.5-MoE-A2.7B, and on the builtin t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from kubetune.trainer.api.estimate import KNOWN_SHAPES, shape_for_path, shape_from_config
 
-from .conftest import REPO
+from .test_estimate import run_cli
 
 QWEN_MOE_A2_7B = {  # Qwen/Qwen1.5-MoE-A2.7B's config.json
     "model_type": "qwen2_moe", "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16,
@@ -31,14 +29,13 @@ def test_active_and_total_parameters_match_the_published_counts():
     assert dense.active_parameters == dense.parameters
 
 
-def test_the_cli_reports_experts_and_active_parameters(tmp_path):
+def test_the_cli_reports_experts_and_active_parameters(tmp_path, capsys):
     spec = tmp_path / "moe.yaml"
     spec.write_text("model: {path: 'builtin:tiny-mixtral'}\ndata: {datasets: [{path: x.json}], maxLength: 64}\n")
     shape = shape_for_path("builtin:tiny-mixtral")
     assert (shape.experts, shape.active_experts) == (4, 2) and shape.active_parameters < shape.parameters
-    cli = [sys.executable, "-m", "kubetune.trainer.cli.main", "estimate", str(spec), "--gpus-per-node", "1"]
-    text = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert "experts    4 per layer, 2 per token" in text, text
-    report = json.loads(subprocess.run([*cli, "--json"], cwd=REPO, capture_output=True, text=True, check=True).stdout)
+    code, text = run_cli(str(spec), "--gpus-per-node", "1", capsys=capsys)
+    assert code == 0 and "experts    4 per layer, 2 per token" in text, text
+    report = json.loads(run_cli(str(spec), "--gpus-per-node", "1", "--json", capsys=capsys)[1])
     assert report["experts"] == 4 and report["activeExperts"] == 2
     assert report["activeParameters"] < report["parameters"]

@@ -100,7 +100,18 @@ def fake_checkpoint(tiny_model_dir: Path, target: Path, method: str) -> Path:
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_gptq_and_awq_checkpoints_are_refused_on_a_cpu_naming_the_field(tmp_path, tiny_model_dir, method):
+def test_gptq_and_awq_checkpoints_are_refused_on_a_cpu_before_loading(tmp_path, tiny_model_dir, method):
+    from kubetune.trainer.train.models.loader import load_model
+
+    checkpoint = fake_checkpoint(tiny_model_dir, tmp_path / method, method)
+    spec = validate_training(small_spec(tmp_path, model={"path": str(checkpoint)}, method="lora"))
+    with pytest.raises(SpecError, match=rf"^model\.path: .*quantization_config\.quant_method: {method}\).*need a CUDA GPU.*Fix: .*method: qlora"):
+        load_model(spec, "fp32")
+
+
+@pytest.mark.slow  # through `kubetune train`, in a subprocess
+def test_the_refusal_is_one_paragraph_and_exit_2(tmp_path, tiny_model_dir):
+    method = "gptq"
     checkpoint = fake_checkpoint(tiny_model_dir, tmp_path / method, method)
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(small_spec(tmp_path, model={"path": str(checkpoint)}, method="lora")))

@@ -105,6 +105,7 @@ def test_models_it_cannot_patch_are_refused_naming_the_field():
     assert group_size(1024) == 256 and group_size(30) == 8
 
 
+@pytest.mark.slow
 def test_training_with_shift_attention_lowers_the_loss_and_saves_a_stock_model(tmp_path):
     spec = validate_training(small_spec(tmp_path, model={"path": "builtin:tiny-llama", "shiftAttention": True},
                                         data={"maxLength": 64}, train={"maxSteps": 12, "batchSize": 8, "learningRate": 2e-3},
