@@ -213,7 +213,6 @@ def test_vllm_gets_the_pictures_as_multi_modal_data(tiny_llava_dir):
     assert vllm_prompt(dict, Sequence(prompt_ids=[1], params=SamplingParams())) == {"prompt_token_ids": [1]}
 
 
-@pytest.mark.slow
 def test_openai_client_sends_images_to_kubetune_serve(tiny_llava_dir, s3: S3Env):
     """A picture inline and one from S3, through the official client, into the continuous batch;
     the same request without a picture, and pictures to a text model, are answered as OpenAI does."""
