@@ -238,6 +238,19 @@ def test_openai_client_sends_images_to_kubetune_serve(tiny_llava_dir, s3: S3Env)
                 {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}])
 
 
+def test_models_with_their_own_image_positions_are_sent_to_vllm(tiny_llava_dir):
+    """Qwen2-VL's M-RoPE (`get_rope_index`) is not what the decode batch computes: refused, not wrong."""
+    from kubetune.trainer.serve import create_engine
+    from kubetune.trainer.serve.transformers_engine import multimodal_positions
+
+    engine = create_engine(str(tiny_llava_dir), engine="transformers")
+    assert not multimodal_positions(engine.model)
+    engine.model.model.get_rope_index = lambda *args: None  # as Qwen2VLModel has
+    assert multimodal_positions(engine.model)
+    with pytest.raises(InvalidRequest, match="--engine vllm"):
+        engine.encode_chat_images([{"role": "user", "content": "<image>?"}], [object()])
+
+
 def test_image_parts_to_a_text_model_are_refused(tiny_model_dir):
     from kubetune.trainer.serve.protocol import ChatMessage
 

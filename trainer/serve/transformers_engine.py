@@ -92,6 +92,9 @@ class TransformersEngine(Engine):
             return super().encode_chat_images(messages, images, model, tools)
         if self.speculative:
             raise InvalidRequest("messages", "images are not served with speculative decoding.", "serve without --draft-model/--prompt-lookup.")
+        if multimodal_positions(self.model):
+            raise InvalidRequest("messages", "this model places image tokens with its own multimodal RoPE (Qwen2-VL style), "
+                                 "which the transformers engine's batch does not compute.", "serve it with --engine vllm.")
         text = self.render_chat(messages, model, tools)
         if text.count(self.image_token) != len(images):
             raise InvalidRequest("messages", f"the text holds the image token {self.image_token!r} {text.count(self.image_token)} "
@@ -290,6 +293,13 @@ class TransformersEngine(Engine):
             new = output[0, prompt_len:].tolist()
             finished_by_eos = bool(new) and new[-1] in self.eos_ids
             tracker.finish("stop" if finished_by_eos else "length")
+
+
+def multimodal_positions(model: Any) -> bool:
+    """Whether the model computes its own 3-D rotary positions for image tokens (Qwen2-VL's
+    M-RoPE, `get_rope_index`): the decode batch's plain positions would misplace them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return any(hasattr(part, "get_rope_index") for part in (base, getattr(base, "model", None)) if part is not None)
 
 
 def _strip_lora(model: Any) -> None:
