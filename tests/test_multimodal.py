@@ -115,6 +115,20 @@ def test_only_answer_tokens_are_labelled_and_every_image_token_is_masked(tiny_ll
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
 
 
+def test_eval_size_holds_out_image_rows_and_bad_rows_are_named(tiny_llava_dir, tmp_path):
+    from kubetune.trainer.train.data.vision import build_vision_datasets
+    from kubetune.trainer.train.models.vision import load_processor
+
+    spec = spec_for(tmp_path, data={"datasets": [{"path": str(SHAPES / "train.json"), "maxSamples": 10}], "evalSize": 0.2})
+    data = build_vision_datasets(spec, load_processor(spec))
+    assert (len(data.train), len(data.eval)) == (8, 2)
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([{"messages": [{"role": "robot", "content": "?"}], "images": []}]))
+    bad = spec_for(tmp_path, data={"datasets": [{"path": str(rows)}]})
+    with pytest.raises(SpecError, match=r"row 0 is not an image-text conversation: unknown speaker 'robot'"):
+        build_vision_datasets(bad, load_processor(bad))
+
+
 def test_regenerating_the_shapes_demo_gives_the_committed_files(tmp_path):
     from kubetune.trainer.train.shapes import write_shapes
 
