@@ -39,3 +39,19 @@ def test_the_cli_reports_experts_and_active_parameters(tmp_path, capsys):
     report = json.loads(run_cli(str(spec), "--gpus-per-node", "1", "--json", capsys=capsys)[1])
     assert report["experts"] == 4 and report["activeExperts"] == 2
     assert report["activeParameters"] < report["parameters"]
+
+
+def test_lora_on_named_expert_parameters_is_counted():
+    from kubetune.trainer.api.estimate import estimate
+    from kubetune.trainer.api.specfile import validate_training
+
+    def trainable(**lora) -> int:
+        spec = validate_training({"model": {"path": "builtin:tiny-mixtral"}, "data": {"datasets": [{"path": "x.json"}]},
+                                  "lora": {"rank": 4, "targetModules": ["q_proj", "v_proj"], **lora}})
+        return estimate(spec, gpus_per_node=0).trainable
+
+    attention_only = trainable()
+    assert attention_only == 2 * 2 * 4 * (128 + 128)  # 2 layers x (q, v) x r x (in + out)
+    # + per layer, 4 experts x r x ((128 + 2 x 128) gate/up + (128 + 128) down)
+    with_experts = trainable(targetParameters=["experts.gate_up_proj", "experts.down_proj"])
+    assert with_experts == attention_only + 2 * 4 * 4 * (2 * (128 + 128) + (128 + 128))

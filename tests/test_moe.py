@@ -19,7 +19,8 @@ from .test_train import read_metrics, small_spec
 
 def moe_spec(tmp_path: Path, **overrides) -> dict:
     return small_spec(tmp_path, model={"path": "builtin:tiny-mixtral"}, method="lora",
-                      lora={"rank": 4, "targetParameters": ["experts.gate_up_proj", "experts.down_proj"]},
+                      lora={"rank": 4, "targetModules": ["q_proj", "v_proj"],
+                            "targetParameters": ["experts.gate_up_proj", "experts.down_proj"]},
                       train={"maxSteps": 10, "batchSize": 8, "learningRate": 1e-2},
                       checkpoint={"everySteps": 10}, logging={"everySteps": 1, "samples": 0}, **overrides)
 
@@ -95,3 +96,23 @@ def test_zero3_two_processes_with_experts_as_leaf_modules(tmp_path):
     adapter = load_file(str(out / "adapter_model.safetensors"))
     experts = [tensor for name, tensor in adapter.items() if ".mlp.experts." in name]
     assert len(experts) == 8 and all(t.numel() > 0 and torch.isfinite(t).all() for t in experts)
+
+
+def test_default_lora_adapts_the_experts_without_dropout_and_an_explicit_dropout_is_refused(tmp_path):
+    """PEFT's `all-linear` adds an MoE model's expert parameters, whose adapters take no dropout:
+    the default `lora` works (dropout 0 there), a `lora.dropout` set by hand is refused by name."""
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.trainer.api.errors import SpecError
+    from kubetune.trainer.train.models.builtin import resolve_builtin
+    from kubetune.trainer.train.models.methods import apply_lora
+
+    def model():
+        return AutoModelForCausalLM.from_pretrained(resolve_builtin("builtin:tiny-mixtral"))
+
+    base = {"model": {"path": "builtin:tiny-mixtral"}, "data": {"datasets": [{"path": "x.json"}]}}
+    wrapped = apply_lora(model(), validate_training(base))
+    assert wrapped.peft_config["default"].lora_dropout == 0.0
+    assert any(".experts." in name and "lora_A" in name for name, _ in wrapped.named_parameters())
+    with pytest.raises(SpecError, match=r"^lora\.dropout: "):
+        apply_lora(model(), validate_training({**base, "lora": {"dropout": 0.1}}))

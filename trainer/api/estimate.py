@@ -540,11 +540,16 @@ def _experts(shape: ModelShape, module: str, active: bool = False) -> int:
 
 
 def _lora_parameters(spec: TrainingSpec, shape: ModelShape) -> float:
-    """LoRA (and DoRA's magnitude vector) parameters over every targeted module of every layer."""
+    """LoRA (and DoRA's magnitude vector) parameters over every targeted module of every layer;
+    an MoE model's experts also when `lora.targetParameters` names them (r x (in + out) per expert)."""
     linear_names = shape.linear_modules()
     r = spec.lora.rank
+    modules = _targets(spec.lora.targetModules, linear_names)
+    if shape.experts > 1 and spec.lora.targetParameters:
+        named = _targets([p.split(".")[-1] for p in spec.lora.targetParameters], linear_names)
+        modules += [n for n in named if n not in modules and n not in _LINEAR_NAMES[:4]]
     count = 0.0
-    for name in _targets(spec.lora.targetModules, linear_names):
+    for name in modules:
         fan_in, fan_out = linear_names[name]
         count += _experts(shape, name) * (r * (fan_in + fan_out) + (fan_out if spec.lora.useDora else 0))
     return count * (shape.layers * shape._scale())

@@ -236,7 +236,9 @@ class LoraSpec(SpecModel):
     targetParameters: list[str] = Field(default_factory=list)
     """Parameters (not modules) to adapt, by name suffix: the 3-D expert weights of an MoE model,
     which are not linear layers (e.g. `experts.gate_up_proj`, `experts.down_proj` for Mixtral and
-    Qwen-MoE); PEFT's `target_parameters`. Empty: no expert weights are adapted. PEFT's parameter
+    Qwen-MoE); PEFT's `target_parameters`. `targetModules: [all-linear]` (the default) already
+    reaches them (PEFT adds the experts itself); with named modules, experts train only when
+    listed here. PEFT's parameter
     adapters take no dropout: with these, `dropout` defaults to 0 (a non-zero one is refused)."""
 
     @model_validator(mode="after")

@@ -88,12 +88,28 @@ def keep_4bit_weights_trainable(model) -> int:
     return changed
 
 
+def _moe_dropout(model, spec: TrainingSpec, dropout: float) -> float:
+    """LoRA dropout for this model: 0 where PEFT adapts MoE expert parameters (its `all-linear`
+    adds them itself, or `lora.targetParameters` names them), whose adapters take no dropout,
+    unless `lora.dropout` was set: then it is refused, naming the field."""
+    from kubetune.trainer.train.models.moe import is_moe
+
+    if not (spec.lora.targetParameters or (is_moe(model.config) and spec.lora.targetModules == ["all-linear"])):
+        return dropout
+    if "dropout" in spec.lora.model_fields_set and spec.lora.dropout > 0:
+        raise SpecError("lora.dropout", "LoRA on this mixture of experts adapts its expert weights through PEFT's "
+                        "parameter adapters (all-linear includes them), which take no dropout.",
+                        "set lora.dropout to 0 or leave it unset, or list lora.targetModules without the experts.")
+    return 0.0
+
+
 def apply_lora(model, spec: TrainingSpec):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from kubetune.trainer.train.models.prequantized import quant_method, quantized_linear_names
 
     config = lora_config(spec)
+    config.lora_dropout = _moe_dropout(model, spec, config.lora_dropout)
     prequantized = quant_method(model.config) is not None
     if prequantized and spec.lora.targetModules == ["all-linear"]:
         config.target_modules = quantized_linear_names(model) or "all-linear"
