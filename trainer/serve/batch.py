@@ -55,13 +55,18 @@ def dataset_spec(data: str | DatasetSpec, *, format: str = "auto", max_samples: 
 def load_rows(data: str | DatasetSpec, *, format: str = "auto", max_samples: int | None = None,
               storage: StorageSpec | None = None, field: str = "--data"):
     """The dataset in the training pipeline's internal form (messages / tools / text)."""
-    import datasets
-
-    from kubetune.trainer.train.data.aligners import align_source
     from kubetune.trainer.train.data.loader import load_source
 
     source_spec = dataset_spec(data, format=format, max_samples=max_samples, field=field)
-    source = load_source(source_spec, field=field, storage=storage)
+    return aligned_rows(load_source(source_spec, field=field, storage=storage), source_spec, field)
+
+
+def aligned_rows(source: Any, source_spec: DatasetSpec, field: str):
+    """A loaded source's rows aligned to the internal form, without datasets' progress bars."""
+    import datasets
+
+    from kubetune.trainer.train.data.aligners import align_source
+
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
@@ -76,13 +81,16 @@ def load_examples(data: str | DatasetSpec, *, format: str = "auto", max_samples:
                   storage: StorageSpec | None = None, field: str = "--data") -> list[Example]:
     """Read a dataset into prompts (+ references) with the training pipeline's loader/aligners;
     image-text rows (sharegpt `images`, LLaVA/LMFlow `image`) keep their pictures."""
+    from kubetune.trainer.train.data.loader import load_source
+    from kubetune.trainer.train.data.vision import has_images
+
     path = data.path if isinstance(data, DatasetSpec) else data
-    image_examples = load_image_examples(data, format=format, max_samples=max_samples, storage=storage, field=field)
-    if image_examples is not None:
-        return image_examples
-    data = load_rows(data, format=format, max_samples=max_samples, storage=storage, field=field)
+    source_spec = dataset_spec(data, format=format, max_samples=max_samples, field=field)
+    source = load_source(source_spec, field=field, storage=storage)
+    if format in ("auto", "sharegpt") and has_images(source.columns):
+        return image_examples(source, source_spec, field, storage or StorageSpec())
     examples: list[Example] = []
-    for row in data:
+    for row in aligned_rows(source, source_spec, field):
         messages = row["messages"]
         if messages:
             messages = [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -100,18 +108,13 @@ def load_examples(data: str | DatasetSpec, *, format: str = "auto", max_samples:
     return examples
 
 
-def load_image_examples(data: str | DatasetSpec, *, format: str = "auto", max_samples: int | None = None,
-                        storage: StorageSpec | None = None, field: str = "--data") -> list[Example] | None:
-    """The examples of an image-text dataset (None for other data), answers held back as references."""
+def image_examples(source: Any, source_spec: DatasetSpec, field: str, storage: StorageSpec) -> list[Example]:
+    """The examples of an image-text dataset, answers held back as references."""
     from kubetune.trainer.api.spec import VisionSpec
-    from kubetune.trainer.train.data.loader import load_source
-    from kubetune.trainer.train.data.vision import has_images, load_image_rows
+    from kubetune.trainer.train.data.vision import image_rows
 
-    source = dataset_spec(data, format=format, max_samples=max_samples, field=field)
-    if format not in ("auto", "sharegpt") or not has_images(load_source(source, field=field, storage=storage).columns):
-        return None
     examples = []
-    for row in load_image_rows([source], field, storage or StorageSpec(), VisionSpec()):
+    for row in image_rows(source, source_spec, field, storage, VisionSpec()):
         messages = row["messages"]
         reference = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
         examples.append(Example(messages=messages[:-1] if reference is not None else messages, reference=reference,

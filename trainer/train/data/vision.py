@@ -109,27 +109,32 @@ def load_rows(spec: TrainingSpec, sources: list[DatasetSpec], prefix: str) -> li
 
 
 def load_image_rows(sources: list[DatasetSpec], prefix: str, storage: StorageSpec, limits: VisionSpec) -> list[dict[str, Any]]:
-    """`load_rows` for any caller (`kubetune generate` too): the storage settings and the
-    `vision` limits given."""
+    """`load_rows` for any caller: the storage settings and the `vision` limits given."""
     from kubetune.trainer.train.data.loader import load_source
 
     rows: list[dict[str, Any]] = []
     for index, source in enumerate(sources):
-        field = f"{prefix}[{index}]" if len(sources) > 1 or prefix.startswith("data.") else prefix
-        loaded = load_source(source, field=field, storage=storage)
-        root = dataset_root(source, storage, field)
-        for number, row in enumerate(loaded.dataset):
-            try:
-                messages, images = align_row(row)
-            except InvalidRow as exc:
-                raise SpecError(field, f"row {number} is not an image-text conversation: {exc}.",
-                                "use messages + images (sharegpt) or image + conversations (LLaVA/LMFlow).") from None
-            if len(images) > limits.maxImages:
-                raise SpecError(field, f"row {number} has {len(images)} images, over vision.maxImages ({limits.maxImages}).",
-                                "split the conversation or raise vision.maxImages.")
-            paths = [str(resolve_image(image, root, storage, field=f"{field} row {number}", max_mb=limits.maxImageMb))
-                     for image in images]
-            rows.append({"messages": messages, "images": paths})
+        field = f"{prefix}[{index}]"
+        rows += image_rows(load_source(source, field=field, storage=storage), source, field, storage, limits)
+    return rows
+
+
+def image_rows(loaded: Any, source: DatasetSpec, field: str, storage: StorageSpec, limits: VisionSpec) -> list[dict[str, Any]]:
+    """One loaded source's rows as {messages, images (local paths)}; a bad row is an error naming it."""
+    root = dataset_root(source, storage, field)
+    rows = []
+    for number, row in enumerate(loaded.dataset):
+        try:
+            messages, images = align_row(row)
+        except InvalidRow as exc:
+            raise SpecError(field, f"row {number} is not an image-text conversation: {exc}.",
+                            "use messages + images (sharegpt) or image + conversations (LLaVA/LMFlow).") from None
+        if len(images) > limits.maxImages:
+            raise SpecError(field, f"row {number} has {len(images)} images, over vision.maxImages ({limits.maxImages}).",
+                            "split the conversation or raise vision.maxImages.")
+        paths = [str(resolve_image(image, root, storage, field=f"{field} row {number}", max_mb=limits.maxImageMb))
+                 for image in images]
+        rows.append({"messages": messages, "images": paths})
     return rows
 
 
