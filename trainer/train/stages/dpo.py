@@ -34,6 +34,7 @@ template, so TRL's own tokenization is skipped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from typing import Any
@@ -101,12 +102,16 @@ def preflight(spec: TrainingSpec) -> TrainingSpec:
 def _trainer_class():
     from trl import DPOTrainer
 
+    from kubetune.trainer.train.stages._trl import labelled_positions_only
+
     class PreferenceTrainer(DPOTrainer):
         """DPOTrainer on kubetune-tokenized pairs, with fixed reference log-probs for SimPO, the
         rewards of the loss trained, a held-out generation metric and a collapse warning."""
 
-        def __init__(self, *args: Any, loss: str = "sigmoid", reference_free_margin: float | None = None, **kwargs: Any):
+        def __init__(self, *args: Any, loss: str = "sigmoid", reference_free_margin: float | None = None,
+                     labelled_logits_only: bool = True, **kwargs: Any):
             self.loss_name = loss
+            self.labelled_logits_only = labelled_logits_only
             self.reference_free_margin = reference_free_margin
             self.chosen_start: dict[str, float] = {}
             super().__init__(*args, **kwargs)
@@ -118,7 +123,8 @@ def _trainer_class():
             scored = [m for m in (self.accelerator.unwrap_model(self.model), self.ref_model) if m is not None]
             hooks = [m.register_forward_hook(lambda _m, _a, out: captured.append(out.log_probs.detach())) for m in scored]
             try:
-                result = super()._compute_loss(model, inputs, return_outputs)
+                with labelled_positions_only() if self.labelled_logits_only else contextlib.nullcontext():
+                    result = super()._compute_loss(model, inputs, return_outputs)
             finally:
                 for hook in hooks:
                     hook.remove()
@@ -306,6 +312,7 @@ def build_trainer(ctx: RunContext):
         optimizers=ctx.optimizers,
         loss=d.lossType,
         reference_free_margin=d.simpoGamma / d.beta if reference_free else None,
+        labelled_logits_only=spec.train.logitsOnLabels,
     )
     if isinstance(trainer.model, PeftModel) and "ref" in trainer.model.peft_config:
         # TRL copies a pre-existing adapter as the reference; ours is fresh (B = 0), so the base
