@@ -1,6 +1,7 @@
 """DPO's fast path: TRL's fused log-prob head scores only the answers' tokens (not the prompt and
-padding) on every eager device, and the loss, rewards and gradients stay those of the full
-computation; a short LoRA run with kubetune's default losses (DPO + the chosen answers' NLL) learns."""
+padding) on every eager device, plainly where the logits are small and there is no Triton, and
+the loss, rewards and gradients stay those of TRL's full computation (its tiled kernel over every
+position); a short LoRA run with kubetune's default losses (DPO + the chosen answers' NLL) learns."""
 
 from __future__ import annotations
 
@@ -41,32 +42,39 @@ def _trainer(tmp_path, tiny_model_dir, tiny_tokenizer, **config):
     return trainer
 
 
-def _step(trainer, batch, labelled_only: bool, scored: list[int]):
-    """Loss, this step's metrics and the LoRA gradients of one DPO step on `batch`."""
+def _step(trainer, batch, labelled_only: bool, scored: list[int], monkeypatch):
+    """Loss, this step's metrics and the LoRA gradients of one DPO step on `batch`; `scored`
+    collects the number of positions each output-layer call scored."""
     import trl.trainer.utils as trl_utils
+
+    from kubetune.trainer.train.stages._trl import LabelledLogProbs
 
     trainer.labelled_logits_only = labelled_only
     trainer.model.zero_grad()
-    chunked = trl_utils._ChunkedLogProbFunction
+    tiled, plain = trl_utils._ChunkedLogProbFunction, LabelledLogProbs.apply.__func__
 
-    class Counting(chunked):
+    class Tiled(tiled):
         @staticmethod
         def forward(ctx, hidden, *args):
             scored.append(hidden.shape[0])
-            return chunked.forward(ctx, hidden, *args)
+            return tiled.forward(ctx, hidden, *args)
 
-    trl_utils._ChunkedLogProbFunction = Counting
-    try:
+    def counted(cls, hidden, *args):
+        scored.append(hidden.shape[0])
+        return plain(cls, hidden, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trl_utils, "_ChunkedLogProbFunction", Tiled)
+        patch.setattr(LabelledLogProbs, "apply", classmethod(counted))
         loss = trainer._compute_loss(trainer.model, batch, False)
-    finally:
-        trl_utils._ChunkedLogProbFunction = chunked
     loss.backward()
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     return loss.detach(), metrics, grads
 
 
-def test_dpo_scores_answer_tokens_only_with_the_same_loss_rewards_and_gradients(tmp_path, tiny_model_dir, tiny_tokenizer):
+def test_dpo_scores_answer_tokens_only_with_the_same_loss_rewards_and_gradients(tmp_path, tiny_model_dir, tiny_tokenizer,
+                                                                                 monkeypatch):
     trainer = _trainer(tmp_path, tiny_model_dir, tiny_tokenizer)
     for name, param in trainer.model.named_parameters():  # a policy away from the reference: non-zero rewards
         if "lora_B" in name:
@@ -75,8 +83,8 @@ def test_dpo_scores_answer_tokens_only_with_the_same_loss_rewards_and_gradients(
     batch = trainer.data_collator(list(trainer.train_dataset.select(range(4))))
     answer_tokens = int(batch["completion_mask"][:, 1:].sum())
     fast_scored, full_scored = [], []
-    fast = _step(trainer, batch, True, fast_scored)
-    full = _step(trainer, batch, False, full_scored)
+    fast = _step(trainer, batch, True, fast_scored, monkeypatch)
+    full = _step(trainer, batch, False, full_scored, monkeypatch)
     positions = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
     assert fast_scored == [answer_tokens, answer_tokens]  # the policy, then the reference (adapters off)
     assert full_scored == [positions, positions] and answer_tokens < positions / 2
@@ -96,3 +104,26 @@ def test_dpo_with_the_default_nll_term_learns_in_a_short_run(tmp_path, tiny_mode
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert len(losses) == 16
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2, losses  # from ~7 (mostly the NLL of a random model)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_plain_head_equals_trls_tiled_kernel_and_large_logits_stay_tiled(monkeypatch, softcap):
+    from trl.kernels import ChunkedLogProbFunction
+
+    from kubetune.trainer.train.stages import _trl
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(50, 16, requires_grad=True), torch.randn(300, 16, requires_grad=True)
+    targets, outputs = torch.randint(0, 300, (50,)), ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    monkeypatch.setattr(_trl.LabelledLogProbs, "tiled", ChunkedLogProbFunction)
+    results = []
+    for limit in (_trl.PLAIN_HEAD_MAX_BYTES, 0):  # plain, then over the limit: TRL's kernel
+        monkeypatch.setattr(_trl, "PLAIN_HEAD_MAX_BYTES", limit)
+        out = _trl.LabelledLogProbs.apply(hidden, weight, None, targets, 0.7, 128, softcap, 1.5, outputs)
+        grads = torch.autograd.grad(out[0].sum(), (hidden, weight))
+        results.append((out, grads))
+    (plain, plain_grads), (tiled, tiled_grads) = results
+    for a, b in zip(plain, tiled, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+    for a, b in zip(plain_grads, tiled_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
