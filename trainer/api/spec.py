@@ -507,9 +507,10 @@ class TrainSpec(SpecModel):
     """`auto`: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."""
     gradientCheckpointing: bool = False
     logitsOnLabels: bool = True
-    """`pt`, `sft`: run the output layer and the loss only at positions that carry a label (in SFT
-    the completion, not the prompt): the same loss and gradients as full logits, without the
-    (tokens x vocabulary) logits of the prompt. Off: the model's own loss over every position."""
+    """`pt`, `sft`, `dpo`: run the output layer and the loss only at positions that carry a label
+    (in SFT and DPO the answers, not the prompt or padding): the same loss and gradients as full
+    logits, without the (tokens x vocabulary) logits of the prompt. Off: the model's own loss over
+    every position (`dpo`: TRL's choice, every position on devices without Triton)."""
     evalEverySteps: PositiveInt | None = None
     """Evaluate every N steps. Default: once per epoch. An evaluation also runs before training."""
 
