@@ -1,9 +1,7 @@
 """`kubetune console`: the Launch form's round trip and validation (fast), and the whole flow in
 headless Chromium (slow): launch the quickstart from the form, watch its loss curve grow over
 server-sent events, see it finish, chat with the trained model through `kubetune serve`.
-The browser tests take a screenshot of each page; with KUBETUNE_SCREENSHOTS=1 they are saved under
-docs/pages/images/console/ (the docs' pictures), otherwise only checked to be PNGs, so a test run
-never rewrites tracked files."""
+The browser tests save a screenshot of each page under docs/pages/images/console/."""
 
 from __future__ import annotations
 
@@ -149,13 +147,10 @@ def page(browser):
 
 
 def _shot(page, name: str, top: bool = True) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
     if top:
         page.evaluate("window.scrollTo(0, 0)")
-    png = page.screenshot(full_page=False)
-    assert png.startswith(b"\x89PNG"), name
-    if os.environ.get("KUBETUNE_SCREENSHOTS") == "1":  # refresh the docs' pictures
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        (SHOTS / f"{name}.png").write_bytes(png)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=False)
 
 
 @pytest.mark.slow
