@@ -8,6 +8,9 @@ from __future__ import annotations
 
 PREFIX = "builtin:"
 BUILTIN_VERSION = "2"
+VERSIONS = {"tiny-llava": "3"}
+"""Models rebuilt since BUILTIN_VERSION: tiny-llava 3 stores its vision tower in the hub's layout
+(`vision_tower.vision_model.*`, which vLLM reads; see `train.models.hub_layout`)."""
 
 TINY_LLAMA = {
     "hidden_size": 128,
@@ -58,3 +61,8 @@ def builtin_name(path: str) -> str | None:
     """`tiny-llama` for `builtin:tiny-llama`; None for a path that does not name a builtin model."""
     name = path[len(PREFIX):] if path.startswith(PREFIX) else None
     return name if name in BUILTINS else None
+
+
+def built_dir_name(name: str) -> str:
+    """The cache directory name of a built builtin model: a new version is built afresh."""
+    return f"{name}-v{VERSIONS.get(name, BUILTIN_VERSION)}"

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kubetune.trainer.api.builtin import BUILTIN_VERSION, builtin_name
+from kubetune.trainer.api.builtin import built_dir_name, builtin_name
 from kubetune.trainer.api.estimate import ModelShape, shape_for_path
 from kubetune.trainer.artifacts.cache import cache_root
 
@@ -29,7 +29,7 @@ def local_config(model_path: str, *, read_local: bool = True) -> dict[str, Any] 
     whatever `read_local` says), else a local directory's (only when `read_local`)."""
     builtin = builtin_name(model_path)
     if builtin is not None:
-        built = cache_root() / "builtin" / f"{builtin}-v{BUILTIN_VERSION}" / "config.json"
+        built = cache_root() / "builtin" / built_dir_name(builtin) / "config.json"
         return json.loads(built.read_text()) if built.is_file() else None
     local = Path(model_path).expanduser() / "config.json"
     if read_local and "://" not in model_path and local.is_file():

@@ -212,6 +212,10 @@ def save_final(trainer, spec: TrainingSpec, tokenizer, output_dir: Path) -> None
     if not trainer.is_world_process_zero():
         return
     tokenizer.save_pretrained(str(output_dir))
+    if not spec.uses_lora:
+        from kubetune.trainer.train.models.hub_layout import write_hub_layout
+
+        write_hub_layout(output_dir)  # a model built or loaded in transformers' own layout: vLLM reads the hub's
     if spec.uses_lora and spec.output.mergeAdapter:
         from kubetune.trainer.train.models.locations import export_merged
 

@@ -6,7 +6,8 @@ byte-level BPE tokenizer trained on the demo corpus, whose chat template is kube
 (set explicitly, as a chat model's tokenizer ships its own: the demo trains and chats on
 conversations, and a tokenizer without a template is refused for them). `builtin:tiny-llava` is a
 LLaVA-architecture vision-language model around the same tiny Llama (a 2-layer CLIP encoder on
-32x32 pictures, LLaVA's projector) with its processor, for the multimodal demo and tests. Each is
+32x32 pictures, LLaVA's projector) with its processor, for the multimodal demo and tests, saved in
+the hub's weight layout (which vLLM loads too: `hub_layout`). Each is
 built once into the cache directory and reused; concurrent builders (torchrun ranks) race safely
 through an atomic rename.
 """
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from kubetune.trainer.api.builtin import BUILTIN_VERSION, BUILTINS, PREFIX
+from kubetune.trainer.api.builtin import BUILTINS, PREFIX, built_dir_name
 from kubetune.trainer.api.errors import SpecError
 from kubetune.trainer.artifacts.cache import cache_root as storage_cache_root
 
@@ -39,7 +40,7 @@ def resolve_builtin(path: str, field: str = "model.path") -> Path:
     name = path[len(PREFIX):]
     if name not in BUILTINS:
         raise SpecError(field, f"unknown builtin model {name!r}.", f"use one of: {', '.join(PREFIX + n for n in BUILTINS)}.")
-    target = cache_root() / "builtin" / f"{name}-v{BUILTIN_VERSION}"
+    target = cache_root() / "builtin" / built_dir_name(name)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +134,7 @@ def build_tiny_llava(directory: str | Path, *, vocab_size: int, vision_config: d
 
     from kubetune.trainer.train.data.templates import TEMPLATES
     from kubetune.trainer.train.demo import demo_corpus
+    from kubetune.trainer.train.models.hub_layout import write_hub_layout
     from kubetune.trainer.train.shapes import shapes_corpus
 
     directory = Path(directory)
@@ -154,5 +156,6 @@ def build_tiny_llava(directory: str | Path, *, vocab_size: int, vision_config: d
                                image_token=IMAGE_TOKEN, chat_template=TEMPLATES["default"])
     torch.manual_seed(seed)
     LlavaForConditionalGeneration(config).save_pretrained(directory)
+    write_hub_layout(directory)  # built from a config, transformers saves its own layout; vLLM reads the hub's
     processor.save_pretrained(directory)
     return directory

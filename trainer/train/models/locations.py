@@ -107,6 +107,7 @@ def export_merged(adapter: str, out: str, *, base: str | None = None, dtype: str
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kubetune.trainer.train.models.hub_layout import write_hub_layout
 
     storage = storage or StorageSpec()
     adapter_dir = Path(resolve_location(adapter, storage, "adapter"))
@@ -128,6 +129,7 @@ def export_merged(adapter: str, out: str, *, base: str | None = None, dtype: str
     target_is_s3 = out.startswith("s3://")
     local_out = Path(tempfile.mkdtemp(prefix="kubetune-export-")) if target_is_s3 else Path(out)
     merged.save_pretrained(local_out, max_shard_size=max_shard_size)
+    write_hub_layout(local_out)  # what vLLM loads
     tokenizer.save_pretrained(local_out)
     if spec_file.is_file():
         shutil.copy(spec_file, local_out / RESOLVED_SPEC_FILE)
