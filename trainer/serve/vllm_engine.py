@@ -306,6 +306,10 @@ class VLLMEngine(Engine):
                                         lora_request=lora, use_tqdm=False)
             for seq, out in zip(group, outputs, strict=True):
                 completion = out.outputs[0]
+                if seq.media and out.prompt_token_ids:
+                    # As vLLM's processor expanded it (one token per image feature): usage counts
+                    # the image tokens, as the transformers engine's does.
+                    seq.prompt_ids = list(out.prompt_token_ids)
                 text = completion.text.lstrip() if seq.lstrip else completion.text
                 seq.text = text
                 seq.token_ids = list(completion.token_ids)
