@@ -49,8 +49,9 @@ and is credited only with those. Tokens/s = useful tokens / the wall time of `Tr
 Per run, each a fresh process (interleaved: every round runs every tool once per method, the
 order rotating between rounds; `OMP_NUM_THREADS` fixed, `--threads`, default 2):
 peak RSS of the process tree (`os.wait4`'s rusage of the child), time to the first optimizer
-step from the process start (a global `torch.optim` step hook), and the final train loss (mean
-of the last 10 steps' losses). The table shows the median over rounds.
+step from the process start (a global `torch.optim` step hook), the final train loss (mean
+of the last 10 steps' losses), and the process CPU time of `Trainer.train` (tokens/CPU-s: steadier
+than wall time on a shared machine). The table shows the median over rounds.
 
     python bench/throughput.py                 # 400 rows, 3 rounds, the 21M model
     python bench/throughput.py --quick         # 80 rows, 2 rounds, a 128x2 model: ~10 minutes here
@@ -274,11 +275,11 @@ def child(tool: str, method: str, work: Path, out: Path, result_file: Path) -> N
         return loss
 
     def train(self, *args, **kwargs):
-        start = time.time()
+        start, cpu_start = time.time(), time.process_time()
         try:
             return original_train(self, *args, **kwargs)
         finally:
-            m["train_s"] = time.time() - start
+            m["train_s"], m["train_cpu_s"] = time.time() - start, time.process_time() - cpu_start
 
     trainer_cls.training_step, trainer_cls.train = training_step, train
     try:
@@ -353,6 +354,8 @@ def run_one(tool: str, method: str, python: str, work: Path, threads: int, log_d
         record["first_loss"] = losses[0]
     if record.get("train_s") and record.get("tokens"):
         record["tokens_per_s"] = record["tokens"] / record["train_s"]
+    if record.get("train_cpu_s") and record.get("tokens"):
+        record["tokens_per_cpu_s"] = record["tokens"] / record["train_cpu_s"]
     shutil.rmtree(out, ignore_errors=True)
     return record
 
@@ -434,8 +437,8 @@ def summarize(runs: list[dict], tools: list[str], methods: list[str], skipped: d
             elif not ok:
                 entry["na"] = failed[0].get("error", "failed") if failed else "not run"
             else:
-                entry.update({k: median(ok, k) for k in ("tokens_per_s", "tokens", "train_s", "peak_rss_mb", "first_step_s",
-                                                        "final_loss", "steps")})
+                entry.update({k: median(ok, k) for k in ("tokens_per_s", "tokens_per_cpu_s", "tokens", "train_s", "peak_rss_mb",
+                                                        "first_step_s", "final_loss", "steps")})
             per_tool[tool] = entry
         for tool in tools:
             entry = per_tool[tool]
@@ -443,6 +446,8 @@ def summarize(runs: list[dict], tools: list[str], methods: list[str], skipped: d
                 other = per_tool.get(ref, {})
                 if entry.get("tokens_per_s") and other.get("tokens_per_s"):
                     entry[f"vs_{ref}"] = entry["tokens_per_s"] / other["tokens_per_s"]
+                if entry.get("tokens_per_cpu_s") and other.get("tokens_per_cpu_s"):
+                    entry[f"cpu_vs_{ref}"] = entry["tokens_per_cpu_s"] / other["tokens_per_cpu_s"]
             rows.append(entry)
     return rows
 
@@ -452,15 +457,18 @@ def fmt(value, spec: str, suffix: str = "") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| method | tool | useful tokens/s | vs TRL | vs LlamaFactory | peak RSS (MB) | first step (s) | "
-            "final loss | tokens | steps |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = ("| method | tool | useful tokens/s | vs TRL | vs LlamaFactory | tokens/CPU-s | CPU vs TRL | CPU vs LlamaFactory | "
+            "peak RSS (MB) | first step (s) | final loss | tokens | steps |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = []
     for r in rows:
         if "na" in r:
-            lines.append(f"| {r['method']} | {r['tool']} | n/a: {r['na'].replace('|', '/')} | | | | | | | |")
+            lines.append(f"| {r['method']} | {r['tool']} | n/a: {r['na'].replace('|', '/')} | | | | | | | | | | |")
             continue
         lines.append(f"| {r['method']} | {r['tool']} | {fmt(r['tokens_per_s'], '.0f')} | {fmt(r.get('vs_trl'), '.2f', 'x')} | "
-                     f"{fmt(r.get('vs_llamafactory'), '.2f', 'x')} | {fmt(r['peak_rss_mb'], '.0f')} | "
+                     f"{fmt(r.get('vs_llamafactory'), '.2f', 'x')} | {fmt(r.get('tokens_per_cpu_s'), '.0f')} | "
+                     f"{fmt(r.get('cpu_vs_trl'), '.2f', 'x')} | {fmt(r.get('cpu_vs_llamafactory'), '.2f', 'x')} | "
+                     f"{fmt(r['peak_rss_mb'], '.0f')} | "
                      f"{fmt(r['first_step_s'], '.1f')} | {fmt(r['final_loss'], '.3f')} | {fmt(r['tokens'], '.0f')} | "
                      f"{fmt(r['steps'], '.0f')} |")
     return head + "\n".join(lines) + "\n"
@@ -506,7 +514,8 @@ def write_report(args, context: dict, runs: list[dict], tools: list[str], method
               f"`python bench/throughput.py {' '.join(context['argv'])}`\n\n")
     rendered = "\n".join(f"- {tool}: `{json.dumps(text)[1:-1]}`" for tool, text in report["rendered"].items())
     notes = ("\nMedians over rounds. Useful tokens/s: non-padding tokens of the batches each tool trained on / "
-             "the wall time of `Trainer.train`; first step: seconds from the process start to the first optimizer "
+             "the wall time of `Trainer.train`; tokens/CPU-s: the same tokens / the process CPU time of `Trainer.train` "
+             "(all threads; steadier than wall time when the machine is shared); first step: seconds from the process start to the first optimizer "
              "step; final loss: mean of the last 10 steps (kubetune's DPO default adds the chosen answers' NLL, "
              "`dpo.rpoAlpha: 1`: not comparable with the plain DPO loss of the others). kubetune runs its default "
              "spec; TRL its defaults (gradient checkpointing on; bf16 off, as transformers refuses it without a GPU); "
