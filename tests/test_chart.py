@@ -563,7 +563,8 @@ def _console_container(objects: list[dict[str, Any]], name: str = "console") -> 
 
 @pytest.fixture(scope="module")
 def with_console(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return installed({"console": {"enabled": True, "namespace": "team-a"}}, tmp_path_factory.mktemp("console"))
+    return installed({"console": {"enabled": True, "namespace": "team-a", "s3CredentialsSecret": "console-s3"}},
+                     tmp_path_factory.mktemp("console"))
 
 
 def test_console_renders_restricted_with_a_token_and_exactly_its_rbac(with_console: dict[str, Any]) -> None:
@@ -590,6 +591,7 @@ def test_console_renders_restricted_with_a_token_and_exactly_its_rbac(with_conso
     secret = one(mine, "Secret")
     assert token["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "token"}
     assert len(base64.b64decode(secret["data"]["token"])) == 40
+    assert container["envFrom"] == [{"secretRef": {"name": "console-s3"}}]  # its S3 identity, for jobs' curves
     assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     # Restricted pod security (checked by the real API server's PodSecurity admission in
     # tests/test_console_cluster.py): non-root, seccomp, no privilege escalation, no capabilities.

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from kubetune.operator.console import form
 from kubetune.operator.console.app import MAX_BODY, ConsoleConfig, create_app
 from kubetune.operator.console.cluster import row_of
+from tests.storage_fixtures import *  # noqa: F403 (the s3 fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -470,3 +471,44 @@ def test_impersonating_clients_send_one_group_header_per_group(monkeypatch: pyte
         assert base.as_user("alice", ("ml-team", "system:authenticated")) is not alice
     finally:
         server.shutdown()
+
+
+# ---------------------------------------------------------------- a cluster job's curves from its S3 output
+
+
+def _s3_job(s3: Any, output: str) -> dict[str, Any]:
+    settings = s3.settings()
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": "remote", "namespace": "team-a"}, "status": {"phase": "Running"},
+            "spec": {"training": {"model": {"path": "builtin:tiny-llama"}, "output": {"path": output},
+                                  "storage": {"endpointUrl": settings.endpointUrl, "pathStyle": True, "maxAttempts": 1}}}}
+
+
+def test_a_cluster_jobs_curves_come_from_its_s3_output(tmp_path: Path, s3: Any) -> None:
+    """The job page draws the curves from metrics.jsonl under the s3:// output (only its tail is
+    read: a partial first line is dropped, the newest records are all there), polls while the
+    job runs, and says why there are none for a job without a log yet or with a volume output."""
+    from kubetune.operator.console import remote
+
+    cluster = FakeCluster()
+    cluster.objects[("team-a", "FineTuneJob", "remote")] = _s3_job(s3, s3.uri("runs/remote"))
+    cluster.objects[("team-a", "FineTuneJob", "pvc")] = {**_s3_job(s3, "/data/out"), "metadata": {
+        "name": "pvc", "namespace": "team-a"}}
+    with _client(tmp_path, cluster=cluster) as c:
+        waiting = c.get("/cluster/team-a/FineTuneJob/remote")
+        assert waiting.status_code == 200 and "No metrics.jsonl under" in waiting.text
+        assert 'hx-get="/cluster/team-a/FineTuneJob/remote/charts"' in waiting.text  # running: it polls
+
+        lines = [json.dumps({"step": s, "loss": 5.0 - s / 1000, "lr": 1e-4, "pad": "x" * 200}) for s in range(1, 6001)]
+        s3.put("runs/remote/metrics.jsonl", "\n".join(lines) + "\n")
+        assert len("\n".join(lines)) > remote.TAIL_BYTES  # a ranged read, starting mid-line
+        charts = c.get("/cluster/team-a/FineTuneJob/remote/charts")
+        assert charts.status_code == 200
+        shown = int(charts.text.split('data-series="loss" data-points="')[1].split('"')[0])
+        assert 3000 < shown < 6000  # the last MiB of the file, whole records only
+        records, why = remote.job_metrics(cluster.objects[("team-a", "FineTuneJob", "remote")])
+        assert why is None and records[-1]["step"] == 6000 and records[0]["step"] == 6000 - len(records) + 1
+
+        volume = c.get("/cluster/team-a/FineTuneJob/pvc")
+        assert "s3:// output" in volume.text and 'data-series="loss"' not in volume.text
+        assert c.get("/cluster/team-a/InferenceService/remote/charts").status_code == 404

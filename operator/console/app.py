@@ -253,8 +253,31 @@ def _jobs_routes(app: FastAPI, console: Console) -> None:
             return HTMLResponse("not found", status_code=404)
         obj = cluster.get(namespace, kind, name)
         return console.page(request, "resource.jinja", obj=obj, kind=kind, events=cluster.events(namespace, name),
-                            logs=cluster.pod_logs(namespace, kind, name),
-                            spec_yaml=form.to_yaml(obj.get("spec") or {}))
+                            logs=cluster.pod_logs(namespace, kind, name), spec_yaml=form.to_yaml(obj.get("spec") or {}),
+                            **_job_curves(request, kind, obj))
+
+    @app.get("/cluster/{namespace}/{kind}/{name}/charts")
+    def cluster_charts(request: Request, namespace: str, kind: str, name: str) -> Response:
+        """The job's curves alone (the page polls this while the job runs)."""
+        cluster = console.cluster(request)
+        if cluster is None or kind not in JOB_KINDS:
+            return HTMLResponse("not found", status_code=404)
+        curves = _job_curves(request, kind, cluster.get(namespace, kind, name))
+        return console.page(request, "_curves.jinja", **curves)
+
+
+JOB_KINDS = ("FineTuneJob", "AlignmentJob")
+
+
+def _job_curves(request: Request, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """A job's curves from its S3 output's metrics.jsonl (`remote.py`), or why there are none."""
+    from kubetune.operator.console.remote import job_metrics
+
+    if kind not in JOB_KINDS:
+        return {"curves": None}
+    records, why = job_metrics(obj)
+    panels = charts.run_charts(records, i18n.strings(request.cookies.get("lang"))) if records else []
+    return {"curves": {"panels": panels, "why": why, "live": (obj.get("status") or {}).get("phase") not in TERMINAL}}
 
 
 def _launch_routes(app: FastAPI, console: Console) -> None:

@@ -35,6 +35,7 @@ STRINGS = {
     "spec": ("Resolved spec", "解析后的配置"),
     "log": ("Run log", "运行日志"),
     "podLogs": ("Pod logs", "Pod 日志"),
+    "curves": ("Curves", "曲线"),
     "samples": ("Sample generations", "生成样例"),
     "before": ("before", "训练前"),
     "after": ("after", "训练后"),

@@ -68,11 +68,16 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def read_records(path: Path, limit: int = MAX_RECORDS) -> list[dict[str, Any]]:
     """The JSON lines of a run log (the last `limit`); a half-written last line is skipped."""
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        text = path.read_text(errors="replace")
     except OSError:
         return []
+    return parse_records(text, limit)
+
+
+def parse_records(text: str, limit: int = MAX_RECORDS) -> list[dict[str, Any]]:
+    """The JSON objects of a run log's text (the last `limit`); lines that are not one are skipped."""
     out = []
-    for line in lines[-limit:]:
+    for line in text.splitlines()[-limit:]:
         try:
             record = json.loads(line)
         except ValueError:
