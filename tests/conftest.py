@@ -118,7 +118,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem):
     original = subprocess.Popen.__init__
 
     def refuse(self, args, *rest, **kwargs):
-        if _finding_a_library():  # `import torch` runs `ldconfig -p` (ctypes.util.find_library)
+        if _stdlib_probe():  # `import torch` runs `ldconfig -p`; platform.processor() runs `uname -p`
             return original(self, args, *rest, **kwargs)
         spawned.append(repr(args)[:200])
         raise AssertionError(f"{item.nodeid} starts a subprocess ({spawned[-1]}) but is not marked slow; "
@@ -131,12 +131,17 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem):
         subprocess.Popen.__init__ = original
 
 
-def _finding_a_library() -> bool:
+def _stdlib_probe() -> bool:
+    """Whether the standard library itself is probing the machine: ctypes.util.find_library
+    (`ldconfig -p`) or platform.processor() (`uname -p`, run once per process: which test pays
+    for it depends on the order, e.g. the openai client's platform headers)."""
     import ctypes.util
+    import platform
     import sys
 
+    probes = {ctypes.util.__file__, platform.__file__}
     frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename != ctypes.util.__file__:
+    while frame is not None and frame.f_code.co_filename not in probes:
         frame = frame.f_back
     return frame is not None
 

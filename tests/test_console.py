@@ -182,10 +182,12 @@ def test_launch_the_quickstart_watch_its_loss_curve_and_see_it_finish(console_ur
     url, runs = console_url
     page.goto(f"{url}/launch")
     assert page.input_value("#f-model-path") == "builtin:tiny-llama"
-    page.fill("#f-train-maxSteps", "24")
+    # 120 steps: long enough that the console (polling every second) sees the curve part-way on
+    # a quiet machine too; 24 steps once finished between two polls and the curve never "grew".
+    page.fill("#f-train-maxSteps", "120")
     page.fill("#f-logging-everySteps", "2")
     page.locator("#f-logging-everySteps").blur()
-    page.wait_for_function("document.getElementById('yaml-view').value.includes('maxSteps: 24')", timeout=15000)
+    page.wait_for_function("document.getElementById('yaml-view').value.includes('maxSteps: 120')", timeout=15000)
     assert page.locator("#estimate-total").count() == 1  # the live estimate table of a valid spec
     _shot(page, "launch")
     page.click("#run-button")

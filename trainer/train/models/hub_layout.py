@@ -48,8 +48,11 @@ def hub_renamings(directory: str | Path) -> list[Any]:
     model_class = getattr(transformers, (config.architectures or [""])[0], None)
     if model_class is None:
         return []
-    with torch.device("meta"):  # the module tree only: no memory, no initialisation
-        model = model_class._from_config(config)
+    # The module tree only: no memory, no initialisation. The class itself, not `_from_config`:
+    # under DeepSpeed ZeRO-3, `_from_config` builds inside `deepspeed.zero.Init`, whose collective
+    # broadcasts would wait forever for the other ranks (only rank 0 saves the final model).
+    with torch.device("meta"):
+        model = model_class(config)
     transforms = get_model_conversion_mapping(model, add_legacy=False)
     return [t.reverse_transform() for t in reversed(transforms) if isinstance(t, PrefixChange)]
 

@@ -39,11 +39,13 @@ def is_vision_model(spec: TrainingSpec) -> bool:
         return "vision_config" in BUILTINS[name]
     from kubetune.trainer.train.models.locations import load_config, resolve_model_location
 
+    # A location that does not resolve fails here, with the loader's own message: the first
+    # access to a missing bucket is the only one (no second listing by the loader later).
+    location = resolve_model_location(spec.model.path, spec.storage, "model.path")
     try:
-        location = resolve_model_location(spec.model.path, spec.storage, "model.path")
         return is_vision_config(load_config(spec, location))
     except SpecError:
-        return False  # the loader reports a wrong location with its own message
+        return False  # no readable config: the loader reports that with its own message
 
 
 def load_processor(spec: TrainingSpec) -> Any:
