@@ -71,7 +71,7 @@ def register(subparsers: Any) -> None:
                     help="Secret (in each resource's namespace, keys AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) for pods "
                     "whose spec.storage has no secretRef and that name no serviceAccountName; passed as secretKeyRef")
     op.add_argument("--gpu-memory-gib", type=float, default=None, metavar="GIB",
-                    help="GPU memory for jobs without spec.gpuMemoryGiB; jobs that cannot fit are refused")
+                    help="GPU memory for jobs and services without spec.gpuMemoryGiB; those that cannot fit are refused")
     for flag, metavar, text in (
         ("--prometheus-address", "URL", "Prometheus that KEDA queries for InferenceServices with minReplicas 0 "
          "(default http://prometheus-operated.monitoring.svc:9090)"),

@@ -105,6 +105,7 @@ CHART_VALUE_FLAGS = (
     ("vllm_image", ("serving", "vllmImage")), ("host_cache_root", ("serving", "hostPathCacheRoot")),
     ("prometheus_address", ("serving", "prometheusAddress")), ("default_s3_endpoint", ("jobs", "s3", "endpoint")),
     ("default_s3_endpoint", ("s3", "endpoint")), ("default_s3_secret", ("jobs", "s3", "existingSecret")),
+    ("gpu_memory_gib", ("jobs", "gpuMemoryGiB")),
 )
 """The chart values the Deployment template turns into the operator's flags (deployment.yaml)."""
 
@@ -124,7 +125,7 @@ def with_chart_values(args: argparse.Namespace) -> argparse.Namespace:
         for key in path:
             node = node.get(key) if isinstance(node, dict) else None
         if node and not getattr(out, flag, None):
-            setattr(out, flag, str(node))
+            setattr(out, flag, float(node) if flag == "gpu_memory_gib" else str(node))
     return out
 
 
@@ -136,7 +137,7 @@ def platform_config(args: argparse.Namespace) -> OperatorConfig:
     training = RenderOptions(storage_defaults=storage, gpu_memory_gib=args.gpu_memory_gib, platform_defaults=defaults,
                              **({"default_image": args.trainer_image} if args.trainer_image else {}))
     serving_kwargs: dict[str, Any] = {"default_image": args.server_image or None, "storage_defaults": storage,
-                                      "platform_defaults": defaults}
+                                      "platform_defaults": defaults, "gpu_memory_gib": args.gpu_memory_gib}
     for value, key in ((args.vllm_image, "vllm_image"), (args.trainer_image, "trainer_image"),
                        (args.host_cache_root, "host_cache_root"),
                        (getattr(args, "prometheus_address", None), "prometheus_address")):

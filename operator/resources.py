@@ -660,6 +660,16 @@ class InferenceServiceSpec(CrModel):
     """Extended resource name of the GPUs of each replica (e.g. `amd.com/gpu`)."""
     tensorParallelSize: int | None = Field(None, ge=1, le=64)
     """vLLM tensor parallelism (default: gpus)."""
+    gpuMemoryGiB: float | None = Field(None, gt=0, le=4096)
+    """Memory of one GPU in GiB (e.g. 80 for an H100 80GB). With it (or the operator's
+    `--gpu-memory-gib` default) a service whose model cannot start on its GPUs is refused before
+    any pod is scheduled: the weights (every expert of a mixture of experts, the vision encoder of
+    a vision-language model) over tensorParallelSize GPUs, the engine's activation peak, and KV
+    cache for one sequence of maxModelLen tokens (default: the model's context length), with the
+    tensorParallelSize or maxModelLen that would start (`kubetune estimate` shows the breakdown)."""
+    modelParameters: str | None = Field(None, pattern=r"^\s*\d+(\.\d+)?\s*[kKmMbBtT]?\s*$")
+    """Parameter count of the model (e.g. `8B`) for the memory check, when `model.uri` names no
+    known architecture (a private S3 model). A model `fromJob` has its job's base model's size."""
     replicas: int | None = Field(None, ge=0)
     """Replicas when autoscaling is off (minReplicas == maxReplicas); `kubectl scale` sets it.
     Default: minReplicas."""

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.operator.resources import KINDS, ClusterFields, validate_spec
+from kubetune.operator.resources import KINDS, ClusterFields, InferenceServiceSpec, validate_spec
 from kubetune.operator.training.render import training_hash
 from kubetune.trainer.api.errors import (
     EXIT_CONFIG_ERROR,
@@ -204,6 +204,8 @@ def memory_refusal(spec: ClusterFields, body: dict[str, Any] | None = None, sour
     when it fits or cannot be checked (no GPU memory known, model size unknown)."""
     from kubetune.trainer.api.estimate import estimate, fit_message
 
+    if isinstance(spec, InferenceServiceSpec):
+        return serving_memory_refusal(spec, body, source, default_gib)
     inputs = _memory_inputs(spec, default_gib)
     if inputs is None:
         return None
@@ -218,6 +220,79 @@ def memory_refusal(spec: ClusterFields, body: dict[str, Any] | None = None, sour
         + fit_message(training, nodes=spec.nodes, gpus_per_node=spec.gpusPerNode, gpu_gib=gpu_gib, shape=shape, est=est)
         + " See `kubetune estimate` for the breakdown."
     )
+
+
+QUANTIZED_NAME = re.compile(r"awq|gptq|gguf|aqlm|exl2|marlin|bnb|nf4|int4|int8|4bit|8bit|fp8|w4a16|w8a8", re.IGNORECASE)
+"""Words in a model's location that mark a pre-quantized checkpoint: its weights' width is not
+known from the location alone (vLLM reads it from the checkpoint), so the memory check waits for
+`engineArgs.quantization` rather than assume 16-bit weights and refuse a model that fits."""
+
+
+def serving_shape(spec: InferenceServiceSpec, job: dict[str, Any] | None = None) -> Any:
+    """The served model's shape from what the manifest says: `model.uri` (a known architecture
+    in its name) or `modelParameters`; for a model `fromJob`, that job's base model (the
+    reconciler passes the job it observed; the webhook has none). None when unknown."""
+    from kubetune.trainer.artifacts.model_shape import resolve_shape
+
+    params, location = spec.modelParameters, spec.model.uri
+    if location is None:
+        job_spec = (job or {}).get("spec") or {}
+        location = ((job_spec.get("training") or {}).get("model") or {}).get("path") or ""
+        params = params or job_spec.get("modelParameters")
+    if not location and params is None:
+        return None
+    try:
+        return resolve_shape(location, params, read_local=False)
+    except ValueError:
+        return None
+
+
+def serving_memory_estimate(spec: InferenceServiceSpec, shape: Any, gpu_gib: float) -> Any:
+    """The serving estimate of one replica (None when the weights' width is unknown: a
+    pre-quantized checkpoint without engineArgs.quantization, or an unlisted method). The
+    transformers engine runs on one GPU and reserves nothing ahead."""
+    from kubetune.trainer.api.serve_estimate import serving_estimate
+
+    args = spec.engineArgs
+    if args.quantization is None and QUANTIZED_NAME.search(spec.model.uri or ""):
+        return None
+    vllm = spec.engine == "vllm"
+    return serving_estimate(shape, gpu_gib=gpu_gib, tensor_parallel=(spec.tensorParallelSize or spec.gpus) if vllm else 1,
+                            dtype=args.dtype, quantization=args.quantization, max_model_len=args.maxModelLen,
+                            utilization=args.gpuMemoryUtilization if vllm else 1.0)
+
+
+def serving_memory_refusal(spec: InferenceServiceSpec, body: dict[str, Any] | None = None, source: str | None = None,
+                           default_gib: float | None = None, job: dict[str, Any] | None = None) -> str | None:
+    """Why one replica cannot start in GPU memory (with what would), or None when it can or
+    cannot be checked (no GPU memory known, model size or weight width unknown)."""
+    from kubetune.trainer.api.serve_estimate import serving_fit_message
+
+    gpu_gib = spec.gpuMemoryGiB or default_gpu_memory(default_gib)
+    shape = serving_shape(spec, job) if spec.gpus > 0 and gpu_gib else None
+    est = serving_memory_estimate(spec, shape, gpu_gib) if shape is not None and gpu_gib else None
+    if est is None or est.fits:
+        return None
+    where = f"{source or source_of(body)}: " if (source or body) else ""
+    memory = "spec.gpuMemoryGiB" if spec.gpuMemoryGiB else f"the operator's default, --gpu-memory-gib / ${GPU_MEMORY_ENV}"
+    args = spec.engineArgs
+    message = serving_fit_message(est, gpu_gib=gpu_gib, gpus=spec.gpus, dtype=args.dtype, quantization=args.quantization,
+                                  utilization=args.gpuMemoryUtilization, parallel=spec.engine == "vllm")
+    return (f"{where}the model cannot start in GPU memory ({memory}) with engine {spec.engine}: {message} "
+            "See `kubetune estimate` for the breakdown.")
+
+
+def serving_unchecked_warning(spec: InferenceServiceSpec, default_gib: float | None = None) -> list[str]:
+    """Why an InferenceService's memory was not checked although the GPU memory is known."""
+    if spec.gpus == 0 or spec.model.uri is None or not (spec.gpuMemoryGiB or default_gpu_memory(default_gib)):
+        return []
+    if spec.engineArgs.quantization is None and QUANTIZED_NAME.search(spec.model.uri):
+        return [f"the GPU memory needed was not checked: {spec.model.uri!r} looks pre-quantized; set "
+                "spec.engineArgs.quantization (e.g. awq) to have a model that cannot start refused before it is scheduled."]
+    if serving_shape(spec) is None:
+        return [f"the GPU memory needed was not checked: the size of {spec.model.uri!r} is unknown; set "
+                "spec.modelParameters (e.g. 8B) to have a model that cannot start refused before it is scheduled."]
+    return []
 
 
 def literal_secret_warnings(spec: Any) -> list[str]:
@@ -238,6 +313,8 @@ def warnings_for(spec: ClusterFields, default_gib: float | None = None) -> list[
     from kubetune.operator.overrides import privileged_warnings
 
     out = literal_secret_warnings(spec) + privileged_warnings(spec.podTemplate)
+    if isinstance(spec, InferenceServiceSpec):
+        out += serving_unchecked_warning(spec, default_gib)
     training = getattr(spec, "training", None)
     if (
         training is not None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -207,6 +208,22 @@ def test_streamed_chat(client):
 def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=HI, max_tokens=2)
+
+
+def test_the_serving_estimate_counts_the_kv_cache_as_vllm_does(vllm_server, tiny_model_dir):
+    """vLLM logs the KV cache it made of `--kv-cache-memory 1G` (float32 here); the bytes per
+    token of the serving estimate (the operator's admission check, `kubetune estimate` on an
+    InferenceService) give the same number of tokens, to vLLM's block rounding."""
+    from kubetune.trainer.api.serve_estimate import kv_bytes_per_token
+    from kubetune.trainer.artifacts.model_shape import resolve_shape
+
+    match = re.search(r"KV cache size: ([\d,]+) tokens", vllm_server["log"].read_text(errors="replace"))
+    assert match, f"vLLM logged no KV cache size:\n{_tail(vllm_server['log'])}"
+    reported = int(match.group(1).replace(",", ""))
+    shape = resolve_shape(str(tiny_model_dir))
+    assert shape is not None
+    expected = 2**30 / kv_bytes_per_token(shape, dtype="float32")
+    assert abs(reported - expected) <= 0.01 * expected, (reported, expected)
 
 
 def test_generate_with_the_offline_engine(vllm_server, reference, tiny_model_dir, tmp_path):

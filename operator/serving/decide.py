@@ -75,6 +75,7 @@ from kubetune.operator.serving.render import (
 )
 from kubetune.operator.status import (
     FAILED,
+    INSUFFICIENT_GPU_MEMORY,
     PENDING,
     READY_TO_START,
     SPEC_VALID,
@@ -82,7 +83,7 @@ from kubetune.operator.status import (
     set_condition,
     summary_conditions,
 )
-from kubetune.operator.validation import validate_resource
+from kubetune.operator.validation import serving_memory_refusal, validate_resource
 from kubetune.trainer.api.errors import SpecErrors
 
 log = logging.getLogger("kubetune.operator")
@@ -192,6 +193,8 @@ class _ServiceReconciler(DependencyChecks, StatusDecisions):
                 # Already serving: keep serving the current version; the change waits.
                 self.follow_deployment(phase_override=False)
             return self.plan
+        if self.cannot_start(spec):
+            return self.plan
         self.ensure_children(spec, models)
         self.served_status(spec, models)
         self.follow_deployment(phase_override=True)
@@ -207,6 +210,23 @@ class _ServiceReconciler(DependencyChecks, StatusDecisions):
             return source.uri if source.uri is not None else resolved[reference_key(source.fromJob)]
 
         return ResolvedModels(location(spec.model), {a.name: location(a) for a in spec.adapters})
+
+    def cannot_start(self, spec: InferenceServiceSpec) -> bool:
+        """Refuse a model that cannot start in its GPUs' memory before any pod is scheduled (a
+        pod would only crash-loop in vLLM's start-up); a model `fromJob` is sized by that job's
+        base model. Already serving: the current version keeps serving, the change waits."""
+        job = self.obs.references.get(reference_key(spec.model.fromJob)) if spec.model.fromJob else None
+        refusal = serving_memory_refusal(spec, self.cr, default_gib=self.options.gpu_memory_gib, job=job)
+        if refusal is None:
+            return False
+        changed = self.condition(SPEC_VALID, False, INSUFFICIENT_GPU_MEMORY, refusal)
+        if self.obs.deployment is None:
+            self.transition(FAILED, INSUFFICIENT_GPU_MEMORY, refusal, "Warning")
+        else:
+            if changed:
+                self.event("Warning", INSUFFICIENT_GPU_MEMORY, f"the update waits (the current version keeps serving): {refusal}")
+            self.follow_deployment(phase_override=False)
+        return True
 
     def reference_failed(self, message: str) -> None:
         if self.obs.deployment is None:  # already serving: keep serving; the condition says why

@@ -160,6 +160,8 @@ class ServingOptions:
     """`--platform-defaults`: the platform's pod template and placement under each resource's own."""
     prometheus_address: str = DEFAULT_PROMETHEUS
     """`--prometheus-address`: where KEDA queries the servers' metrics (scale to zero)."""
+    gpu_memory_gib: float | None = None
+    """`--gpu-memory-gib`: GPU memory for services without spec.gpuMemoryGiB (the memory check)."""
 
     def image_for(self, engine: str) -> str:
         """The operator's image for an engine: one that has it (vLLM is only in kubetune-vllm)."""

@@ -65,6 +65,7 @@ from kubetune.operator.status import (
     COND_SUSPENDED,
     COND_SYNCED,
     FAILED,
+    INSUFFICIENT_GPU_MEMORY,
     PENDING,
     QUEUED,
     READY_TO_START,
@@ -103,7 +104,6 @@ log = logging.getLogger("kubetune.operator")
 COND_DATA_PREPARED = "DataPrepared"
 """The datasets are tokenized into data.cache (False while the prepare Job runs, or after it failed)."""
 PREPARING, PREPARED, PREPARE_FAILED = "Preparing", "Prepared", "PrepareFailed"
-INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
 PREEMPTED_BY_KUEUE = "PreemptedByKueue"
 """Reason of a Queued job whose Job Kueue suspended after it ran (it resumes when re-admitted)."""
 EVICTED_BY_KUEUE = "EvictedByKueue"

@@ -103,6 +103,9 @@ class ModelShape:
     vision_intermediate: int = 0
     vision_patches: int = 0
     """Patch embeddings (+ class and position) of one image: the tower's input layer."""
+    max_positions: int = 0
+    """The context length the model was trained for (`max_position_embeddings`): vLLM's default
+    `--max-model-len`. 0 when unknown."""
 
     @property
     def vision_params(self) -> int:
@@ -214,6 +217,7 @@ def shape_from_config(config: dict[str, Any], name: str = "model") -> ModelShape
         tied_embeddings=bool(tied), experts=experts, active_experts=min(active, experts),
         attention_bias=bool(config.get("attention_bias") or model_type in ("qwen2", "qwen2_moe")),
         shared_intermediate=int(config.get("shared_expert_intermediate_size") or 0) if experts > 1 else 0,
+        max_positions=int(_get(config, "max_position_embeddings", "n_positions", "max_sequence_length", default=0) or 0),
     )
 
 
@@ -237,23 +241,23 @@ def _shape(name: str, h: int, layers: int, vocab: int, inter: int, heads: int, k
 
 KNOWN_SHAPES: dict[str, ModelShape] = {
     # Values from each model's public config.json; matched as substrings of a lowercased path.
-    "llama-2-7b": _shape("llama-2-7b", 4096, 32, 32000, 11008, 32, 32),
-    "llama-2-13b": _shape("llama-2-13b", 5120, 40, 32000, 13824, 40, 40),
-    "llama-2-70b": _shape("llama-2-70b", 8192, 80, 32000, 28672, 64, 8),
-    "llama-3.2-1b": _shape("llama-3.2-1b", 2048, 16, 128256, 8192, 32, 8, tied_embeddings=True),
-    "llama-3.2-3b": _shape("llama-3.2-3b", 3072, 28, 128256, 8192, 24, 8, tied_embeddings=True),
-    "llama-3.1-8b": _shape("llama-3.1-8b", 4096, 32, 128256, 14336, 32, 8),
-    "llama-3-8b": _shape("llama-3-8b", 4096, 32, 128256, 14336, 32, 8),
-    "llama-3.1-70b": _shape("llama-3.1-70b", 8192, 80, 128256, 28672, 64, 8),
-    "llama-3-70b": _shape("llama-3-70b", 8192, 80, 128256, 28672, 64, 8),
-    "mistral-7b": _shape("mistral-7b", 4096, 32, 32000, 14336, 32, 8),
-    "mixtral-8x7b": _shape("mixtral-8x7b", 4096, 32, 32000, 14336, 32, 8, experts=8, active_experts=2),
-    "qwen2.5-0.5b": _shape("qwen2.5-0.5b", 896, 24, 151936, 4864, 14, 2, tied_embeddings=True, attention_bias=True),
-    "qwen2.5-1.5b": _shape("qwen2.5-1.5b", 1536, 28, 151936, 8960, 12, 2, tied_embeddings=True, attention_bias=True),
-    "qwen2.5-7b": _shape("qwen2.5-7b", 3584, 28, 152064, 18944, 28, 4, attention_bias=True),
-    "qwen2.5-14b": _shape("qwen2.5-14b", 5120, 48, 152064, 13824, 40, 8, attention_bias=True),
-    "gemma-2b": _shape("gemma-2b", 2048, 18, 256000, 16384, 8, 1, head_dim=256, tied_embeddings=True),
-    "gemma-7b": _shape("gemma-7b", 3072, 28, 256000, 24576, 16, 16, head_dim=256, tied_embeddings=True),
+    "llama-2-7b": _shape("llama-2-7b", 4096, 32, 32000, 11008, 32, 32, max_positions=4096),
+    "llama-2-13b": _shape("llama-2-13b", 5120, 40, 32000, 13824, 40, 40, max_positions=4096),
+    "llama-2-70b": _shape("llama-2-70b", 8192, 80, 32000, 28672, 64, 8, max_positions=4096),
+    "llama-3.2-1b": _shape("llama-3.2-1b", 2048, 16, 128256, 8192, 32, 8, tied_embeddings=True, max_positions=131072),
+    "llama-3.2-3b": _shape("llama-3.2-3b", 3072, 28, 128256, 8192, 24, 8, tied_embeddings=True, max_positions=131072),
+    "llama-3.1-8b": _shape("llama-3.1-8b", 4096, 32, 128256, 14336, 32, 8, max_positions=131072),
+    "llama-3-8b": _shape("llama-3-8b", 4096, 32, 128256, 14336, 32, 8, max_positions=8192),
+    "llama-3.1-70b": _shape("llama-3.1-70b", 8192, 80, 128256, 28672, 64, 8, max_positions=131072),
+    "llama-3-70b": _shape("llama-3-70b", 8192, 80, 128256, 28672, 64, 8, max_positions=8192),
+    "mistral-7b": _shape("mistral-7b", 4096, 32, 32000, 14336, 32, 8, max_positions=32768),
+    "mixtral-8x7b": _shape("mixtral-8x7b", 4096, 32, 32000, 14336, 32, 8, experts=8, active_experts=2, max_positions=32768),
+    "qwen2.5-0.5b": _shape("qwen2.5-0.5b", 896, 24, 151936, 4864, 14, 2, tied_embeddings=True, attention_bias=True, max_positions=32768),
+    "qwen2.5-1.5b": _shape("qwen2.5-1.5b", 1536, 28, 151936, 8960, 12, 2, tied_embeddings=True, attention_bias=True, max_positions=32768),
+    "qwen2.5-7b": _shape("qwen2.5-7b", 3584, 28, 152064, 18944, 28, 4, attention_bias=True, max_positions=32768),
+    "qwen2.5-14b": _shape("qwen2.5-14b", 5120, 48, 152064, 13824, 40, 8, attention_bias=True, max_positions=32768),
+    "gemma-2b": _shape("gemma-2b", 2048, 18, 256000, 16384, 8, 1, head_dim=256, tied_embeddings=True, max_positions=8192),
+    "gemma-7b": _shape("gemma-7b", 3072, 28, 256000, 24576, 16, 16, head_dim=256, tied_embeddings=True, max_positions=8192),
 }
 _SCALE_REFERENCES = ("llama-3.2-1b", "llama-3.2-3b", "llama-2-7b", "llama-2-13b", "llama-2-70b")
 

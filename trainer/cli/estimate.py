@@ -11,6 +11,7 @@ from typing import Any
 
 from kubetune.trainer.api.errors import SpecError
 from kubetune.trainer.api.estimate import GIB, _human, _zero_text, estimate, fit_message
+from kubetune.trainer.api.serve_estimate import ServingEstimate, serving_estimate, serving_fit_message
 from kubetune.trainer.api.specfile import apply_overrides, extract_training, validate_training
 from kubetune.trainer.artifacts.documents import read_yaml
 
@@ -19,12 +20,15 @@ def register(subparsers: Any) -> None:
     """The `estimate` subcommand."""
     p = subparsers.add_parser(
         "estimate",
-        help="estimate per-GPU memory of a training spec or FineTuneJob (weights, gradients, optimizer, activations)",
+        help="estimate per-GPU memory of a training spec, FineTuneJob or InferenceService (weights, gradients, "
+        "optimizer, activations; KV cache for a service)",
         description="Estimate the peak memory per GPU of a training spec or a FineTuneJob/AlignmentJob manifest, "
         "by component, and whether it fits on GPUs of --gpu-memory GiB. Nodes and GPUs per node come from "
-        "the manifest unless given.",
+        "the manifest unless given. For an InferenceService manifest: one replica's weights, activation peak "
+        "and the KV cache left (in tokens), and whether vLLM can start with its maxModelLen.",
     )
-    p.add_argument("file", help="a training spec YAML, or a FineTuneJob/AlignmentJob manifest")
+    p.add_argument("file", help="a training spec YAML, a FineTuneJob/AlignmentJob manifest, or an InferenceService "
+                   "manifest (the memory of one server replica: weights, activations, KV cache)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training spec field, e.g. --set method=qlora (repeatable)")
     p.add_argument("--nodes", type=int, default=None, help="nodes (default: the manifest's spec.nodes, else 1)")
@@ -42,6 +46,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from kubetune.trainer.artifacts.model_shape import resolve_shape  # boto3 behind it: not for --help
 
     document = read_yaml(args.file)
+    if isinstance(document, dict) and document.get("kind") == "InferenceService":
+        return estimate_service(document, args)
     training, kind, prefix = extract_training(document, str(args.file))
     training = apply_overrides(training, args.overrides)
     spec = validate_training(training, str(args.file), prefix)
@@ -96,6 +102,88 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         return 0
     print(f"\nfits: NO: {fit_message(spec, nodes=nodes, gpus_per_node=gpus, gpu_gib=gpu_gib, shape=shape, est=est)}")
     return 1
+
+
+def _service_settings(document: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """What the serving estimate needs from an InferenceService manifest (the operator's
+    defaults where a field is unset); the operator's schema checks the rest at apply."""
+    spec = document.get("spec") or {}
+    engine_args = spec.get("engineArgs") or {}
+    engine = spec.get("engine") or "vllm"
+    gpus = int(spec.get("gpus", 1))
+    gpu_gib = args.gpu_memory if args.gpu_memory is not None else spec.get("gpuMemoryGiB")
+    if gpu_gib is None:
+        raise SpecError("spec.gpuMemoryGiB", "is not set, so there is nothing to fit the model in.",
+                        "set it in the manifest (e.g. 80 for an H100 80GB), or pass --gpu-memory 80.")
+    return {"engine": engine, "gpus": gpus, "gpu_gib": float(gpu_gib),
+            "tp": int(spec.get("tensorParallelSize") or max(1, gpus)) if engine == "vllm" else 1,
+            "location": (spec.get("model") or {}).get("uri") or "",
+            "params": args.params if args.params is not None else spec.get("modelParameters"),
+            "dtype": engine_args.get("dtype") or "auto", "quantization": engine_args.get("quantization"),
+            "max_model_len": engine_args.get("maxModelLen"),
+            "utilization": engine_args.get("gpuMemoryUtilization") if engine == "vllm" else 1.0}
+
+
+def estimate_service(document: dict[str, Any], args: argparse.Namespace) -> int:
+    """`kubetune estimate isvc.yaml`: one replica's memory per GPU, and whether it can start."""
+    from kubetune.trainer.artifacts.model_shape import resolve_shape
+
+    s = _service_settings(document, args)
+    if not s["location"] and s["params"] is None:
+        raise SpecError("spec.model", "comes from a training job (fromJob): its size is not known here.",
+                        "pass --params (e.g. --params 8B), or set spec.modelParameters.")
+    try:
+        shape = resolve_shape(s["location"], s["params"])
+    except ValueError as exc:
+        raise SpecError("--params", str(exc)) from None
+    if shape is None:
+        raise SpecError("spec.model.uri", f"the size of {s['location']!r} is unknown (no local config.json, not a "
+                        "known architecture).", "pass --params (e.g. --params 8B), or set spec.modelParameters.")
+    est = serving_estimate(shape, gpu_gib=s["gpu_gib"], tensor_parallel=s["tp"], dtype=s["dtype"],
+                           quantization=s["quantization"], max_model_len=s["max_model_len"], utilization=s["utilization"])
+    if est is None:
+        raise SpecError("spec.engineArgs.quantization", f"{s['quantization']!r}: the width of its weights is not "
+                        "known here.", "estimate with one of awq, gptq, fp8, bitsandbytes, int8, or leave it unset.")
+    fits = est.fits
+    if args.json:
+        print(json.dumps(_service_json(est, s), indent=2))
+        return 0 if fits else 1
+    _print_service(est, s)
+    if fits:
+        print(f"\nfits: yes ({est.kv_tokens:,} tokens of KV cache per replica)")
+        return 0
+    message = serving_fit_message(est, gpu_gib=s["gpu_gib"], gpus=s["gpus"], dtype=s["dtype"],
+                                  quantization=s["quantization"], utilization=s["utilization"],
+                                  parallel=s["engine"] == "vllm")
+    print(f"\nfits: NO: {message}")
+    return 1
+
+
+def _service_json(est: ServingEstimate, s: dict[str, Any]) -> dict[str, Any]:
+    shape = est.shape
+    return {"model": shape.name, "parameters": shape.parameters + shape.vision_params + shape.projector_params,
+            "activeParameters": shape.active_parameters, "engine": s["engine"], "tensorParallelSize": est.tensor_parallel,
+            "componentsGiB": {k: round(v / GIB, 3) for k, v in est.components.items()},
+            "usableGiB": round(est.budget / GIB, 3), "kvCacheGiB": round(max(0.0, est.kv_space) / GIB, 3),
+            "kvBytesPerToken": est.kv_bytes_per_token, "kvTokens": est.kv_tokens, "maxModelLen": est.max_model_len,
+            "gpuMemoryGiB": s["gpu_gib"], "fits": est.fits, "notes": est.notes}
+
+
+def _print_service(est: ServingEstimate, s: dict[str, Any]) -> None:
+    shape = est.shape
+    total = shape.parameters + shape.vision_params + shape.projector_params
+    print(f"model      {shape.name}: {_human(total)} parameters, engine {s['engine']}, "
+          f"tensorParallelSize {est.tensor_parallel}" + (f", {s['quantization']}" if s["quantization"] else ""))
+    length = f"maxModelLen {est.max_model_len:,} tokens" if est.max_model_len else "context length unknown"
+    print(f"context    {length}; KV cache {est.kv_bytes_per_token / 1024:,.0f} KiB per token per GPU")
+    print()
+    print(f"{'component':<14}{'GiB':>10}")
+    for name, value in est.components.items():
+        print(f"{name:<14}{value / GIB:>10.2f}")
+    print(f"{'kv cache':<14}{max(0.0, est.kv_space) / GIB:>10.2f}  ({est.kv_tokens:,} tokens)")
+    print(f"{'usable per GPU':<14}{est.budget / GIB:>10.2f}  ({s['gpu_gib']:g} GiB x utilization)")
+    for note in est.notes:
+        print(f"note: {note}")
 
 
 if __name__ == "__main__":  # pragma: no cover
