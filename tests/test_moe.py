@@ -114,5 +114,11 @@ def test_default_lora_adapts_the_experts_without_dropout_and_an_explicit_dropout
     wrapped = apply_lora(model(), validate_training(base))
     assert wrapped.peft_config["default"].lora_dropout == 0.0
     assert any(".experts." in name and "lora_A" in name for name, _ in wrapped.named_parameters())
+    # PEFT fuses the w1/w3 adapters into gate_up_proj at twice the rank (its own rank pattern, which
+    # it then calls unmatched: kubetune silences that warning, methods.PEFT_NOISE); 4 experts stacked.
+    shapes = {name: tuple(p.shape) for name, p in wrapped.named_parameters()}
+    rank = wrapped.peft_config["default"].r
+    assert shapes["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.default.weight"][0] == 4 * 2 * rank
+    assert shapes["base_model.model.model.layers.0.mlp.experts.lora_A.default.weight"][0] == 4 * rank
     with pytest.raises(SpecError, match=r"^lora\.dropout: "):
         apply_lora(model(), validate_training({**base, "lora": {"dropout": 0.1}}))

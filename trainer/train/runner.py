@@ -167,7 +167,9 @@ def build_training_args(spec: TrainingSpec, output_dir: Path, precision: str, ha
         data_seed=t.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=False,  # applied by the method, which knows about adapters
+        # Applied by the method, which knows about adapters. transformers 5's name: TRL's configs
+        # default the old `gradient_checkpointing` to True, which warns unless this one is set.
+        activation_checkpointing=False,
         eval_strategy=eval_strategy,
         eval_steps=t.evalEverySteps,
         save_strategy="steps",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import warnings
+from collections.abc import Iterator
 
 from kubetune.trainer.api.errors import SpecError
 from kubetune.trainer.api.spec import TrainingSpec
@@ -103,6 +106,28 @@ def _moe_dropout(model, spec: TrainingSpec, dropout: float) -> float:
     return 0.0
 
 
+PEFT_NOISE = (
+    # PEFT reads the model's `is_gradient_checkpointing`, which transformers 5 deprecates for
+    # `is_activation_checkpointing`: nothing a user can change.
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    # On a transformers-5 mixture of experts PEFT fuses the w1/w3 adapters into `gate_up_proj`
+    # with a rank/alpha pattern of its own, applied to that parameter (its lora_A has twice the
+    # rank, tests/test_moe.py), and then warns that the pattern matched no *module*.
+    (RuntimeWarning, r"The following (rank|alpha)_pattern keys did not match any targeted module and were "
+                     r"ignored: \['[^',]*gate_up_proj'\]"),
+)
+"""Warnings PEFT prints on LoRA runs that are not about anything the spec says (a clean run
+prints no warning a user cannot act on); every other warning still shows."""
+
+
+@contextlib.contextmanager
+def _peft_noise_silenced() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for category, message in PEFT_NOISE:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
+
+
 def apply_lora(model, spec: TrainingSpec):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -121,7 +146,8 @@ def apply_lora(model, spec: TrainingSpec):
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     try:
-        return get_peft_model(model, config)
+        with _peft_noise_silenced():
+            return get_peft_model(model, config)
     except ValueError as exc:
         raise SpecError("lora.targetModules", f"{exc}", "list module names that exist in the model (e.g. q_proj, v_proj) or use all-linear.") from None
 
