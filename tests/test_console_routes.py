@@ -402,6 +402,21 @@ def test_an_inferenceservice_from_its_own_schema_checked_and_applied(tmp_path: P
         assert 'value="support-assistant-sft"' in as_yaml.text  # a manifest's spec fills the form
 
 
+def test_an_inferenceservice_shows_whether_its_model_starts(client: TestClient) -> None:
+    """The Launch page's estimate for a service: weights, activations and KV cache per GPU, and
+    the admission check's refusal (with what would start) before anything is applied."""
+    values = {"_kind": "InferenceService", "_name": "chat", "model.uri": "s3://models/Llama-3.1-8B-Instruct",
+              "gpus": "1"}
+    unsized = _post(client, "/launch/check", values)
+    assert "Set gpuMemoryGiB" in unsized.text and 'id="estimate-total"' not in unsized.text
+    refused = _post(client, "/launch/check", {**values, "gpuMemoryGiB": "24"})
+    assert 'id="estimate-total"' in refused.text and 'id="estimate-verdict"' in refused.text
+    assert "KV cache (36,795 tokens)" in refused.text and "engineArgs.maxModelLen: 35840" in refused.text
+    fits = _post(client, "/launch/check", {**values, "gpuMemoryGiB": "24", "engineArgs.maxModelLen": "8192"})
+    assert 'id="estimate-total"' in fits.text and 'id="estimate-verdict"' not in fits.text
+    assert "engineArgs.maxModelLen: 35840" not in fits.text and "maxModelLen 8,192" in fits.text
+
+
 # ---------------------------------------------------------------- a console in a pod: health, cluster only, impersonation
 
 

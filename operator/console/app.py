@@ -122,14 +122,16 @@ class Console:
         document = form.form_to_document(values, sections, self.orders[kind])
         if kind == SERVING:
             spec, errors = form.check_resource(SERVING, document, _resource_name(values))
-            estimate = None
+            estimate = _serving_estimate(spec) if spec else None
         else:
             spec, errors = form.check(document)
             nodes, gpus = _int(values.get("_nodes"), 1), _int(values.get("_gpusPerNode"), 1)
             estimate = _estimate(spec, nodes, gpus) if spec else None
         by_field, general = form.errors_by_field(errors, sections)
-        return {"document": document, "yaml": form.to_yaml(document), "errors": by_field, "general": general,
-                "estimate": estimate, "valid": spec is not None, "sections": sections, "kind": kind}
+        refusal = _serving_refusal(spec) if kind == SERVING and spec is not None else None
+        return {"document": document, "yaml": form.to_yaml(document), "errors": by_field,
+                "general": general + ([refusal] if refusal else []), "estimate": estimate,
+                "valid": spec is not None and not refusal, "sections": sections, "kind": kind}
 
 
 TRAINING, SERVING = "training", "InferenceService"
@@ -165,6 +167,30 @@ def _estimate(spec: Any, nodes: int, gpus: int) -> dict[str, Any] | None:
         return None
     return {"model": shape.name, "precision": est.precision, "total": round(est.total_gib, 3),
             "components": {k: round(v / GIB, 3) for k, v in est.components.items()}}
+
+
+def _serving_refusal(spec: Any) -> str | None:
+    """What admission would say of a model that cannot start in spec.gpuMemoryGiB (shown live)."""
+    from kubetune.operator.validation import serving_memory_refusal
+
+    return serving_memory_refusal(spec)
+
+
+def _serving_estimate(spec: Any) -> dict[str, Any] | None:
+    """One replica's memory per GPU for the Launch page (the operator's admission check): the
+    rows add up to what the engine may use; a KV cache row of 0 tokens means it cannot start."""
+    from kubetune.operator.validation import serving_memory_estimate, serving_shape
+    from kubetune.trainer.api.estimate import GIB
+
+    shape = serving_shape(spec) if spec.gpuMemoryGiB and spec.gpus > 0 else None
+    est = serving_memory_estimate(spec, shape, spec.gpuMemoryGiB) if shape is not None else None
+    if est is None:
+        return None
+    components = {name: round(value / GIB, 3) for name, value in est.components.items()}
+    components[f"KV cache ({est.kv_tokens:,} tokens)"] = round(max(0.0, est.kv_space) / GIB, 3)
+    length = f"maxModelLen {est.max_model_len:,}" if est.max_model_len else "weights only"
+    return {"model": shape.name, "precision": f"{spec.engine}, tensorParallelSize {est.tensor_parallel}, {length}",
+            "total": round(sum(components.values()), 3), "components": components, "fits": est.fits}
 
 
 def _guard(config: ConsoleConfig):

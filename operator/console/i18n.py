@@ -63,6 +63,12 @@ STRINGS = {
     "default": ("default", "默认"),
     "unset": ("(default)", "（默认）"),
     "estimateUnknown": ("The model's size is unknown here; no estimate.", "此处无法得知模型大小，无法估算。"),
+    "servingWontStart": ("The model cannot start in this GPU memory: the check above says what would.",
+                         "模型在此显存中无法启动：上方的检查结果给出了可行的设置。"),
+    "servingEstimateUnknown": ("Set gpuMemoryGiB (and modelParameters when model.uri names no known model) to see "
+                               "whether the model starts: weights, activations and KV cache per GPU.",
+                               "设置 gpuMemoryGiB（model.uri 不是已知模型时再设置 modelParameters），即可查看模型能否启动："
+                               "每块 GPU 上的权重、激活与 KV 缓存。"),
     "compareHelp": ("Pick runs to overlay their curves.", "选择要叠加曲线的运行。"),
     "show": ("Show", "显示"),
     "endpoint": ("Endpoint (OpenAI-compatible base URL)", "接口地址（OpenAI 兼容）"),
