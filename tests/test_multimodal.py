@@ -133,7 +133,8 @@ def test_regenerating_the_shapes_demo_gives_the_committed_files(tmp_path):
     from kubetune.trainer.train.shapes import write_shapes
 
     write_shapes(tmp_path)
-    for name in ("train.json", "eval.json", "images/train-0000.png", "images/eval-0059.png"):
+    for name in ("train.json", "eval.json", "preferences.json", "preferences_eval.json", "images/train-0000.png",
+                 "images/eval-0059.png"):
         assert (tmp_path / name).read_bytes() == (SHAPES / name).read_bytes(), name
 
 
@@ -169,11 +170,11 @@ def test_lora_adapts_the_language_model_and_the_vision_parts_only_when_asked(tin
     assert counts["language"] > 0 and counts["tower"] == counts["projector"] == 0
 
 
-def test_vision_models_train_with_sft_only(tmp_path):
+def test_vision_models_train_with_sft_or_dpo_only(tmp_path):
     from kubetune.trainer.train.stages import vision
 
-    with pytest.raises(SpecError, match="stage sft only"):
-        vision.preflight(spec_for(tmp_path, stage="dpo"))
+    with pytest.raises(SpecError, match="stage sft or dpo, not kto"):
+        vision.preflight(spec_for(tmp_path, stage="kto"))
     with pytest.raises(SpecError, match="padded batches"):
         vision.preflight(spec_for(tmp_path, data={"datasets": [{"path": str(SHAPES / "train.json")}], "packing": True}))
 

@@ -9,6 +9,13 @@ exact match is far above the 1-in-6 of guessing a colour. Pictures are 32x32 PNG
 `python -m kubetune.trainer.train.shapes DIR` writes what `examples/data/shapes/` holds: the
 pictures, the training rows in the sharegpt/LlamaFactory form (`messages` with `<image>`, and an
 `images` list) and the held-out rows in LMFlow's image-text (LLaVA) form (`image`, `conversations`).
+
+The same pictures and questions also make a preference task for `stage: dpo` (`preferences.json`,
+`preferences_eval.json`): `chosen` is the right answer about the picture, `rejected` the same
+sentence with another colour or shape. Both answers are equally likely without the picture (every
+colour and shape is as often wrong as right), so only a model that looks can prefer the chosen one.
+The pairs are in LlamaFactory's multimodal preference form: `conversations` (sharegpt turns, with
+`<image>`) or `messages` (role/content) for the prompt, `chosen` and `rejected`, and `images`.
 """
 
 from __future__ import annotations
@@ -65,6 +72,24 @@ def examples(count: int, seed: int) -> list[dict]:
     return rows
 
 
+def wrong_answer(kind: str, shape: str, colour: str, rng: random.Random) -> str:
+    """The answer with another colour (or shape) than the picture's, drawn from `rng`."""
+    if kind == "colour":
+        return answer(kind, shape, rng.choice([c for c in sorted(COLOURS) if c != colour]))
+    return answer(kind, rng.choice([s for s in SHAPES if s != shape]), colour)
+
+
+def preference_pair(row: dict, image: str, rng: random.Random, *, sharegpt: bool) -> dict:
+    """One picture's question with its right (`chosen`) and a wrong (`rejected`) answer, in
+    LlamaFactory's multimodal preference form (sharegpt turns, or role/content messages)."""
+    question = f"<image>\n{row['question']}"
+    wrong = wrong_answer(row["kind"], row["shape"], row["colour"], rng)
+    if sharegpt:
+        return {"conversations": [{"from": "human", "value": question}], "chosen": {"from": "gpt", "value": row["answer"]},
+                "rejected": {"from": "gpt", "value": wrong}, "images": [image]}
+    return {"messages": [{"role": "user", "content": question}], "chosen": row["answer"], "rejected": wrong, "images": [image]}
+
+
 def shapes_corpus() -> list[str]:
     """The demo's words, for the built-in tokenizer (so colours and shapes are whole tokens)."""
     texts = [*COLOUR_QUESTIONS, *SHAPE_QUESTIONS]
@@ -73,23 +98,27 @@ def shapes_corpus() -> list[str]:
 
 
 def write_shapes(directory: str | Path) -> list[Path]:
-    """The pictures under `images/`, `train.json` (sharegpt form) and `eval.json` (LLaVA form)."""
+    """The pictures under `images/`, `train.json` (sharegpt form) and `eval.json` (LLaVA form), and
+    the same pictures' preference pairs, `preferences.json` and `preferences_eval.json`."""
     directory = Path(directory)
     (directory / "images").mkdir(parents=True, exist_ok=True)
-    train, held_out = [], []
+    train, held_out, pairs, held_out_pairs = [], [], [], []
+    wrong = random.Random(2)
     for split, rows, seed in (("train", train, 0), ("eval", held_out, 1)):
         for index, row in enumerate(examples(TRAIN_ROWS if split == "train" else EVAL_ROWS, seed)):
             name = f"images/{split}-{index:04d}.png"
             row["image"].save(directory / name, optimize=True)
+            (pairs if split == "train" else held_out_pairs).append(preference_pair(row, name, wrong, sharegpt=split == "train"))
             if split == "train":
                 rows.append({"messages": [{"role": "user", "content": f"<image>\n{row['question']}"},
                                           {"role": "assistant", "content": row["answer"]}], "images": [name]})
             else:
                 rows.append({"image": name, "conversations": [{"from": "human", "value": f"<image>\n{row['question']}"},
                                                               {"from": "gpt", "value": row["answer"]}]})
-    written = [directory / "train.json", directory / "eval.json"]
-    written[0].write_text(json.dumps(train, indent=1) + "\n")
-    written[1].write_text(json.dumps(held_out, indent=1) + "\n")
+    written = []
+    for name, rows in (("train", train), ("eval", held_out), ("preferences", pairs), ("preferences_eval", held_out_pairs)):
+        written.append(directory / f"{name}.json")
+        written[-1].write_text(json.dumps(rows, indent=1) + "\n")
     return written
 
 

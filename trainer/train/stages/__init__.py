@@ -3,8 +3,9 @@
 A stage module exposes `build_trainer(ctx) -> transformers.Trainer`; the runner owns everything
 shared (output session, resume, model loading, callbacks, saving). Optional hooks (see
 `runner._train`): `preflight(spec) -> spec`, `load_model(spec, precision, tokenizer)`,
-`sample_prompts(eval_rows, count)`. `stage_for(spec)` picks the vision-language workflow
-(`stages.vision`) for `sft` on a model with a vision encoder.
+`sample_prompts(eval_rows, count)`. `stage_for(spec)` picks the vision-language workflows for a
+model with a vision encoder: `stages.vision_dpo` for `dpo`, `stages.vision` (which refuses the
+stages it does not train) for the others.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ def stage_module(stage: str) -> ModuleType:
 
 
 def stage_for(spec: TrainingSpec) -> ModuleType:
-    """The workflow of this run: the stage's, or the vision-language one when the model has a
-    vision encoder (whose `preflight` refuses the stages it does not train)."""
+    """The workflow of this run: the stage's, or a vision-language one when the model has a
+    vision encoder (`vision`'s `preflight` refuses the stages neither trains)."""
     from kubetune.trainer.train.models.vision import is_vision_model
 
     if is_vision_model(spec):
-        return importlib.import_module("kubetune.trainer.train.stages.vision")
+        workflow = "vision_dpo" if spec.stage == "dpo" else "vision"
+        return importlib.import_module(f"kubetune.trainer.train.stages.{workflow}")
     return stage_module(spec.stage)

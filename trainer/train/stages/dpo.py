@@ -109,8 +109,9 @@ def _trainer_class():
         rewards of the loss trained, a held-out generation metric and a collapse warning."""
 
         def __init__(self, *args: Any, loss: str = "sigmoid", reference_free_margin: float | None = None,
-                     labelled_logits_only: bool = True, **kwargs: Any):
+                     labelled_logits_only: bool = True, generation_metric: bool = True, **kwargs: Any):
             self.loss_name = loss
+            self.generation_metric = generation_metric
             self.labelled_logits_only = labelled_logits_only
             self.reference_free_margin = reference_free_margin
             self.chosen_start: dict[str, float] = {}
@@ -134,7 +135,7 @@ def _trainer_class():
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
             dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
             # Rank 0 generates alone: not with ZeRO-partitioned weights (the runner's samples skip them too).
-            if dataset is not None and self.is_world_process_zero() and not self.is_deepspeed_enabled:
+            if dataset is not None and self.generation_metric and self.is_world_process_zero() and not self.is_deepspeed_enabled:
                 policy = self.accelerator.unwrap_model(self.model)
                 self._metrics["eval"]["chosen_exact_match"] = [chosen_exact_match(policy, self.processing_class, dataset)]
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -209,8 +210,9 @@ def chosen_exact_match(model, tokenizer, dataset) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
-def load_reference(spec: TrainingSpec, model) -> Any:
-    """The frozen reference policy, or None when TRL derives it (LoRA: adapters off; SimPO: none)."""
+def load_reference(spec: TrainingSpec, model, auto_class: Any = None) -> Any:
+    """The frozen reference policy, or None when TRL derives it (LoRA: adapters off; SimPO: none).
+    `auto_class` loads `dpo.referenceModel` as the policy was loaded (a vision-language model's)."""
     from peft import PeftModel
 
     if spec.dpo.lossType in REFERENCE_FREE:
@@ -219,7 +221,8 @@ def load_reference(spec: TrainingSpec, model) -> Any:
         from kubetune.trainer.train.models.loader import load_model
 
         reference = load_model(spec.model_copy(update={"model": spec.model.model_copy(update={"path": spec.dpo.referenceModel}),
-                                                       "method": "full"}), "fp32" if model.dtype.is_floating_point and model.dtype.itemsize == 4 else "bf16")
+                                                       "method": "full"}), "fp32" if model.dtype.is_floating_point and model.dtype.itemsize == 4 else "bf16",
+                               auto_class=auto_class)
     elif isinstance(model, PeftModel):
         return None
     else:
@@ -278,7 +281,9 @@ def build_orpo_trainer(ctx: RunContext):
     )
 
 
-def build_trainer(ctx: RunContext):
+def build_trainer(ctx: RunContext, *, collator: Any = None, auto_class: Any = None, generation_metric: bool = True):
+    """The DPO trainer of this run. A vision-language model's workflow (`stages.vision_dpo`) gives
+    its pairs' collator, the class its reference loads with, and no text-only generation metric."""
     from peft import PeftModel
     from trl import DPOConfig
     from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -298,8 +303,9 @@ def build_trainer(ctx: RunContext):
         beta=d.beta, loss_type=losses, loss_weights=weights, label_smoothing=d.labelSmoothing, max_length=None,
         precompute_ref_log_probs=reference_free, disable_dropout=True,
     )
-    collator = DataCollatorForPreference(pad_token_id=ctx.tokenizer.pad_token_id)
-    reference = load_reference(spec, ctx.model)
+    if collator is None:
+        collator = DataCollatorForPreference(pad_token_id=ctx.tokenizer.pad_token_id)
+    reference = load_reference(spec, ctx.model, auto_class)
     trainer = _trainer_class()(
         model=ctx.model,
         ref_model=reference,
@@ -313,6 +319,7 @@ def build_trainer(ctx: RunContext):
         loss=d.lossType,
         reference_free_margin=d.simpoGamma / d.beta if reference_free else None,
         labelled_logits_only=spec.train.logitsOnLabels,
+        generation_metric=generation_metric,
     )
     if isinstance(trainer.model, PeftModel) and "ref" in trainer.model.peft_config:
         # TRL copies a pre-existing adapter as the reference; ours is fresh (B = 0), so the base

@@ -1,4 +1,5 @@
-"""`sft` of a vision-language model: the causal-LM stage with images in its batches.
+"""`sft` of a vision-language model: the causal-LM stage with images in its batches (its `dpo` is
+`stages.vision_dpo`, which shares these hooks).
 
 The runner picks this workflow for `stage: sft` when the model has a vision encoder
 (`stages.stage_for`). It shares the causal-LM trainer (the loss at labelled positions only, which
@@ -24,12 +25,19 @@ __all__ = ["apply_method", "build_datasets", "build_trainer", "learning_check", 
            "make_collator", "preflight", "sample_prompts"]
 
 
+IMAGE_STAGES = ("sft", "dpo")
+"""The stages that train a vision-language model (`dpo`: `stages.vision_dpo`)."""
+
+
 def preflight(spec: TrainingSpec) -> TrainingSpec:
-    """Only `sft` trains a vision-language model here; its batches are padded rows (the image
+    """Only `sft` and `dpo` train a vision-language model here (TRL's KTO, PPO and GRPO paths for
+    pictures are not wired to kubetune's image rows yet); batches are padded rows (the image
     features replace tokens inside each row, which packing or padding-free rows would mix up)."""
-    if spec.stage != "sft":
-        raise SpecError("stage", f"{spec.model.path!r} is a vision-language model, which kubetune trains with stage sft only.",
-                        "use stage: sft (preference stages on images are not supported yet).")
+    if spec.stage not in IMAGE_STAGES:
+        raise SpecError("stage", f"{spec.model.path!r} is a vision-language model, which kubetune trains with stage sft or dpo, "
+                        f"not {spec.stage} (pretraining, reward models, KTO, PPO, RAFT and GRPO on images are not supported yet).",
+                        "use stage: sft, or stage: dpo with preference pairs about the pictures (conversations with <image>, "
+                        "chosen, rejected, images).")
     if spec.data.packing or spec.data.paddingFree or spec.data.streaming:
         raise SpecError("data", "image-text conversations are trained in padded batches: packing, paddingFree and streaming do not apply.",
                         "leave data.packing, data.paddingFree and data.streaming unset (or false).")
