@@ -94,6 +94,40 @@ def test_pairs_keep_their_pictures_in_the_prompt_and_batch_as_trl_lays_them_out(
         build_vision_datasets(dpo_spec(tmp_path, data={"datasets": [{"path": str(bad)}], "evalDatasets": []}), processor)
 
 
+def test_our_batches_equal_trls_vision_preference_collator_on_the_same_texts(tiny_llava_dir, tmp_path):
+    """Given the prompt and answer texts kubetune renders (the model's template, the processor's
+    image token), TRL's `DataCollatorForVisionPreference` builds the same batch as
+    `VisionPreferenceCollator`: token for token, the masks and the pixels. Only who renders the
+    text differs (TRL re-renders conversations with the processor's template every batch)."""
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from kubetune.trainer.train.data.processors import ChatRenderer, split_prompt
+    from kubetune.trainer.train.data.vision import (
+        PLACEHOLDER,
+        VisionPreferenceCollator,
+        build_vision_datasets,
+        open_image,
+        preference_row,
+    )
+    from kubetune.trainer.train.models.vision import load_processor
+
+    spec = dpo_spec(tmp_path, pairs=3, data={"shuffle": False})
+    processor = load_processor(spec)
+    ours = VisionPreferenceCollator(processor)(list(build_vision_datasets(spec, processor).train))
+    renderer, examples = ChatRenderer(processor.tokenizer), []
+    for row in map(preference_row, json.loads((SHAPES / "preferences.json").read_text())[:3]):
+        prompt = [{**m, "content": m["content"].replace(PLACEHOLDER, processor.image_token)} for m in row["prompt"]]
+        prompt_text, chosen = split_prompt(renderer, prompt, row["chosen"], None)
+        rejected = split_prompt(renderer, prompt, row["rejected"], None)[1]
+        examples.append({"prompt": prompt_text, "chosen": chosen, "rejected": rejected,
+                         "images": [open_image(SHAPES / image) for image in row["images"]]})
+    theirs = DataCollatorForVisionPreference(processor=processor)(examples)
+    assert sorted(theirs) == sorted(ours) == ["attention_mask", "completion_mask", "input_ids", "pixel_values"]
+    real = ours["attention_mask"].bool()
+    assert theirs["attention_mask"].equal(ours["attention_mask"]) and theirs["completion_mask"].equal(ours["completion_mask"])
+    assert theirs["input_ids"][real].equal(ours["input_ids"][real]) and theirs["pixel_values"].equal(ours["pixel_values"])
+
+
 # --- what trains on images ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("stage", ["pt", "rm", "kto", "ppo", "grpo"])
