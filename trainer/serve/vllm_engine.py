@@ -244,7 +244,8 @@ class VLLMEngine(Engine):
         self.llm = llm
         self.plan = p
         self._lora_ids = {name: i + 1 for i, name in enumerate(p.adapters)}
-        self.image_token = image_token_of(p.model)
+        self.processor = vision_processor_of(p.model)
+        self.image_token = getattr(self.processor, "image_token", None)
 
     @classmethod
     def load(cls, model: str, *, adapters: list[AdapterRef] | None = None, served_name: str | None = None,
@@ -281,11 +282,15 @@ class VLLMEngine(Engine):
             return super().encode_chat_images(messages, images, model, tools)
         return self.encode_chat(messages, model, tools), {"image": images if len(images) > 1 else images[0]}
 
+    def prompt_length(self, seq: Sequence) -> int:
+        """The prompt's tokens as vLLM counts them, each picture expanded into its features."""
+        return len(seq.prompt_ids) + image_token_surplus(self.processor, seq.media)
+
     def _sampling(self, seq: Sequence):
         import vllm
 
         p = seq.params
-        max_new = self.check_length(len(seq.prompt_ids), p)
+        max_new = self.check_length(self.prompt_length(seq), p)
         return vllm.SamplingParams(
             n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k if p.top_k else -1, max_tokens=max_new,
             stop=p.stop or None, seed=p.seed, frequency_penalty=p.frequency_penalty,
@@ -333,8 +338,8 @@ def vllm_prompt(prompt_type: Any, seq: Sequence) -> Any:
     return prompt_type(prompt_token_ids=seq.prompt_ids)
 
 
-def image_token_of(model_dir: str | Path) -> str | None:
-    """The image token of a vision-language model directory (its processor's), None for text."""
+def vision_processor_of(model_dir: str | Path) -> Any:
+    """The processor of a vision-language model directory, None for a text model."""
     from kubetune.trainer.train.models.vision import is_vision_config
 
     config = Path(str(model_dir)) / "config.json"
@@ -342,4 +347,25 @@ def image_token_of(model_dir: str | Path) -> str | None:
         return None
     from transformers import AutoProcessor
 
-    return getattr(AutoProcessor.from_pretrained(str(model_dir)), "image_token", None)
+    return AutoProcessor.from_pretrained(str(model_dir))
+
+
+def image_token_of(model_dir: str | Path) -> str | None:
+    """The image token of a vision-language model directory (its processor's), None for text."""
+    return getattr(vision_processor_of(model_dir), "image_token", None)
+
+
+def image_token_surplus(processor: Any, media: dict[str, Any] | None) -> int:
+    """Tokens vLLM adds to a prompt when it expands each image token into the picture's features
+    (as the model's processor counts them for the picture's size): without them the room left
+    for new tokens, and so max_tokens, would be overstated by every image's feature count."""
+    images = (media or {}).get("image")
+    if processor is None or images is None:
+        return 0
+    images = images if isinstance(images, list) else [images]
+    sizes = [(image.height, image.width) for image in images]
+    try:
+        counts = processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
+    except (AttributeError, KeyError, NotImplementedError, TypeError):
+        return 0  # a processor without the count: vLLM itself still refuses a prompt that is too long
+    return sum(int(count) - 1 for count in counts)
