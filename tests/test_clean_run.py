@@ -36,6 +36,7 @@ def _spec(run: dict[str, str], out: Path) -> dict:
             "train": {"maxSteps": 3, "batchSize": 4}, "output": {"path": str(out)}}
 
 
+@pytest.mark.slow  # a training process each (~10 s)
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_a_default_run_prints_no_warning(name, tmp_path):
     spec = tmp_path / "spec.yaml"
