@@ -452,6 +452,22 @@ def summarize(runs: list[dict], tools: list[str], methods: list[str], skipped: d
     return rows
 
 
+def summary_line(rows: list[dict], method: str = "lora") -> str:
+    """The run in one line (LoRA SFT, the issue's headline; another method when LoRA was not run):
+    `throughput: kubetune/TRL X.XXx, kubetune/LlamaFactory Y.YYx, RSS kubetune/TRL Z.ZZx`."""
+    by = {(r["method"], r["tool"]): r for r in rows}
+    if ("lora", "kubetune") not in by and rows:
+        method = rows[0]["method"]
+    ours, trl = by.get((method, "kubetune"), {}), by.get((method, "trl"), {})
+
+    def ratio(value) -> str:
+        return f"{value:.2f}x" if value else "n/a"
+
+    rss = ours["peak_rss_mb"] / trl["peak_rss_mb"] if ours.get("peak_rss_mb") and trl.get("peak_rss_mb") else None
+    return (f"throughput ({method}): kubetune/TRL {ratio(ours.get('vs_trl'))}, kubetune/LlamaFactory "
+            f"{ratio(ours.get('vs_llamafactory'))}, RSS kubetune/TRL {ratio(rss)}")
+
+
 def fmt(value, spec: str, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
@@ -520,7 +536,7 @@ def write_report(args, context: dict, runs: list[dict], tools: list[str], method
              "`dpo.rpoAlpha: 1`: not comparable with the plain DPO loss of the others). kubetune runs its default "
              "spec; TRL its defaults (gradient checkpointing on; bf16 off, as transformers refuses it without a GPU); "
              "LlamaFactory its defaults. Each renders a row as (first 3 words per field):\n\n" + rendered + "\n")
-    (RESULTS / "throughput.md").write_text(header + table(rows) + notes)
+    (RESULTS / "throughput.md").write_text(header + table(rows) + "\n" + summary_line(rows) + "\n" + notes)
     chart(rows, tools, methods, RESULTS / "throughput.png")
     print(f"wrote {RESULTS / 'throughput.json'}, .md, .png ({completed} of {args.rounds} rounds)", flush=True)
 
@@ -622,6 +638,7 @@ def main(argv: list[str]) -> int:
     rows = summarize(runs, tools, methods, skipped)
     print()
     print(table(rows))
+    print(summary_line(rows))
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
