@@ -236,3 +236,10 @@ def test_the_example_service_is_sized_and_admitted(tmp_path, capsys):
     doc["spec"]["modelParameters"] = "70B"
     with pytest.raises(AdmissionRefused, match="tensorParallelSize: 2 and gpus: 2"):
         admit("CREATE", None, doc)
+
+
+def test_kubetune_estimate_names_a_field_that_is_not_a_number(tmp_path, capsys):
+    path = tmp_path / "isvc.yaml"
+    path.write_text(yaml.safe_dump(isvc(gpus="many")))
+    assert main(["estimate", str(path)]) == 2
+    assert "spec.gpus: 'many' is not a number" in capsys.readouterr().err

@@ -91,7 +91,7 @@ def serving_estimate(shape: ModelShape, *, gpu_gib: float, tensor_parallel: int 
     if bits is None:
         return None
     tp = max(1, tensor_parallel)
-    weights = _all_parameters(shape) * bits / 8 / tp
+    weights = held_parameters(shape) * bits / 8 / tp
     components = {"weights": weights, "activations": _profile_activation_bytes(shape, tp),
                   "overhead": SERVING_OVERHEAD_GIB * GIB}
     # A layout scaled to a bare parameter count guesses the KV heads: check the weights only.
@@ -109,7 +109,7 @@ def _weight_bits(dtype: str, quantization: str | None) -> float | None:
     return DTYPE_BITS.get(dtype, 16)
 
 
-def _all_parameters(shape: ModelShape) -> int:
+def held_parameters(shape: ModelShape) -> int:
     """Every parameter the server holds: the language model (all experts) and any vision tower."""
     return shape.parameters + shape.vision_params + shape.projector_params
 
@@ -155,7 +155,7 @@ def serving_fit_message(est: ServingEstimate, *, gpu_gib: float, gpus: int, dtyp
     where = f"{est.tensor_parallel} GPU(s) of {gpu_gib:g} GiB (tensorParallelSize {est.tensor_parallel})"
     if est.kv_space <= 0:
         text = (f"the weights alone do not fit: {est.summary()}, on {where} ({shape.name}, "
-                f"{_human(_all_parameters(shape))} parameters).")
+                f"{_human(held_parameters(shape))} parameters).")
     else:
         text = (f"the KV cache left beside the weights holds {est.kv_tokens:,} tokens, fewer than one sequence of "
                 f"maxModelLen {est.max_model_len:,} ({est.summary()}, on {where}; {shape.name}).")

@@ -11,7 +11,12 @@ from typing import Any
 
 from kubetune.trainer.api.errors import SpecError
 from kubetune.trainer.api.estimate import GIB, _human, _zero_text, estimate, fit_message
-from kubetune.trainer.api.serve_estimate import ServingEstimate, serving_estimate, serving_fit_message
+from kubetune.trainer.api.serve_estimate import (
+    ServingEstimate,
+    held_parameters,
+    serving_estimate,
+    serving_fit_message,
+)
 from kubetune.trainer.api.specfile import apply_overrides, extract_training, validate_training
 from kubetune.trainer.artifacts.documents import read_yaml
 
@@ -110,18 +115,27 @@ def _service_settings(document: dict[str, Any], args: argparse.Namespace) -> dic
     spec = document.get("spec") or {}
     engine_args = spec.get("engineArgs") or {}
     engine = spec.get("engine") or "vllm"
-    gpus = int(spec.get("gpus", 1))
+    gpus = _number(spec.get("gpus", 1), "spec.gpus", int)
     gpu_gib = args.gpu_memory if args.gpu_memory is not None else spec.get("gpuMemoryGiB")
     if gpu_gib is None:
         raise SpecError("spec.gpuMemoryGiB", "is not set, so there is nothing to fit the model in.",
                         "set it in the manifest (e.g. 80 for an H100 80GB), or pass --gpu-memory 80.")
-    return {"engine": engine, "gpus": gpus, "gpu_gib": float(gpu_gib),
-            "tp": int(spec.get("tensorParallelSize") or max(1, gpus)) if engine == "vllm" else 1,
+    tp = spec.get("tensorParallelSize") or max(1, gpus)
+    return {"engine": engine, "gpus": gpus, "gpu_gib": _number(gpu_gib, "spec.gpuMemoryGiB", float),
+            "tp": _number(tp, "spec.tensorParallelSize", int) if engine == "vllm" else 1,
             "location": (spec.get("model") or {}).get("uri") or "",
             "params": args.params if args.params is not None else spec.get("modelParameters"),
             "dtype": engine_args.get("dtype") or "auto", "quantization": engine_args.get("quantization"),
             "max_model_len": engine_args.get("maxModelLen"),
             "utilization": engine_args.get("gpuMemoryUtilization") if engine == "vllm" else 1.0}
+
+
+def _number(value: Any, field: str, kind: type) -> Any:
+    """A manifest's number, or a SpecError naming its field (the manifest is not validated here)."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise SpecError(field, f"{value!r} is not a number.", f"give {field} as a number.") from None
 
 
 def estimate_service(document: dict[str, Any], args: argparse.Namespace) -> int:
@@ -161,7 +175,7 @@ def estimate_service(document: dict[str, Any], args: argparse.Namespace) -> int:
 
 def _service_json(est: ServingEstimate, s: dict[str, Any]) -> dict[str, Any]:
     shape = est.shape
-    return {"model": shape.name, "parameters": shape.parameters + shape.vision_params + shape.projector_params,
+    return {"model": shape.name, "parameters": held_parameters(shape),
             "activeParameters": shape.active_parameters, "engine": s["engine"], "tensorParallelSize": est.tensor_parallel,
             "componentsGiB": {k: round(v / GIB, 3) for k, v in est.components.items()},
             "usableGiB": round(est.budget / GIB, 3), "kvCacheGiB": round(max(0.0, est.kv_space) / GIB, 3),
@@ -171,8 +185,7 @@ def _service_json(est: ServingEstimate, s: dict[str, Any]) -> dict[str, Any]:
 
 def _print_service(est: ServingEstimate, s: dict[str, Any]) -> None:
     shape = est.shape
-    total = shape.parameters + shape.vision_params + shape.projector_params
-    print(f"model      {shape.name}: {_human(total)} parameters, engine {s['engine']}, "
+    print(f"model      {shape.name}: {_human(held_parameters(shape))} parameters, engine {s['engine']}, "
           f"tensorParallelSize {est.tensor_parallel}" + (f", {s['quantization']}" if s["quantization"] else ""))
     length = f"maxModelLen {est.max_model_len:,} tokens" if est.max_model_len else "context length unknown"
     print(f"context    {length}; KV cache {est.kv_bytes_per_token / 1024:,.0f} KiB per token per GPU")
