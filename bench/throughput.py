@@ -518,7 +518,7 @@ def write_report(args, context: dict, runs: list[dict], tools: list[str], method
               "rounds_completed": completed, **context, "summary": rows, "runs": runs}
     report["machine"] = {**context["machine"], "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "throughput.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     params = context["settings"]["parameters"]
     plural = "s" if args.rounds > 1 else ""
     rounds = f"{completed} interleaved round{plural}" if completed == args.rounds else f"{completed} of {args.rounds} rounds"
@@ -536,9 +536,9 @@ def write_report(args, context: dict, runs: list[dict], tools: list[str], method
              "`dpo.rpoAlpha: 1`: not comparable with the plain DPO loss of the others). kubetune runs its default "
              "spec; TRL its defaults (gradient checkpointing on; bf16 off, as transformers refuses it without a GPU); "
              "LlamaFactory its defaults. Each renders a row as (first 3 words per field):\n\n" + rendered + "\n")
-    (RESULTS / "throughput.md").write_text(header + table(rows) + "\n" + summary_line(rows) + "\n" + notes)
-    chart(rows, tools, methods, RESULTS / "throughput.png")
-    print(f"wrote {RESULTS / 'throughput.json'}, .md, .png ({completed} of {args.rounds} rounds)", flush=True)
+    (RESULTS / f"{args.name}.md").write_text(header + table(rows) + "\n" + summary_line(rows) + "\n" + notes)
+    chart(rows, tools, methods, RESULTS / f"{args.name}.png")
+    print(f"wrote {RESULTS / args.name}.json, .md, .png ({completed} of {args.rounds} rounds)", flush=True)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -556,6 +556,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-llamafactory", action="store_true", help="skip LlamaFactory (no venv set up)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the model, data and logs here")
     parser.add_argument("--no-write", action="store_true", help="print the table only, do not write bench/results")
+    parser.add_argument("--name", default="throughput",
+                        help="results file stem under bench/results (default throughput; e.g. throughput-full)")
     args = parser.parse_args(argv)
     quick = {"rounds": 2, "rows": 80, "hidden": 128, "layers": 2}
     full = {"rounds": 3, "rows": 400, "hidden": 512, "layers": 4}
