@@ -102,10 +102,9 @@ def load_config(spec: TrainingSpec, location: str):
 
 def export_merged(adapter: str, out: str, *, base: str | None = None, dtype: str = "float32",
                   max_shard_size: str = "2GB", storage: StorageSpec | None = None) -> str:
-    """Merge `adapter` (a LoRA output dir) into its base; write the model and tokenizer to `out`."""
-    import torch
+    """Merge `adapter` (a LoRA output dir) into its base; write the model and its tokenizer (a
+    vision-language model's whole processor) to `out`, in the hub's layout that vLLM loads."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kubetune.trainer.train.models.hub_layout import write_hub_layout
 
@@ -116,11 +115,7 @@ def export_merged(adapter: str, out: str, *, base: str | None = None, dtype: str
     saved_base, spec = adapter_base(adapter_dir)
     spec_file = adapter_dir / RESOLVED_SPEC_FILE
     base_location = resolve_model_location(base or saved_base, storage, "--base")
-    config = load_config(spec, base_location) if spec else None
-    model = AutoModelForCausalLM.from_pretrained(base_location, config=config, dtype=getattr(torch, dtype))
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows come from the adapter
+    model, tokenizer_or_processor = _base_and_tokenizer(base_location, spec, adapter_dir, dtype)
     try:
         merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     except (RuntimeError, ValueError) as exc:
@@ -130,7 +125,7 @@ def export_merged(adapter: str, out: str, *, base: str | None = None, dtype: str
     local_out = Path(tempfile.mkdtemp(prefix="kubetune-export-")) if target_is_s3 else Path(out)
     merged.save_pretrained(local_out, max_shard_size=max_shard_size)
     write_hub_layout(local_out)  # what vLLM loads
-    tokenizer.save_pretrained(local_out)
+    tokenizer_or_processor.save_pretrained(local_out)
     if spec_file.is_file():
         shutil.copy(spec_file, local_out / RESOLVED_SPEC_FILE)
     if target_is_s3:
@@ -140,6 +135,36 @@ def export_merged(adapter: str, out: str, *, base: str | None = None, dtype: str
         shutil.rmtree(local_out, ignore_errors=True)
     log.info("merged %s into %s -> %s", adapter, base_location, out)
     return out
+
+
+def _base_and_tokenizer(base_location: str, spec: TrainingSpec | None, adapter_dir: Path, dtype: str):
+    """The base model, in full precision, and what was saved beside the adapter to read its text.
+
+    A vision-language base (its config has a `vision_config`) loads with its image-text-to-text
+    class, whole (tower and projector: the adapter may carry trained copies of either), and keeps
+    its processor: a merged VLM without `preprocessor_config.json` serves no picture and cannot
+    start the next stage of a pipeline. A text model loads as a causal LM with its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    try:
+        config = load_config(spec, base_location) if spec else AutoConfig.from_pretrained(base_location)
+    except (OSError, ValueError) as exc:
+        raise SpecError("--base", f"no model config could be loaded from {base_location!r} ({_first_line(exc)}).",
+                        "pass the base model the adapter was trained on with --base.") from None
+    if getattr(config, "vision_config", None) is not None:  # models.vision.is_vision_config (it imports this module)
+        from transformers import AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(base_location, config=config, dtype=getattr(torch, dtype))
+        saved = any((adapter_dir / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
+        processor = AutoProcessor.from_pretrained(adapter_dir if saved else base_location)
+        tokenizer = processor.tokenizer
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_location, config=config, dtype=getattr(torch, dtype))
+        processor = tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows come from the adapter
+    return model, processor
 
 
 def _first_line(exc: BaseException) -> str:
