@@ -251,7 +251,7 @@ def serving_memory_estimate(spec: InferenceServiceSpec, shape: Any, gpu_gib: flo
     """The serving estimate of one replica (None when the weights' width is unknown: a
     pre-quantized checkpoint without engineArgs.quantization, or an unlisted method). The
     transformers engine runs on one GPU and reserves nothing ahead."""
-    from kubetune.trainer.api.serve_estimate import serving_estimate
+    from kubetune.trainer.api.serve_estimate import extra_args_settings, serving_estimate
 
     args = spec.engineArgs
     if args.quantization is None and QUANTIZED_NAME.search(spec.model.uri or ""):
@@ -259,7 +259,8 @@ def serving_memory_estimate(spec: InferenceServiceSpec, shape: Any, gpu_gib: flo
     vllm = spec.engine == "vllm"
     return serving_estimate(shape, gpu_gib=gpu_gib, tensor_parallel=(spec.tensorParallelSize or spec.gpus) if vllm else 1,
                             dtype=args.dtype, quantization=args.quantization, max_model_len=args.maxModelLen,
-                            utilization=args.gpuMemoryUtilization if vllm else 1.0)
+                            utilization=args.gpuMemoryUtilization if vllm else 1.0,
+                            **(extra_args_settings(args.extraArgs) if vllm else {}))
 
 
 def serving_memory_refusal(spec: InferenceServiceSpec, body: dict[str, Any] | None = None, source: str | None = None,
@@ -275,9 +276,7 @@ def serving_memory_refusal(spec: InferenceServiceSpec, body: dict[str, Any] | No
         return None
     where = f"{source or source_of(body)}: " if (source or body) else ""
     memory = "spec.gpuMemoryGiB" if spec.gpuMemoryGiB else f"the operator's default, --gpu-memory-gib / ${GPU_MEMORY_ENV}"
-    args = spec.engineArgs
-    message = serving_fit_message(est, gpu_gib=gpu_gib, gpus=spec.gpus, dtype=args.dtype, quantization=args.quantization,
-                                  utilization=args.gpuMemoryUtilization, parallel=spec.engine == "vllm")
+    message = serving_fit_message(est, gpus=spec.gpus, parallel=spec.engine == "vllm")
     return (f"{where}the model cannot start in GPU memory ({memory}) with engine {spec.engine}: {message} "
             "See `kubetune estimate` for the breakdown.")
 

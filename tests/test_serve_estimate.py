@@ -25,7 +25,7 @@ from kubetune.operator.validation import (
     validate_resource,
 )
 from kubetune.trainer.api.estimate import GIB, KNOWN_SHAPES, shape_for_path
-from kubetune.trainer.api.serve_estimate import kv_bytes_per_token, serving_estimate
+from kubetune.trainer.api.serve_estimate import extra_args_settings, kv_bytes_per_token, serving_estimate
 from kubetune.trainer.cli.main import main
 
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
@@ -138,6 +138,40 @@ def test_admission_refuses_a_model_that_cannot_start_and_admits_what_it_suggests
     assert admit("CREATE", None, isvc(gpus=2)) == []  # tensorParallelSize defaults to gpus
 
 
+def test_vllm_flags_in_extra_args_that_change_memory_are_read_as_vllm_reads_them():
+    """The four memory-changing vLLM flags, in every spelling a manifest may use; other flags and
+    values vLLM itself would refuse change nothing here; the last occurrence wins."""
+    assert extra_args_settings(["--kv-cache-dtype", "fp8", "--enable-prefix-caching", "--max-num-seqs=64"]) == {
+        "kv_cache_dtype": "fp8", "max_seqs": 64}
+    assert extra_args_settings(["--max-num-batched-tokens 2048", "--cpu_offload_gb=4.5", "--max-num-seqs", "x"]) == {
+        "batched_tokens": 2048, "cpu_offload_gib": 4.5}
+    assert extra_args_settings(["--kv-cache-dtype=fp8_e5m2", "--kv-cache-dtype=auto"]) == {"kv_cache_dtype": "auto"}
+    assert extra_args_settings(None) == extra_args_settings(["--kv-cache-dtype"]) == {}
+
+
+def test_an_fp8_kv_cache_and_cpu_offload_in_extra_args_change_what_starts():
+    """Llama-3.1-8B on 24 GiB: an fp8 KV cache halves the bytes per token (twice the tokens, and
+    the suggested maxModelLen doubles with it, as the suggestions keep the estimate's settings);
+    offloading 8 GiB of weights to the host leaves room for its full 131,072-token context."""
+    shape = KNOWN_SHAPES["llama-3.1-8b"]
+    plain = serving_estimate(shape, gpu_gib=24)
+    fp8 = serving_estimate(shape, gpu_gib=24, **extra_args_settings(["--kv-cache-dtype", "fp8"]))
+    assert plain is not None and fp8 is not None
+    assert fp8.kv_bytes_per_token == 64 * 1024 and fp8.kv_tokens == pytest.approx(2 * plain.kv_tokens, rel=1e-3)
+    assert "counted from engineArgs.extraArgs: --kv-cache-dtype fp8" in fp8.notes
+    smaller_batch = serving_estimate(shape, gpu_gib=24, batched_tokens=2048)
+    assert smaller_batch.components["activations"] < plain.components["activations"] / 2
+
+    def suggested(cr: dict) -> int:
+        with pytest.raises(AdmissionRefused) as refused:
+            admit("CREATE", None, cr)
+        return int(str(refused.value).split("engineArgs.maxModelLen: ")[1].split()[0])
+
+    assert suggested(isvc(engineArgs={"extraArgs": ["--kv-cache-dtype", "fp8"]})) > 1.9 * suggested(isvc())
+    offloaded = isvc(engineArgs={"extraArgs": ["--kv-cache-dtype=fp8", "--cpu-offload-gb", "8"]})
+    assert admit("CREATE", None, offloaded) == []
+
+
 def test_the_transformers_engine_is_sized_on_one_gpu():
     cr = isvc(uri="s3://models/Llama-2-70b-hf", engine="transformers", gpus=2, gpuMemoryGiB=80)
     refusal = memory_refusal(validate_resource(cr), cr)
@@ -213,6 +247,9 @@ def test_kubetune_estimate_prints_a_services_breakdown(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["fits"] and report["kvBytesPerToken"] == 128 * 1024 and report["maxModelLen"] == 16384
     assert main(["estimate", str(path), "--gpu-memory", "16"]) == 1
+    path.write_text(yaml.safe_dump(isvc(engineArgs={"extraArgs": ["--kv-cache-dtype", "fp8", "--cpu-offload-gb", "8"]})))
+    assert main(["estimate", str(path)]) == 0
+    assert "counted from engineArgs.extraArgs: --kv-cache-dtype fp8, --cpu-offload-gb 8.0" in capsys.readouterr().out
 
 
 def test_kubetune_estimate_of_a_model_from_a_job_asks_for_its_size(tmp_path, capsys):

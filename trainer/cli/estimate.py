@@ -13,6 +13,7 @@ from kubetune.trainer.api.errors import SpecError
 from kubetune.trainer.api.estimate import GIB, _human, _zero_text, estimate, fit_message
 from kubetune.trainer.api.serve_estimate import (
     ServingEstimate,
+    extra_args_settings,
     held_parameters,
     serving_estimate,
     serving_fit_message,
@@ -127,7 +128,8 @@ def _service_settings(document: dict[str, Any], args: argparse.Namespace) -> dic
             "params": args.params if args.params is not None else spec.get("modelParameters"),
             "dtype": engine_args.get("dtype") or "auto", "quantization": engine_args.get("quantization"),
             "max_model_len": engine_args.get("maxModelLen"),
-            "utilization": engine_args.get("gpuMemoryUtilization") if engine == "vllm" else 1.0}
+            "utilization": engine_args.get("gpuMemoryUtilization") if engine == "vllm" else 1.0,
+            "extra": extra_args_settings(engine_args.get("extraArgs")) if engine == "vllm" else {}}
 
 
 def _number(value: Any, field: str, kind: type) -> Any:
@@ -154,7 +156,8 @@ def estimate_service(document: dict[str, Any], args: argparse.Namespace) -> int:
         raise SpecError("spec.model.uri", f"the size of {s['location']!r} is unknown (no local config.json, not a "
                         "known architecture).", "pass --params (e.g. --params 8B), or set spec.modelParameters.")
     est = serving_estimate(shape, gpu_gib=s["gpu_gib"], tensor_parallel=s["tp"], dtype=s["dtype"],
-                           quantization=s["quantization"], max_model_len=s["max_model_len"], utilization=s["utilization"])
+                           quantization=s["quantization"], max_model_len=s["max_model_len"], utilization=s["utilization"],
+                           **s["extra"])
     if est is None:
         raise SpecError("spec.engineArgs.quantization", f"{s['quantization']!r}: the width of its weights is not "
                         "known here.", "estimate with one of awq, gptq, fp8, bitsandbytes, int8, or leave it unset.")
@@ -166,9 +169,7 @@ def estimate_service(document: dict[str, Any], args: argparse.Namespace) -> int:
     if fits:
         print(f"\nfits: yes ({est.kv_tokens:,} tokens of KV cache per replica)")
         return 0
-    message = serving_fit_message(est, gpu_gib=s["gpu_gib"], gpus=s["gpus"], dtype=s["dtype"],
-                                  quantization=s["quantization"], utilization=s["utilization"],
-                                  parallel=s["engine"] == "vllm")
+    message = serving_fit_message(est, gpus=s["gpus"], parallel=s["engine"] == "vllm")
     print(f"\nfits: NO: {message}")
     return 1
 
