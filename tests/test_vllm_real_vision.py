@@ -115,3 +115,80 @@ def test_generate_answers_image_rows_with_their_pictures(tiny_llava_dir, referen
     for row, reference_row in zip(got, expected, strict=True):
         assert row["prompt_tokens"] == reference_row["prompt_tokens"] > IMAGE_TOKENS
         assert reference_row["output"].startswith(row["output"].rstrip("\ufffd")), (row, reference_row)
+
+
+# --- Qwen2-VL: multimodal RoPE, served by vLLM only -------------------------------------------
+
+QWEN_IMAGE_TOKENS = 16  # 64x64 pixels (the image processor's fixed size) in 8x8 patches, merged 2x2
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_vl_dir(_isolated_cache: Path) -> Path:
+    from kubetune.trainer.train.models.builtin import resolve_builtin
+
+    return resolve_builtin("builtin:tiny-qwen2-vl")
+
+
+def qwen_reference(model_dir: Path, url: str, max_tokens: int, question: str = "\n" + QUESTION) -> tuple[int, list[float], str]:
+    """transformers' greedy answer to QUESTION about the picture on the same Qwen2-VL (its 3-D
+    positions from the processor's token types): the prompt's length and each token's logprob.
+    The message is rendered as vLLM renders an image part for Qwen2-VL: the picture between its
+    vision markers, a newline, the text."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from kubetune.trainer.serve.media import fetch_image
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    content = f"<|vision_start|><|image_pad|><|vision_end|>{question}"
+    text = processor.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                   add_generation_prompt=True)
+    inputs = processor(text=[text], images=[fetch_image(url)], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    new = out.sequences[0, inputs["input_ids"].shape[1]:]
+    logprobs = [torch.log_softmax(score[0].float(), -1)[token].item() for score, token in zip(out.scores, new, strict=False)]
+    return inputs["input_ids"].shape[1], logprobs, processor.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_qwen2_vl_served_by_vllm_answers_from_the_picture(tiny_qwen2_vl_dir, tmp_path_factory):
+    """The official client's image_url reaches Qwen2-VL in vLLM: the prompt counts the picture's 16
+    merged-patch tokens and its two markers, and each answer token's logprob is transformers'
+    (multimodal RoPE included) for the same picture."""
+    python = require_vllm_python()
+    with serving(python, tiny_qwen2_vl_dir, tmp_path_factory.mktemp("vllm-qwen2-vl"), "--served-model-name", "qwen",
+                 "--max-batch-size", "2", *VLLM_FLAGS) as server:
+        client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+        text_only = client.chat.completions.create(model="qwen", max_tokens=1, temperature=0,
+                                                   messages=[{"role": "user", "content": QUESTION}]).usage.prompt_tokens
+        first = []
+        for colour in COLOURS:
+            url = data_url(colour)
+            reply = client.chat.completions.create(model="qwen", max_tokens=6, temperature=0, logprobs=True, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}])
+            length, expected, _ = qwen_reference(tiny_qwen2_vl_dir, url, 6)
+            assert reply.usage.prompt_tokens == length == text_only + QWEN_IMAGE_TOKENS + 3  # markers and a newline
+            got = [token.logprob for token in reply.choices[0].logprobs.content]
+            assert got == pytest.approx(expected[:len(got)], abs=1e-3), colour
+            first.append(got[0])
+    assert first[0] != pytest.approx(first[1], abs=1e-3)
+
+
+def test_qwen2_vl_generate_offline_wraps_each_picture_in_its_markers(tiny_qwen2_vl_dir, tmp_path):
+    """`kubetune generate --engine vllm` on LLaVA-form rows: each `<image>` becomes Qwen2-VL's
+    `<|vision_start|><|image_pad|><|vision_end|>` (as in training), vLLM expands the pad with the
+    picture (its 3-D positions need the start marker), and the answer is transformers' greedy one."""
+    rows = json.loads((EXAMPLES / "data" / "shapes" / "eval.json").read_text())[:2]
+    out = tmp_path / "vllm.jsonl"
+    generate(require_vllm_python(), tiny_qwen2_vl_dir, tmp_path, "--data",
+             str(EXAMPLES / "data" / "shapes" / "eval.json"), "--max-samples", "2", "--out", str(out),
+             "--max-tokens", "4", *VLLM_FLAGS)
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    for row, answer in zip(rows, got, strict=True):
+        picture = base64.b64encode((EXAMPLES / "data" / "shapes" / row["image"]).read_bytes()).decode()
+        question = row["conversations"][0]["value"].replace("<image>", "")
+        length, _, text = qwen_reference(tiny_qwen2_vl_dir, f"data:image/png;base64,{picture}", 4, question)
+        assert answer["prompt_tokens"] == length
+        assert text.startswith(answer["output"].rstrip("\ufffd")), (answer, text)

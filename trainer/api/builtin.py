@@ -39,6 +39,23 @@ BUILTINS = {
             "patch_size": 8,
         },
     },
+    # A Qwen2-VL-architecture vision-language model: the tiny Llama's sizes in Qwen2's language
+    # model with multimodal RoPE (3-D positions for image tokens), a 2-layer Qwen2-VL vision
+    # encoder on 64x64 pictures (8x8 patches, 2x2 merged by its MLP merger: 16 image tokens).
+    "tiny-qwen2-vl": {
+        **TINY_LLAMA,
+        "vision_config": {
+            "model_type": "qwen2_vl_vision",
+            "depth": 2,
+            "embed_dim": 64,
+            "mlp_ratio": 2,
+            "num_heads": 2,
+            "patch_size": 8,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "image_size": 64,
+        },
+    },
     # A Mixtral-architecture mixture of experts: the tiny Llama's attention, and in each layer 4
     # experts of which every token goes through 2 (for the MoE tests: ZeRO-3 leaf modules, the
     # router's load-balancing loss, LoRA on expert weights, active vs total parameters).

@@ -103,6 +103,11 @@ class ModelShape:
     vision_intermediate: int = 0
     vision_patches: int = 0
     """Patch embeddings (+ class and position) of one image: the tower's input layer."""
+    projector_in: int = 0
+    """The projector's input and middle widths (0: LLaVA's, the tower's width and the text
+    width); Qwen2-VL's merger takes 2x2 merged patches (4 x the tower's width) through a layer of
+    that width."""
+    projector_mid: int = 0
     max_positions: int = 0
     """The context length the model was trained for (`max_position_embeddings`): vLLM's default
     `--max-model-len`. 0 when unknown."""
@@ -117,8 +122,13 @@ class ModelShape:
 
     @property
     def projector_params(self) -> int:
-        """LLaVA's projector: vision width -> text width -> text width (two linear layers)."""
-        return self.vision_hidden * self.hidden + self.hidden * self.hidden + 2 * self.hidden if self.vision_hidden else 0
+        """The projector's two linear layers: LLaVA's vision width -> text width -> text width,
+        Qwen2-VL's merged patches -> the same width -> text width (after a LayerNorm)."""
+        if not self.vision_hidden:
+            return 0
+        wide, mid = self.projector_in or self.vision_hidden, self.projector_mid or self.hidden
+        norm = 2 * self.vision_hidden if self.projector_in else 0
+        return wide * mid + mid + mid * self.hidden + self.hidden + norm
 
     def vision_lora_params(self, rank: int) -> int:
         """LoRA on the tower's linear layers (q, k, v, out, fc1, fc2) at `rank`."""
@@ -222,7 +232,10 @@ def shape_from_config(config: dict[str, Any], name: str = "model") -> ModelShape
 
 
 def _vision_shape(vision: dict[str, Any]) -> dict[str, int]:
-    """A vision-language model's tower (`vision_config`, CLIP/SigLIP key names) for ModelShape."""
+    """A vision-language model's tower (`vision_config`, CLIP/SigLIP key names, or Qwen2-VL's:
+    `embed_dim` wide, `depth` layers; its `hidden_size` is the merger's output) for ModelShape."""
+    if "depth" in vision and "embed_dim" in vision:
+        return _qwen_vision_shape(vision)
     hidden = _get(vision, "hidden_size", "embed_dim", default=0)
     if not hidden:
         return {}
@@ -232,6 +245,17 @@ def _vision_shape(vision: dict[str, Any]) -> dict[str, int]:
     return {"vision_hidden": hidden, "vision_layers": _get(vision, "num_hidden_layers", "depth", default=24),
             "vision_intermediate": _get(vision, "intermediate_size", default=4 * hidden),
             "vision_patches": patches + 1 + channels * (patch if isinstance(patch, int) else 14) ** 2}
+
+
+def _qwen_vision_shape(vision: dict[str, Any]) -> dict[str, int]:
+    """Qwen2-VL's tower: rotary positions (no position table), a 3-D patch convolution over
+    `temporal_patch_size` frames, and a merger from 2x2 merged patches to the text width."""
+    width, patch = int(vision["embed_dim"]), int(vision.get("patch_size") or 14)
+    merged = width * int(vision.get("spatial_merge_size") or 2) ** 2
+    channels = int(vision.get("in_channels") or 3) * int(vision.get("temporal_patch_size") or 2)
+    return {"vision_hidden": width, "vision_layers": int(vision["depth"]),
+            "vision_intermediate": int(vision.get("mlp_ratio") or 4) * width,
+            "vision_patches": channels * patch * patch, "projector_in": merged, "projector_mid": merged}
 
 
 def _shape(name: str, h: int, layers: int, vocab: int, inter: int, heads: int, kv: int, **kw: Any) -> ModelShape:

@@ -129,9 +129,11 @@ def encode_example(engine: Any, example: Example, model: str | None = None) -> l
 def encode_example_media(engine: Any, example: Example, model: str | None = None) -> tuple[list[int], dict | None]:
     """The example's prompt ids and, for an image-text example, its pictures (`Sequence.media`)."""
     if example.images:
-        from kubetune.trainer.train.data.vision import PLACEHOLDER, open_image
+        from kubetune.trainer.train.data.vision import PLACEHOLDER, image_text, open_image
 
-        token = engine.image_token or PLACEHOLDER
+        # As in training: the image token inside the model's own markers (Qwen2-VL's vision start/end).
+        processor = getattr(engine, "processor", None)
+        token = image_text(processor) if processor is not None else engine.image_token or PLACEHOLDER
         messages = [{**m, "content": m["content"].replace(PLACEHOLDER, token)} for m in example.messages or []]
         return engine.encode_chat_images(messages, [open_image(p) for p in example.images], model)
     return encode_plain(engine, example, model), None

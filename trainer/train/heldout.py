@@ -56,7 +56,8 @@ def indexed_examples(eval_rows: Any, count: int = MAX_EXAMPLES) -> list[tuple[in
 def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: list[int],
                    extra: Callable[[int, int], dict] | None = None) -> list[list[int]]:
     """Greedy continuations of `prompts` (left-padded batches), each cut at its eos; `extra(start,
-    end)` gives further `generate` inputs for prompts[start:end] (a vision model's pixels)."""
+    end)` gives further `generate` inputs for prompts[start:end] (a vision model's pixels; a value
+    that is a function is called with the batch's padded ids)."""
     import torch
 
     was_training = model.training
@@ -70,7 +71,9 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new
             width = max(len(p) for p in chunk)
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-            more = {k: v.to(device) for k, v in extra(start, start + len(chunk)).items()} if extra else {}
+            more = extra(start, start + len(chunk)) if extra else {}
+            # An input computed from the padded ids (Qwen2-VL's token types) comes as a function of them.
+            more = {k: (v(ids) if callable(v) else v).to(device) for k, v in more.items()}
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **more,
                                  eos_token_id=tokenizer.eos_token_id, max_new_tokens=max(max_new[start:start + BATCH]))
             for row in out[:, width:].tolist():

@@ -13,7 +13,8 @@ join: no `..`, no absolute path leaves the dataset's directory). A row with imag
 placeholder gets them before its first user turn, as LlamaFactory does.
 
 Token rows are rendered with the tokenizer's chat template exactly as text SFT renders them
-(`ChatRenderer`), each `<image>` replaced by the processor's image token; every text piece is then
+(`ChatRenderer`), each `<image>` replaced by the processor's image token (inside the model's
+vision start/end markers where it has them: Qwen2-VL); every text piece is then
 encoded by the model's own processor, which expands an image token into as many tokens as the
 vision encoder yields features. Labels are -100 everywhere but the assistant's answers: prompt,
 template and image tokens are never trained on. Pixels are computed per batch by the collator
@@ -47,6 +48,39 @@ log = logging.getLogger(__name__)
 
 PLACEHOLDER = "<image>"
 """The image placeholder in dataset text (LlamaFactory's and LLaVA's)."""
+IMAGE_WRAPPERS = {"<|image_pad|>": ("<|vision_start|>", "<|vision_end|>")}
+"""Tokens around a picture's tokens, by image token: the Qwen2-VL family marks where each picture
+starts and ends, as its own chat template and LlamaFactory's qwen2_vl plugin write it."""
+
+
+def image_token(processor: Any) -> str:
+    """The token the processor expands into one picture's feature tokens."""
+    return getattr(processor, "image_token", None) or PLACEHOLDER
+
+
+def image_text(processor: Any) -> str:
+    """What replaces one `<image>` placeholder in the rendered text: the image token, inside the
+    start and end markers of a model family that has them (when its tokenizer knows them)."""
+    token = image_token(processor)
+    start, end = IMAGE_WRAPPERS.get(token, ("", ""))
+    tokenizer = processor.tokenizer
+    known = [tokenizer.convert_tokens_to_ids(marker) for marker in (start, end)] if start else [None]
+    return f"{start}{token}{end}" if None not in known and tokenizer.unk_token_id not in known else token
+
+
+def with_image_text(processor: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with every `<image>` placeholder replaced by the model's `image_text`."""
+    text = image_text(processor)
+    return [{**m, "content": m["content"].replace(PLACEHOLDER, text)} for m in messages]
+
+
+def token_types(processor: Any, input_ids: Any) -> dict[str, Any]:
+    """`mm_token_type_ids` (0 text, 1 image) for a processor whose model needs them (Qwen2-VL's
+    multimodal RoPE places image tokens by them, and refuses pixels without them); {} otherwise."""
+    if "mm_token_type_ids" not in getattr(processor, "model_input_names", ()):
+        return {}
+    image_id = processor.tokenizer.convert_tokens_to_ids(image_token(processor))
+    return {"mm_token_type_ids": (input_ids == image_id).int()}
 
 
 def align_row(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
@@ -204,8 +238,8 @@ def has_images(columns: list[str]) -> bool:
 def encode_row(processor: Any, renderer: ChatRenderer, row: dict[str, Any], max_length: int) -> dict[str, Any] | None:
     """input_ids and labels of one conversation (answers trained, everything else -100) and the
     text pieces for the log; None when no answer token is left within `max_length`."""
-    token = getattr(processor, "image_token", None) or PLACEHOLDER
-    messages = [{**m, "content": m["content"].replace(PLACEHOLDER, token)} for m in row["messages"]]
+    token = image_token(processor)
+    messages = with_image_text(processor, row["messages"])
     full, spans = renderer.spans(messages, None)
     pieces, cursor = [], 0
     for start, end in spans:
@@ -259,8 +293,7 @@ def encode_pair(processor: Any, renderer: ChatRenderer, row: dict[str, Any], max
     answers, or a prompt that leaves no room (its image tokens cannot be cut)."""
     from kubetune.trainer.train.data.processors import split_prompt
 
-    token = getattr(processor, "image_token", None) or PLACEHOLDER
-    prompt = [{**m, "content": m["content"].replace(PLACEHOLDER, token)} for m in row["prompt"]]
+    prompt = with_image_text(processor, row["prompt"])
     tools = renderer.parse_tools(row.get("tools"))
     try:
         prompt_text, chosen_text = split_prompt(renderer, prompt, row["chosen"], tools)
@@ -351,6 +384,7 @@ class VisionCollator:
             images += list(f.get("images") or [])
         batch: dict[str, Any] = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
         batch.update(image_inputs(self.processor, images))
+        batch.update(token_types(self.processor, batch["input_ids"]))
         return batch
 
 
@@ -388,4 +422,5 @@ class VisionPreferenceCollator:
         batch: dict[str, Any] = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
                                  "completion_mask": torch.tensor(completion)}
         batch.update(image_inputs(self.processor, images * 2))
+        batch.update(token_types(self.processor, batch["input_ids"]))
         return batch

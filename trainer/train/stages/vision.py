@@ -94,11 +94,16 @@ def sample_prompts(eval_rows: Any, count: int) -> list:
 def learning_check(model: Any, processor: Any, eval_rows: Any, metrics_path: Any, *, vocab_size: int,
                    generate: bool = True) -> dict[str, Any] | None:
     """`heldout.learning_check` with each held-out question answered with its picture."""
-    from kubetune.trainer.train.data.vision import image_inputs
+    import torch
+
+    from kubetune.trainer.train.data.vision import image_inputs, token_types
     from kubetune.trainer.train.heldout import learning_check as check
 
     def pictures(rows: list[int]) -> dict:
-        return image_inputs(processor, [path for row in rows for path in eval_rows[row]["images"]])
+        inputs = image_inputs(processor, [path for row in rows for path in eval_rows[row]["images"]])
+        for name in token_types(processor, torch.zeros(1, 1, dtype=torch.long)):  # Qwen2-VL's, from the ids
+            inputs[name] = lambda ids, name=name: token_types(processor, ids)[name]
+        return inputs
 
     return check(model, processor.tokenizer, eval_rows, metrics_path, vocab_size=vocab_size, generate=generate,
                  row_inputs=pictures)
