@@ -11,6 +11,7 @@ ARG UBUNTU_VERSION=24.04
 FROM nvidia/cuda:${CUDA_VERSION}-cudnn-devel-ubuntu${UBUNTU_VERSION} AS build
 ARG PYTHON_VERSION=3.12
 ARG TORCH_VERSION=2.13.0
+ARG TORCHVISION_VERSION=0.28.0
 ARG TORCH_CUDA=cu128
 ARG DEEPSPEED_VERSION=0.19.8
 ARG BITSANDBYTES_VERSION=0.50.2
@@ -26,8 +27,10 @@ RUN python${PYTHON_VERSION} -m venv /opt/kubetune
 ENV PATH=/opt/kubetune/bin:$PATH
 RUN pip install --upgrade pip setuptools wheel packaging ninja
 COPY images/constraints.txt /src/images/constraints.txt
-# CUDA build of torch first, so that nothing below pulls another one.
-RUN pip install -c /src/images/constraints.txt "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/${TORCH_CUDA}
+# CUDA build of torch first (and torchvision's for that torch: vision-language processors), so
+# that nothing below pulls another one.
+RUN pip install -c /src/images/constraints.txt "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
+        --index-url https://download.pytorch.org/whl/${TORCH_CUDA}
 COPY pyproject.toml setup.py README.md /src/
 COPY trainer /src/trainer
 COPY operator /src/operator
@@ -37,7 +40,7 @@ RUN pip install -c /src/images/constraints.txt "/src[deepspeed,quant,galore,serv
         "galore-torch==${GALORE_VERSION}"
 # flash-attn compiles against the torch above (prebuilt wheels are used when they match).
 RUN MAX_JOBS=${MAX_JOBS} pip install -c /src/images/constraints.txt --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"
-RUN python -c "import torch, deepspeed, bitsandbytes, flash_attn, kubetune.trainer.cli.main" \
+RUN python -c "import torch, torchvision, deepspeed, bitsandbytes, flash_attn, kubetune.trainer.cli.main" \
     && kubetune --help >/dev/null
 
 # ---- runtime: CUDA runtime libraries, the venv, a non-root user -------------------------
