@@ -405,6 +405,9 @@ def test_padding_free_is_the_default_and_flattens_the_batch(tok: Any) -> None:
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]
     assert "attention_mask" not in batch and batch["use_cache"] is False
+    # the examples' boundaries, as transformers' flattening collator gives them to varlen attention
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 3, 5]
+    assert batch["max_length_q"] == batch["max_length_k"] == 3
 
 
 def test_padding_free_loss_equals_the_padded_batch_and_nothing_crosses_a_boundary(tmp_path: Path, tok: Any,
@@ -418,20 +421,54 @@ def test_padding_free_loss_equals_the_padded_batch_and_nothing_crosses_a_boundar
     assert len({len(r["input_ids"]) for r in rows}) > 1  # different lengths: the padded batch pads
     flat = make_collator(tok, make_spec(path))(rows)
     padded = make_collator(tok, make_spec(path, paddingFree=False))(rows)
-    for impl in ("sdpa", "eager"):
+    for impl in ("sdpa", "eager", register_varlen()):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=impl, dtype=torch.float32)
         model.eval()
         with torch.no_grad():
-            flat_loss = model(**{k: v for k, v in flat.items() if k != "use_cache"}, use_cache=False).loss
+            flat_loss = model(**flat).loss
             padded_loss = model(**padded).loss
             assert abs(flat_loss.item() - padded_loss.item()) < 1e-4, (impl, flat_loss, padded_loss)
             changed = [dict(rows[0], input_ids=[3] * len(rows[0]["input_ids"])), *rows[1:]]
             again = make_collator(tok, make_spec(path))(changed)
             first = len(rows[0]["input_ids"])
-            logits = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], use_cache=False).logits
-            logits2 = model(input_ids=again["input_ids"], position_ids=again["position_ids"], use_cache=False).logits
+            logits = model(**{k: v for k, v in flat.items() if k != "labels"}).logits
+            logits2 = model(**{k: v for k, v in again.items() if k != "labels"}).logits
         assert (logits[0, first:] - logits2[0, first:]).abs().max() < 1e-5  # the other examples do not see it
         assert (logits[0, :first] - logits2[0, :first]).abs().max() > 1e-3  # the check is meaningful
+
+
+def register_varlen() -> str:
+    from kubetune.trainer.train.models.varlen import register
+
+    return register()
+
+
+def test_varlen_sdpa_equals_the_block_diagonal_mask_in_loss_and_gradients(tmp_path: Path, tok: Any,
+                                                                          tiny_model_dir: Path) -> None:
+    """SDPA per example (what a padding-free run uses without flash-attn) gives the loss and every
+    gradient of transformers' SDPA over the row's block-diagonal mask, to float32 rounding; a
+    padded batch (its attention mask) and generation with a KV cache go through SDPA unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    path = write_jsonl(tmp_path / "a.jsonl", sft_rows(8))
+    rows = list(build_datasets(make_spec(path, maxLength=128), tok).train)[:4]
+    flat = make_collator(tok, make_spec(path))(rows)
+    padded = make_collator(tok, make_spec(path, paddingFree=False))(rows)
+    results = {}
+    for impl in ("sdpa", register_varlen()):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=impl, dtype=torch.float32)
+        loss = model(**flat).loss
+        loss.backward()
+        with torch.no_grad():
+            padded_logits = model(**padded).logits
+            generated = model.generate(input_ids=padded["input_ids"][:2, :5], attention_mask=padded["attention_mask"][:2, :5],
+                                       max_new_tokens=4, do_sample=False)
+        results[impl] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, padded_logits, generated)
+    (loss_a, grads_a, padded_a, gen_a), (loss_b, grads_b, padded_b, gen_b) = results.values()
+    assert abs(loss_a - loss_b) < 1e-5
+    assert max((grads_a[n] - grads_b[n]).abs().max().item() for n in grads_a) < 1e-5
+    assert torch.equal(padded_a, padded_b) and torch.equal(gen_a, gen_b)
 
 
 def test_deterministic_for_a_seed(tmp_path: Path, tiny_model_dir: Path) -> None:

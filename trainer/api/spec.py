@@ -167,9 +167,10 @@ class DataSpec(SpecModel):
     """Concatenate examples into full-length sequences. Default: on for `pt`, off for `sft`."""
     paddingFree: bool | None = None
     """Batches without pad tokens (`pt`, `sft`): a batch's examples are concatenated into one row
-    whose `position_ids` restart at every example, so attention never crosses examples (SDPA,
-    eager and flash-attn read the boundaries from the positions) and no compute goes to padding;
-    the loss is the same as padded batches'. Default: on, except for models with remote code
+    whose `position_ids` restart at every example, so attention never crosses examples
+    (flash-attn's varlen kernel and kubetune's per-example SDPA take the examples' boundaries;
+    eager attention reads them from the positions) and no compute goes to padding; the loss is
+    the same as padded batches'. Default: on, except for models with remote code
     (`model.trustRemoteCode`), whose attention may not read packed positions: padded then."""
     groupByLength: bool = False
     """Where batches are padded (`rm`/`dpo` pairs; `pt`/`sft` with `paddingFree: false`), draw

@@ -5,7 +5,10 @@ concatenated into one `[1, total]` row whose `position_ids` restart at 0 for eac
 row keeps its own positions), the first label of each row is -100 (it would be predicted from the
 previous row), and there is no attention mask: transformers reads the boundaries from the
 positions (a block-diagonal causal mask for sdpa/eager, varlen kernels for flash attention), so
-the loss equals the padded batch's and no compute goes to pad tokens.
+the loss equals the padded batch's and no compute goes to pad tokens. The row also carries the
+examples' boundaries as transformers' flattening collator gives them to flash attention
+(`cu_seq_lens_q`/`_k`, `max_length_q`/`_k`), which flash attention's varlen kernel and kubetune's
+per-example SDPA (`models/varlen.py`) read instead of a row x row mask.
 
 Otherwise: unpacked rows are right-padded (pad id, labels -100) with an `attention_mask`. Packed rows carry
 `position_ids` that restart at 0 for every example and get NO attention mask: transformers then
@@ -34,6 +37,12 @@ from kubetune.trainer.api.spec import TrainingSpec
 from kubetune.trainer.train.data.processors import IGNORE_INDEX
 
 
+def example_bounds(positions: list[int]) -> list[int]:
+    """Cumulative example lengths of a flattened row from its positions (each example starts at
+    0), as `cu_seq_lens_q`/`cu_seq_lens_k` carry them: [0, len1, len1 + len2, ..., total]."""
+    return [i for i, p in enumerate(positions) if p == 0 or i == 0] + [len(positions)]
+
+
 class DataCollator:
     """Pads token rows into tensors; see the module docstring for packed rows."""
 
@@ -58,8 +67,11 @@ class DataCollator:
             row_labels = list(f["labels"]) if "labels" in f else list(row)
             labels += [IGNORE_INDEX, *row_labels[1:]] if row_labels else []
             positions += list(f["position_ids"]) if "position_ids" in f else list(range(len(row)))
+        bounds = torch.tensor(example_bounds(positions), dtype=torch.int32)
+        longest = int((bounds[1:] - bounds[:-1]).max()) if len(bounds) > 1 else 0
         return {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long),
-                "position_ids": torch.tensor([positions], dtype=torch.long), "use_cache": False}
+                "position_ids": torch.tensor([positions], dtype=torch.long), "use_cache": False,
+                "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
 
     def _target_length(self, longest: int) -> int:
         multiple = self.pad_to_multiple_of

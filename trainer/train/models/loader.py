@@ -141,6 +141,10 @@ def load_model(spec: TrainingSpec, precision: str, *, extra_kwargs: dict[str, An
         from kubetune.trainer.train.models.shift_attn import apply_shift_attention
 
         apply_shift_attention(model, spec.data.maxLength)
+    elif spec.padding_free_enabled and auto_class is None:
+        from kubetune.trainer.train.models.varlen import use_varlen_sdpa
+
+        use_varlen_sdpa(model)  # SDPA per example of each padding-free row, not over a row x row mask
     from kubetune.trainer.train.models.moe import prepare_moe
 
     prepare_moe(model, spec)
