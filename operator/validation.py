@@ -264,14 +264,17 @@ def serving_memory_estimate(spec: InferenceServiceSpec, shape: Any, gpu_gib: flo
 
 
 def serving_memory_refusal(spec: InferenceServiceSpec, body: dict[str, Any] | None = None, source: str | None = None,
-                           default_gib: float | None = None, job: dict[str, Any] | None = None) -> str | None:
+                           default_gib: float | None = None, job: dict[str, Any] | None = None,
+                           est: Any = None) -> str | None:
     """Why one replica cannot start in GPU memory (with what would), or None when it can or
-    cannot be checked (no GPU memory known, model size or weight width unknown)."""
+    cannot be checked (no GPU memory known, model size or weight width unknown). `est`: the
+    replica's estimate when the caller has made it already (the console shows it too)."""
     from kubetune.trainer.api.serve_estimate import serving_fit_message
 
-    gpu_gib = spec.gpuMemoryGiB or default_gpu_memory(default_gib)
-    shape = serving_shape(spec, job) if spec.gpus > 0 and gpu_gib else None
-    est = serving_memory_estimate(spec, shape, gpu_gib) if shape is not None and gpu_gib else None
+    if est is None:
+        gpu_gib = spec.gpuMemoryGiB or default_gpu_memory(default_gib)
+        shape = serving_shape(spec, job) if spec.gpus > 0 and gpu_gib else None
+        est = serving_memory_estimate(spec, shape, gpu_gib) if shape is not None and gpu_gib else None
     if est is None or est.fits:
         return None
     where = f"{source or source_of(body)}: " if (source or body) else ""

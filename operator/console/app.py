@@ -120,15 +120,17 @@ class Console:
         kind = kind_of(values)
         sections = form.expand(self.forms[kind], form.counts_of_values(values, self.forms[kind], add))
         document = form.form_to_document(values, sections, self.orders[kind])
+        replica = None
         if kind == SERVING:
             spec, errors = form.check_resource(SERVING, document, _resource_name(values))
-            estimate = _serving_estimate(spec) if spec else None
+            replica = _replica_estimate(spec) if spec else None
+            estimate = _serving_table(spec, replica) if replica is not None else None
         else:
             spec, errors = form.check(document)
             nodes, gpus = _int(values.get("_nodes"), 1), _int(values.get("_gpusPerNode"), 1)
             estimate = _estimate(spec, nodes, gpus) if spec else None
         by_field, general = form.errors_by_field(errors, sections)
-        refusal = _serving_refusal(spec) if kind == SERVING and spec is not None else None
+        refusal = _serving_refusal(spec, replica) if kind == SERVING and spec is not None else None
         return {"document": document, "yaml": form.to_yaml(document), "errors": by_field,
                 "general": general + ([refusal] if refusal else []), "estimate": estimate,
                 "valid": spec is not None and not refusal, "sections": sections, "kind": kind}
@@ -169,27 +171,31 @@ def _estimate(spec: Any, nodes: int, gpus: int) -> dict[str, Any] | None:
             "components": {k: round(v / GIB, 3) for k, v in est.components.items()}}
 
 
-def _serving_refusal(spec: Any) -> str | None:
+def _serving_refusal(spec: Any, replica: Any) -> str | None:
     """What admission would say of a model that cannot start in spec.gpuMemoryGiB (shown live)."""
     from kubetune.operator.validation import serving_memory_refusal
 
-    return serving_memory_refusal(spec)
+    return serving_memory_refusal(spec, est=replica)
 
 
-def _serving_estimate(spec: Any) -> dict[str, Any] | None:
-    """One replica's memory per GPU for the Launch page (the operator's admission check): the
-    rows add up to what the engine may use; a KV cache row of 0 tokens means it cannot start."""
+def _replica_estimate(spec: Any) -> Any:
+    """One replica's serving estimate in spec.gpuMemoryGiB (the operator's admission check), or
+    None when the form does not say enough to make it."""
     from kubetune.operator.validation import serving_memory_estimate, serving_shape
-    from kubetune.trainer.api.estimate import GIB
 
     shape = serving_shape(spec) if spec.gpuMemoryGiB and spec.gpus > 0 else None
-    est = serving_memory_estimate(spec, shape, spec.gpuMemoryGiB) if shape is not None else None
-    if est is None:
-        return None
+    return serving_memory_estimate(spec, shape, spec.gpuMemoryGiB) if shape is not None else None
+
+
+def _serving_table(spec: Any, est: Any) -> dict[str, Any]:
+    """The Launch page's memory table of one replica per GPU: the rows add up to what the engine
+    may use; a KV cache row of 0 tokens means it cannot start."""
+    from kubetune.trainer.api.estimate import GIB
+
     components = {name: round(value / GIB, 3) for name, value in est.components.items()}
     components[f"KV cache ({est.kv_tokens:,} tokens)"] = round(max(0.0, est.kv_space) / GIB, 3)
     length = f"maxModelLen {est.max_model_len:,}" if est.max_model_len else "weights only"
-    return {"model": shape.name, "precision": f"{spec.engine}, tensorParallelSize {est.tensor_parallel}, {length}",
+    return {"model": est.shape.name, "precision": f"{spec.engine}, tensorParallelSize {est.tensor_parallel}, {length}",
             "total": round(sum(components.values()), 3), "components": components, "fits": est.fits}
 
 
