@@ -7,8 +7,9 @@ The load generator is vLLM's own serving benchmark (`vllm bench serve`, from the
 `.ci/setup-vllm.sh` builds): random prompts of `--input-len` tokens, `--output-len` generated
 tokens each with `ignore_eos`, streamed completions, `--max-concurrency` streams, `4 x streams`
 requests per level (at least 8). Each server is started in turn, warmed up with one request, run
-at every level, then stopped; rounds repeat the three in order, so a slow minute of the machine
-hits all of them. Same model, same flags for both vLLM servers (`--dtype`, `--max-model-len`, the
+at every level, then stopped; each round starts with the next server in turn (vllm first in
+round 1, kubetune-vllm in round 2, ...), so neither a slow minute of the machine nor a position in
+the round favours one of them. Same model, same flags for both vLLM servers (`--dtype`, `--max-model-len`, the
 KV cache size); kubetune passes nothing else to vLLM unless asked (no `--max-num-seqs` cap).
 
 Printed: output tokens/s and p50/p99 time to first token per server and level, the ratio of
@@ -251,7 +252,8 @@ def main(argv: list[str]) -> int:
           f"{args.rounds} round(s), OMP_NUM_THREADS={args.threads}", flush=True)
     runs: list[dict] = []
     for round_no in range(1, args.rounds + 1):
-        for kind in kinds:
+        shift = (round_no - 1) % len(kinds)
+        for kind in kinds[shift:] + kinds[:shift]:  # rotated: no server always runs first
             runs += run_server(kind, model, args.levels, args, work, round_no)
     table = summarize(runs, args.levels)
     report = markdown(table, kinds)
