@@ -134,10 +134,13 @@ def test_operator_killed_ten_times_mid_reconcile_creates_no_duplicates(
             for _kind, _name, body, _phase_wanted in batch:
                 admin.create(body, ns)
             time.sleep(rng.uniform(0.0, 1.5))
+            if i == KILLS // 2:
+                # Only a live operator writes the phase: on a loaded machine the short lives before
+                # this round may not have reached the gang's pods (seen in CI), so wait with it up.
+                eventually(lambda: _phase(admin, "FineTuneJob", ns, "gang") == "Running", timeout=90,
+                           what="gang Running")
             operator.kill()
             if i == KILLS // 2:
-                eventually(lambda: _phase(admin, "FineTuneJob", ns, "gang") == "Running", timeout=60,
-                           what="gang Running (the Job controller and kwok carry on without the operator)")
                 admin.patch("FineTuneJob", ns, "gang", {"status": None}, subresource="status")
             operator.restart()
 
